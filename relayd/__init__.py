@@ -1,0 +1,3 @@
+"""relayd: an authenticated SMTP submission relay with a durable queue."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,182 @@
+"""The envelope of one queued message: who sent it, to whom, and how delivery stands.
+
+An envelope is plain data. The queue stores it as JSON beside the message
+body (see relayd.queue); the server builds it, the scheduler and the courier
+read and update it. Nothing here touches the disk or the network.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+
+# The envelope's on-disk format version. Bump it (and teach fromJSON the old
+# one) whenever a field changes meaning.
+FORMAT_VERSION = 1
+
+# Per-recipient delivery states.
+PENDING = "pending"  # not yet delivered; may carry the last temporary error
+SENT = "sent"  # accepted by the next hop
+FAILED = "failed"  # permanently refused (5xx), or expired; bounce material
+
+RECIPIENT_STATES = (PENDING, SENT, FAILED)
+
+# Crockford's base32 alphabet: no I, L, O, U; ids stay readable when read aloud.
+_ID_ALPHABET = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
+
+
+def newQueueId(now: float | None = None) -> str:
+    """
+    A queue id unique across restarts and instances: 10 characters of
+    microsecond time (sortable by arrival) and 6 random ones (30 bits), so
+    two relays sharing nothing still do not collide in practice. The queue
+    also refuses to overwrite an existing id (O_EXCL).
+    """
+    micros = int((time.time() if now is None else now) * 1_000_000)
+    rnd = int.from_bytes(os.urandom(4), "big") & ((1 << 30) - 1)
+    value = (micros << 30) | rnd
+    chars = []
+    for _ in range(16):
+        chars.append(_ID_ALPHABET[value & 31])
+        value >>= 5
+    return "".join(reversed(chars))
+
+
+def isQueueId(text: str) -> bool:
+    return len(text) == 16 and all(c in _ID_ALPHABET for c in text)
+
+
+@dataclass
+class Recipient:
+    """One RCPT TO of the transaction and its delivery state."""
+
+    address: str
+    params: dict[str, str | None] = field(default_factory=dict)
+    state: str = PENDING
+    # The last result for this recipient: enhanced status code and the
+    # remote (or local) reply text, as logged after status=.
+    dsn: str | None = None
+    reply: str | None = None
+    # When the last attempt for this recipient ended (Unix time).
+    lastAttempt: float | None = None
+
+    def toJSON(self) -> dict:
+        return {
+            "address": self.address,
+            "params": self.params,
+            "state": self.state,
+            "dsn": self.dsn,
+            "reply": self.reply,
+            "last_attempt": self.lastAttempt,
+        }
+
+    @classmethod
+    def fromJSON(cls, data: dict) -> "Recipient":
+        state = data["state"]
+        if state not in RECIPIENT_STATES:
+            raise ValueError(f"unknown recipient state {state!r}")
+        return cls(
+            address=_str(data, "address"),
+            params=_params(data.get("params", {})),
+            state=state,
+            dsn=data.get("dsn"),
+            reply=data.get("reply"),
+            lastAttempt=data.get("last_attempt"),
+        )
+
+
+@dataclass
+class Envelope:
+    """
+    Everything the queue keeps about one message except its body.
+
+    ``sender`` is the MAIL FROM address without angle brackets; the null
+    sender ``<>`` is the empty string.
+    """
+
+    queueId: str
+    sender: str
+    recipients: list[Recipient]
+    arrival: float
+    size: int = 0
+    mailParams: dict[str, str | None] = field(default_factory=dict)
+    clientAddress: str = ""
+    clientName: str = "unknown"
+    helo: str = ""
+    authIdentity: str | None = None
+    attempts: int = 0
+    nextAttempt: float = 0.0
+    lastError: str | None = None
+    hold: bool = False
+
+    def pending(self) -> list[Recipient]:
+        return [r for r in self.recipients if r.state == PENDING]
+
+    def isFinished(self) -> bool:
+        """No recipient is left to try: the message can leave the queue."""
+        return not self.pending()
+
+    def toJSON(self) -> dict:
+        return {
+            "version": FORMAT_VERSION,
+            "queue_id": self.queueId,
+            "sender": self.sender,
+            "mail_params": self.mailParams,
+            "recipients": [r.toJSON() for r in self.recipients],
+            "arrival": self.arrival,
+            "size": self.size,
+            "client_address": self.clientAddress,
+            "client_name": self.clientName,
+            "helo": self.helo,
+            "auth_identity": self.authIdentity,
+            "attempts": self.attempts,
+            "next_attempt": self.nextAttempt,
+            "last_error": self.lastError,
+            "hold": self.hold,
+        }
+
+    @classmethod
+    def fromJSON(cls, data: dict) -> "Envelope":
+        """Parse a stored envelope; raises ValueError (or KeyError/TypeError) when it is not one."""
+        if not isinstance(data, dict):
+            raise ValueError("envelope is not a JSON object")
+        if data.get("version") != FORMAT_VERSION:
+            raise ValueError(f"unsupported envelope version {data.get('version')!r}")
+        recipients = [Recipient.fromJSON(r) for r in data["recipients"]]
+        if not recipients:
+            raise ValueError("envelope has no recipients")
+        queueId = _str(data, "queue_id")
+        if not isQueueId(queueId):
+            raise ValueError(f"bad queue id {queueId!r}")
+        return cls(
+            queueId=queueId,
+            sender=_str(data, "sender"),
+            mailParams=_params(data.get("mail_params", {})),
+            recipients=recipients,
+            arrival=float(data["arrival"]),
+            size=int(data.get("size", 0)),
+            clientAddress=str(data.get("client_address", "")),
+            clientName=str(data.get("client_name", "unknown")),
+            helo=str(data.get("helo", "")),
+            authIdentity=data.get("auth_identity"),
+            attempts=int(data.get("attempts", 0)),
+            nextAttempt=float(data.get("next_attempt", 0.0)),
+            lastError=data.get("last_error"),
+            hold=bool(data.get("hold", False)),
+        )
+
+
+def _str(data: dict, key: str) -> str:
+    value = data[key]
+    if not isinstance(value, str):
+        raise ValueError(f"{key} is not a string")
+    return value
+
+
+def _params(value) -> dict[str, str | None]:
+    if not isinstance(value, dict) or not all(
+        isinstance(k, str) and (v is None or isinstance(v, str)) for k, v in value.items()
+    ):
+        raise ValueError("parameters are not a string mapping")
+    return dict(value)

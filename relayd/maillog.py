@@ -1,0 +1,168 @@
+"""
+The mail log: one function per event, one log line per event.
+
+Each line starts with the queue id (or ``NOQUEUE``), in Postfix's wording and
+field order, so pflogsumm, fail2ban and existing dashboards read it. Events
+go through twisted.logger with the service (``smtpd``, ``qmgr``, ``smtp``,
+``bounce``, ``relayd``) as the logger namespace ``relayd/<service>`` and the
+fields flat on the event (``queue_id``, ``to``, ``status``, ...), so a JSON
+observer gets the same facts as the text line.
+
+Anything that came from a client or a peer goes through ``printable`` first:
+no log line can be forged by a CR, LF or control character in an address,
+a HELO name or a remote reply. Secrets are never passed here.
+"""
+
+from __future__ import annotations
+
+from twisted.logger import Logger, LogLevel
+
+NOQUEUE = "NOQUEUE"
+
+_loggers: dict[str, Logger] = {}
+
+
+def _logger(service: str) -> Logger:
+    log = _loggers.get(service)
+    if log is None:
+        log = _loggers[service] = Logger(namespace=f"relayd/{service}")
+    return log
+
+
+def printable(value: object) -> str:
+    """Escape what could forge or garble a log line (controls, DEL, non-ASCII)."""
+    text = value if isinstance(value, str) else str(value)
+    if text.isascii() and text.isprintable():
+        return text
+    out = []
+    for ch in text:
+        o = ord(ch)
+        if 0x20 <= o < 0x7F:
+            out.append(ch)
+        elif o < 0x100:
+            out.append(f"\\x{o:02x}")
+        else:
+            out.append(f"\\u{o:04x}" if o < 0x10000 else f"\\U{o:08x}")
+    return "".join(out)
+
+
+def seconds(value: float) -> str:
+    """Postfix's way of writing a delay: two decimals at most, no trailing zeros."""
+    if value < 0:
+        value = 0.0
+    if value >= 100:
+        return str(int(round(value)))
+    text = f"{value:.2f}".rstrip("0").rstrip(".")
+    return text or "0"
+
+
+def hostAddr(name: str, address: str) -> str:
+    return f"{printable(name)}[{printable(address)}]"
+
+
+def _emit(service: str, queueId: str | None, text: str, level=LogLevel.info, **fields) -> None:
+    line = f"{queueId}: {text}" if queueId else text
+    _logger(service).emit(
+        level,
+        "{log_line}",
+        log_line=line,
+        service=service,
+        queue_id=queueId,
+        **fields,
+    )
+
+
+# smtpd
+
+
+def connected(clientName: str, clientAddress: str) -> None:
+    _emit("smtpd", None, f"connect from {hostAddr(clientName, clientAddress)}",
+          client_name=clientName, client_address=clientAddress)
+
+
+def disconnected(clientName: str, clientAddress: str, commands: str = "") -> None:
+    tail = f" {commands}" if commands else ""
+    _emit("smtpd", None, f"disconnect from {hostAddr(clientName, clientAddress)}{tail}",
+          client_name=clientName, client_address=clientAddress)
+
+
+def clientAccepted(queueId: str, clientName: str, clientAddress: str,
+                   saslMethod: str | None = None, saslUsername: str | None = None) -> None:
+    text = f"client={hostAddr(clientName, clientAddress)}"
+    if saslMethod:
+        text += f", sasl_method={printable(saslMethod)}, sasl_username={printable(saslUsername or '')}"
+    _emit("smtpd", queueId, text, client_name=clientName, client_address=clientAddress,
+          sasl_method=saslMethod, sasl_username=saslUsername)
+
+
+def rejected(queueId: str | None, stage: str, clientName: str, clientAddress: str,
+             reply: str, sender: str | None, recipient: str | None, helo: str | None,
+             proto: str = "ESMTP") -> None:
+    """``NOQUEUE: reject: RCPT from host[ip]: 554 5.7.1 <rcpt>: Relay access denied; from=<> to=<> proto=ESMTP helo=<>``"""
+    text = f"reject: {stage} from {hostAddr(clientName, clientAddress)}: {printable(reply)};"
+    if sender is not None:
+        text += f" from=<{printable(sender)}>"
+    if recipient is not None:
+        text += f" to=<{printable(recipient)}>"
+    text += f" proto={proto}"
+    if helo:
+        text += f" helo=<{printable(helo)}>"
+    _emit("smtpd", queueId or NOQUEUE, text, stage=stage, client_name=clientName,
+          client_address=clientAddress, reply=reply, sender=sender, recipient=recipient)
+
+
+def smtpdWarning(text: str) -> None:
+    _emit("smtpd", None, f"warning: {text}", level=LogLevel.warn)
+
+
+# qmgr
+
+
+def messageQueued(queueId: str, sender: str, size: int, nrcpt: int) -> None:
+    _emit("qmgr", queueId, f"from=<{printable(sender)}>, size={size}, nrcpt={nrcpt} (queue active)",
+          sender=sender, size=size, nrcpt=nrcpt)
+
+
+def removed(queueId: str) -> None:
+    _emit("qmgr", queueId, "removed")
+
+
+def expired(queueId: str, sender: str) -> None:
+    _emit("qmgr", queueId, f"from=<{printable(sender)}>, status=expired, returned to sender",
+          sender=sender, status="expired")
+
+
+def quarantined(queueId: str, reason: str) -> None:
+    _emit("qmgr", queueId, f"quarantined: {printable(reason)}", level=LogLevel.error, reason=reason)
+
+
+def queueWarning(queueId: str | None, text: str) -> None:
+    _emit("qmgr", queueId, f"warning: {printable(text)}", level=LogLevel.warn)
+
+
+# smtp (delivery)
+
+
+def delivery(queueId: str, recipient: str, relay: str, delay: float,
+             delays: tuple[float, float, float, float], dsn: str, status: str,
+             reply: str) -> None:
+    """
+    One recipient's result for one attempt:
+    ``to=<b@x>, relay=host[ip]:port, delay=30, delays=0.01/0/30/0, dsn=4.4.1, status=deferred (reply)``.
+    ``status`` is ``sent``, ``deferred`` or ``bounced``.
+    """
+    text = (
+        f"to=<{printable(recipient)}>, relay={printable(relay)}, delay={seconds(delay)}, "
+        f"delays={'/'.join(seconds(d) for d in delays)}, dsn={dsn}, status={status} "
+        f"({printable(reply)})"
+    )
+    level = LogLevel.info
+    _emit("smtp", queueId, text, level=level, to=recipient, relay=relay, delay=delay,
+          dsn=dsn, status=status, reply=reply)
+
+
+# the daemon itself
+
+
+def daemonEvent(text: str, level=LogLevel.info, **fields) -> None:
+    _emit("relayd", None, printable(text), level=level, **fields)

@@ -1,0 +1,98 @@
+"""
+Every SMTP reply relayd's server sends, named once, with its enhanced status code.
+
+A reply's text may hold ``{name}`` fields, filled by ``Reply.format``.
+Values put into a reply are the server's own (queue ids, limits, the
+hostname) or addresses that already passed the address grammar, never raw
+client bytes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Reply:
+    code: int
+    enhanced: str | None
+    text: str
+
+    def format(self, **fields) -> "Reply":
+        return Reply(self.code, self.enhanced, self.text.format(**fields))
+
+    def isPermanent(self) -> bool:
+        return self.code >= 500
+
+    def toBytes(self) -> bytes:
+        """The reply on the wire; a multi-line text becomes NNN- continuation lines."""
+        lines = self.text.split("\n")
+        out = []
+        for i, line in enumerate(lines):
+            sep = "-" if i < len(lines) - 1 else " "
+            prefix = f"{self.enhanced} " if self.enhanced else ""
+            out.append(f"{self.code}{sep}{prefix}{line}\r\n")
+        return "".join(out).encode("ascii", "replace")
+
+    def __str__(self) -> str:
+        if self.enhanced:
+            return f"{self.code} {self.enhanced} {self.text}"
+        return f"{self.code} {self.text}"
+
+
+# Connection
+GREETING = Reply(220, None, "{hostname} ESMTP relayd")
+CLOSING = Reply(221, "2.0.0", "Bye")
+SHUTTING_DOWN = Reply(421, "4.3.2", "{hostname} Service shutting down, closing connection")
+IDLE_TIMEOUT = Reply(421, "4.4.2", "{hostname} Error: timeout exceeded")
+TOO_MANY_ERRORS = Reply(421, "4.7.0", "{hostname} Error: too many errors")
+
+# Commands in general
+OK = Reply(250, "2.0.0", "Ok")
+RESET_OK = Reply(250, "2.0.0", "Ok")
+NOOP_OK = Reply(250, "2.0.0", "Ok")
+HELO_OK = Reply(250, None, "{hostname}")
+VRFY_CANNOT = Reply(252, "2.0.0", "Cannot VRFY user, but will accept message and attempt delivery")
+HELP_TEXT = Reply(214, "2.0.0", "See RFC 5321")
+COMMAND_UNRECOGNIZED = Reply(500, "5.5.2", "Error: command not recognized")
+LINE_TOO_LONG = Reply(500, "5.5.2", "Error: line too long")
+BAD_CHARACTERS = Reply(500, "5.5.2", "Error: bad characters in command")
+BARE_NEWLINE_COMMAND = Reply(500, "5.5.2", "Error: bare <CR> or <LF> in command")
+SYNTAX_HELO = Reply(501, "5.5.4", "Syntax: {verb} hostname")
+SYNTAX_MAIL = Reply(501, "5.5.4", "Syntax: MAIL FROM:<address>")
+SYNTAX_RCPT = Reply(501, "5.5.4", "Syntax: RCPT TO:<address>")
+SYNTAX_NO_ARGUMENTS = Reply(501, "5.5.4", "Syntax: {verb}")
+BAD_SENDER_ADDRESS = Reply(501, "5.1.7", "Bad sender address syntax")
+BAD_RECIPIENT_ADDRESS = Reply(501, "5.1.3", "Bad recipient address syntax")
+NEED_HELO = Reply(503, "5.5.1", "Error: send HELO/EHLO first")
+NESTED_MAIL = Reply(503, "5.5.1", "Error: nested MAIL command")
+NEED_MAIL = Reply(503, "5.5.1", "Error: need MAIL command")
+NEED_RCPT = Reply(503, "5.5.1", "Error: need RCPT command")
+UNKNOWN_PARAMETER = Reply(555, "5.5.4", "Unsupported option: {name}")
+BAD_PARAMETER_VALUE = Reply(501, "5.5.4", "Bad parameter value: {name}")
+NON_ASCII_ADDRESS = Reply(553, "5.6.7", "Must declare SMTPUTF8 to send unicode address")
+
+# Envelope
+SENDER_OK = Reply(250, "2.1.0", "Ok")
+RECIPIENT_OK = Reply(250, "2.1.5", "Ok")
+MESSAGE_TOO_BIG_DECLARED = Reply(552, "5.3.4", "Message size exceeds fixed limit")
+RELAY_DENIED = Reply(554, "5.7.1", "<{address}>: Relay access denied")
+TOO_MANY_RECIPIENTS = Reply(452, "4.5.3", "Error: too many recipients")
+QUEUE_UNAVAILABLE = Reply(451, "4.3.0", "Error: queue file write error")
+INSUFFICIENT_STORAGE = Reply(452, "4.3.1", "Insufficient system storage")
+
+# DATA
+START_DATA = Reply(354, None, "End data with <CR><LF>.<CR><LF>")
+QUEUED = Reply(250, "2.0.0", "Ok: queued as {queueId}")
+MESSAGE_TOO_BIG = Reply(552, "5.3.4", "Message size exceeds fixed limit")
+BARE_NEWLINE_DATA = Reply(550, "5.5.2", "Error: bare <CR> or <LF> in message; see RFC 5321 section 2.3.8")
+DATA_LINE_TOO_LONG = Reply(550, "5.5.2", "Error: line longer than 998 characters in message")
+COMMIT_FAILED = Reply(451, "4.3.0", "Error: queue file write error")
+
+# Not offered on this listener
+STARTTLS_NOT_OFFERED = Reply(502, "5.5.1", "Error: command not implemented")
+AUTH_NOT_ENABLED = Reply(503, "5.5.1", "Error: authentication not enabled")
+
+# Connection limits
+TOO_MANY_CONNECTIONS = Reply(421, "4.7.0", "{hostname} Error: too many connections")
+TOO_MANY_CONNECTIONS_FROM_CLIENT = Reply(421, "4.7.0", "{hostname} Error: too many connections from your address")

@@ -1,0 +1,728 @@
+"""
+The SMTP submission server: a hardened subclass of Twisted's ESMTP.
+
+relayd owns the input path (TWISTED-NOTES.md §1.7-1.9): one reader takes the
+raw bytes, splits commands itself and, while a step is asynchronous (the
+queue commit after DATA), keeps later pipelined input queued, so replies go
+out in order and a body is never read as commands (Twisted #8126). The DATA
+reader scans raw chunks for CRLF.CRLF, the only end of data, and works on
+whole chunks with bytes methods so its cost grows with bytes, not lines.
+
+Every reply comes from relayd.replies; every log line from relayd.maillog.
+"""
+
+from __future__ import annotations
+
+import errno
+import ipaddress
+import re
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from email.utils import formatdate, make_msgid
+
+from twisted.internet import defer, protocol
+from twisted.logger import Logger
+from twisted.mail import smtp
+from twisted.python.failure import Failure
+
+from relayd import maillog, replies
+from relayd.envelope import Envelope, Recipient, newQueueId
+from relayd.replies import Reply
+
+log = Logger()
+
+# RFC 5321 §4.5.3.1.4: a command line is at most 512 octets with its CRLF.
+MAX_COMMAND_LINE = 512
+# An unterminated command line past this closes the session (bounded memory).
+MAX_UNTERMINATED = 4096
+# RFC 5322 §2.1.1: at most 998 characters before the CRLF.
+MAX_DATA_LINE = 998
+# While a commit is pending, input beyond this pauses the transport.
+MAX_QUEUED_INPUT = 256 * 1024
+# Header block held in memory to look for Message-ID/Date before writing.
+MAX_HEADER_BLOCK = 256 * 1024
+# RFC 5321 §4.5.3.2.7: the server waits 5 minutes for the next command.
+IDLE_TIMEOUT = 300
+# Errors in one session before relayd hangs up (Postfix: smtpd_hard_error_limit).
+MAX_ERRORS = 20
+
+_HELO_NAME = re.compile(rb"[\x21-\x7e]{1,255}")
+_PARAM_KEYWORD = re.compile(r"[A-Za-z0-9][A-Za-z0-9-]*")
+_ATOM = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
+_LOCAL = rf'(?:{_ATOM}(?:\.{_ATOM})*|"(?:[\x20\x21\x23-\x5b\x5d-\x7e]|\\[\x20-\x7e])*")'
+_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+_DOMAIN = rf"(?:{_LABEL}(?:\.{_LABEL})*\.?|\[[\x21-\x5a\x5e-\x7e]+\])"
+_MAILBOX = re.compile(rf"{_LOCAL}@{_DOMAIN}")
+_CONTROL_BYTES = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
+_HEADER_NAME = re.compile(rb"[\x21-\x39\x3b-\x7e]+:")
+_HAS_MESSAGE_ID = re.compile(rb"(?im)^message-id[ \t]*:")
+_HAS_DATE = re.compile(rb"(?im)^date[ \t]*:")
+
+
+class CommandSyntaxError(Exception):
+    def __init__(self, reply: Reply):
+        super().__init__(str(reply))
+        self.reply = reply
+
+
+def normalizeAddress(host: str) -> str:
+    """The client's IP as relayd logs and judges it: ``::ffff:a.b.c.d`` is ``a.b.c.d``."""
+    try:
+        ip = ipaddress.ip_address(host.split("%", 1)[0])
+    except ValueError:
+        return host
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        return str(ip.ipv4_mapped)
+    return str(ip)
+
+
+def isTrusted(address: str, networks) -> bool:
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return False
+    return any(ip in net for net in networks if net.version == ip.version)
+
+
+@dataclass(frozen=True)
+class TrustedNetworkClient:
+    """The avatar of a client whose address is in relay.trusted_networks: it may relay."""
+
+    def mayRelay(self, recipient: str) -> bool:
+        return True
+
+
+@dataclass(frozen=True)
+class AnonymousClient:
+    """The avatar of any other client without AUTH: it may not relay."""
+
+    def mayRelay(self, recipient: str) -> bool:
+        return False
+
+
+def parsePath(text: str, keyword: str) -> tuple[str, dict[str, str | None]]:
+    """
+    Parse ``FROM:<addr> PARAM=value ...`` (or ``TO:``) into the address
+    without brackets and its parameters, upper-cased keywords.
+    Raises CommandSyntaxError with the reply to send.
+    """
+    syntax = replies.SYNTAX_MAIL if keyword == "FROM" else replies.SYNTAX_RCPT
+    badAddress = replies.BAD_SENDER_ADDRESS if keyword == "FROM" else replies.BAD_RECIPIENT_ADDRESS
+    head, sep, rest = text.partition(":")
+    if not sep or head.strip().upper() != keyword:
+        raise CommandSyntaxError(syntax)
+    rest = rest.lstrip(" ")
+    if not rest.startswith("<"):
+        raise CommandSyntaxError(syntax)
+    end = rest.find(">")
+    if end < 0:
+        raise CommandSyntaxError(syntax)
+    address = rest[1:end]
+    if not address.isascii():
+        raise CommandSyntaxError(replies.NON_ASCII_ADDRESS)
+    if address and not _MAILBOX.fullmatch(address):
+        raise CommandSyntaxError(badAddress)
+    params: dict[str, str | None] = {}
+    for token in rest[end + 1 :].split():
+        key, eq, value = token.partition("=")
+        if not _PARAM_KEYWORD.fullmatch(key):
+            raise CommandSyntaxError(syntax)
+        params[key.upper()] = value if eq else None
+    return address, params
+
+
+@dataclass
+class Transaction:
+    """One MAIL ... DATA transaction of a session."""
+
+    queueId: str
+    sender: str
+    mailParams: dict[str, str | None]
+    recipients: list[Recipient] = field(default_factory=list)
+    started: float = field(default_factory=time.time)
+
+
+class SubmissionServer(smtp.ESMTP):
+    """
+    One SMTP session. The factory passes in the policy (trusted networks,
+    limits), the spool and the commit function, and the session tracker.
+    """
+
+    noisy = False
+
+    def __init__(self, factory: "SubmissionFactory"):
+        super().__init__()
+        self.factory = factory
+        self.host = factory.hostname.encode("ascii")
+        self.timeout = IDLE_TIMEOUT
+        self.callLater = factory.clock.callLater
+        self._inbox = bytearray()
+        self._busy = False  # an asynchronous step (commit) is pending
+        self._paused = False
+        self._processing = False
+        self._closing = False  # reply sent that ends the session; ignore input
+        self._shutdownRequested = False
+        self._data: _DataReader | None = None
+        self.heloName: str | None = None
+        self.esmtp = False
+        self.transaction: Transaction | None = None
+        self.errors = 0
+        self.clientAddress = "unknown"
+        self.clientName = "unknown"
+        self.avatar: TrustedNetworkClient | AnonymousClient = AnonymousClient()
+        self.trusted = False
+
+    # Connection
+
+    def connectionMade(self) -> None:
+        peer = self.transport.getPeer()
+        self.clientAddress = normalizeAddress(getattr(peer, "host", str(peer)))
+        # Reverse DNS lookups come with the operations issue; Postfix logs
+        # "unknown" when it has no verified name, and so does relayd.
+        self.clientName = "unknown"
+        self.trusted = isTrusted(self.clientAddress, self.factory.config.relay.trustedNetworks)
+        self.avatar = TrustedNetworkClient() if self.trusted else AnonymousClient()
+        maillog.connected(self.clientName, self.clientAddress)
+        refusal = self.factory.sessionStarted(self)
+        if refusal is not None:
+            self.reply(refusal)
+            self._close()
+            return
+        self.reply(replies.GREETING.format(hostname=self.factory.hostname))
+        self.setTimeout(self.timeout)
+
+    def connectionLost(self, reason: Failure = protocol.connectionDone) -> None:
+        self.setTimeout(None)
+        if self._data is not None:
+            self._data.abort()
+            self._data = None
+        self.factory.sessionEnded(self)
+        maillog.disconnected(self.clientName, self.clientAddress)
+
+    def timeoutConnection(self) -> None:
+        self.reply(replies.IDLE_TIMEOUT.format(hostname=self.factory.hostname))
+        self._close()
+
+    def reply(self, reply: Reply) -> None:
+        self.transport.write(reply.toBytes())
+
+    def sendCode(self, code, message=b""):
+        # Twisted's own code paths must not reach the wire unnoticed: every
+        # reply of relayd goes through reply(). Kept only as a loud guard.
+        raise RuntimeError("relayd sends replies through SubmissionServer.reply")
+
+    def _close(self) -> None:
+        self._closing = True
+        self._inbox.clear()
+        self.transport.loseConnection()
+
+    def shutdown(self) -> None:
+        """The daemon is stopping: say 421 now, or right after the data/commit in progress."""
+        self._shutdownRequested = True
+        if not self._busy and self._data is None and not self._closing:
+            self.reply(replies.SHUTTING_DOWN.format(hostname=self.factory.hostname))
+            self._close()
+
+    # The input path
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._closing:
+            return
+        self.resetTimeout()
+        self._inbox += data
+        self._process()
+
+    def _process(self) -> None:
+        # A commit that completes synchronously resumes input from inside
+        # this loop; the outer loop then simply carries on.
+        if self._processing:
+            return
+        self._processing = True
+        try:
+            self._processInbox()
+        finally:
+            self._processing = False
+
+    def _processInbox(self) -> None:
+        inbox = self._inbox
+        while inbox and not self._busy and not self._closing:
+            if self._data is not None:
+                chunk = bytes(inbox)
+                inbox.clear()
+                rest = self._data.feed(chunk)
+                if rest is None:
+                    return
+                inbox += rest
+                self._endOfData()
+                continue
+            end = inbox.find(b"\n")
+            if end < 0:
+                if len(inbox) > MAX_UNTERMINATED:
+                    self.reply(replies.LINE_TOO_LONG)
+                    self._close()
+                return
+            line = bytes(inbox[: end + 1])
+            del inbox[: end + 1]
+            self._commandLine(line)
+        if self._busy and len(inbox) > MAX_QUEUED_INPUT and not self._paused:
+            self._paused = True
+            self.transport.pauseProducing()
+
+    def _resume(self) -> None:
+        self._busy = False
+        if self._paused:
+            self._paused = False
+            self.transport.resumeProducing()
+        if self._shutdownRequested and self._data is None and not self._closing:
+            self.reply(replies.SHUTTING_DOWN.format(hostname=self.factory.hostname))
+            self._close()
+            return
+        self._process()
+
+    def _commandLine(self, raw: bytes) -> None:
+        if len(raw) > MAX_COMMAND_LINE:
+            return self._error(replies.LINE_TOO_LONG)
+        if raw.endswith(b"\r\n"):
+            line = raw[:-2]
+        elif self.trusted:
+            # Printers and scripts on trusted networks end lines with LF.
+            line = raw[:-1]
+        else:
+            return self._error(replies.BARE_NEWLINE_COMMAND)
+        if b"\r" in line or b"\n" in line:
+            return self._error(replies.BARE_NEWLINE_COMMAND)
+        if _CONTROL_BYTES.search(line):
+            return self._error(replies.BAD_CHARACTERS)
+        verb, _, rest = line.strip().partition(b" ")
+        handler = self._commands.get(verb.upper())
+        if handler is None:
+            return self._error(replies.COMMAND_UNRECOGNIZED)
+        try:
+            text = rest.strip().decode("utf-8")
+        except UnicodeDecodeError:
+            return self._error(replies.BAD_CHARACTERS)
+        handler(self, text)
+
+    def _error(self, reply: Reply) -> None:
+        self.errors += 1
+        self.reply(reply)
+        if self.errors >= MAX_ERRORS:
+            self.reply(replies.TOO_MANY_ERRORS.format(hostname=self.factory.hostname))
+            self._close()
+
+    # Commands
+
+    def do_HELO(self, rest: str) -> None:
+        self._hello(rest, "HELO", esmtp=False)
+
+    def do_EHLO(self, rest: str) -> None:
+        self._hello(rest, "EHLO", esmtp=True)
+
+    def _hello(self, rest: str, verb: str, esmtp: bool) -> None:
+        # Only printable ASCII without spaces: nothing can reach the Received
+        # header or a log line through the HELO name (TWISTED-NOTES §1.4).
+        if not _HELO_NAME.fullmatch(rest.encode("utf-8", "replace")):
+            return self._error(replies.SYNTAX_HELO.format(verb=verb))
+        self.heloName = rest
+        self.esmtp = esmtp
+        self._resetTransaction()
+        hostname = self.factory.hostname
+        if not esmtp:
+            return self.reply(replies.HELO_OK.format(hostname=hostname))
+        lines = [hostname, "PIPELINING", f"SIZE {self.factory.config.limits.messageSize}",
+                 "8BITMIME", "ENHANCEDSTATUSCODES"]
+        self.reply(Reply(250, None, "\n".join(lines)))
+
+    def do_MAIL(self, rest: str) -> None:
+        if self.heloName is None:
+            return self._error(replies.NEED_HELO)
+        if self.transaction is not None:
+            return self._error(replies.NESTED_MAIL)
+        try:
+            sender, params = parsePath(rest, "FROM")
+        except CommandSyntaxError as e:
+            return self._reject("MAIL", e.reply, sender=None, recipient=None)
+        problem = self._checkMailParams(params)
+        if problem is not None:
+            return self._reject("MAIL", problem, sender=sender, recipient=None)
+        self.transaction = Transaction(queueId=newQueueId(), sender=sender, mailParams=params)
+        maillog.clientAccepted(self.transaction.queueId, self.clientName, self.clientAddress)
+        self.reply(replies.SENDER_OK)
+
+    def _checkMailParams(self, params: dict[str, str | None]) -> Reply | None:
+        for key, value in params.items():
+            if key == "SIZE":
+                if value is None or not value.isdigit() or len(value) > 20:
+                    return replies.BAD_PARAMETER_VALUE.format(name=key)
+                if int(value) > self.factory.config.limits.messageSize:
+                    return replies.MESSAGE_TOO_BIG_DECLARED
+            elif key == "BODY":
+                if value is None or value.upper() not in ("7BIT", "8BITMIME"):
+                    return replies.BAD_PARAMETER_VALUE.format(name=key)
+                params[key] = value.upper()
+            else:
+                return replies.UNKNOWN_PARAMETER.format(name=key)
+        return None
+
+    def do_RCPT(self, rest: str) -> None:
+        txn = self.transaction
+        if txn is None:
+            return self._error(replies.NEED_MAIL)
+        try:
+            address, params = parsePath(rest, "TO")
+        except CommandSyntaxError as e:
+            return self._reject("RCPT", e.reply, sender=txn.sender, recipient=None)
+        if not address:
+            return self._reject("RCPT", replies.BAD_RECIPIENT_ADDRESS, sender=txn.sender, recipient="")
+        if params:
+            return self._reject("RCPT", replies.UNKNOWN_PARAMETER.format(name=next(iter(params))),
+                                sender=txn.sender, recipient=address)
+        if not self.avatar.mayRelay(address):
+            return self._reject("RCPT", replies.RELAY_DENIED.format(address=address),
+                                sender=txn.sender, recipient=address)
+        if len(txn.recipients) >= self.factory.config.limits.recipients:
+            return self._reject("RCPT", replies.TOO_MANY_RECIPIENTS, sender=txn.sender, recipient=address)
+        txn.recipients.append(Recipient(address=address, params=params))
+        self.reply(replies.RECIPIENT_OK)
+
+    def _reject(self, stage: str, reply: Reply, sender: str | None, recipient: str | None) -> None:
+        maillog.rejected(
+            self.transaction.queueId if self.transaction else None,
+            stage, self.clientName, self.clientAddress, str(reply), sender, recipient,
+            self.heloName, proto="ESMTP" if self.esmtp else "SMTP",
+        )
+        self._error(reply)
+
+    def do_DATA(self, rest: str) -> None:
+        txn = self.transaction
+        if rest:
+            return self._error(replies.SYNTAX_NO_ARGUMENTS.format(verb="DATA"))
+        if txn is None:
+            return self._error(replies.NEED_MAIL)
+        if not txn.recipients:
+            return self._error(replies.NEED_RCPT)
+        try:
+            writer = self.factory.spool.begin(txn.queueId)
+        except OSError as e:
+            maillog.queueWarning(txn.queueId, f"cannot create queue file: {e.strerror}")
+            return self.reply(_storageReply(e))
+        self._data = _DataReader(
+            writer=writer,
+            maxSize=self.factory.config.limits.messageSize,
+            normalizeNewlines=self.trusted,
+            receivedHeader=self.receivedHeaderFor(txn).encode("ascii", "replace"),
+            hostname=self.factory.hostname,
+            now=self.factory.clock.seconds(),
+        )
+        self.reply(replies.START_DATA)
+
+    def receivedHeaderFor(self, txn: Transaction) -> str:
+        """Postfix's shape: from HELO (name [ip]) by host (relayd) with ESMTP id ID [for <rcpt>]; date."""
+        proto = "ESMTP" if self.esmtp else "SMTP"
+        forClause = f"\r\n\tfor <{txn.recipients[0].address}>" if len(txn.recipients) == 1 else ""
+        return (
+            f"Received: from {self.heloName} ({self.clientName} [{self.clientAddress}])\r\n"
+            f"\tby {self.factory.hostname} (relayd) with {proto} id {txn.queueId}{forClause};\r\n"
+            f"\t{formatdate(self.factory.clock.seconds(), localtime=True)}\r\n"
+        )
+
+    def _endOfData(self) -> None:
+        reader, self._data = self._data, None
+        txn = self.transaction
+        self.transaction = None
+        if reader.problem is not None:
+            reader.abort()
+            self._reject("END-OF-MESSAGE", reader.problem, sender=txn.sender, recipient=None)
+            return self._afterData()
+        envelope = Envelope(
+            queueId=txn.queueId,
+            sender=txn.sender,
+            mailParams=txn.mailParams,
+            recipients=txn.recipients,
+            arrival=self.factory.clock.seconds(),
+            size=reader.writer.size,
+            clientAddress=self.clientAddress,
+            clientName=self.clientName,
+            helo=self.heloName or "",
+        )
+        envelope.nextAttempt = envelope.arrival
+        self._busy = True
+        d = defer.maybeDeferred(self.factory.commit, reader.writer, envelope)
+        d.addCallbacks(self._committed, self._commitFailed, callbackArgs=(envelope,),
+                       errbackArgs=(envelope,))
+        d.addErrback(lambda f: log.failure("end of data", f))
+
+    def _committed(self, _: object, envelope: Envelope) -> None:
+        maillog.messageQueued(envelope.queueId, envelope.sender, envelope.size, len(envelope.recipients))
+        if not self._closing:
+            self.reply(replies.QUEUED.format(queueId=envelope.queueId))
+        self.factory.messageQueued(envelope)
+        self._afterData()
+
+    def _commitFailed(self, failure: Failure, envelope: Envelope) -> None:
+        error = failure.value
+        reason = getattr(error, "strerror", None) or str(error)
+        maillog.queueWarning(envelope.queueId, f"queue file write error: {reason}")
+        if not self._closing:
+            self.reply(_storageReply(error))
+        self._afterData()
+
+    def _afterData(self) -> None:
+        if self._busy:
+            self._resume()
+        elif self._shutdownRequested:
+            self.reply(replies.SHUTTING_DOWN.format(hostname=self.factory.hostname))
+            self._close()
+
+    def do_RSET(self, rest: str) -> None:
+        self._resetTransaction()
+        self.reply(replies.RESET_OK)
+
+    def _resetTransaction(self) -> None:
+        self.transaction = None
+
+    def do_NOOP(self, rest: str) -> None:
+        self.reply(replies.NOOP_OK)
+
+    def do_VRFY(self, rest: str) -> None:
+        self.reply(replies.VRFY_CANNOT)
+
+    def do_HELP(self, rest: str) -> None:
+        self.reply(replies.HELP_TEXT)
+
+    def do_QUIT(self, rest: str) -> None:
+        self.reply(replies.CLOSING)
+        self._close()
+
+    def do_STARTTLS(self, rest: str) -> None:
+        # Offered only on tls: starttls listeners (the submission-security issue).
+        self._error(replies.STARTTLS_NOT_OFFERED)
+
+    def do_AUTH(self, rest: str) -> None:
+        # Offered only on listeners with auth enabled (the submission-security issue).
+        self._error(replies.AUTH_NOT_ENABLED)
+
+    _commands: dict[bytes, Callable[["SubmissionServer", str], None]] = {
+        b"HELO": do_HELO,
+        b"EHLO": do_EHLO,
+        b"MAIL": do_MAIL,
+        b"RCPT": do_RCPT,
+        b"DATA": do_DATA,
+        b"RSET": do_RSET,
+        b"NOOP": do_NOOP,
+        b"VRFY": do_VRFY,
+        b"HELP": do_HELP,
+        b"QUIT": do_QUIT,
+        b"STARTTLS": do_STARTTLS,
+        b"AUTH": do_AUTH,
+    }
+
+
+def _storageReply(error: BaseException) -> Reply:
+    if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+        return replies.INSUFFICIENT_STORAGE
+    return replies.COMMIT_FAILED
+
+
+class _DataReader:
+    """
+    Reads one message body: finds CRLF.CRLF in raw chunks, undoes
+    dot-stuffing, applies the CR/LF policy and the line and size limits,
+    and writes the canonical CRLF body (Received header first, Message-ID
+    and Date added at the end of the header block only where missing).
+
+    ``feed`` returns None while the body goes on, or the bytes after the
+    terminator (the next pipelined commands) once it has ended.
+    ``problem`` is the reply to send instead of 250 when the body broke a
+    rule; the rest of the body is then read and thrown away.
+    """
+
+    def __init__(self, writer, maxSize: int, normalizeNewlines: bool,
+                 receivedHeader: bytes, hostname: str, now: float):
+        self.writer = writer
+        self.now = now
+        self.maxSize = maxSize
+        self.normalizeNewlines = normalizeNewlines
+        self.hostname = hostname
+        self.problem: Reply | None = None
+        self.clientBytes = 0
+        # buf[0:2] are the two bytes before the unprocessed part; buf[1] is
+        # always the LF that ended the previous line (the DATA command's
+        # CRLF at first), so a terminator at the very start is found too.
+        self._buf = bytearray(b"\r\n")
+        self._scanFrom = 0
+        self._head: bytearray | None = bytearray()  # header block until its end is known
+        writer.write(receivedHeader)
+
+    def feed(self, chunk: bytes) -> bytes | None:
+        buf = self._buf
+        buf += chunk
+        end = buf.find(b"\r\n.\r\n", self._scanFrom)
+        if end >= 0:
+            rest = bytes(buf[end + 5 :])
+            self._lines(bytes(buf[2 : end + 2]))
+            self._finishHead()
+            self._buf = bytearray()
+            return rest
+        last = buf.rfind(b"\n")
+        if last >= 2:
+            self._lines(bytes(buf[2 : last + 1]))
+            del buf[: last - 1]
+        elif len(buf) > MAX_DATA_LINE + 4:
+            # One line longer than the limit and still going: keep only
+            # what a terminator could start with.
+            self._fail(replies.DATA_LINE_TOO_LONG)
+            del buf[2:-1]
+            buf[0:2] = b"xx"
+        self._scanFrom = max(0, len(buf) - 4)
+        return None
+
+    def _fail(self, reply: Reply) -> None:
+        if self.problem is None:
+            self.problem = reply
+        self._head = None
+
+    def _lines(self, region: bytes) -> None:
+        """Complete lines, each ending in LF, starting at a line start."""
+        if self.problem is not None:
+            return
+        self.clientBytes += len(region)
+        if self.clientBytes > self.maxSize:
+            return self._fail(replies.MESSAGE_TOO_BIG)
+        crlf = region.count(b"\r\n")
+        if region.count(b"\n") != crlf or region.count(b"\r") != crlf:
+            if not self.normalizeNewlines:
+                return self._fail(replies.BARE_NEWLINE_DATA)
+            region = region.replace(b"\r\n", b"\n").replace(b"\r", b"\n").replace(b"\n", b"\r\n")
+        if len(region) > MAX_DATA_LINE + 2 and max(map(len, region.split(b"\n"))) > MAX_DATA_LINE + 1:
+            return self._fail(replies.DATA_LINE_TOO_LONG)
+        if b"\n." in region or region.startswith(b"."):
+            # RFC 5321 §4.5.2: the first dot of a line starting with one goes.
+            region = (b"\n" + region).replace(b"\n.", b"\n")[1:]
+        if self._head is not None:
+            self._head += region
+            if len(self._head) > MAX_HEADER_BLOCK or b"\r\n\r\n" in self._head or self._head.startswith(b"\r\n"):
+                self._finishHead()
+            return
+        self.writer.write(region)
+
+    def _finishHead(self) -> None:
+        """Write the held header block with Message-ID/Date added where missing."""
+        head, self._head = self._head, None
+        if head is None or self.problem is not None:
+            return
+        headerEnd = _headerBlockEnd(head)
+        header = bytes(head[:headerEnd])
+        added = b""
+        if headerEnd == len(head) and len(head) > MAX_HEADER_BLOCK:
+            # A header block too big to hold: pass it on unchanged rather
+            # than insert fields in the middle of it.
+            self.writer.write(bytes(head))
+            return
+        if not _HAS_MESSAGE_ID.search(header):
+            added += f"Message-ID: {make_msgid(domain=self.hostname)}\r\n".encode("ascii")
+        if not _HAS_DATE.search(header):
+            added += f"Date: {formatdate(self.now, localtime=True)}\r\n".encode("ascii")
+        rest = bytes(head[headerEnd:])
+        if added and rest and not rest.startswith(b"\r\n"):
+            # The body had no blank line after its headers (or no headers):
+            # keep it a body rather than turning its first line into a header.
+            added += b"\r\n"
+        self.writer.write(header + added + rest)
+
+    def abort(self) -> None:
+        self.writer.abort()
+
+
+def _headerBlockEnd(head: bytes) -> int:
+    """Offset of the end of the header block: the first line that is neither a field nor a continuation."""
+    pos = 0
+    length = len(head)
+    while pos < length:
+        nl = head.find(b"\n", pos)
+        if nl < 0:
+            return pos
+        line = head[pos:nl + 1]
+        if line in (b"\r\n", b"\n"):
+            return pos
+        if line[:1] in (b" ", b"\t"):
+            if pos == 0:
+                return 0
+        elif not _HEADER_NAME.match(line):
+            return pos
+        pos = nl + 1
+    return pos
+
+
+class SubmissionFactory(protocol.ServerFactory):
+    """
+    Builds sessions for every listener and keeps the set of live ones, for
+    the connection limits and for shutdown. ``commit(writer, envelope)``
+    makes a message durable (a Deferred, run in a thread by tap.py);
+    ``messageQueued(envelope)`` hands it to the scheduler.
+    """
+
+    def __init__(self, config, spool, commit, messageQueued, clock):
+        self.config = config
+        self.spool = spool
+        self.commit = commit
+        self.messageQueued = messageQueued
+        self.clock = clock
+        self.sessions: set[SubmissionServer] = set()
+        self._perClient: dict[str, int] = {}
+        self._drained: list[defer.Deferred] = []
+
+    @property
+    def hostname(self) -> str:
+        return self.config.hostname
+
+    def buildProtocol(self, addr) -> SubmissionServer:
+        return SubmissionServer(self)
+
+    def sessionStarted(self, session: SubmissionServer) -> Reply | None:
+        """Count the session; the refusal to send when a limit is reached."""
+        limits = self.config.limits
+        count = self._perClient.get(session.clientAddress, 0)
+        self.sessions.add(session)
+        self._perClient[session.clientAddress] = count + 1
+        if len(self.sessions) > limits.connections:
+            return replies.TOO_MANY_CONNECTIONS.format(hostname=self.hostname)
+        if count + 1 > limits.connectionsPerClient:
+            return replies.TOO_MANY_CONNECTIONS_FROM_CLIENT.format(hostname=self.hostname)
+        return None
+
+    def sessionEnded(self, session: SubmissionServer) -> None:
+        if session not in self.sessions:
+            return
+        self.sessions.discard(session)
+        count = self._perClient.get(session.clientAddress, 1) - 1
+        if count > 0:
+            self._perClient[session.clientAddress] = count
+        else:
+            self._perClient.pop(session.clientAddress, None)
+        if not self.sessions:
+            drained, self._drained = self._drained, []
+            for d in drained:
+                d.callback(None)
+
+    def shutdown(self, grace: float) -> defer.Deferred:
+        """
+        Ask every session to end (421 4.3.2 now, or after the message in
+        progress); after ``grace`` seconds abort what is left. Fires when no
+        session is left.
+        """
+        for session in list(self.sessions):
+            session.shutdown()
+        if not self.sessions:
+            return defer.succeed(None)
+        d = defer.Deferred()
+        self._drained.append(d)
+
+        def abortLeft() -> None:
+            for session in list(self.sessions):
+                session.transport.abortConnection()
+
+        timer = self.clock.callLater(grace, abortLeft)
+        d.addBoth(lambda r: (timer.cancel() if timer.active() else None, r)[1])
+        return d
