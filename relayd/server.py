@@ -656,6 +656,8 @@ def _headerBlockEnd(head: bytes) -> int:
 
 
 class SubmissionFactory(protocol.ServerFactory):
+    noisy = False
+
     """
     Builds sessions for every listener and keeps the set of live ones, for
     the connection limits and for shutdown. ``commit(writer, envelope)``

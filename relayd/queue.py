@@ -1,0 +1,409 @@
+"""
+The durable spool: every accepted message lives here until it leaves the queue.
+
+Layout under the spool directory (all directories 0700, all files 0600)::
+
+    tmp/                 writes in progress; emptied at start-up
+    queue/<id>.eml       the canonical CRLF body, immutable once committed
+    queue/<id>.env       the envelope as compact JSON (Envelope.toJSON())
+    quarantine/          committed entries that could not be read back
+
+Two files per message, not one, because the envelope changes after every
+delivery attempt while the body never does: an update rewrites a few hundred
+bytes instead of the whole message, and a lost update can only repeat a
+delivery, never damage the body (bench/spool_format.py measures the cost).
+
+The envelope file's presence in ``queue/`` is the commit point: a body
+without an envelope is an unfinished write and is deleted at recovery. A
+commit is durable before it returns (body fsync, rename, envelope fsync,
+rename, directory fsync), so the server may answer 250 afterwards. Updates
+are atomic renames without fsync: a crash may bring back an older state and
+repeat a delivery, but never loses a message.
+
+Everything here is synchronous and blocking; the caller decides which thread
+runs it (commit belongs in a thread, ``SpoolWriter.write`` is cheap enough
+for the reactor thread). Filesystem failures surface as plain ``OSError``
+so the server can map ENOSPC/EDQUOT to 452 and anything else to 451; a
+malformed queue id is a ``ValueError``.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import secrets
+from typing import BinaryIO
+
+from relayd import maillog
+from relayd.envelope import Envelope, isQueueId
+
+BODY_SUFFIX = ".eml"
+ENVELOPE_SUFFIX = ".env"
+
+TMP = "tmp"
+QUEUE = "queue"
+QUARANTINE = "quarantine"
+
+_DIRECTORY_MODE = 0o700
+_FILE_MODE = 0o600
+_CREATE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
+# Large enough that a DATA line rarely costs a system call, small enough
+# that hundreds of concurrent sessions do not add up to much memory.
+_WRITE_BUFFER = 64 * 1024
+
+
+def _checkId(queueId: str) -> str:
+    # Also what keeps a queue id from naming a path outside the spool.
+    if not isinstance(queueId, str) or not isQueueId(queueId):
+        raise ValueError(f"not a queue id: {maillog.printable(queueId)!r}")
+    return queueId
+
+
+def _encodeEnvelope(envelope: Envelope) -> bytes:
+    return json.dumps(envelope.toJSON(), separators=(",", ":")).encode("ascii")
+
+
+def _writeAll(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        written = os.write(fd, view)
+        view = view[written:]
+
+
+def _unlinkQuietly(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+def _fsyncDirectory(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _parseEnvelope(queueId: str, raw: bytes) -> Envelope:
+    """
+    Parse a stored envelope named ``queueId``; any way it can be wrong is a
+    ValueError whose message says why (it becomes the quarantine reason).
+    """
+    try:
+        envelope = Envelope.fromJSON(json.loads(raw))
+    except (ValueError, KeyError, TypeError, AttributeError, OverflowError, RecursionError) as e:
+        if isinstance(e, KeyError):
+            raise ValueError(f"envelope lacks {e.args[0]!r}") from None
+        if isinstance(e, json.JSONDecodeError):
+            raise ValueError(f"envelope is not JSON ({e.msg} at byte {e.pos})") from None
+        if isinstance(e, UnicodeDecodeError):
+            raise ValueError("envelope is not UTF-8 text") from None
+        raise ValueError(f"invalid envelope: {e}") from None
+    if envelope.queueId != queueId:
+        raise ValueError(f"envelope belongs to queue id {envelope.queueId}")
+    return envelope
+
+
+class SpoolWriter:
+    """
+    One message being received: the body goes to ``tmp/<id>.eml`` and
+    becomes part of the queue only through ``commit``.
+
+    ``write`` runs on the reactor thread and only fills a buffer; a write
+    error (a full disk while the client is still sending) is remembered and
+    raised by ``commit``, which is when the server can answer anyway.
+    """
+
+    def __init__(self, spool: Spool, queueId: str) -> None:
+        self.queueId = queueId
+        self.size = 0
+        self._spool = spool
+        self._tmpBody = spool._path(TMP, queueId + BODY_SUFFIX)
+        self._tmpEnvelope = spool._path(TMP, queueId + ENVELOPE_SUFFIX)
+        self._body = spool._path(QUEUE, queueId + BODY_SUFFIX)
+        self._envelope = spool._path(QUEUE, queueId + ENVELOPE_SUFFIX)
+        # Paths this writer created and has to remove if it does not commit.
+        self._created: list[str] = []
+        self._error: OSError | None = None
+        self._finished = False
+        fd = os.open(self._tmpBody, _CREATE_FLAGS, _FILE_MODE)
+        self._created.append(self._tmpBody)
+        try:
+            self._file: BinaryIO | None = os.fdopen(fd, "wb", buffering=_WRITE_BUFFER)
+        except BaseException:
+            os.close(fd)
+            self._cleanUp()
+            raise
+
+    def write(self, data: bytes) -> None:
+        if self._finished:
+            raise ValueError(f"{self.queueId}: writer is already committed or aborted")
+        self.size += len(data)
+        if self._error is not None:
+            return
+        try:
+            self._file.write(data)
+        except OSError as e:
+            self._error = e
+
+    def commit(self, envelope: Envelope) -> None:
+        """
+        Make the message durable and visible to ``Spool.recover``; blocking.
+        On any failure nothing of this message is left behind and the error
+        is raised again (an OSError from the filesystem, as is).
+        """
+        if self._finished:
+            raise ValueError(f"{self.queueId}: writer is already committed or aborted")
+        try:
+            if envelope.queueId != self.queueId:
+                raise ValueError(
+                    f"{self.queueId}: envelope belongs to queue id {envelope.queueId}"
+                )
+            if self._error is not None:
+                raise self._error
+            file, self._file = self._file, None
+            try:
+                file.flush()
+                os.fsync(file.fileno())
+            finally:
+                file.close()
+
+            os.rename(self._tmpBody, self._body)
+            self._created.remove(self._tmpBody)
+            self._created.append(self._body)
+
+            fd = os.open(self._tmpEnvelope, _CREATE_FLAGS, _FILE_MODE)
+            self._created.append(self._tmpEnvelope)
+            try:
+                _writeAll(fd, _encodeEnvelope(envelope))
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+
+            os.rename(self._tmpEnvelope, self._envelope)
+            self._created.remove(self._tmpEnvelope)
+            # Envelope first: once it is gone the message is gone, whatever
+            # else a failing clean-up leaves.
+            self._created.insert(0, self._envelope)
+
+            _fsyncDirectory(self._spool._path(QUEUE))
+        except BaseException:
+            self._finish()
+            raise
+        self._created = []
+        self._finished = True
+
+    def abort(self) -> None:
+        """Forget the message: remove whatever was written. Safe to call twice."""
+        if not self._finished:
+            self._finish()
+
+    def _finish(self) -> None:
+        self._finished = True
+        file, self._file = self._file, None
+        if file is not None:
+            try:
+                file.close()
+            except OSError:
+                pass  # flushing the buffer failed; the file is removed anyway
+        self._cleanUp()
+
+    def _cleanUp(self) -> None:
+        for path in self._created:
+            try:
+                _unlinkQuietly(path)
+            except OSError as e:
+                maillog.queueWarning(
+                    self.queueId, f"cannot remove {path}: {e.strerror or e}"
+                )
+        self._created = []
+
+
+class Spool:
+    """
+    The queue directory. The daemon is its only writer; call ``recover``
+    once at start-up before anything else.
+    """
+
+    def __init__(self, directory: str) -> None:
+        self.directory = directory
+        self._prepared = False
+
+    def _path(self, *parts: str) -> str:
+        return os.path.join(self.directory, *parts)
+
+    def _prepare(self) -> None:
+        """Create the directories that are missing, 0700 whatever the umask."""
+        if not os.path.isdir(self.directory):
+            os.makedirs(self.directory, mode=_DIRECTORY_MODE, exist_ok=True)
+            os.chmod(self.directory, _DIRECTORY_MODE)
+        for name in (TMP, QUEUE, QUARANTINE):
+            path = self._path(name)
+            try:
+                os.mkdir(path, _DIRECTORY_MODE)
+            except FileExistsError:
+                continue
+            os.chmod(path, _DIRECTORY_MODE)
+        self._prepared = True
+
+    # -- start-up
+
+    def recover(self) -> list[Envelope]:
+        """
+        Bring the directory to a clean state after a stop or a crash and
+        return the committed envelopes, oldest arrival first.
+
+        Unfinished writes (everything in ``tmp/``, a body without envelope)
+        are deleted; a committed entry that cannot be read back is moved to
+        ``quarantine/`` and logged. Files that are not ours are left alone.
+        Never raises for the contents of the queue.
+        """
+        self._prepare()
+        self._emptyTmp()
+
+        bodies: set[str] = set()
+        envelopes: set[str] = set()
+        for name in sorted(os.listdir(self._path(QUEUE))):
+            stem, dot, suffix = name.rpartition(".")
+            if dot and isQueueId(stem) and "." + suffix == BODY_SUFFIX:
+                bodies.add(stem)
+            elif dot and isQueueId(stem) and "." + suffix == ENVELOPE_SUFFIX:
+                envelopes.add(stem)
+            else:
+                maillog.queueWarning(
+                    None, f"ignoring foreign file {self._path(QUEUE, name)}"
+                )
+
+        for queueId in sorted(bodies - envelopes):
+            try:
+                os.unlink(self._path(QUEUE, queueId + BODY_SUFFIX))
+            except OSError as e:
+                maillog.queueWarning(
+                    queueId, f"cannot remove uncommitted message body: {e.strerror or e}"
+                )
+            else:
+                maillog.queueWarning(queueId, "removed uncommitted message body")
+
+        recovered = []
+        for queueId in sorted(envelopes):
+            if queueId not in bodies:
+                self._quarantine(queueId, "message body is missing")
+                continue
+            try:
+                with open(self._path(QUEUE, queueId + ENVELOPE_SUFFIX), "rb") as f:
+                    raw = f.read()
+                recovered.append(_parseEnvelope(queueId, raw))
+            except OSError as e:
+                self._quarantine(queueId, f"cannot read envelope: {e.strerror or e}")
+            except ValueError as e:
+                self._quarantine(queueId, str(e))
+        recovered.sort(key=lambda envelope: (envelope.arrival, envelope.queueId))
+        return recovered
+
+    def _emptyTmp(self) -> None:
+        with os.scandir(self._path(TMP)) as entries:
+            for entry in entries:
+                try:
+                    if entry.is_dir(follow_symlinks=False):
+                        raise IsADirectoryError(errno.EISDIR, "is a directory")
+                    os.unlink(entry.path)
+                except OSError as e:
+                    maillog.queueWarning(
+                        None, f"cannot remove unfinished write {entry.path}: {e.strerror or e}"
+                    )
+
+    def _quarantine(self, queueId: str, reason: str) -> None:
+        """Move both files of an unreadable entry aside, keeping them for a human."""
+        maillog.quarantined(queueId, reason)
+        for suffix in (ENVELOPE_SUFFIX, BODY_SUFFIX):
+            source = self._path(QUEUE, queueId + suffix)
+            if not os.path.lexists(source):
+                continue
+            target = self._path(QUARANTINE, queueId + suffix)
+            serial = 0
+            while os.path.lexists(target):
+                serial += 1
+                target = self._path(QUARANTINE, f"{queueId}{suffix}.{serial}")
+            try:
+                os.rename(source, target)
+            except OSError as e:
+                maillog.queueWarning(
+                    queueId, f"cannot move {source} to quarantine: {e.strerror or e}"
+                )
+
+    # -- receiving
+
+    def begin(self, queueId: str) -> SpoolWriter:
+        """
+        Start writing a new message. FileExistsError if the id is in use,
+        in ``tmp/`` or in the queue: the caller retries with a new id.
+        """
+        _checkId(queueId)
+        if not self._prepared:
+            self._prepare()
+        for suffix in (ENVELOPE_SUFFIX, BODY_SUFFIX):
+            path = self._path(QUEUE, queueId + suffix)
+            if os.path.lexists(path):
+                raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), path)
+        return SpoolWriter(self, queueId)
+
+    # -- delivery
+
+    def update(self, envelope: Envelope) -> None:
+        """
+        Replace a committed envelope atomically, without fsync: after a
+        crash the previous state may come back and a delivery be repeated.
+        FileNotFoundError if the message is not (or no longer) in the queue.
+        """
+        queueId = _checkId(envelope.queueId)
+        target = self._path(QUEUE, queueId + ENVELOPE_SUFFIX)
+        if not os.path.exists(target):
+            raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), target)
+        temporary = self._path(TMP, f"{queueId}{ENVELOPE_SUFFIX}.{secrets.token_hex(4)}")
+        fd = os.open(temporary, _CREATE_FLAGS, _FILE_MODE)
+        try:
+            try:
+                _writeAll(fd, _encodeEnvelope(envelope))
+            finally:
+                os.close(fd)
+            os.replace(temporary, target)
+        except BaseException:
+            try:
+                _unlinkQuietly(temporary)
+            except OSError:
+                pass
+            raise
+
+    def remove(self, queueId: str) -> None:
+        """Take a message out of the queue: envelope first, so a crash half-way leaves no message."""
+        _checkId(queueId)
+        _unlinkQuietly(self._path(QUEUE, queueId + ENVELOPE_SUFFIX))
+        _unlinkQuietly(self._path(QUEUE, queueId + BODY_SUFFIX))
+
+    def load(self, queueId: str) -> Envelope:
+        """The committed envelope; FileNotFoundError if absent, ValueError if unreadable."""
+        _checkId(queueId)
+        with open(self._path(QUEUE, queueId + ENVELOPE_SUFFIX), "rb") as f:
+            raw = f.read()
+        return _parseEnvelope(queueId, raw)
+
+    def openBody(self, queueId: str) -> BinaryIO:
+        """The canonical CRLF body (not dot-stuffed), opened for binary reading."""
+        _checkId(queueId)
+        return open(self._path(QUEUE, queueId + BODY_SUFFIX), "rb")
+
+    def bodySize(self, queueId: str) -> int:
+        _checkId(queueId)
+        return os.stat(self._path(QUEUE, queueId + BODY_SUFFIX)).st_size
+
+    def ids(self) -> list[str]:
+        """The committed queue ids (those with an envelope), sorted."""
+        found = []
+        for name in os.listdir(self._path(QUEUE)):
+            stem, dot, suffix = name.rpartition(".")
+            if dot and "." + suffix == ENVELOPE_SUFFIX and isQueueId(stem):
+                found.append(stem)
+        found.sort()
+        return found

@@ -1,0 +1,450 @@
+"""Tests for relayd.queue: durability, crash recovery and failure clean-up of the spool."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import stat
+
+import pytest
+from twisted.logger import formatEvent, globalLogPublisher
+
+from relayd import queue
+from relayd.envelope import PENDING, SENT, Envelope, Recipient, newQueueId
+from relayd.queue import Spool
+
+BODY = b"Received: from x\r\nSubject: hi\r\n\r\n" + b"line with \xe9 8bit\r\n.dot\r\n" * 500
+
+
+def makeEnvelope(queueId: str | None = None, arrival: float = 1_700_000_000.0) -> Envelope:
+    return Envelope(
+        queueId=queueId or newQueueId(),
+        sender="alice@example.com",
+        recipients=[Recipient("a@example.org"), Recipient("b@example.org", {"NOTIFY": "NEVER"})],
+        arrival=arrival,
+        size=len(BODY),
+        mailParams={"BODY": "8BITMIME", "SIZE": str(len(BODY))},
+        clientAddress="127.0.0.1",
+        clientName="localhost",
+        helo="client.example.com",
+    )
+
+
+def store(spool: Spool, envelope: Envelope, body: bytes = BODY) -> None:
+    writer = spool.begin(envelope.queueId)
+    for start in range(0, len(body), 1000):
+        writer.write(body[start:start + 1000])
+    writer.commit(envelope)
+
+
+def listing(directory) -> dict[str, list[str]]:
+    return {name: sorted(os.listdir(directory / name)) for name in ("tmp", "queue", "quarantine")}
+
+
+@pytest.fixture
+def spool(tmp_path):
+    spool = Spool(str(tmp_path / "spool"))
+    assert spool.recover() == []
+    return spool
+
+
+@pytest.fixture
+def logged():
+    """The text of every log event emitted during the test."""
+    lines: list[str] = []
+
+    def observer(event):
+        lines.append(formatEvent(event))
+
+    globalLogPublisher.addObserver(observer)
+    yield lines
+    globalLogPublisher.removeObserver(observer)
+
+
+def test_commitSurvivesRestart(spool, tmp_path):
+    """What one process committed, the next one recovers, envelope and body alike."""
+    envelope = makeEnvelope()
+    writer = spool.begin(envelope.queueId)
+    writer.write(BODY[:10])
+    writer.write(BODY[10:])
+    assert writer.size == len(BODY)
+    writer.commit(envelope)
+
+    again = Spool(str(tmp_path / "spool"))
+    assert again.recover() == [envelope]
+    assert again.load(envelope.queueId) == envelope
+    with again.openBody(envelope.queueId) as f:
+        assert f.read() == BODY
+    assert again.bodySize(envelope.queueId) == len(BODY)
+    assert again.ids() == [envelope.queueId]
+    assert listing(tmp_path / "spool")["tmp"] == []
+
+
+def test_permissions(tmp_path):
+    """Mail is private: directories 0700 and files 0600, whatever the umask."""
+    old = os.umask(0o022)
+    try:
+        spool = Spool(str(tmp_path / "spool"))
+        spool.recover()
+        envelope = makeEnvelope()
+        store(spool, envelope)
+        spool.update(envelope)
+    finally:
+        os.umask(old)
+    root = tmp_path / "spool"
+    for directory in (root, root / "tmp", root / "queue", root / "quarantine"):
+        assert stat.S_IMODE(os.stat(directory).st_mode) == 0o700, directory
+    names = os.listdir(root / "queue")
+    assert sorted(names) == sorted([envelope.queueId + ".eml", envelope.queueId + ".env"])
+    for name in names:
+        assert stat.S_IMODE(os.stat(root / "queue" / name).st_mode) == 0o600, name
+
+
+def test_recoverReturnsByArrival(spool):
+    late = makeEnvelope(arrival=2_000.0)
+    early = makeEnvelope(arrival=1_000.0)
+    store(spool, late)
+    store(spool, early)
+    assert [e.queueId for e in spool.recover()] == [early.queueId, late.queueId]
+
+
+def test_abortLeavesNothing(spool, tmp_path):
+    writer = spool.begin(newQueueId())
+    writer.write(BODY)
+    writer.abort()
+    writer.abort()  # idempotent
+    assert listing(tmp_path / "spool") == {"tmp": [], "queue": [], "quarantine": []}
+    assert spool.recover() == []
+
+
+def test_uncommittedWriteRemovedAtRecovery(spool, tmp_path):
+    """A writer that neither committed nor aborted (the process died) leaves nothing after recovery."""
+    writer = spool.begin(newQueueId())
+    writer.write(BODY)
+    writer._file.flush()
+    assert listing(tmp_path / "spool")["tmp"] != []
+    assert Spool(str(tmp_path / "spool")).recover() == []
+    assert listing(tmp_path / "spool") == {"tmp": [], "queue": [], "quarantine": []}
+
+
+def test_leftoverTmpFilesRemoved(spool, tmp_path):
+    tmp = tmp_path / "spool" / "tmp"
+    (tmp / (newQueueId() + ".eml")).write_bytes(b"partial")
+    (tmp / (newQueueId() + ".env.1a2b3c4d")).write_bytes(b"{}")
+    (tmp / "whatever").write_bytes(b"x")
+    assert spool.recover() == []
+    assert os.listdir(tmp) == []
+
+
+def test_bodyWithoutEnvelopeRemoved(spool, tmp_path, logged):
+    """A crash between the two renames of a commit: the body alone is not a message."""
+    committed = makeEnvelope()
+    store(spool, committed)
+    orphan = newQueueId()
+    (tmp_path / "spool" / "queue" / (orphan + ".eml")).write_bytes(BODY)
+
+    assert spool.recover() == [committed]
+    assert listing(tmp_path / "spool")["queue"] == sorted(
+        [committed.queueId + ".eml", committed.queueId + ".env"]
+    )
+    assert f"{orphan}: warning: removed uncommitted message body" in logged
+
+
+@pytest.mark.parametrize(
+    "corrupt, reason",
+    [
+        (lambda env: b"{not json", "envelope is not JSON"),
+        (lambda env: json.dumps({**env.toJSON(), "version": 99}).encode(), "unsupported envelope version 99"),
+        (lambda env: json.dumps({**env.toJSON(), "recipients": [{"address": "x"}]}).encode(), "envelope lacks 'state'"),
+        (lambda env: json.dumps({**env.toJSON(), "arrival": None}).encode(), "invalid envelope"),
+        (lambda env: json.dumps({**env.toJSON(), "queue_id": newQueueId()}).encode(), "envelope belongs to queue id"),
+        (lambda env: b"\xff\xfe", "envelope is not"),
+        (lambda env: b"[]", "envelope is not a JSON object"),
+    ],
+)
+def test_corruptEnvelopeQuarantined(spool, tmp_path, logged, corrupt, reason):
+    good = makeEnvelope()
+    store(spool, good)
+    bad = makeEnvelope()
+    store(spool, bad)
+    (tmp_path / "spool" / "queue" / (bad.queueId + ".env")).write_bytes(corrupt(bad))
+
+    assert spool.recover() == [good]
+    assert listing(tmp_path / "spool")["quarantine"] == sorted(
+        [bad.queueId + ".eml", bad.queueId + ".env"]
+    )
+    assert bad.queueId + ".env" not in listing(tmp_path / "spool")["queue"]
+    quarantined = [line for line in logged if line.startswith(f"{bad.queueId}: quarantined: ")]
+    assert len(quarantined) == 1
+    assert reason in quarantined[0]
+    with pytest.raises(FileNotFoundError):
+        spool.load(bad.queueId)
+
+
+def test_envelopeWithoutBodyQuarantined(spool, tmp_path, logged):
+    good = makeEnvelope()
+    store(spool, good)
+    bad = makeEnvelope()
+    store(spool, bad)
+    os.unlink(tmp_path / "spool" / "queue" / (bad.queueId + ".eml"))
+
+    assert spool.recover() == [good]
+    assert listing(tmp_path / "spool")["quarantine"] == [bad.queueId + ".env"]
+    assert f"{bad.queueId}: quarantined: message body is missing" in logged
+
+
+def test_quarantineKeepsEarlierEntry(spool, tmp_path):
+    """A second quarantine of the same id does not overwrite the first."""
+    bad = makeEnvelope()
+    queueDir = tmp_path / "spool" / "queue"
+    for content in (b"first", b"second"):
+        store(spool, bad)
+        (queueDir / (bad.queueId + ".env")).write_bytes(content)
+        assert spool.recover() == []
+    quarantine = tmp_path / "spool" / "quarantine"
+    assert sorted(os.listdir(quarantine)) == sorted(
+        [bad.queueId + ".eml", bad.queueId + ".env", bad.queueId + ".eml.1", bad.queueId + ".env.1"]
+    )
+    assert (quarantine / (bad.queueId + ".env")).read_bytes() == b"first"
+    assert (quarantine / (bad.queueId + ".env.1")).read_bytes() == b"second"
+
+
+def test_foreignFilesLeftAlone(spool, tmp_path, logged):
+    envelope = makeEnvelope()
+    store(spool, envelope)
+    queueDir = tmp_path / "spool" / "queue"
+    (queueDir / "README").write_text("hands off")
+    (queueDir / (envelope.queueId + ".env.bak")).write_text("old")
+    (queueDir / "lowercaseid00000.env").write_text("{}")
+
+    assert spool.recover() == [envelope]
+    assert (queueDir / "README").read_text() == "hands off"
+    assert (queueDir / (envelope.queueId + ".env.bak")).read_text() == "old"
+    assert (queueDir / "lowercaseid00000.env").read_text() == "{}"
+    assert spool.ids() == [envelope.queueId]
+    warnings = [line for line in logged if "foreign file" in line]
+    assert len(warnings) == 3
+    assert any(line.endswith("README") for line in warnings)
+    assert listing(tmp_path / "spool")["quarantine"] == []
+
+
+def test_updateSeenByRecovery(spool, tmp_path):
+    envelope = makeEnvelope()
+    store(spool, envelope)
+    envelope.recipients[0].state = SENT
+    envelope.recipients[0].dsn = "2.0.0"
+    envelope.attempts = 1
+    envelope.nextAttempt = 1_700_000_300.0
+    spool.update(envelope)
+
+    assert spool.load(envelope.queueId) == envelope
+    recovered = Spool(str(tmp_path / "spool")).recover()
+    assert recovered == [envelope]
+    assert [r.state for r in recovered[0].recipients] == [SENT, PENDING]
+    with spool.openBody(envelope.queueId) as f:
+        assert f.read() == BODY
+    assert listing(tmp_path / "spool")["tmp"] == []
+
+
+def test_updateIsAtomic(spool, tmp_path, monkeypatch):
+    """If the replacing rename fails, the previous envelope stays whole and no temp file remains."""
+    envelope = makeEnvelope()
+    store(spool, envelope)
+
+    def failingReplace(src, dst):
+        raise OSError(errno.EIO, "I/O error")
+
+    monkeypatch.setattr(os, "replace", failingReplace)
+    envelope.attempts = 5
+    with pytest.raises(OSError) as info:
+        spool.update(envelope)
+    assert info.value.errno == errno.EIO
+    monkeypatch.undo()
+
+    assert spool.load(envelope.queueId).attempts == 0
+    assert listing(tmp_path / "spool")["tmp"] == []
+    assert [e.attempts for e in Spool(str(tmp_path / "spool")).recover()] == [0]
+
+
+def test_updateOfRemovedMessageRefused(spool, tmp_path):
+    """An update racing a removal must not resurrect an envelope without a body."""
+    envelope = makeEnvelope()
+    store(spool, envelope)
+    spool.remove(envelope.queueId)
+    with pytest.raises(FileNotFoundError):
+        spool.update(envelope)
+    assert listing(tmp_path / "spool") == {"tmp": [], "queue": [], "quarantine": []}
+
+
+def test_remove(spool, tmp_path):
+    kept = makeEnvelope()
+    gone = makeEnvelope()
+    store(spool, kept)
+    store(spool, gone)
+    spool.remove(gone.queueId)
+    spool.remove(gone.queueId)  # already gone: fine
+    assert spool.ids() == [kept.queueId]
+    with pytest.raises(FileNotFoundError):
+        spool.openBody(gone.queueId)
+    assert Spool(str(tmp_path / "spool")).recover() == [kept]
+
+
+def test_removeDeletesEnvelopeFirst(spool, monkeypatch):
+    envelope = makeEnvelope()
+    store(spool, envelope)
+    unlinked = []
+    realUnlink = os.unlink
+    monkeypatch.setattr(os, "unlink", lambda path: (unlinked.append(os.path.basename(path)), realUnlink(path)))
+    spool.remove(envelope.queueId)
+    assert unlinked == [envelope.queueId + ".env", envelope.queueId + ".eml"]
+
+
+@pytest.mark.parametrize("failing", ["fsync", "write"])
+def test_commitOutOfSpace(spool, tmp_path, monkeypatch, failing):
+    """A full disk at commit: ENOSPC reaches the caller (452 4.3.1) and nothing is left behind."""
+    envelope = makeEnvelope()
+    writer = spool.begin(envelope.queueId)
+    writer.write(BODY)
+
+    def full(*args):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    if failing == "fsync":
+        monkeypatch.setattr(os, "fsync", full)
+    else:
+        # The envelope write, after the body is already renamed into queue/.
+        monkeypatch.setattr(os, "write", full)
+    with pytest.raises(OSError) as info:
+        writer.commit(envelope)
+    monkeypatch.undo()
+
+    assert info.value.errno == errno.ENOSPC
+    assert listing(tmp_path / "spool") == {"tmp": [], "queue": [], "quarantine": []}
+    writer.abort()  # still harmless
+    assert Spool(str(tmp_path / "spool")).recover() == []
+
+
+def test_directoryFsyncFailureRemovesCommittedFiles(spool, tmp_path, monkeypatch):
+    """Even the last step failing means no 250, so the message must not stay to be delivered."""
+    envelope = makeEnvelope()
+    writer = spool.begin(envelope.queueId)
+    writer.write(BODY)
+    monkeypatch.setattr(queue, "_fsyncDirectory", lambda path: (_ for _ in ()).throw(OSError(errno.EIO, "I/O error")))
+    with pytest.raises(OSError) as info:
+        writer.commit(envelope)
+    assert info.value.errno == errno.EIO
+    assert listing(tmp_path / "spool") == {"tmp": [], "queue": [], "quarantine": []}
+
+
+def test_writeFailureReportedAtCommit(spool, tmp_path):
+    """
+    A write error while the client is still sending is kept for commit,
+    the moment the server can answer.
+    """
+    envelope = makeEnvelope()
+    writer = spool.begin(envelope.queueId)
+
+    class FullFile:
+        def write(self, data):
+            raise OSError(errno.EDQUOT, os.strerror(errno.EDQUOT))
+
+        def close(self):
+            raise OSError(errno.EDQUOT, os.strerror(errno.EDQUOT))
+
+    real = writer._file
+    writer._file = FullFile()
+    writer.write(BODY)
+    writer.write(BODY)
+    assert writer.size == 2 * len(BODY)
+    with pytest.raises(OSError) as info:
+        writer.commit(envelope)
+    real.close()
+    assert info.value.errno == errno.EDQUOT
+    assert listing(tmp_path / "spool") == {"tmp": [], "queue": [], "quarantine": []}
+
+
+def test_commitWithWrongEnvelopeRefused(spool, tmp_path):
+    writer = spool.begin(newQueueId())
+    writer.write(BODY)
+    with pytest.raises(ValueError):
+        writer.commit(makeEnvelope())
+    assert listing(tmp_path / "spool") == {"tmp": [], "queue": [], "quarantine": []}
+
+
+def test_writerClosedAfterCommit(spool):
+    envelope = makeEnvelope()
+    writer = spool.begin(envelope.queueId)
+    writer.commit(envelope)
+    with pytest.raises(ValueError):
+        writer.write(b"more")
+    with pytest.raises(ValueError):
+        writer.commit(envelope)
+    writer.abort()  # a committed message is not taken back by abort
+    assert spool.ids() == [envelope.queueId]
+    assert spool.bodySize(envelope.queueId) == 0
+
+
+def test_idCollisionRefused(spool):
+    """O_EXCL: a second writer for the same id, or an id already in the queue, is refused."""
+    envelope = makeEnvelope()
+    writer = spool.begin(envelope.queueId)
+    with pytest.raises(FileExistsError):
+        spool.begin(envelope.queueId)
+    writer.write(BODY)
+    writer.commit(envelope)
+    with pytest.raises(FileExistsError):
+        spool.begin(envelope.queueId)
+    with spool.openBody(envelope.queueId) as f:
+        assert f.read() == BODY
+
+
+@pytest.mark.parametrize("bad", ["../../etc/passwd", "", "0123456789abcdef", "0123456789ABCDEF/"])
+def test_badIdsRefused(spool, bad):
+    for call in (spool.begin, spool.remove, spool.load, spool.openBody, spool.bodySize):
+        with pytest.raises(ValueError):
+            call(bad)
+
+
+def test_commitFsyncsBodyEnvelopeAndDirectory(spool, tmp_path, monkeypatch):
+    """Durable before 250: the body, the envelope and the queue directory entry are each fsynced."""
+    envelope = makeEnvelope()
+    writer = spool.begin(envelope.queueId)
+    writer.write(BODY)
+
+    synced = []
+    realFsync = os.fsync
+
+    def recordingFsync(fd):
+        target = os.readlink(f"/proc/self/fd/{fd}")
+        synced.append((target, os.path.getsize(target) if os.path.isfile(target) else None))
+        realFsync(fd)
+
+    monkeypatch.setattr(os, "fsync", recordingFsync)
+    writer.commit(envelope)
+
+    root = tmp_path / "spool"
+    assert synced == [
+        (str(root / "tmp" / (envelope.queueId + ".eml")), len(BODY)),
+        (str(root / "tmp" / (envelope.queueId + ".env")), len(json.dumps(envelope.toJSON(), separators=(",", ":")))),
+        (str(root / "queue"), None),
+    ]
+
+
+def test_updateDoesNotFsync(spool, monkeypatch):
+    envelope = makeEnvelope()
+    store(spool, envelope)
+    calls = []
+    monkeypatch.setattr(os, "fsync", calls.append)
+    envelope.attempts = 1
+    spool.update(envelope)
+    assert calls == []
+    assert spool.load(envelope.queueId).attempts == 1
+
+
+def test_loadRejectsCorruptEnvelope(spool, tmp_path):
+    envelope = makeEnvelope()
+    store(spool, envelope)
+    (tmp_path / "spool" / "queue" / (envelope.queueId + ".env")).write_bytes(b"{}")
+    with pytest.raises(ValueError):
+        spool.load(envelope.queueId)

@@ -1,0 +1,3 @@
+from twisted.application.service import ServiceMaker
+
+relayd = ServiceMaker("relayd", "relayd.tap", "An authenticated SMTP submission relay with a durable queue.", "relayd")
