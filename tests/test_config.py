@@ -1,0 +1,419 @@
+"""
+Tests for relayd.config and the ``relayd check-config`` command.
+
+Broken configs live in tests/configs/bad/, one YAML file each beside a
+``.err`` file holding the exact one-line error it must produce ("FILE"
+stands for the path the file was loaded from), so the wording admins see
+is reviewed like code.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from relayd import config
+from relayd.cli import main as cli
+from relayd.config import (
+    Config,
+    ConfigError,
+    Delivery,
+    Limits,
+    Listener,
+    NextHop,
+    Queue,
+    Relay,
+    Retry,
+)
+
+HERE = Path(__file__).resolve().parent
+CONFIGS = HERE / "configs"
+BAD = CONFIGS / "bad"
+ROOT = HERE.parent
+GOOD = CONFIGS / "good.yaml"
+MINIMAL = CONFIGS / "minimal.yaml"
+
+
+def _minimal(**replace: str) -> str:
+    """The minimal config's text with top-level lines swapped or added."""
+    lines = {
+        "hostname": "hostname: relay.example.com",
+        "listeners": 'listeners: [{endpoint: "tcp:25", tls: none, auth: none}]',
+        "queue": "queue: {directory: /var/spool/relayd}",
+        "delivery": "delivery: {smarthosts: [{host: smtp.example.net, tls: none}]}",
+    }
+    lines.update(replace)
+    return "\n".join(line for line in lines.values() if line) + "\n"
+
+
+class TestGoodConfig:
+    def test_everything(self) -> None:
+        """
+        A file that sets every supported key to a non-default value loads
+        into exactly those values.
+        """
+        path = str(GOOD)
+        assert config.load(path) == Config(
+            path=path,
+            hostname="relay.example.com",
+            listeners=(
+                Listener("tcp:2525:interface=127.0.0.1", "none", "none"),
+                Listener("tcp6:2525:interface=\\:\\:1", "none", "none"),
+                Listener("systemd:domain=INET:name=relayd-smtp", "none", "none"),
+                Listener("haproxy:tcp:2600:interface=127.0.0.1", "none", "none"),
+                Listener("unix:/run/relayd/smtp.sock", "none", "none"),
+            ),
+            relay=Relay(
+                trustedNetworks=(
+                    ipaddress.ip_network("10.0.0.0/8"),
+                    ipaddress.ip_network("192.0.2.7/32"),
+                    ipaddress.ip_network("2001:db8::/32"),
+                )
+            ),
+            limits=Limits(
+                messageSize=25 * 2**20,
+                recipients=50,
+                connections=200,
+                connectionsPerClient=5,
+            ),
+            queue=Queue(directory=str(CONFIGS / "spool"), retry=Retry(min=30.0, max=5400.0)),
+            delivery=Delivery(
+                smarthosts=(
+                    NextHop("smtp.example.net", 587, "none"),
+                    NextHop("192.0.2.25", 25, "none"),
+                ),
+                concurrency=4,
+            ),
+            shutdownGrace=120.0,
+        )
+
+    def test_defaults(self) -> None:
+        """
+        Only the required keys given: the rest are the documented defaults.
+        """
+        c = config.load(str(MINIMAL))
+        assert c.relay.trustedNetworks == (
+            ipaddress.ip_network("127.0.0.0/8"),
+            ipaddress.ip_network("::1/128"),
+        )
+        assert c.limits == Limits(
+            messageSize=10_000_000, recipients=100, connections=100, connectionsPerClient=20
+        )
+        assert c.queue == Queue(directory="/var/spool/relayd", retry=Retry(min=300.0, max=3600.0))
+        assert c.delivery == Delivery(
+            smarthosts=(NextHop("smtp.example.net", 25, "none"),), concurrency=20
+        )
+        assert c.shutdownGrace == 30.0
+
+    def test_objectsAreFrozen(self) -> None:
+        c = config.load(str(MINIMAL))
+        with pytest.raises(AttributeError):
+            c.hostname = "other.example.com"  # type: ignore[misc]
+
+    def test_relativeQueueDirectory(self, tmp_path: Path) -> None:
+        """
+        A relative spool directory is anchored at the config file's
+        directory, not at wherever the daemon was started.
+        """
+        etc = tmp_path / "etc"
+        etc.mkdir()
+        (etc / "relayd.yaml").write_text(_minimal(queue="queue: {directory: ../var/spool}"))
+        c = config.load(str(etc / "relayd.yaml"))
+        assert c.queue.directory == str(tmp_path / "var" / "spool")
+
+    @pytest.mark.parametrize(
+        "text, size",
+        [("12345", 12345), ("25MB", 25_000_000), ("10MiB", 10 * 2**20), ("1GB", 10**9),
+         ("512kB", 512_000), ("64KiB", 65536), ("1GiB", 2**30), ("100B", 100)],
+    )
+    def test_sizes(self, text: str, size: int) -> None:
+        c = config.parse(_minimal(limits=f"limits: {{message_size: {text}}}"), "x.yaml")
+        assert c.limits.messageSize == size
+
+    @pytest.mark.parametrize(
+        "text, seconds",
+        [("30s", 30), ("5m", 300), ("4h", 14400), ("5d", 432000), ("1h30m", 5400), ("0s", 0)],
+    )
+    def test_durations(self, text: str, seconds: float) -> None:
+        c = config.parse(_minimal(grace=f"shutdown_grace: {text}"), "x.yaml")
+        assert c.shutdownGrace == seconds
+
+    def test_implicitSmarthostPortDefault(self) -> None:
+        """
+        The port default follows the TLS mode; with only "none" built this
+        is 25 (465 for implicit arrives with TLS).
+        """
+        c = config.parse(_minimal(), "x.yaml")
+        assert c.delivery.smarthosts[0].port == 25
+
+    def test_booleanWordsStayStrings(self) -> None:
+        """
+        YAML 1.1 would read "on" as true; relayd's loader keeps it a string,
+        so it can be a host name.
+        """
+        c = config.parse(
+            _minimal(delivery="delivery: {smarthosts: [{host: on, tls: none}]}"), "x.yaml"
+        )
+        assert c.delivery.smarthosts[0].host == "on"
+
+
+class TestEffectiveConfig:
+    def test_roundTrip(self, tmp_path: Path) -> None:
+        """
+        toYAML() prints a config that loads back into the same values.
+        """
+        original = config.load(str(GOOD))
+        printed = tmp_path / "effective.yaml"
+        printed.write_text(original.toYAML())
+        again = config.load(str(printed))
+        assert again == Config(**{**vars(original), "path": str(printed)})
+
+    def test_humanUnitsAndDefaults(self) -> None:
+        """
+        Every key appears, defaults filled in, sizes and durations in the
+        units an admin writes.
+        """
+        text = config.load(str(MINIMAL)).toYAML()
+        for line in [
+            "message_size: 10MB",
+            "recipients: 100",
+            "connections: 100",
+            "connections_per_client: 20",
+            "min: 5m",
+            "max: 1h",
+            "concurrency: 20",
+            "port: 25",
+            "shutdown_grace: 30s",
+            "- 127.0.0.0/8",
+            "- ::1/128",
+            "directory: /var/spool/relayd",
+        ]:
+            assert line in [l.strip() for l in text.splitlines()], line
+
+    def test_maskSecrets(self) -> None:
+        """
+        Values of secret keys are masked at any depth; others are untouched.
+        """
+        tree = {
+            "delivery": {"smarthosts": [{"host": "h", "password_file": "/etc/s"}]},
+            "auth": {"password_file": "/etc/relayd/passwd"},
+        }
+        assert config.maskSecrets(tree) == {
+            "delivery": {"smarthosts": [{"host": "h", "password_file": "********"}]},
+            "auth": {"password_file": "********"},
+        }
+
+    @pytest.mark.parametrize(
+        "seconds, text", [(0, "0s"), (59, "59s"), (60, "1m"), (5400, "1h30m"), (86400 * 5, "5d")]
+    )
+    def test_formatDuration(self, seconds: float, text: str) -> None:
+        assert config.formatDuration(seconds) == text
+        assert config.parseDuration(text) == seconds
+
+    @pytest.mark.parametrize(
+        "size, text", [(10_000_000, "10MB"), (10 * 2**20, "10MiB"), (12345, 12345), (2**30, "1GiB")]
+    )
+    def test_formatSize(self, size: int, text: object) -> None:
+        assert config.formatSize(size) == text
+        assert config.parseSize(text) == size
+
+
+def _badCases() -> list[str]:
+    return sorted(p.stem for p in BAD.glob("*.yaml"))
+
+
+class TestBadConfigs:
+    def test_everyCaseHasAnError(self) -> None:
+        """
+        Each broken config is paired with its expected message (and the
+        folder covers the cases the project card lists).
+        """
+        stems = set(_badCases())
+        assert stems == {p.stem for p in BAD.glob("*.err")}
+        assert len(stems) >= 30
+
+    @pytest.mark.parametrize("name", _badCases())
+    def test_badConfig(self, name: str) -> None:
+        path = str(BAD / f"{name}.yaml")
+        expected = (BAD / f"{name}.err").read_text().strip().replace("FILE", path, 1)
+        with pytest.raises(ConfigError) as info:
+            config.load(path)
+        assert str(info.value) == expected
+        assert "\n" not in str(info.value)
+
+    def test_missingFile(self, tmp_path: Path) -> None:
+        path = str(tmp_path / "nowhere.yaml")
+        with pytest.raises(ConfigError) as info:
+            config.load(path)
+        assert str(info.value) == f"{path}: cannot read the file: No such file or directory"
+
+    def test_unreadablePath(self) -> None:
+        """
+        The OS's reason is passed on, whatever it is.
+        """
+        path = f"{MINIMAL}/inside"
+        with pytest.raises(ConfigError) as info:
+            config.load(path)
+        assert str(info.value) == f"{path}: cannot read the file: Not a directory"
+
+    def test_notUTF8(self, tmp_path: Path) -> None:
+        path = tmp_path / "latin1.yaml"
+        path.write_bytes(b"# ok\nhostname: caf\xe9.example\n")
+        with pytest.raises(ConfigError) as info:
+            config.load(str(path))
+        assert str(info.value) == f"{path}: line 2: expected UTF-8 text, got byte 0xe9"
+
+    def test_controlCharactersStayOnOneLine(self) -> None:
+        """
+        A value with a newline in it cannot split the error into two lines
+        (log scrapers and the CLI promise one line).
+        """
+        with pytest.raises(ConfigError) as info:
+            config.parse(_minimal(hostname='hostname: "relay\\nexample"'), "x.yaml")
+        assert str(info.value) == (
+            'x.yaml: hostname: expected a DNS name like "relay.example.com", '
+            'got "relay\\x0aexample"'
+        )
+
+    @pytest.mark.parametrize("value", ["010", "1:30", "2002-12-14", "0x10"])
+    def test_yaml11ScalarsStayStrings(self, value: str) -> None:
+        """
+        Octal, sexagesimal, hex and timestamp forms are not numbers or
+        dates, so the error quotes exactly what the admin wrote.
+        """
+        with pytest.raises(ConfigError) as info:
+            config.parse(_minimal(limits=f"limits: {{recipients: {value}}}"), "x.yaml")
+        assert str(info.value) == (
+            f'x.yaml: limits.recipients: expected a whole number of at least 1, got "{value}"'
+        )
+
+    def test_noPythonTags(self) -> None:
+        """
+        The loader is a SafeLoader: Python object tags are refused.
+        """
+        with pytest.raises(ConfigError) as info:
+            config.parse(_minimal(limits="limits: !!python/object/apply:os.getcwd []"), "x.yaml")
+        assert "could not determine a constructor" in str(info.value)
+
+
+class TestShippedConfigs:
+    @pytest.mark.parametrize("name", ["relayd.yaml", "relayd.local.yaml"])
+    def test_loads(self, name: str) -> None:
+        config.load(str(ROOT / "etc" / name))
+
+    def test_localSpoolInRepository(self) -> None:
+        """
+        The quick-start spool lands in the repository's var/ (git-ignored),
+        whatever directory relayd is started from.
+        """
+        c = config.load(str(ROOT / "etc" / "relayd.local.yaml"))
+        assert c.queue.directory == str(ROOT / "var" / "spool")
+        assert c.listeners == (Listener("tcp:2525:interface=127.0.0.1", "none", "none"),)
+        assert c.delivery.smarthosts == (NextHop("127.0.0.1", 2526, "none"),)
+        assert c.hostname == "localhost"
+
+    def test_productionExampleCommentsEveryKey(self) -> None:
+        """
+        The production example mentions every key the loader knows,
+        including the not-supported-yet ones.
+        """
+        text = (ROOT / "etc" / "relayd.yaml").read_text()
+        for key in [
+            "hostname:", "listeners:", "endpoint:", "tls:", "auth:", "relay:",
+            "trusted_networks:", "limits:", "message_size:", "recipients:",
+            "connections:", "connections_per_client:", "queue:", "directory:",
+            "lifetime:", "retry:", "min:", "max:", "postmaster:", "delivery:",
+            "mx_port:", "concurrency:", "smarthosts:", "host:", "port:",
+            "verify:", "ca_file:", "username:", "password_file:", "routes:",
+            "metrics:", "shutdown_grace:",
+        ]:
+            assert key in text, key
+
+    def test_uncommentedNotSupportedKeysAreRefused(self, tmp_path: Path) -> None:
+        """
+        Each commented-out "not supported yet" line in the production
+        example, uncommented, makes the config fail with that phrase: the
+        comments tell the truth.
+        """
+        lines = (ROOT / "etc" / "relayd.yaml").read_text().splitlines()
+        def isCommentedSetting(line: str) -> bool:
+            words = line.lstrip()[2:].split()
+            return line.lstrip().startswith("# ") and bool(words) and (
+                words[0] == "-" or words[0].endswith(":")
+            )
+
+        candidates = [
+            i for i, line in enumerate(lines)
+            if isCommentedSetting(line)
+            and ("not supported yet" in line or "Not supported yet" in lines[i - 1])
+        ]
+        assert len(candidates) >= 13
+        for i in candidates:
+            edited = list(lines)
+            edited[i] = edited[i].replace("# ", "", 1)
+            path = tmp_path / "edited.yaml"
+            path.write_text("\n".join(edited) + "\n")
+            with pytest.raises(ConfigError) as info:
+                config.load(str(path))
+            assert "not supported yet" in str(info.value), edited[i]
+
+
+def _runCLI(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "relayd.cli.main", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+
+
+class TestCheckConfigCommand:
+    def test_valid(self) -> None:
+        result = _runCLI("check-config", str(GOOD))
+        assert result.returncode == 0, result.stderr
+        assert result.stderr == ""
+        assert result.stdout == config.load(str(GOOD)).toYAML()
+        assert "message_size: 25MiB" in result.stdout
+
+    def test_invalid(self) -> None:
+        path = str(BAD / "queue-lifetime-bad.yaml")
+        result = _runCLI("check-config", path)
+        assert result.returncode == 1
+        assert result.stdout == ""
+        assert result.stderr == (
+            f'relayd: {path}: queue.lifetime: expected a duration like "5d", got "5 days"\n'
+        )
+
+    def test_missingFile(self, tmp_path: Path) -> None:
+        result = _runCLI("check-config", str(tmp_path / "none.yaml"))
+        assert result.returncode == 1
+        assert result.stderr.count("\n") == 1
+        assert result.stderr.startswith("relayd: ")
+        assert "Traceback" not in result.stderr
+
+    @pytest.mark.parametrize(
+        "args", [(), ("frobnicate",), ("check-config",), ("check-config", "a", "b")]
+    )
+    def test_usage(self, args: tuple[str, ...]) -> None:
+        result = _runCLI(*args)
+        assert result.returncode == 2
+        assert result.stderr.count("\n") == 1
+        assert result.stderr.startswith("relayd: ")
+        assert result.stderr.endswith("usage: relayd check-config FILE\n")
+
+    def test_inProcess(self, capsys: pytest.CaptureFixture[str]) -> None:
+        """
+        main() is what the console script calls: it exits with the status.
+        """
+        with pytest.raises(SystemExit) as info:
+            cli.main(["check-config", str(BAD / "tls-section.yaml")])
+        assert info.value.code == 1
+        err = capsys.readouterr().err
+        assert err == f"relayd: {BAD / 'tls-section.yaml'}: tls: this section is not supported yet (TLS comes later); remove it\n"
