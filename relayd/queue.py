@@ -30,6 +30,7 @@ malformed queue id is a ``ValueError``.
 from __future__ import annotations
 
 import errno
+import fcntl
 import json
 import os
 import secrets
@@ -230,6 +231,25 @@ class Spool:
     def __init__(self, directory: str) -> None:
         self.directory = directory
         self._prepared = False
+        self._lockFile = None
+
+    def lock(self) -> None:
+        """
+        Become the spool's only writer: an exclusive flock on ``lock``,
+        held until the process exits. A second daemon on the same spool
+        gets BlockingIOError (relayctl reads without it).
+        """
+        self._prepare()
+        path = self._path("lock")
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, _FILE_MODE)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            raise
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode("ascii"))
+        self._lockFile = fd
 
     def _path(self, *parts: str) -> str:
         return os.path.join(self.directory, *parts)

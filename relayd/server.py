@@ -387,8 +387,11 @@ class SubmissionServer(smtp.ESMTP):
         self.reply(replies.RECIPIENT_OK)
 
     def _reject(self, stage: str, reply: Reply, sender: str | None, recipient: str | None) -> None:
+        # Envelope rejects log NOQUEUE, as Postfix does (nothing is queued
+        # yet) and as fail2ban's postfix filters expect.
+        queueId = self.transaction.queueId if self.transaction and stage == "END-OF-MESSAGE" else None
         maillog.rejected(
-            self.transaction.queueId if self.transaction else None,
+            queueId,
             stage, self.clientName, self.clientAddress, str(reply), sender, recipient,
             self.heloName, proto="ESMTP" if self.esmtp else "SMTP",
         )
@@ -433,7 +436,9 @@ class SubmissionServer(smtp.ESMTP):
         self.transaction = None
         if reader.problem is not None:
             reader.abort()
+            self.transaction = txn  # for the log line's queue id
             self._reject("END-OF-MESSAGE", reader.problem, sender=txn.sender, recipient=None)
+            self.transaction = None
             return self._afterData()
         envelope = Envelope(
             queueId=txn.queueId,

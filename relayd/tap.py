@@ -115,6 +115,12 @@ class Relay(service.MultiService):
     def startService(self) -> None:
         self.pool.start()
         try:
+            self.spool.lock()
+        except BlockingIOError:
+            fail(f"queue.directory {self.config.queue.directory} is in use by another relayd")
+        except OSError as e:
+            fail(f"queue.directory {self.config.queue.directory}: {e.strerror}")
+        try:
             recovered = self.spool.recover()
         except OSError as e:
             fail(f"queue.directory {self.config.queue.directory}: {e.strerror}")

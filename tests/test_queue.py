@@ -448,3 +448,11 @@ def test_loadRejectsCorruptEnvelope(spool, tmp_path):
     (tmp_path / "spool" / "queue" / (envelope.queueId + ".env")).write_bytes(b"{}")
     with pytest.raises(ValueError):
         spool.load(envelope.queueId)
+
+
+def test_second_writer_is_locked_out(tmp_path):
+    first = Spool(str(tmp_path / "spool"))
+    first.lock()
+    second = Spool(str(tmp_path / "spool"))
+    with pytest.raises(BlockingIOError):
+        second.lock()

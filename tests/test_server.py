@@ -432,3 +432,20 @@ def test_shutdown_aborts_sessions_left_after_grace():
     hs.clock.advance(31)
     assert aborted == [True]
     assert not d.called
+
+
+def test_reject_log_lines_in_postfix_wording():
+    from twisted.logger import formatEvent, globalLogPublisher
+
+    lines = []
+    observer = lambda e: lines.append(formatEvent(e))  # noqa: E731
+    globalLogPublisher.addObserver(observer)
+    try:
+        hs = Harness(peer="192.0.2.4")
+        hs.send(b"EHLO x\r\nMAIL FROM:<x@example.org>\r\nRCPT TO:<c@example.com>\r\n")
+    finally:
+        globalLogPublisher.removeObserver(observer)
+    assert "connect from unknown[192.0.2.4]" in lines
+    assert ("NOQUEUE: reject: RCPT from unknown[192.0.2.4]: 554 5.7.1 <c@example.com>: Relay access denied; "
+            "from=<x@example.org> to=<c@example.com> proto=ESMTP helo=<x>") in lines
+    assert any(re.fullmatch(r"\w{16}: client=unknown\[192\.0\.2\.4\]", l) for l in lines)
