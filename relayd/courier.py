@@ -82,9 +82,12 @@ class Timeouts:
 @dataclass(frozen=True)
 class RecipientResult:
     """
-    What happened to one recipient. ``code`` is the remote reply code, or 0
-    when no reply applies (connection failure, timeout, local refusal);
-    ``status`` is authoritative (a 5xx greeting is deferred, as in Postfix).
+    What happened to one recipient. ``code`` is the remote reply code; 0
+    when no reply applies (connection failure, timeout, lost connection:
+    always deferred); 552 / 553 for the courier's own refusals (message
+    over the peer's SIZE limit, an address unsafe to write). ``status`` is
+    authoritative: it equals ``classify(code)`` except that a refusing
+    greeting or EHLO (even 5xx) is deferred, as Postfix does.
     """
 
     address: str
@@ -165,7 +168,7 @@ class DotStuffer:
         if self._pendingCR:
             chunk = b"\r" + chunk
             self._pendingCR = False
-        if False:
+        if chunk.endswith(b"\r"):
             # It may be the first half of a CRLF split across chunks.
             chunk = chunk[:-1]
             self._pendingCR = True
@@ -794,6 +797,8 @@ def _isAddressLiteral(host: str) -> bool:
 
 
 class _SessionFactory(Factory):
+    noisy = False
+
     def __init__(self, build: Callable[[], OutboundSession]):
         self._build = build
 

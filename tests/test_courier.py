@@ -1,0 +1,1123 @@
+"""
+Tests for relayd.courier: the SMTP client dialogue over StringTransport with
+a task.Clock (exact bytes, every reply class, every timeout stage), the
+stateful dot-stuffing, failover between hops, and integration against real
+servers on 127.0.0.1 (Postfix's smtp-sink and aiosmtpd), each scenario run
+with the real reactor in a subprocess so the test process never runs it.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import random
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import pytest
+from twisted.internet import defer, error
+from twisted.internet.address import IPv4Address
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
+from twisted.python.failure import Failure
+
+from relayd.courier import (
+    BOUNCED,
+    CHUNK_SIZE,
+    DEFERRED,
+    QUIT_TIMEOUT,
+    SENT,
+    AttemptResult,
+    Courier,
+    DotStuffer,
+    HopRefused,
+    OutboundSession,
+    Reply,
+    SessionBroken,
+    Timeouts,
+    classify,
+    parseReplyLine,
+)
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclass(frozen=True)
+class Hop:
+    """Stand-in for relayd.config.NextHop (the courier only duck-types it)."""
+
+    host: str
+    port: int = 25
+    tls: str = "none"
+
+
+GREETING = b"220 mx.example.net ESMTP\r\n"
+EHLO_FULL = (
+    b"250-mx.example.net\r\n"
+    b"250-PIPELINING\r\n"
+    b"250-SIZE 10240000\r\n"
+    b"250-8BITMIME\r\n"
+    b"250-AUTH PLAIN LOGIN\r\n"
+    b"250-STARTTLS\r\n"
+    b"250 ENHANCEDSTATUSCODES\r\n"
+)
+EHLO_PLAIN = b"250-mx.example.net\r\n250 ENHANCEDSTATUSCODES\r\n"
+PEER = "mx.example.net[192.0.2.7]"
+
+
+class Peer:
+    """
+    The server side of one OutboundSession over a StringTransport: feed it
+    server bytes, read what the client wrote. The body producer is pumped
+    the way a real transport pulls (unless ``pump`` is off) and an aborted
+    or closed transport is reported to the protocol as connectionLost.
+    """
+
+    def __init__(self, timeouts=Timeouts(), chunkSize=CHUNK_SIZE, clock=None):
+        self.clock = clock or Clock()
+        self.transport = StringTransport(
+            peerAddress=IPv4Address("TCP", "192.0.2.7", 25)
+        )
+        self.session = OutboundSession(
+            self.clock, "relay.example.com", timeouts, "mx.example.net", chunkSize
+        )
+        self.pump = True
+        self.lost = False
+        self.session.makeConnection(self.transport)
+
+    def feed(self, data: bytes) -> None:
+        self.session.dataReceived(data)
+        self.settle()
+
+    def settle(self) -> None:
+        while self.pump and self.transport.producer is not None and not self.lost:
+            self.transport.producer.resumeProducing()
+        if self.transport.disconnecting and not self.lost:
+            self.lost = True
+            self.session.connectionLost(Failure(error.ConnectionDone()))
+
+    def sent(self) -> bytes:
+        value = self.transport.value()
+        self.transport.clear()
+        return value
+
+    def advance(self, seconds: float) -> None:
+        self.clock.advance(seconds)
+        self.settle()
+
+    def ready(self, ehlo: bytes = EHLO_FULL) -> None:
+        self.feed(GREETING)
+        assert self.sent() == b"EHLO relay.example.com\r\n"
+        self.feed(ehlo)
+        assert self.session.whenReady().called
+
+
+def result(d: defer.Deferred):
+    """The result a Deferred already fired with (fails the test if not)."""
+    assert d.called, "Deferred has not fired"
+    box = []
+    d.addBoth(lambda r: (box.append(r), r)[1])
+    if isinstance(box[0], Failure):
+        box[0].raiseException()
+    return box[0]
+
+
+def failureOf(d: defer.Deferred) -> Failure:
+    assert d.called, "Deferred has not fired"
+    box = []
+    d.addBoth(lambda r: (box.append(r), None)[1])
+    assert isinstance(box[0], Failure), f"expected a failure, got {box[0]!r}"
+    return box[0]
+
+
+def send(peer: Peer, recipients, body=b"Subject: t\r\n\r\nhello\r\n", params=None, sender="s@example.com"):
+    return peer.session.sendMessage(
+        sender, params or {}, recipients, lambda: io.BytesIO(body), len(body)
+    )
+
+
+def unstuff(wire: bytes) -> bytes:
+    """The body a receiver reconstructs from DATA bytes ending in CRLF.CRLF."""
+    assert wire.endswith(b"\r\n.\r\n") or wire == b".\r\n"
+    lines = wire[:-3].split(b"\r\n")[:-1]
+    return b"".join((line[1:] if line.startswith(b".") else line) + b"\r\n" for line in lines)
+
+
+# -- pure parts ------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "code, status",
+    [(250, SENT), (221, SENT), (450, DEFERRED), (421, DEFERRED), (550, BOUNCED),
+     (554, BOUNCED), (354, DEFERRED), (0, DEFERRED), (199, DEFERRED)],
+)
+def test_classify(code, status):
+    assert classify(code) == status
+
+
+@pytest.mark.parametrize(
+    "line, parsed",
+    [
+        (b"250-PIPELINING", (250, False, b"PIPELINING")),
+        (b"250 2.0.0 Ok", (250, True, b"2.0.0 Ok")),
+        (b"250", (250, True, b"")),
+        (b"25O Ok", None),
+        (b"250:Ok", None),
+        (b"hello", None),
+        (b"999 x", None),
+    ],
+)
+def test_parseReplyLine(line, parsed):
+    assert parseReplyLine(line) == parsed
+
+
+@pytest.mark.parametrize(
+    "reply, dsn",
+    [
+        (Reply(250, (b"2.0.0 Ok: queued as X",)), "2.0.0"),
+        (Reply(250, (b"Ok",)), "2.0.0"),
+        (Reply(450, (b"4.7.1 Greylisted",)), "4.7.1"),
+        (Reply(450, (b"Mailbox busy",)), "4.0.0"),
+        (Reply(550, (b"5.1.1 <a@b>: unknown",)), "5.1.1"),
+        (Reply(550, (b"4.1.1 wrong class",)), "5.0.0"),
+        (Reply(554, (b"5.7.1Ok",)), "5.0.0"),
+    ],
+)
+def test_enhancedCode(reply, dsn):
+    assert reply.enhancedCode() == dsn
+
+
+def test_reply_text_joins_lines():
+    assert Reply(550, (b"5.7.1 first", b"second")).text() == "550 5.7.1 first second"
+
+
+# -- dot-stuffing ------------------------------------------------------------
+
+
+def stuffInChunks(body: bytes, size: int) -> bytes:
+    stuffer = DotStuffer()
+    out = [stuffer.transform(body[i:i + size]) for i in range(0, len(body), size)]
+    out.append(stuffer.finish())
+    return b"".join(out)
+
+
+def assertWireCarries(wire: bytes, body: bytes) -> None:
+    """Exactly one end-of-data marker, at the end, and the body unstuffs back."""
+    expected = body if body.endswith(b"\r\n") or not body else body + b"\r\n"
+    if body:
+        assert wire.find(b"\r\n.\r\n") == len(wire) - 5
+        assert not wire.startswith(b".\r\n")
+    else:
+        assert wire == b".\r\n"
+    assert unstuff(wire) == expected
+
+
+def boundaryBody(chunkSize: int) -> bytes:
+    """
+    A '.' line first, then lines starting with '.' whose line starts fall
+    on every offset around chunk boundaries, a line that is exactly '.',
+    '..' lines and a final line without CRLF.
+    """
+    parts = [b".\r\n", b"..\r\n"]
+    for pad in range(2 * chunkSize + 3):
+        parts.append(b"x" * pad + b"\r\n.\r\n.dot\r\n..\r\n")
+    parts.append(b".last")
+    return b"".join(parts)
+
+
+@pytest.mark.parametrize("chunkSize", [1, 2, 3, 7, 64])
+def test_dotstuff_boundaries_small_chunks(chunkSize):
+    body = boundaryBody(chunkSize)
+    wire = stuffInChunks(body, chunkSize)
+    assertWireCarries(wire, body)
+    assert wire.startswith(b"..\r\n...\r\n")
+    assert wire.endswith(b"\r\n..last\r\n.\r\n")
+
+
+@pytest.mark.parametrize("shift", range(-4, 5))
+def test_dotstuff_boundaries_default_chunk(shift):
+    # A "\r\n." whose bytes sit at every position around the 64 KiB boundary.
+    body = b"x" * (CHUNK_SIZE + shift - 2) + b"\r\n.\r\n.x\r\n" + b"y" * 100 + b"\r\n.\r\n"
+    wire = stuffInChunks(body, CHUNK_SIZE)
+    assertWireCarries(wire, body)
+    assert wire.count(b"\r\n..") == 3
+
+
+def test_dotstuff_empty_body():
+    assert stuffInChunks(b"", 7) == b".\r\n"
+
+
+def test_dotstuff_crlf_ending_gets_short_terminator():
+    assert stuffInChunks(b"a\r\n", 7) == b"a\r\n.\r\n"
+    assert stuffInChunks(b"a", 7) == b"a\r\n.\r\n"
+
+
+@pytest.mark.parametrize("size", [1, 2, 3, 4, 5, 100])
+def test_dotstuff_normalises_bare_lf_and_cr(size):
+    body = b".a\nb\r\n.c\rd\r\r\n.\n\r"
+    assert stuffInChunks(body, size) == (
+        b"..a\r\nb\r\n..c\r\nd\r\n\r\n..\r\n\r\n.\r\n"
+    )
+
+
+def test_dotstuff_never_emits_bare_cr_or_lf():
+    rng = random.Random(7)
+    body = bytes(rng.choice(b"\r\n.a") for _ in range(5000))
+    for size in (1, 3, 7, 64):
+        wire = stuffInChunks(body, size)
+        assert wire.replace(b"\r\n", b"").count(b"\r") == 0
+        assert wire.replace(b"\r\n", b"").count(b"\n") == 0
+        assert wire.find(b"\r\n.\r\n") == len(wire) - 5
+
+
+# -- the dialogue ------------------------------------------------------------
+
+
+def test_full_dialogue_exact_bytes_with_pipelining():
+    peer = Peer()
+    peer.ready()
+    s = peer.session
+    assert s.capabilities == {
+        "PIPELINING": "",
+        "SIZE": "10240000",
+        "8BITMIME": "",
+        "AUTH": "PLAIN LOGIN",
+        "STARTTLS": "",
+        "ENHANCEDSTATUSCODES": "",
+    }
+    body = b"Subject: t\r\n\r\n.hello\r\n"
+    d = send(peer, ["a@x.org", "b@y.org"], body, {"BODY": "8BITMIME"})
+    assert peer.sent() == (
+        b"MAIL FROM:<s@example.com> SIZE=%d BODY=8BITMIME\r\n"
+        b"RCPT TO:<a@x.org>\r\n"
+        b"RCPT TO:<b@y.org>\r\n" % len(body)
+    )
+    peer.feed(b"250 2.1.0 Ok\r\n250 2.1.5 Ok\r\n")
+    assert peer.sent() == b""  # DATA waits for every RCPT reply
+    peer.feed(b"250 2.1.5 Ok\r\n")
+    assert peer.sent() == b"DATA\r\n"
+    peer.feed(b"354 End data with <CR><LF>.<CR><LF>\r\n")
+    assert peer.sent() == b"Subject: t\r\n\r\n..hello\r\n.\r\n"
+    assert not d.called
+    peer.feed(b"250 2.0.0 Ok: queued as 9XK2\r\n")
+    outcome = result(d)
+    assert outcome.mailAccepted
+    assert [(r.address, r.code, r.dsn, r.text, r.status) for r in outcome.results] == [
+        ("a@x.org", 250, "2.0.0", "250 2.0.0 Ok: queued as 9XK2", SENT),
+        ("b@y.org", 250, "2.0.0", "250 2.0.0 Ok: queued as 9XK2", SENT),
+    ]
+    closed = s.quit()
+    assert peer.sent() == b"QUIT\r\n"
+    peer.feed(b"221 2.0.0 Bye\r\n")
+    assert peer.lost and closed.called
+    assert s.relay == "mx.example.net[192.0.2.7]:25"
+
+
+def test_no_pipelining_one_command_at_a_time_and_no_params():
+    peer = Peer()
+    peer.ready(EHLO_PLAIN)
+    d = send(peer, ["a@x.org", "b@y.org"], params={"BODY": "8BITMIME"})
+    assert peer.sent() == b"MAIL FROM:<s@example.com>\r\n"
+    peer.feed(b"250 Ok\r\n")
+    assert peer.sent() == b"RCPT TO:<a@x.org>\r\n"
+    peer.feed(b"250 Ok\r\n")
+    assert peer.sent() == b"RCPT TO:<b@y.org>\r\n"
+    peer.feed(b"250 Ok\r\n")
+    assert peer.sent() == b"DATA\r\n"
+    peer.feed(b"354 go\r\n")
+    peer.sent()
+    peer.feed(b"250 Ok queued\r\n")
+    assert [r.dsn for r in result(d).results] == ["2.0.0", "2.0.0"]
+
+
+def test_null_sender():
+    peer = Peer()
+    peer.ready(EHLO_PLAIN)
+    send(peer, ["a@x.org"], sender="")
+    assert peer.sent() == b"MAIL FROM:<>\r\n"
+
+
+def test_helo_fallback_after_ehlo_5xx():
+    peer = Peer()
+    peer.feed(GREETING)
+    assert peer.sent() == b"EHLO relay.example.com\r\n"
+    peer.feed(b"502 5.5.2 Error: command not recognized\r\n")
+    assert peer.sent() == b"HELO relay.example.com\r\n"
+    peer.feed(b"250 mx.example.net\r\n")
+    assert result(peer.session.whenReady()) is peer.session
+    assert peer.session.capabilities == {}
+    send(peer, ["a@x.org"])
+    assert peer.sent() == b"MAIL FROM:<s@example.com>\r\n"
+
+
+def test_ehlo_4xx_refuses_hop_without_helo():
+    peer = Peer()
+    peer.feed(GREETING)
+    peer.sent()
+    peer.feed(b"421 4.3.2 Service shutting down\r\n")
+    failure = failureOf(peer.session.whenReady())
+    assert failure.check(HopRefused)
+    assert failure.value.text == (
+        f"host {PEER} said: 421 4.3.2 Service shutting down (in reply to EHLO command)"
+    )
+    assert peer.sent() == b"QUIT\r\n"
+
+
+def test_greeting_refused():
+    peer = Peer()
+    peer.feed(b"554 5.7.1 go away\r\n")
+    failure = failureOf(peer.session.whenReady())
+    assert failure.value.text == f"host {PEER} refused to talk to me: 554 5.7.1 go away"
+    assert peer.sent() == b"QUIT\r\n"
+
+
+def test_multiline_greeting_and_replies_split_across_reads():
+    peer = Peer()
+    for byte in b"220-mx.example.net ESMTP\r\n220 second line\r\n":
+        peer.feed(bytes([byte]))
+    assert peer.sent() == b"EHLO relay.example.com\r\n"
+    for piece in (EHLO_FULL[:10], EHLO_FULL[10:33], EHLO_FULL[33:]):
+        assert not peer.session.whenReady().called
+        peer.feed(piece)
+    assert "AUTH" in peer.session.capabilities
+
+
+def test_mixed_recipient_results():
+    peer = Peer()
+    peer.ready()
+    d = send(peer, ["ok@x.org", "later@x.org", "never@x.org", "plain@x.org"])
+    peer.sent()
+    peer.feed(
+        b"250 2.1.0 Ok\r\n"
+        b"250 2.1.5 Ok\r\n"
+        b"450 4.2.0 <later@x.org>: Recipient address rejected: Greylisted\r\n"
+        b"550-5.1.1 <never@x.org>: Recipient address rejected:\r\n"
+        b"550 5.1.1 User unknown\r\n"
+        b"550 no such user\r\n"
+    )
+    assert peer.sent() == b"DATA\r\n"
+    peer.feed(b"354 go\r\n")
+    peer.sent()
+    peer.feed(b"250 2.0.0 Ok: queued as Q1\r\n")
+    got = [(r.address, r.code, r.dsn, r.status, r.text) for r in result(d).results]
+    assert got == [
+        ("ok@x.org", 250, "2.0.0", SENT, "250 2.0.0 Ok: queued as Q1"),
+        ("later@x.org", 450, "4.2.0", DEFERRED,
+         f"host {PEER} said: 450 4.2.0 <later@x.org>: Recipient address rejected: "
+         "Greylisted (in reply to RCPT TO command)"),
+        ("never@x.org", 550, "5.1.1", BOUNCED,
+         f"host {PEER} said: 550 5.1.1 <never@x.org>: Recipient address rejected: "
+         "5.1.1 User unknown (in reply to RCPT TO command)"),
+        ("plain@x.org", 550, "5.0.0", BOUNCED,
+         f"host {PEER} said: 550 no such user (in reply to RCPT TO command)"),
+    ]
+
+
+def test_final_4xx_defers_every_accepted_recipient_only():
+    peer = Peer()
+    peer.ready()
+    d = send(peer, ["a@x.org", "b@x.org", "c@x.org"])
+    peer.sent()
+    peer.feed(b"250 Ok\r\n250 Ok\r\n550 5.1.1 unknown\r\n250 Ok\r\n")
+    peer.feed(b"354 go\r\n")
+    peer.feed(b"452 4.3.1 Insufficient system storage\r\n")
+    got = [(r.address, r.code, r.dsn, r.status) for r in result(d).results]
+    assert got == [
+        ("a@x.org", 452, "4.3.1", DEFERRED),
+        ("b@x.org", 550, "5.1.1", BOUNCED),
+        ("c@x.org", 452, "4.3.1", DEFERRED),
+    ]
+    assert result(d).results[0].text.endswith("(in reply to end of DATA command)")
+
+
+def test_final_5xx_bounces_accepted():
+    peer = Peer()
+    peer.ready()
+    d = send(peer, ["a@x.org"])
+    peer.feed(b"250 Ok\r\n250 Ok\r\n354 go\r\n")
+    peer.feed(b"554 5.7.1 spam\r\n")
+    [r] = result(d).results
+    assert (r.code, r.dsn, r.status) == (554, "5.7.1", BOUNCED)
+
+
+def test_data_command_refused():
+    peer = Peer()
+    peer.ready()
+    d = send(peer, ["a@x.org"])
+    peer.sent()
+    peer.feed(b"250 Ok\r\n250 Ok\r\n")
+    assert peer.sent() == b"DATA\r\n"
+    peer.feed(b"451 4.3.0 try later\r\n")
+    assert peer.sent() == b""  # no body
+    [r] = result(d).results
+    assert (r.code, r.dsn, r.status) == (451, "4.3.0", DEFERRED)
+    assert r.text.endswith("(in reply to DATA command)")
+
+
+@pytest.mark.parametrize("code, status", [(b"550 5.7.1", BOUNCED), (b"451 4.3.0", DEFERRED)])
+def test_mail_refused_applies_to_all_and_sends_no_data(code, status):
+    peer = Peer()
+    peer.ready()
+    d = send(peer, ["a@x.org", "b@x.org"])
+    peer.sent()
+    peer.feed(code + b" sender rejected\r\n503 5.5.1 Error: need MAIL command\r\n")
+    assert not d.called  # the pipelined RCPT replies are still owed
+    peer.feed(b"503 5.5.1 Error: need MAIL command\r\n")
+    outcome = result(d)
+    assert not outcome.mailAccepted
+    assert {(r.status, r.dsn) for r in outcome.results} == {(status, code[4:].decode())}
+    assert outcome.results[0].text.endswith("(in reply to MAIL FROM command)")
+    assert peer.sent() == b""
+
+
+def test_no_data_when_every_recipient_refused():
+    peer = Peer()
+    peer.ready()
+    d = send(peer, ["a@x.org", "b@x.org"])
+    peer.sent()
+    peer.feed(b"250 Ok\r\n550 5.1.1 no\r\n450 4.2.1 later\r\n")
+    assert [r.status for r in result(d).results] == [BOUNCED, DEFERRED]
+    assert peer.sent() == b""
+    # The open transaction is reset before the next message on this session.
+    send(peer, ["c@x.org"])
+    assert peer.sent() == b"RSET\r\n"
+    peer.feed(b"250 Ok\r\n")
+    assert peer.sent().startswith(b"MAIL FROM:<s@example.com>")
+
+
+def test_second_message_on_same_session_after_success_needs_no_rset():
+    peer = Peer()
+    peer.ready()
+    d = send(peer, ["a@x.org"])
+    peer.feed(b"250 Ok\r\n250 Ok\r\n354 go\r\n")
+    peer.feed(b"250 Ok: queued as 1\r\n")
+    assert result(d).results[0].status == SENT
+    peer.sent()
+    d = send(peer, ["b@x.org"], body=b"two\r\n")
+    assert peer.sent().startswith(b"MAIL FROM:")
+    peer.feed(b"250 Ok\r\n250 Ok\r\n354 go\r\n")
+    assert peer.sent() == b"DATA\r\ntwo\r\n.\r\n"
+    peer.feed(b"250 Ok: queued as 2\r\n")
+    assert result(d).results[0].text == "250 Ok: queued as 2"
+
+
+def test_address_with_line_break_is_never_written():
+    peer = Peer()
+    peer.ready()
+    d = send(peer, ["a@x.org\r\nRCPT TO:<evil@x.org>", "b@x.org"])
+    assert peer.sent() == b"MAIL FROM:<s@example.com> SIZE=21\r\nRCPT TO:<b@x.org>\r\n"
+    peer.feed(b"250 Ok\r\n250 Ok\r\n354 go\r\n")
+    peer.feed(b"250 Ok\r\n")
+    assert [(r.status, r.dsn) for r in result(d).results] == [(BOUNCED, "5.1.3"), (SENT, "2.0.0")]
+
+
+def test_malformed_reply_breaks_session():
+    peer = Peer()
+    peer.ready()
+    d = send(peer, ["a@x.org"])
+    peer.feed(b"250 Ok\r\nhello there\r\n")
+    [r] = result(d).results
+    assert (r.status, r.dsn) == (DEFERRED, "4.4.2")
+    assert r.text == f"{PEER} sent a malformed reply: hello there"
+    assert peer.transport.disconnected  # aborted
+
+
+def test_connection_lost_mid_rcpt_fires_the_result():
+    peer = Peer()
+    peer.ready()
+    d = send(peer, ["a@x.org", "b@x.org"])
+    peer.feed(b"250 Ok\r\n550 5.1.1 no\r\n")
+    peer.session.connectionLost(Failure(error.ConnectionLost()))
+    got = [(r.status, r.dsn, r.text) for r in result(d).results]
+    assert got == [
+        (BOUNCED, "5.1.1", f"host {PEER} said: 550 5.1.1 no (in reply to RCPT TO command)"),
+        (DEFERRED, "4.4.2", f"lost connection with {PEER} while sending RCPT TO"),
+    ]
+    assert result(d).broken and result(d).mailAccepted
+
+
+def test_quit_is_bounded():
+    peer = Peer()
+    peer.ready()
+    closed = peer.session.quit()
+    assert peer.sent() == b"QUIT\r\n"
+    peer.advance(QUIT_TIMEOUT - 0.5)
+    assert not closed.called
+    peer.advance(1)
+    assert closed.called and peer.transport.disconnected
+
+
+# -- timeouts, one per stage ---------------------------------------------------
+
+TIMEOUTS = Timeouts(connect=1, greeting=11, mail=12, rcpt=13, dataInit=14, dataBlock=15, dataDone=16)
+
+
+def _toGreeting(peer):
+    return peer.session.whenReady()
+
+
+def _toEhlo(peer):
+    peer.feed(GREETING)
+    return peer.session.whenReady()
+
+
+def _toMail(peer):
+    peer.ready(EHLO_PLAIN)
+    return send(peer, ["a@x.org"])
+
+
+def _toRcpt(peer):
+    peer.ready(EHLO_PLAIN)
+    d = send(peer, ["a@x.org"])
+    peer.feed(b"250 Ok\r\n")
+    return d
+
+
+def _toPipelinedRcpt(peer):
+    peer.ready()
+    d = send(peer, ["a@x.org", "b@x.org"])
+    peer.feed(b"250 Ok\r\n250 Ok\r\n")
+    return d
+
+
+def _toData(peer):
+    d = _toRcpt(peer)
+    peer.feed(b"250 Ok\r\n")
+    return d
+
+
+def _toBody(peer):
+    d = _toData(peer)
+    peer.pump = False
+    peer.feed(b"354 go\r\n")
+    # The transport took the first chunk and never asks for more.
+    peer.transport.producer.resumeProducing()
+    return d
+
+
+def _toDot(peer):
+    d = _toData(peer)
+    peer.feed(b"354 go\r\n")
+    return d
+
+
+@pytest.mark.parametrize(
+    "drive, limit, text",
+    [
+        (_toGreeting, 11, "receiving the initial server greeting"),
+        (_toEhlo, 11, "performing the EHLO handshake"),
+        (_toMail, 12, "sending MAIL FROM"),
+        (_toRcpt, 13, "sending RCPT TO"),
+        (_toPipelinedRcpt, 13, "sending RCPT TO"),
+        (_toData, 14, "sending DATA command"),
+        (_toBody, 15, "sending message body"),
+        (_toDot, 16, "sending end of data -- message may be sent more than once"),
+    ],
+)
+def test_each_stage_times_out(drive, limit, text):
+    peer = Peer(TIMEOUTS, chunkSize=4)
+    d = drive(peer)
+    peer.advance(limit - 0.5)
+    assert not d.called
+    assert not peer.transport.disconnected
+    peer.advance(0.5)
+    assert peer.transport.disconnected  # aborted, not closed politely
+    expected = f"conversation with {PEER} timed out while {text}"
+    if drive in (_toGreeting, _toEhlo):
+        failure = failureOf(d)
+        assert failure.check(SessionBroken)
+        assert (failure.value.dsn, failure.value.text) == ("4.4.2", expected)
+    else:
+        outcome = result(d)
+        assert outcome.broken
+        assert {(r.status, r.dsn, r.text) for r in outcome.results} == {
+            (DEFERRED, "4.4.2", expected)
+        }
+
+
+def test_rcpt_timer_restarts_for_each_reply():
+    peer = Peer(TIMEOUTS)
+    peer.ready()
+    d = send(peer, ["a@x.org", "b@x.org"])
+    peer.advance(10)
+    peer.feed(b"250 Ok\r\n")
+    peer.advance(10)
+    peer.feed(b"250 Ok\r\n")
+    peer.advance(10)
+    assert not d.called  # 30s in total, but never 13s without a reply
+    peer.advance(3)
+    assert result(d).results[0].text.endswith("timed out while sending RCPT TO")
+
+
+def test_body_timer_restarts_on_progress():
+    peer = Peer(TIMEOUTS, chunkSize=4)
+    d = _toData(peer)
+    peer.pump = False
+    peer.feed(b"354 go\r\n")
+    producer = peer.transport.producer
+    for _ in range(3):
+        peer.advance(14)
+        producer.resumeProducing()
+    assert not d.called
+    while peer.transport.producer is not None:
+        producer.resumeProducing()
+    assert peer.transport.value().endswith(b"hello\r\n.\r\n")
+    peer.feed(b"250 Ok\r\n")
+    assert result(d).results[0].status == SENT
+
+
+# -- body on the wire ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("chunkSize", [7, CHUNK_SIZE])
+def test_session_writes_stuffed_body(chunkSize):
+    body = boundaryBody(7) + b"x" * (CHUNK_SIZE - 3) + b"\r\n.\r\n..\r\n.end\r\n"
+    peer = Peer(chunkSize=chunkSize)
+    peer.ready()
+    d = send(peer, ["a@x.org"], body=body)
+    peer.feed(b"250 Ok\r\n250 Ok\r\n")
+    peer.sent()
+    peer.feed(b"354 go\r\n")
+    wire = peer.sent()
+    assertWireCarries(wire, body)
+    peer.feed(b"250 Ok\r\n")
+    assert result(d).results[0].status == SENT
+
+
+def test_body_is_read_in_chunks():
+    reads = []
+
+    class Body(io.BytesIO):
+        def read(self, n=-1):
+            reads.append(n)
+            return super().read(n)
+
+    peer = Peer(chunkSize=7)
+    peer.ready()
+    body = b"a" * 20 + b"\r\n"
+    peer.session.sendMessage("s@x", {}, ["a@x.org"], lambda: Body(body), len(body))
+    peer.feed(b"250 Ok\r\n250 Ok\r\n354 go\r\n")
+    assert reads and set(reads) == {7}
+
+
+def test_unreadable_body_defers_and_aborts():
+    peer = Peer()
+    peer.ready()
+
+    def openBody():
+        raise FileNotFoundError(2, "No such file or directory")
+
+    d = peer.session.sendMessage("s@x", {}, ["a@x.org"], openBody, 10)
+    peer.feed(b"250 Ok\r\n250 Ok\r\n354 go\r\n")
+    [r] = result(d).results
+    assert (r.status, r.dsn) == (DEFERRED, "4.3.0")
+    assert peer.transport.disconnected
+
+
+# -- the courier: hops, failover, SIZE ----------------------------------------------
+
+
+class FakeEndpoint:
+    """Connects the protocol to a StringTransport Peer, or fails, or hangs."""
+
+    def __init__(self, owner, hop):
+        self.owner = owner
+        self.hop = hop
+
+    def connect(self, factory):
+        self.owner.attempts.append(self.hop.host)
+        behaviour = self.owner.behaviour[self.hop.host]
+        if isinstance(behaviour, Exception):
+            return defer.fail(behaviour)
+        if behaviour == "hang":
+            return defer.Deferred(lambda d: d.errback(error.ConnectingCancelledError(None)))
+        protocol = factory.buildProtocol(None)
+        transport = StringTransport(peerAddress=IPv4Address("TCP", behaviour, self.hop.port))
+        peer = Peer.__new__(Peer)
+        peer.clock, peer.transport, peer.session = self.owner.clock, transport, protocol
+        peer.pump, peer.lost = True, False
+        protocol.makeConnection(transport)
+        self.owner.peers[self.hop.host] = peer
+        return defer.succeed(protocol)
+
+
+class Network:
+    def __init__(self, **behaviour):
+        self.clock = Clock()
+        self.behaviour = {k.replace("_", "."): v for k, v in behaviour.items()}
+        self.attempts: list[str] = []
+        self.peers: dict[str, Peer] = {}
+
+    def courier(self, timeouts=Timeouts()):
+        return Courier(self.clock, "relay.example.com", timeouts,
+                       endpointFactory=lambda reactor, hop, t: FakeEndpoint(self, hop))
+
+
+def deliver(courier, hops, recipients=("a@x.org", "b@x.org"), body=b"hi\r\n", size=None):
+    return courier.deliver(
+        hops, "s@example.com", {}, list(recipients), lambda: io.BytesIO(body),
+        len(body) if size is None else size,
+    )
+
+
+def converse(peer: Peer, steps):
+    for data in steps:
+        peer.feed(data)
+
+
+HAPPY = [GREETING, EHLO_FULL, b"250 Ok\r\n250 Ok\r\n250 Ok\r\n", b"354 go\r\n",
+         b"250 2.0.0 Ok: queued as Z\r\n", b"221 Bye\r\n"]
+
+
+def test_courier_delivers_and_times_phases():
+    net = Network(smtp_example_net="192.0.2.9")
+    d = deliver(net.courier(), [Hop("smtp.example.net", 587)])
+    peer = net.peers["smtp.example.net"]
+    converse(peer, HAPPY[:2])
+    net.clock.advance(2)
+    converse(peer, HAPPY[2:4])
+    net.clock.advance(3)
+    converse(peer, HAPPY[4:])
+    attempt = result(d)
+    assert isinstance(attempt, AttemptResult)
+    assert attempt.relay == "smtp.example.net[192.0.2.9]:587"
+    assert [r.status for r in attempt.results] == [SENT, SENT]
+    assert (attempt.connectSeconds, attempt.transmitSeconds) == (0, 5)
+
+
+def test_courier_connection_refused_everywhere():
+    net = Network(**{"192_0_2_1": error.ConnectionRefusedError()})
+    d = deliver(net.courier(), [Hop("192.0.2.1")])
+    attempt = result(d)
+    assert attempt.relay == "none"
+    assert {(r.code, r.status, r.dsn, r.text) for r in attempt.results} == {
+        (0, DEFERRED, "4.4.1", "connect to 192.0.2.1[192.0.2.1]:25: Connection refused")
+    }
+
+
+def test_courier_dns_failure():
+    net = Network(nowhere_invalid=error.DNSLookupError("no results"))
+    attempt = result(deliver(net.courier(), [Hop("nowhere.invalid")]))
+    assert attempt.relay == "none"
+    assert attempt.results[0].dsn == "4.4.1"
+    assert "nowhere.invalid" in attempt.results[0].text
+
+
+def test_courier_connect_timeout():
+    net = Network(slow_example="hang")
+    d = deliver(net.courier(Timeouts(connect=7)), [Hop("slow.example")])
+    net.clock.advance(6.5)
+    assert not d.called
+    net.clock.advance(0.5)
+    attempt = result(d)
+    assert (attempt.relay, attempt.results[0].dsn) == ("none", "4.4.1")
+    assert attempt.results[0].text == "connect to slow.example:25: Connection timed out"
+
+
+def test_courier_fails_over_after_refused_connection():
+    net = Network(a_example=error.ConnectionRefusedError(), b_example="192.0.2.8")
+    d = deliver(net.courier(), [Hop("a.example"), Hop("b.example")])
+    converse(net.peers["b.example"], HAPPY)
+    attempt = result(d)
+    assert net.attempts == ["a.example", "b.example"]
+    assert attempt.relay == "b.example[192.0.2.8]:25"
+    assert [r.status for r in attempt.results] == [SENT, SENT]
+
+
+@pytest.mark.parametrize(
+    "steps",
+    [
+        [b"421 4.3.2 busy\r\n"],
+        [GREETING, b"421 4.3.2 closing\r\n"],
+    ],
+)
+def test_courier_fails_over_after_refused_greeting_or_ehlo(steps):
+    net = Network(a_example="192.0.2.7", b_example="192.0.2.8")
+    d = deliver(net.courier(), [Hop("a.example"), Hop("b.example")])
+    converse(net.peers["a.example"], steps)
+    assert net.peers["a.example"].transport.value().endswith(b"QUIT\r\n")
+    net.peers["a.example"].feed(b"221 Bye\r\n")
+    converse(net.peers["b.example"], HAPPY)
+    assert result(d).relay == "b.example[192.0.2.8]:25"
+
+
+def test_courier_fails_over_after_timeout_before_mail_accepted():
+    net = Network(a_example="192.0.2.7", b_example="192.0.2.8")
+    d = deliver(net.courier(Timeouts(mail=9)), [Hop("a.example"), Hop("b.example")])
+    converse(net.peers["a.example"], HAPPY[:2])
+    net.clock.advance(9)
+    net.peers["a.example"].settle()
+    converse(net.peers["b.example"], HAPPY)
+    assert [r.status for r in result(d).results] == [SENT, SENT]
+
+
+def test_courier_keeps_results_once_mail_accepted():
+    net = Network(a_example="192.0.2.7", b_example="192.0.2.8")
+    d = deliver(net.courier(), [Hop("a.example"), Hop("b.example")])
+    peer = net.peers["a.example"]
+    converse(peer, HAPPY[:2] + [b"250 Ok\r\n250 Ok\r\n"])
+    peer.session.connectionLost(Failure(error.ConnectionLost()))
+    attempt = result(d)
+    assert net.attempts == ["a.example"]
+    assert attempt.relay == "a.example[192.0.2.7]:25"
+    assert {(r.status, r.dsn) for r in attempt.results} == {(DEFERRED, "4.4.2")}
+
+
+def test_courier_last_hop_failure_is_reported():
+    net = Network(a_example="192.0.2.7", b_example=error.ConnectionRefusedError())
+    d = deliver(net.courier(), [Hop("a.example"), Hop("b.example")])
+    converse(net.peers["a.example"], [b"421 4.3.2 busy\r\n", b"221 Bye\r\n"])
+    attempt = result(d)
+    assert attempt.relay == "none"
+    assert attempt.results[0].text == "connect to b.example:25: Connection refused"
+
+
+def test_courier_refuses_message_over_peer_size_limit_without_mail():
+    net = Network(a_example="192.0.2.7", b_example="192.0.2.8")
+    d = deliver(net.courier(), [Hop("a.example"), Hop("b.example")], size=10240001)
+    peer = net.peers["a.example"]
+    converse(peer, [GREETING, EHLO_FULL])
+    assert peer.transport.value() == b"EHLO relay.example.com\r\nQUIT\r\n"
+    peer.feed(b"221 Bye\r\n")
+    attempt = result(d)
+    assert net.attempts == ["a.example"]
+    assert {(r.code, r.dsn, r.status) for r in attempt.results} == {(552, "5.3.4", BOUNCED)}
+    assert attempt.results[0].text == (
+        "message size 10240001 exceeds size limit 10240000 of server a.example[192.0.2.7]"
+    )
+
+
+def test_courier_without_hops_defers():
+    attempt = result(deliver(Network().courier(), []))
+    assert {(r.status, r.dsn) for r in attempt.results} == {(DEFERRED, "4.3.5")}
+
+
+def test_courier_one_result_per_recipient_in_order():
+    net = Network(a_example="192.0.2.7")
+    d = deliver(net.courier(), [Hop("a.example")], recipients=["c@x", "a@x", "b@x"])
+    converse(net.peers["a.example"], [GREETING, EHLO_FULL,
+             b"250 Ok\r\n550 no\r\n250 Ok\r\n450 later\r\n", b"354 go\r\n", b"250 Ok\r\n", b"221 Bye\r\n"])
+    attempt = result(d)
+    assert [(r.address, r.status) for r in attempt.results] == [
+        ("c@x", BOUNCED), ("a@x", SENT), ("b@x", DEFERRED)]
+
+
+# -- integration: real servers on 127.0.0.1, real reactor in a subprocess -----------
+
+SMTP_SINK = "/usr/sbin/smtp-sink"
+SCENARIO_DEADLINE = 60
+
+
+def scenarioMain(spec: dict) -> None:
+    """
+    Run one delivery with the real reactor and print the AttemptResult as
+    JSON (the test process never runs the global reactor).
+    """
+    from twisted.internet import task
+
+    async def main(reactor):
+        courier = Courier(
+            reactor, "relayd.test",
+            Timeouts(connect=5, greeting=10, mail=10, rcpt=10, dataInit=10,
+                     dataBlock=10, dataDone=20),
+        )
+        hops = [Hop(h, p) for h, p in spec["hops"]]
+        path = spec["body"]
+        attempt = await courier.deliver(
+            hops, spec["sender"], spec.get("mailParams", {}), spec["recipients"],
+            lambda: open(path, "rb"), os.path.getsize(path),
+        )
+        print(json.dumps(asdict(attempt)))
+
+    task.react(lambda reactor: defer.ensureDeferred(main(reactor)))
+
+
+def runScenario(tmp_path, hops, recipients=("rcpt@example.org",), body=b"Subject: hi\r\n\r\nhello\r\n",
+                sender="sender@example.com", mailParams=None):
+    bodyPath = tmp_path / "body"
+    bodyPath.write_bytes(body)
+    spec = {"hops": hops, "recipients": list(recipients), "body": str(bodyPath),
+            "sender": sender, "mailParams": mailParams or {}}
+    code = "import json, sys; from tests.test_courier import scenarioMain; scenarioMain(json.loads(sys.argv[1]))"
+    proc = subprocess.run(
+        [sys.executable, "-c", code, json.dumps(spec)],
+        cwd=ROOT, capture_output=True, timeout=SCENARIO_DEADLINE,
+    )
+    assert proc.returncode == 0, proc.stderr.decode()
+    return json.loads(proc.stdout.decode().strip().splitlines()[-1])
+
+
+def freePort() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def waitForPort(port: int, proc=None, deadline: float = 10.0) -> None:
+    end = time.monotonic() + deadline
+    while time.monotonic() < end:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"nothing listens on 127.0.0.1:{port}")
+
+
+needsSink = pytest.mark.skipif(
+    not os.access(SMTP_SINK, os.X_OK), reason="Postfix's smtp-sink is not installed"
+)
+
+
+@pytest.fixture
+def smtpSink(tmp_path):
+    """Start smtp-sink with extra options; returns (port, dump directory)."""
+    procs = []
+    dumps = []
+
+    def start(*options):
+        port = freePort()
+        # Outside tmp_path: pytest's directories are private to the test
+        # user and smtp-sink writes as nobody.
+        dump = Path(tempfile.mkdtemp(prefix="relayd-sink-"))
+        os.chmod(dump, 0o777)
+        dumps.append(dump)
+        args = [SMTP_SINK]
+        if os.geteuid() == 0:
+            args += ["-u", "nobody"]
+        args += [*options, "-d", f"{dump}/msg.", f"127.0.0.1:{port}", "10"]
+        proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        procs.append(proc)
+        waitForPort(port, proc)
+        return port, dump
+
+    yield start
+    for proc in procs:
+        proc.terminate()
+        proc.wait(timeout=10)
+    for dump in dumps:
+        shutil.rmtree(dump, ignore_errors=True)
+
+
+def dumpedMessages(dump: Path) -> list[bytes]:
+    return [p.read_bytes() for p in sorted(dump.iterdir())]
+
+
+@needsSink
+def test_integration_sink_receives_exact_body(tmp_path, smtpSink):
+    port, dump = smtpSink()
+    body = b"Subject: hello\r\nX-Test: 1\r\n\r\n.first dot line\r\n.\r\nend\r\n"
+    attempt = runScenario(tmp_path, [["127.0.0.1", port]], ["a@example.org", "b@example.org"], body,
+                          mailParams={"BODY": "8BITMIME"})
+    assert attempt["relay"] == f"127.0.0.1[127.0.0.1]:{port}"
+    assert [(r["address"], r["status"], r["code"]) for r in attempt["results"]] == [
+        ("a@example.org", SENT, 250), ("b@example.org", SENT, 250)]
+    [message] = dumpedMessages(dump)
+    headers, _, received = message.partition(b"Received: ")
+    # smtp-sink offers 8BITMIME but not SIZE.
+    assert b"\nX-Mail-Args: <sender@example.com> BODY=8BITMIME\n" in headers
+    assert b"X-Rcpt-Args: <a@example.org>\nX-Rcpt-Args: <b@example.org>\n" in headers
+    # After its 3-line Received header, smtp-sink writes the unstuffed body
+    # with LF line ends and one empty line.
+    assert received.split(b"\n", 3)[3] == body.replace(b"\r\n", b"\n") + b"\n"
+
+
+@needsSink
+@pytest.mark.parametrize("option, status, code", [("-r", DEFERRED, 450), ("-f", BOUNCED, 500)])
+def test_integration_sink_rcpt_refused(tmp_path, smtpSink, option, status, code):
+    port, dump = smtpSink(option, "RCPT")
+    attempt = runScenario(tmp_path, [["127.0.0.1", port]], ["a@example.org"])
+    [r] = attempt["results"]
+    assert (r["status"], r["code"], r["dsn"]) == (status, code, f"{code // 100}.3.0")
+    assert r["text"] == (
+        f"host 127.0.0.1[127.0.0.1] said: {code} {code // 100}.3.0 Error: command failed "
+        "(in reply to RCPT TO command)"
+    )
+    assert dumpedMessages(dump) == []
+
+
+@needsSink
+def test_integration_sink_disconnect_at_dot(tmp_path, smtpSink):
+    port, dump = smtpSink("-q", ".")
+    attempt = runScenario(tmp_path, [["127.0.0.1", port]], ["a@example.org"])
+    [r] = attempt["results"]
+    assert (r["status"], r["dsn"]) == (DEFERRED, "4.4.2")
+    assert r["text"] == (
+        "lost connection with 127.0.0.1[127.0.0.1] while sending end of data "
+        "-- message may be sent more than once"
+    )
+
+
+def test_integration_connection_refused(tmp_path):
+    port = freePort()
+    attempt = runScenario(tmp_path, [["127.0.0.1", port]], ["a@example.org"])
+    assert attempt["relay"] == "none"
+    [r] = attempt["results"]
+    assert (r["status"], r["dsn"], r["text"]) == (
+        DEFERRED, "4.4.1", f"connect to 127.0.0.1[127.0.0.1]:{port}: Connection refused")
+
+
+@needsSink
+def test_integration_failover_to_live_sink(tmp_path, smtpSink):
+    closed = freePort()
+    port, dump = smtpSink()
+    attempt = runScenario(tmp_path, [["127.0.0.1", closed], ["127.0.0.1", port]], ["a@example.org"])
+    assert attempt["relay"] == f"127.0.0.1[127.0.0.1]:{port}"
+    assert attempt["results"][0]["status"] == SENT
+    assert len(dumpedMessages(dump)) == 1
+
+
+def largeDottedBody(size: int = 5_000_000) -> bytes:
+    """Lines of varied lengths, many starting with '.', some exactly '.'."""
+    rng = random.Random(20240601)
+    lines = [b".", b".."]
+    total = 0
+    while total < size:
+        kind = rng.randrange(6)
+        if kind == 0:
+            line = b"."
+        elif kind == 1:
+            line = b"." * rng.randrange(1, 4) + b"x" * rng.randrange(0, 80)
+        else:
+            line = b"y" * rng.randrange(0, 200)
+        lines.append(line)
+        total += len(line) + 2
+    return b"\r\n".join(lines) + b"\r\n"
+
+
+def test_integration_aiosmtpd_large_dotted_body_arrives_identical(tmp_path):
+    aiosmtpd = pytest.importorskip("aiosmtpd.controller")
+
+    class Capture:
+        def __init__(self):
+            self.envelopes = []
+
+        async def handle_DATA(self, server, session, envelope):
+            self.envelopes.append(envelope)
+            return "250 2.0.0 Ok: captured"
+
+    handler = Capture()
+    port = freePort()
+    controller = aiosmtpd.Controller(handler, hostname="127.0.0.1", port=port,
+                                     data_size_limit=20_000_000)
+    controller.start()
+    try:
+        body = largeDottedBody()
+        attempt = runScenario(tmp_path, [["127.0.0.1", port]], ["a@example.org"], body)
+    finally:
+        controller.stop()
+    [r] = attempt["results"]
+    assert (r["status"], r["text"]) == (SENT, "250 2.0.0 Ok: captured")
+    [envelope] = handler.envelopes
+    assert envelope.mail_from == "sender@example.com"
+    assert envelope.rcpt_tos == ["a@example.org"]
+    assert envelope.original_content == body
