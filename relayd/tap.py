@@ -132,9 +132,17 @@ class Relay(service.MultiService):
             f"configuration {self.config.path}, {self.scheduler.queueLength()} messages in queue")
         if self.reactor is _globalReactor():
             self._previousHup = signal.signal(signal.SIGHUP, self._sighup)
+            # After the reactor's own handlers are in place: twistd re-raises
+            # the signal that stopped the reactor, so a clean SIGTERM stop
+            # would exit with -15. relayd stops the reactor itself and exits 0.
+            self.reactor.callWhenRunning(signal.signal, signal.SIGTERM, self._sigterm)
 
     def _sighup(self, signum, frame) -> None:
         self.reactor.callFromThread(self.reload)
+
+    def _sigterm(self, signum, frame) -> None:
+        maillog.daemonEvent("received SIGTERM, shutting down")
+        self.reactor.callFromThread(self.reactor.stop)
 
     def reload(self) -> None:
         """Re-read the config; apply what can change live; keep the old one on error."""

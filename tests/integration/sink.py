@@ -1,0 +1,116 @@
+"""
+A recording SMTP server for the integration tests: relayd's smarthost.
+
+Run as a separate process so that relayd talks to a real server over a real
+socket, and so that a test can stop it (an outage) and start it again.
+Every accepted message is written as ``<dir>/<n>.eml`` holding the exact
+DATA bytes the client sent (dot-unstuffed, CRLF kept, nothing added), with
+its envelope in ``<dir>/<n>.json`` beside it. Both are written to a
+temporary name and renamed, and the ``.json`` comes last, so a reader that
+sees ``<n>.json`` sees the whole message.
+
+Usage: python sink.py --port PORT --directory DIR [--host 127.0.0.1]
+
+Numbering continues from the files already in DIR, so a restarted sink does
+not overwrite what an earlier one received. Stops cleanly on SIGTERM/SIGINT.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+import threading
+import time
+
+from aiosmtpd.controller import Controller
+from aiosmtpd.smtp import SMTP
+
+
+class RecordingSMTP(SMTP):
+    """
+    aiosmtpd's server with its line limit raised: the sink records what the
+    relay sends, it does not judge it (a long line must reach the test, not
+    be refused here with an unrelated error).
+    """
+
+    line_length_limit = 1 << 20
+
+
+class Recorder:
+    """aiosmtpd handler that stores each message's bytes and envelope."""
+
+    def __init__(self, directory: str) -> None:
+        self.directory = directory
+        self._lock = threading.Lock()
+        existing = [
+            int(name.split(".")[0])
+            for name in os.listdir(directory)
+            if name.endswith(".json") and name.split(".")[0].isdigit()
+        ]
+        self._next = max(existing, default=0) + 1
+
+    def _write(self, name: str, data: bytes) -> None:
+        tmp = os.path.join(self.directory, f".{name}.tmp")
+        with open(tmp, "wb") as f:
+            f.write(data)
+        os.rename(tmp, os.path.join(self.directory, name))
+
+    async def handle_DATA(self, server, session, envelope) -> str:
+        with self._lock:
+            number = self._next
+            self._next += 1
+        self._write(f"{number}.eml", envelope.original_content)
+        meta = {
+            "mail_from": envelope.mail_from,
+            "mail_options": envelope.mail_options,
+            "rcpt_tos": envelope.rcpt_tos,
+            "rcpt_options": envelope.rcpt_options,
+            "peer": list(session.peer) if session.peer else None,
+            "helo": session.host_name,
+            "received_at": time.time(),
+            "size": len(envelope.original_content),
+        }
+        self._write(f"{number}.json", json.dumps(meta, indent=1).encode("utf-8"))
+        return f"250 2.0.0 Ok: stored as {number}"
+
+
+class SinkController(Controller):
+    def factory(self):
+        return RecordingSMTP(self.handler, **self.SMTP_kwargs)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--directory", required=True)
+    args = parser.parse_args(argv)
+
+    os.makedirs(args.directory, exist_ok=True)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+
+    controller = SinkController(
+        Recorder(args.directory),
+        hostname=args.host,
+        port=args.port,
+        server_hostname="sink.test",
+        ready_timeout=10.0,
+    )
+    controller.start()
+    print(f"sink: listening on {args.host}:{args.port}, writing to {args.directory}", flush=True)
+    try:
+        while not stop.wait(0.2):
+            pass
+    finally:
+        controller.stop()
+    print("sink: stopped", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

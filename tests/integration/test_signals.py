@@ -1,0 +1,119 @@
+"""
+Signals an admin (or systemd) sends: SIGHUP reloads the config without
+dropping service, and a broken config on reload keeps the old one; SIGTERM
+stops cleanly and tells clients in a transaction to come back later.
+"""
+
+from __future__ import annotations
+
+import re
+import signal
+import socket
+import time
+
+import pytest
+
+from tests.integration.harness import (
+    HOST,
+    STOP_DEADLINE,
+    SMTP_TIMEOUT,
+    exitStatusHint,
+    freePort,
+    makeMessage,
+)
+
+pytestmark = pytest.mark.integration
+
+
+def test_sighup_keeps_serving_and_survives_a_broken_config(sink, startRelayd):
+    daemon = startRelayd(sink.port)
+
+    before = daemon.logOffset()
+    daemon.signal(signal.SIGHUP)
+    line = daemon.waitForLog(r"^.*reload.*$", since=before, flags=re.IGNORECASE).group(0)
+    assert not re.search(r"error|fail", line, re.IGNORECASE), f"reload of a valid config: {line!r}"
+    assert daemon.running, daemon.describe()
+    daemon.submit(makeMessage("after a reload", ["still here"]))
+    sink.waitForMessages(1, daemon.describe)
+
+    # A broken config: an unknown key, and a smarthost where nothing listens.
+    # If relayd applied any of it, the next message could not reach the sink.
+    configPath = str(daemon.configPath)
+    daemon.configPath.write_text(
+        daemon.configText(freePort()) + "no_such_key: 1\n")
+    before = daemon.logOffset()
+    daemon.signal(signal.SIGHUP)
+    line = daemon.waitForLog(rf"^.*{re.escape(configPath)}.*$", since=before).group(0)
+    assert "no_such_key" in line, f"the error must name the offending key: {line!r}"
+    assert daemon.running, daemon.describe()
+
+    qid = daemon.submit(makeMessage("after a failed reload", ["old config still in force"]))
+    sink.waitForMessages(2, daemon.describe)
+    daemon.waitForLog(rf"\b{qid}: removed\b", since=before)
+    naming = [l for l in daemon.log(before).splitlines() if configPath in l]
+    assert len(naming) == 1, "one error line naming the file, got:\n" + "\n".join(naming)
+    assert daemon.running, daemon.describe()
+
+
+class RawClient:
+    """A client on a bare socket, to see exactly what the server sends and when it closes."""
+
+    def __init__(self, port: int) -> None:
+        self.sock = socket.create_connection((HOST, port), timeout=SMTP_TIMEOUT)
+        self.buffer = b""
+
+    def reply(self) -> bytes:
+        """One complete (possibly multi-line) reply."""
+        lines = []
+        while True:
+            while b"\r\n" not in self.buffer:
+                chunk = self.sock.recv(4096)
+                assert chunk, f"connection closed; got {lines!r} {self.buffer!r}"
+                self.buffer += chunk
+            line, self.buffer = self.buffer.split(b"\r\n", 1)
+            lines.append(line + b"\r\n")
+            if line[3:4] != b"-":
+                return b"".join(lines)
+
+    def send(self, command: bytes) -> bytes:
+        self.sock.sendall(command + b"\r\n")
+        return self.reply()
+
+    def readUntilClosed(self, deadline: float) -> bytes:
+        """Everything the server sends until it closes the connection."""
+        self.sock.settimeout(1.0)
+        data, self.buffer = self.buffer, b""
+        end = time.monotonic() + deadline
+        while time.monotonic() < end:
+            try:
+                chunk = self.sock.recv(4096)
+            except socket.timeout:
+                continue
+            if not chunk:
+                return data
+            data += chunk
+        raise AssertionError(f"connection still open {deadline:g} s after SIGTERM; received {data!r}")
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def test_sigterm_closes_open_transactions_with_421_and_exits_0(sink, startRelayd):
+    daemon = startRelayd(sink.port)
+
+    client = RawClient(daemon.port)
+    try:
+        assert client.reply().startswith(b"220 ")
+        assert client.send(b"EHLO client.test").startswith(b"250")
+        assert client.send(b"MAIL FROM:<alice@client.test>").startswith(b"250 ")
+
+        daemon.signal(signal.SIGTERM)
+        rest = client.readUntilClosed(STOP_DEADLINE)
+    finally:
+        client.close()
+    assert rest.startswith(b"421 4.3.2 "), (
+        f"a client in a transaction must get 421 4.3.2 before the close; got {rest!r}"
+        f"\n{daemon.describe()}")
+
+    code = daemon.waitForExit()
+    assert code == 0, f"after SIGTERM: {exitStatusHint(code)}\n{daemon.describe()}"
