@@ -1,0 +1,314 @@
+#!/usr/bin/env python3
+"""
+relayd against Postfix on the same machine, in the same run, with the same
+durability (both fsync a message before answering 250 to DATA).
+
+Each round runs both relays, alternately, each as a relay to one
+smtp-sink on loopback:
+
+    smtp-source --(N messages, S sessions)--> relay --> smtp-sink
+
+and measures
+  * accept rate: messages per second until smtp-source has its last 250;
+  * end-to-end rate: messages per second until the sink has them all;
+  * peak memory: relayd's resident set; Postfix's proportional set size
+    (PSS) summed over all processes of its instance (master, smtpd,
+    cleanup, qmgr, smtp, ...), sampled every 0.1 s.
+It prints medians per relay and the ratios relayd/Postfix.
+
+Needs root (Postfix), Debian's postfix package (smtp-source, smtp-sink)
+and relayd installed in .venv (`make install`). Not part of the test suite.
+
+    sudo .venv/bin/python bench/throughput.py --messages 2000 --sessions 10 --size 1024 --rounds 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+# Not under /tmp (Postfix refuses world-writable parents), and under /var:
+# Postfix writes maillog_file only below maillog_file_prefixes (/var).
+BASE = Path("/var/lib/relayd-bench")
+
+
+def freePort() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def waitListening(port: int, deadline: float = 20.0) -> None:
+    end = time.monotonic() + deadline
+    while time.monotonic() < end:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise SystemExit(f"bench: nothing listens on 127.0.0.1:{port} after {deadline} s")
+
+
+class Sink:
+    """smtp-sink with a running counter (-c) read from its stdout."""
+
+    def __init__(self, port: int):
+        self.count = 0
+        args = ["smtp-sink", "-c", "127.0.0.1:%d" % port, "256"]
+        if os.geteuid() == 0:
+            args[1:1] = ["-u", "nobody"]
+        self.proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+        threading.Thread(target=self._read, daemon=True).start()
+        waitListening(port)
+
+    def _read(self) -> None:
+        buf = b""
+        while True:
+            data = self.proc.stdout.read1(4096)
+            if not data:
+                return
+            buf = (buf + data)[-64:]
+            numbers = re.findall(rb"\d+", buf)
+            if numbers:
+                self.count = int(numbers[-1])
+
+    def waitFor(self, n: int, deadline: float) -> float | None:
+        end = time.monotonic() + deadline
+        while time.monotonic() < end:
+            if self.count >= n:
+                return time.monotonic()
+            time.sleep(0.01)
+        return None
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(10)
+
+
+def rss(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def pss(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/smaps_rollup") as f:
+            for line in f:
+                if line.startswith("Pss:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def postfixPids(queueDir: Path) -> list[int]:
+    """Every process of this Postfix instance: the master and its children."""
+    master = None
+    pidFile = queueDir / "pid" / "master.pid"
+    try:
+        master = int(pidFile.read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return []
+    pids = [master]
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+                if int(fields[1]) == master:
+                    pids.append(int(entry))
+            except (OSError, IndexError, ValueError):
+                continue
+    return pids
+
+
+class PeakSampler:
+    def __init__(self, measure):
+        self.measure = measure
+        self.peak = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.peak = max(self.peak, self.measure())
+            except OSError:
+                pass
+            time.sleep(0.1)
+
+    def stop(self) -> int:
+        self._stop.set()
+        self._thread.join()
+        return self.peak
+
+
+class Relayd:
+    name = "relayd"
+
+    def __init__(self, sinkPort: int, sessions: int):
+        self.port = freePort()
+        self.dir = BASE / "relayd"
+        shutil.rmtree(self.dir, ignore_errors=True)
+        self.dir.mkdir(parents=True)
+        config = self.dir / "relayd.yaml"
+        config.write_text(textwrap.dedent(f"""\
+            hostname: bench.localdomain
+            listeners:
+              - {{endpoint: "tcp:{self.port}:interface=127.0.0.1:backlog=256", tls: none, auth: none}}
+            limits: {{connections: 1000, connections_per_client: 1000}}
+            queue: {{directory: {self.dir / 'spool'}, retry: {{min: 5s, max: 1m}}}}
+            delivery:
+              concurrency: 20
+              smarthosts: [{{host: 127.0.0.1, port: {sinkPort}, tls: none}}]
+            """))
+        twistd = Path(sys.executable).parent / "twistd"
+        self.log = open(self.dir / "relayd.log", "wb")
+        self.proc = subprocess.Popen(
+            [str(twistd), "-n", "--pidfile=", "relayd", "--config", str(config)],
+            cwd=self.dir, stdout=self.log, stderr=subprocess.STDOUT)
+        waitListening(self.port)
+
+    def memory(self) -> int:
+        return rss(self.proc.pid)
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(30)
+        self.log.close()
+
+
+class Postfix:
+    name = "postfix"
+
+    def __init__(self, sinkPort: int, sessions: int):
+        self.port = freePort()
+        self.dir = BASE / "postfix"
+        if self.dir.exists():
+            subprocess.run(["postfix", "-c", str(self.dir / "etc"), "stop"], capture_output=True)
+            shutil.rmtree(self.dir)
+        etc = self.dir / "etc"
+        etc.mkdir(parents=True)
+        (self.dir / "data").mkdir()
+        (self.dir / "spool").mkdir()
+        shutil.chown(self.dir / "data", "postfix")
+        master = Path("/etc/postfix/master.cf").read_text()
+        master = re.sub(r"(?m)^smtp(\s+)inet", f"{self.port}\\1inet", master, count=1)
+        (etc / "master.cf").write_text(master)
+        (etc / "main.cf").write_text(textwrap.dedent(f"""\
+            compatibility_level = 3.6
+            queue_directory = {self.dir / 'spool'}
+            data_directory = {self.dir / 'data'}
+            maillog_file = {self.dir / 'maillog'}
+            inet_interfaces = 127.0.0.1
+            inet_protocols = ipv4
+            myhostname = bench.localdomain
+            mydestination =
+            relayhost = [127.0.0.1]:{sinkPort}
+            mynetworks = 127.0.0.0/8
+            smtpd_relay_restrictions = permit_mynetworks, reject
+            smtp_tls_security_level = none
+            default_process_limit = 100
+            smtpd_client_connection_count_limit = 0
+            """))
+        # "postfix -c DIR" for a second instance must be allowed by the default main.cf.
+        defaultMain = Path("/etc/postfix/main.cf")
+        text = defaultMain.read_text() if defaultMain.exists() else "compatibility_level = 3.6\n"
+        if str(etc) not in text:
+            defaultMain.write_text(text + f"alternate_config_directories = {etc}\n")
+        result = subprocess.run(["postfix", "-c", str(etc), "start"], capture_output=True, text=True)
+        if result.returncode != 0:
+            raise SystemExit(f"bench: postfix did not start: {result.stdout}{result.stderr}")
+        waitListening(self.port)
+
+    def memory(self) -> int:
+        return sum(pss(p) for p in postfixPids(self.dir / "spool"))
+
+    def stop(self) -> None:
+        subprocess.run(["postfix", "-c", str(self.dir / "etc"), "stop"], capture_output=True)
+
+
+def runOnce(relayClass, args) -> dict:
+    sinkPort = freePort()
+    sink = Sink(sinkPort)
+    relay = relayClass(sinkPort, args.sessions)
+    sampler = PeakSampler(relay.memory)
+    try:
+        start = time.monotonic()
+        source = subprocess.run(
+            ["smtp-source", "-s", str(args.sessions), "-m", str(args.messages), "-l", str(args.size),
+             "-f", "sender@example.com", "-t", "rcpt@example.org", "-M", "bench.localdomain",
+             f"127.0.0.1:{relay.port}"],
+            capture_output=True, text=True, timeout=args.deadline)
+        accepted = time.monotonic()
+        if source.returncode != 0:
+            raise SystemExit(f"bench: smtp-source failed against {relay.name}: {source.stderr.strip()}")
+        delivered = sink.waitFor(args.messages, args.deadline)
+        if delivered is None:
+            raise SystemExit(f"bench: {relay.name}: sink has {sink.count}/{args.messages} after {args.deadline} s")
+    finally:
+        peak = sampler.stop()
+        relay.stop()
+        sink.stop()
+    return {
+        "accept": args.messages / (accepted - start),
+        "endToEnd": args.messages / (delivered - start),
+        "peak": peak,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--messages", type=int, default=2000)
+    parser.add_argument("--sessions", type=int, default=10)
+    parser.add_argument("--size", type=int, default=1024, help="message size in bytes (smtp-source -l)")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--deadline", type=float, default=300.0, help="seconds per phase before giving up")
+    args = parser.parse_args()
+    if os.geteuid() != 0:
+        raise SystemExit("bench: run as root (it starts a Postfix instance)")
+    for tool in ("smtp-source", "smtp-sink", "postfix"):
+        if shutil.which(tool) is None:
+            raise SystemExit(f"bench: {tool} not found (apt-get install postfix)")
+    BASE.mkdir(parents=True, exist_ok=True)
+    os.chmod(BASE, 0o755)
+    results: dict[str, list[dict]] = {"relayd": [], "postfix": []}
+    for round_ in range(args.rounds):
+        for relayClass in (Relayd, Postfix) if round_ % 2 == 0 else (Postfix, Relayd):
+            r = runOnce(relayClass, args)
+            results[relayClass.name].append(r)
+            print(f"round {round_ + 1} {relayClass.name:8s} accept {r['accept']:8.1f} msg/s  "
+                  f"end-to-end {r['endToEnd']:8.1f} msg/s  peak memory {r['peak'] / 1e6:7.1f} MB",
+                  flush=True)
+
+    def med(name, key):
+        return statistics.median(r[key] for r in results[name])
+
+    print()
+    print(f"{args.messages} messages of {args.size} bytes, {args.sessions} sessions, "
+          f"{args.rounds} rounds, medians; {os.cpu_count()} CPUs")
+    print(f"{'':22s}{'relayd':>12s}{'postfix':>12s}{'relayd/postfix':>16s}")
+    for key, label, unit in (("accept", "accept rate", "msg/s"), ("endToEnd", "end-to-end rate", "msg/s"),
+                             ("peak", "peak memory", "MB")):
+        a, b = med("relayd", key), med("postfix", key)
+        scale = 1e6 if key == "peak" else 1
+        print(f"{label + ' (' + unit + ')':22s}{a / scale:12.1f}{b / scale:12.1f}{a / b:16.2f}")
+
+
+if __name__ == "__main__":
+    main()
