@@ -34,6 +34,8 @@ __all__ = [
     "Retry",
     "Queue",
     "NextHop",
+    "DeliveryTimeouts",
+    "DNS",
     "Delivery",
     "load",
     "parse",
@@ -42,6 +44,10 @@ __all__ = [
     "parseSize",
     "formatSize",
     "SECRET_KEYS",
+    "TLS",
+    "Auth",
+    "isLoopbackEndpoint",
+    "warnings",
 ]
 
 Network = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
@@ -52,9 +58,9 @@ NEXTHOP_TLS_MODES = ("none", "may", "starttls", "implicit")
 
 # What is built today; everything else in the *_MODES tuples is refused as
 # "not supported yet" so a config never silently downgrades.
-_BUILT_LISTENER_TLS = ("none",)
-_BUILT_LISTENER_AUTH = ("none",)
-_BUILT_NEXTHOP_TLS = ("none",)
+_BUILT_LISTENER_TLS = ("none", "starttls", "implicit")
+_BUILT_LISTENER_AUTH = ("none", "optional", "required")
+TLS_MIN_VERSIONS = ("1.2", "1.3")
 
 DEFAULT_TRUSTED_NETWORKS = ("127.0.0.0/8", "::1/128")
 DEFAULT_MESSAGE_SIZE = 10_000_000
@@ -64,8 +70,36 @@ DEFAULT_CONNECTIONS_PER_CLIENT = 20
 DEFAULT_RETRY_MIN = 5 * 60.0
 DEFAULT_RETRY_MAX = 60 * 60.0
 DEFAULT_CONCURRENCY = 20
+# Postfix's default_destination_concurrency_limit.
+DEFAULT_DESTINATION_CONCURRENCY = 20
+# Postfix's maximal_queue_lifetime and bounce_size_limit.
+DEFAULT_LIFETIME = 5 * 86400.0
+DEFAULT_BOUNCE_SIZE_LIMIT = 50_000
+# Postfix refuses MAIL below 1.5 x message_size_limit of free queue space.
+FREE_SPACE_FACTOR = 1.5
+CONTROL_SOCKET_NAME = "control.sock"
 DEFAULT_SHUTDOWN_GRACE = 30.0
+# Submission security (listeners with TLS and AUTH).
+DEFAULT_TLS_MIN_VERSION = "1.2"
+DEFAULT_AUTH_FAILURE_LIMIT = 5  # failed AUTHs per client IP within the window
+DEFAULT_AUTH_FAILURE_WINDOW = 15 * 60.0
+DEFAULT_AUTH_CACHE = 0.0  # verification cache lifetime; 0: no cache
+DEFAULT_MESSAGES_PER_USER_PER_HOUR = 200
+DEFAULT_ERRORS = 20  # Postfix's smtpd_hard_error_limit
+DEFAULT_COMMAND_TIMEOUT = 5 * 60.0  # RFC 5321 4.5.3.2.7
+DEFAULT_DATA_TIMEOUT = 10 * 60.0  # RFC 5321 4.5.3.2.6 (DATA termination)
+DEFAULT_GREETING_DELAY = 0.0
 DEFAULT_NEXTHOP_TLS = "starttls"
+# MX hosts rarely have certificates for their names: opportunistic by default.
+DEFAULT_MX_TLS = "may"
+DEFAULT_MX_PORT = 25
+# RFC 5321 section 4.5.3.2 (connect: Postfix's smtp_connect_timeout).
+DEFAULT_DELIVERY_TIMEOUTS = {
+    "connect": 30.0, "greeting": 300.0, "mail": 300.0, "rcpt": 300.0,
+    "data_init": 120.0, "data_block": 180.0, "data_done": 600.0,
+}
+DEFAULT_DNS_TIMEOUT = 10.0
+DNS_PORT = 53
 
 # Keys whose values toYAML() masks, wherever they appear. Nothing secret is
 # configurable yet; the hook is here so the first one cannot leak.
@@ -88,6 +122,38 @@ class Listener:
     endpoint: str
     tls: str
     auth: str
+    # AUTH without TLS; only allowed on loopback-only listeners.
+    plaintextAuth: bool = False
+
+    @property
+    def loopback(self) -> bool:
+        return isLoopbackEndpoint(self.endpoint)
+
+
+@dataclass(frozen=True)
+class TLS:
+    certificate: str  # PEM: the certificate, then its chain (all served)
+    key: str
+    minVersion: str = DEFAULT_TLS_MIN_VERSION
+
+
+@dataclass(frozen=True)
+class Auth:
+    passwordFile: str
+    # login -> addresses ("alice@example.com") and domains ("@example.org")
+    # it may use in MAIL FROM; a login without an entry may use only itself,
+    # when it is an address.
+    senders: tuple[tuple[str, tuple[str, ...]], ...] = ()
+    failureLimit: int = DEFAULT_AUTH_FAILURE_LIMIT
+    failureWindow: float = DEFAULT_AUTH_FAILURE_WINDOW
+    cache: float = DEFAULT_AUTH_CACHE
+    receivedHeaderUser: bool = False
+
+    def sendersFor(self, login: str) -> tuple[str, ...] | None:
+        for name, entries in self.senders:
+            if name == login:
+                return entries
+        return None
 
 
 @dataclass(frozen=True)
@@ -103,6 +169,11 @@ class Limits:
     recipients: int = DEFAULT_RECIPIENTS
     connections: int = DEFAULT_CONNECTIONS
     connectionsPerClient: int = DEFAULT_CONNECTIONS_PER_CLIENT
+    messagesPerUserPerHour: int = DEFAULT_MESSAGES_PER_USER_PER_HOUR
+    errors: int = DEFAULT_ERRORS
+    commandTimeout: float = DEFAULT_COMMAND_TIMEOUT
+    dataTimeout: float = DEFAULT_DATA_TIMEOUT
+    greetingDelay: float = DEFAULT_GREETING_DELAY
 
 
 @dataclass(frozen=True)
@@ -115,19 +186,83 @@ class Retry:
 class Queue:
     directory: str
     retry: Retry = field(default_factory=Retry)
+    lifetime: float = DEFAULT_LIFETIME  # seconds; then the sender gets a bounce
+    delayWarning: float | None = None  # seconds; None: no "delayed" notice
+    # Bytes of free space below which MAIL gets 452 4.3.1; None means
+    # FREE_SPACE_FACTOR x limits.message_size (see Config.freeSpaceReserve).
+    freeSpaceReserve: int | None = None
+    # Largest original returned whole in a bounce; bigger ones: headers only.
+    bounceSizeLimit: int = DEFAULT_BOUNCE_SIZE_LIMIT
+    # The admin channel (relayctl); None means <directory>/control.sock.
+    controlSocket: str | None = None
+
+    @property
+    def controlSocketPath(self) -> str:
+        return self.controlSocket or os.path.join(self.directory, CONTROL_SOCKET_NAME)
 
 
 @dataclass(frozen=True)
 class NextHop:
+    """
+    One entry of delivery.smarthosts or delivery.routes. ``mx`` (routes
+    only) means "the recipient domain's MX hosts, with this TLS policy";
+    such an entry has no host and uses delivery.mx_port. The password is
+    never here: only the path of the file holding it (read by tap.py).
+    """
+
     host: str
     port: int
     tls: str
+    verify: bool = True
+    caFile: str | None = None
+    username: str | None = None
+    passwordFile: str | None = None
+    mx: bool = False
+
+
+@dataclass(frozen=True)
+class DeliveryTimeouts:
+    """Seconds; the keys of delivery.timeouts."""
+
+    connect: float = DEFAULT_DELIVERY_TIMEOUTS["connect"]
+    greeting: float = DEFAULT_DELIVERY_TIMEOUTS["greeting"]
+    mail: float = DEFAULT_DELIVERY_TIMEOUTS["mail"]
+    rcpt: float = DEFAULT_DELIVERY_TIMEOUTS["rcpt"]
+    dataInit: float = DEFAULT_DELIVERY_TIMEOUTS["data_init"]
+    dataBlock: float = DEFAULT_DELIVERY_TIMEOUTS["data_block"]
+    dataDone: float = DEFAULT_DELIVERY_TIMEOUTS["data_done"]
+
+
+@dataclass(frozen=True)
+class DNS:
+    """Where MX and A/AAAA queries go: () means the servers in /etc/resolv.conf."""
+
+    servers: tuple[tuple[str, int], ...] = ()
+    timeout: float = DEFAULT_DNS_TIMEOUT
 
 
 @dataclass(frozen=True)
 class Delivery:
-    smarthosts: tuple[NextHop, ...]
+    smarthosts: tuple[NextHop, ...] = ()
     concurrency: int = DEFAULT_CONCURRENCY
+    destinationConcurrency: int = DEFAULT_DESTINATION_CONCURRENCY
+    mxPort: int = DEFAULT_MX_PORT
+    # Lower-cased recipient domain (or "*") -> next hops, tried in order.
+    routes: dict[str, tuple[NextHop, ...]] = field(default_factory=dict)
+    timeouts: DeliveryTimeouts = field(default_factory=DeliveryTimeouts)
+    dns: DNS = field(default_factory=DNS)
+
+    def passwordFiles(self) -> list[tuple[str, str]]:
+        """(key path, file) of every password_file, for reading at start and reload."""
+        found = []
+        for i, hop in enumerate(self.smarthosts):
+            if hop.passwordFile:
+                found.append((f"delivery.smarthosts[{i}].password_file", hop.passwordFile))
+        for domain, hops in self.routes.items():
+            for i, hop in enumerate(hops):
+                if hop.passwordFile:
+                    found.append((f"delivery.routes.{domain}[{i}].password_file", hop.passwordFile))
+        return found
 
 
 @dataclass(frozen=True)
@@ -140,6 +275,16 @@ class Config:
     queue: Queue
     delivery: Delivery
     shutdownGrace: float = DEFAULT_SHUTDOWN_GRACE
+    tls: TLS | None = None
+    auth: Auth | None = None
+    # Receives double bounces and quarantine notices, and RCPT TO:<postmaster>.
+    postmaster: str | None = None
+
+    def freeSpaceReserve(self) -> int:
+        """Bytes of free spool space below which MAIL is answered 452 4.3.1 (0: off)."""
+        if self.queue.freeSpaceReserve is not None:
+            return self.queue.freeSpaceReserve
+        return int(FREE_SPACE_FACTOR * self.limits.messageSize)
 
     def toYAML(self) -> str:
         """
@@ -151,7 +296,8 @@ class Config:
         tree = {
             "hostname": self.hostname,
             "listeners": [
-                {"endpoint": l.endpoint, "tls": l.tls, "auth": l.auth}
+                {"endpoint": l.endpoint, "tls": l.tls, "auth": l.auth,
+                 **({"plaintext_auth": True} if l.plaintextAuth else {})}
                 for l in self.listeners
             ],
             "relay": {
@@ -162,22 +308,60 @@ class Config:
                 "recipients": self.limits.recipients,
                 "connections": self.limits.connections,
                 "connections_per_client": self.limits.connectionsPerClient,
+                "messages_per_user_per_hour": self.limits.messagesPerUserPerHour,
+                "errors": self.limits.errors,
+                "command_timeout": formatDuration(self.limits.commandTimeout),
+                "data_timeout": formatDuration(self.limits.dataTimeout),
+                "greeting_delay": formatDuration(self.limits.greetingDelay),
             },
             "queue": {
                 "directory": self.queue.directory,
+                "lifetime": formatDuration(self.queue.lifetime),
+                **({"delay_warning": formatDuration(self.queue.delayWarning)}
+                   if self.queue.delayWarning is not None else {}),
                 "retry": {
                     "min": formatDuration(self.queue.retry.min),
                     "max": formatDuration(self.queue.retry.max),
                 },
+                # Computed defaults (from limits.message_size and directory)
+                # are left out so the output loads back into an equal Config.
+                **({"free_space_reserve": formatSize(self.queue.freeSpaceReserve)}
+                   if self.queue.freeSpaceReserve is not None else {}),
+                "bounce_size_limit": formatSize(self.queue.bounceSizeLimit),
+                **({"control_socket": self.queue.controlSocket}
+                   if self.queue.controlSocket is not None else {}),
             },
+            **({"postmaster": self.postmaster} if self.postmaster is not None else {}),
             "delivery": {
                 "concurrency": self.delivery.concurrency,
-                "smarthosts": [
-                    {"host": h.host, "port": h.port, "tls": h.tls}
-                    for h in self.delivery.smarthosts
-                ],
+                "destination_concurrency": self.delivery.destinationConcurrency,
+                "mx_port": self.delivery.mxPort,
+                "smarthosts": [_hopTree(h) for h in self.delivery.smarthosts],
+                "routes": {
+                    domain: [_hopTree(h) for h in hops]
+                    for domain, hops in self.delivery.routes.items()
+                },
+                "timeouts": {
+                    key: formatDuration(getattr(self.delivery.timeouts, attribute))
+                    for key, attribute in _TIMEOUT_KEYS.items()
+                },
+                "dns": {
+                    **({"servers": [_formatServer(s) for s in self.delivery.dns.servers]}
+                       if self.delivery.dns.servers else {}),
+                    "timeout": formatDuration(self.delivery.dns.timeout),
+                },
             },
             "shutdown_grace": formatDuration(self.shutdownGrace),
+            **({"tls": {"certificate": self.tls.certificate, "key": self.tls.key,
+                        "min_version": self.tls.minVersion}} if self.tls is not None else {}),
+            **({"auth": {
+                "password_file": self.auth.passwordFile,
+                "senders": {name: list(entries) for name, entries in self.auth.senders},
+                "failure_limit": self.auth.failureLimit,
+                "failure_window": formatDuration(self.auth.failureWindow),
+                "cache": formatDuration(self.auth.cache),
+                "received_header_user": self.auth.receivedHeaderUser,
+            }} if self.auth is not None else {}),
         }
         header = f"# effective configuration from {self.path}\n"
         return header + yaml.safe_dump(
@@ -763,8 +947,33 @@ def _network(value: object, path: str) -> Network:
 # Sections ---------------------------------------------------------------------
 
 
+def isLoopbackEndpoint(description: str) -> bool:
+    """
+    Whether only this machine can reach a listener: tcp/tcp6 bound to a
+    loopback interface, or a UNIX socket. haproxy: and systemd: endpoints
+    carry remote clients, so they never count.
+    """
+    kind, args, kwargs = _splitEndpoint(description)
+    if kind == "unix":
+        return True
+    if kind not in ("tcp", "tcp6"):
+        return False
+    interface = kwargs.get("interface", args[2] if len(args) > 2 else "")
+    try:
+        return ipaddress.ip_address(interface).is_loopback
+    except ValueError:
+        return False
+
+
+def _boolean(value: object, path: str) -> bool:
+    if not isinstance(value, bool):
+        raise _expected(path, "true or false", value)
+    return value
+
+
 def _listener(value: object, path: str) -> Listener:
-    section = _Section(value, path, ("endpoint", "tls", "auth"), "a mapping with endpoint, tls and auth")
+    section = _Section(value, path, ("endpoint", "tls", "auth", "plaintext_auth"),
+                       "a mapping with endpoint, tls and auth")
     endpoint = section.require("endpoint", _endpoint, _ENDPOINT_EXAMPLE)
     tls = section.require("tls", _choice(LISTENER_TLS_MODES), "one of " + ", ".join(LISTENER_TLS_MODES))
     if tls not in _BUILT_LISTENER_TLS:
@@ -774,7 +983,27 @@ def _listener(value: object, path: str) -> Listener:
     )
     if auth not in _BUILT_LISTENER_AUTH:
         raise _Problem(section.at("auth"), f'{_quote(auth)} is not supported yet (only "none")')
-    return Listener(endpoint=endpoint, tls=tls, auth=auth)
+    plaintextAuth = section.get("plaintext_auth", _boolean, False)
+    listener = Listener(endpoint=endpoint, tls=tls, auth=auth, plaintextAuth=plaintextAuth)
+    if plaintextAuth and not listener.loopback:
+        raise _Problem(
+            section.at("plaintext_auth"),
+            f"expected false on a listener other clients can reach, got true "
+            f"({_quote(endpoint)} is not bound to a loopback interface or a UNIX socket)",
+        )
+    if auth != "none" and tls == "none" and not plaintextAuth:
+        if listener.loopback:
+            raise _Problem(
+                section.at("auth"),
+                f"expected none without TLS, got {_quote(auth)} (passwords would cross "
+                "in plaintext; set tls, or plaintext_auth: true on this loopback listener)",
+            )
+        raise _Problem(
+            section.at("auth"),
+            f"expected none without TLS, got {_quote(auth)} (passwords would cross the "
+            "network in plaintext; set tls: starttls or tls: implicit)",
+        )
+    return listener
 
 
 def _listeners(value: object, path: str) -> tuple[Listener, ...]:
@@ -806,7 +1035,9 @@ def _relay(value: object, path: str) -> Relay:
 
 def _limits(value: object, path: str) -> Limits:
     section = _Section(
-        value, path, ("message_size", "recipients", "connections", "connections_per_client")
+        value, path, ("message_size", "recipients", "connections", "connections_per_client",
+                      "messages_per_user_per_hour", "errors", "command_timeout",
+                      "data_timeout", "greeting_delay")
     )
     return Limits(
         messageSize=section.get("message_size", _size, DEFAULT_MESSAGE_SIZE),
@@ -815,6 +1046,75 @@ def _limits(value: object, path: str) -> Limits:
         connectionsPerClient=section.get(
             "connections_per_client", _integer(1), DEFAULT_CONNECTIONS_PER_CLIENT
         ),
+        messagesPerUserPerHour=section.get(
+            "messages_per_user_per_hour", _integer(1), DEFAULT_MESSAGES_PER_USER_PER_HOUR
+        ),
+        errors=section.get("errors", _integer(1), DEFAULT_ERRORS),
+        commandTimeout=section.get("command_timeout", _duration(1), DEFAULT_COMMAND_TIMEOUT),
+        dataTimeout=section.get("data_timeout", _duration(1), DEFAULT_DATA_TIMEOUT),
+        greetingDelay=section.get("greeting_delay", _duration(0), DEFAULT_GREETING_DELAY),
+    )
+
+
+def _tls(value: object, path: str, baseDirectory: str) -> TLS:
+    section = _Section(value, path, ("certificate", "key", "min_version"))
+
+    def filePath(value: object, path: str) -> str:
+        return os.path.normpath(os.path.join(baseDirectory, _string(value, path)))
+
+    def minVersion(value: object, path: str) -> str:
+        # YAML reads an unquoted 1.2 as a number; both spellings mean the same.
+        text = str(value) if isinstance(value, float) else value
+        if text not in TLS_MIN_VERSIONS:
+            raise _expected(path, 'one of "1.2", "1.3"', value)
+        return text
+
+    return TLS(
+        certificate=section.require("certificate", filePath, "the PEM certificate (chain) file"),
+        key=section.require("key", filePath, "the PEM private key file"),
+        minVersion=section.get("min_version", minVersion, DEFAULT_TLS_MIN_VERSION),
+    )
+
+
+_SENDER_ENTRY_EXAMPLE = 'an address like "alice@example.com" or a domain like "@example.com"'
+
+
+def _auth(value: object, path: str, baseDirectory: str) -> Auth:
+    section = _Section(value, path, ("password_file", "senders", "failure_limit",
+                                     "failure_window", "cache", "received_header_user"))
+
+    def filePath(value: object, path: str) -> str:
+        return os.path.normpath(os.path.join(baseDirectory, _string(value, path)))
+
+    def senderEntry(value: object, path: str) -> str:
+        if isinstance(value, str) and value.startswith("@"):
+            if not _isDNSName(value[1:]):
+                raise _expected(path, _SENDER_ENTRY_EXAMPLE, value)
+            return value.lower()
+        try:
+            return _address(value, path)
+        except _Problem:
+            raise _expected(path, _SENDER_ENTRY_EXAMPLE, value) from None
+
+    def senders(value: object, path: str) -> tuple[tuple[str, tuple[str, ...]], ...]:
+        if not isinstance(value, dict):
+            raise _expected(path, "a mapping of login to a list of addresses and @domains", value)
+        out = []
+        for login, entries in value.items():
+            loginPath = _join(path, login)
+            if not isinstance(login, str) or not login:
+                raise _expected(loginPath, "a login name", login)
+            items = _list(entries, loginPath, "a list of addresses and @domains", allowEmpty=True)
+            out.append((login, tuple(senderEntry(e, f"{loginPath}[{i}]") for i, e in enumerate(items))))
+        return tuple(out)
+
+    return Auth(
+        passwordFile=section.require("password_file", filePath, "the password file (htpasswd format)"),
+        senders=section.get("senders", senders, ()),
+        failureLimit=section.get("failure_limit", _integer(1), DEFAULT_AUTH_FAILURE_LIMIT),
+        failureWindow=section.get("failure_window", _duration(1), DEFAULT_AUTH_FAILURE_WINDOW),
+        cache=section.get("cache", _duration(0), DEFAULT_AUTH_CACHE),
+        receivedHeaderUser=section.get("received_header_user", _boolean, False),
     )
 
 
@@ -834,63 +1134,209 @@ def _retry(value: object, path: str) -> Retry:
 
 
 def _queue(value: object, path: str, baseDirectory: str) -> Queue:
-    section = _Section(value, path, ("directory", "lifetime", "retry"))
+    section = _Section(value, path, (
+        "directory", "lifetime", "delay_warning", "retry", "free_space_reserve",
+        "bounce_size_limit", "control_socket"))
     directory = section.require("directory", _string, "the spool directory path")
     directory = os.path.normpath(os.path.join(baseDirectory, directory))
-    if "lifetime" in section:
-        section.get("lifetime", _duration(1), None)
-        raise _notSupported(
-            section.at("lifetime"), "key", "bounces come later; mail is retried until delivered"
+    lifetime = section.get("lifetime", _duration(1), DEFAULT_LIFETIME)
+    delayWarning = section.get("delay_warning", _duration(1), None)
+    if delayWarning is not None and delayWarning >= lifetime:
+        raise _Problem(
+            section.at("delay_warning"),
+            f"expected less than queue.lifetime ({formatDuration(lifetime)}), got "
+            f"{formatDuration(delayWarning)}, so the notice could never be sent",
         )
-    return Queue(directory=directory, retry=section.get("retry", _retry, Retry()))
-
-
-def _nextHop(value: object, path: str) -> NextHop:
-    section = _Section(
-        value,
-        path,
-        ("host", "port", "tls", "verify", "ca_file", "username", "password_file"),
-        "a mapping with host, port and tls",
+    controlSocket = section.get("control_socket", _string, None)
+    if controlSocket is not None:
+        controlSocket = os.path.normpath(os.path.join(baseDirectory, controlSocket))
+    return Queue(
+        directory=directory,
+        retry=section.get("retry", _retry, Retry()),
+        lifetime=lifetime,
+        delayWarning=delayWarning,
+        freeSpaceReserve=section.get("free_space_reserve", _sizeOrZero, None),
+        bounceSizeLimit=section.get("bounce_size_limit", _sizeOrZero, DEFAULT_BOUNCE_SIZE_LIMIT),
+        controlSocket=controlSocket,
     )
-    host = section.require("host", _host, 'a host name or IP address like "smtp.example.net"')
-    tls = section.get("tls", _choice(NEXTHOP_TLS_MODES), None)
-    if tls is None:
-        raise _Problem(
-            section.at("tls"),
-            f'the default {_quote(DEFAULT_NEXTHOP_TLS)} is not supported yet (only "none"); '
-            "set tls: none explicitly",
-        )
-    if tls not in _BUILT_NEXTHOP_TLS:
-        raise _Problem(
-            section.at("tls"),
-            f'{_quote(tls)} is not supported yet (only "none"); set tls: none explicitly',
-        )
-    port = section.get("port", _port, 465 if tls == "implicit" else 25)
+
+
+def _sizeOrZero(value: object, path: str) -> int:
+    if value == 0 and not isinstance(value, bool):
+        return 0
+    return _size(value, path)
+
+
+def _address(value: object, path: str) -> str:
+    expected = 'a mail address like "postmaster@example.com"'
+    if not isinstance(value, str):
+        raise _expected(path, expected, value)
+    local, at, domain = value.rpartition("@")
+    if not at or not local or not _isDNSName(domain) or not local.isascii() or any(
+        c.isspace() or c in '<>()[]\\,;:"' or not c.isprintable() for c in local
+    ):
+        raise _expected(path, expected, value)
+    return value
+
+
+_NEXTHOP_KEYS = ("host", "port", "tls", "verify", "ca_file", "username", "password_file")
+_VERIFIED_TLS = ("starttls", "implicit")
+
+
+def _nextHop(value: object, path: str, baseDirectory: str = "", inRoute: bool = False) -> NextHop:
+    known = _NEXTHOP_KEYS + (("mx",) if inRoute else ())
+    section = _Section(value, path, known, "a mapping with host, port and tls")
+    mx = section.get("mx", _boolean, False)
+    if mx:
+        for key in ("host", "port", "username", "password_file"):
+            if key in section:
+                raise _Problem(
+                    section.at(key),
+                    f"expected no {key} in an mx entry (it delivers to the domain's MX hosts "
+                    "on delivery.mx_port, without AUTH)",
+                )
+        host, port = "", 0
+        tls = section.get("tls", _choice(("none", "may", "starttls")), DEFAULT_MX_TLS)
+    else:
+        host = section.require("host", _host, 'a host name or IP address like "smtp.example.net"')
+        tls = section.get("tls", _choice(NEXTHOP_TLS_MODES), DEFAULT_NEXTHOP_TLS)
+        port = section.get("port", _port, 465 if tls == "implicit" else 25)
     for key in ("verify", "ca_file"):
-        if key in section:
-            raise _notSupported(section.at(key), "key", "TLS to smarthosts comes later")
-    for key in ("username", "password_file"):
-        if key in section:
-            raise _notSupported(section.at(key), "key", "AUTH to smarthosts comes later")
-    return NextHop(host=host, port=port, tls=tls)
+        if key in section and tls not in _VERIFIED_TLS:
+            raise _Problem(
+                section.at(key),
+                f"expected only with tls: starttls or implicit (tls: {tls} never verifies "
+                "a certificate), got it with tls: " + tls,
+            )
+    verify = section.get("verify", _boolean, True)
+    caFile = section.get("ca_file", _string, None)
+    if caFile is not None:
+        caFile = os.path.normpath(os.path.join(baseDirectory, caFile))
+    username = section.get("username", _string, None)
+    passwordFile = section.get("password_file", _string, None)
+    if passwordFile is not None:
+        passwordFile = os.path.normpath(os.path.join(baseDirectory, passwordFile))
+    if username is not None:
+        if tls not in _VERIFIED_TLS:
+            raise _Problem(
+                section.at("username"),
+                f"expected only with tls: starttls or implicit (the password must never cross "
+                f"the network unencrypted), got it with tls: {tls}",
+            )
+        if passwordFile is None:
+            raise _missing(section.at("password_file"), "the file holding the password for username")
+    elif passwordFile is not None:
+        raise _missing(section.at("username"), "the user name that goes with password_file")
+    return NextHop(host=host, port=port, tls=tls, verify=verify, caFile=caFile,
+                   username=username, passwordFile=passwordFile, mx=mx)
 
 
-def _delivery(value: object, path: str) -> Delivery:
-    section = _Section(value, path, ("smarthosts", "concurrency", "mx_port", "routes"))
-    if "mx_port" in section:
-        section.get("mx_port", _port, None)
-        raise _notSupported(section.at("mx_port"), "key", "MX delivery comes later")
-    if "routes" in section:
-        raise _notSupported(section.at("routes"), "section", "per-domain routes come later")
-    smarthostsExpected = "a list of at least one smarthost (required until MX delivery is built)"
+def _boolean(value: object, path: str) -> bool:
+    if not isinstance(value, bool):
+        raise _expected(path, "true or false", value)
+    return value
+
+
+def _hopTree(hop: NextHop) -> dict:
+    """A next hop as YAML, only the keys that apply, so it loads back equal."""
+    tree: dict = {"mx": True} if hop.mx else {"host": hop.host, "port": hop.port}
+    tree["tls"] = hop.tls
+    if hop.tls in _VERIFIED_TLS:
+        tree["verify"] = hop.verify
+        if hop.caFile is not None:
+            tree["ca_file"] = hop.caFile
+    if hop.username is not None:
+        tree["username"] = hop.username
+        tree["password_file"] = hop.passwordFile
+    return tree
+
+
+_TIMEOUT_KEYS = {
+    "connect": "connect", "greeting": "greeting", "mail": "mail", "rcpt": "rcpt",
+    "data_init": "dataInit", "data_block": "dataBlock", "data_done": "dataDone",
+}
+
+
+def _timeouts(value: object, path: str) -> DeliveryTimeouts:
+    section = _Section(value, path, tuple(_TIMEOUT_KEYS))
+    return DeliveryTimeouts(**{
+        attribute: section.get(key, _duration(1), DEFAULT_DELIVERY_TIMEOUTS[key])
+        for key, attribute in _TIMEOUT_KEYS.items()
+    })
+
+
+def _server(value: object, path: str) -> tuple[str, int]:
+    expected = 'a DNS server address like "192.0.2.53", "127.0.0.1:5353" or "[::1]:5353"'
+    if isinstance(value, str):
+        host, port = value, str(DNS_PORT)
+        match = re.fullmatch(r"\[([^\]]+)\]:([0-9]{1,5})", value) or re.fullmatch(
+            r"([^:]+):([0-9]{1,5})", value)
+        if match:
+            host, port = match.groups()
+        try:
+            address = str(ipaddress.ip_address(host))
+        except ValueError:
+            address = None
+        if address is not None and 1 <= int(port) <= 65535:
+            return address, int(port)
+    raise _expected(path, expected, value)
+
+
+def _formatServer(server: tuple[str, int]) -> str:
+    host, port = server
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _dns(value: object, path: str) -> DNS:
+    section = _Section(value, path, ("servers", "timeout"))
+
+    def servers(value: object, path: str) -> tuple[tuple[str, int], ...]:
+        items = _list(value, path, "a list of DNS server addresses", allowEmpty=False)
+        return tuple(_server(item, f"{path}[{i}]") for i, item in enumerate(items))
+
+    return DNS(servers=section.get("servers", servers, ()),
+               timeout=section.get("timeout", _duration(1), DEFAULT_DNS_TIMEOUT))
+
+
+def _routes(value: object, path: str, baseDirectory: str) -> dict[str, tuple[NextHop, ...]]:
+    if not isinstance(value, dict):
+        raise _expected(path, 'a mapping of recipient domain (or "*") to a list of next hops', value)
+    routes: dict[str, tuple[NextHop, ...]] = {}
+    for domain, hops in value.items():
+        keyPath = _join(path, domain)
+        if not isinstance(domain, str) or not (domain == "*" or _isDNSName(domain)):
+            raise _expected(keyPath, 'a recipient domain like "example.org", or "*"', domain)
+        if domain.lower() in routes:
+            raise _Problem(keyPath, f"expected each domain once, got {_quote(domain)} again")
+        items = _list(hops, keyPath, "a list of at least one next hop", allowEmpty=False)
+        parsed = tuple(
+            _nextHop(item, f"{keyPath}[{i}]", baseDirectory, inRoute=True)
+            for i, item in enumerate(items)
+        )
+        if any(h.mx for h in parsed) and len(parsed) > 1:
+            raise _Problem(keyPath, "expected an mx entry alone in its list, got it with other hops")
+        routes[domain.lower()] = parsed
+    return routes
+
+
+def _delivery(value: object, path: str, baseDirectory: str = "") -> Delivery:
+    section = _Section(value, path, (
+        "smarthosts", "concurrency", "destination_concurrency", "mx_port", "routes",
+        "timeouts", "dns"))
 
     def smarthosts(value: object, path: str) -> tuple[NextHop, ...]:
-        items = _list(value, path, smarthostsExpected, allowEmpty=False)
-        return tuple(_nextHop(item, f"{path}[{i}]") for i, item in enumerate(items))
+        items = _list(value, path, "a list of smarthosts (empty: MX delivery)", allowEmpty=True)
+        return tuple(_nextHop(item, f"{path}[{i}]", baseDirectory) for i, item in enumerate(items))
 
     return Delivery(
-        smarthosts=section.require("smarthosts", smarthosts, smarthostsExpected),
+        smarthosts=section.get("smarthosts", smarthosts, ()),
         concurrency=section.get("concurrency", _integer(1), DEFAULT_CONCURRENCY),
+        destinationConcurrency=section.get(
+            "destination_concurrency", _integer(1), DEFAULT_DESTINATION_CONCURRENCY),
+        mxPort=section.get("mx_port", _port, DEFAULT_MX_PORT),
+        routes=section.get("routes", lambda v, p: _routes(v, p, baseDirectory), {}),
+        timeouts=section.get("timeouts", _timeouts, DeliveryTimeouts()),
+        dns=section.get("dns", _dns, DNS()),
     )
 
 
@@ -914,25 +1360,35 @@ def _config(tree: object, path: str) -> Config:
         raise _Problem("(top level)", "expected a mapping of settings, got an empty file")
     top = _Section(tree, "", _TOP_KEYS, "a mapping of settings")
     for key, why in (
-        ("tls", "TLS comes later"),
-        ("auth", "SMTP AUTH comes later"),
-        ("postmaster", "bounces come later"),
         ("metrics", "metrics come later"),
     ):
         if key in top:
             raise _notSupported(key, "section" if key in ("tls", "auth", "metrics") else "key", why)
     baseDirectory = os.path.dirname(os.path.abspath(path))
+    listeners = top.require("listeners", _listeners, "a list of at least one listener")
+    tls = top.get("tls", lambda v, p: _tls(v, p, baseDirectory), None)
+    auth = top.get("auth", lambda v, p: _auth(v, p, baseDirectory), None)
+    for index, listener in enumerate(listeners):
+        if listener.tls != "none" and tls is None:
+            raise _Problem("tls", f"expected a section with certificate and key, as "
+                           f"listeners[{index}] has tls: {listener.tls}, got nothing")
+        if listener.auth != "none" and auth is None:
+            raise _Problem("auth", f"expected a section with password_file, as "
+                           f"listeners[{index}] has auth: {listener.auth}, got nothing")
     return Config(
+        tls=tls,
+        auth=auth,
         path=path,
         hostname=top.require("hostname", _hostname, 'a DNS name like "relay.example.com"'),
-        listeners=top.require("listeners", _listeners, "a list of at least one listener"),
+        listeners=listeners,
         relay=top.get("relay", _relay, Relay()),
         limits=top.get("limits", _limits, Limits()),
         # queue and delivery hold required keys: a missing section is
         # reported as its first missing key.
         queue=_queue(top.value.get("queue", {}), "queue", baseDirectory),
-        delivery=_delivery(top.value.get("delivery", {}), "delivery"),
+        delivery=_delivery(top.value.get("delivery", {}), "delivery", baseDirectory),
         shutdownGrace=top.get("shutdown_grace", _duration(0), DEFAULT_SHUTDOWN_GRACE),
+        postmaster=top.get("postmaster", _address, None),
     )
 
 
@@ -950,6 +1406,27 @@ def parse(text: str, path: str) -> Config:
         return _config(tree, path)
     except _Problem as p:
         raise ConfigError(f"{path}: {p.path}: {p.message}") from None
+
+
+def warnings(loaded: Config) -> list[str]:
+    """
+    Risky but valid settings, as "<key.path>: <why>" lines (relayd
+    check-config prints them; they do not stop the daemon).
+    """
+    found = []
+    for index, listener in enumerate(loaded.listeners):
+        if listener.tls == "none" and listener.auth == "none" and not listener.loopback:
+            found.append(
+                f"listeners[{index}]: neither TLS nor AUTH on {_quote(listener.endpoint)}, "
+                "which other machines can reach: only relay.trusted_networks can relay "
+                "through it, and their mail crosses the network in plaintext")
+    for index, network in enumerate(loaded.relay.trustedNetworks):
+        widest = 8 if network.version == 4 else 32
+        if network.prefixlen < widest:
+            found.append(
+                f"relay.trusted_networks[{index}]: {_quote(str(network))} is wider than a "
+                f"/{widest}: every address in it may relay without AUTH")
+    return found
 
 
 def load(path: str) -> Config:

@@ -14,25 +14,31 @@ connections, timeouts, lost connections and every reply become a
 ``RecipientResult`` whose ``status`` is sent, deferred or bounced. Logging is
 the scheduler's job; the courier only returns what happened.
 
-Hooks for later work (deliberately not implemented yet):
-- STARTTLS: ``OutboundSession._afterHello`` is where the capability check and
-  the TLS upgrade go (clear the line buffer before starting TLS, then EHLO
-  again and replace ``capabilities``).
-- AUTH: also in ``_afterHello``, after TLS, using ``capabilities["AUTH"]``.
-- Several messages per connection: ``sendMessage`` may be called again after
-  its Deferred fired; it sends RSET first when the last transaction was left
-  open.
+TLS and AUTH (``OutboundSession._afterHello``): ``starttls`` and ``implicit``
+require TLS (any failure defers the hop, never plaintext); ``may`` uses
+STARTTLS when offered, without verification, and falls back to plaintext
+only when it is not offered or the handshake fails (then on a new
+connection, like Postfix). After the 220 to STARTTLS every byte already
+received is discarded (a man-in-the-middle's injected replies) and EHLO is
+sent again. AUTH PLAIN or LOGIN runs only over TLS; a refused login defers.
+
+Several messages per connection: after a clean transaction the session is
+kept idle for ``reuseTime`` seconds; the next ``deliver`` to the same next
+hop takes it (RSET is not needed after a completed transaction).
 """
 
 from __future__ import annotations
 
+import base64
 import ipaddress
 import re
-from dataclasses import dataclass
+import random as _random
+import weakref
+from dataclasses import dataclass, replace
 from typing import Any, BinaryIO, Callable, Sequence
 
 from twisted.internet import defer, error
-from twisted.internet.interfaces import IPullProducer
+from twisted.internet.interfaces import IHandshakeListener, IOpenSSLClientConnectionCreator, IPullProducer
 from twisted.internet.protocol import Factory
 from twisted.protocols.basic import LineReceiver
 from twisted.python.failure import Failure
@@ -49,6 +55,17 @@ QUIT_TIMEOUT = 5.0
 
 # Longest reply line accepted from a server (RFC 5321 says 512; be lenient).
 MAX_REPLY_LINE = 8192
+
+# RFC 5321 section 4.5.3.1.6: 998 octets of text before the CRLF.
+MAX_LINE = 998
+
+# How long a session stays open after a transaction, waiting for another
+# message to the same next hop (Postfix's smtp_connection_cache_time_limit).
+REUSE_TIME = 2.0
+
+# How long a next hop that failed (before accepting MAIL) is tried last:
+# the next attempts go to the hosts that work without waiting for it.
+FAILED_HOP_TIME = 300.0
 
 _ENHANCED = re.compile(rb"^([245])\.(\d{1,3})\.(\d{1,3})(?=\s|$)")
 
@@ -160,9 +177,11 @@ class DotStuffer:
     costs a few ``bytes.replace`` calls, independent of its line count.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, maxLine: int | None = None) -> None:
         self._atLineStart = True
         self._pendingCR = False
+        self._maxLine = maxLine
+        self._lineLength = 0
 
     def transform(self, chunk: bytes) -> bytes:
         if self._pendingCR:
@@ -187,12 +206,42 @@ class DotStuffer:
             return data
         if b"\r" in data:
             data = data.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+        if self._maxLine is not None:
+            self._checkLines(data)
         data = data.replace(b"\n", b"\r\n")
         data = data.replace(b"\r\n.", b"\r\n..")
         if self._atLineStart and data.startswith(b"."):
             data = b"." + data
         self._atLineStart = data.endswith(b"\r\n")
         return data
+
+    def _checkLines(self, data: bytes) -> None:
+        """
+        Refuse (``LineTooLong``) before a line over ``maxLine`` octets is
+        ever written: the intake refuses them, so one here means a damaged
+        spool file, and folding would change a signed message.
+        """
+        last = data.rfind(b"\n")
+        if last < 0:
+            self._lineLength += len(data)
+        else:
+            first = data.find(b"\n")
+            longest = self._lineLength + first
+            if last > first:
+                longest = max(longest, max(map(len, data[first + 1:last].split(b"\n"))))
+            if longest > self._maxLine:
+                raise LineTooLong(longest)
+            self._lineLength = len(data) - last - 1
+        if self._lineLength > self._maxLine:
+            raise LineTooLong(self._lineLength)
+
+
+class LineTooLong(Exception):
+    """The body holds a line longer than SMTP allows."""
+
+    def __init__(self, length: int):
+        super().__init__(length)
+        self.length = length
 
 
 class SessionBroken(Exception):
@@ -201,21 +250,31 @@ class SessionBroken(Exception):
     unparsable reply). ``stage`` says what was being done.
     """
 
-    def __init__(self, stage: str, text: str, dsn: str = "4.4.2", code: int = 0):
+    def __init__(self, stage: str, text: str, dsn: str = "4.4.2", code: int = 0,
+                 status: str = DEFERRED):
         super().__init__(text)
         self.stage = stage
         self.text = text
         self.dsn = dsn
         self.code = code
+        self.status = status
 
 
 class HopRefused(Exception):
-    """The hop answered, but not with a usable greeting or hello."""
+    """
+    The hop answered, but is not usable for this delivery: greeting, hello,
+    STARTTLS or AUTH refused, or TLS/AUTH required and not offered. Always
+    temporary for the message (the next hop, or a later attempt, may do).
+    """
 
-    def __init__(self, reply: Reply, text: str):
+    def __init__(self, reply: Reply | None, text: str, dsn: str | None = None):
         super().__init__(text)
         self.reply = reply
         self.text = text
+        self.code = reply.code if reply is not None else 0
+        dsn = dsn or (reply.enhancedCode() if reply is not None else "4.0.0")
+        # A refusing hop is temporary for the message, as in Postfix.
+        self.dsn = "4" + dsn[1:] if dsn[0] != "4" else dsn
 
 
 # Stage names: what Postfix says "while ..." for each.
@@ -230,6 +289,9 @@ _STAGE_TEXT = {
     "body": "sending message body",
     "dot": "sending end of data -- message may be sent more than once",
     "quit": "sending QUIT",
+    "starttls": "sending STARTTLS",
+    "tls": "performing the TLS handshake",
+    "auth": "authenticating",
 }
 
 _IN_REPLY_TO = {
@@ -240,6 +302,8 @@ _IN_REPLY_TO = {
     "data": "DATA",
     "dot": "end of DATA",
     "rset": "RSET",
+    "starttls": "STARTTLS",
+    "auth": "AUTH",
 }
 
 
@@ -262,6 +326,9 @@ class MessageOutcome:
     results: tuple[RecipientResult, ...]
     mailAccepted: bool
     broken: bool
+    # Indexes of recipients refused with "too many recipients" (452 4.5.3):
+    # to be sent in another transaction at once.
+    overflow: tuple[int, ...] = ()
 
 
 @implementer(IPullProducer)
@@ -272,7 +339,7 @@ class _BodyProducer:
         self._session = session
         self._body = body
         self._chunkSize = chunkSize
-        self._stuffer = DotStuffer()
+        self._stuffer = DotStuffer(MAX_LINE)
         self.done: defer.Deferred = defer.Deferred()
         self._finished = False
 
@@ -287,7 +354,12 @@ class _BodyProducer:
             return
         transport = self._session.transport
         if chunk:
-            transport.write(self._stuffer.transform(chunk))
+            try:
+                data = self._stuffer.transform(chunk)
+            except LineTooLong as e:
+                self._fail(e)
+                return
+            transport.write(data)
             return
         self._finished = True
         self._close()
@@ -313,10 +385,26 @@ class _BodyProducer:
             pass
 
 
+@dataclass(frozen=True)
+class TLSInfo:
+    """What the handshake gave: for the log line (Postfix's wording)."""
+
+    protocol: str
+    cipher: str
+    bits: int
+    # "Verified" (chain and name), "Trusted" (chain only), "Untrusted".
+    trust: str
+
+
+@implementer(IHandshakeListener)
 class OutboundSession(LineReceiver):
     """
     One SMTP client connection: greeting, EHLO (HELO after a 5xx to EHLO),
-    then transactions with ``sendMessage`` and finally ``quit``.
+    STARTTLS and EHLO again, AUTH, then transactions with ``sendMessage``
+    and finally ``quit``.
+
+    ``tls`` is the hop's mode; ``tlsOptions`` makes the connection creator
+    for STARTTLS; ``credentials`` is ``(username, Secret)`` or None.
 
     Every reply wait has a deadline on the given reactor; when one passes
     the connection is aborted and every wait in progress fails with
@@ -334,8 +422,23 @@ class OutboundSession(LineReceiver):
         timeouts: Timeouts = Timeouts(),
         hostName: str = "",
         chunkSize: int = CHUNK_SIZE,
+        tls: str = "none",
+        tlsOptions: Callable[[], Any] | None = None,
+        credentials: tuple[str, "Secret"] | None = None,
     ):
         self._reactor = reactor
+        self.tlsMode = tls
+        self._tlsOptions = tlsOptions
+        self._credentials = credentials
+        # True once a TLS handshake completed on this connection.
+        self.tlsActive = False
+        self.tlsInfo: TLSInfo | None = None
+        # The handshake (implicit, or after the 220 to STARTTLS) is under way.
+        self._tlsStarting = tls == "implicit"
+        # The handshake failed (so a "may" hop can be retried in plaintext).
+        self.tlsFailed = False
+        self._starttlsTried = False
+        self.authenticated = False
         self.heloName = heloName
         self.timeouts = timeouts
         self.hostName = hostName
@@ -381,8 +484,20 @@ class OutboundSession(LineReceiver):
             self._greeted, self._readyFailed
         )
 
+    def handshakeCompleted(self) -> None:
+        self.tlsActive = True
+        self._tlsStarting = False
+        self.tlsInfo = _tlsInfo(self.transport, self.hostName)
+
     def connectionLost(self, reason: Failure = error.ConnectionDone()) -> None:
         self._connected = False
+        if self._broken is None and self._tlsStarting and not self.tlsActive:
+            self.tlsFailed = True
+            self._broken = SessionBroken(
+                "tls",
+                f"TLS handshake with {self.peerName} failed: {_tlsFailureText(reason)}",
+                "4.7.5",
+            )
         if self._broken is None:
             stage = self._waiters[0].stage if self._waiters else self._currentStage()
             self._broken = SessionBroken(
@@ -532,14 +647,113 @@ class OutboundSession(LineReceiver):
 
     def _afterHello(self) -> None:
         """
-        The session is usable. STARTTLS (when the hop's tls mode asks for it)
-        and AUTH will go here: both must run before ``whenReady`` fires.
+        EHLO (or HELO) answered: STARTTLS when the mode asks for it, then
+        AUTH when the hop has credentials, then the session is ready.
         """
+        if self.tlsMode in ("starttls", "may") and not self.tlsActive and not self._starttlsTried:
+            if "STARTTLS" in self.capabilities:
+                self._starttlsTried = True
+                self._send(b"STARTTLS")
+                self._expect("starttls", self.timeouts.greeting).addCallbacks(
+                    self._starttlsAnswered, self._readyFailed
+                )
+                return
+            if self.tlsMode == "starttls":
+                self._refused(None, f"TLS is required, but was not offered by host {self.peerName}",
+                              "4.7.4")
+                return
+        if self._credentials is not None and not self.authenticated:
+            self._authenticate()
+            return
         self._ready.callback(self)
 
-    def _refused(self, reply: Reply, text: str) -> None:
+    def _starttlsAnswered(self, reply: Reply) -> None:
+        if reply.code != 220:
+            if self.tlsMode == "may":
+                # Opportunistic: the session is still good in plaintext.
+                self._afterHello()
+                return
+            self._refused(reply, f"TLS is required, but host {self.peerName} refused to start "
+                                 f"TLS: {reply.text()}")
+            return
+        # Whatever arrived after the 220 was sent before the handshake, in
+        # plaintext: a man-in-the-middle's injection, never a reply to trust.
+        self.clearLineBuffer()
+        self._replyLines, self._replyCode = [], None
+        self._tlsStarting = True
+        self.transport.startTLS(self._tlsOptions())
+        self.capabilities = {}
+        self.esmtp = False
+        self._send(b"EHLO " + self.heloName.encode("ascii"))
+        self._expect("ehlo", self.timeouts.greeting).addCallbacks(
+            self._ehloAfterTLS, self._readyFailed
+        )
+
+    def _ehloAfterTLS(self, reply: Reply) -> None:
+        if reply.code // 100 != 2:
+            self._refused(reply, self._saidText(reply, "ehlo"))
+            return
+        self.esmtp = True
+        self.capabilities = parseCapabilities(reply)
+        self._afterHello()
+
+    # -- AUTH ----------------------------------------------------------------
+
+    def _authenticate(self) -> None:
+        if not self.tlsActive:
+            # Never reached through the config (username needs starttls or
+            # implicit), but a password must never cross in plaintext.
+            self._refused(None, f"not sending credentials to {self.peerName} without TLS", "4.7.0")
+            return
+        mechanisms = self.capabilities.get("AUTH", "").upper().split()
+        username, password = self._credentials
+        user = username.encode("utf-8")
+        if "PLAIN" in mechanisms:
+            response = base64.b64encode(b"\0" + user + b"\0" + password.reveal().encode("utf-8"))
+            self._send(b"AUTH PLAIN " + response)
+            self._expect("auth", self.timeouts.greeting).addCallbacks(
+                self._authAnswered, self._readyFailed
+            )
+        elif "LOGIN" in mechanisms:
+            self._send(b"AUTH LOGIN")
+            self._expect("auth", self.timeouts.greeting).addCallbacks(
+                lambda reply: self._loginStep(reply, [
+                    base64.b64encode(user), base64.b64encode(password.reveal().encode("utf-8"))
+                ]),
+                self._readyFailed,
+            )
+        else:
+            offered = " ".join(mechanisms) or "none"
+            self._refused(None, f"host {self.peerName} offers no SASL mechanism relayd uses "
+                                f"(PLAIN, LOGIN; offered: {offered}); not sending without "
+                                "authentication", "4.7.0")
+
+    def _loginStep(self, reply: Reply, answers: list[bytes]) -> None:
+        if reply.code != 334 or not answers:
+            self._authAnswered(reply)
+            return
+        self._send(answers[0])
+        self._expect("auth", self.timeouts.greeting).addCallbacks(
+            lambda nextReply: self._loginStep(nextReply, answers[1:]), self._readyFailed
+        )
+
+    def _authAnswered(self, reply: Reply) -> None:
+        if reply.code == 235:
+            self.authenticated = True
+            self._afterHello()
+            return
+        if reply.code == 334:
+            # A challenge where none is expected: cancel the exchange.
+            self._send(b"*")
+            self._expect("auth", self.timeouts.greeting).addErrback(lambda f: None)
+        # Never retried (with an empty authzid or otherwise): one refused
+        # login is one failed login in the server's log.
+        self._refused(reply, f"SASL authentication failed; server {self.peerName} said: "
+                             f"{reply.text()}", reply.enhancedCode() if reply.code // 100 != 2 else "4.7.0")
+
+    def _refused(self, reply: Reply | None, text: str, dsn: str | None = None) -> None:
         if not self._ready.called:
-            self._ready.errback(HopRefused(reply, text))
+            self._ready.errback(HopRefused(reply, text, dsn))
         self.quit()
 
     def _readyFailed(self, failure: Failure) -> None:
@@ -588,14 +802,38 @@ class OutboundSession(LineReceiver):
         """
         Send one message; fires with a ``MessageOutcome`` (never errbacks for
         an SMTP or network outcome). May be called again once it fired.
+
+        Recipients refused with "too many recipients" (452 4.5.3) go out in
+        another transaction on the same connection at once, as RFC 5321
+        section 4.5.3.1.10 asks, for as long as each transaction makes
+        progress.
         """
         return defer.ensureDeferred(
-            self._transaction(sender, mailParams, list(recipients), openBody, size)
+            self._transactions(sender, mailParams, list(recipients), openBody, size)
         )
+
+    async def _transactions(self, sender, mailParams, recipients, openBody, size):
+        indexes = list(range(len(recipients)))
+        final: dict[int, RecipientResult] = {}
+        mailAccepted = False
+        while True:
+            subset = [recipients[i] for i in indexes]
+            outcome = await self._transaction(sender, mailParams, subset, openBody, size)
+            mailAccepted = mailAccepted or outcome.mailAccepted
+            for j, r in enumerate(outcome.results):
+                final[indexes[j]] = r
+            progress = len(outcome.overflow) < len(subset)
+            if not outcome.overflow or outcome.broken or not outcome.mailAccepted or not progress:
+                # Leftovers keep their 452 result: deferred, tried next time.
+                return MessageOutcome(
+                    tuple(final[i] for i in range(len(recipients))), mailAccepted, outcome.broken
+                )
+            indexes = [indexes[j] for j in outcome.overflow]
 
     async def _transaction(self, sender, mailParams, recipients, openBody, size):
         outcomes: dict[int, RecipientResult] = {}
         accepted: list[int] = []
+        overflow: list[int] = []
         mailAccepted = False
         unclaimed: list[defer.Deferred] = []
 
@@ -603,7 +841,7 @@ class OutboundSession(LineReceiver):
             for i, address in enumerate(recipients):
                 if i not in outcomes or i in accepted:
                     outcomes[i] = RecipientResult(
-                        address, broken.code, broken.dsn, broken.text, DEFERRED
+                        address, broken.code, broken.dsn, broken.text, broken.status
                     )
             return MessageOutcome(
                 tuple(outcomes[i] for i in range(len(recipients))), mailAccepted, True
@@ -653,7 +891,7 @@ class OutboundSession(LineReceiver):
                 for i, d in zip(wanted, rcptDs):
                     reply = await d
                     if mailAccepted:
-                        self._recordRcpt(i, recipients, reply, outcomes, accepted)
+                        self._recordRcpt(i, recipients, reply, outcomes, accepted, overflow)
             else:
                 self._send(mail)
                 mailReply = await self._expect("mail", self.timeouts.mail)
@@ -663,12 +901,13 @@ class OutboundSession(LineReceiver):
                     for i, rcpt in zip(wanted, rcpts):
                         self._send(rcpt)
                         reply = await self._expect("rcpt", self.timeouts.rcpt)
-                        self._recordRcpt(i, recipients, reply, outcomes, accepted)
+                        self._recordRcpt(i, recipients, reply, outcomes, accepted, overflow)
             if not mailAccepted:
                 everyone(mailReply, "mail", wanted)
                 return MessageOutcome(self._ordered(outcomes, recipients), False, False)
             if not accepted:
-                return MessageOutcome(self._ordered(outcomes, recipients), True, False)
+                return MessageOutcome(self._ordered(outcomes, recipients), True, False,
+                                      tuple(overflow))
 
             self._send(b"DATA")
             dataReply = await self._expect("data", self.timeouts.dataInit)
@@ -677,14 +916,26 @@ class OutboundSession(LineReceiver):
                     # Not a valid answer to DATA: nothing was sent, try again later.
                     dataReply = Reply(451, dataReply.lines)
                 everyone(dataReply, "data", accepted)
-                return MessageOutcome(self._ordered(outcomes, recipients), True, False)
+                return MessageOutcome(self._ordered(outcomes, recipients), True, False,
+                                      tuple(overflow))
 
             await self._sendBody(openBody)
             final = await self._expect("dot", self.timeouts.dataDone)
             self._needsReset = False
             everyone(final, "dot", accepted)
-            return MessageOutcome(self._ordered(outcomes, recipients), True, False)
+            return MessageOutcome(self._ordered(outcomes, recipients), True, False,
+                                  tuple(overflow))
         except SessionBroken as broken:
+            return remaining(broken)
+        except LineTooLong as e:
+            # Nothing past the long line was written: end the connection
+            # without a final dot so the peer discards the partial message.
+            broken = SessionBroken(
+                "body", f"message has a line of {e.length} octets, longer than SMTP allows "
+                f"({MAX_LINE}); not sent", "5.6.0", 554, BOUNCED,
+            )
+            self._broken = self._broken or broken
+            self._abort("body", broken.text)
             return remaining(broken)
         except OSError as e:
             # The spooled body could not be read: what is on the wire is
@@ -699,12 +950,17 @@ class OutboundSession(LineReceiver):
             for d in unclaimed:
                 d.addErrback(lambda f: None)
 
-    def _recordRcpt(self, i, recipients, reply, outcomes, accepted) -> None:
+    def _recordRcpt(self, i, recipients, reply, outcomes, accepted, overflow) -> None:
         if reply.code // 100 == 2:
             accepted.append(i)
         else:
             if reply.code // 100 == 3:
                 reply = Reply(451, reply.lines)
+            if isTooManyRecipients(reply):
+                overflow.append(i)
+                if reply.code // 100 == 5:
+                    # RFC 5321 4.5.3.1.10: an old 552 here is temporary.
+                    reply = Reply(452, reply.lines)
             outcomes[i] = self._result(recipients[i], reply, "rcpt")
 
     @staticmethod
@@ -756,6 +1012,15 @@ class OutboundSession(LineReceiver):
             self._dropConnection()
         return self._whenClosed()
 
+    def usable(self) -> bool:
+        """Connected, ready and not broken: another transaction may start."""
+        return (self._connected and self._broken is None and not self._quitting
+                and self._ready.called and self._producer is None and not self._waiters)
+
+    def whenClosed(self) -> defer.Deferred:
+        """Fires (never fails) once the connection is gone."""
+        return self._whenClosed()
+
     def _whenClosed(self) -> defer.Deferred:
         d: defer.Deferred = defer.Deferred()
         if self._closed.called:
@@ -763,6 +1028,21 @@ class OutboundSession(LineReceiver):
         else:
             self._closed.addBoth(lambda r: (d.callback(None), r)[1])
         return d
+
+
+def isTooManyRecipients(reply: Reply) -> bool:
+    """
+    A RCPT reply meaning "this transaction has enough recipients": 452 (or
+    552, RFC 821's code) with enhanced code x.5.3, or with no enhanced code
+    and the words "too many recipients".
+    """
+    if reply.code not in (452, 552):
+        return False
+    first = reply.lines[0] if reply.lines else b""
+    match = _ENHANCED.match(first)
+    if match:
+        return match.group(2, 3) == (b"5", b"3")
+    return b"too many recipients" in b" ".join(reply.lines).lower()
 
 
 def parseCapabilities(reply: Reply) -> dict[str, str]:
@@ -806,10 +1086,213 @@ class _SessionFactory(Factory):
         return self._build()
 
 
+class Secret:
+    """A password: kept out of every repr, str and log line."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: str):
+        self._value = value
+
+    def reveal(self) -> str:
+        return self._value
+
+    def __repr__(self) -> str:
+        return "Secret('********')"
+
+    __str__ = __repr__
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Secret) and other._value == self._value
+
+    def __hash__(self) -> int:
+        return hash(self._value)
+
+
+def readPassword(path: str) -> Secret:
+    """
+    The password in ``path``: its first line without the line ending (so
+    ``echo secret > file`` works). Raises ``ValueError`` naming only the
+    file when it is empty, ``OSError`` when it cannot be read.
+    """
+    with open(path, "rb") as f:
+        data = f.read()
+    line = data.split(b"\n", 1)[0].rstrip(b"\r")
+    if not line:
+        raise ValueError(f"{path}: the password file is empty")
+    return Secret(line.decode("utf-8"))
+
+
+# -- TLS ----------------------------------------------------------------------------
+
+_PEM_CERTIFICATE = re.compile(
+    rb"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----", re.DOTALL
+)
+
+
+def loadTrustRoot(caFile: str | None):
+    """The system CA store, or every certificate in ``caFile``."""
+    from twisted.internet import ssl
+
+    if caFile is None:
+        return ssl.platformTrust()
+    with open(caFile, "rb") as f:
+        blocks = _PEM_CERTIFICATE.findall(f.read())
+    if not blocks:
+        raise ValueError(f"{caFile}: no PEM certificate in the file")
+    return ssl.trustRootFromCertificates([ssl.Certificate.loadPEM(b) for b in blocks])
+
+
+class _ChainState:
+    """Per connection: did every certificate of the chain verify?"""
+
+    def __init__(self) -> None:
+        self.chainVerified = True
+
+
+# Opportunistic connections -> their chain state (Twisted owns app_data).
+_chainStates: "weakref.WeakKeyDictionary[Any, _ChainState]" = weakref.WeakKeyDictionary()
+
+
+def _recordVerification(connection, certificate, errno, depth, ok) -> bool:
+    if not ok:
+        state = _chainStates.get(connection)
+        if state is not None:
+            state.chainVerified = False
+    return True  # opportunistic: encrypt anyway
+
+
+@implementer(IOpenSSLClientConnectionCreator)
+class OpportunisticTLS:
+    """
+    Encryption with SNI and no verification (``tls: may``, or ``verify:
+    false``): the handshake succeeds whatever the certificate, and the
+    result of the chain and name checks is kept for the log line.
+    """
+
+    def __init__(self, hostname: str, caFile: str | None = None):
+        from OpenSSL import SSL
+
+        self.hostname = hostname
+        context = SSL.Context(SSL.TLS_METHOD)
+        context.set_options(SSL.OP_NO_SSLv2 | SSL.OP_NO_SSLv3 | SSL.OP_NO_COMPRESSION)
+        if caFile is not None:
+            context.load_verify_locations(caFile)
+        else:
+            context.set_default_verify_paths()
+        context.set_verify(SSL.VERIFY_PEER, _recordVerification)
+        self._context = context
+
+    def clientConnectionForTLS(self, tlsProtocol):
+        from OpenSSL import SSL
+
+        connection = SSL.Connection(self._context, None)
+        _chainStates[connection] = _ChainState()
+        if self.hostname and not _isAddressLiteral(self.hostname):
+            connection.set_tlsext_host_name(self.hostname.encode("idna"))
+        connection.set_connect_state()
+        return connection
+
+
+def clientTLSOptions(hostname: str, tls: str, verify: bool, caFile: str | None):
+    """
+    The connection creator for a hop: verified (service_identity host name
+    check against the system CAs or ``caFile``) for ``starttls`` and
+    ``implicit`` with ``verify``, otherwise opportunistic.
+    """
+    if tls in ("starttls", "implicit") and verify:
+        from twisted.internet import ssl
+
+        return ssl.optionsForClientTLS(hostname, trustRoot=loadTrustRoot(caFile))
+    return OpportunisticTLS(hostname, caFile if tls != "may" else None)
+
+
+def _tlsInfo(transport: Any, hostName: str) -> TLSInfo | None:
+    try:
+        connection = transport.getHandle()
+        protocol = connection.get_protocol_version_name()
+        cipher = connection.get_cipher_name()
+        bits = connection.get_cipher_bits() or 0
+    except Exception:
+        return None
+    state = _chainStates.get(connection)
+    if state is None:
+        trust = "Verified"  # optionsForClientTLS completes only when verified
+    elif not state.chainVerified:
+        trust = "Untrusted"
+    else:
+        from service_identity import VerificationError
+        from service_identity.pyopenssl import verify_hostname, verify_ip_address
+
+        try:
+            if _isAddressLiteral(hostName):
+                verify_ip_address(connection, hostName)
+            else:
+                verify_hostname(connection, hostName)
+            trust = "Verified"
+        except (VerificationError, Exception):
+            trust = "Trusted"
+    return TLSInfo(protocol or "", cipher or "", bits, trust)
+
+
+def _tlsFailureText(reason: Failure) -> str:
+    from OpenSSL import SSL
+
+    exc = reason.value
+    if isinstance(exc, SSL.Error):
+        details = []
+        for item in exc.args[0] if exc.args and isinstance(exc.args[0], list) else []:
+            if isinstance(item, tuple) and item and item[-1]:
+                details.append(str(item[-1]))
+        return ", ".join(details) or str(exc) or "TLS error"
+    if exc.__class__.__name__ == "VerificationError":
+        return "the certificate does not match the host name"
+    if isinstance(exc, (error.ConnectionDone, error.ConnectionLost)):
+        return "the server closed the connection"
+    return str(exc) or exc.__class__.__name__
+
+
+# -- the courier -----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Target:
+    """
+    One place to connect to: a configured host (resolved by the endpoint),
+    or an MX host's ``address``. ``host`` names it in logs and is the name
+    its certificate must carry.
+    """
+
+    host: str
+    port: int
+    tls: str = "none"
+    verify: bool = True
+    caFile: str | None = None
+    username: str | None = None
+    passwordFile: str | None = None
+    address: str | None = None
+
+    @classmethod
+    def of(cls, hop: Any) -> "Target":
+        if isinstance(hop, Target):
+            return hop
+        return cls(
+            hop.host, hop.port, getattr(hop, "tls", "none"), getattr(hop, "verify", True),
+            getattr(hop, "caFile", None), getattr(hop, "username", None),
+            getattr(hop, "passwordFile", None), getattr(hop, "address", None),
+        )
+
+
 def _connectFailureText(hop: Any, reason: Failure) -> str:
     """Postfix's wording for a failed connection."""
     host = hop.host
-    where = f"{host}[{host}]:{hop.port}" if _isAddressLiteral(host) else f"{host}:{hop.port}"
+    address = getattr(hop, "address", None)
+    if address:
+        where = f"{host}[{address}]:{hop.port}"
+    elif _isAddressLiteral(host):
+        where = f"{host}[{host}]:{hop.port}"
+    else:
+        where = f"{host}:{hop.port}"
     exc = reason.value
     if isinstance(exc, error.DNSLookupError):
         return f"Host or domain name not found. Name service error for name={host}: {exc}"
@@ -829,12 +1312,30 @@ class _HopOutcome:
     final: bool  # False: the courier may try the next hop
 
 
+def _hasEightBit(openBody: Callable[[], BinaryIO], chunkSize: int = CHUNK_SIZE) -> bool:
+    eightBit = re.compile(rb"[\x80-\xff]")
+    with openBody() as body:
+        while True:
+            chunk = body.read(chunkSize)
+            if not chunk:
+                return False
+            if eightBit.search(chunk):
+                return True
+
+
 class Courier:
     """
     Makes delivery attempts. One ``deliver`` call = one attempt over an
-    ordered list of next hops: the next hop is tried when a connection fails,
-    the greeting or hello is refused, or the conversation breaks before MAIL
-    is accepted; once a hop accepted MAIL, its answers stand.
+    ordered list of next hops (an ``MXRoute`` among them expands to its
+    MX hosts' addresses): the next one is tried when a connection fails,
+    the greeting, hello, STARTTLS or AUTH is refused, TLS fails, or the
+    conversation breaks before MAIL is accepted; once a hop accepted MAIL,
+    its answers stand.
+
+    ``passwords`` maps each ``password_file`` path to its ``Secret`` (read
+    by tap.py at start and on reload); ``localAddresses`` returns the
+    (address, port) pairs relayd listens on, so an MX pointing back at
+    relayd bounces instead of looping.
     """
 
     def __init__(
@@ -844,12 +1345,40 @@ class Courier:
         timeouts: Timeouts = Timeouts(),
         endpointFactory: Callable[[Any, Any, Timeouts], Any] | None = None,
         chunkSize: int = CHUNK_SIZE,
+        resolver: Any = None,
+        passwords: dict[str, Secret] | None = None,
+        localAddresses: Callable[[], Sequence[tuple[str, int]]] = lambda: (),
+        reuseTime: float = REUSE_TIME,
+        addressLimit: int | None = None,
+        shuffle: Callable[[list], None] | None = None,
+        tlsOptions: Callable[[Target], Any] | None = None,
     ):
+        from relayd import resolve
+
         self._reactor = reactor
         self.heloName = heloName
         self.timeouts = timeouts
-        self._endpointFactory = endpointFactory or _hostnameEndpoint
+        self._endpointFactory = endpointFactory or _endpointFor
         self._chunkSize = chunkSize
+        self.resolver = resolver
+        self.passwords = dict(passwords or {})
+        self.localAddresses = localAddresses
+        self.reuseTime = reuseTime
+        self.addressLimit = addressLimit or resolve.ADDRESS_LIMIT
+        self._shuffle = shuffle or _random.shuffle
+        self._tlsOptions = tlsOptions or self._cachedTLSOptions
+        self._creators: dict[tuple, Any] = {}
+        self._idle: dict[tuple, list[tuple[OutboundSession, Any]]] = {}
+        # Pool key -> until when that target is tried after the others.
+        self._failedUntil: dict[tuple, float] = {}
+
+    def reconfigure(self, timeouts: Timeouts, passwords: dict[str, Secret], resolver: Any) -> None:
+        """A reload: new settings for new connections; idle ones are closed."""
+        self.timeouts = timeouts
+        self.passwords = dict(passwords)
+        self.resolver = resolver
+        self._creators.clear()
+        self.closeIdle()
 
     def deliver(
         self,
@@ -868,6 +1397,9 @@ class Courier:
 
         def localFailure(failure: Failure) -> AttemptResult:
             # A bug, not an outcome: keep the message queued.
+            from twisted.logger import Logger
+
+            Logger().failure("delivery attempt failed locally", failure)
             text = f"delivery failed locally: {failure.value.__class__.__name__}"
             return AttemptResult(
                 "none",
@@ -882,30 +1414,128 @@ class Courier:
         if not hops:
             return AttemptResult(
                 "none",
-                tuple(
-                    RecipientResult(r, 0, "4.3.5", "no next hop is configured", DEFERRED)
-                    for r in recipients
-                ),
+                self._everyone(recipients, 0, "4.3.5", "no next hop is configured", DEFERRED),
                 0.0,
                 0.0,
             )
+        message = (sender, mailParams, recipients, openBody, size)
         outcome = None
-        for hop in hops:
-            outcome = await self._tryHop(hop, sender, mailParams, recipients, openBody, size, started)
-            if outcome.final:
-                break
+        for hop in self._order(hops):
+            if _isMXRoute(hop):
+                targets = await self._mxTargets(hop, recipients, started)
+                if isinstance(targets, AttemptResult):
+                    return targets
+            else:
+                targets = [Target.of(hop)]
+            for target in targets:
+                outcome = await self._tryHop(target, message, started)
+                self._remember(target, outcome)
+                if outcome.final:
+                    return outcome.result
         return outcome.result
+
+    def _order(self, hops: list) -> list:
+        """Hops that failed recently go last (kept in their order), never dropped."""
+        now = self._reactor.seconds()
+        for key, until in list(self._failedUntil.items()):
+            if until <= now:
+                del self._failedUntil[key]
+        return sorted(hops, key=lambda hop: not _isMXRoute(hop)
+                      and _poolKey(Target.of(hop)) in self._failedUntil)
+
+    def _remember(self, target: Target, outcome: "_HopOutcome") -> None:
+        key = _poolKey(target)
+        if outcome.final:
+            self._failedUntil.pop(key, None)
+        else:
+            self._failedUntil[key] = self._reactor.seconds() + FAILED_HOP_TIME
 
     def _everyone(self, recipients, code, dsn, text, status):
         return tuple(RecipientResult(r, code, dsn, text, status) for r in recipients)
 
-    async def _tryHop(self, hop, sender, mailParams, recipients, openBody, size, started):
+    # -- MX ------------------------------------------------------------------------
+
+    async def _mxTargets(self, route: Any, recipients, started) -> list[Target] | AttemptResult:
+        from relayd import resolve
+
+        def unroutable(code, dsn, text, status):
+            return AttemptResult("none", self._everyone(recipients, code, dsn, text, status),
+                                 self._reactor.seconds() - started, 0.0)
+
+        if self.resolver is None:
+            return unroutable(0, "4.3.5", "MX delivery has no resolver configured", DEFERRED)
+        found = await resolve.mailTargets(self.resolver, route.domain, self.addressLimit,
+                                          self._shuffle)
+        if isinstance(found, resolve.Unroutable):
+            return unroutable(found.code, found.dsn, found.text,
+                              BOUNCED if found.permanent else DEFERRED)
+        for t in found.targets:
+            if self._isLocal(t.address, route.port):
+                return unroutable(554, "5.4.6",
+                                  f"mail for {route.domain} loops back to myself "
+                                  f"({t.host}[{t.address}]:{route.port})", BOUNCED)
+        return [
+            Target(t.host, route.port, route.tls, route.verify, route.caFile, address=t.address)
+            for t in found.targets
+        ]
+
+    def _isLocal(self, address: str, port: int) -> bool:
+        try:
+            ip = ipaddress.ip_address(address)
+        except ValueError:
+            return False
+        for localAddress, localPort in self.localAddresses():
+            if localPort != port:
+                continue
+            try:
+                local = ipaddress.ip_address(localAddress or "0.0.0.0")
+            except ValueError:
+                continue
+            if local == ip or (local.is_unspecified and (ip.is_loopback or ip.is_unspecified)):
+                return True
+        return False
+
+    # -- one target ----------------------------------------------------------------
+
+    def _cachedTLSOptions(self, target: Target):
+        key = (target.host, target.tls, target.verify, target.caFile)
+        creator = self._creators.get(key)
+        if creator is None:
+            creator = self._creators[key] = clientTLSOptions(
+                target.host, target.tls, target.verify, target.caFile)
+        return creator
+
+    async def _open(self, target: Target, message, started):
+        """A ready session to ``target``, or the ``_HopOutcome`` saying why not."""
         seconds = self._reactor.seconds
+        recipients = message[2]
+        credentials = None
+        if target.username is not None:
+            password = self.passwords.get(target.passwordFile)
+            if password is None:
+                return _HopOutcome(AttemptResult("none", self._everyone(
+                    recipients, 0, "4.3.5",
+                    f"no password loaded from {target.passwordFile} for {target.host}", DEFERRED),
+                    seconds() - started, 0.0), final=False)
+            credentials = (target.username, password)
+        creator = None
+        try:
+            if target.tls != "none":
+                creator = self._tlsOptions(target)
+        except (OSError, ValueError) as e:
+            return _HopOutcome(AttemptResult("none", self._everyone(
+                recipients, 0, "4.7.5", f"cannot set up TLS for {target.host}: {e}", DEFERRED),
+                seconds() - started, 0.0), final=False)
         session = OutboundSession(
-            self._reactor, self.heloName, self.timeouts, hop.host, self._chunkSize
+            self._reactor, self.heloName, self.timeouts, target.host, self._chunkSize,
+            tls=target.tls, tlsOptions=lambda: creator, credentials=credentials,
         )
         try:
-            endpoint = self._endpointFactory(self._reactor, hop, self.timeouts)
+            endpoint = self._endpointFactory(self._reactor, target, self.timeouts)
+            if target.tls == "implicit":
+                from twisted.internet.endpoints import wrapClientTLS
+
+                endpoint = wrapClientTLS(creator, endpoint)
             connecting = endpoint.connect(_SessionFactory(lambda: session))
             guard = self._reactor.callLater(self.timeouts.connect, connecting.cancel)
             try:
@@ -918,7 +1548,7 @@ class Courier:
             return _HopOutcome(
                 AttemptResult(
                     "none",
-                    self._everyone(recipients, 0, "4.4.1", _connectFailureText(hop, failure), DEFERRED),
+                    self._everyone(recipients, 0, "4.4.1", _connectFailureText(target, failure), DEFERRED),
                     seconds() - started,
                     0.0,
                 ),
@@ -929,51 +1559,151 @@ class Courier:
             await session.whenReady()
         except (HopRefused, SessionBroken) as e:
             await session.quit()
-            if isinstance(e, HopRefused):
-                reply = e.reply
-                dsn = reply.enhancedCode()
-                if dsn[0] != "4":
-                    dsn = "4" + dsn[1:]  # a refusing greeting is temporary
-                code = reply.code
-            else:
-                code, dsn = e.code, e.dsn
+            if target.tls == "may" and session.tlsFailed:
+                # Opportunistic TLS that cannot be negotiated: plaintext on
+                # a new connection, as Postfix does; never for required TLS.
+                return await self._open(replace(target, tls="none"), message, started)
             return _HopOutcome(
                 AttemptResult(
                     session.relay,
-                    self._everyone(recipients, code, dsn, e.text, DEFERRED),
+                    self._everyone(recipients, e.code, e.dsn, e.text, DEFERRED),
                     seconds() - started,
                     0.0,
                 ),
                 final=False,
             )
+        if session.tlsInfo is not None:
+            from relayd import maillog
+
+            info = session.tlsInfo
+            maillog.tlsConnection(session.relay, info.trust, info.protocol, info.cipher, info.bits)
+        return session
+
+    async def _tryHop(self, target: Target, message, started, reuse: bool = True):
+        seconds = self._reactor.seconds
+        sender, mailParams, recipients, openBody, size = message
+        key = _poolKey(target)
+        session = self._takeIdle(key) if reuse else None
+        reused = session is not None
+        if session is None:
+            opened = await self._open(target, message, started)
+            if isinstance(opened, _HopOutcome):
+                return opened
+            session = opened
         connectSeconds = seconds() - started
 
-        limit = session.sizeLimit()
-        if limit is not None and size > limit:
-            await session.quit()
-            text = f"message size {size} exceeds size limit {limit} of server {session.peerName}"
+        refusal = self._refusal(session, message)
+        if refusal is not None:
+            self._release(key, session)
+            code, dsn, text = refusal
             return _HopOutcome(
-                AttemptResult(
-                    session.relay,
-                    self._everyone(recipients, 552, "5.3.4", text, BOUNCED),
-                    connectSeconds,
-                    0.0,
-                ),
+                AttemptResult(session.relay, self._everyone(recipients, code, dsn, text, BOUNCED),
+                              connectSeconds, 0.0),
                 final=True,
             )
 
         transactionStarted = seconds()
-        message = await session.sendMessage(sender, mailParams, recipients, openBody, size)
+        outcome = await session.sendMessage(sender, mailParams, recipients, openBody, size)
+        if reused and not outcome.mailAccepted:
+            # The idle connection may have been closed (or timed out) by the
+            # peer meanwhile: the answer counts only from a fresh one.
+            session.quit()
+            return await self._tryHop(target, message, started, reuse=False)
         transmitSeconds = seconds() - transactionStarted
-        await session.quit()
+        self._release(key, session)
         return _HopOutcome(
-            AttemptResult(session.relay, message.results, connectSeconds, transmitSeconds),
-            final=message.mailAccepted or not message.broken,
+            AttemptResult(session.relay, outcome.results, connectSeconds, transmitSeconds),
+            final=outcome.mailAccepted or not outcome.broken,
         )
 
+    def _refusal(self, session: OutboundSession, message) -> tuple[int, str, str] | None:
+        """Why this message must not be sent to this peer at all (a bounce), or None."""
+        sender, mailParams, recipients, openBody, size = message
+        limit = session.sizeLimit()
+        if limit is not None and size > limit:
+            return (552, "5.3.4",
+                    f"message size {size} exceeds size limit {limit} of server {session.peerName}")
+        if "8BITMIME" not in session.capabilities:
+            body = _paramValue(mailParams, "BODY")
+            declared = body is not None and body.upper() == "8BITMIME"
+            if declared or _hasEightBit(openBody, self._chunkSize):
+                what = "BODY=8BITMIME" if declared else "8-bit bytes in the body"
+                return (554, "5.6.3",
+                        f"message has 8-bit content ({what}), but host {session.peerName} does "
+                        "not support 8BITMIME; relayd does not convert it")
+        return None
 
-def _hostnameEndpoint(reactor: Any, hop: Any, timeouts: Timeouts) -> Any:
-    """IPv4 and IPv6 (Happy Eyeballs) to the hop's name or address."""
-    from twisted.internet.endpoints import HostnameEndpoint
+    # -- idle connections ------------------------------------------------------------
 
-    return HostnameEndpoint(reactor, hop.host, hop.port, timeout=timeouts.connect)
+    def _takeIdle(self, key: tuple) -> OutboundSession | None:
+        sessions = self._idle.get(key)
+        while sessions:
+            session, timer = sessions.pop()
+            if timer.active():
+                timer.cancel()
+            if session.usable():
+                return session
+        return None
+
+    def _release(self, key: tuple, session: OutboundSession) -> None:
+        """Keep a usable session for the next message to the same hop, briefly."""
+        if self.reuseTime <= 0 or not session.usable():
+            session.quit()
+            return
+        timer = self._reactor.callLater(self.reuseTime, self._expire, key, session)
+        self._idle.setdefault(key, []).append((session, timer))
+        session.whenClosed().addCallback(lambda _: self._forget(key, session))
+
+    def _forget(self, key: tuple, session: OutboundSession) -> None:
+        sessions = self._idle.get(key, [])
+        for entry in list(sessions):
+            if entry[0] is session:
+                sessions.remove(entry)
+                if entry[1].active():
+                    entry[1].cancel()
+        if not sessions:
+            self._idle.pop(key, None)
+
+    def _expire(self, key: tuple, session: OutboundSession) -> None:
+        self._forget(key, session)
+        session.quit()
+
+    def closeIdle(self) -> defer.Deferred:
+        """QUIT every idle session; fires when all are closed (at shutdown)."""
+        closing = []
+        for key in list(self._idle):
+            for session, timer in list(self._idle.get(key, [])):
+                if timer.active():
+                    timer.cancel()
+                closing.append(session.quit())
+            self._idle.pop(key, None)
+        return defer.DeferredList(closing, consumeErrors=True)
+
+
+def _isMXRoute(hop: Any) -> bool:
+    from relayd.route import MXRoute
+
+    return isinstance(hop, MXRoute)
+
+
+def _poolKey(target: Target) -> tuple:
+    return (target.host, target.address, target.port, target.tls, target.verify,
+            target.caFile, target.username)
+
+
+def _endpointFor(reactor: Any, target: Any, timeouts: Timeouts) -> Any:
+    """
+    An MX host's address as is (IPv4 or IPv6); a configured host by name,
+    IPv4 and IPv6 (Happy Eyeballs).
+    """
+    from twisted.internet.endpoints import (
+        HostnameEndpoint,
+        TCP4ClientEndpoint,
+        TCP6ClientEndpoint,
+    )
+
+    address = getattr(target, "address", None)
+    if address:
+        kind = TCP6ClientEndpoint if ":" in address else TCP4ClientEndpoint
+        return kind(reactor, address, target.port, timeout=timeouts.connect)
+    return HostnameEndpoint(reactor, target.host, target.port, timeout=timeouts.connect)

@@ -22,6 +22,18 @@ FAILED = "failed"  # permanently refused (5xx), or expired; bounce material
 
 RECIPIENT_STATES = (PENDING, SENT, FAILED)
 
+# Messages relayd writes itself (relayd.bounce). A failed NOTICE_BOUNCE or
+# NOTICE_DELAY goes to the postmaster as a double bounce; a failed double
+# bounce or quarantine report is dropped, so notices never loop.
+NOTICE_BOUNCE = "bounce"
+NOTICE_DELAY = "delay"
+NOTICE_DOUBLE_BOUNCE = "2bounce"
+NOTICE_QUARANTINE = "quarantine"
+NOTICE_KINDS = (NOTICE_BOUNCE, NOTICE_DELAY, NOTICE_DOUBLE_BOUNCE, NOTICE_QUARANTINE)
+
+# Delivery results kept per message for relayctl show.
+HISTORY_LIMIT = 50
+
 # Crockford's base32 alphabet: no I, L, O, U; ids stay readable when read aloud.
 _ID_ALPHABET = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
 
@@ -60,6 +72,9 @@ class Recipient:
     reply: str | None = None
     # When the last attempt for this recipient ended (Unix time).
     lastAttempt: float | None = None
+    # The next hop that gave the last result ("host[ip]:port"), for the
+    # Remote-MTA field of a delivery status notification.
+    relay: str | None = None
 
     def toJSON(self) -> dict:
         return {
@@ -69,6 +84,7 @@ class Recipient:
             "dsn": self.dsn,
             "reply": self.reply,
             "last_attempt": self.lastAttempt,
+            "relay": self.relay,
         }
 
     @classmethod
@@ -83,6 +99,7 @@ class Recipient:
             dsn=data.get("dsn"),
             reply=data.get("reply"),
             lastAttempt=data.get("last_attempt"),
+            relay=data.get("relay"),
         )
 
 
@@ -109,6 +126,18 @@ class Envelope:
     nextAttempt: float = 0.0
     lastError: str | None = None
     hold: bool = False
+    # The "delayed" notice (queue.delay_warning) has been sent.
+    warned: bool = False
+    # What relayd generated this message as (NOTICE_KINDS), None for mail a
+    # client submitted; decides whether its own failure may cause a notice.
+    notice: str | None = None
+    # The latest delivery results, oldest first, at most HISTORY_LIMIT:
+    # {"time", "recipient", "relay", "dsn", "status", "reply"} (relayctl show).
+    history: list[dict] = field(default_factory=list)
+
+    def recordHistory(self, entry: dict) -> None:
+        self.history.append(entry)
+        del self.history[:-HISTORY_LIMIT]
 
     def pending(self) -> list[Recipient]:
         return [r for r in self.recipients if r.state == PENDING]
@@ -134,6 +163,9 @@ class Envelope:
             "next_attempt": self.nextAttempt,
             "last_error": self.lastError,
             "hold": self.hold,
+            "warned": self.warned,
+            "notice": self.notice,
+            "history": self.history,
         }
 
     @classmethod
@@ -164,7 +196,22 @@ class Envelope:
             nextAttempt=float(data.get("next_attempt", 0.0)),
             lastError=data.get("last_error"),
             hold=bool(data.get("hold", False)),
+            warned=bool(data.get("warned", False)),
+            notice=_notice(data.get("notice")),
+            history=_history(data.get("history", [])),
         )
+
+
+def _notice(value) -> str | None:
+    if value is not None and value not in NOTICE_KINDS:
+        raise ValueError(f"unknown notice kind {value!r}")
+    return value
+
+
+def _history(value) -> list[dict]:
+    if not isinstance(value, list) or not all(isinstance(e, dict) for e in value):
+        raise ValueError("history is not a list of mappings")
+    return list(value[-HISTORY_LIMIT:])
 
 
 def _str(data: dict, key: str) -> str:

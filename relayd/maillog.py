@@ -111,6 +111,22 @@ def rejected(queueId: str | None, stage: str, clientName: str, clientAddress: st
           client_address=clientAddress, reply=reply, sender=sender, recipient=recipient)
 
 
+def saslFailed(clientName: str, clientAddress: str, method: str, reason: str,
+               username: str) -> None:
+    """``warning: host[ip]: SASL PLAIN authentication failed: authentication failure, sasl_username=alice`` (fail2ban's postfix-sasl filter)."""
+    _emit("smtpd", None,
+          f"warning: {hostAddr(clientName, clientAddress)}: SASL {printable(method)} authentication "
+          f"failed: {printable(reason)}, sasl_username={printable(username)}",
+          level=LogLevel.warn, client_name=clientName, client_address=clientAddress,
+          sasl_method=method, sasl_username=username)
+
+
+def tlsHandshakeFailed(clientName: str, clientAddress: str, reason: str) -> None:
+    """``SSL_accept error from host[ip]: reason``, as Postfix words it."""
+    _emit("smtpd", None, f"SSL_accept error from {hostAddr(clientName, clientAddress)}: {printable(reason)}",
+          level=LogLevel.warn, client_name=clientName, client_address=clientAddress)
+
+
 def smtpdWarning(text: str) -> None:
     _emit("smtpd", None, f"warning: {text}", level=LogLevel.warn)
 
@@ -140,6 +156,47 @@ def queueWarning(queueId: str | None, text: str) -> None:
     _emit("qmgr", queueId, f"warning: {printable(text)}", level=LogLevel.warn)
 
 
+def notEnoughSpace(freeBytes: int, reserve: int) -> None:
+    """MAIL refused with 452 4.3.1: the spool's file system is below the reserve."""
+    _emit("smtpd", None, f"warning: not enough free space in mail queue: {freeBytes} bytes < "
+          f"{reserve} bytes (queue.free_space_reserve)", level=LogLevel.warn,
+          free_bytes=freeBytes, reserve=reserve)
+
+
+# bounce (notices relayd writes itself)
+
+_NOTICE_WORDS = {
+    "bounce": "sender non-delivery notification",
+    "delay": "sender delay notification",
+    "2bounce": "postmaster non-delivery notification",
+    "quarantine": "postmaster quarantine notification",
+}
+
+
+def noticeQueued(queueId: str | None, kind: str, noticeId: str) -> None:
+    """``<id>: sender non-delivery notification: <newid>``, as Postfix's bounce service logs it."""
+    _emit("bounce", queueId, f"{_NOTICE_WORDS[kind]}: {noticeId}", kind=kind, notice_id=noticeId)
+
+
+def noticeDiscarded(queueId: str, reason: str) -> None:
+    """A failure that produces no notice (mail from <> with no postmaster, a failed double bounce)."""
+    _emit("bounce", queueId, f"discarded undeliverable notice: {printable(reason)}",
+          level=LogLevel.warn, reason=reason)
+
+
+def noticeFailed(queueId: str, reason: str) -> None:
+    _emit("bounce", queueId, f"warning: cannot queue notification, will retry: {printable(reason)}",
+          level=LogLevel.warn, reason=reason)
+
+
+# admin (relayctl, through the control socket)
+
+
+def adminAction(queueId: str, action: str) -> None:
+    """``<id>: removed by admin``, ``<id>: placed on hold by admin``, ..."""
+    _emit("admin", queueId, f"{action} by admin", action=action)
+
+
 # smtp (delivery)
 
 
@@ -159,6 +216,17 @@ def delivery(queueId: str, recipient: str, relay: str, delay: float,
     level = LogLevel.info
     _emit("smtp", queueId, text, level=level, to=recipient, relay=relay, delay=delay,
           dsn=dsn, status=status, reply=reply)
+
+
+def tlsConnection(relay: str, trust: str, protocol: str, cipher: str, bits: int) -> None:
+    """
+    ``Verified TLS connection established to host[ip]:port: TLSv1.3 with cipher X (256/256 bits)``
+    (Postfix's wording; ``trust`` is Verified, Trusted or Untrusted).
+    """
+    text = (f"{trust} TLS connection established to {printable(relay)}: "
+            f"{printable(protocol)} with cipher {printable(cipher)} ({bits}/{bits} bits)")
+    _emit("smtp", None, text, relay=relay, tls_trust=trust, tls_protocol=protocol,
+          tls_cipher=cipher)
 
 
 # the daemon itself

@@ -232,6 +232,9 @@ class Spool:
         self.directory = directory
         self._prepared = False
         self._lockFile = None
+        # (queue id, reason) of every entry recover() moved to quarantine/,
+        # for the postmaster's notice.
+        self.quarantined: list[tuple[str, str]] = []
 
     def lock(self) -> None:
         """
@@ -337,6 +340,7 @@ class Spool:
     def _quarantine(self, queueId: str, reason: str) -> None:
         """Move both files of an unreadable entry aside, keeping them for a human."""
         maillog.quarantined(queueId, reason)
+        self.quarantined.append((queueId, reason))
         for suffix in (ENVELOPE_SUFFIX, BODY_SUFFIX):
             source = self._path(QUEUE, queueId + suffix)
             if not os.path.lexists(source):

@@ -3,9 +3,16 @@ Where a recipient's mail goes next: the ordered list of next hops to try.
 
 Pure functions over the delivery configuration, so the scheduler can group a
 message's recipients by destination (one courier attempt per group) and the
-rules can be tested as a table. For now every recipient goes to the
-configured smarthosts; per-domain routes and MX lookup come later and will
-change what these functions return, not their shape.
+rules can be tested as a table. In order:
+
+1. ``delivery.routes[domain]`` (exact, lower-cased recipient domain);
+2. ``delivery.routes["*"]``;
+3. ``delivery.smarthosts`` when there are any;
+4. the domain's MX hosts (an ``MXRoute``; the courier resolves it).
+
+A route entry with ``mx: true`` is an ``MXRoute`` too, with that entry's
+TLS policy, so a domain can get MX delivery with required TLS while the
+rest of the mail goes to a smarthost.
 
 A next hop is anything with ``.host``, ``.port`` and ``.tls`` (in practice
 ``relayd.config.NextHop``); this module never imports the config module.
@@ -13,7 +20,29 @@ A next hop is anything with ``.host``, ``.port`` and ``.tls`` (in practice
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Iterable, Sequence
+
+DEFAULT_MX_PORT = 25
+DEFAULT_MX_TLS = "may"
+
+
+@dataclass(frozen=True)
+class MXRoute:
+    """
+    "The MX hosts of ``domain``": resolved by the courier at each attempt
+    (DNS answers change), connected to on ``port`` with this TLS policy.
+    """
+
+    domain: str
+    port: int = DEFAULT_MX_PORT
+    tls: str = DEFAULT_MX_TLS
+    verify: bool = True
+    caFile: str | None = None
+
+    @property
+    def host(self) -> str:
+        return self.domain
 
 
 def recipientDomain(address: str) -> str:
@@ -26,14 +55,25 @@ def recipientDomain(address: str) -> str:
     return domain.lower() if at else ""
 
 
-def nextHops(recipientDomain: str, delivery: Any) -> tuple[Any, ...]:
-    """
-    The next hops, in the order to try them, for mail to ``recipientDomain``.
+def _mxRoute(domain: str, delivery: Any, entry: Any = None) -> MXRoute:
+    port = getattr(delivery, "mxPort", DEFAULT_MX_PORT)
+    if entry is None:
+        return MXRoute(domain, port)
+    return MXRoute(domain, port, entry.tls, getattr(entry, "verify", True),
+                   getattr(entry, "caFile", None))
 
-    Today: the configured smarthosts, whatever the domain. Later: a
-    per-domain route first, then the smarthosts, then MX lookup.
-    """
-    return tuple(delivery.smarthosts)
+
+def nextHops(recipientDomain: str, delivery: Any) -> tuple[Any, ...]:
+    """The next hops, in the order to try them, for mail to ``recipientDomain``."""
+    routes = getattr(delivery, "routes", None) or {}
+    hops = routes.get(recipientDomain) or routes.get("*")
+    if hops:
+        if getattr(hops[0], "mx", False):
+            return (_mxRoute(recipientDomain, delivery, hops[0]),)
+        return tuple(hops)
+    if delivery.smarthosts:
+        return tuple(delivery.smarthosts)
+    return (_mxRoute(recipientDomain, delivery),)
 
 
 def groupByDestination(
@@ -42,8 +82,9 @@ def groupByDestination(
     """
     Recipients grouped by the next-hop list they route to, so that one
     delivery attempt (one connection) carries every recipient that shares
-    a destination. Order is kept inside each group and groups appear in the
-    order of their first recipient. Today there is a single group.
+    a destination: with smarthosts every recipient shares one group; with
+    MX delivery each recipient domain is its own group. Order is kept inside
+    each group and groups appear in the order of their first recipient.
     """
     groups: dict[tuple[Any, ...], list[str]] = {}
     for address in recipients:
@@ -52,4 +93,4 @@ def groupByDestination(
     return groups
 
 
-__all__: Sequence[str] = ("recipientDomain", "nextHops", "groupByDestination")
+__all__: Sequence[str] = ("MXRoute", "recipientDomain", "nextHops", "groupByDestination")

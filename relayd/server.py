@@ -13,7 +13,9 @@ Every reply comes from relayd.replies; every log line from relayd.maillog.
 
 from __future__ import annotations
 
+import binascii
 import errno
+import os
 import ipaddress
 import re
 import time
@@ -21,12 +23,20 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from email.utils import formatdate, make_msgid
 
+from OpenSSL import SSL
+from twisted.cred import credentials
+from twisted.cred import error as credError
 from twisted.internet import defer, protocol
+from twisted.internet.interfaces import IHandshakeListener
 from twisted.logger import Logger
 from twisted.mail import smtp
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from relayd import maillog, replies
+from relayd.auth import FailureThrottle, IRelayClient, MessageRate, PasswordTooLong, hasRoutingTricks
+from relayd.config import Listener
+from relayd.tls import sessionDescription
 from relayd.envelope import Envelope, Recipient, newQueueId
 from relayd.replies import Reply
 
@@ -38,17 +48,26 @@ MAX_COMMAND_LINE = 512
 MAX_UNTERMINATED = 4096
 # RFC 5322 §2.1.1: at most 998 characters before the CRLF.
 MAX_DATA_LINE = 998
+# AUTH command and SASL response lines (RFC 4954 §4 allows more, but no
+# PLAIN/LOGIN response of a login and a password needs it).
+MAX_AUTH_LINE = 2048
+SASL_MECHANISMS = ("PLAIN", "LOGIN")
+# The LOGIN mechanism's prompts (base64 of "Username:" and "Password:").
+_LOGIN_USERNAME = "VXNlcm5hbWU6"
+_LOGIN_PASSWORD = "UGFzc3dvcmQ6"
+# What a listener without explicit settings is (tests, the foundation).
+DEFAULT_LISTENER = Listener(endpoint="tcp:0", tls="none", auth="none")
 # While a commit is pending, input beyond this pauses the transport.
 MAX_QUEUED_INPUT = 256 * 1024
 # Header block held in memory to look for Message-ID/Date before writing.
 MAX_HEADER_BLOCK = 256 * 1024
-# RFC 5321 §4.5.3.2.7: the server waits 5 minutes for the next command.
+# The idle timeout and the error limit are limits.command_timeout,
+# limits.data_timeout and limits.errors; this is the command default.
 IDLE_TIMEOUT = 300
-# Errors in one session before relayd hangs up (Postfix: smtpd_hard_error_limit).
-MAX_ERRORS = 20
 
 _HELO_NAME = re.compile(rb"[\x21-\x7e]{1,255}")
 _PARAM_KEYWORD = re.compile(r"[A-Za-z0-9][A-Za-z0-9-]*")
+_XTEXT = re.compile(r"(?:[\x21-\x2a\x2c-\x3c\x3e-\x7e]|\+[0-9A-F]{2})+")
 _ATOM = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
 _LOCAL = rf'(?:{_ATOM}(?:\.{_ATOM})*|"(?:[\x20\x21\x23-\x5b\x5d-\x7e]|\\[\x20-\x7e])*")'
 _LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
@@ -85,20 +104,32 @@ def isTrusted(address: str, networks) -> bool:
     return any(ip in net for net in networks if net.version == ip.version)
 
 
+@implementer(IRelayClient)
 @dataclass(frozen=True)
 class TrustedNetworkClient:
     """The avatar of a client whose address is in relay.trusted_networks: it may relay."""
 
+    login = None
+
     def mayRelay(self, recipient: str) -> bool:
         return True
 
+    def maySend(self, sender: str) -> bool:
+        return True
 
+
+@implementer(IRelayClient)
 @dataclass(frozen=True)
 class AnonymousClient:
     """The avatar of any other client without AUTH: it may not relay."""
 
+    login = None
+
     def mayRelay(self, recipient: str) -> bool:
         return False
+
+    def maySend(self, sender: str) -> bool:
+        return True
 
 
 def parsePath(text: str, keyword: str) -> tuple[str, dict[str, str | None]]:
@@ -121,7 +152,8 @@ def parsePath(text: str, keyword: str) -> tuple[str, dict[str, str | None]]:
     address = rest[1:end]
     if not address.isascii():
         raise CommandSyntaxError(replies.NON_ASCII_ADDRESS)
-    if address and not _MAILBOX.fullmatch(address):
+    if address and not _MAILBOX.fullmatch(address) and not (
+            keyword == "TO" and address.lower() == "postmaster"):
         raise CommandSyntaxError(badAddress)
     params: dict[str, str | None] = {}
     for token in rest[end + 1 :].split():
@@ -143,19 +175,23 @@ class Transaction:
     started: float = field(default_factory=time.time)
 
 
+@implementer(IHandshakeListener)
 class SubmissionServer(smtp.ESMTP):
     """
     One SMTP session. The factory passes in the policy (trusted networks,
-    limits), the spool and the commit function, and the session tracker.
+    limits), the spool and the commit function, and the session tracker;
+    ``listener`` says whether this port offers STARTTLS, is TLS from the
+    first byte, and whether AUTH is off, optional or required.
     """
 
     noisy = False
 
-    def __init__(self, factory: "SubmissionFactory"):
+    def __init__(self, factory: "SubmissionFactory", listener: Listener = DEFAULT_LISTENER):
         super().__init__()
         self.factory = factory
+        self.listener = listener
         self.host = factory.hostname.encode("ascii")
-        self.timeout = IDLE_TIMEOUT
+        self.timeout = factory.config.limits.commandTimeout
         self.callLater = factory.clock.callLater
         self._inbox = bytearray()
         self._busy = False  # an asynchronous step (commit) is pending
@@ -170,8 +206,20 @@ class SubmissionServer(smtp.ESMTP):
         self.errors = 0
         self.clientAddress = "unknown"
         self.clientName = "unknown"
-        self.avatar: TrustedNetworkClient | AnonymousClient = AnonymousClient()
+        self.avatar: IRelayClient = AnonymousClient()
+        self.connectAvatar: IRelayClient = self.avatar
         self.trusted = False
+        # TLS: on since connect (implicit) or since STARTTLS; the handshake
+        # is pending until the first decrypted bytes (or handshakeCompleted).
+        self.secure = False
+        self._handshaking = False
+        # AUTH: the login and mechanism once authenticated; the exchange in
+        # progress (mechanism, login so far) while it waits for a response line.
+        self.authLogin: str | None = None
+        self.authMethod: str | None = None
+        self._sasl: tuple[str, bytes | None] | None = None
+        self._greeting = None  # the delayed greeting's call, while it waits
+        self._lost = False
 
     # Connection
 
@@ -182,17 +230,37 @@ class SubmissionServer(smtp.ESMTP):
         # "unknown" when it has no verified name, and so does relayd.
         self.clientName = "unknown"
         self.trusted = isTrusted(self.clientAddress, self.factory.config.relay.trustedNetworks)
-        self.avatar = TrustedNetworkClient() if self.trusted else AnonymousClient()
+        # auth: required binds everyone on the listener, trusted networks too.
+        relays = self.trusted and self.listener.auth != "required"
+        self.avatar = self.connectAvatar = TrustedNetworkClient() if relays else AnonymousClient()
+        if self.listener.tls == "implicit":
+            self.secure = self._handshaking = True
         maillog.connected(self.clientName, self.clientAddress)
         refusal = self.factory.sessionStarted(self)
         if refusal is not None:
             self.reply(refusal)
             self._close()
             return
-        self.reply(replies.GREETING.format(hostname=self.factory.hostname))
         self.setTimeout(self.timeout)
+        delay = self.factory.config.limits.greetingDelay
+        if delay > 0:
+            self._greeting = self.callLater(delay, self._greet)
+        else:
+            self._greet()
+
+    def _greet(self) -> None:
+        self._greeting = None
+        self.reply(replies.GREETING.format(hostname=self.factory.hostname))
+
+    def handshakeCompleted(self) -> None:
+        self._handshaking = False
 
     def connectionLost(self, reason: Failure = protocol.connectionDone) -> None:
+        self._lost = True
+        if self._greeting is not None and self._greeting.active():
+            self._greeting.cancel()
+        if self._handshaking and reason is not None and reason.check(SSL.Error):
+            maillog.tlsHandshakeFailed(self.clientName, self.clientAddress, _sslReason(reason.value))
         self.setTimeout(None)
         if self._data is not None:
             self._data.abort()
@@ -201,6 +269,11 @@ class SubmissionServer(smtp.ESMTP):
         maillog.disconnected(self.clientName, self.clientAddress)
 
     def timeoutConnection(self) -> None:
+        if self._handshaking:
+            # Nothing can be said to a client stuck in the handshake.
+            self._closing = True
+            self.transport.abortConnection()
+            return
         self.reply(replies.IDLE_TIMEOUT.format(hostname=self.factory.hostname))
         self._close()
 
@@ -228,6 +301,16 @@ class SubmissionServer(smtp.ESMTP):
 
     def dataReceived(self, data: bytes) -> None:
         if self._closing:
+            return
+        self._handshaking = False
+        if self._greeting is not None:
+            # Talking before the banner: a bot that does not wait for replies.
+            self._greeting.cancel()
+            self._greeting = None
+            maillog.rejected(None, "CONNECT", self.clientName, self.clientAddress,
+                             str(replies.PREGREET), None, None, None)
+            self.reply(replies.PREGREET)
+            self._close()
             return
         self.resetTimeout()
         self._inbox += data
@@ -281,8 +364,15 @@ class SubmissionServer(smtp.ESMTP):
         self._process()
 
     def _commandLine(self, raw: bytes) -> None:
+        if self._sasl is not None:
+            return self._saslLine(raw)
         if len(raw) > MAX_COMMAND_LINE:
-            return self._error(replies.LINE_TOO_LONG)
+            if raw[:5].upper() == b"AUTH " and len(raw) <= MAX_AUTH_LINE:
+                pass  # an AUTH initial response may be longer than a command
+            elif raw[:5].upper() == b"AUTH ":
+                return self._error(replies.AUTH_LINE_TOO_LONG)
+            else:
+                return self._error(replies.LINE_TOO_LONG)
         if raw.endswith(b"\r\n"):
             line = raw[:-2]
         elif self.trusted:
@@ -307,7 +397,7 @@ class SubmissionServer(smtp.ESMTP):
     def _error(self, reply: Reply) -> None:
         self.errors += 1
         self.reply(reply)
-        if self.errors >= MAX_ERRORS:
+        if self.errors >= self.factory.config.limits.errors:
             self.reply(replies.TOO_MANY_ERRORS.format(hostname=self.factory.hostname))
             self._close()
 
@@ -330,15 +420,28 @@ class SubmissionServer(smtp.ESMTP):
         hostname = self.factory.hostname
         if not esmtp:
             return self.reply(replies.HELO_OK.format(hostname=hostname))
-        lines = [hostname, "PIPELINING", f"SIZE {self.factory.config.limits.messageSize}",
-                 "8BITMIME", "ENHANCEDSTATUSCODES"]
+        lines = [hostname, "PIPELINING", f"SIZE {self.factory.config.limits.messageSize}"]
+        if self._offersSTARTTLS():
+            lines.append("STARTTLS")
+        if self._offersAUTH():
+            lines.append("AUTH " + " ".join(SASL_MECHANISMS))
+        lines += ["8BITMIME", "ENHANCEDSTATUSCODES"]
         self.reply(Reply(250, None, "\n".join(lines)))
+
+    def _offersSTARTTLS(self) -> bool:
+        return self.listener.tls == "starttls" and not self.secure and self.factory.tls is not None
+
+    def _offersAUTH(self) -> bool:
+        return (self.listener.auth != "none" and self.factory.portal is not None
+                and (self.secure or self.listener.plaintextAuth))
 
     def do_MAIL(self, rest: str) -> None:
         if self.heloName is None:
             return self._error(replies.NEED_HELO)
         if self.transaction is not None:
             return self._error(replies.NESTED_MAIL)
+        if self.listener.auth == "required" and self.authLogin is None:
+            return self._reject("MAIL", replies.AUTH_REQUIRED, sender=None, recipient=None)
         try:
             sender, params = parsePath(rest, "FROM")
         except CommandSyntaxError as e:
@@ -346,8 +449,17 @@ class SubmissionServer(smtp.ESMTP):
         problem = self._checkMailParams(params)
         if problem is not None:
             return self._reject("MAIL", problem, sender=sender, recipient=None)
+        params.pop("AUTH", None)
+        if not self.avatar.maySend(sender):
+            return self._reject("MAIL", replies.SENDER_NOT_OWNED.format(address=sender),
+                                sender=sender, recipient=None)
+        if self.authLogin is not None and self.factory.messageRate.exceeded(self.authLogin):
+            return self._reject("MAIL", replies.USER_RATE_EXCEEDED, sender=sender, recipient=None)
+        if self.factory.lowOnSpace():
+            return self._reject("MAIL", replies.INSUFFICIENT_STORAGE, sender=sender, recipient=None)
         self.transaction = Transaction(queueId=newQueueId(), sender=sender, mailParams=params)
-        maillog.clientAccepted(self.transaction.queueId, self.clientName, self.clientAddress)
+        maillog.clientAccepted(self.transaction.queueId, self.clientName, self.clientAddress,
+                               self.authMethod, self.authLogin)
         self.reply(replies.SENDER_OK)
 
     def _checkMailParams(self, params: dict[str, str | None]) -> Reply | None:
@@ -361,6 +473,11 @@ class SubmissionServer(smtp.ESMTP):
                 if value is None or value.upper() not in ("7BIT", "8BITMIME"):
                     return replies.BAD_PARAMETER_VALUE.format(name=key)
                 params[key] = value.upper()
+            elif key == "AUTH":
+                # RFC 4954 §5: accepted, and not trusted: relayd records its
+                # own AUTH identity and never passes a client's claim on.
+                if value is None or not (value == "<>" or _XTEXT.fullmatch(value)):
+                    return replies.BAD_PARAMETER_VALUE.format(name=key)
             else:
                 return replies.UNKNOWN_PARAMETER.format(name=key)
         return None
@@ -378,7 +495,14 @@ class SubmissionServer(smtp.ESMTP):
         if params:
             return self._reject("RCPT", replies.UNKNOWN_PARAMETER.format(name=next(iter(params))),
                                 sender=txn.sender, recipient=address)
-        if not self.avatar.mayRelay(address):
+        if isPostmaster(address, self.factory.hostname):
+            # RFC 5321 section 4.5.1: accepted from anyone, for the configured address.
+            postmaster = getattr(self.factory.config, "postmaster", None)
+            if postmaster is None:
+                return self._reject("RCPT", replies.NO_POSTMASTER.format(address=address),
+                                    sender=txn.sender, recipient=address)
+            address = postmaster
+        elif hasRoutingTricks(address) or not self.avatar.mayRelay(address):
             return self._reject("RCPT", replies.RELAY_DENIED.format(address=address),
                                 sender=txn.sender, recipient=address)
         if len(txn.recipients) >= self.factory.config.limits.recipients:
@@ -418,19 +542,36 @@ class SubmissionServer(smtp.ESMTP):
             hostname=self.factory.hostname,
             now=self.factory.clock.seconds(),
         )
+        self.setTimeout(self.factory.config.limits.dataTimeout)
         self.reply(replies.START_DATA)
 
     def receivedHeaderFor(self, txn: Transaction) -> str:
-        """Postfix's shape: from HELO (name [ip]) by host (relayd) with ESMTP id ID [for <rcpt>]; date."""
-        proto = "ESMTP" if self.esmtp else "SMTP"
+        """
+        Postfix's shape: from HELO (name [ip]) [(using TLS...)] [(Authenticated
+        sender: login)] by host (relayd) with ESMTP[S][A] id ID [for <rcpt>];
+        date. RFC 3848's protocol names; the login only with
+        auth.received_header_user (it is half of a credential).
+        """
+        proto = "SMTP"
+        if self.esmtp:
+            proto = "ESMTP" + ("S" if self.secure else "") + ("A" if self.authLogin else "")
         forClause = f"\r\n\tfor <{txn.recipients[0].address}>" if len(txn.recipients) == 1 else ""
+        extra = ""
+        session = sessionDescription(self.transport) if self.secure else None
+        if session is not None:
+            version, cipher, bits = session
+            extra += f"\r\n\t(using {_headerSafe(version)} with cipher {_headerSafe(cipher)} ({bits}/{bits} bits))"
+        authConfig = getattr(self.factory.config, "auth", None)
+        if self.authLogin and authConfig is not None and authConfig.receivedHeaderUser:
+            extra += f"\r\n\t(Authenticated sender: {_headerSafe(self.authLogin)})"
         return (
-            f"Received: from {self.heloName} ({self.clientName} [{self.clientAddress}])\r\n"
+            f"Received: from {self.heloName} ({self.clientName} [{self.clientAddress}]){extra}\r\n"
             f"\tby {self.factory.hostname} (relayd) with {proto} id {txn.queueId}{forClause};\r\n"
             f"\t{formatdate(self.factory.clock.seconds(), localtime=True)}\r\n"
         )
 
     def _endOfData(self) -> None:
+        self.setTimeout(self.factory.config.limits.commandTimeout)
         reader, self._data = self._data, None
         txn = self.transaction
         self.transaction = None
@@ -450,6 +591,7 @@ class SubmissionServer(smtp.ESMTP):
             clientAddress=self.clientAddress,
             clientName=self.clientName,
             helo=self.heloName or "",
+            authIdentity=self.authLogin,
         )
         envelope.nextAttempt = envelope.arrival
         self._busy = True
@@ -460,6 +602,8 @@ class SubmissionServer(smtp.ESMTP):
 
     def _committed(self, _: object, envelope: Envelope) -> None:
         maillog.messageQueued(envelope.queueId, envelope.sender, envelope.size, len(envelope.recipients))
+        if envelope.authIdentity:
+            self.factory.messageRate.queued(envelope.authIdentity)
         if not self._closing:
             self.reply(replies.QUEUED.format(queueId=envelope.queueId))
         self.factory.messageQueued(envelope)
@@ -500,13 +644,142 @@ class SubmissionServer(smtp.ESMTP):
         self.reply(replies.CLOSING)
         self._close()
 
+    # STARTTLS (RFC 3207)
+
     def do_STARTTLS(self, rest: str) -> None:
-        # Offered only on tls: starttls listeners (the submission-security issue).
-        self._error(replies.STARTTLS_NOT_OFFERED)
+        if self.secure:
+            # A second STARTTLS, or STARTTLS on an implicit-TLS port: TLS
+            # inside TLS would break the session.
+            return self._error(replies.TLS_ALREADY_ACTIVE)
+        if not self._offersSTARTTLS():
+            return self._error(replies.STARTTLS_NOT_OFFERED)
+        if rest:
+            return self._error(replies.SYNTAX_NO_ARGUMENTS.format(verb="STARTTLS"))
+        self.reply(replies.STARTTLS_READY)
+        # Whatever the client pipelined behind STARTTLS came in plaintext
+        # and may be an attacker's injection (CVE-2011-0411): never run it.
+        if self._inbox:
+            maillog.smtpdWarning(
+                f"{maillog.hostAddr(self.clientName, self.clientAddress)}: "
+                f"discarded {len(self._inbox)} bytes sent after STARTTLS before the TLS handshake")
+            self._inbox.clear()
+        self.transport.startTLS(self.factory.tls)
+        self.secure = self._handshaking = True
+        # RFC 3207 §4.2: forget everything learnt in plaintext.
+        self._resetSession()
+
+    def _resetSession(self) -> None:
+        self.heloName = None
+        self.esmtp = False
+        self._resetTransaction()
+        self.avatar = self.connectAvatar
+        self.authLogin = self.authMethod = None
+        self._sasl = None
+
+    # AUTH (RFC 4954, PLAIN RFC 4616, LOGIN)
 
     def do_AUTH(self, rest: str) -> None:
-        # Offered only on listeners with auth enabled (the submission-security issue).
-        self._error(replies.AUTH_NOT_ENABLED)
+        if self.listener.auth == "none" or self.factory.portal is None:
+            return self._error(replies.AUTH_NOT_ENABLED)
+        if not (self.secure or self.listener.plaintextAuth):
+            return self._error(replies.AUTH_NEED_TLS)
+        if self.heloName is None or not self.esmtp:
+            return self._error(replies.NEED_HELO)
+        if self.authLogin is not None:
+            return self._error(replies.AUTH_ALREADY)
+        if self.transaction is not None:
+            return self._error(replies.AUTH_IN_TRANSACTION)
+        if self.factory.authThrottle.blocked(self.clientAddress):
+            self.reply(replies.AUTH_THROTTLED.format(hostname=self.factory.hostname))
+            return self._close()
+        mechanism, _, initial = rest.partition(" ")
+        mechanism, initial = mechanism.upper(), initial.strip()
+        if not mechanism or " " in initial:
+            return self._error(replies.AUTH_SYNTAX)
+        if mechanism not in SASL_MECHANISMS:
+            return self._error(replies.AUTH_UNKNOWN_MECHANISM)
+        if not initial:
+            self._sasl = (mechanism, None)
+            challenge = "" if mechanism == "PLAIN" else _LOGIN_USERNAME
+            return self.reply(replies.AUTH_CHALLENGE.format(challenge=challenge))
+        # RFC 4954 §4: "=" is an empty initial response.
+        self._saslResponse(mechanism, None, b"" if initial == "=" else initial.encode("utf-8"))
+
+    def _saslLine(self, raw: bytes) -> None:
+        mechanism, login = self._sasl
+        self._sasl = None
+        if len(raw) > MAX_AUTH_LINE:
+            return self._error(replies.AUTH_LINE_TOO_LONG)
+        if raw.endswith(b"\r\n"):
+            line = raw[:-2]
+        elif self.trusted:
+            line = raw[:-1]
+        else:
+            return self._error(replies.BARE_NEWLINE_COMMAND)
+        if b"\r" in line or b"\n" in line:
+            return self._error(replies.BARE_NEWLINE_COMMAND)
+        if line.strip() == b"*":
+            return self._error(replies.AUTH_CANCELLED)
+        self._saslResponse(mechanism, login, line.strip())
+
+    def _saslResponse(self, mechanism: str, login: bytes | None, encoded: bytes) -> None:
+        try:
+            data = binascii.a2b_base64(encoded, strict_mode=True) if encoded else b""
+        except (binascii.Error, ValueError):
+            return self._error(replies.AUTH_BAD_BASE64)
+        if mechanism == "LOGIN":
+            if login is None:
+                self._sasl = (mechanism, data)
+                return self.reply(replies.AUTH_CHALLENGE.format(challenge=_LOGIN_PASSWORD))
+            return self._verify(mechanism, login, data)
+        parts = data.split(b"\0")
+        if len(parts) != 3:
+            return self._error(replies.AUTH_MALFORMED)
+        authzid, login, password = parts
+        if authzid and authzid != login:
+            return self._authFailed(Failure(credError.UnauthorizedLogin()), mechanism,
+                                    login, replies.AUTH_AUTHZID)
+        self._verify(mechanism, login, password)
+
+    def _verify(self, mechanism: str, login: bytes, password: bytes) -> None:
+        self._busy = True
+        d = self.factory.portal.login(credentials.UsernamePassword(login, password), None, IRelayClient)
+        del password
+        d.addCallbacks(self._authenticated, self._authFailed, callbackArgs=(mechanism,),
+                       errbackArgs=(mechanism, login))
+        d.addErrback(lambda f: log.failure("AUTH", f))
+        d.addBoth(lambda _: None if self._lost else self._resume())
+
+    def _authenticated(self, result, mechanism: str) -> None:
+        _, avatar, _ = result
+        if self._lost:
+            return
+        self.avatar = avatar
+        self.authLogin = avatar.login
+        self.authMethod = mechanism
+        self.reply(replies.AUTH_OK)
+
+    def _authFailed(self, failure: Failure, mechanism: str, login: bytes,
+                    reply: Reply = replies.AUTH_FAILED) -> None:
+        if self._lost:
+            return
+        if not failure.check(credError.UnauthorizedLogin):
+            # The password file is unreadable, a thread died: not the
+            # client's fault, and not a reason to lock it out.
+            maillog.smtpdWarning(
+                f"{maillog.hostAddr(self.clientName, self.clientAddress)}: SASL {mechanism} "
+                f"authentication not checked: {maillog.printable(failure.getErrorMessage())}")
+            return self.reply(replies.AUTH_TEMPORARY)
+        reason = "authentication failure"
+        if failure.check(PasswordTooLong):
+            reply, reason = replies.AUTH_PASSWORD_TOO_LONG, "password longer than 72 bytes"
+        maillog.saslFailed(self.clientName, self.clientAddress, mechanism, reason,
+                           login.decode("utf-8", "replace"))
+        blocked = self.factory.authThrottle.failed(self.clientAddress)
+        self._error(reply)
+        if blocked and not self._closing:
+            self.reply(replies.AUTH_THROTTLED.format(hostname=self.factory.hostname))
+            self._close()
 
     _commands: dict[bytes, Callable[["SubmissionServer", str], None]] = {
         b"HELO": do_HELO,
@@ -522,6 +795,34 @@ class SubmissionServer(smtp.ESMTP):
         b"STARTTLS": do_STARTTLS,
         b"AUTH": do_AUTH,
     }
+
+
+def _headerSafe(text: str) -> str:
+    """Text for a Received comment: printable ASCII without parentheses or backslashes."""
+    return "".join(c if "\x21" <= c <= "\x7e" and c not in "()\\" else "?" for c in text)
+
+
+def _sslReason(error: BaseException) -> str:
+    if isinstance(error, SSL.Error) and error.args and isinstance(error.args[0], list):
+        return "; ".join(str(e[-1]) for e in error.args[0] if e) or "handshake failed"
+    return str(error) or type(error).__name__
+
+
+def isPostmaster(address: str, hostname: str) -> bool:
+    """
+    ``postmaster`` (any case, no domain) or ``postmaster@<our hostname>``:
+    the address RFC 5321 section 4.5.1 requires every SMTP server to accept.
+    """
+    local, at, domain = address.rpartition("@")
+    if not at:
+        return address.lower() == "postmaster"
+    return local.lower() == "postmaster" and domain.rstrip(".").lower() == hostname.lower()
+
+
+def spoolFreeBytes(path: str) -> int:
+    """Bytes an unprivileged writer may still use on the file system holding ``path``."""
+    stat = os.statvfs(path)
+    return stat.f_bavail * stat.f_frsize
 
 
 def _storageReply(error: BaseException) -> Reply:
@@ -670,12 +971,20 @@ class SubmissionFactory(protocol.ServerFactory):
     ``messageQueued(envelope)`` hands it to the scheduler.
     """
 
-    def __init__(self, config, spool, commit, messageQueued, clock):
+    def __init__(self, config, spool, commit, messageQueued, clock, portal=None, tls=None):
         self.config = config
         self.spool = spool
         self.commit = commit
         self.messageQueued = messageQueued
         self.clock = clock
+        # twisted.cred portal for AUTH (None: AUTH is off everywhere) and
+        # the server's TLS context factory (None: no TLS listener).
+        self.portal = portal
+        self.tls = tls
+        auth = getattr(config, "auth", None)
+        self.authThrottle = FailureThrottle(
+            clock, auth.failureLimit if auth else 5, auth.failureWindow if auth else 900.0)
+        self.messageRate = MessageRate(clock, config.limits.messagesPerUserPerHour)
         self.sessions: set[SubmissionServer] = set()
         self._perClient: dict[str, int] = {}
         self._drained: list[defer.Deferred] = []
@@ -684,8 +993,38 @@ class SubmissionFactory(protocol.ServerFactory):
     def hostname(self) -> str:
         return self.config.hostname
 
+    # Free bytes on the spool's file system; replaced in tests.
+    freeBytes = staticmethod(lambda path: spoolFreeBytes(path))
+
+    def lowOnSpace(self) -> bool:
+        """Below queue.free_space_reserve: MAIL gets 452 4.3.1 so no message fills the disk midway."""
+        reserveOf = getattr(self.config, "freeSpaceReserve", None)
+        reserve = reserveOf() if reserveOf is not None else 0
+        if reserve <= 0:
+            return False
+        try:
+            free = self.freeBytes(self.spool.directory)
+        except OSError:
+            return False  # cannot tell; the commit still answers 452 on ENOSPC
+        if free < reserve:
+            maillog.notEnoughSpace(free, reserve)
+            return True
+        return False
+
     def buildProtocol(self, addr) -> SubmissionServer:
         return SubmissionServer(self)
+
+    def forListener(self, listener: Listener) -> "ListenerFactory":
+        """The factory for one configured listener (its TLS and AUTH policy)."""
+        return ListenerFactory(self, listener)
+
+    def reconfigure(self, config) -> None:
+        """A reloaded config: new limits and throttling apply to new events."""
+        self.config = config
+        if config.auth is not None:
+            self.authThrottle.limit = config.auth.failureLimit
+            self.authThrottle.window = config.auth.failureWindow
+        self.messageRate.limit = config.limits.messagesPerUserPerHour
 
     def sessionStarted(self, session: SubmissionServer) -> Reply | None:
         """Count the session; the refusal to send when a limit is reached."""
@@ -733,3 +1072,16 @@ class SubmissionFactory(protocol.ServerFactory):
         timer = self.clock.callLater(grace, abortLeft)
         d.addBoth(lambda r: (timer.cancel() if timer.active() else None, r)[1])
         return d
+
+
+class ListenerFactory(protocol.ServerFactory):
+    """Sessions of one listener: the shared SubmissionFactory with this listener's policy."""
+
+    noisy = False
+
+    def __init__(self, shared: SubmissionFactory, listener: Listener):
+        self.shared = shared
+        self.listener = listener
+
+    def buildProtocol(self, addr) -> SubmissionServer:
+        return SubmissionServer(self.shared, self.listener)

@@ -12,6 +12,7 @@ kill the process without stopping anything, TWISTED-NOTES §6).
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 
@@ -98,7 +99,8 @@ class Relay(service.MultiService):
     in reverse (MultiService would stop them all at once).
     """
 
-    def __init__(self, config, reactor, spool, pool, scheduler, factory, listeners):
+    def __init__(self, config, reactor, spool, pool, scheduler, factory, listeners,
+                 tls=None, passwords=None, verifier=None, authPool=None):
         super().__init__()
         self.config = config
         self.reactor = reactor
@@ -107,6 +109,13 @@ class Relay(service.MultiService):
         self.scheduler = scheduler
         self.factory = factory
         self.listeners = listeners
+        # Submission security: the reloadable TLS context, the password
+        # file and its verifier, and the threads that verify passwords
+        # (a pool of their own, so DNS lookups never wait behind bcrypt).
+        self.tls = tls
+        self.passwords = passwords
+        self.verifier = verifier
+        self.authPool = authPool
         self.scheduler.setServiceParent(self)
         for listener in listeners:
             listener.setServiceParent(self)
@@ -114,6 +123,8 @@ class Relay(service.MultiService):
 
     def startService(self) -> None:
         self.pool.start()
+        if self.authPool is not None:
+            self.authPool.start()
         try:
             self.spool.lock()
         except BlockingIOError:
@@ -126,6 +137,7 @@ class Relay(service.MultiService):
             fail(f"queue.directory {self.config.queue.directory}: {e.strerror}")
         for envelope in recovered:
             self.scheduler.add(envelope)
+        self.scheduler.reportQuarantine(getattr(self.spool, "quarantined", []))
         super().startService()
         maillog.daemonEvent(
             f"daemon started -- version {__import__('relayd').__version__}, "
@@ -155,12 +167,37 @@ class Relay(service.MultiService):
         needRestart = [name for name, old, cur in (
             ("listeners", self.config.listeners, new.listeners),
             ("queue.directory", self.config.queue.directory, new.queue.directory),
+            ("queue.control_socket", self.config.queue.controlSocketPath,
+             new.queue.controlSocketPath),
         ) if old != cur]
         self.config = new
-        self.factory.config = new
+        self.factory.reconfigure(new)
         self.scheduler.reconfigure(new)
+        self._reloadSecurity(new)
+        if getattr(self, "courier", None) is not None:
+            _reloadDelivery(self.courier, new, self.reactor)
         note = f"; {', '.join(needRestart)} changed and need a restart" if needRestart else ""
         maillog.daemonEvent(f"reload: configuration {new.path} applied{note}")
+
+    def _reloadSecurity(self, new) -> None:
+        """New certificate and password file; a broken one keeps the running one (one error line)."""
+        from relayd.auth import PasswordFileError
+        from relayd.tls import TLSSetupError
+
+        if self.tls is not None and new.tls is not None:
+            try:
+                self.tls.reload(new.tls)
+            except TLSSetupError as e:
+                maillog.daemonEvent(f"reload: keeping the running TLS certificate: {e}",
+                                    level=maillog.LogLevel.error)
+        if self.passwords is not None and new.auth is not None:
+            self.passwords.path = new.auth.passwordFile
+            try:
+                self.passwords.load()
+            except PasswordFileError as e:
+                maillog.daemonEvent(f"reload: auth.password_file {e}", level=maillog.LogLevel.error)
+            self.verifier.cacheSeconds = new.auth.cache
+            self.verifier.clearCache()
 
     @defer.inlineCallbacks
     def stopService(self):
@@ -171,9 +208,15 @@ class Relay(service.MultiService):
         maillog.daemonEvent("stopping: no new connections, finishing sessions and deliveries")
         yield defer.DeferredList([defer.maybeDeferred(l.stopService) for l in self.listeners],
                                  consumeErrors=True)
+        if "control" in self.namedServices:  # relayctl: no changes during the stop
+            yield defer.maybeDeferred(self.namedServices["control"].stopService)
         yield self.factory.shutdown(grace)
         yield self.scheduler.stopService(grace)
+        if getattr(self, "courier", None) is not None:  # idle upstream connections: QUIT
+            yield self.courier.closeIdle()
         self.pool.stop()
+        if self.authPool is not None:
+            self.authPool.stop()
         maillog.daemonEvent("daemon stopped")
 
 
@@ -196,13 +239,137 @@ def makeService(options, reactor=None) -> Relay:
     config = options["loaded"]
     spool = Spool(config.queue.directory)
     pool = threadpool.ThreadPool(minthreads=1, maxthreads=4, name="relayd-spool")
-    courier = Courier(reactor, config.hostname)
-    scheduler = Scheduler(spool, courier.deliver, config, reactor)
+    listenerServices: list = []
+    courier = _courier(config, reactor, listenerServices)
+    # Notices (bounces) are written and fsynced in the spool's threads too.
+    scheduler = Scheduler(spool, courier.deliver, config, reactor,
+                          runInThread=lambda f, *a: deferToThreadPool(reactor, pool, f, *a))
 
     def commit(writer, envelope):
         # fsync never runs on the reactor thread.
         return deferToThreadPool(reactor, pool, writer.commit, envelope)
 
-    factory = SubmissionFactory(config, spool, commit, scheduler.add, reactor)
-    listeners = [Listener(l.endpoint, factory, reactor) for l in config.listeners]
-    return Relay(config, reactor, spool, pool, scheduler, factory, listeners)
+    tls, passwords, verifier, authPool, credPortal = _security(config, reactor)
+    factory = SubmissionFactory(config, spool, commit, scheduler.add, reactor,
+                                portal=credPortal, tls=tls)
+    if credPortal is not None:
+        # auth.senders as of the last reload, not as of the start.
+        credPortal.realm.sendersFor = lambda login: (
+            factory.config.auth.sendersFor(login) if factory.config.auth is not None else None)
+    listeners = []
+    for l in config.listeners:
+        listenerFactory = factory.forListener(l)
+        if l.tls == "implicit":
+            from relayd.tls import wrapImplicit
+
+            listenerFactory = wrapImplicit(tls, listenerFactory)
+        listeners.append(Listener(l.endpoint, listenerFactory, reactor))
+    relay = Relay(config, reactor, spool, pool, scheduler, factory, listeners,
+                  tls=tls, passwords=passwords, verifier=verifier, authPool=authPool)
+    # relayctl's channel; a child service, so it starts after the spool lock.
+    from relayd.control import ControlService
+
+    ControlService(config.queue.controlSocketPath, scheduler, reactor).setServiceParent(relay)
+    listenerServices.extend(listeners)
+    relay.courier = courier
+    return relay
+
+
+# Delivery: the courier's settings, password files and CA files ------------------
+
+
+def _deliverySecrets(config) -> tuple[dict, list[str]]:
+    """
+    Every delivery password_file read (path -> Secret) and every ca_file
+    checked; the problems as "key path: reason" (the reason names the file,
+    never its content).
+    """
+    from relayd.courier import loadTrustRoot, readPassword
+
+    passwords, problems = {}, []
+    for keyPath, path in config.delivery.passwordFiles():
+        try:
+            passwords[path] = readPassword(path)
+        except OSError as e:
+            problems.append(f"{keyPath}: cannot read {path}: {e.strerror or e}")
+        except (ValueError, UnicodeDecodeError) as e:
+            problems.append(f"{keyPath}: {path}: {'not UTF-8' if isinstance(e, UnicodeDecodeError) else 'the file is empty'}")
+    hops = list(config.delivery.smarthosts) + [
+        h for hops in config.delivery.routes.values() for h in hops]
+    for caFile in sorted({h.caFile for h in hops if h.caFile}):
+        try:
+            loadTrustRoot(caFile)
+        except (OSError, ValueError, Exception) as e:
+            problems.append(f"ca_file {caFile}: {getattr(e, 'strerror', None) or e}")
+    return passwords, problems
+
+
+def _courierSettings(config, reactor):
+    from relayd.courier import Timeouts
+    from relayd.resolve import makeResolver
+
+    t = config.delivery.timeouts
+    timeouts = Timeouts(connect=t.connect, greeting=t.greeting, mail=t.mail, rcpt=t.rcpt,
+                        dataInit=t.dataInit, dataBlock=t.dataBlock, dataDone=t.dataDone)
+    resolver = makeResolver(reactor, config.delivery.dns.servers, config.delivery.dns.timeout)
+    return timeouts, resolver
+
+
+def _courier(config, reactor, listeners):
+    """The courier; ``listeners`` (filled in later) tell it relayd's own addresses."""
+    from relayd.courier import Courier
+
+    passwords, problems = _deliverySecrets(config)
+    if problems:
+        fail(f"{config.path}: {problems[0]}")
+    timeouts, resolver = _courierSettings(config, reactor)
+
+    def localAddresses():
+        found = []
+        for listener in listeners:
+            host = listener.port.getHost() if listener.port is not None else None
+            if host is not None and hasattr(host, "port"):
+                found.append((host.host, host.port))
+        return found
+
+    return Courier(reactor, config.hostname, timeouts, resolver=resolver, passwords=passwords,
+                   localAddresses=localAddresses)
+
+
+def _reloadDelivery(courier, new, reactor) -> None:
+    """New timeouts, resolver and passwords; a password file that cannot be read keeps its old value."""
+    passwords, problems = _deliverySecrets(new)
+    for problem in problems:
+        maillog.daemonEvent(f"reload: {problem}; keeping what was loaded before",
+                            level=maillog.LogLevel.error)
+    merged = {**courier.passwords, **passwords}
+    timeouts, resolver = _courierSettings(new, reactor)
+    courier.reconfigure(timeouts, merged, resolver)
+
+
+def _security(config, reactor):
+    """The TLS context and the AUTH machinery the listeners need; start-up errors end the start."""
+    from twisted.cred.portal import Portal
+
+    from relayd.auth import PasswordFile, PasswordFileChecker, PasswordFileError, Realm, Verifier
+    from relayd.tls import ServerTLS, TLSSetupError
+
+    tls = passwords = verifier = authPool = credPortal = None
+    if config.tls is not None and any(l.tls != "none" for l in config.listeners):
+        try:
+            tls = ServerTLS.fromConfig(config.tls)
+        except TLSSetupError as e:
+            fail(str(e))
+    if config.auth is not None and any(l.auth != "none" for l in config.listeners):
+        passwords = PasswordFile(config.auth.passwordFile)
+        try:
+            passwords.load()
+        except PasswordFileError as e:
+            fail(f"auth.password_file {e}")
+        verifier = Verifier(passwords, config.auth.cache)
+        # bcrypt and argon2 release the GIL: one thread per core verifies in parallel.
+        authPool = threadpool.ThreadPool(minthreads=0, maxthreads=min(4, os.cpu_count() or 1),
+                                         name="relayd-auth")
+        credPortal = Portal(Realm(config.auth.sendersFor),
+                            [PasswordFileChecker(verifier, reactor, authPool)])
+    return tls, passwords, verifier, authPool, credPortal

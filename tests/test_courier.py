@@ -72,6 +72,17 @@ EHLO_PLAIN = b"250-mx.example.net\r\n250 ENHANCEDSTATUSCODES\r\n"
 PEER = "mx.example.net[192.0.2.7]"
 
 
+class TLSStringTransport(StringTransport):
+    """Records startTLS: what follows is "inside TLS" for the test."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.tlsStarted = []
+
+    def startTLS(self, options):
+        self.tlsStarted.append(options)
+
+
 class Peer:
     """
     The server side of one OutboundSession over a StringTransport: feed it
@@ -80,13 +91,13 @@ class Peer:
     or closed transport is reported to the protocol as connectionLost.
     """
 
-    def __init__(self, timeouts=Timeouts(), chunkSize=CHUNK_SIZE, clock=None):
+    def __init__(self, timeouts=Timeouts(), chunkSize=CHUNK_SIZE, clock=None, **sessionArgs):
         self.clock = clock or Clock()
-        self.transport = StringTransport(
+        self.transport = TLSStringTransport(
             peerAddress=IPv4Address("TCP", "192.0.2.7", 25)
         )
         self.session = OutboundSession(
-            self.clock, "relay.example.com", timeouts, "mx.example.net", chunkSize
+            self.clock, "relay.example.com", timeouts, "mx.example.net", chunkSize, **sessionArgs
         )
         self.pump = True
         self.lost = False
@@ -678,7 +689,11 @@ def test_body_timer_restarts_on_progress():
 
 @pytest.mark.parametrize("chunkSize", [7, CHUNK_SIZE])
 def test_session_writes_stuffed_body(chunkSize):
-    body = boundaryBody(7) + b"x" * (CHUNK_SIZE - 3) + b"\r\n.\r\n..\r\n.end\r\n"
+    # Filler of legal lines (at most 998 octets) as long as one chunk less
+    # three bytes, so the dot lines after it straddle the chunk boundary.
+    filler = (b"x" * 98 + b"\r\n") * ((CHUNK_SIZE - 3) // 100)
+    filler += b"x" * (CHUNK_SIZE - 3 - len(filler))
+    body = boundaryBody(7) + filler + b"\r\n.\r\n..\r\n.end\r\n"
     peer = Peer(chunkSize=chunkSize)
     peer.ready()
     d = send(peer, ["a@x.org"], body=body)
@@ -732,19 +747,20 @@ class FakeEndpoint:
         self.hop = hop
 
     def connect(self, factory):
-        self.owner.attempts.append(self.hop.host)
-        behaviour = self.owner.behaviour[self.hop.host]
+        name = getattr(self.hop, "address", None) or self.hop.host
+        self.owner.attempts.append(name)
+        behaviour = self.owner.behaviour[name]
         if isinstance(behaviour, Exception):
             return defer.fail(behaviour)
         if behaviour == "hang":
             return defer.Deferred(lambda d: d.errback(error.ConnectingCancelledError(None)))
         protocol = factory.buildProtocol(None)
-        transport = StringTransport(peerAddress=IPv4Address("TCP", behaviour, self.hop.port))
+        transport = TLSStringTransport(peerAddress=IPv4Address("TCP", behaviour, self.hop.port))
         peer = Peer.__new__(Peer)
         peer.clock, peer.transport, peer.session = self.owner.clock, transport, protocol
         peer.pump, peer.lost = True, False
         protocol.makeConnection(transport)
-        self.owner.peers[self.hop.host] = peer
+        self.owner.peers[name] = peer
         return defer.succeed(protocol)
 
 
@@ -755,9 +771,9 @@ class Network:
         self.attempts: list[str] = []
         self.peers: dict[str, Peer] = {}
 
-    def courier(self, timeouts=Timeouts()):
+    def courier(self, timeouts=Timeouts(), **kwargs):
         return Courier(self.clock, "relay.example.com", timeouts,
-                       endpointFactory=lambda reactor, hop, t: FakeEndpoint(self, hop))
+                       endpointFactory=lambda reactor, hop, t: FakeEndpoint(self, hop), **kwargs)
 
 
 def deliver(courier, hops, recipients=("a@x.org", "b@x.org"), body=b"hi\r\n", size=None):
@@ -884,8 +900,7 @@ def test_courier_refuses_message_over_peer_size_limit_without_mail():
     d = deliver(net.courier(), [Hop("a.example"), Hop("b.example")], size=10240001)
     peer = net.peers["a.example"]
     converse(peer, [GREETING, EHLO_FULL])
-    assert peer.transport.value() == b"EHLO relay.example.com\r\nQUIT\r\n"
-    peer.feed(b"221 Bye\r\n")
+    assert peer.transport.value() == b"EHLO relay.example.com\r\n"
     attempt = result(d)
     assert net.attempts == ["a.example"]
     assert {(r.code, r.dsn, r.status) for r in attempt.results} == {(552, "5.3.4", BOUNCED)}
@@ -909,42 +924,410 @@ def test_courier_one_result_per_recipient_in_order():
         ("c@x", BOUNCED), ("a@x", SENT), ("b@x", DEFERRED)]
 
 
+# -- STARTTLS, injection, AUTH ----------------------------------------------------------
+
+from relayd.courier import Secret, Target, isTooManyRecipients  # noqa: E402
+
+EHLO_TLS = b"250-mx.example.net\r\n250-PIPELINING\r\n250-8BITMIME\r\n250 AUTH PLAIN LOGIN\r\n"
+
+
+def tlsPeer(mode="starttls", credentials=None):
+    peer = Peer(tls=mode, tlsOptions=lambda: "client-tls-options", credentials=credentials)
+    peer.feed(GREETING)
+    assert peer.sent() == b"EHLO relay.example.com\r\n"
+    return peer
+
+
+def test_starttls_discards_reply_injected_before_the_handshake():
+    peer = tlsPeer()
+    peer.feed(EHLO_FULL)
+    assert peer.sent() == b"STARTTLS\r\n"
+    # A man-in-the-middle appends a fake EHLO reply to the 220, in plaintext.
+    peer.feed(b"220 2.0.0 ready\r\n250 fake\r\n")
+    assert peer.transport.tlsStarted == ["client-tls-options"]
+    assert peer.sent() == b"EHLO relay.example.com\r\n"
+    assert not peer.session.whenReady().called
+    peer.session.tlsActive = True  # the handshake (StringTransport has none)
+    peer.feed(EHLO_TLS)
+    assert result(peer.session.whenReady()) is peer.session
+    assert "AUTH" in peer.session.capabilities and "STARTTLS" not in peer.session.capabilities
+
+
+def test_required_starttls_not_offered_is_refused():
+    peer = tlsPeer()
+    peer.feed(EHLO_PLAIN)
+    refused = failureOf(peer.session.whenReady()).value
+    assert isinstance(refused, HopRefused)
+    assert (refused.dsn, refused.text) == ("4.7.4", f"TLS is required, but was not offered by host {PEER}")
+    assert peer.sent() == b"QUIT\r\n"
+
+
+@pytest.mark.parametrize("mode, ready", [("may", True), ("starttls", False)])
+def test_starttls_refused(mode, ready):
+    peer = tlsPeer(mode)
+    peer.feed(EHLO_FULL)
+    peer.sent()
+    peer.feed(b"454 4.7.0 TLS not available\r\n")
+    assert peer.transport.tlsStarted == []
+    if ready:
+        assert result(peer.session.whenReady()) is peer.session
+    else:
+        assert failureOf(peer.session.whenReady()).value.dsn == "4.7.0"
+
+
+def test_may_without_starttls_stays_plaintext():
+    peer = tlsPeer("may")
+    peer.feed(EHLO_PLAIN)
+    assert result(peer.session.whenReady()) is peer.session
+    assert peer.sent() == b""
+
+
+def test_tls_handshake_failure_is_reported_as_such():
+    from OpenSSL import SSL
+
+    peer = tlsPeer()
+    peer.feed(EHLO_FULL)
+    peer.feed(b"220 ready\r\n")
+    peer.session.connectionLost(Failure(SSL.Error([("SSL routines", "", "certificate verify failed")])))
+    broken = failureOf(peer.session.whenReady()).value
+    assert (broken.dsn, broken.text) == (
+        "4.7.5", f"TLS handshake with {PEER} failed: certificate verify failed")
+    assert peer.session.tlsFailed
+
+
+def authedPeer(mechanisms=b"PLAIN LOGIN"):
+    peer = tlsPeer(credentials=("relay", Secret("pw")))
+    peer.feed(EHLO_FULL)
+    peer.feed(b"220 ready\r\n")
+    peer.sent()
+    peer.session.tlsActive = True
+    peer.feed(b"250-mx.example.net\r\n250 AUTH " + mechanisms + b"\r\n")
+    return peer
+
+
+def test_auth_plain():
+    peer = authedPeer()
+    assert peer.sent() == b"AUTH PLAIN AHJlbGF5AHB3\r\n"  # \0relay\0pw
+    peer.feed(b"235 2.7.0 ok\r\n")
+    assert result(peer.session.whenReady()).authenticated
+
+
+def test_auth_login():
+    peer = authedPeer(b"LOGIN")
+    assert peer.sent() == b"AUTH LOGIN\r\n"
+    peer.feed(b"334 VXNlcm5hbWU6\r\n")
+    assert peer.sent() == b"cmVsYXk=\r\n"
+    peer.feed(b"334 UGFzc3dvcmQ6\r\n")
+    assert peer.sent() == b"cHc=\r\n"
+    peer.feed(b"235 2.7.0 ok\r\n")
+    assert result(peer.session.whenReady()).authenticated
+
+
+def test_auth_failure_defers_once_and_never_shows_the_password():
+    peer = authedPeer()
+    peer.sent()
+    peer.feed(b"535 5.7.8 Error: authentication failed\r\n")
+    refused = failureOf(peer.session.whenReady()).value
+    assert (refused.code, refused.dsn) == (535, "4.7.8")
+    assert refused.text == (f"SASL authentication failed; server {PEER} said: "
+                            "535 5.7.8 Error: authentication failed")
+    assert peer.sent() == b"QUIT\r\n"  # no second AUTH
+    assert "pw" not in repr(Secret("pw")) and "pw" not in str(Secret("pw"))
+
+
+def test_auth_without_usable_mechanism_is_refused():
+    peer = authedPeer(b"CRAM-MD5")
+    refused = failureOf(peer.session.whenReady()).value
+    assert refused.dsn == "4.7.0"
+    assert "offers no SASL mechanism relayd uses" in refused.text
+
+
+def test_credentials_never_sent_without_tls():
+    peer = Peer(tls="none", credentials=("relay", Secret("pw")))
+    peer.feed(GREETING)
+    peer.sent()
+    peer.feed(EHLO_FULL)
+    assert failureOf(peer.session.whenReady()).value.dsn == "4.7.0"
+    assert b"AUTH" not in peer.sent()
+
+
+# -- 452 too many recipients, 8BITMIME, long lines ------------------------------------
+
+
+@pytest.mark.parametrize("reply, expected", [
+    (Reply(452, (b"4.5.3 Too many recipients",)), True),
+    (Reply(452, (b"Too many recipients",)), True),
+    (Reply(552, (b"5.5.3 Too many recipients",)), True),
+    (Reply(452, (b"4.3.1 Insufficient system storage",)), False),
+    (Reply(450, (b"4.5.3 x",)), False),
+])
+def test_isTooManyRecipients(reply, expected):
+    assert isTooManyRecipients(reply) is expected
+
+
+def test_too_many_recipients_sends_the_rest_in_another_transaction():
+    peer = Peer()
+    peer.ready()
+    d = send(peer, ["a@x", "b@x", "c@x"])
+    assert peer.sent().count(b"RCPT TO") == 3
+    peer.feed(b"250 Ok\r\n250 Ok\r\n452 4.5.3 Too many recipients\r\n452 4.5.3 Too many recipients\r\n")
+    assert peer.sent() == b"DATA\r\n"
+    peer.feed(b"354 go\r\n")
+    peer.sent()
+    peer.feed(b"250 2.0.0 first\r\n")
+    assert peer.sent() == (b"MAIL FROM:<s@example.com> SIZE=21\r\n"
+                           b"RCPT TO:<b@x>\r\nRCPT TO:<c@x>\r\n")
+    peer.feed(b"250 Ok\r\n250 Ok\r\n452 4.5.3 Too many recipients\r\n")
+    peer.feed(b"354 go\r\n")
+    peer.sent()
+    peer.feed(b"250 2.0.0 second\r\n")
+    # c@x alone: refused again, no progress, so it stays deferred.
+    assert peer.sent() == b"MAIL FROM:<s@example.com> SIZE=21\r\nRCPT TO:<c@x>\r\n"
+    peer.feed(b"250 Ok\r\n452 4.5.3 Too many recipients\r\n")
+    outcome = result(d)
+    assert [(r.address, r.status, r.text) for r in outcome.results] == [
+        ("a@x", SENT, "250 2.0.0 first"), ("b@x", SENT, "250 2.0.0 second"),
+        ("c@x", DEFERRED, f"host {PEER} said: 452 4.5.3 Too many recipients (in reply to RCPT TO command)")]
+
+
+def test_too_many_recipients_without_progress_stops():
+    peer = Peer()
+    peer.ready()
+    d = send(peer, ["a@x", "b@x"])
+    peer.feed(b"250 Ok\r\n452 4.5.3 Too many\r\n452 4.5.3 Too many\r\n")
+    outcome = result(d)
+    assert [r.status for r in outcome.results] == [DEFERRED, DEFERRED]
+    assert b"DATA" not in peer.sent()
+
+
+def test_line_over_998_octets_is_never_written():
+    peer = Peer()
+    peer.ready()
+    body = b"Subject: x\r\n\r\n" + b"y" * 998 + b"\r\n" + b"z" * 999 + b"\r\nend\r\n"
+    d = send(peer, ["a@x"], body=body)
+    peer.feed(b"250 Ok\r\n250 Ok\r\n354 go\r\n")
+    wire = peer.sent()
+    assert b"z" * 999 not in wire and not wire.endswith(b"\r\n.\r\n")
+    [r] = result(d).results
+    assert (r.status, r.dsn) == (BOUNCED, "5.6.0")
+    assert r.text == "message has a line of 999 octets, longer than SMTP allows (998); not sent"
+    assert peer.transport.disconnecting
+
+
+@pytest.mark.parametrize("params, body", [
+    ({"BODY": "8BITMIME"}, b"Subject: x\r\n\r\nascii\r\n"),
+    ({}, "Subject: caf\u00e9\r\n\r\nx\r\n".encode()),
+])
+def test_eight_bit_to_peer_without_8bitmime_bounces_before_mail(params, body):
+    net = Network(a_example="192.0.2.7")
+    d = net.courier().deliver([Hop("a.example")], "s@x", params, ["r@x"], lambda: io.BytesIO(body), len(body))
+    converse(net.peers["a.example"], [GREETING, EHLO_PLAIN])
+    [r] = result(d).results
+    assert (r.code, r.dsn, r.status) == (554, "5.6.3", BOUNCED)
+    assert "does not support 8BITMIME" in r.text
+    assert b"MAIL" not in net.peers["a.example"].transport.value()
+
+
+# -- connection reuse ---------------------------------------------------------------------
+
+
+def test_next_message_to_the_same_hop_reuses_the_connection():
+    net = Network(a_example="192.0.2.7")
+    courier = net.courier()
+    d1 = deliver(courier, [Hop("a.example")], recipients=["a@x"])
+    peer = net.peers["a.example"]
+    converse(peer, [GREETING, EHLO_FULL, b"250 Ok\r\n250 Ok\r\n", b"354 go\r\n", b"250 Ok: 1\r\n"])
+    assert result(d1).results[0].status == SENT
+    peer.sent()
+    net.clock.advance(1)
+    d2 = deliver(courier, [Hop("a.example")], recipients=["b@x"])
+    assert net.attempts == ["a.example"]  # no second connection
+    assert peer.sent().startswith(b"MAIL FROM:<s@example.com>")
+    converse(peer, [b"250 Ok\r\n250 Ok\r\n", b"354 go\r\n", b"250 Ok: 2\r\n"])
+    assert result(d2).results[0].text == "250 Ok: 2"
+    peer.sent()
+    net.clock.advance(courier.reuseTime)
+    assert peer.sent() == b"QUIT\r\n"
+
+
+def test_reused_connection_that_died_is_replaced():
+    net = Network(a_example="192.0.2.7")
+    courier = net.courier()
+    d1 = deliver(courier, [Hop("a.example")], recipients=["a@x"])
+    first = net.peers["a.example"]
+    converse(first, [GREETING, EHLO_FULL, b"250 Ok\r\n250 Ok\r\n", b"354 go\r\n", b"250 Ok\r\n"])
+    result(d1)
+    d2 = deliver(courier, [Hop("a.example")], recipients=["b@x"])
+    first.feed(b"421 4.4.2 idle too long\r\n250 Ok\r\n")
+    second = net.peers["a.example"]
+    assert second is not first and net.attempts == ["a.example", "a.example"]
+    converse(second, [GREETING, EHLO_FULL, b"250 Ok\r\n250 Ok\r\n", b"354 go\r\n", b"250 Ok\r\n"])
+    assert result(d2).results[0].status == SENT
+
+
+# -- MX through the courier -----------------------------------------------------------
+
+
+class StaticResolver:
+    def __init__(self, mx, addresses):
+        self.mx, self.addresses = mx, addresses
+
+    def lookupMailExchange(self, name):
+        from twisted.names import dns
+
+        return defer.succeed(([dns.RRHeader(name, dns.MX, payload=dns.Record_MX(p, h.encode()))
+                               for p, h in self.mx], [], []))
+
+    def lookupAddress(self, name):
+        from twisted.names import dns
+
+        return defer.succeed(([dns.RRHeader(name, dns.A, payload=dns.Record_A(a))
+                               for a in self.addresses.get(name, [])], [], []))
+
+    def lookupIPV6Address(self, name):
+        return defer.succeed(([], [], []))
+
+
+def test_mx_targets_fail_over_by_address_and_name_the_mx_in_relay():
+    from relayd.route import MXRoute
+
+    net = Network(**{"192_0_2_1": error.ConnectionRefusedError(), "192_0_2_2": "192.0.2.2"})
+    resolver = StaticResolver([(10, "mx1.x.test"), (20, "mx2.x.test")],
+                              {"mx1.x.test": ["192.0.2.1"], "mx2.x.test": ["192.0.2.2"]})
+    d = deliver(net.courier(resolver=resolver), [MXRoute("x.test", 2525, "none")])
+    converse(net.peers["192.0.2.2"], HAPPY)
+    attempt = result(d)
+    assert net.attempts == ["192.0.2.1", "192.0.2.2"]
+    assert attempt.relay == "mx2.x.test[192.0.2.2]:2525"
+
+
+def test_mx_that_is_relayd_itself_bounces():
+    from relayd.route import MXRoute
+
+    net = Network()
+    resolver = StaticResolver([(10, "mx.x.test")], {"mx.x.test": ["127.0.0.1"]})
+    courier = net.courier(resolver=resolver, localAddresses=lambda: [("0.0.0.0", 25)])
+    attempt = result(deliver(courier, [MXRoute("x.test")]))
+    assert {(r.status, r.dsn) for r in attempt.results} == {(BOUNCED, "5.4.6")}
+    assert net.attempts == []
+
+
+def test_opportunistic_tls_failure_retries_in_plaintext():
+    from OpenSSL import SSL
+
+    net = Network(a_example="192.0.2.7")
+    courier = net.courier(tlsOptions=lambda target: "opts")
+    d = deliver(courier, [Target("a.example", 25, "may")])
+    first = net.peers["a.example"]
+    converse(first, [GREETING, EHLO_FULL, b"220 go\r\n"])
+    first.session.connectionLost(Failure(SSL.Error([("", "", "wrong version number")])))
+    second = net.peers["a.example"]
+    assert second is not first
+    converse(second, [GREETING, EHLO_FULL])
+    assert second.transport.tlsStarted == []  # tls none this time
+    converse(second, HAPPY[2:])
+    assert [r.status for r in result(d).results] == [SENT, SENT]
+
+
+def test_required_tls_failure_never_retries_in_plaintext():
+    from OpenSSL import SSL
+
+    net = Network(a_example="192.0.2.7")
+    d = deliver(net.courier(tlsOptions=lambda target: "opts"), [Target("a.example", 25, "starttls")])
+    peer = net.peers["a.example"]
+    converse(peer, [GREETING, EHLO_FULL, b"220 go\r\n"])
+    peer.session.connectionLost(Failure(SSL.Error([("", "", "certificate verify failed")])))
+    attempt = result(d)
+    assert net.attempts == ["a.example"]
+    assert {(r.status, r.dsn) for r in attempt.results} == {(DEFERRED, "4.7.5")}
+
+
+def test_failed_smarthost_is_tried_last_for_a_while():
+    from relayd.courier import FAILED_HOP_TIME
+
+    net = Network(a_example=error.ConnectionRefusedError(), b_example="192.0.2.8")
+    courier = net.courier(reuseTime=0)
+    hops = [Hop("a.example"), Hop("b.example")]
+    d = deliver(courier, hops)
+    converse(net.peers["b.example"], HAPPY)
+    result(d)
+    d = deliver(courier, hops)
+    converse(net.peers["b.example"], HAPPY)
+    result(d)
+    assert net.attempts == ["a.example", "b.example", "b.example"]
+    net.clock.advance(FAILED_HOP_TIME)
+    deliver(courier, hops)
+    assert net.attempts[-2:] == ["a.example", "b.example"]
+
+
 # -- integration: real servers on 127.0.0.1, real reactor in a subprocess -----------
 
 SMTP_SINK = "/usr/sbin/smtp-sink"
 SCENARIO_DEADLINE = 60
 
 
+def _specHop(hop):
+    """A hop from a scenario spec: [host, port], {"mx": domain, ...} or Target fields."""
+    from relayd.courier import Target
+    from relayd.route import MXRoute
+
+    if isinstance(hop, list):
+        return Hop(*hop)
+    if "mx" in hop:
+        fields = dict(hop)
+        return MXRoute(fields.pop("mx"), **fields)
+    return Target(**hop)
+
+
 def scenarioMain(spec: dict) -> None:
     """
-    Run one delivery with the real reactor and print the AttemptResult as
-    JSON (the test process never runs the global reactor).
+    Run deliveries with the real reactor and print the last AttemptResult
+    as JSON, with the TLS log lines under "log" and every attempt under
+    "attempts" (the test process never runs the global reactor).
     """
     from twisted.internet import task
+    from twisted.logger import globalLogPublisher
+
+    from relayd.courier import Secret
+    from relayd.resolve import makeResolver
+
+    lines = []
+    globalLogPublisher.addObserver(
+        lambda event: lines.append(event["log_line"]) if "log_line" in event else None)
 
     async def main(reactor):
+        resolver = None
+        if spec.get("dns"):
+            resolver = makeResolver(reactor, tuple(tuple(s) for s in spec["dns"]), 3.0)
         courier = Courier(
             reactor, "relayd.test",
             Timeouts(connect=5, greeting=10, mail=10, rcpt=10, dataInit=10,
                      dataBlock=10, dataDone=20),
+            resolver=resolver,
+            passwords={k: Secret(v) for k, v in spec.get("passwords", {}).items()},
+            localAddresses=lambda: [tuple(a) for a in spec.get("local", [])],
         )
-        hops = [Hop(h, p) for h, p in spec["hops"]]
+        hops = [_specHop(h) for h in spec["hops"]]
         path = spec["body"]
-        attempt = await courier.deliver(
-            hops, spec["sender"], spec.get("mailParams", {}), spec["recipients"],
-            lambda: open(path, "rb"), os.path.getsize(path),
-        )
-        print(json.dumps(asdict(attempt)))
+        attempts = []
+        for _ in range(spec.get("messages", 1)):
+            attempt = await courier.deliver(
+                hops, spec["sender"], spec.get("mailParams", {}), spec["recipients"],
+                lambda: open(path, "rb"), os.path.getsize(path),
+            )
+            attempts.append(asdict(attempt))
+        await courier.closeIdle()
+        print(json.dumps({**attempts[-1], "attempts": attempts, "log": lines}))
 
     task.react(lambda reactor: defer.ensureDeferred(main(reactor)))
 
 
 def runScenario(tmp_path, hops, recipients=("rcpt@example.org",), body=b"Subject: hi\r\n\r\nhello\r\n",
-                sender="sender@example.com", mailParams=None):
+                sender="sender@example.com", mailParams=None, **extra):
     bodyPath = tmp_path / "body"
     bodyPath.write_bytes(body)
     spec = {"hops": hops, "recipients": list(recipients), "body": str(bodyPath),
-            "sender": sender, "mailParams": mailParams or {}}
+            "sender": sender, "mailParams": mailParams or {}, **extra}
     code = "import json, sys; from tests.test_courier import scenarioMain; scenarioMain(json.loads(sys.argv[1]))"
     proc = subprocess.run(
         [sys.executable, "-c", code, json.dumps(spec)],

@@ -76,3 +76,54 @@ def test_groupByDestination(recipients, groups):
     got = groupByDestination(recipients, TWO)
     assert got == groups
     assert list(got.values()) == list(groups.values())  # order kept
+
+
+# -- routes and MX delivery -------------------------------------------------------------
+
+from relayd.route import MXRoute  # noqa: E402
+
+
+@dataclass(frozen=True)
+class RouteHop:
+    host: str = ""
+    port: int = 25
+    tls: str = "may"
+    verify: bool = True
+    caFile: str | None = None
+    mx: bool = False
+
+
+@dataclass(frozen=True)
+class FullDelivery:
+    smarthosts: tuple = ()
+    routes: dict | None = None
+    mxPort: int = 25
+
+
+INTERNAL = RouteHop("mx.internal.example.org", 25, "may")
+MX_REQUIRED = RouteHop(tls="starttls", mx=True, caFile="/ca.pem")
+ROUTES = {"example.org": (INTERNAL,), "partner.example": (MX_REQUIRED,)}
+
+
+@pytest.mark.parametrize("domain, delivery, hops", [
+    # No smarthosts: MX delivery on mx_port, opportunistic TLS.
+    ("example.net", FullDelivery(mxPort=2525), (MXRoute("example.net", 2525, "may"),)),
+    # A route beats the smarthosts; other domains use the smarthosts.
+    ("example.org", FullDelivery((PRIMARY,), ROUTES), (INTERNAL,)),
+    ("example.net", FullDelivery((PRIMARY,), ROUTES), (PRIMARY,)),
+    # An mx entry: MX delivery for that domain with its own TLS policy.
+    ("partner.example", FullDelivery((PRIMARY,), ROUTES),
+     (MXRoute("partner.example", 25, "starttls", True, "/ca.pem"),)),
+    # "*" catches every domain without its own route.
+    ("example.net", FullDelivery((PRIMARY,), {"*": (BACKUP,), **ROUTES}), (BACKUP,)),
+    ("example.org", FullDelivery((PRIMARY,), {"*": (BACKUP,), **ROUTES}), (INTERNAL,)),
+    ("x.example", FullDelivery((), {"*": (RouteHop(mx=True, tls="none"),)}), (MXRoute("x.example", 25, "none"),)),
+])
+def test_nextHops_routes_and_mx(domain, delivery, hops):
+    assert nextHops(domain, delivery) == hops
+
+
+def test_mx_delivery_groups_by_domain():
+    got = groupByDestination(["a@x.org", "b@y.org", "c@X.org"], FullDelivery())
+    assert list(got.values()) == [["a@x.org", "c@X.org"], ["b@y.org"]]
+    assert list(got) == [(MXRoute("x.org"),), (MXRoute("y.org"),)]

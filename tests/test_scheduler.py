@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 from types import SimpleNamespace
 
 import pytest
@@ -34,18 +35,52 @@ def test_retry_delay_table(failed, jitter, expected):
 
 
 class FakeSpool:
+    """Records what the scheduler writes, in order; notices are kept as bytes."""
+
     def __init__(self):
         self.updated = []
         self.removed = []
+        self.events = []
+        self.notices = []  # (envelope, content) committed by the scheduler
+        self.bodies = {}
+        self.commitError = None
 
     def openBody(self, queueId):
-        raise AssertionError("the fake courier does not read bodies")
+        return io.BytesIO(self.bodies.get(queueId, ORIGINAL))
+
+    def begin(self, queueId):
+        return FakeWriter(self, queueId)
 
     def update(self, envelope):
         self.updated.append((envelope.queueId, envelope.nextAttempt, [r.state for r in envelope.recipients]))
+        self.events.append(("update", envelope.queueId))
 
     def remove(self, queueId):
         self.removed.append(queueId)
+        self.events.append(("remove", queueId))
+
+
+class FakeWriter:
+    def __init__(self, spool, queueId):
+        self.spool = spool
+        self.queueId = queueId
+        self.data = b""
+
+    def write(self, data):
+        self.data += data
+
+    def commit(self, envelope):
+        if self.spool.commitError is not None:
+            raise self.spool.commitError
+        self.spool.notices.append((envelope, self.data))
+        self.spool.bodies[envelope.queueId] = self.data
+        self.spool.events.append(("commit", envelope.queueId))
+
+    def abort(self):
+        pass
+
+
+ORIGINAL = b"Received: from client\r\nSubject: the original\r\nMessage-ID: <orig@example.com>\r\n\r\nHello\r\n"
 
 
 class FakeCourier:
@@ -56,8 +91,15 @@ class FakeCourier:
         self.calls = []
         self.script = []
         self.pending = []
+        self.noticeCalls = []
+        self.scriptNotices = False
 
     def deliver(self, hops, sender, mailParams, recipients, openBody, size):
+        if sender == "" and not self.scriptNotices:
+            # Notices relayd writes itself are delivered at once unless a
+            # test scripts them: they must not eat the original's script.
+            self.noticeCalls.append((self.clock.seconds(), tuple(recipients)))
+            return defer.succeed(result(recipients, [250] * len(recipients)))
         self.calls.append((self.clock.seconds(), tuple(recipients)))
         if not self.script:
             d = defer.Deferred()
@@ -76,11 +118,17 @@ def result(recipients, codes):
         connectSeconds=0.5, transmitSeconds=0.25)
 
 
-def settings(concurrency=20):
+def settings(concurrency=20, destinationConcurrency=20, lifetime=5 * 86400.0,
+             delayWarning=None, postmaster=None, bounceSizeLimit=50_000):
     return SimpleNamespace(
-        queue=SimpleNamespace(retry=SimpleNamespace(min=300.0, max=3600.0)),
+        hostname="relay.test",
+        postmaster=postmaster,
+        queue=SimpleNamespace(retry=SimpleNamespace(min=300.0, max=3600.0), lifetime=lifetime,
+                              delayWarning=delayWarning, bounceSizeLimit=bounceSizeLimit,
+                              directory="/var/spool/relayd"),
         delivery=SimpleNamespace(smarthosts=(NextHop(host="smtp.test", port=25, tls="none"),),
-                                 concurrency=concurrency),
+                                 concurrency=concurrency,
+                                 destinationConcurrency=destinationConcurrency),
         shutdownGrace=30.0,
     )
 
@@ -145,7 +193,10 @@ def test_permanent_failure_marks_recipient_failed_and_rest_retries(rig):
     # Only the pending recipient is tried again.
     assert rig.courier.calls[1][1] == ("later@example.org",)
     assert [r.state for r in env.recipients] == [FAILED, SENT]
-    assert rig.spool.removed == [env.queueId]
+    # The refused recipient went back to the sender, once; then the message left.
+    [(notice, _)] = rig.spool.notices
+    assert notice.recipients[0].address == "a@example.com"
+    assert rig.spool.removed == [notice.queueId, env.queueId]
     assert any("to=<gone@example.org>" in l and "status=bounced (550 reply)" in l for l in rig.lines)
 
 
@@ -203,3 +254,276 @@ def test_many_messages_cost_one_timer(rig):
     for i in range(1000):
         rig.sched.add(envelope(rig.clock, "b@example.org", nextAttempt=rig.clock.seconds() + 100 + i))
     assert len(rig.clock.getDelayedCalls()) == 1
+
+
+# Lifetime, notices and destinations
+
+
+def parseNotice(content):
+    import email
+    import email.policy
+    message = email.message_from_bytes(content, policy=email.policy.default)
+    parts = list(message.iter_parts())
+    perMessage, *perRecipient = parts[1].get_payload()
+    return message, parts, perMessage, perRecipient
+
+
+def rigWith(**kw):
+    clock = task.Clock()
+    clock.advance(1_000_000)
+    spool = FakeSpool()
+    courier = FakeCourier(clock)
+    sched = Scheduler(spool, courier.deliver, settings(**kw), clock, random=lambda: 0.5)
+    sched.startService()
+    lines = []
+    observer = lambda e: lines.append(formatEvent(e))  # noqa: E731
+    globalLogPublisher.addObserver(observer)
+    return SimpleNamespace(clock=clock, spool=spool, courier=courier, sched=sched, lines=lines,
+                           close=lambda: globalLogPublisher.removeObserver(observer))
+
+
+@pytest.fixture
+def rigFactory():
+    rigs = []
+
+    def make(**kw):
+        rigs.append(rigWith(**kw))
+        return rigs[-1]
+    yield make
+    for r in rigs:
+        r.close()
+
+
+@pytest.mark.parametrize("now, arrival, failed, lifetime, expected", [
+    (1000, 1000, 1, 86400, 1300),      # plain backoff
+    (1000, 0, 5, 86400, 4600),         # capped at retry.max
+    (7000, 0, 5, 7200, 7200),          # never past the end of the lifetime
+    (7200, 0, 6, 7200, 10800),         # already expired (notice failed): plain backoff
+])
+def test_next_attempt_time_table(now, arrival, failed, lifetime, expected):
+    retry = SimpleNamespace(min=300.0, max=3600.0)
+    assert scheduler.nextAttemptTime(now, arrival, failed, retry, lifetime, 0.5) == expected
+
+
+def test_attempts_until_expiry_then_one_bounce(rigFactory):
+    rig = rigFactory(lifetime=7200.0)
+    env = envelope(rig.clock, "b@example.org")
+    start = rig.clock.seconds()
+    rig.courier.script = [[451]] * 10
+    rig.sched.add(env)
+    rig.clock.pump([60] * 200)
+    # Backoff 5, 10, 20, 40 min; the last attempt falls at the lifetime's end.
+    assert [t - start for t, _ in rig.courier.calls] == [0, 300, 900, 2100, 4500, 7200]
+    [(notice, content)] = rig.spool.notices
+    assert notice.sender == "" and notice.notice == "bounce"
+    assert [r.address for r in notice.recipients] == ["a@example.com"]
+    message, parts, perMessage, [rcpt] = parseNotice(content)
+    assert message["Subject"] == "Undelivered Mail Returned to Sender"
+    assert rcpt["Action"] == "failed" and rcpt["Status"] == "4.4.7"
+    assert rcpt["Final-Recipient"] == "rfc822; b@example.org"
+    assert rcpt["Diagnostic-Code"] == "smtp; 451 reply"
+    # The notice is safe on disk before the original leaves the queue.
+    assert rig.spool.events.index(("commit", notice.queueId)) < rig.spool.events.index(("remove", env.queueId))
+    assert f"{env.queueId}: from=<a@example.com>, status=expired, returned to sender" in rig.lines
+    assert f"{env.queueId}: sender non-delivery notification: {notice.queueId}" in rig.lines
+    assert rig.sched.queueLength() == 0
+
+
+def test_delay_warning_is_sent_once(rigFactory):
+    rig = rigFactory(delayWarning=3600.0)
+    env = envelope(rig.clock, "b@example.org")
+    rig.courier.script = [[451]] * 8
+    rig.sched.add(env)
+    rig.clock.pump([60] * 300)  # 5 hours
+    assert len(rig.courier.calls) >= 6
+    [(notice, content)] = rig.spool.notices
+    assert notice.notice == "delay"
+    message, parts, perMessage, [rcpt] = parseNotice(content)
+    assert message["Subject"] == "Delayed Mail (still being retried)"
+    assert rcpt["Action"] == "delayed" and rcpt["Status"] == "4.0.0"
+    assert "Will-Retry-Until" in rcpt
+    # Sent at the first attempt ending an hour or more after arrival (4500 s).
+    assert notice.arrival - env.arrival == 4500
+    assert env.warned and rig.sched.queueLength() == 1
+    assert f"{env.queueId}: sender delay notification: {notice.queueId}" in rig.lines
+
+
+def test_one_notice_per_attempt_covers_every_failed_recipient(rigFactory):
+    rig = rigFactory()
+    env = envelope(rig.clock, "x@example.org", "y@example.org", "z@example.org")
+    rig.courier.script = [[550, 250, 554]]
+    rig.sched.add(env)
+    [(notice, content)] = rig.spool.notices
+    _, _, _, blocks = parseNotice(content)
+    assert [b["Final-Recipient"] for b in blocks] == ["rfc822; x@example.org", "rfc822; z@example.org"]
+    assert [b["Status"] for b in blocks] == ["5.0.0", "5.0.0"]
+    assert env.queueId in rig.spool.removed
+
+
+def test_null_sender_failure_goes_to_the_postmaster(rigFactory):
+    rig = rigFactory(postmaster="pm@example.net")
+    rig.courier.scriptNotices = True
+    env = envelope(rig.clock, "b@example.org")
+    env.sender = ""
+    rig.courier.script = [[550]]
+    rig.sched.add(env)
+    [(notice, content)] = rig.spool.notices
+    assert notice.notice == "2bounce" and notice.recipients[0].address == "pm@example.net"
+    assert f"{env.queueId}: postmaster non-delivery notification: {notice.queueId}" in rig.lines
+
+
+def test_null_sender_failure_without_postmaster_is_logged_and_dropped(rigFactory):
+    rig = rigFactory()
+    rig.courier.scriptNotices = True
+    env = envelope(rig.clock, "b@example.org")
+    env.sender = ""
+    rig.courier.script = [[550]]
+    rig.sched.add(env)
+    assert rig.spool.notices == []
+    assert rig.spool.removed == [env.queueId]
+    assert any(f"{env.queueId}: discarded undeliverable notice" in l for l in rig.lines)
+
+
+def test_failed_double_bounce_produces_nothing(rigFactory):
+    rig = rigFactory(postmaster="pm@example.net")
+    rig.courier.scriptNotices = True
+    env = envelope(rig.clock, "pm@example.net")
+    env.sender = ""
+    env.notice = "2bounce"
+    rig.courier.script = [[550]]
+    rig.sched.add(env)
+    assert rig.spool.notices == []
+    assert rig.spool.removed == [env.queueId]
+
+
+def test_undeliverable_bounce_expires_into_a_double_bounce_only(rigFactory):
+    """A bounce to a dead sender: retried, then one copy to the postmaster, never a bounce to <>."""
+    rig = rigFactory(lifetime=3600.0, postmaster="pm@example.net")
+    rig.courier.scriptNotices = True
+    env = envelope(rig.clock, "dead@example.org")
+    env.sender = ""
+    env.notice = "bounce"
+    rig.courier.script = [[451]] * 10 + [[250]] * 10
+    rig.sched.add(env)
+    rig.clock.pump([60] * 120)
+    [(notice, _)] = rig.spool.notices
+    assert notice.notice == "2bounce" and notice.recipients[0].address == "pm@example.net"
+    assert env.queueId in rig.spool.removed
+
+
+def test_notice_that_cannot_be_written_keeps_recipients_pending(rigFactory):
+    rig = rigFactory()
+    rig.spool.commitError = OSError(28, "No space left on device")
+    env = envelope(rig.clock, "b@example.org")
+    rig.courier.script = [[550], [550]]
+    rig.sched.add(env)
+    assert [r.state for r in env.recipients] == [PENDING]
+    assert rig.spool.removed == []
+    assert any("cannot queue notification, will retry: No space left on device" in l for l in rig.lines)
+    rig.spool.commitError = None
+    rig.clock.advance(300)
+    assert len(rig.spool.notices) == 1
+    assert env.queueId in rig.spool.removed
+
+
+def test_destination_concurrency_limit(rigFactory):
+    rig = rigFactory(destinationConcurrency=2)
+    for i in range(5):
+        rig.sched.add(envelope(rig.clock, f"r{i}@example.org"))
+    assert len(rig.courier.calls) == 2
+    for expected in (3, 4, 5):
+        d, rcpts = rig.courier.pending.pop(0)
+        d.callback(result(rcpts, [250]))
+        assert len(rig.courier.calls) == expected
+    assert len(rig.clock.getDelayedCalls()) <= 1
+
+
+def test_restart_keeps_the_schedule(tmp_path):
+    """The next attempt time lives in the spool: a new daemon neither forgets nor hurries it."""
+    from relayd.queue import Spool
+
+    clock = task.Clock()
+    clock.advance(1_000_000)
+    spool = Spool(str(tmp_path / "spool"))
+    spool.recover()
+    env = envelope(clock, "b@example.org")
+    writer = spool.begin(env.queueId)
+    writer.write(ORIGINAL)
+    writer.commit(env)
+    courier = FakeCourier(clock)
+    courier.script = [[451]]
+    first = Scheduler(spool, courier.deliver, settings(), clock, random=lambda: 0.5)
+    first.startService()
+    first.add(env)
+    first.stopService()
+    assert len(courier.calls) == 1
+
+    clock.advance(100)
+    second = Scheduler(spool, courier.deliver, settings(), clock, random=lambda: 0.5)
+    [recovered] = spool.recover()
+    assert recovered.nextAttempt == env.arrival + 300
+    courier.script = [[250]]
+    second.add(recovered)
+    second.startService()
+    clock.advance(199)
+    assert len(courier.calls) == 1
+    clock.advance(1)
+    assert len(courier.calls) == 2
+    assert spool.ids() == []
+
+
+def test_admin_hold_release_delete_flush_requeue_bounce(rigFactory):
+    rig = rigFactory()
+    a = envelope(rig.clock, "a@example.org")
+    b = envelope(rig.clock, "b@example.org")
+    rig.courier.script = [[451], [451]]
+    rig.sched.add(a)
+    rig.sched.add(b)
+    assert len(rig.courier.calls) == 2
+    assert rig.sched.hold(a.queueId) == "placed on hold"
+    assert rig.sched.hold(a.queueId) == "already on hold"
+    rig.clock.advance(3600)
+    assert len(rig.courier.calls) == 3  # only b was retried
+    rig.courier.script = [[250]]
+    assert rig.sched.release(a.queueId) == "released from hold"
+    assert a.queueId not in rig.sched.envelopes  # tried at once and delivered
+    assert rig.sched.flush([b.queueId]) == {b.queueId: "being delivered now"}
+    d, rcpts = rig.courier.pending.pop()
+    d.callback(result(rcpts, [451]))
+    rig.courier.script = [[451]]
+    assert rig.sched.flush([b.queueId]) == {b.queueId: "scheduled for delivery now"}
+    assert b.attempts == 3
+    assert rig.sched.requeue([b.queueId]) == {b.queueId: "requeued"}
+    d, rcpts = rig.courier.pending.pop()
+    d.callback(result(rcpts, [451]))
+    assert b.attempts == 1
+    assert rig.sched.bounce(b.queueId) == "returned to sender"
+    [(notice, content)] = rig.spool.notices
+    _, _, _, [block] = parseNotice(content)
+    assert block["Status"] == "5.0.0" and "cancelled by the administrator" in block["Diagnostic-Code"]
+    c = envelope(rig.clock, "c@example.org")
+    rig.courier.script = [[451]]
+    rig.sched.add(c)
+    assert rig.sched.delete(c.queueId) == "removed"
+    assert c.queueId in rig.spool.removed
+    with pytest.raises(scheduler.UnknownMessage):
+        rig.sched.hold(c.queueId)
+    for line in (f"{a.queueId}: placed on hold by admin", f"{a.queueId}: released from hold by admin",
+                 f"{b.queueId}: requeued by admin", f"{b.queueId}: returned to sender by admin",
+                 f"{c.queueId}: removed by admin"):
+        assert line in rig.lines
+
+
+def test_quarantine_report_goes_to_the_postmaster(rigFactory):
+    rig = rigFactory(postmaster="pm@example.net")
+    rig.sched.reportQuarantine([("0123456789ABCDEF", "envelope is not JSON (Expecting value at byte 0)")])
+    [(notice, content)] = rig.spool.notices
+    assert notice.notice == "quarantine" and notice.recipients[0].address == "pm@example.net"
+    assert b"0123456789ABCDEF: envelope is not JSON" in content
+    assert f"postmaster quarantine notification: {notice.queueId}" in rig.lines
+
+
+def test_no_quarantine_report_without_postmaster(rigFactory):
+    rig = rigFactory()
+    rig.sched.reportQuarantine([("0123456789ABCDEF", "bad")])
+    assert rig.spool.notices == []

@@ -15,6 +15,7 @@ from twisted.internet import address, defer, task
 from twisted.internet.testing import StringTransport
 
 from relayd import server
+from relayd.config import Limits
 from relayd.envelope import isQueueId
 
 
@@ -53,8 +54,10 @@ def makeConfig(trusted=("127.0.0.0/8", "::1/128"), messageSize=10_000_000, recip
     return SimpleNamespace(
         hostname="relay.test",
         relay=SimpleNamespace(trustedNetworks=tuple(ipaddress.ip_network(n) for n in trusted)),
-        limits=SimpleNamespace(messageSize=messageSize, recipients=recipients,
-                               connections=connections, connectionsPerClient=connectionsPerClient),
+        # The real Limits: every other limit at its default.
+        limits=Limits(messageSize=messageSize, recipients=recipients,
+                      connections=connections, connectionsPerClient=connectionsPerClient),
+        auth=None,
     )
 
 

@@ -48,6 +48,9 @@ def checkConfig(args: argparse.Namespace, stdout: TextIO, stderr: TextIO) -> int
     except config.ConfigError as e:
         stderr.write(f"{PROG}: {e}\n")
         return FAILED
+    # Warnings name risky but valid settings; they do not change the status.
+    for warning in config.warnings(loaded):
+        stderr.write(f"{PROG}: warning: {args.file}: {warning}\n")
     stdout.write(loaded.toYAML())
     return OK
 

@@ -343,6 +343,7 @@ class Relayd:
         with open(self.logPath, "ab") as log:
             log.write(f"=== harness: run {self.runs}: {' '.join(self.command())}\n".encode())
             log.flush()
+            startOffset = log.tell()
             self.process = subprocess.Popen(
                 self.command(), cwd=self.directory, stdout=log, stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL, env=childEnvironment(),
@@ -352,6 +353,11 @@ class Relayd:
                   self.describe)
         assert self.process.poll() is None, (
             f"relayd exited with status {self.process.returncode} at start-up\n{self.describe()}")
+        # The port listens before start-up ends (signal handlers, control
+        # socket): a test that signals or uses relayctl at once must wait.
+        waitUntil(lambda: self.process.poll() is not None
+                  or "daemon started" in self.log(startOffset),
+                  START_DEADLINE, "relayd did not log 'daemon started'", self.describe)
         return self
 
     @property

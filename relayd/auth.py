@@ -1,0 +1,408 @@
+"""
+SMTP AUTH for relayd: the password file, the twisted.cred checker and
+realm, the avatar of an authenticated user, sender binding, failure
+throttling and the per-user message rate.
+
+Verification runs in a dedicated thread pool (never on the reactor, and
+never in the reactor's own pool, which also resolves host names). Hashes are
+checked with libpass's CryptContext: bcrypt (``$2y$`` from Apache's
+``htpasswd -B`` included), sha512-crypt and argon2. bcrypt and argon2 release
+the GIL while they hash; libpass's sha512-crypt is pure Python where the
+``crypt`` module is gone (Python 3.13), so it holds the GIL and slows the
+reactor while it runs: prefer bcrypt or argon2 (see bench/auth_bench.py).
+
+An unknown user costs what a wrong password costs: the password is verified
+against a hash from the file (the first entry) and the result thrown away.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import os
+import re
+import secrets
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from passlib.context import CryptContext
+from twisted.cred import checkers, credentials, error, portal
+from twisted.internet.threads import deferToThreadPool
+from zope.interface import Attribute, Interface, implementer
+
+from relayd import maillog
+
+# The schemes relayd verifies. The first is what relayd-passwd writes.
+SCHEMES = ("bcrypt", "sha512_crypt", "argon2")
+# bcrypt looks at 72 bytes only; bcrypt 5 refuses longer passwords.
+BCRYPT_MAX_PASSWORD = 72
+# Logins in the file: anything printable but ":" and whitespace.
+_LOGIN = re.compile(r"[^\s:\x00-\x1f\x7f]{1,255}")
+# Stat the file at most this often (seconds), so a storm of AUTHs does not
+# become a storm of stat() calls.
+RECHECK_INTERVAL = 1.0
+
+# Stand-in hash for an empty file, so an unknown user still costs a bcrypt
+# verification (bcrypt, cost 12, of a random password).
+_FALLBACK_DUMMY = "$2b$12$nQ7AsHi9K0mQBXJtBqWs7e87GK46BXomIWw.H6bVQpFV9221eiuRy"
+
+
+def cryptContext() -> CryptContext:
+    return CryptContext(schemes=list(SCHEMES), default=SCHEMES[0])
+
+
+def isValidLogin(login: str) -> bool:
+    return bool(_LOGIN.fullmatch(login))
+
+
+class PasswordTooLong(error.UnauthorizedLogin):
+    """The password is longer than bcrypt can check (72 bytes)."""
+
+
+class PasswordFileError(Exception):
+    """The password file cannot be read; AUTH answers 454 (temporary)."""
+
+
+@dataclass(frozen=True)
+class FileIdentity:
+    inode: int
+    size: int
+    mtime: int  # nanoseconds
+
+
+class PasswordFile:
+    """
+    ``user:hash`` lines (htpasswd format; ``#`` comments and blank lines
+    allowed). Re-read when its inode, size or mtime changes, checked at most
+    once a second, or at once after ``invalidate()`` (SIGHUP). Thread-safe:
+    lookups run in the verification threads.
+    """
+
+    def __init__(self, path: str, now: Callable[[], float] = time.monotonic):
+        self.path = path
+        self._now = now
+        self._lock = threading.Lock()
+        self._entries: dict[str, str] = {}
+        self._identity: FileIdentity | None = None
+        self._checked = float("-inf")
+        self.skipped: list[int] = []  # line numbers of malformed lines at the last read
+
+    def invalidate(self) -> None:
+        with self._lock:
+            self._checked = float("-inf")
+
+    def load(self) -> None:
+        """Read now (start-up, SIGHUP); raises PasswordFileError."""
+        with self._lock:
+            self._refresh(force=True)
+
+    def lookup(self, login: str) -> tuple[str | None, str | None, FileIdentity]:
+        """The login's hash (or None), a hash to use for a dummy verification, and the file's identity."""
+        with self._lock:
+            self._refresh(force=False)
+            dummy = next(iter(self._entries.values()), None)
+            return self._entries.get(login), dummy, self._identity
+
+    def logins(self) -> list[str]:
+        with self._lock:
+            self._refresh(force=False)
+            return list(self._entries)
+
+    def _refresh(self, force: bool) -> None:
+        now = self._now()
+        if not force and self._identity is not None and now - self._checked < RECHECK_INTERVAL:
+            return
+        try:
+            st = os.stat(self.path)
+        except OSError as e:
+            raise PasswordFileError(f"{self.path}: {e.strerror}") from None
+        identity = FileIdentity(st.st_ino, st.st_size, st.st_mtime_ns)
+        self._checked = now
+        if identity == self._identity and not force:
+            return
+        try:
+            with open(self.path, "rb") as f:
+                data = f.read()
+        except OSError as e:
+            raise PasswordFileError(f"{self.path}: {e.strerror}") from None
+        self._entries, self.skipped = parsePasswordFile(data)
+        self._identity = identity
+
+
+def parsePasswordFile(data: bytes) -> tuple[dict[str, str], list[int]]:
+    """Entries of an htpasswd-format file, and the numbers of lines that were skipped."""
+    entries: dict[str, str] = {}
+    skipped = []
+    for number, raw in enumerate(data.split(b"\n"), 1):
+        line = raw.rstrip(b"\r")
+        if not line.strip() or line.lstrip().startswith(b"#"):
+            continue
+        try:
+            text = line.decode("utf-8")
+        except UnicodeDecodeError:
+            skipped.append(number)
+            continue
+        login, sep, hashed = text.partition(":")
+        if not sep or not isValidLogin(login) or not hashed.strip():
+            skipped.append(number)
+            continue
+        entries[login] = hashed.strip()
+    return entries, skipped
+
+
+class Verifier:
+    """
+    Checks one login and password against the password file (blocking;
+    run it in a thread). Optionally remembers successes for ``cacheSeconds``,
+    keyed by an HMAC (with a per-process random key) of the login, the
+    stored hash and the password: a changed password or a removed user
+    misses the cache as soon as the file is re-read, and the cache never
+    holds anything a fast offline guess could use without the process key.
+    """
+
+    def __init__(self, passwords: PasswordFile, cacheSeconds: float = 0.0,
+                 now: Callable[[], float] = time.monotonic):
+        self.passwords = passwords
+        self.cacheSeconds = cacheSeconds
+        self._now = now
+        self._context = cryptContext()
+        self._cacheKey = secrets.token_bytes(32)
+        self._cache: dict[bytes, float] = {}
+        self._cacheLock = threading.Lock()
+
+    def verify(self, login: str, password: str) -> bool:
+        """True or False; raises PasswordTooLong or PasswordFileError."""
+        stored, dummy, _ = self.passwords.lookup(login)
+        encoded = password.encode("utf-8")
+        if stored is None:
+            if dummy is None:
+                dummy = _FALLBACK_DUMMY
+            if len(encoded) > BCRYPT_MAX_PASSWORD and self._isBcrypt(dummy):
+                raise PasswordTooLong()
+            self._safeVerify(password, dummy)
+            return False
+        if len(encoded) > BCRYPT_MAX_PASSWORD and self._isBcrypt(stored):
+            raise PasswordTooLong()
+        key = None
+        if self.cacheSeconds > 0:
+            key = hmac.new(self._cacheKey, b"\0".join(
+                (login.encode("utf-8"), stored.encode("utf-8"), encoded)), hashlib.sha256).digest()
+            with self._cacheLock:
+                until = self._cache.get(key)
+                if until is not None and until > self._now():
+                    return True
+        ok = self._safeVerify(password, stored)
+        if ok and key is not None:
+            with self._cacheLock:
+                now = self._now()
+                if len(self._cache) > 10_000:
+                    self._cache = {k: t for k, t in self._cache.items() if t > now}
+                self._cache[key] = now + self.cacheSeconds
+        return ok
+
+    def _isBcrypt(self, hashed: str) -> bool:
+        return hashed.startswith(("$2a$", "$2b$", "$2y$"))
+
+    def _safeVerify(self, password: str, hashed: str) -> bool:
+        try:
+            return self._context.verify(password, hashed)
+        except (ValueError, TypeError):
+            # An unknown or broken hash in the file: never a match.
+            return False
+
+    def clearCache(self) -> None:
+        with self._cacheLock:
+            self._cache.clear()
+
+
+@implementer(checkers.ICredentialsChecker)
+class PasswordFileChecker:
+    """
+    twisted.cred checker for PLAIN and LOGIN (IUsernamePassword): the
+    verification runs in ``pool``; the avatar id is the login (str).
+    """
+
+    credentialInterfaces = (credentials.IUsernamePassword,)
+
+    def __init__(self, verifier: Verifier, reactor, pool):
+        self.verifier = verifier
+        self.reactor = reactor
+        self.pool = pool
+
+    def requestAvatarId(self, creds):
+        try:
+            login = creds.username.decode("utf-8") if isinstance(creds.username, bytes) else creds.username
+            password = creds.password.decode("utf-8") if isinstance(creds.password, bytes) else creds.password
+        except UnicodeDecodeError:
+            return _failed(error.UnauthorizedLogin())
+        if not login or not password or not isValidLogin(login):
+            # An empty password never succeeds, whatever the file says.
+            return _failed(error.UnauthorizedLogin())
+
+        def check():
+            if not self.verifier.verify(login, password):
+                raise error.UnauthorizedLogin()
+            return login
+
+        return deferToThreadPool(self.reactor, self.pool, check)
+
+
+def _failed(exc):
+    from twisted.internet import defer
+
+    return defer.fail(exc)
+
+
+class IRelayClient(Interface):
+    """What a session's avatar may do: relay to a recipient, send as a sender."""
+
+    login = Attribute("The AUTH login, or None")
+
+    def mayRelay(recipient: str) -> bool:
+        """Whether mail to this recipient may be relayed."""
+
+    def maySend(sender: str) -> bool:
+        """Whether this MAIL FROM address may be used."""
+
+
+@implementer(IRelayClient)
+@dataclass(frozen=True)
+class AuthenticatedUser:
+    """The avatar of a client that passed AUTH: it relays, from its own senders only."""
+
+    login: str
+    senders: tuple[str, ...] | None  # None: no auth.senders entry
+
+    def mayRelay(self, recipient: str) -> bool:
+        return True
+
+    def maySend(self, sender: str) -> bool:
+        return senderAllowed(sender, self.login, self.senders)
+
+
+@implementer(portal.IRealm)
+class Realm:
+    """Avatars for authenticated logins, with their auth.senders binding."""
+
+    def __init__(self, sendersFor: Callable[[str], tuple[str, ...] | None]):
+        self.sendersFor = sendersFor
+
+    def requestAvatar(self, avatarId, mind, *interfaces):
+        if IRelayClient not in interfaces:
+            raise NotImplementedError("relayd's realm only provides IRelayClient")
+        return IRelayClient, AuthenticatedUser(avatarId, self.sendersFor(avatarId)), lambda: None
+
+
+# Policy (pure functions)
+
+_MAILBOX = re.compile(r"[^@\s]+@[^@\s]+")
+
+
+def hasRoutingTricks(address: str) -> bool:
+    """
+    Percent hacks, bang paths, quoted "@", source routes, several "@": ways
+    to make the next hop relay further. None of them is ever relayed.
+    """
+    if address.startswith("@") or ":" in address.split("@", 1)[0]:
+        return True
+    local, at, domain = address.rpartition("@")
+    if not at:
+        return "!" in address or "%" in address
+    return "@" in local or "%" in local or "!" in local or '"' in local
+
+
+def senderAllowed(sender: str, login: str, entries: tuple[str, ...] | None) -> bool:
+    """
+    May ``login`` use MAIL FROM:<sender>? The null sender always; with an
+    auth.senders entry, the listed addresses (any case) and @domains; without
+    one, only the login itself when it is an address. Never an address with
+    routing tricks.
+    """
+    if sender == "":
+        return True
+    if hasRoutingTricks(sender) or not _MAILBOX.fullmatch(sender):
+        return False
+    wanted = sender.lower()
+    if entries is None:
+        return _MAILBOX.fullmatch(login) is not None and login.lower() == wanted
+    domain = "@" + wanted.rpartition("@")[2].rstrip(".")
+    for entry in entries:
+        entry = entry.lower()
+        if entry.startswith("@"):
+            if entry == domain:
+                return True
+        elif entry == wanted:
+            return True
+    return False
+
+
+class FailureThrottle:
+    """
+    Failed AUTHs per client IP within a sliding window; at ``limit`` the IP
+    is refused (421) until enough of its failures have aged out.
+    """
+
+    MAX_TRACKED = 100_000  # bounded memory under a wide distributed attack
+
+    def __init__(self, clock, limit: int, window: float):
+        self.clock = clock
+        self.limit = limit
+        self.window = window
+        self._failures: dict[str, deque[float]] = {}
+
+    def _recent(self, address: str) -> deque[float] | None:
+        times = self._failures.get(address)
+        if times is None:
+            return None
+        horizon = self.clock.seconds() - self.window
+        while times and times[0] <= horizon:
+            times.popleft()
+        if not times:
+            del self._failures[address]
+            return None
+        return times
+
+    def blocked(self, address: str) -> bool:
+        times = self._recent(address)
+        return times is not None and len(times) >= self.limit
+
+    def failed(self, address: str) -> bool:
+        """Record a failure; True if the address is now blocked."""
+        times = self._recent(address)
+        if times is None:
+            if len(self._failures) >= self.MAX_TRACKED:
+                self._failures.pop(next(iter(self._failures)))
+            times = self._failures[address] = deque()
+        times.append(self.clock.seconds())
+        return len(times) >= self.limit
+
+
+class MessageRate:
+    """Messages queued per login in the last hour (a leaked password must not flood the smarthost)."""
+
+    WINDOW = 3600.0
+
+    def __init__(self, clock, limit: int):
+        self.clock = clock
+        self.limit = limit
+        self._sent: dict[str, deque[float]] = {}
+
+    def _recent(self, login: str) -> deque[float]:
+        times = self._sent.setdefault(login, deque())
+        horizon = self.clock.seconds() - self.WINDOW
+        while times and times[0] <= horizon:
+            times.popleft()
+        return times
+
+    def exceeded(self, login: str) -> bool:
+        return len(self._recent(login)) >= self.limit
+
+    def queued(self, login: str) -> None:
+        self._recent(login).append(self.clock.seconds())
+
+
+def logFailure(clientName: str, clientAddress: str, method: str, login: str, reason: str) -> None:
+    maillog.saslFailed(clientName, clientAddress, method, reason, login)

@@ -1,0 +1,293 @@
+"""
+Delivery status notifications (RFC 3464) and the other notices relayd writes
+itself: non-delivery reports ("bounces"), "delayed" warnings, double bounces
+to the postmaster and quarantine reports.
+
+A notice is an ordinary message in the spool, sent from the null sender
+``<>`` so that it can never cause another bounce to a sender (RFC 5321
+§4.5.5). ``report`` builds the ``multipart/report; report-type=delivery-status``
+message with Python's email package: a human-readable part, the
+``message/delivery-status`` part and the original message (whole as
+``message/rfc822`` up to ``queue.bounce_size_limit``, else its header as
+``text/rfc822-headers``). ``writeNotice`` reads the original and commits the
+notice to the spool; it blocks and belongs in a thread.
+
+Nothing here decides *whether* to send a notice: that is the scheduler's.
+"""
+
+from __future__ import annotations
+
+import email.parser
+import email.policy
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from email.generator import BytesGenerator
+from email.message import Message
+from email.mime.message import MIMEMessage
+from email.mime.multipart import MIMEMultipart
+from email.mime.text import MIMEText
+from email.utils import formatdate, make_msgid
+from io import BytesIO
+from typing import BinaryIO
+
+from relayd.envelope import (
+    NOTICE_BOUNCE,
+    NOTICE_DELAY,
+    NOTICE_DOUBLE_BOUNCE,
+    NOTICE_QUARANTINE,
+    Envelope,
+    Recipient,
+    newQueueId,
+)
+
+FAILED_ACTION = "failed"
+DELAYED_ACTION = "delayed"
+
+# The status of a recipient that ran out of queue.lifetime (RFC 3463 X.4.7,
+# "delivery time expired"); the class stays 4 as the last error was
+# temporary, with Action: failed, as Postfix reports expiry.
+EXPIRED_STATUS = "4.4.7"
+ADMIN_BOUNCE_STATUS = "5.0.0"
+ADMIN_BOUNCE_TEXT = "delivery cancelled by the administrator"
+
+# Longest header block looked for when the original is too big to return whole.
+MAX_HEADER_BLOCK = 1024 * 1024
+
+# Generating with compat32 and no line length keeps the original's header
+# fields as they were (no refolding); CRLF is the spool's canonical form.
+_OUTPUT_POLICY = email.policy.compat32.clone(linesep="\r\n", max_line_length=0)
+_INPUT_POLICY = email.policy.compat32.clone(max_line_length=0)
+
+_SUBJECTS = {
+    NOTICE_BOUNCE: "Undelivered Mail Returned to Sender",
+    NOTICE_DELAY: "Delayed Mail (still being retried)",
+    NOTICE_DOUBLE_BOUNCE: "Postmaster Copy: Undelivered Mail",
+    NOTICE_QUARANTINE: "Postmaster Warning: unreadable queue entries quarantined",
+}
+
+
+@dataclass(frozen=True)
+class RecipientStatus:
+    """One recipient's line of the report, snapshotted on the reactor thread."""
+
+    address: str
+    action: str  # FAILED_ACTION or DELAYED_ACTION
+    status: str  # enhanced status code, e.g. 5.1.1
+    diagnostic: str | None  # the remote reply ("550 5.1.1 no such user") or our reason
+    remoteMta: str | None  # "host[ip]:port" as logged, or None
+    lastAttempt: float | None
+
+
+def statusFor(recipient: Recipient, action: str, status: str | None = None,
+              diagnostic: str | None = None) -> RecipientStatus:
+    return RecipientStatus(
+        address=recipient.address,
+        action=action,
+        status=status or recipient.dsn or ("5.0.0" if action == FAILED_ACTION else "4.0.0"),
+        diagnostic=diagnostic if diagnostic is not None else recipient.reply,
+        remoteMta=recipient.relay,
+        lastAttempt=recipient.lastAttempt,
+    )
+
+
+def _mtaName(relay: str | None) -> str | None:
+    """The host name of a logged relay ``host[ip]:port`` (Remote-MTA wants a DNS name)."""
+    if not relay or relay == "none":
+        return None
+    return relay.split("[", 1)[0].rsplit(":", 1)[0] or None
+
+
+def _field(text: str) -> str:
+    # Remote replies are untrusted: one line, printable ASCII only.
+    return "".join(c if " " <= c <= "~" else " " for c in text).strip()
+
+
+def _humanText(kind: str, hostname: str, sender: str, statuses: Sequence[RecipientStatus],
+               lifetime: float | None) -> str:
+    lines = [f"This is the mail system at host {hostname}.", ""]
+    if kind == NOTICE_DELAY:
+        lines += [
+            "####################################################################",
+            "# THIS IS A WARNING ONLY.  YOU DO NOT NEED TO RESEND YOUR MESSAGE. #",
+            "####################################################################",
+            "",
+            "Your message could not be delivered yet to the recipients below;",
+            "the mail system will keep trying"
+            + (f" for up to {_days(lifetime)} after it was sent." if lifetime else "."),
+        ]
+    elif kind == NOTICE_DOUBLE_BOUNCE:
+        lines += [
+            "A message from the null sender <> (a notice) could not be delivered",
+            "and cannot be returned to anyone; this copy goes to the postmaster.",
+        ]
+    else:
+        lines += [
+            "I'm sorry to have to inform you that your message could not",
+            "be delivered to one or more recipients. It's attached below.",
+        ]
+    lines += ["", "The mail system", ""]
+    for s in statuses:
+        reason = _field(s.diagnostic) if s.diagnostic else s.status
+        lines.append(f"<{s.address}>: {reason}")
+    return "\n".join(lines) + "\n"
+
+
+def _days(seconds: float) -> str:
+    days = seconds / 86400
+    if days >= 1 and days == int(days):
+        return f"{int(days)} day{'s' if days != 1 else ''}"
+    return f"{seconds / 3600:g} hours"
+
+
+def _statusPart(hostname: str, envelope: Envelope, statuses: Sequence[RecipientStatus],
+                lifetime: float | None) -> Message:
+    part = Message(policy=_OUTPUT_POLICY)
+    part.set_type("message/delivery-status")
+    del part["MIME-Version"]
+    perMessage = Message(policy=_OUTPUT_POLICY)
+    perMessage["Reporting-MTA"] = f"dns; {hostname}"
+    perMessage["X-Relayd-Queue-ID"] = envelope.queueId
+    perMessage["X-Relayd-Sender"] = f"rfc822; {envelope.sender}"
+    perMessage["Arrival-Date"] = formatdate(envelope.arrival, localtime=True)
+    blocks = [perMessage]
+    for s in statuses:
+        block = Message(policy=_OUTPUT_POLICY)
+        block["Final-Recipient"] = f"rfc822; {s.address}"
+        block["Action"] = s.action
+        block["Status"] = s.status
+        mta = _mtaName(s.remoteMta)
+        if mta:
+            block["Remote-MTA"] = f"dns; {_field(mta)}"
+        if s.diagnostic:
+            diagnostic = _field(s.diagnostic)
+            # A reply from the next hop is an SMTP diagnostic; our own
+            # reasons (expiry, connection failures) are X-Relayd ones.
+            kind = "smtp" if diagnostic[:3].isdigit() else "X-Relayd"
+            block["Diagnostic-Code"] = f"{kind}; {diagnostic}"
+        if s.lastAttempt is not None:
+            block["Last-Attempt-Date"] = formatdate(s.lastAttempt, localtime=True)
+        if s.action == DELAYED_ACTION and lifetime:
+            block["Will-Retry-Until"] = formatdate(envelope.arrival + lifetime, localtime=True)
+        blocks.append(block)
+    part.set_payload(blocks)
+    return part
+
+
+def _originalPart(original: bytes, whole: bool) -> Message:
+    if whole:
+        parsed = email.parser.BytesParser(policy=_INPUT_POLICY).parsebytes(original)
+        part = MIMEMessage(parsed)
+    else:
+        text = original.decode("ascii", "replace").replace("\r\n", "\n")
+        part = MIMEText(text, "rfc822-headers", "us-ascii")
+    del part["MIME-Version"]
+    return part
+
+
+def report(kind: str, *, hostname: str, envelope: Envelope, to: str,
+           statuses: Sequence[RecipientStatus], original: bytes, originalWhole: bool,
+           now: float, lifetime: float | None = None) -> bytes:
+    """
+    The notice about ``envelope`` for ``to`` as CRLF bytes, ready for the
+    spool: a ``multipart/report; report-type=delivery-status`` message.
+    """
+    message = MIMEMultipart("report", report_type="delivery-status", policy=_OUTPUT_POLICY)
+    message["From"] = f"MAILER-DAEMON@{hostname} (Mail Delivery System)"
+    message["To"] = f"<{to}>"
+    message["Subject"] = _SUBJECTS[kind]
+    message["Date"] = formatdate(now, localtime=True)
+    message["Message-ID"] = make_msgid(domain=hostname)
+    # RFC 3834: no auto-replies to this, please.
+    message["Auto-Submitted"] = "auto-replied"
+    message.preamble = "This is a MIME-encapsulated message."
+    human = MIMEText(_humanText(kind, hostname, envelope.sender, statuses, lifetime), "plain", "us-ascii")
+    human["Content-Description"] = "Notification"
+    del human["MIME-Version"]
+    message.attach(human)
+    status = _statusPart(hostname, envelope, statuses, lifetime)
+    status["Content-Description"] = "Delivery report"
+    message.attach(status)
+    originalPart = _originalPart(original, originalWhole)
+    originalPart["Content-Description"] = "Undelivered Message" if originalWhole else "Undelivered Message Headers"
+    message.attach(originalPart)
+    out = BytesIO()
+    BytesGenerator(out, mangle_from_=False, policy=_OUTPUT_POLICY).flatten(message)
+    return out.getvalue()
+
+
+def quarantineReport(*, hostname: str, to: str, entries: Sequence[tuple[str, str]],
+                     directory: str, now: float) -> bytes:
+    """A plain note to the postmaster listing queue entries moved to quarantine at start-up."""
+    lines = [f"This is the mail system at host {hostname}.", "",
+             "At start-up these queue entries could not be read back and were moved",
+             f"to {directory}/quarantine/, where they wait for you:", ""]
+    lines += [f"  {queueId}: {_field(reason)}" for queueId, reason in entries]
+    lines += ["", "Their senders have not been told. Nothing else was lost.", ""]
+    message = MIMEText("\n".join(lines), "plain", "us-ascii", policy=_OUTPUT_POLICY)
+    message["From"] = f"MAILER-DAEMON@{hostname} (Mail Delivery System)"
+    message["To"] = f"<{to}>"
+    message["Subject"] = _SUBJECTS[NOTICE_QUARANTINE]
+    message["Date"] = formatdate(now, localtime=True)
+    message["Message-ID"] = make_msgid(domain=hostname)
+    message["Auto-Submitted"] = "auto-generated"
+    out = BytesIO()
+    BytesGenerator(out, mangle_from_=False, policy=_OUTPUT_POLICY).flatten(message)
+    return out.getvalue()
+
+
+def readOriginal(openBody: Callable[[], BinaryIO], limit: int) -> tuple[bytes, bool]:
+    """
+    The original as a notice returns it: ``(bytes, True)`` when it is at
+    most ``limit`` bytes, else ``(header block, False)``. Blocking.
+    """
+    with openBody() as f:
+        data = f.read(limit + 1)
+        if len(data) <= limit:
+            return data, True
+        while b"\r\n\r\n" not in data and len(data) < MAX_HEADER_BLOCK:
+            more = f.read(64 * 1024)
+            if not more:
+                break
+            data += more
+    end = data.find(b"\r\n\r\n")
+    return (data[: end + 2] if end >= 0 else data[:MAX_HEADER_BLOCK]), False
+
+
+def noticeEnvelope(kind: str, to: str, hostname: str, size: int, now: float) -> Envelope:
+    """The envelope of a new notice: from <>, to one address, due now."""
+    return Envelope(
+        queueId=newQueueId(now),
+        sender="",
+        recipients=[Recipient(address=to)],
+        arrival=now,
+        size=size,
+        clientAddress="127.0.0.1",
+        clientName="localhost",
+        helo=hostname,
+        nextAttempt=now,
+        notice=kind,
+    )
+
+
+def writeNotice(spool, kind: str, to: str, hostname: str, content: bytes,
+                now: float | None = None) -> Envelope:
+    """
+    Commit a notice to the spool (fsynced, like any accepted message) and
+    return its envelope. Blocking: run it in a thread. Raises OSError.
+    """
+    now = time.time() if now is None else now
+    for _ in range(5):
+        envelope = noticeEnvelope(kind, to, hostname, len(content), now)
+        try:
+            writer = spool.begin(envelope.queueId)
+        except FileExistsError:
+            continue
+        try:
+            writer.write(content)
+        except BaseException:
+            writer.abort()
+            raise
+        writer.commit(envelope)
+        return envelope
+    raise FileExistsError("no free queue id for a notice")

@@ -1,0 +1,242 @@
+"""
+``relayd-passwd``: manage relayd's password file (htpasswd format).
+
+    relayd-passwd [-f FILE] add [--scheme bcrypt|sha512_crypt|argon2] LOGIN
+    relayd-passwd [-f FILE] remove LOGIN
+    relayd-passwd [-f FILE] list
+    relayd-passwd [-f FILE] check LOGIN
+
+Passwords are never taken from the command line (other users can read it
+in ps and it lands in shell history): ``add`` and ``check`` prompt on the
+terminal, or read one line from stdin when it is not a terminal
+(``printf '%s\\n' "$PW" | relayd-passwd add printer``).
+
+Edits are atomic: a temporary file in the same directory, fsynced, renamed
+over the old one, the directory fsynced; the file keeps its mode and owner,
+comments and lines relayd-passwd does not understand are kept as they are.
+A running relayd notices the change within a second.
+"""
+
+from __future__ import annotations
+
+import argparse
+import fcntl
+import getpass
+import os
+import sys
+import tempfile
+from contextlib import contextmanager
+from typing import Sequence, TextIO
+
+from relayd.auth import BCRYPT_MAX_PASSWORD, SCHEMES, cryptContext, isValidLogin, parsePasswordFile
+
+PROG = "relayd-passwd"
+DEFAULT_FILE = "/etc/relayd/passwd"
+
+OK = 0
+FAILED = 1
+USAGE = 2
+
+
+class _UsageError(Exception):
+    pass
+
+
+class _Failure(Exception):
+    pass
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise _UsageError(message)
+
+
+def readPassword(stdin: TextIO, prompt: str, confirm: bool) -> str:
+    """From the terminal (twice when ``confirm``), else one line of stdin."""
+    if stdin.isatty():
+        first = getpass.getpass(prompt)
+        if confirm and getpass.getpass("Again: ") != first:
+            raise _Failure("the passwords differ; nothing changed")
+        return first
+    line = stdin.readline()
+    return line[:-1] if line.endswith("\n") else line
+
+
+@contextmanager
+def _locked(path: str):
+    """Serialise editors: an flock on the directory (the file itself is replaced by rename)."""
+    directory = os.path.dirname(os.path.abspath(path))
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def _readLines(path: str) -> list[bytes]:
+    try:
+        with open(path, "rb") as f:
+            return f.read().splitlines()
+    except FileNotFoundError:
+        return []
+    except OSError as e:
+        raise _Failure(f"{path}: {e.strerror}") from None
+
+
+def _lineLogin(line: bytes) -> str | None:
+    entries, _ = parsePasswordFile(line)
+    return next(iter(entries), None)
+
+
+def _writeAtomically(path: str, lines: list[bytes]) -> None:
+    directory = os.path.dirname(os.path.abspath(path))
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        st = None
+    try:
+        fd, temp = tempfile.mkstemp(prefix=".relayd-passwd.", dir=directory)
+    except OSError as e:
+        raise _Failure(f"{directory}: {e.strerror}") from None
+    try:
+        with os.fdopen(fd, "wb") as f:
+            # A new file is readable by its owner only; an existing one
+            # keeps its mode and owner (often root:relayd 0640).
+            os.fchmod(f.fileno(), st.st_mode & 0o7777 if st else 0o600)
+            if st is not None and os.geteuid() == 0:
+                os.fchown(f.fileno(), st.st_uid, st.st_gid)
+            f.write(b"".join(line + b"\n" for line in lines))
+            f.flush()
+            os.fsync(f.fileno())
+        os.rename(temp, path)
+        dirfd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(dirfd)
+        finally:
+            os.close(dirfd)
+    except OSError as e:
+        try:
+            os.unlink(temp)
+        except OSError:
+            pass
+        raise _Failure(f"{path}: {e.strerror}") from None
+
+
+def add(args, stdin: TextIO, stdout: TextIO) -> int:
+    if not isValidLogin(args.login):
+        raise _Failure(f"{args.login!r} is not a valid login (no spaces, colons or control characters)")
+    password = readPassword(stdin, f"Password for {args.login}: ", confirm=True)
+    if not password:
+        raise _Failure("an empty password is refused; nothing changed")
+    if args.scheme == "bcrypt" and len(password.encode("utf-8")) > BCRYPT_MAX_PASSWORD:
+        raise _Failure("bcrypt checks at most 72 bytes of a password; use a shorter one "
+                       "or --scheme argon2; nothing changed")
+    try:
+        hashed = cryptContext().handler(args.scheme).hash(password)
+    except Exception as e:  # e.g. argon2-cffi missing
+        raise _Failure(f"cannot hash with {args.scheme}: {e}") from None
+    entry = f"{args.login}:{hashed}".encode("utf-8")
+    with _locked(args.file):
+        lines = _readLines(args.file)
+        replaced = False
+        for i, line in enumerate(lines):
+            if _lineLogin(line) == args.login:
+                lines[i] = entry
+                replaced = True
+        if not replaced:
+            lines.append(entry)
+        _writeAtomically(args.file, lines)
+    stdout.write(f"{'changed' if replaced else 'added'} {args.login} in {args.file}\n")
+    return OK
+
+
+def remove(args, stdin: TextIO, stdout: TextIO) -> int:
+    with _locked(args.file):
+        lines = _readLines(args.file)
+        kept = [line for line in lines if _lineLogin(line) != args.login]
+        if len(kept) == len(lines):
+            raise _Failure(f"{args.login!r} is not in {args.file}")
+        _writeAtomically(args.file, kept)
+    stdout.write(f"removed {args.login} from {args.file}\n")
+    return OK
+
+
+def list_(args, stdin: TextIO, stdout: TextIO) -> int:
+    try:
+        with open(args.file, "rb") as f:
+            entries, _ = parsePasswordFile(f.read())
+    except OSError as e:
+        raise _Failure(f"{args.file}: {e.strerror}") from None
+    context = cryptContext()
+    for login, hashed in entries.items():
+        scheme = context.identify(hashed, required=False) or "unknown"
+        stdout.write(f"{login} {scheme}\n")
+    return OK
+
+
+def check(args, stdin: TextIO, stdout: TextIO) -> int:
+    try:
+        with open(args.file, "rb") as f:
+            entries, _ = parsePasswordFile(f.read())
+    except OSError as e:
+        raise _Failure(f"{args.file}: {e.strerror}") from None
+    password = readPassword(stdin, f"Password for {args.login}: ", confirm=False)
+    hashed = entries.get(args.login)
+    ok = False
+    if hashed is not None and password:
+        try:
+            ok = cryptContext().verify(password, hashed)
+        except ValueError as e:
+            raise _Failure(f"cannot check: {e}") from None
+    stdout.write("ok\n" if ok else "wrong login or password\n")
+    return OK if ok else FAILED
+
+
+def makeParser() -> argparse.ArgumentParser:
+    parser = _Parser(prog=PROG, description="manage relayd's password file")
+    parser.add_argument("-f", "--file", default=DEFAULT_FILE,
+                        help=f"the password file (default {DEFAULT_FILE})")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    p = sub.add_parser("add", help="add a login or change its password (prompted, or from stdin)")
+    p.add_argument("--scheme", choices=SCHEMES, default=SCHEMES[0])
+    p.add_argument("login")
+    p.set_defaults(function=add)
+    p = sub.add_parser("remove", help="remove a login")
+    p.add_argument("login")
+    p.set_defaults(function=remove)
+    p = sub.add_parser("list", help="list logins and their hash schemes")
+    p.set_defaults(function=list_)
+    p = sub.add_parser("check", help="check a password (prompted, or from stdin); exit 1 if wrong")
+    p.add_argument("login")
+    p.set_defaults(function=check)
+    return parser
+
+
+USAGE_LINE = (f"{PROG} [-f FILE] add [--scheme SCHEME] LOGIN | remove LOGIN | list | check LOGIN")
+
+
+def run(argv: Sequence[str], stdin: TextIO, stdout: TextIO, stderr: TextIO) -> int:
+    try:
+        args = makeParser().parse_args(list(argv))
+        if args.command is None:
+            raise _UsageError("no command given")
+    except _UsageError as e:
+        stderr.write(f"{PROG}: {' '.join(str(e).split())}; usage: {USAGE_LINE}\n")
+        return USAGE
+    try:
+        return args.function(args, stdin, stdout)
+    except _Failure as e:
+        stderr.write(f"{PROG}: {e}\n")
+        return FAILED
+    except (KeyboardInterrupt, EOFError):
+        stderr.write(f"{PROG}: interrupted; nothing changed\n")
+        return FAILED
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    sys.exit(run(sys.argv[1:] if argv is None else argv, sys.stdin, sys.stdout, sys.stderr))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,238 @@
+"""
+The admin channel, daemon side: relayctl's verbs as AMP commands on a local
+UNIX socket.
+
+Why a socket into the daemon rather than spool edits under a lock: the
+daemon holds every queued message in memory (the schedule, attempts in
+flight), so a change made behind its back would be undone by its next
+write, or race an attempt. Through the socket the change goes through the
+scheduler itself, in order with everything else, and is logged by the
+daemon. Reading needs no daemon: ``relayctl list`` and ``show`` read the
+spool's envelope files, which are only ever replaced by atomic renames.
+
+Who may steer the queue is who may connect: the socket is created mode 0600
+(by default in the spool directory, itself 0700), so only the daemon's user
+and root get in. AMP (twisted.protocols.amp) gives typed commands with
+length-prefixed values and request/response matching for free; a value is
+at most 64 KiB, so relayctl sends ids in batches (MAX_IDS_PER_CALL) and
+flush/requeue of the whole queue answer with a count.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import socket
+
+from twisted.application import service
+from twisted.internet import defer, endpoints, protocol
+from twisted.protocols import amp
+from twisted.python.failure import Failure
+
+from relayd import maillog
+from relayd.envelope import isQueueId
+from relayd.scheduler import AdminRefusal, UnknownMessage
+
+# Ids per AMP call: the answer (id, ok, outcome text: about 100 bytes each
+# at most) must fit in one AMP value of 64 KiB.
+MAX_IDS_PER_CALL = 500
+
+_Outcomes = amp.AmpList([(b"id", amp.Unicode()), (b"ok", amp.Boolean()),
+                         (b"outcome", amp.Unicode())])
+
+
+class _PerMessage(amp.Command):
+    arguments = [(b"ids", amp.ListOf(amp.Unicode()))]
+    response = [(b"outcomes", _Outcomes)]
+    requiresAnswer = True
+
+
+class Hold(_PerMessage):
+    commandName = b"hold"
+
+
+class Release(_PerMessage):
+    commandName = b"release"
+
+
+class Delete(_PerMessage):
+    commandName = b"delete"
+
+
+class Bounce(_PerMessage):
+    commandName = b"bounce"
+
+
+class Flush(_PerMessage):
+    """``ids`` empty: every message not on hold."""
+
+    commandName = b"flush"
+    response = [(b"outcomes", _Outcomes), (b"count", amp.Integer())]
+
+
+class Requeue(_PerMessage):
+    """``ids`` empty: every message in the queue."""
+
+    commandName = b"requeue"
+    response = [(b"outcomes", _Outcomes), (b"count", amp.Integer())]
+
+
+class Status(amp.Command):
+    """What only the daemon knows: which messages are being delivered right now."""
+
+    commandName = b"status"
+    arguments = []
+    response = [(b"version", amp.Unicode()), (b"messages", amp.Integer()),
+                (b"active", amp.ListOf(amp.Unicode()))]
+
+
+NOT_A_QUEUE_ID = "not a queue id"
+UNKNOWN = "no such message in the queue"
+
+
+class ControlProtocol(amp.AMP):
+    def __init__(self, scheduler) -> None:
+        super().__init__()
+        self.scheduler = scheduler
+
+    # AMP logs every connection and disconnection; the mail log gets one
+    # line per admin action instead (from the scheduler).
+    def makeConnection(self, transport) -> None:
+        amp.BinaryBoxProtocol.makeConnection(self, transport)
+
+    def connectionLost(self, reason) -> None:
+        amp.BinaryBoxProtocol.connectionLost(self, reason)
+        self.transport = None
+
+    def _each(self, ids, action) -> list[dict]:
+        outcomes = []
+        for queueId in ids:
+            if not isQueueId(queueId):
+                outcomes.append({"id": queueId, "ok": False, "outcome": NOT_A_QUEUE_ID})
+                continue
+            try:
+                outcome = action(queueId)
+            except UnknownMessage:
+                outcomes.append({"id": queueId, "ok": False, "outcome": UNKNOWN})
+            except AdminRefusal as e:
+                outcomes.append({"id": queueId, "ok": False, "outcome": str(e)})
+            else:
+                outcomes.append({"id": queueId, "ok": True, "outcome": outcome})
+        return outcomes
+
+    @Hold.responder
+    def hold(self, ids):
+        return {"outcomes": self._each(ids, self.scheduler.hold)}
+
+    @Release.responder
+    def release(self, ids):
+        return {"outcomes": self._each(ids, self.scheduler.release)}
+
+    @Delete.responder
+    def delete(self, ids):
+        return {"outcomes": self._each(ids, self.scheduler.delete)}
+
+    @Bounce.responder
+    def bounce(self, ids):
+        return {"outcomes": self._each(ids, self.scheduler.bounce)}
+
+    def _many(self, ids, action) -> dict:
+        if not ids:
+            outcomes = action(None)
+            return {"outcomes": [], "count": sum(
+                1 for o in outcomes.values() if o in ("scheduled for delivery now", "requeued"))}
+        return {"outcomes": self._each(ids, lambda i: action([i])[i]), "count": 0}
+
+    @Flush.responder
+    def flush(self, ids):
+        return self._many(ids, self.scheduler.flush)
+
+    @Requeue.responder
+    def requeue(self, ids):
+        return self._many(ids, self.scheduler.requeue)
+
+    @Status.responder
+    def status(self):
+        import relayd
+
+        return {"version": relayd.__version__, "messages": self.scheduler.queueLength(),
+                "active": self.scheduler.activeIds()}
+
+
+class ControlFactory(protocol.Factory):
+    noisy = False
+
+    def __init__(self, scheduler) -> None:
+        self.scheduler = scheduler
+
+    def buildProtocol(self, addr) -> ControlProtocol:
+        return ControlProtocol(self.scheduler)
+
+
+def _inUse(path: str) -> bool:
+    """Whether something answers on the socket at ``path`` (a stale file does not)."""
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.settimeout(1.0)
+    try:
+        probe.connect(path)
+    except OSError:
+        return False
+    finally:
+        probe.close()
+    return True
+
+
+class ControlService(service.Service):
+    """
+    Listens on the control socket while the daemon runs. A socket that
+    cannot be created is logged and the daemon carries on: mail matters
+    more than relayctl.
+    """
+
+    name = "control"
+
+    def __init__(self, path: str, scheduler, reactor) -> None:
+        self.path = path
+        self.scheduler = scheduler
+        self.reactor = reactor
+        self.port = None
+
+    def startService(self) -> None:
+        super().startService()
+        path = self.path
+        try:
+            if os.path.lexists(path):
+                if _inUse(path):
+                    raise OSError(errno.EADDRINUSE, "another process answers on it")
+                # Left behind by a daemon that was killed; ours now (the
+                # spool lock says no other relayd uses this spool).
+                os.unlink(path)
+        except OSError as e:
+            maillog.daemonEvent(f"control socket {path}: {e.strerror or e}; relayctl cannot "
+                                "change the queue (list and show still work)",
+                                level=maillog.LogLevel.error)
+            return
+        endpoint = endpoints.UNIXServerEndpoint(self.reactor, path, mode=0o600, wantPID=False)
+        result: list = []
+        endpoint.listen(ControlFactory(self.scheduler)).addBoth(result.append)
+        outcome = result[0] if result else None
+        if outcome is None or isinstance(outcome, Failure):
+            reason = outcome.getErrorMessage() if isinstance(outcome, Failure) else "did not listen at once"
+            maillog.daemonEvent(f"control socket {path}: {reason}; relayctl cannot change the "
+                                "queue (list and show still work)", level=maillog.LogLevel.error)
+            return
+        self.port = outcome
+        # The mode argument is applied after bind; make sure, whatever the umask.
+        os.chmod(path, 0o600)
+        maillog.daemonEvent(f"control socket listening on {path}")
+
+    def stopService(self):
+        super().stopService()
+        port, self.port = self.port, None
+        if port is None:
+            return None
+        # Twisted's UNIX port removes the socket file when it has closed.
+        d = defer.maybeDeferred(port.stopListening)
+        d.addErrback(lambda f: maillog.daemonEvent(
+            f"control socket {self.path}: {f.getErrorMessage()}", level=maillog.LogLevel.warn))
+        return d

@@ -1,0 +1,190 @@
+"""
+MX delivery's name service: where mail for a domain goes, through
+``twisted.names`` (never ``MXCalculator``, which breaks on equal
+preferences and null MX, and never ``getHostByName``, which sends ANY
+queries: TWISTED-NOTES.md section 4).
+
+``mailTargets`` turns a domain into the ordered addresses to try:
+
+- MX records sorted by preference, ties shuffled (RFC 5321 section 5.1);
+- no MX record (NOERROR, empty answer): the domain's own A/AAAA records;
+- a null MX (RFC 7505, a single MX for "."): permanent, ``5.1.10``;
+- NXDOMAIN: permanent, ``5.1.2``;
+- SERVFAIL, REFUSED or a timeout: temporary, ``4.4.3``; never a fall back
+  to A records, which could send the mail somewhere it does not belong;
+- per MX host, IPv4 addresses then IPv6; at most ``limit`` addresses in all
+  (Postfix's smtp_mx_address_limit).
+
+Outcomes are values (``Targets`` or ``Unroutable``), never exceptions, so
+the courier maps them to recipient results without guessing.
+"""
+
+from __future__ import annotations
+
+import random as _random
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from twisted.internet import defer
+from twisted.names import dns, error as dnsError
+
+# Postfix's smtp_mx_address_limit.
+ADDRESS_LIMIT = 5
+
+
+@dataclass(frozen=True)
+class MailTarget:
+    """One address to connect to: ``host`` is the MX (or domain) name."""
+
+    host: str
+    address: str
+
+
+@dataclass(frozen=True)
+class Targets:
+    targets: tuple[MailTarget, ...]
+
+
+@dataclass(frozen=True)
+class Unroutable:
+    """The domain has no usable mail host: ``permanent`` bounces, else defers."""
+
+    permanent: bool
+    code: int
+    dsn: str
+    text: str
+
+
+def _name(payload: Any) -> str:
+    return payload.name.name.decode("ascii", "replace").rstrip(".").lower()
+
+
+def _failureKind(failure) -> str:
+    """'nxdomain' or 'temporary' for a failed query."""
+    if failure.check(dnsError.DNSNameError):
+        return "nxdomain"
+    return "temporary"
+
+
+def makeResolver(reactor: Any, servers: tuple[tuple[str, int], ...] = (), timeout: float = 10.0):
+    """
+    A ``twisted.names`` resolver with explicit timeouts: ``timeout`` seconds
+    in all per query, spread over three tries (the default would wait up
+    to 60 s). No servers: those in /etc/resolv.conf.
+    """
+    from twisted.names import client
+
+    tries = (timeout * 0.1, timeout * 0.3, timeout * 0.6)
+    if servers:
+        return client.Resolver(servers=list(servers), timeout=tries, reactor=reactor)
+    return client.Resolver(resolv="/etc/resolv.conf", timeout=tries, reactor=reactor)
+
+
+async def _addresses(resolver: Any, name: str) -> tuple[list[str], str | None]:
+    """
+    (IPv4 then IPv6 addresses of ``name``, problem) where problem is None,
+    'nxdomain' (both queries) or 'temporary' (either failed temporarily
+    and nothing was found).
+    """
+    results = await defer.DeferredList(
+        [resolver.lookupAddress(name), resolver.lookupIPV6Address(name)], consumeErrors=True
+    )
+    found: list[str] = []
+    kinds = []
+    for (ok, value), rrtype in zip(results, (dns.A, dns.AAAA)):
+        if not ok:
+            kinds.append(_failureKind(value))
+            continue
+        for record in value[0]:
+            if record.type == rrtype:
+                found.append(record.payload.dottedQuad() if rrtype == dns.A
+                              else _ipv6(record.payload))
+    if found:
+        return found, None
+    if "temporary" in kinds:
+        return [], "temporary"
+    if kinds == ["nxdomain", "nxdomain"]:
+        return [], "nxdomain"
+    return [], None
+
+
+def _ipv6(payload: Any) -> str:
+    import socket
+
+    return socket.inet_ntop(socket.AF_INET6, payload.address)
+
+
+def _tempFailure(name: str, rrtype: str) -> Unroutable:
+    return Unroutable(False, 0, "4.4.3",
+                      f"Host or domain name not found. Name service error for name={name} "
+                      f"type={rrtype}: Host not found, try again")
+
+
+async def mailTargets(
+    resolver: Any,
+    domain: str,
+    limit: int = ADDRESS_LIMIT,
+    random: Callable[[list], None] = _random.shuffle,
+) -> Targets | Unroutable:
+    """The addresses to try for mail to ``domain``, in order, or why there are none."""
+    domain = domain.rstrip(".").lower()
+    if not domain:
+        return Unroutable(True, 550, "5.1.2", "recipient address has no domain to deliver to")
+    try:
+        answers, _, _ = await resolver.lookupMailExchange(domain)
+    except Exception as e:
+        if isinstance(e, dnsError.DNSNameError):
+            return Unroutable(True, 550, "5.1.2",
+                              f"Host or domain name not found. Name service error for "
+                              f"name={domain} type=MX: Host not found")
+        return _tempFailure(domain, "MX")
+
+    records = [r.payload for r in answers if r.type == dns.MX]
+    real = [r for r in records if _name(r)]
+    if records and not real:
+        # RFC 7505: the domain says it accepts no mail at all.
+        return Unroutable(True, 556, "5.1.10",
+                          f"Domain {domain} does not accept mail (nullMX)")
+    if not real:
+        addresses, problem = await _addresses(resolver, domain)
+        if addresses:
+            return Targets(tuple(MailTarget(domain, a) for a in addresses[:limit]))
+        if problem == "temporary":
+            return _tempFailure(domain, "A")
+        return Unroutable(True, 550, "5.4.4",
+                          f"Host or domain name not found. Name service error for "
+                          f"name={domain} type=A: Host found but no data record of requested type")
+
+    hosts = _byPreference(real, random)
+    targets: list[MailTarget] = []
+    temporary = False
+    for host in hosts:
+        if len(targets) >= limit:
+            break
+        addresses, problem = await _addresses(resolver, host)
+        temporary = temporary or problem == "temporary"
+        for address in addresses:
+            if len(targets) < limit and MailTarget(host, address) not in targets:
+                targets.append(MailTarget(host, address))
+    if targets:
+        return Targets(tuple(targets))
+    if temporary:
+        return _tempFailure(hosts[0], "A")
+    return Unroutable(True, 550, "5.4.4",
+                      f"Host or domain name not found. Name service error for "
+                      f"name={hosts[0]} type=A: Host not found")
+
+
+def _byPreference(records: list, shuffle: Callable[[list], None]) -> list[str]:
+    """MX host names by preference, equal preferences in random order, once each."""
+    groups: dict[int, list[str]] = {}
+    for record in records:
+        groups.setdefault(record.preference, []).append(_name(record))
+    ordered: list[str] = []
+    for preference in sorted(groups):
+        group = groups[preference]
+        shuffle(group)
+        for name in group:
+            if name not in ordered:
+                ordered.append(name)
+    return ordered

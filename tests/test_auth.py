@@ -1,0 +1,271 @@
+"""
+relayd.auth: sender binding and routing-trick policy (tables), the password
+file and its reloading, verification (schemes, unknown users, bcrypt's
+72-byte limit, the cache), failure throttling, the per-user message rate,
+and the relayd-passwd command.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from passlib.hash import argon2, bcrypt, sha512_crypt
+from twisted.internet import task
+
+from relayd import auth
+from relayd.cli import passwd as passwdCLI
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.parametrize("sender, login, entries, allowed", [
+    ("", "alice@example.com", None, True),
+    ("alice@example.com", "alice@example.com", None, True),
+    ("Alice@Example.COM", "alice@example.com", None, True),
+    ("bob@example.com", "alice@example.com", None, False),
+    ("printer@example.com", "printer", None, False),  # a bare login owns no address
+    ("x@example.org", "printer", ("@example.org",), True),
+    ("x@EXAMPLE.org", "printer", ("@example.org",), True),
+    ("x@sub.example.org", "printer", ("@example.org",), False),
+    ("x@example.org.evil.test", "printer", ("@example.org",), False),
+    ("scanner@example.com", "printer", ("scanner@example.com",), True),
+    ("scanner2@example.com", "printer", ("scanner@example.com",), False),
+    ("alice@example.com", "alice@example.com", ("@example.org",), False),  # an entry replaces the default
+    ("a%b@example.org", "printer", ("@example.org",), False),
+    ("b!a@example.org", "printer", ("@example.org",), False),
+    ('"a@b"@example.org', "printer", ("@example.org",), False),
+    ("", "printer", (), True),
+    ("x@example.org", "printer", (), False),
+])
+def test_senderAllowed(sender, login, entries, allowed):
+    assert auth.senderAllowed(sender, login, entries) is allowed
+
+
+@pytest.mark.parametrize("address, tricky", [
+    ("bob@example.org", False),
+    ("bob.smith+tag@example.org", False),
+    ("a%b@example.org", True),
+    ("b!a@example.org", True),
+    ('"a@b"@example.org', True),
+    ("@hop:a@example.org", True),
+    ("a@b@example.org", True),
+    ("a!b", True),
+])
+def test_hasRoutingTricks(address, tricky):
+    assert auth.hasRoutingTricks(address) is tricky
+
+
+def test_parsePasswordFile_keeps_good_lines_and_reports_bad_ones():
+    data = (b"# users\n\nalice:$2y$04$abc\n"
+            b"no-colon\n"
+            b"bad name:$2b$04$x\n"
+            b"bob:$6$rounds=5000$s$h\r\n"
+            b"empty:\n"
+            b"\xff:x\n")
+    entries, skipped = auth.parsePasswordFile(data)
+    assert entries == {"alice": "$2y$04$abc", "bob": "$6$rounds=5000$s$h"}
+    assert skipped == [4, 5, 7, 8]
+
+
+class FakeNow:
+    def __init__(self):
+        self.value = 1000.0
+
+    def __call__(self):
+        return self.value
+
+
+def write(path: Path, users: dict[str, str]) -> None:
+    path.write_text("".join(f"{u}:{h}\n" for u, h in users.items()))
+
+
+def test_password_file_is_reread_when_it_changes_at_most_once_a_second(tmp_path):
+    path = tmp_path / "passwd"
+    write(path, {"alice": "h1"})
+    now = FakeNow()
+    f = auth.PasswordFile(str(path), now)
+    assert f.lookup("alice")[0] == "h1"
+    write(path, {"alice": "h2-longer"})
+    assert f.lookup("alice")[0] == "h1"  # within the second: not even stat()ed
+    now.value += 1
+    assert f.lookup("alice")[0] == "h2-longer"
+    # Same size, new mtime; and invalidate() (SIGHUP) skips the wait.
+    write(path, {"alice": "h3-longer"})
+    os.utime(path, ns=(0, 1))
+    f.invalidate()
+    assert f.lookup("alice")[0] == "h3-longer"
+
+
+def test_password_file_missing_is_an_error(tmp_path):
+    f = auth.PasswordFile(str(tmp_path / "none"))
+    with pytest.raises(auth.PasswordFileError):
+        f.load()
+
+
+HASHES = {
+    "bcrypt": bcrypt.using(rounds=4).hash("pw-bcrypt"),
+    # What `htpasswd -B` writes: the $2y$ prefix.
+    "htpasswd": bcrypt.using(rounds=4, ident="2y").hash("pw-htpasswd"),
+    "sha512": sha512_crypt.using(rounds=5000).hash("pw-sha512"),
+    "argon2": argon2.using(time_cost=1, memory_cost=1024).hash("pw-argon2"),
+}
+
+
+@pytest.fixture
+def verifier(tmp_path):
+    path = tmp_path / "passwd"
+    write(path, HASHES)
+    return auth.Verifier(auth.PasswordFile(str(path)))
+
+
+@pytest.mark.parametrize("login", list(HASHES))
+def test_every_scheme_verifies(verifier, login):
+    assert HASHES["htpasswd"].startswith("$2y$")
+    assert verifier.verify(login, f"pw-{login}") is True
+    assert verifier.verify(login, "wrong") is False
+
+
+def test_unknown_user_costs_a_verification(verifier, monkeypatch):
+    calls = []
+    original = verifier._context.verify
+    monkeypatch.setattr(verifier._context, "verify", lambda p, h: calls.append(h) or original(p, h))
+    assert verifier.verify("nobody", "pw-bcrypt") is False
+    assert calls == [HASHES["bcrypt"]]  # checked against a real entry, result ignored
+
+
+def test_bcrypt_limit_is_a_clear_failure(verifier):
+    with pytest.raises(auth.PasswordTooLong):
+        verifier.verify("bcrypt", "x" * 73)
+    # argon2 has no such limit.
+    assert verifier.verify("argon2", "x" * 73) is False
+
+
+def test_broken_hash_never_matches(tmp_path):
+    write(tmp_path / "passwd", {"alice": "not-a-hash"})
+    v = auth.Verifier(auth.PasswordFile(str(tmp_path / "passwd")))
+    assert v.verify("alice", "not-a-hash") is False
+
+
+def test_cache_hits_and_a_changed_password_or_removed_user_misses(tmp_path, monkeypatch):
+    path = tmp_path / "passwd"
+    write(path, {"alice": bcrypt.using(rounds=4).hash("one")})
+    now = FakeNow()
+    v = auth.Verifier(auth.PasswordFile(str(path), now), cacheSeconds=60, now=now)
+    assert v.verify("alice", "one")
+    calls = []
+    original = v._context.verify
+    monkeypatch.setattr(v._context, "verify", lambda p, h: calls.append(h) or original(p, h))
+    assert v.verify("alice", "one") and calls == []  # from the cache
+    assert not v.verify("alice", "two")  # a wrong password is never cached
+    write(path, {"alice": bcrypt.using(rounds=4).hash("two")})
+    now.value += 1
+    assert not v.verify("alice", "one")  # the old password stops working at once
+    assert v.verify("alice", "two")
+    write(path, {"bob": bcrypt.using(rounds=4).hash("x")})
+    now.value += 1
+    assert not v.verify("alice", "two")
+    now.value += 61
+    write(path, {"alice": bcrypt.using(rounds=4).hash("three")})
+    assert v.verify("alice", "three")
+
+
+def test_failure_throttle():
+    clock = task.Clock()
+    t = auth.FailureThrottle(clock, limit=3, window=60)
+    assert [t.failed("192.0.2.1") for _ in range(3)] == [False, False, True]
+    assert t.blocked("192.0.2.1") and not t.blocked("192.0.2.2")
+    clock.advance(59)
+    assert t.blocked("192.0.2.1")
+    clock.advance(1)
+    assert not t.blocked("192.0.2.1")
+
+
+def test_message_rate():
+    clock = task.Clock()
+    r = auth.MessageRate(clock, limit=2)
+    r.queued("alice")
+    clock.advance(1000)
+    r.queued("alice")
+    assert r.exceeded("alice") and not r.exceeded("bob")
+    clock.advance(2600)
+    assert not r.exceeded("alice")
+
+
+# relayd-passwd
+
+
+class TTYless(io.StringIO):
+    def isatty(self):
+        return False
+
+
+def runPasswd(*args, stdin=""):
+    out, err = io.StringIO(), io.StringIO()
+    code = passwdCLI.run(list(args), TTYless(stdin), out, err)
+    return code, out.getvalue(), err.getvalue()
+
+
+def test_passwd_add_list_check_remove(tmp_path):
+    path = str(tmp_path / "passwd")
+    assert runPasswd("-f", path, "add", "alice@example.com", stdin="s3cret\n") == (
+        0, f"added alice@example.com in {path}\n", "")
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+    assert runPasswd("-f", path, "add", "--scheme", "argon2", "printer", stdin="p\n")[0] == 0
+    assert runPasswd("-f", path, "list") == (0, "alice@example.com bcrypt\nprinter argon2\n", "")
+    assert runPasswd("-f", path, "check", "alice@example.com", stdin="s3cret\n") == (0, "ok\n", "")
+    assert runPasswd("-f", path, "check", "alice@example.com", stdin="nope\n") == (
+        1, "wrong login or password\n", "")
+    # Changing a password keeps the file's mode and the other lines.
+    os.chmod(path, 0o640)
+    assert runPasswd("-f", path, "add", "alice@example.com", stdin="new\n")[1].startswith("changed")
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o640
+    assert runPasswd("-f", path, "check", "alice@example.com", stdin="new\n")[0] == 0
+    assert runPasswd("-f", path, "remove", "printer") == (0, f"removed printer from {path}\n", "")
+    assert runPasswd("-f", path, "list")[1] == "alice@example.com bcrypt\n"
+    assert runPasswd("-f", path, "remove", "printer") == (
+        1, "", f"relayd-passwd: 'printer' is not in {path}\n")
+    # What the daemon reads is what relayd-passwd wrote.
+    assert auth.Verifier(auth.PasswordFile(path)).verify("alice@example.com", "new")
+    assert [p.name for p in tmp_path.iterdir()] == ["passwd"]  # no temp file left
+
+
+def test_passwd_keeps_comments(tmp_path):
+    path = tmp_path / "passwd"
+    path.write_text("# managed by hand too\nbob:$2y$04$x\n")
+    runPasswd("-f", str(path), "add", "alice", stdin="pw\n")
+    lines = path.read_text().splitlines()
+    assert lines[:2] == ["# managed by hand too", "bob:$2y$04$x"]
+    assert lines[2].startswith("alice:$2b$")
+
+
+@pytest.mark.parametrize("args, stdin, message", [
+    (("add", "alice"), "\n", "relayd-passwd: an empty password is refused; nothing changed\n"),
+    (("add", "alice"), "x" * 73 + "\n",
+     "relayd-passwd: bcrypt checks at most 72 bytes of a password; use a shorter one or "
+     "--scheme argon2; nothing changed\n"),
+    (("add", "al:ice"), "pw\n",
+     "relayd-passwd: 'al:ice' is not a valid login (no spaces, colons or control characters)\n"),
+])
+def test_passwd_refusals(tmp_path, args, stdin, message):
+    path = str(tmp_path / "passwd")
+    assert runPasswd("-f", path, *args, stdin=stdin) == (1, "", message)
+    assert not os.path.exists(path)
+
+
+def test_passwd_never_takes_a_password_argument(tmp_path):
+    code, out, err = runPasswd("-f", str(tmp_path / "p"), "add", "alice", "s3cret")
+    assert code == 2 and "unrecognized arguments: s3cret" in err
+
+
+def test_passwd_console_script_entry_point():
+    result = subprocess.run([sys.executable, "-m", "relayd.cli.passwd"], capture_output=True,
+                            text=True, timeout=60, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert result.returncode == 2
+    assert result.stderr == ("relayd-passwd: no command given; usage: relayd-passwd [-f FILE] add "
+                             "[--scheme SCHEME] LOGIN | remove LOGIN | list | check LOGIN\n")

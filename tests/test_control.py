@@ -1,0 +1,146 @@
+"""
+The control channel's wire: relayctl's blocking AMP client talking to the
+daemon's ControlProtocol over StringTransport and over a real UNIX socket.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+import struct
+
+import pytest
+from twisted.internet import task
+from twisted.internet.testing import StringTransport
+from twisted.logger import formatEvent, globalLogPublisher
+
+from relayd import control
+from relayd.cli import relayctl
+from relayd.scheduler import Scheduler
+from tests.test_scheduler import FakeCourier, FakeSpool, envelope, result, settings
+
+
+class BufferSocket:
+    def __init__(self, data: bytes):
+        self.data = data
+
+    def recv(self, n):
+        chunk, self.data = self.data[:n], self.data[n:]
+        return chunk
+
+
+def ask(proto, transport, command, **arguments):
+    """Send a command the way relayctl does; parse the answer the way relayctl does."""
+    box = command.makeArguments(arguments, None)
+    box[b"_command"] = command.commandName
+    box[b"_ask"] = b"1"
+    proto.dataReceived(box.serialize())
+    answer = relayctl._readBox(BufferSocket(transport.value()))
+    transport.clear()
+    assert b"_error" not in answer, answer
+    return command.parseResponse(answer, None)
+
+
+@pytest.fixture
+def rig():
+    clock = task.Clock()
+    clock.advance(1_000_000)
+    spool = FakeSpool()
+    courier = FakeCourier(clock)
+    sched = Scheduler(spool, courier.deliver, settings(), clock, random=lambda: 0.5)
+    sched.startService()
+    proto = control.ControlProtocol(sched)
+    transport = StringTransport()
+    proto.makeConnection(transport)
+    lines = []
+    observer = lambda e: lines.append(formatEvent(e))  # noqa: E731
+    globalLogPublisher.addObserver(observer)
+    yield clock, spool, courier, sched, proto, transport, lines
+    globalLogPublisher.removeObserver(observer)
+
+
+def test_verbs_over_the_wire(rig):
+    clock, spool, courier, sched, proto, transport, lines = rig
+    courier.script = [[451], [451]]
+    a, b = envelope(clock, "a@example.org"), envelope(clock, "b@example.org")
+    sched.add(a)
+    sched.add(b)
+
+    answer = ask(proto, transport, control.Hold, ids=[a.queueId, "0000000000000000", "nonsense"])
+    assert answer["outcomes"] == [
+        {"id": a.queueId, "ok": True, "outcome": "placed on hold"},
+        {"id": "0000000000000000", "ok": False, "outcome": "no such message in the queue"},
+        {"id": "nonsense", "ok": False, "outcome": "not a queue id"},
+    ]
+    assert a.hold and spool.updated[-1][0] == a.queueId
+
+    courier.script = [[451]]
+    answer = ask(proto, transport, control.Flush, ids=[])
+    assert answer["count"] == 1  # b only: a is on hold
+    assert len(courier.calls) == 3
+
+    answer = ask(proto, transport, control.Status)
+    assert answer["messages"] == 2 and answer["active"] == []
+
+    courier.script = [[250]]
+    answer = ask(proto, transport, control.Release, ids=[a.queueId])
+    assert answer["outcomes"][0]["outcome"] == "released from hold"
+    assert a.queueId not in sched.envelopes
+
+    answer = ask(proto, transport, control.Requeue, ids=[b.queueId])
+    assert answer["outcomes"][0]["outcome"] == "requeued"
+    # The requeued attempt is now in flight (no script left): Status shows it.
+    assert ask(proto, transport, control.Status)["active"] == [b.queueId]
+    answer = ask(proto, transport, control.Bounce, ids=[b.queueId])
+    assert answer["outcomes"][0] == {
+        "id": b.queueId, "ok": False,
+        "outcome": "it is being delivered now; try again when the attempt ends"}
+    d, rcpts = courier.pending.pop()
+    d.callback(result(rcpts, [451]))
+    answer = ask(proto, transport, control.Bounce, ids=[b.queueId])
+    assert answer["outcomes"][0]["outcome"] == "returned to sender"
+    [(notice, _)] = spool.notices
+    assert notice.recipients[0].address == "a@example.com"
+
+    c = envelope(clock, "c@example.org")
+    courier.script = [[451]]
+    sched.add(c)
+    answer = ask(proto, transport, control.Delete, ids=[c.queueId])
+    assert answer["outcomes"][0]["outcome"] == "removed"
+    assert f"{c.queueId}: removed by admin" in lines
+
+
+def test_many_ids_fit_in_one_call(rig):
+    clock, spool, courier, sched, proto, transport, lines = rig
+    ids = [f"{i:016d}" for i in range(control.MAX_IDS_PER_CALL)]
+    answer = ask(proto, transport, control.Hold, ids=ids)
+    assert len(answer["outcomes"]) == control.MAX_IDS_PER_CALL
+
+
+def test_service_listens_0600_and_replaces_a_stale_socket(tmp_path):
+    from twisted.internet import reactor
+    import socket
+
+    path = str(tmp_path / "control.sock")
+    stale = socket.socket(socket.AF_UNIX)
+    stale.bind(path)
+    stale.close()  # a socket file nobody answers on, as a SIGKILL leaves it
+    service = control.ControlService(path, sched := object(), reactor)
+    service.startService()
+    try:
+        assert service.port is not None
+        assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+        assert control._inUse(path)
+        # A second daemon configured with the same socket does not steal it.
+        other = control.ControlService(path, sched, reactor)
+        other.startService()
+        assert other.port is None
+    finally:
+        service.stopService()
+    # (The port removes the file once the reactor has closed it: see the integration test.)
+
+
+def test_not_running(tmp_path):
+    with pytest.raises(relayctl.NotRunning) as info:
+        relayctl.callDaemon(str(tmp_path / "control.sock"), control.Status)
+    assert "relayd is not running" in str(info.value)

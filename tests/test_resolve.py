@@ -1,0 +1,106 @@
+"""Tests for relayd.resolve: MX, null MX, NXDOMAIN, SERVFAIL and A/AAAA fallback, as a table."""
+
+from __future__ import annotations
+
+import pytest
+from twisted.internet import defer
+from twisted.names import dns, error
+
+from relayd.resolve import MailTarget, Targets, Unroutable, mailTargets
+
+
+class FakeResolver:
+    """name -> {"MX": [(pref, host)], "A": [...], "AAAA": [...]} or an exception class."""
+
+    def __init__(self, zone):
+        self.zone = zone
+        self.queries = []
+
+    def _answer(self, name, rrtype, build):
+        self.queries.append((name, rrtype))
+        entry = self.zone.get(name, error.DNSNameError)
+        if isinstance(entry, type):
+            return defer.fail(entry(name))
+        if isinstance(entry.get(rrtype), type):
+            return defer.fail(entry[rrtype](name))
+        return defer.succeed(([build(v) for v in entry.get(rrtype, [])], [], []))
+
+    def lookupMailExchange(self, name):
+        return self._answer(name, "MX", lambda v: dns.RRHeader(
+            name, dns.MX, payload=dns.Record_MX(v[0], v[1].encode())))
+
+    def lookupAddress(self, name):
+        return self._answer(name, "A", lambda v: dns.RRHeader(name, dns.A, payload=dns.Record_A(v)))
+
+    def lookupIPV6Address(self, name):
+        return self._answer(name, "AAAA", lambda v: dns.RRHeader(
+            name, dns.AAAA, payload=dns.Record_AAAA(v)))
+
+
+def resolve(zone, domain, limit=5, shuffle=lambda group: None):
+    d = defer.ensureDeferred(mailTargets(FakeResolver(zone), domain, limit, shuffle))
+    return d.result
+
+
+ZONE = {
+    "x.test": {"MX": [(20, "b.x.test"), (10, "a.x.test"), (20, "c.x.test")]},
+    "a.x.test": {"A": ["192.0.2.1"], "AAAA": ["2001:db8::1"]},
+    "b.x.test": {"A": ["192.0.2.2"]},
+    "c.x.test": {"A": ["192.0.2.3"]},
+    "null.test": {"MX": [(0, "")]},
+    "servfail.test": error.DNSServerError,
+    "timeout.test": error.DNSQueryTimeoutError,
+    "nomx.test": {"A": ["192.0.2.9"], "AAAA": ["2001:db8::9"]},
+    "nodata.test": {},
+    "broken-mx.test": {"MX": [(10, "gone.test")]},
+    "slow-mx.test": {"MX": [(10, "slowhost.test")]},
+    "slowhost.test": {"A": error.DNSQueryTimeoutError, "AAAA": error.DNSQueryTimeoutError},
+    "half.test": {"A": ["192.0.2.7"], "AAAA": error.DNSServerError},
+}
+
+
+def t(host, address):
+    return MailTarget(host, address)
+
+
+@pytest.mark.parametrize("domain, expected", [
+    ("x.test", Targets((t("a.x.test", "192.0.2.1"), t("a.x.test", "2001:db8::1"),
+                        t("b.x.test", "192.0.2.2"), t("c.x.test", "192.0.2.3")))),
+    ("X.Test.", Targets((t("a.x.test", "192.0.2.1"), t("a.x.test", "2001:db8::1"),
+                         t("b.x.test", "192.0.2.2"), t("c.x.test", "192.0.2.3")))),
+    ("nomx.test", Targets((t("nomx.test", "192.0.2.9"), t("nomx.test", "2001:db8::9")))),
+    ("half.test", Targets((t("half.test", "192.0.2.7"),))),
+    ("null.test", Unroutable(True, 556, "5.1.10", "Domain null.test does not accept mail (nullMX)")),
+    ("nxdomain.test", Unroutable(True, 550, "5.1.2", "Host or domain name not found. Name service "
+                                 "error for name=nxdomain.test type=MX: Host not found")),
+    ("servfail.test", Unroutable(False, 0, "4.4.3", "Host or domain name not found. Name service "
+                                 "error for name=servfail.test type=MX: Host not found, try again")),
+    ("timeout.test", Unroutable(False, 0, "4.4.3", "Host or domain name not found. Name service "
+                                "error for name=timeout.test type=MX: Host not found, try again")),
+    ("nodata.test", Unroutable(True, 550, "5.4.4", "Host or domain name not found. Name service "
+                               "error for name=nodata.test type=A: Host found but no data record "
+                               "of requested type")),
+    ("broken-mx.test", Unroutable(True, 550, "5.4.4", "Host or domain name not found. Name service "
+                                  "error for name=gone.test type=A: Host not found")),
+    ("slow-mx.test", Unroutable(False, 0, "4.4.3", "Host or domain name not found. Name service "
+                                "error for name=slowhost.test type=A: Host not found, try again")),
+    ("", Unroutable(True, 550, "5.1.2", "recipient address has no domain to deliver to")),
+])
+def test_mailTargets(domain, expected):
+    assert resolve(ZONE, domain) == expected
+
+
+def test_temporary_error_never_falls_back_to_A():
+    resolver = FakeResolver({"servfail.test": error.DNSServerError})
+    defer.ensureDeferred(mailTargets(resolver, "servfail.test"))
+    assert resolver.queries == [("servfail.test", "MX")]
+
+
+def test_address_limit():
+    got = resolve(ZONE, "x.test", limit=2)
+    assert got == Targets((t("a.x.test", "192.0.2.1"), t("a.x.test", "2001:db8::1")))
+
+
+def test_equal_preferences_are_shuffled_not_sorted_by_name():
+    got = resolve(ZONE, "x.test", shuffle=lambda group: group.reverse())
+    assert [x.host for x in got.targets] == ["a.x.test", "a.x.test", "c.x.test", "b.x.test"]
