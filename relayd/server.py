@@ -373,14 +373,8 @@ class SubmissionServer(smtp.ESMTP):
                 return self._error(replies.AUTH_LINE_TOO_LONG)
             else:
                 return self._error(replies.LINE_TOO_LONG)
-        if raw.endswith(b"\r\n"):
-            line = raw[:-2]
-        elif self.trusted:
-            # Printers and scripts on trusted networks end lines with LF.
-            line = raw[:-1]
-        else:
-            return self._error(replies.BARE_NEWLINE_COMMAND)
-        if b"\r" in line or b"\n" in line:
+        line = self._withoutLineEnding(raw)
+        if line is None:
             return self._error(replies.BARE_NEWLINE_COMMAND)
         if _CONTROL_BYTES.search(line):
             return self._error(replies.BAD_CHARACTERS)
@@ -393,6 +387,19 @@ class SubmissionServer(smtp.ESMTP):
         except UnicodeDecodeError:
             return self._error(replies.BAD_CHARACTERS)
         handler(self, text)
+
+    def _withoutLineEnding(self, raw: bytes) -> bytes | None:
+        """The line without its CRLF; None when a bare CR or LF makes it unacceptable."""
+        if raw.endswith(b"\r\n"):
+            line = raw[:-2]
+        elif self.trusted:
+            # Printers and scripts on trusted networks end lines with LF.
+            line = raw[:-1]
+        else:
+            return None
+        if b"\r" in line or b"\n" in line:
+            return None
+        return line
 
     def _error(self, reply: Reply) -> None:
         self.errors += 1
@@ -710,13 +717,8 @@ class SubmissionServer(smtp.ESMTP):
         self._sasl = None
         if len(raw) > MAX_AUTH_LINE:
             return self._error(replies.AUTH_LINE_TOO_LONG)
-        if raw.endswith(b"\r\n"):
-            line = raw[:-2]
-        elif self.trusted:
-            line = raw[:-1]
-        else:
-            return self._error(replies.BARE_NEWLINE_COMMAND)
-        if b"\r" in line or b"\n" in line:
+        line = self._withoutLineEnding(raw)
+        if line is None:
             return self._error(replies.BARE_NEWLINE_COMMAND)
         if line.strip() == b"*":
             return self._error(replies.AUTH_CANCELLED)
