@@ -74,6 +74,9 @@ def makeResolver(reactor: Any, servers: tuple[tuple[str, int], ...] = (), timeou
     """
     from twisted.names import client
 
+    # Each query gets its own UDP port (source-port randomisation); without
+    # this every lookup adds "starting on"/"stopping" lines to the mail log.
+    dns.DNSDatagramProtocol.noisy = False
     tries = (timeout * 0.1, timeout * 0.3, timeout * 0.6)
     if servers:
         return client.Resolver(servers=list(servers), timeout=tries, reactor=reactor)
