@@ -465,8 +465,6 @@ class SubmissionServer(smtp.ESMTP):
         if self.factory.lowOnSpace():
             return self._reject("MAIL", replies.INSUFFICIENT_STORAGE, sender=sender, recipient=None)
         self.transaction = Transaction(queueId=newQueueId(), sender=sender, mailParams=params)
-        maillog.clientAccepted(self.transaction.queueId, self.clientName, self.clientAddress,
-                               self.authMethod, self.authLogin)
         self.reply(replies.SENDER_OK)
 
     def _checkMailParams(self, params: dict[str, str | None]) -> Reply | None:
@@ -514,6 +512,13 @@ class SubmissionServer(smtp.ESMTP):
                                 sender=txn.sender, recipient=address)
         if len(txn.recipients) >= self.factory.config.limits.recipients:
             return self._reject("RCPT", replies.TOO_MANY_RECIPIENTS, sender=txn.sender, recipient=address)
+        if not txn.recipients:
+            # Logged at the first accepted recipient, as Postfix does when it
+            # opens the queue file: pflogsumm counts each client= line as a
+            # message received, so a transaction refused at every RCPT
+            # must not produce one.
+            maillog.clientAccepted(txn.queueId, self.clientName, self.clientAddress,
+                                   self.authMethod, self.authLogin)
         txn.recipients.append(Recipient(address=address, params=params))
         self.reply(replies.RECIPIENT_OK)
 

@@ -451,4 +451,22 @@ def test_reject_log_lines_in_postfix_wording():
     assert "connect from unknown[192.0.2.4]" in lines
     assert ("NOQUEUE: reject: RCPT from unknown[192.0.2.4]: 554 5.7.1 <c@example.com>: Relay access denied; "
             "from=<x@example.org> to=<c@example.com> proto=ESMTP helo=<x>") in lines
-    assert any(re.fullmatch(r"\w{16}: client=unknown\[192\.0\.2\.4\]", l) for l in lines)
+    # No recipient accepted, no message: no client= line (pflogsumm counts them).
+    assert not any("client=" in l for l in lines)
+
+
+def test_client_line_is_logged_at_the_first_accepted_recipient():
+    from twisted.logger import formatEvent, globalLogPublisher
+
+    lines = []
+    observer = lambda e: lines.append(formatEvent(e))  # noqa: E731
+    globalLogPublisher.addObserver(observer)
+    try:
+        hs = Harness()
+        hs.send(b"EHLO x\r\nMAIL FROM:<a@example.com>\r\n")
+        assert not any("client=" in l for l in lines)
+        hs.send(b"RCPT TO:<b@example.org>\r\nRCPT TO:<c@example.org>\r\n")
+    finally:
+        globalLogPublisher.removeObserver(observer)
+    queueId = hs.proto.transaction.queueId
+    assert [l for l in lines if "client=" in l] == [f"{queueId}: client=unknown[127.0.0.1]"]

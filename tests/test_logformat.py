@@ -1,0 +1,106 @@
+"""The --logger observers: syslog lines, syslog datagrams and JSON, as tools read them."""
+
+from __future__ import annotations
+
+import io
+import json
+import socket
+import time
+
+from twisted.logger import Logger, globalLogPublisher
+
+from relayd import logformat, maillog
+
+STAMP = 1_796_012_830.5  # Mon Nov 30 2026, 04:27:10 UTC
+
+
+def utc(seconds):
+    return time.gmtime(seconds)
+
+
+def emitThrough(observer, emit):
+    """Run maillog functions with ``observer`` listening on the global publisher."""
+    globalLogPublisher.addObserver(observer)
+    try:
+        emit()
+    finally:
+        globalLogPublisher.removeObserver(observer)
+
+
+def fixedTime(observer):
+    def observe(event):
+        event["log_time"] = STAMP
+        observer(event)
+    return observe
+
+
+def test_syslog_lines_name_the_service_as_program():
+    out = io.StringIO()
+    observer = logformat.syslogObserver(out, hostname="relay.example.com", pid=4242, localtime=utc)
+    emitThrough(fixedTime(observer), lambda: (
+        maillog.messageQueued("K1EXDXNM43F1XEF6", "a@example.com", 421, 1),
+        maillog.delivery("K1EXDXNM43F1XEF6", "b@example.org", "smtp.example.net[192.0.2.7]:587",
+                         0.42, (0.01, 0, 0.2, 0.21), "2.0.0", "sent", "250 2.0.0 Ok"),
+    ))
+    assert out.getvalue().splitlines() == [
+        "Nov 30 04:27:10 relay relayd/qmgr[4242]: K1EXDXNM43F1XEF6: from=<a@example.com>, size=421, nrcpt=1 (queue active)",
+        "Nov 30 04:27:10 relay relayd/smtp[4242]: K1EXDXNM43F1XEF6: to=<b@example.org>, "
+        "relay=smtp.example.net[192.0.2.7]:587, delay=0.42, delays=0.01/0/0.2/0.21, dsn=2.0.0, "
+        "status=sent (250 2.0.0 Ok)",
+    ]
+
+
+def test_syslog_multi_line_event_repeats_the_prefix():
+    out = io.StringIO()
+    observer = logformat.syslogObserver(out, hostname="relay", pid=1, localtime=utc)
+    log = Logger(namespace="twisted", observer=fixedTime(observer))
+    try:
+        raise ValueError("boom")
+    except ValueError:
+        log.failure("unexpected")
+    lines = out.getvalue().splitlines()
+    assert len(lines) > 2
+    assert all(line.startswith("Nov 30 04:27:10 relay relayd/daemon[1]: ") for line in lines)
+    assert "ValueError: boom" in lines[-1]
+
+
+def test_syslog_socket_sends_mail_facility_datagrams(tmp_path):
+    path = str(tmp_path / "log")
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    server.bind(path)
+    server.settimeout(5)
+    try:
+        observer = logformat.syslogSocketObserver(path, pid=7, localtime=utc)
+        emitThrough(fixedTime(observer), lambda: (
+            maillog.removed("K1EXDXNM43F1XEF6"),
+            maillog.smtpdWarning("unknown[192.0.2.4]: something"),
+        ))
+        first = server.recv(4096).decode()
+        second = server.recv(4096).decode()
+    finally:
+        server.close()
+    # facility mail (2) * 8 + info (6) = 22; warning (4) = 20
+    assert first == "<22>Nov 30 04:27:10 relayd/qmgr[7]: K1EXDXNM43F1XEF6: removed"
+    assert second == "<20>Nov 30 04:27:10 relayd/smtpd[7]: warning: unknown[192.0.2.4]: something"
+
+
+def test_syslog_socket_missing_falls_back_to_stderr(tmp_path, capsys):
+    observer = logformat.syslogSocketObserver(str(tmp_path / "absent"), pid=7, localtime=utc)
+    emitThrough(fixedTime(observer), lambda: maillog.removed("K1EXDXNM43F1XEF6"))
+    assert capsys.readouterr().err == "<22>Nov 30 04:27:10 relayd/qmgr[7]: K1EXDXNM43F1XEF6: removed\n"
+
+
+def test_json_lines_carry_the_event_fields():
+    out = io.StringIO()
+    emitThrough(fixedTime(logformat.jsonObserver(out)), lambda: maillog.delivery(
+        "K1EXDXNM43F1XEF6", "b@example.org", "none", 30, (0.01, 0, 30, 0), "4.4.1", "deferred",
+        "connect to smtp.example.net[192.0.2.7]:587: Connection refused"))
+    record = json.loads(out.getvalue())
+    assert record["time"] == STAMP
+    assert record["service"] == "smtp"
+    assert record["level"] == "info"
+    assert record["queue_id"] == "K1EXDXNM43F1XEF6"
+    assert record["to"] == "b@example.org"
+    assert record["status"] == "deferred"
+    assert record["dsn"] == "4.4.1"
+    assert record["text"].startswith("K1EXDXNM43F1XEF6: to=<b@example.org>, relay=none, delay=30,")
