@@ -15,6 +15,7 @@ from twisted.logger import formatEvent, globalLogPublisher
 
 from relayd import config, queue, server
 from relayd.queue import Spool
+from tests.dialogue import Dialogue
 
 
 def makeConfig(tmp_path, extra="", queueExtra=""):
@@ -29,7 +30,7 @@ def makeConfig(tmp_path, extra="", queueExtra=""):
     return config.parse(text, str(tmp_path / "relayd.yaml"))
 
 
-class Session:
+class Session(Dialogue):
     def __init__(self, tmp_path, peer="127.0.0.1", **kw):
         self.clock = task.Clock()
         self.clock.advance(1_800_000_000)
@@ -48,14 +49,6 @@ class Session:
         self.take()
         assert self.send(b"EHLO client.test\r\n")[-1].startswith("250 ")
 
-    def send(self, data: bytes) -> list[str]:
-        self.proto.dataReceived(data)
-        return self.take()
-
-    def take(self) -> list[str]:
-        out = self.transport.value().decode()
-        self.transport.clear()
-        return [line for line in out.split("\r\n") if line]
 
     def submit(self, rcpt=b"bob@example.org") -> list[str]:
         replies = self.send(b"MAIL FROM:<alice@example.com>\r\n")

@@ -17,6 +17,7 @@ from twisted.internet.testing import StringTransport
 from relayd import server
 from relayd.config import Limits
 from relayd.envelope import isQueueId
+from tests.dialogue import Dialogue
 
 
 class MemoryWriter:
@@ -61,7 +62,7 @@ def makeConfig(trusted=("127.0.0.0/8", "::1/128"), messageSize=10_000_000, recip
     )
 
 
-class Harness:
+class Harness(Dialogue):
     def __init__(self, peer="127.0.0.1", commit=None, **configArgs):
         self.clock = task.Clock()
         self.clock.advance(1_800_000_000)
@@ -90,15 +91,6 @@ class Harness:
         self.proto.makeConnection(self.transport)
         self.sessions.append((self.proto, self.transport))
         return self.take()
-
-    def send(self, data: bytes) -> list[str]:
-        self.proto.dataReceived(data)
-        return self.take()
-
-    def take(self) -> list[str]:
-        out = self.transport.value().decode()
-        self.transport.clear()
-        return [line for line in out.split("\r\n") if line]
 
 
 def codes(lines):

@@ -24,6 +24,7 @@ from zope.interface import implementer
 
 from relayd import config, server
 from relayd.auth import PasswordFile, PasswordFileChecker, Realm, Verifier
+from tests.dialogue import Dialogue
 from tests.test_server import MemorySpool
 
 HOSTNAME = "relay.test"
@@ -125,7 +126,7 @@ delivery: {{smarthosts: [{{host: 192.0.2.1, tls: none}}]}}
     return config.parse(text, str(tmp_path / "relayd.yaml"))
 
 
-class Harness:
+class Harness(Dialogue):
     def __init__(self, tmp_path, **configArgs):
         writePasswordFile(tmp_path / "passwd")
         self.clock = task.Clock()
@@ -154,14 +155,6 @@ class Harness:
         self.proto.makeConnection(self.transport)
         return self.take()
 
-    def send(self, data: bytes) -> list[str]:
-        self.proto.dataReceived(data)
-        return self.take()
-
-    def take(self) -> list[str]:
-        out = self.transport.value().decode()
-        self.transport.clear()
-        return [line for line in out.split("\r\n") if line]
 
     def startTLS(self) -> None:
         assert self.send(b"STARTTLS\r\n") == ["220 2.0.0 Ready to start TLS"]
