@@ -246,7 +246,11 @@ class Postfix:
 def runOnce(relayClass, args) -> dict:
     sinkPort = freePort()
     sink = Sink(sinkPort)
-    relay = relayClass(sinkPort, args.sessions)
+    try:
+        relay = relayClass(sinkPort, args.sessions)
+    except BaseException:
+        sink.stop()
+        raise
     sampler = PeakSampler(relay.memory)
     try:
         start = time.monotonic()
