@@ -35,7 +35,7 @@ import re
 import random as _random
 import weakref
 from dataclasses import dataclass, replace
-from typing import Any, BinaryIO, Callable, Sequence
+from typing import Any, BinaryIO, Callable, Collection, Sequence
 
 from twisted.internet import defer, error
 from twisted.internet.interfaces import IHandshakeListener, IOpenSSLClientConnectionCreator, IPullProducer
@@ -43,6 +43,8 @@ from twisted.internet.protocol import Factory
 from twisted.protocols.basic import LineReceiver
 from twisted.python.failure import Failure
 from zope.interface import implementer
+
+from relayd.config import DeliveryTimeouts
 
 SENT, DEFERRED, BOUNCED = "sent", "deferred", "bounced"
 
@@ -83,17 +85,9 @@ def classify(code: int) -> str:
     return DEFERRED
 
 
-@dataclass(frozen=True)
-class Timeouts:
-    """Per-stage limits in seconds (Postfix's smtp_*_timeout defaults)."""
-
-    connect: float = 30.0
-    greeting: float = 300.0
-    mail: float = 300.0
-    rcpt: float = 300.0
-    dataInit: float = 120.0
-    dataBlock: float = 180.0
-    dataDone: float = 600.0
+# Per-stage limits in seconds (RFC 5321 / Postfix defaults): the config's
+# delivery.timeouts, passed in as they are.
+Timeouts = DeliveryTimeouts
 
 
 @dataclass(frozen=True)
@@ -1372,12 +1366,18 @@ class Courier:
         # Pool key -> until when that target is tried after the others.
         self._failedUntil: dict[tuple, float] = {}
 
-    def reconfigure(self, timeouts: Timeouts, passwords: dict[str, Secret], resolver: Any) -> None:
-        """A reload: new settings for new connections; idle ones are closed."""
+    def reconfigure(self, timeouts: Timeouts, passwords: dict[str, Secret], resolver: Any,
+                    keepCaFiles: Collection[str] = ()) -> None:
+        """
+        A reload: new settings for new connections; idle ones are closed.
+        TLS settings built from a ca_file in ``keepCaFiles`` (one that
+        cannot be read now) stay as loaded before.
+        """
         self.timeouts = timeouts
         self.passwords = dict(passwords)
         self.resolver = resolver
-        self._creators.clear()
+        self._creators = {key: creator for key, creator in self._creators.items()
+                          if key[3] in keepCaFiles}
         self.closeIdle()
 
     def deliver(

@@ -13,6 +13,7 @@ kill the process without stopping anything, TWISTED-NOTES §6).
 from __future__ import annotations
 
 import os
+import dataclasses
 import signal
 import sys
 
@@ -28,8 +29,6 @@ from relayd import maillog
 
 log = Logger()
 
-# Fields that only take effect at start-up; a reload that changes them says so.
-_RESTART_ONLY = ("listeners", "queue.directory")
 
 
 def fail(message: str) -> "NoReturn":  # noqa: F821
@@ -164,12 +163,16 @@ class Relay(service.MultiService):
             maillog.daemonEvent(f"reload failed, keeping the running configuration: {e}",
                                 level=maillog.LogLevel.error)
             return
-        needRestart = [name for name, old, cur in (
-            ("listeners", self.config.listeners, new.listeners),
-            ("queue.directory", self.config.queue.directory, new.queue.directory),
-            ("queue.control_socket", self.config.queue.controlSocketPath,
-             new.queue.controlSocketPath),
-        ) if old != cur]
+        old = self.config
+        needRestart = [name for name, before, after in (
+            ("listeners", old.listeners, new.listeners),
+            ("queue.directory", old.queue.directory, new.queue.directory),
+            ("queue.control_socket", old.queue.controlSocketPath, new.queue.controlSocketPath),
+        ) if before != after]
+        # What only a restart applies stays as running, so the next reload
+        # still reports it and nothing reads a spool the daemon does not use.
+        new = dataclasses.replace(new, listeners=old.listeners, queue=dataclasses.replace(
+            new.queue, directory=old.queue.directory, controlSocket=old.queue.controlSocket))
         self.config = new
         self.factory.reconfigure(new)
         self.scheduler.reconfigure(new)
@@ -204,14 +207,16 @@ class Relay(service.MultiService):
         if self._previousHup is not None:
             signal.signal(signal.SIGHUP, self._previousHup)
         self.running = False
-        grace = self.config.shutdownGrace
+        # One grace for sessions and deliveries together: systemd's
+        # TimeoutStopSec is set against shutdown_grace, not twice it.
+        deadline = self.reactor.seconds() + self.config.shutdownGrace
         maillog.daemonEvent("stopping: no new connections, finishing sessions and deliveries")
         yield defer.DeferredList([defer.maybeDeferred(l.stopService) for l in self.listeners],
                                  consumeErrors=True)
         if "control" in self.namedServices:  # relayctl: no changes during the stop
             yield defer.maybeDeferred(self.namedServices["control"].stopService)
-        yield self.factory.shutdown(grace)
-        yield self.scheduler.stopService(grace)
+        yield self.factory.shutdown(max(0.0, deadline - self.reactor.seconds()))
+        yield self.scheduler.stopService(max(0.0, deadline - self.reactor.seconds()))
         if getattr(self, "courier", None) is not None:  # idle upstream connections: QUIT
             yield self.courier.closeIdle()
         self.pool.stop()
@@ -231,7 +236,6 @@ def makeService(options, reactor=None) -> Relay:
         reactor = _globalReactor()
     # Imported here, not at module level: twistd imports every plugin
     # whenever it scans them, before a reactor is chosen.
-    from relayd.courier import Courier
     from relayd.queue import Spool
     from relayd.scheduler import Scheduler
     from relayd.server import SubmissionFactory
@@ -278,15 +282,15 @@ def makeService(options, reactor=None) -> Relay:
 # Delivery: the courier's settings, password files and CA files ------------------
 
 
-def _deliverySecrets(config) -> tuple[dict, list[str]]:
+def _deliverySecrets(config) -> tuple[dict, set[str], list[str]]:
     """
-    Every delivery password_file read (path -> Secret) and every ca_file
-    checked; the problems as "key path: reason" (the reason names the file,
-    never its content).
+    Every delivery password_file read (path -> Secret), the ca_files that
+    cannot be loaded, and the problems as "key path: reason" (the reason
+    names the file, never its content).
     """
     from relayd.courier import loadTrustRoot, readPassword
 
-    passwords, problems = {}, []
+    passwords, brokenCaFiles, problems = {}, set(), []
     for keyPath, path in config.delivery.passwordFiles():
         try:
             passwords[path] = readPassword(path)
@@ -299,30 +303,25 @@ def _deliverySecrets(config) -> tuple[dict, list[str]]:
     for caFile in sorted({h.caFile for h in hops if h.caFile}):
         try:
             loadTrustRoot(caFile)
-        except (OSError, ValueError, Exception) as e:
+        except Exception as e:  # OSError, or any complaint about the PEM content
+            brokenCaFiles.add(caFile)
             problems.append(f"ca_file {caFile}: {getattr(e, 'strerror', None) or e}")
-    return passwords, problems
+    return passwords, brokenCaFiles, problems
 
 
-def _courierSettings(config, reactor):
-    from relayd.courier import Timeouts
+def _resolver(config, reactor):
     from relayd.resolve import makeResolver
 
-    t = config.delivery.timeouts
-    timeouts = Timeouts(connect=t.connect, greeting=t.greeting, mail=t.mail, rcpt=t.rcpt,
-                        dataInit=t.dataInit, dataBlock=t.dataBlock, dataDone=t.dataDone)
-    resolver = makeResolver(reactor, config.delivery.dns.servers, config.delivery.dns.timeout)
-    return timeouts, resolver
+    return makeResolver(reactor, config.delivery.dns.servers, config.delivery.dns.timeout)
 
 
 def _courier(config, reactor, listeners):
     """The courier; ``listeners`` (filled in later) tell it relayd's own addresses."""
     from relayd.courier import Courier
 
-    passwords, problems = _deliverySecrets(config)
+    passwords, _, problems = _deliverySecrets(config)
     if problems:
         fail(f"{config.path}: {problems[0]}")
-    timeouts, resolver = _courierSettings(config, reactor)
 
     def localAddresses():
         found = []
@@ -332,19 +331,23 @@ def _courier(config, reactor, listeners):
                 found.append((host.host, host.port))
         return found
 
-    return Courier(reactor, config.hostname, timeouts, resolver=resolver, passwords=passwords,
+    return Courier(reactor, config.hostname, config.delivery.timeouts,
+                   resolver=_resolver(config, reactor), passwords=passwords,
                    localAddresses=localAddresses)
 
 
 def _reloadDelivery(courier, new, reactor) -> None:
-    """New timeouts, resolver and passwords; a password file that cannot be read keeps its old value."""
-    passwords, problems = _deliverySecrets(new)
+    """
+    New HELO name, timeouts, resolver and passwords; a password file or
+    ca_file that cannot be read keeps what was loaded before.
+    """
+    passwords, brokenCaFiles, problems = _deliverySecrets(new)
     for problem in problems:
         maillog.daemonEvent(f"reload: {problem}; keeping what was loaded before",
                             level=maillog.LogLevel.error)
-    merged = {**courier.passwords, **passwords}
-    timeouts, resolver = _courierSettings(new, reactor)
-    courier.reconfigure(timeouts, merged, resolver)
+    courier.heloName = new.hostname
+    courier.reconfigure(new.delivery.timeouts, {**courier.passwords, **passwords},
+                        _resolver(new, reactor), keepCaFiles=brokenCaFiles)
 
 
 def _security(config, reactor):

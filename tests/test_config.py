@@ -205,12 +205,13 @@ class TestEffectiveConfig:
         Values of secret keys are masked at any depth; others are untouched.
         """
         tree = {
-            "delivery": {"smarthosts": [{"host": "h", "password_file": "/etc/s"}]},
-            "auth": {"password_file": "/etc/relayd/passwd"},
+            "delivery": {"smarthosts": [{"host": "h", "password": "hunter2", "password_file": "/etc/s"}]},
+            "auth": {"password_file": "/etc/relayd/passwd", "secret": "x"},
         }
+        # A password_file is a path the admin needs to see, not a secret.
         assert config.maskSecrets(tree) == {
-            "delivery": {"smarthosts": [{"host": "h", "password_file": "********"}]},
-            "auth": {"password_file": "********"},
+            "delivery": {"smarthosts": [{"host": "h", "password": "********", "password_file": "/etc/s"}]},
+            "auth": {"password_file": "/etc/relayd/passwd", "secret": "********"},
         }
 
     @pytest.mark.parametrize(
@@ -494,7 +495,7 @@ delivery:
         original = self.load(tmp_path)
         printed = tmp_path / "effective.yaml"
         text = original.toYAML()
-        assert "password_file: '********'" in text
-        # The mask stands for the path: put it back to load the output again.
-        printed.write_text(text.replace("'********'", str(tmp_path / "upstream.secret")))
+        assert f"password_file: {tmp_path / 'upstream.secret'}" in text
+        # The printed effective config loads back as it is.
+        printed.write_text(text)
         assert config.load(str(printed)) == Config(**{**vars(original), "path": str(printed)})
