@@ -33,7 +33,6 @@ from twisted.cred import checkers, credentials, error, portal
 from twisted.internet.threads import deferToThreadPool
 from zope.interface import Attribute, Interface, implementer
 
-from relayd import maillog
 
 # The schemes relayd verifies. The first is what relayd-passwd writes.
 SCHEMES = ("bcrypt", "sha512_crypt", "argon2")
@@ -86,6 +85,7 @@ class PasswordFile:
         self._now = now
         self._lock = threading.Lock()
         self._entries: dict[str, str] = {}
+        self._dummy: str | None = None
         self._identity: FileIdentity | None = None
         self._checked = float("-inf")
         self.skipped: list[int] = []  # line numbers of malformed lines at the last read
@@ -99,17 +99,11 @@ class PasswordFile:
         with self._lock:
             self._refresh(force=True)
 
-    def lookup(self, login: str) -> tuple[str | None, str | None, FileIdentity]:
-        """The login's hash (or None), a hash to use for a dummy verification, and the file's identity."""
+    def lookup(self, login: str) -> tuple[str | None, str | None]:
+        """The login's hash (or None), and a real hash of the file to verify against for an unknown login."""
         with self._lock:
             self._refresh(force=False)
-            dummy = next(iter(self._entries.values()), None)
-            return self._entries.get(login), dummy, self._identity
-
-    def logins(self) -> list[str]:
-        with self._lock:
-            self._refresh(force=False)
-            return list(self._entries)
+            return self._entries.get(login), self._dummy
 
     def _refresh(self, force: bool) -> None:
         now = self._now()
@@ -129,7 +123,18 @@ class PasswordFile:
         except OSError as e:
             raise PasswordFileError(f"{self.path}: {e.strerror}") from None
         self._entries, self.skipped = parsePasswordFile(data)
+        # The stand-in for unknown logins must cost what a real check costs:
+        # a locked ("!") or broken entry fails at once and would tell an
+        # attacker which logins exist.
+        context = cryptContext()
+        self._dummy = next((h for h in self._entries.values()
+                            if context.identify(h, required=False)), None)
         self._identity = identity
+
+
+def skippedLines(numbers: list[int]) -> str:
+    """What an admin is told about lines of the password file that were not read."""
+    return f"line{'s' if len(numbers) > 1 else ''} {', '.join(map(str, numbers))} skipped (not login:hash)"
 
 
 def parsePasswordFile(data: bytes) -> tuple[dict[str, str], list[int]]:
@@ -175,7 +180,7 @@ class Verifier:
 
     def verify(self, login: str, password: str) -> bool:
         """True or False; raises PasswordTooLong or PasswordFileError."""
-        stored, dummy, _ = self.passwords.lookup(login)
+        stored, dummy = self.passwords.lookup(login)
         encoded = password.encode("utf-8")
         if stored is None:
             if dummy is None:
@@ -403,6 +408,3 @@ class MessageRate:
     def queued(self, login: str) -> None:
         self._recent(login).append(self.clock.seconds())
 
-
-def logFailure(clientName: str, clientAddress: str, method: str, login: str, reason: str) -> None:
-    maillog.saslFailed(clientName, clientAddress, method, reason, login)

@@ -21,9 +21,6 @@ class Reply:
     def format(self, **fields) -> "Reply":
         return Reply(self.code, self.enhanced, self.text.format(**fields))
 
-    def isPermanent(self) -> bool:
-        return self.code >= 500
-
     def toBytes(self) -> bytes:
         """The reply on the wire; a multi-line text becomes NNN- continuation lines."""
         lines = self.text.split("\n")
@@ -48,7 +45,6 @@ IDLE_TIMEOUT = Reply(421, "4.4.2", "{hostname} Error: timeout exceeded")
 TOO_MANY_ERRORS = Reply(421, "4.7.0", "{hostname} Error: too many errors")
 
 # Commands in general
-OK = Reply(250, "2.0.0", "Ok")
 RESET_OK = Reply(250, "2.0.0", "Ok")
 NOOP_OK = Reply(250, "2.0.0", "Ok")
 HELO_OK = Reply(250, None, "{hostname}")
@@ -65,6 +61,7 @@ SYNTAX_NO_ARGUMENTS = Reply(501, "5.5.4", "Syntax: {verb}")
 BAD_SENDER_ADDRESS = Reply(501, "5.1.7", "Bad sender address syntax")
 BAD_RECIPIENT_ADDRESS = Reply(501, "5.1.3", "Bad recipient address syntax")
 NEED_HELO = Reply(503, "5.5.1", "Error: send HELO/EHLO first")
+NEED_EHLO = Reply(503, "5.5.1", "Error: send EHLO first")
 NESTED_MAIL = Reply(503, "5.5.1", "Error: nested MAIL command")
 NEED_MAIL = Reply(503, "5.5.1", "Error: need MAIL command")
 NEED_RCPT = Reply(503, "5.5.1", "Error: need RCPT command")
@@ -79,7 +76,6 @@ MESSAGE_TOO_BIG_DECLARED = Reply(552, "5.3.4", "Message size exceeds fixed limit
 RELAY_DENIED = Reply(554, "5.7.1", "<{address}>: Relay access denied")
 NO_POSTMASTER = Reply(550, "5.1.1", "<{address}>: Recipient address rejected: no postmaster address is configured")
 TOO_MANY_RECIPIENTS = Reply(452, "4.5.3", "Error: too many recipients")
-QUEUE_UNAVAILABLE = Reply(451, "4.3.0", "Error: queue file write error")
 INSUFFICIENT_STORAGE = Reply(452, "4.3.1", "Insufficient system storage")
 
 # DATA

@@ -18,7 +18,6 @@ import errno
 import os
 import ipaddress
 import re
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from email.utils import formatdate, make_msgid
@@ -35,7 +34,7 @@ from zope.interface import implementer
 
 from relayd import maillog, replies
 from relayd.auth import FailureThrottle, IRelayClient, MessageRate, PasswordTooLong, hasRoutingTricks
-from relayd.config import Listener
+from relayd.config import DEFAULT_AUTH_FAILURE_LIMIT, DEFAULT_AUTH_FAILURE_WINDOW, Listener
 from relayd.tls import sessionDescription
 from relayd.envelope import Envelope, Recipient, newQueueId
 from relayd.replies import Reply
@@ -61,9 +60,6 @@ DEFAULT_LISTENER = Listener(endpoint="tcp:0", tls="none", auth="none")
 MAX_QUEUED_INPUT = 256 * 1024
 # Header block held in memory to look for Message-ID/Date before writing.
 MAX_HEADER_BLOCK = 256 * 1024
-# The idle timeout and the error limit are limits.command_timeout,
-# limits.data_timeout and limits.errors; this is the command default.
-IDLE_TIMEOUT = 300
 
 _HELO_NAME = re.compile(rb"[\x21-\x7e]{1,255}")
 _PARAM_KEYWORD = re.compile(r"[A-Za-z0-9][A-Za-z0-9-]*")
@@ -73,6 +69,7 @@ _LOCAL = rf'(?:{_ATOM}(?:\.{_ATOM})*|"(?:[\x20\x21\x23-\x5b\x5d-\x7e]|\\[\x20-\x
 _LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
 _DOMAIN = rf"(?:{_LABEL}(?:\.{_LABEL})*\.?|\[[\x21-\x5a\x5e-\x7e]+\])"
 _MAILBOX = re.compile(rf"{_LOCAL}@{_DOMAIN}")
+_DIGITS = re.compile(r"[0-9]{1,20}")  # str.isdigit() also takes "²" and other scripts' digits
 _CONTROL_BYTES = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
 _HEADER_NAME = re.compile(rb"[\x21-\x39\x3b-\x7e]+:")
 _HAS_MESSAGE_ID = re.compile(rb"(?im)^message-id[ \t]*:")
@@ -172,7 +169,6 @@ class Transaction:
     sender: str
     mailParams: dict[str, str | None]
     recipients: list[Recipient] = field(default_factory=list)
-    started: float = field(default_factory=time.time)
 
 
 @implementer(IHandshakeListener)
@@ -190,7 +186,6 @@ class SubmissionServer(smtp.ESMTP):
         super().__init__()
         self.factory = factory
         self.listener = listener
-        self.host = factory.hostname.encode("ascii")
         self.timeout = factory.config.limits.commandTimeout
         self.callLater = factory.clock.callLater
         self._inbox = bytearray()
@@ -293,9 +288,16 @@ class SubmissionServer(smtp.ESMTP):
     def shutdown(self) -> None:
         """The daemon is stopping: say 421 now, or right after the data/commit in progress."""
         self._shutdownRequested = True
-        if not self._busy and self._data is None and not self._closing:
+        self._shutdownIfDue()
+
+    def _shutdownIfDue(self) -> bool:
+        """421 4.3.2 and close, once a requested shutdown finds nothing in progress."""
+        if (self._shutdownRequested and not self._busy and self._data is None
+                and not self._closing):
             self.reply(replies.SHUTTING_DOWN.format(hostname=self.factory.hostname))
             self._close()
+            return True
+        return False
 
     # The input path
 
@@ -357,22 +359,17 @@ class SubmissionServer(smtp.ESMTP):
         if self._paused:
             self._paused = False
             self.transport.resumeProducing()
-        if self._shutdownRequested and self._data is None and not self._closing:
-            self.reply(replies.SHUTTING_DOWN.format(hostname=self.factory.hostname))
-            self._close()
+        if self._shutdownIfDue():
             return
         self._process()
 
     def _commandLine(self, raw: bytes) -> None:
         if self._sasl is not None:
             return self._saslLine(raw)
-        if len(raw) > MAX_COMMAND_LINE:
-            if raw[:5].upper() == b"AUTH " and len(raw) <= MAX_AUTH_LINE:
-                pass  # an AUTH initial response may be longer than a command
-            elif raw[:5].upper() == b"AUTH ":
-                return self._error(replies.AUTH_LINE_TOO_LONG)
-            else:
-                return self._error(replies.LINE_TOO_LONG)
+        # An AUTH initial response may be longer than a command.
+        isAuth = raw[:5].upper() == b"AUTH "
+        if len(raw) > (MAX_AUTH_LINE if isAuth else MAX_COMMAND_LINE):
+            return self._error(replies.AUTH_LINE_TOO_LONG if isAuth else replies.LINE_TOO_LONG)
         line = self._withoutLineEnding(raw)
         if line is None:
             return self._error(replies.BARE_NEWLINE_COMMAND)
@@ -470,7 +467,7 @@ class SubmissionServer(smtp.ESMTP):
     def _checkMailParams(self, params: dict[str, str | None]) -> Reply | None:
         for key, value in params.items():
             if key == "SIZE":
-                if value is None or not value.isdigit() or len(value) > 20:
+                if value is None or not _DIGITS.fullmatch(value):
                     return replies.BAD_PARAMETER_VALUE.format(name=key)
                 if int(value) > self.factory.config.limits.messageSize:
                     return replies.MESSAGE_TOO_BIG_DECLARED
@@ -502,7 +499,7 @@ class SubmissionServer(smtp.ESMTP):
                                 sender=txn.sender, recipient=address)
         if isPostmaster(address, self.factory.hostname):
             # RFC 5321 section 4.5.1: accepted from anyone, for the configured address.
-            postmaster = getattr(self.factory.config, "postmaster", None)
+            postmaster = self.factory.config.postmaster
             if postmaster is None:
                 return self._reject("RCPT", replies.NO_POSTMASTER.format(address=address),
                                     sender=txn.sender, recipient=address)
@@ -522,10 +519,11 @@ class SubmissionServer(smtp.ESMTP):
         txn.recipients.append(Recipient(address=address, params=params))
         self.reply(replies.RECIPIENT_OK)
 
-    def _reject(self, stage: str, reply: Reply, sender: str | None, recipient: str | None) -> None:
+    def _reject(self, stage: str, reply: Reply, sender: str | None, recipient: str | None,
+                queueId: str | None = None) -> None:
         # Envelope rejects log NOQUEUE, as Postfix does (nothing is queued
-        # yet) and as fail2ban's postfix filters expect.
-        queueId = self.transaction.queueId if self.transaction and stage == "END-OF-MESSAGE" else None
+        # yet) and as fail2ban's postfix filters expect; only a message
+        # refused at its end carries its queue id.
         maillog.rejected(
             queueId,
             stage, self.clientName, self.clientAddress, str(reply), sender, recipient,
@@ -573,7 +571,7 @@ class SubmissionServer(smtp.ESMTP):
         if session is not None:
             version, cipher, bits = session
             extra += f"\r\n\t(using {_headerSafe(version)} with cipher {_headerSafe(cipher)} ({bits}/{bits} bits))"
-        authConfig = getattr(self.factory.config, "auth", None)
+        authConfig = self.factory.config.auth
         if self.authLogin and authConfig is not None and authConfig.receivedHeaderUser:
             extra += f"\r\n\t(Authenticated sender: {_headerSafe(self.authLogin)})"
         return (
@@ -589,9 +587,8 @@ class SubmissionServer(smtp.ESMTP):
         self.transaction = None
         if reader.problem is not None:
             reader.abort()
-            self.transaction = txn  # for the log line's queue id
-            self._reject("END-OF-MESSAGE", reader.problem, sender=txn.sender, recipient=None)
-            self.transaction = None
+            self._reject("END-OF-MESSAGE", reader.problem, sender=txn.sender, recipient=None,
+                         queueId=txn.queueId)
             return self._afterData()
         envelope = Envelope(
             queueId=txn.queueId,
@@ -632,9 +629,8 @@ class SubmissionServer(smtp.ESMTP):
     def _afterData(self) -> None:
         if self._busy:
             self._resume()
-        elif self._shutdownRequested:
-            self.reply(replies.SHUTTING_DOWN.format(hostname=self.factory.hostname))
-            self._close()
+        else:
+            self._shutdownIfDue()
 
     def do_RSET(self, rest: str) -> None:
         self._resetTransaction()
@@ -695,8 +691,11 @@ class SubmissionServer(smtp.ESMTP):
             return self._error(replies.AUTH_NOT_ENABLED)
         if not (self.secure or self.listener.plaintextAuth):
             return self._error(replies.AUTH_NEED_TLS)
-        if self.heloName is None or not self.esmtp:
+        if self.heloName is None:
             return self._error(replies.NEED_HELO)
+        if not self.esmtp:
+            # AUTH is an ESMTP extension: after HELO it was never offered.
+            return self._error(replies.NEED_EHLO)
         if self.authLogin is not None:
             return self._error(replies.AUTH_ALREADY)
         if self.transaction is not None:
@@ -914,8 +913,11 @@ class _DataReader:
             # RFC 5321 §4.5.2: the first dot of a line starting with one goes.
             region = (b"\n" + region).replace(b"\n.", b"\n")[1:]
         if self._head is not None:
+            # Only the new piece is searched (cost per byte, not per line):
+            # it starts at a line start and what is held ends in a newline.
+            blank = region.startswith(b"\r\n") or b"\n\r\n" in region
             self._head += region
-            if len(self._head) > MAX_HEADER_BLOCK or b"\r\n\r\n" in self._head or self._head.startswith(b"\r\n"):
+            if blank or len(self._head) > MAX_HEADER_BLOCK:
                 self._finishHead()
             return
         self.writer.write(region)
@@ -968,6 +970,13 @@ def _headerBlockEnd(head: bytes) -> int:
     return pos
 
 
+def _throttleSettings(config) -> tuple[int, float]:
+    """auth.failure_limit and failure_window, or their defaults where AUTH is off."""
+    if config.auth is not None:
+        return config.auth.failureLimit, config.auth.failureWindow
+    return DEFAULT_AUTH_FAILURE_LIMIT, DEFAULT_AUTH_FAILURE_WINDOW
+
+
 class SubmissionFactory(protocol.ServerFactory):
     noisy = False
 
@@ -988,9 +997,7 @@ class SubmissionFactory(protocol.ServerFactory):
         # the server's TLS context factory (None: no TLS listener).
         self.portal = portal
         self.tls = tls
-        auth = getattr(config, "auth", None)
-        self.authThrottle = FailureThrottle(
-            clock, auth.failureLimit if auth else 5, auth.failureWindow if auth else 900.0)
+        self.authThrottle = FailureThrottle(clock, *_throttleSettings(config))
         self.messageRate = MessageRate(clock, config.limits.messagesPerUserPerHour)
         self.sessions: set[SubmissionServer] = set()
         self._perClient: dict[str, int] = {}
@@ -1001,12 +1008,11 @@ class SubmissionFactory(protocol.ServerFactory):
         return self.config.hostname
 
     # Free bytes on the spool's file system; replaced in tests.
-    freeBytes = staticmethod(lambda path: spoolFreeBytes(path))
+    freeBytes = staticmethod(spoolFreeBytes)
 
     def lowOnSpace(self) -> bool:
         """Below queue.free_space_reserve: MAIL gets 452 4.3.1 so no message fills the disk midway."""
-        reserveOf = getattr(self.config, "freeSpaceReserve", None)
-        reserve = reserveOf() if reserveOf is not None else 0
+        reserve = self.config.freeSpaceReserve()
         if reserve <= 0:
             return False
         try:
@@ -1028,9 +1034,7 @@ class SubmissionFactory(protocol.ServerFactory):
     def reconfigure(self, config) -> None:
         """A reloaded config: new limits and throttling apply to new events."""
         self.config = config
-        if config.auth is not None:
-            self.authThrottle.limit = config.auth.failureLimit
-            self.authThrottle.window = config.auth.failureWindow
+        self.authThrottle.limit, self.authThrottle.window = _throttleSettings(config)
         self.messageRate.limit = config.limits.messagesPerUserPerHour
 
     def sessionStarted(self, session: SubmissionServer) -> Reply | None:

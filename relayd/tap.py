@@ -199,6 +199,8 @@ class Relay(service.MultiService):
                 self.passwords.load()
             except PasswordFileError as e:
                 maillog.daemonEvent(f"reload: auth.password_file {e}", level=maillog.LogLevel.error)
+            else:
+                _warnSkipped(self.passwords)
             self.verifier.cacheSeconds = new.auth.cache
             self.verifier.clearCache()
 
@@ -350,6 +352,15 @@ def _reloadDelivery(courier, new, reactor) -> None:
                         _resolver(new, reactor), keepCaFiles=brokenCaFiles)
 
 
+def _warnSkipped(passwords) -> None:
+    """A line of the password file that is not login:hash is a typo worth one warning."""
+    from relayd.auth import skippedLines
+
+    if passwords.skipped:
+        maillog.daemonEvent(f"warning: auth.password_file {passwords.path}: {skippedLines(passwords.skipped)}",
+                            level=maillog.LogLevel.warn)
+
+
 def _security(config, reactor):
     """The TLS context and the AUTH machinery the listeners need; start-up errors end the start."""
     from twisted.cred.portal import Portal
@@ -369,6 +380,7 @@ def _security(config, reactor):
             passwords.load()
         except PasswordFileError as e:
             fail(f"auth.password_file {e}")
+        _warnSkipped(passwords)
         verifier = Verifier(passwords, config.auth.cache)
         # bcrypt and argon2 release the GIL: one thread per core verifies in parallel.
         authPool = threadpool.ThreadPool(minthreads=0, maxthreads=min(4, os.cpu_count() or 1),

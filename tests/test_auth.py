@@ -139,6 +139,18 @@ def test_unknown_user_costs_a_verification(verifier, monkeypatch):
     assert calls == [HASHES["bcrypt"]]  # checked against a real entry, result ignored
 
 
+def test_unknown_user_is_checked_against_a_real_hash_not_a_locked_entry(tmp_path, monkeypatch):
+    # A locked account ("!") first in the file must not become the stand-in:
+    # its check fails at once and would time apart known and unknown logins.
+    write(tmp_path / "passwd", {"disabled": "!", "broken": "not-a-hash", "alice": HASHES["bcrypt"]})
+    v = auth.Verifier(auth.PasswordFile(str(tmp_path / "passwd")))
+    calls = []
+    original = v._context.verify
+    monkeypatch.setattr(v._context, "verify", lambda p, h: calls.append(h) or original(p, h))
+    assert v.verify("nosuchuser", "pw") is False
+    assert calls == [HASHES["bcrypt"]]
+
+
 def test_bcrypt_limit_is_a_clear_failure(verifier):
     with pytest.raises(auth.PasswordTooLong):
         verifier.verify("bcrypt", "x" * 73)
@@ -269,3 +281,15 @@ def test_passwd_console_script_entry_point():
     assert result.returncode == 2
     assert result.stderr == ("relayd-passwd: no command given; usage: relayd-passwd [-f FILE] add "
                              "[--scheme SCHEME] LOGIN | remove LOGIN | list | check LOGIN\n")
+
+
+def test_passwd_names_lines_it_cannot_read_and_checks_like_the_daemon(tmp_path, capsys):
+    path = tmp_path / "passwd"
+    write(path, {"alice": HASHES["bcrypt"]})
+    path.write_text(path.read_text() + "carol $2y$05$typo-with-a-space\n")
+    assert runPasswd("-f", str(path), "list")[:2] == (0, "alice bcrypt\n")
+    assert capsys.readouterr().err == f"relayd-passwd: warning: {path}: line 2 skipped (not login:hash)\n"
+    # Over bcrypt's 72 bytes: the daemon's answer, in words, not the library's advice.
+    assert runPasswd("-f", str(path), "check", "alice", stdin="x" * 73 + "\n") == (
+        1, "", "relayd-passwd: the password is longer than bcrypt's 72 bytes: it never matches\n")
+    assert runPasswd("-f", str(path), "check", "alice", stdin="pw-bcrypt\n") == (0, "ok\n", "")

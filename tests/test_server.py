@@ -59,6 +59,8 @@ def makeConfig(trusted=("127.0.0.0/8", "::1/128"), messageSize=10_000_000, recip
         limits=Limits(messageSize=messageSize, recipients=recipients,
                       connections=connections, connectionsPerClient=connectionsPerClient),
         auth=None,
+        postmaster=None,
+        freeSpaceReserve=lambda: 0,
     )
 
 
@@ -386,7 +388,7 @@ def test_command_line_over_512_octets_is_refused_after_reading_it():
 
 def test_idle_timeout_says_421():
     hs = Harness()
-    hs.clock.advance(server.IDLE_TIMEOUT + 1)
+    hs.clock.advance(hs.factory.config.limits.commandTimeout + 1)
     assert hs.take() == ["421 4.4.2 relay.test Error: timeout exceeded"]
     assert hs.transport.disconnecting
 
@@ -462,3 +464,51 @@ def test_client_line_is_logged_at_the_first_accepted_recipient():
         globalLogPublisher.removeObserver(observer)
     queueId = hs.proto.transaction.queueId
     assert [l for l in lines if "client=" in l] == [f"{queueId}: client=unknown[127.0.0.1]"]
+
+
+@pytest.mark.parametrize("command, reply", [
+    # str.isdigit() takes these; the SIZE grammar is ASCII digits only.
+    ("MAIL FROM:<a@example.com> SIZE=²", "501 5.5.4 Bad parameter value: SIZE"),
+    ("MAIL FROM:<a@example.com> SIZE=٣", "501 5.5.4 Bad parameter value: SIZE"),
+    ("MAIL FROM:<a@example.com> SIZE=abc", "501 5.5.4 Bad parameter value: SIZE"),
+    ("MAIL FROM:<a@example.com> SIZE", "501 5.5.4 Bad parameter value: SIZE"),
+    ("MAIL FROM:<a@example.com> BODY=9BIT", "501 5.5.4 Bad parameter value: BODY"),
+    ("RCPT TO:b@example.org", "503 5.5.1 Error: need MAIL command"),
+    ("VRFY bob", "252 2.0.0 Cannot VRFY user, but will accept message and attempt delivery"),
+    ("HELP", "214 2.0.0 See RFC 5321"),
+    ("NOOP \x01", "500 5.5.2 Error: bad characters in command"),
+])
+def test_bad_parameters_and_small_commands(command, reply):
+    hs = Harness()
+    hs.send(b"EHLO c\r\n")
+    assert hs.send(command.encode("utf-8") + b"\r\n") == [reply]
+    assert hs.transport.connected and not hs.transport.disconnecting
+
+
+def test_nested_mail_and_rcpt_syntax():
+    hs = Harness()
+    hs.send(b"EHLO c\r\nMAIL FROM:<a@example.com>\r\n")
+    assert hs.send(b"MAIL FROM:<a@example.com>\r\n") == ["503 5.5.1 Error: nested MAIL command"]
+    assert hs.send(b"RCPT TO:b@example.org\r\n") == ["501 5.5.4 Syntax: RCPT TO:<address>"]
+    assert hs.send(b"NOOP \xff\xfe\r\n") == ["500 5.5.2 Error: bad characters in command"]
+
+
+def test_header_block_sent_a_line_per_read_gets_message_id_once():
+    hs = Harness()
+    hs.send(b"EHLO c\r\nMAIL FROM:<a@example.com>\r\nRCPT TO:<b@example.org>\r\nDATA\r\n")
+    for i in range(200):
+        hs.send(b"X-Line-%d: v\r\n" % i)
+    hs.send(b"\r\nbody\r\n")
+    assert codes(hs.send(b".\r\n")) == ["250"]
+    _, body = storedBody(hs)
+    assert body.count(b"\r\nMessage-ID: ") == 1
+    assert re.search(rb"X-Line-199: v\r\nMessage-ID: <[^>]+>\r\nDate: [^\r]+\r\n\r\nbody\r\n$", body)
+
+
+def test_shutdown_during_a_refused_message_says_421_once():
+    hs = Harness(messageSize=100)
+    hs.send(b"EHLO c\r\nMAIL FROM:<a@example.com>\r\nRCPT TO:<b@example.org>\r\nDATA\r\n")
+    hs.factory.shutdown(grace=30)
+    out = hs.send(b"x" * 200 + b"\r\n.\r\n")
+    assert out == ["552 5.3.4 Message size exceeds fixed limit",
+                   "421 4.3.2 relay.test Service shutting down, closing connection"]

@@ -352,6 +352,8 @@ def test_auth_login_with_initial_response(hs):
 @pytest.mark.parametrize("before, command, reply", [
     (b"", b"AUTH PLAIN " + plain("alice@example.com", "alice-secret") + b"\r\n",
      "503 5.5.1 Error: send HELO/EHLO first"),
+    (b"HELO c\r\n", b"AUTH PLAIN " + plain("alice@example.com", "alice-secret") + b"\r\n",
+     "503 5.5.1 Error: send EHLO first"),
     (b"EHLO c\r\n", b"AUTH CRAM-MD5\r\n", "504 5.5.4 Unsupported authentication mechanism"),
     (b"EHLO c\r\n", b"AUTH\r\n", "501 5.5.4 Syntax: AUTH mechanism"),
     (b"EHLO c\r\n", b"AUTH PLAIN not!base64\r\n", "501 5.5.2 Error: invalid base64 data"),

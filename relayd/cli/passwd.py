@@ -28,7 +28,10 @@ import tempfile
 from contextlib import contextmanager
 from typing import Sequence, TextIO
 
-from relayd.auth import BCRYPT_MAX_PASSWORD, SCHEMES, cryptContext, isValidLogin, parsePasswordFile
+from relayd.auth import (
+    BCRYPT_MAX_PASSWORD, SCHEMES, PasswordFile, PasswordFileError, PasswordTooLong, Verifier,
+    cryptContext, isValidLogin, parsePasswordFile, skippedLines,
+)
 
 PROG = "relayd-passwd"
 DEFAULT_FILE = "/etc/relayd/passwd"
@@ -162,12 +165,20 @@ def remove(args, stdin: TextIO, stdout: TextIO) -> int:
     return OK
 
 
-def list_(args, stdin: TextIO, stdout: TextIO) -> int:
+def _readEntries(path: str) -> dict[str, str]:
+    """The file's login -> hash entries; lines that are not login:hash are named on stderr."""
     try:
-        with open(args.file, "rb") as f:
-            entries, _ = parsePasswordFile(f.read())
+        with open(path, "rb") as f:
+            entries, skipped = parsePasswordFile(f.read())
     except OSError as e:
-        raise _Failure(f"{args.file}: {e.strerror}") from None
+        raise _Failure(f"{path}: {e.strerror}") from None
+    if skipped:
+        sys.stderr.write(f"{PROG}: warning: {path}: {skippedLines(skipped)}\n")
+    return entries
+
+
+def list_(args, stdin: TextIO, stdout: TextIO) -> int:
+    entries = _readEntries(args.file)
     context = cryptContext()
     for login, hashed in entries.items():
         scheme = context.identify(hashed, required=False) or "unknown"
@@ -176,19 +187,15 @@ def list_(args, stdin: TextIO, stdout: TextIO) -> int:
 
 
 def check(args, stdin: TextIO, stdout: TextIO) -> int:
-    try:
-        with open(args.file, "rb") as f:
-            entries, _ = parsePasswordFile(f.read())
-    except OSError as e:
-        raise _Failure(f"{args.file}: {e.strerror}") from None
+    _readEntries(args.file)  # a missing file fails before the prompt
     password = readPassword(stdin, f"Password for {args.login}: ", confirm=False)
-    hashed = entries.get(args.login)
-    ok = False
-    if hashed is not None and password:
-        try:
-            ok = cryptContext().verify(password, hashed)
-        except ValueError as e:
-            raise _Failure(f"cannot check: {e}") from None
+    # The daemon's own verifier, so the answer is the one AUTH would give.
+    try:
+        ok = bool(password) and Verifier(PasswordFile(args.file)).verify(args.login, password)
+    except PasswordTooLong:
+        raise _Failure("the password is longer than bcrypt's 72 bytes: it never matches") from None
+    except PasswordFileError as e:
+        raise _Failure(str(e)) from None
     stdout.write("ok\n" if ok else "wrong login or password\n")
     return OK if ok else FAILED
 
