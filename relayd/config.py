@@ -1049,11 +1049,17 @@ def _limits(value: object, path: str) -> Limits:
     )
 
 
+def _pathUnder(baseDirectory: str) -> Callable[[object, str], str]:
+    """A path parser: relative paths are relative to the config file's directory."""
+
+    def parsePath(value: object, path: str) -> str:
+        return os.path.normpath(os.path.join(baseDirectory, _string(value, path)))
+
+    return parsePath
+
+
 def _tls(value: object, path: str, baseDirectory: str) -> TLS:
     section = _Section(value, path, ("certificate", "key", "min_version"))
-
-    def filePath(value: object, path: str) -> str:
-        return os.path.normpath(os.path.join(baseDirectory, _string(value, path)))
 
     def minVersion(value: object, path: str) -> str:
         # YAML reads an unquoted 1.2 as a number; both spellings mean the same.
@@ -1063,8 +1069,8 @@ def _tls(value: object, path: str, baseDirectory: str) -> TLS:
         return text
 
     return TLS(
-        certificate=section.require("certificate", filePath, "the PEM certificate (chain) file"),
-        key=section.require("key", filePath, "the PEM private key file"),
+        certificate=section.require("certificate", _pathUnder(baseDirectory), "the PEM certificate (chain) file"),
+        key=section.require("key", _pathUnder(baseDirectory), "the PEM private key file"),
         minVersion=section.get("min_version", minVersion, DEFAULT_TLS_MIN_VERSION),
     )
 
@@ -1075,9 +1081,6 @@ _SENDER_ENTRY_EXAMPLE = 'an address like "alice@example.com" or a domain like "@
 def _auth(value: object, path: str, baseDirectory: str) -> Auth:
     section = _Section(value, path, ("password_file", "senders", "failure_limit",
                                      "failure_window", "cache", "received_header_user"))
-
-    def filePath(value: object, path: str) -> str:
-        return os.path.normpath(os.path.join(baseDirectory, _string(value, path)))
 
     def senderEntry(value: object, path: str) -> str:
         if isinstance(value, str) and value.startswith("@"):
@@ -1102,7 +1105,8 @@ def _auth(value: object, path: str, baseDirectory: str) -> Auth:
         return tuple(out)
 
     return Auth(
-        passwordFile=section.require("password_file", filePath, "the password file (htpasswd format)"),
+        passwordFile=section.require("password_file", _pathUnder(baseDirectory),
+                                     "the password file (htpasswd format)"),
         senders=section.get("senders", senders, ()),
         failureLimit=section.get("failure_limit", _integer(1), DEFAULT_AUTH_FAILURE_LIMIT),
         failureWindow=section.get("failure_window", _duration(1), DEFAULT_AUTH_FAILURE_WINDOW),
@@ -1130,8 +1134,7 @@ def _queue(value: object, path: str, baseDirectory: str) -> Queue:
     section = _Section(value, path, (
         "directory", "lifetime", "delay_warning", "retry", "free_space_reserve",
         "bounce_size_limit", "control_socket"))
-    directory = section.require("directory", _string, "the spool directory path")
-    directory = os.path.normpath(os.path.join(baseDirectory, directory))
+    directory = section.require("directory", _pathUnder(baseDirectory), "the spool directory path")
     lifetime = section.get("lifetime", _duration(1), DEFAULT_LIFETIME)
     delayWarning = section.get("delay_warning", _duration(1), None)
     if delayWarning is not None and delayWarning >= lifetime:
@@ -1140,9 +1143,7 @@ def _queue(value: object, path: str, baseDirectory: str) -> Queue:
             f"expected less than queue.lifetime ({formatDuration(lifetime)}), got "
             f"{formatDuration(delayWarning)}, so the notice could never be sent",
         )
-    controlSocket = section.get("control_socket", _string, None)
-    if controlSocket is not None:
-        controlSocket = os.path.normpath(os.path.join(baseDirectory, controlSocket))
+    controlSocket = section.get("control_socket", _pathUnder(baseDirectory), None)
     return Queue(
         directory=directory,
         retry=section.get("retry", _retry, Retry()),
@@ -1202,13 +1203,9 @@ def _nextHop(value: object, path: str, baseDirectory: str = "", inRoute: bool = 
                 "a certificate), got it with tls: " + tls,
             )
     verify = section.get("verify", _boolean, True)
-    caFile = section.get("ca_file", _string, None)
-    if caFile is not None:
-        caFile = os.path.normpath(os.path.join(baseDirectory, caFile))
+    caFile = section.get("ca_file", _pathUnder(baseDirectory), None)
     username = section.get("username", _string, None)
-    passwordFile = section.get("password_file", _string, None)
-    if passwordFile is not None:
-        passwordFile = os.path.normpath(os.path.join(baseDirectory, passwordFile))
+    passwordFile = section.get("password_file", _pathUnder(baseDirectory), None)
     if username is not None:
         if tls not in _VERIFIED_TLS:
             raise _Problem(

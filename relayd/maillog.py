@@ -213,8 +213,7 @@ def delivery(queueId: str, recipient: str, relay: str, delay: float,
         f"delays={'/'.join(seconds(d) for d in delays)}, dsn={dsn}, status={status} "
         f"({printable(reply)})"
     )
-    level = LogLevel.info
-    _emit("smtp", queueId, text, level=level, to=recipient, relay=relay, delay=delay,
+    _emit("smtp", queueId, text, to=recipient, relay=relay, delay=delay,
           dsn=dsn, status=status, reply=reply)
 
 
