@@ -103,7 +103,7 @@ def _field(text: str) -> str:
     return "".join(c if " " <= c <= "~" else " " for c in text).strip()
 
 
-def _humanText(kind: str, hostname: str, sender: str, statuses: Sequence[RecipientStatus],
+def _humanText(kind: str, hostname: str, statuses: Sequence[RecipientStatus],
                lifetime: float | None) -> str:
     lines = [f"This is the mail system at host {hostname}.", ""]
     if kind == NOTICE_DELAY:
@@ -185,6 +185,24 @@ def _originalPart(original: bytes, whole: bool) -> Message:
     return part
 
 
+def _headers(message: Message, kind: str, hostname: str, to: str, now: float,
+             autoSubmitted: str) -> None:
+    """The header fields every notice carries, in this order."""
+    message["From"] = f"MAILER-DAEMON@{hostname} (Mail Delivery System)"
+    message["To"] = f"<{to}>"
+    message["Subject"] = _SUBJECTS[kind]
+    message["Date"] = formatdate(now, localtime=True)
+    message["Message-ID"] = make_msgid(domain=hostname)
+    # RFC 3834: no auto-replies to this, please.
+    message["Auto-Submitted"] = autoSubmitted
+
+
+def _bytes(message: Message) -> bytes:
+    out = BytesIO()
+    BytesGenerator(out, mangle_from_=False, policy=_OUTPUT_POLICY).flatten(message)
+    return out.getvalue()
+
+
 def report(kind: str, *, hostname: str, envelope: Envelope, to: str,
            statuses: Sequence[RecipientStatus], original: bytes, originalWhole: bool,
            now: float, lifetime: float | None = None) -> bytes:
@@ -193,15 +211,9 @@ def report(kind: str, *, hostname: str, envelope: Envelope, to: str,
     spool: a ``multipart/report; report-type=delivery-status`` message.
     """
     message = MIMEMultipart("report", report_type="delivery-status", policy=_OUTPUT_POLICY)
-    message["From"] = f"MAILER-DAEMON@{hostname} (Mail Delivery System)"
-    message["To"] = f"<{to}>"
-    message["Subject"] = _SUBJECTS[kind]
-    message["Date"] = formatdate(now, localtime=True)
-    message["Message-ID"] = make_msgid(domain=hostname)
-    # RFC 3834: no auto-replies to this, please.
-    message["Auto-Submitted"] = "auto-replied"
+    _headers(message, kind, hostname, to, now, "auto-replied")
     message.preamble = "This is a MIME-encapsulated message."
-    human = MIMEText(_humanText(kind, hostname, envelope.sender, statuses, lifetime), "plain", "us-ascii")
+    human = MIMEText(_humanText(kind, hostname, statuses, lifetime), "plain", "us-ascii")
     human["Content-Description"] = "Notification"
     del human["MIME-Version"]
     message.attach(human)
@@ -211,9 +223,7 @@ def report(kind: str, *, hostname: str, envelope: Envelope, to: str,
     originalPart = _originalPart(original, originalWhole)
     originalPart["Content-Description"] = "Undelivered Message" if originalWhole else "Undelivered Message Headers"
     message.attach(originalPart)
-    out = BytesIO()
-    BytesGenerator(out, mangle_from_=False, policy=_OUTPUT_POLICY).flatten(message)
-    return out.getvalue()
+    return _bytes(message)
 
 
 def quarantineReport(*, hostname: str, to: str, entries: Sequence[tuple[str, str]],
@@ -225,15 +235,9 @@ def quarantineReport(*, hostname: str, to: str, entries: Sequence[tuple[str, str
     lines += [f"  {queueId}: {_field(reason)}" for queueId, reason in entries]
     lines += ["", "Their senders have not been told. Nothing else was lost.", ""]
     message = MIMEText("\n".join(lines), "plain", "us-ascii", policy=_OUTPUT_POLICY)
-    message["From"] = f"MAILER-DAEMON@{hostname} (Mail Delivery System)"
-    message["To"] = f"<{to}>"
-    message["Subject"] = _SUBJECTS[NOTICE_QUARANTINE]
-    message["Date"] = formatdate(now, localtime=True)
-    message["Message-ID"] = make_msgid(domain=hostname)
-    message["Auto-Submitted"] = "auto-generated"
-    out = BytesIO()
-    BytesGenerator(out, mangle_from_=False, policy=_OUTPUT_POLICY).flatten(message)
-    return out.getvalue()
+    # Not a reply to any message: auto-generated (RFC 3834).
+    _headers(message, NOTICE_QUARANTINE, hostname, to, now, "auto-generated")
+    return _bytes(message)
 
 
 def readOriginal(openBody: Callable[[], BinaryIO], limit: int) -> tuple[bytes, bool]:

@@ -15,7 +15,8 @@ Who may steer the queue is who may connect: the socket is created mode 0600
 and root get in. AMP (twisted.protocols.amp) gives typed commands with
 length-prefixed values and request/response matching for free; a value is
 at most 64 KiB, so relayctl sends ids in batches (MAX_IDS_PER_CALL) and
-flush/requeue of the whole queue answer with a count.
+flush/requeue of the whole queue answer with a count (and the messages
+whose envelope could not be written).
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from twisted.python.failure import Failure
 
 from relayd import maillog
 from relayd.envelope import isQueueId
-from relayd.scheduler import AdminRefusal, UnknownMessage
+from relayd.scheduler import FLUSHED, REQUEUED, AdminRefusal, UnknownMessage
 
 # Ids per AMP call: the answer (id, ok, outcome text: about 100 bytes each
 # at most) must fit in one AMP value of 64 KiB.
@@ -88,6 +89,13 @@ class Status(amp.Command):
 
 NOT_A_QUEUE_ID = "not a queue id"
 UNKNOWN = "no such message in the queue"
+# What flush and requeue of the whole queue count as done.
+_SUCCESSES = frozenset((FLUSHED, REQUEUED))
+
+
+def cannotWrite(error: OSError) -> dict:
+    """The answer for a message whose envelope could not be written (a full disk, say)."""
+    return {"ok": False, "outcome": f"cannot write the queue: {error.strerror or error}"}
 
 
 class ControlProtocol(amp.AMP):
@@ -116,6 +124,10 @@ class ControlProtocol(amp.AMP):
                 outcomes.append({"id": queueId, "ok": False, "outcome": UNKNOWN})
             except AdminRefusal as e:
                 outcomes.append({"id": queueId, "ok": False, "outcome": str(e)})
+            except OSError as e:
+                # Per id, so one failed write does not lose the batch's
+                # answer; the scheduler has left that message as on disk.
+                outcomes.append({"id": queueId, **cannotWrite(e)})
             else:
                 outcomes.append({"id": queueId, "ok": True, "outcome": outcome})
         return outcomes
@@ -137,11 +149,23 @@ class ControlProtocol(amp.AMP):
         return {"outcomes": self._each(ids, self.scheduler.bounce)}
 
     def _many(self, ids, action) -> dict:
+        """
+        Flush or requeue. The whole queue is answered with a count, plus the
+        messages that could not be written; the scheduler answers those with
+        the OSError instead of raising it, so the rest still gets done.
+        """
         if not ids:
             outcomes = action(None)
-            return {"outcomes": [], "count": sum(
-                1 for o in outcomes.values() if o in ("scheduled for delivery now", "requeued"))}
-        return {"outcomes": self._each(ids, lambda i: action([i])[i]), "count": 0}
+            return {"outcomes": [{"id": queueId, **cannotWrite(o)}
+                                 for queueId, o in outcomes.items() if isinstance(o, OSError)],
+                    "count": sum(1 for o in outcomes.values() if o in _SUCCESSES)}
+
+        def one(queueId):
+            outcome = action([queueId])[queueId]
+            if isinstance(outcome, OSError):
+                raise outcome
+            return outcome
+        return {"outcomes": self._each(ids, one), "count": 0}
 
     @Flush.responder
     def flush(self, ids):

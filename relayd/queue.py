@@ -315,9 +315,7 @@ class Spool:
                 self._quarantine(queueId, "message body is missing")
                 continue
             try:
-                with open(self._path(QUEUE, queueId + ENVELOPE_SUFFIX), "rb") as f:
-                    raw = f.read()
-                recovered.append(_parseEnvelope(queueId, raw))
+                recovered.append(self.load(queueId))
             except OSError as e:
                 self._quarantine(queueId, f"cannot read envelope: {e.strerror or e}")
             except ValueError as e:

@@ -73,6 +73,15 @@ def nextAttemptTime(now: float, arrival: float, failedAttempts: int, retry, life
     return due
 
 
+# What flush and requeue answer per message; relayd.control counts the
+# successes by these, relayctl prints them.
+FLUSHED = "scheduled for delivery now"
+REQUEUED = "requeued"
+ON_HOLD = "on hold (release it first)"
+BEING_DELIVERED = "being delivered now"
+WAITING_FOR_SLOT = "waiting for a free slot at its destination"
+
+
 class UnknownMessage(KeyError):
     """No message with this queue id is in the queue."""
 
@@ -167,20 +176,16 @@ class Scheduler(service.Service):
             heapq.heappop(self._heap)
             if envelope.hold:
                 continue
-            destinations = self._destinations(envelope)
-            full = self._fullDestination(destinations)
+            groups = route.groupByDestination([r.address for r in envelope.pending()],
+                                              self.settings.delivery)
+            full = self._fullDestination(groups)
             if full is not None:
                 self._waiting.add(queueId)
                 self._blocked.setdefault(full, deque()).append(queueId)
                 continue
-            self._start(envelope, destinations, self._attempt)
+            self._start(envelope, groups, self._attempt)
         if self._heap and len(self._active) < limit:
             self._timer = self.clock.callLater(max(0.0, self._heap[0][0] - now), self._wake)
-
-    def _destinations(self, envelope: Envelope) -> tuple:
-        groups = route.groupByDestination([r.address for r in envelope.pending()],
-                                          self.settings.delivery)
-        return tuple(groups)
 
     def _fullDestination(self, destinations: Iterable[tuple]) -> tuple | None:
         limit = self.settings.delivery.destinationConcurrency
@@ -191,28 +196,53 @@ class Scheduler(service.Service):
 
     # One attempt
 
-    def _start(self, envelope: Envelope, destinations: tuple, work) -> None:
+    def _start(self, envelope: Envelope, groups: dict[tuple, list[str]], work) -> None:
+        """``groups``: the pending recipients by destination (route.groupByDestination)."""
         started = self.clock.seconds()
+        destinations = tuple(groups)
         for destination in destinations:
             self._perDestination[destination] = self._perDestination.get(destination, 0) + 1
-        d = work(envelope, started)
+        attemptsBefore = envelope.attempts
+        d = work(envelope, started, groups)
         self._active[envelope.queueId] = (d, destinations)
-        d.addErrback(self._attemptBroke, envelope)
+        d.addErrback(self._attemptBroke, envelope, attemptsBefore)
         d.addBoth(self._finished, envelope.queueId)
 
-    def _attemptBroke(self, failure, envelope: Envelope) -> None:
-        """A bug, not a delivery outcome: log it and try again later, never drop the message."""
-        log.failure("delivery attempt of {queueId} failed unexpectedly", failure, queueId=envelope.queueId)
-        maillog.queueWarning(envelope.queueId, f"delivery attempt failed unexpectedly: {failure.getErrorMessage()}")
-        if self.envelopes.get(envelope.queueId) is envelope:
-            envelope.nextAttempt = self.clock.seconds() + self.settings.queue.retry.min
+    def _attemptBroke(self, failure, envelope: Envelope, attemptsBefore: int) -> None:
+        """
+        A bug, not a delivery outcome: log it and try again after the usual
+        backoff, never drop the message. Once its lifetime has run out it is
+        put on hold for an admin: returning it to the sender would blame the
+        mail for our broken code.
+        """
+        queueId = envelope.queueId
+        log.failure("delivery attempt of {queueId} failed unexpectedly", failure, queueId=queueId)
+        maillog.queueWarning(queueId, f"delivery attempt failed unexpectedly: {failure.getErrorMessage()}")
+        if self.envelopes.get(queueId) is not envelope:
+            return
+        # Counted like any attempt (once: it may have broken after counting
+        # itself), so the backoff grows and the lifetime is checked.
+        envelope.attempts = max(envelope.attempts, attemptsBefore + 1)
+        queue = self.settings.queue
+        now = self.clock.seconds()
+        if now >= envelope.arrival + queue.lifetime:
+            envelope.hold = True
+            maillog.queueWarning(
+                queueId, "placed on hold: delivery attempts keep failing unexpectedly and "
+                "queue.lifetime has run out; see the daemon log, then release, bounce or delete it")
+        else:
+            envelope.nextAttempt = nextAttemptTime(
+                now, envelope.arrival, envelope.attempts, queue.retry, queue.lifetime, self.random())
             self._push(envelope)
+        try:
+            self.spool.update(envelope)
+        except OSError as e:
+            # The schedule in memory stands; the spool catches up at the next write.
+            maillog.queueWarning(queueId, f"cannot write the envelope: {e.strerror or e}")
 
     @defer.inlineCallbacks
-    def _attempt(self, envelope: Envelope, started: float):
-        delivery = self.settings.delivery
+    def _attempt(self, envelope: Envelope, started: float, groups: dict[tuple, list[str]]):
         pending = envelope.pending()
-        groups = route.groupByDestination([r.address for r in pending], delivery)
         byAddress: dict[str, list[Recipient]] = {}
         for r in pending:
             byAddress.setdefault(r.address, []).append(r)
@@ -322,11 +352,16 @@ class Scheduler(service.Service):
             free = limit - max(count, 0)
             while line and free > 0:
                 waiting = line.popleft()
+                if waiting not in self._waiting:
+                    continue  # left the line already (returned to sender, or a stale copy)
                 self._waiting.discard(waiting)
                 envelope = self.envelopes.get(waiting)
-                if envelope is not None:
-                    self._push(envelope)
-                    free -= 1
+                if envelope is None or envelope.hold:
+                    # Deleted or held: it drops out of the line without
+                    # taking the slot (release pushes a held one back).
+                    continue
+                self._push(envelope)
+                free -= 1
             if line is not None and not line:
                 del self._blocked[destination]
         self._wake()
@@ -418,7 +453,11 @@ class Scheduler(service.Service):
         if envelope.hold:
             return "already on hold"
         envelope.hold = True
-        self.spool.update(envelope)
+        try:
+            self.spool.update(envelope)
+        except OSError:
+            envelope.hold = False  # memory stays as on disk; the caller reports the error
+            raise
         maillog.adminAction(queueId, "placed on hold")
         return "placed on hold" + (" (after the attempt in progress)" if self.isActive(queueId) else "")
 
@@ -426,10 +465,15 @@ class Scheduler(service.Service):
         envelope = self._known(queueId)
         if not envelope.hold:
             return "not on hold"
+        nextAttempt = envelope.nextAttempt
         envelope.hold = False
         if not self.isActive(queueId):
             envelope.nextAttempt = self.clock.seconds()
-        self.spool.update(envelope)
+        try:
+            self.spool.update(envelope)
+        except OSError:
+            envelope.hold, envelope.nextAttempt = True, nextAttempt  # as on disk
+            raise
         maillog.adminAction(queueId, "released from hold")
         if not self.isActive(queueId):
             self._push(envelope)
@@ -445,44 +489,63 @@ class Scheduler(service.Service):
         maillog.adminAction(queueId, "removed")
         return "removed" + (" (an attempt in progress may still deliver it)" if active else "")
 
+    def _selected(self, queueIds: Sequence[str] | None) -> list[tuple[str, Envelope]]:
+        """The named messages (UnknownMessage before anything changes), or the whole queue."""
+        if queueIds is None:
+            return list(self.envelopes.items())
+        return [(queueId, self._known(queueId)) for queueId in queueIds]
+
     def flush(self, queueIds: Sequence[str] | None = None) -> dict[str, str]:
         """Try now: the named messages, or every message not on hold."""
-        ids = list(self.envelopes) if queueIds is None else list(queueIds)
         outcomes = {}
         now = self.clock.seconds()
-        for queueId in ids:
-            envelope = self._known(queueId) if queueIds is not None else self.envelopes[queueId]
+        for queueId, envelope in self._selected(queueIds):
             if envelope.hold:
-                outcomes[queueId] = "on hold (release it first)"
-            elif self.isActive(queueId) or queueId in self._waiting:
-                outcomes[queueId] = "being delivered now"
+                outcomes[queueId] = ON_HOLD
+            elif self.isActive(queueId):
+                outcomes[queueId] = BEING_DELIVERED
+            elif queueId in self._waiting:
+                outcomes[queueId] = WAITING_FOR_SLOT
             else:
                 envelope.nextAttempt = now
                 self._push(envelope)
                 maillog.adminAction(queueId, "flushed")
-                outcomes[queueId] = "scheduled for delivery now"
+                outcomes[queueId] = FLUSHED
         self._wake()
         return outcomes
 
-    def requeue(self, queueIds: Sequence[str] | None = None) -> dict[str, str]:
-        """Start over: forget the backoff and the hold, try now."""
-        ids = list(self.envelopes) if queueIds is None else list(queueIds)
-        outcomes = {}
+    def requeue(self, queueIds: Sequence[str] | None = None) -> dict[str, str | OSError]:
+        """
+        Start over: forget the backoff and the hold, try now. A message whose
+        envelope cannot be written is left as it was and answered with the
+        OSError (not raised: the rest of the batch still gets done).
+        """
+        outcomes: dict[str, str | OSError] = {}
         now = self.clock.seconds()
-        for queueId in ids:
-            envelope = self._known(queueId) if queueIds is not None else self.envelopes[queueId]
+        for queueId, envelope in self._selected(queueIds):
             if self.isActive(queueId):
-                outcomes[queueId] = "being delivered now"
+                outcomes[queueId] = BEING_DELIVERED
                 continue
+            before = (envelope.attempts, envelope.hold, envelope.lastError, envelope.nextAttempt)
             envelope.attempts = 0
-            envelope.hold = False
             envelope.lastError = None
             envelope.nextAttempt = now
-            self.spool.update(envelope)
+            if envelope.hold:
+                # Only the hold must reach the disk now (a restart must not
+                # keep it held); the rest is written by the coming attempt,
+                # which spares the whole-queue requeue a write per message.
+                envelope.hold = False
+                try:
+                    self.spool.update(envelope)
+                except OSError as e:
+                    (envelope.attempts, envelope.hold, envelope.lastError,
+                     envelope.nextAttempt) = before
+                    outcomes[queueId] = e
+                    continue
             if queueId not in self._waiting:
                 self._push(envelope)
             maillog.adminAction(queueId, "requeued")
-            outcomes[queueId] = "requeued"
+            outcomes[queueId] = REQUEUED
         self._wake()
         return outcomes
 
@@ -495,11 +558,11 @@ class Scheduler(service.Service):
             raise AdminRefusal("it has no pending recipients")
         self._waiting.discard(queueId)
         maillog.adminAction(queueId, "returned to sender")
-        self._start(envelope, (), self._cancel)
+        self._start(envelope, {}, self._cancel)
         return "returned to sender"
 
     @defer.inlineCallbacks
-    def _cancel(self, envelope: Envelope, started: float):
+    def _cancel(self, envelope: Envelope, started: float, groups: dict):
         failed = []
         for r in envelope.pending():
             r.state = FAILED
@@ -532,7 +595,3 @@ class Scheduler(service.Service):
 
     def queueLength(self) -> int:
         return len(self.envelopes)
-
-
-def hopsFor(delivery) -> Sequence:
-    return delivery.smarthosts

@@ -162,3 +162,15 @@ def test_quarantine_report():
     assert message["To"].addresses[0].addr_spec == "pm@example.net"
     assert "0123456789ABCDEF: envelope is not JSON" in message.get_content()
     assert "/var/spool/relayd/quarantine/" in message.get_content()
+
+
+def test_quarantine_report_carries_the_notice_header_fields():
+    content = bounce.quarantineReport(hostname="relay.test", to="pm@example.net",
+                                      entries=[("0123456789ABCDEF", "bad")],
+                                      directory="/var/spool/relayd", now=ARRIVAL)
+    message = parse(content)
+    assert b"\r\nFrom: MAILER-DAEMON@relay.test (Mail Delivery System)\r\n" in content
+    assert message["Subject"] == "Postmaster Warning: unreadable queue entries quarantined"
+    assert message["Auto-Submitted"] == "auto-generated"
+    assert message["Message-ID"].endswith("@relay.test>") and message["Date"]
+    assert b"\r\n" in content and b"\n" not in content.replace(b"\r\n", b"")

@@ -5,19 +5,16 @@ daemon's ControlProtocol over StringTransport and over a real UNIX socket.
 
 from __future__ import annotations
 
+import errno
 import os
 import stat
-import struct
 
 import pytest
-from twisted.internet import task
 from twisted.internet.testing import StringTransport
-from twisted.logger import formatEvent, globalLogPublisher
 
 from relayd import control
 from relayd.cli import relayctl
-from relayd.scheduler import Scheduler
-from tests.test_scheduler import FakeCourier, FakeSpool, envelope, result, settings
+from tests.test_scheduler import envelope, result, rigWith, settings
 
 
 class BufferSocket:
@@ -43,20 +40,12 @@ def ask(proto, transport, command, **arguments):
 
 @pytest.fixture
 def rig():
-    clock = task.Clock()
-    clock.advance(1_000_000)
-    spool = FakeSpool()
-    courier = FakeCourier(clock)
-    sched = Scheduler(spool, courier.deliver, settings(), clock, random=lambda: 0.5)
-    sched.startService()
-    proto = control.ControlProtocol(sched)
+    made = rigWith()
+    proto = control.ControlProtocol(made.sched)
     transport = StringTransport()
     proto.makeConnection(transport)
-    lines = []
-    observer = lambda e: lines.append(formatEvent(e))  # noqa: E731
-    globalLogPublisher.addObserver(observer)
-    yield clock, spool, courier, sched, proto, transport, lines
-    globalLogPublisher.removeObserver(observer)
+    yield made.clock, made.spool, made.courier, made.sched, proto, transport, made.lines
+    made.close()
 
 
 def test_verbs_over_the_wire(rig):
@@ -144,3 +133,40 @@ def test_not_running(tmp_path):
     with pytest.raises(relayctl.NotRunning) as info:
         relayctl.callDaemon(str(tmp_path / "control.sock"), control.Status)
     assert "relayd is not running" in str(info.value)
+
+
+def test_write_failure_is_answered_per_id(rig):
+    clock, spool, courier, sched, proto, transport, lines = rig
+    courier.script = [[451], [451]]
+    a, b = envelope(clock, "a@example.org"), envelope(clock, "b@example.org")
+    sched.add(a)
+    sched.add(b)
+    spool.updateError = OSError(errno.ENOSPC, "No space left on device")
+    full = "cannot write the queue: No space left on device"
+    answer = ask(proto, transport, control.Hold, ids=[a.queueId, b.queueId])
+    assert answer["outcomes"] == [{"id": a.queueId, "ok": False, "outcome": full},
+                                  {"id": b.queueId, "ok": False, "outcome": full}]
+    assert not a.hold and not b.hold  # memory as on disk
+    spool.updateError = None
+    ask(proto, transport, control.Hold, ids=[a.queueId])
+    spool.updateError = OSError(errno.ENOSPC, "No space left on device")
+    answer = ask(proto, transport, control.Release, ids=[a.queueId])
+    assert answer["outcomes"] == [{"id": a.queueId, "ok": False, "outcome": full}]
+    answer = ask(proto, transport, control.Requeue, ids=[a.queueId])
+    assert answer["outcomes"] == [{"id": a.queueId, "ok": False, "outcome": full}]
+    # The whole queue: b needs no write and is requeued; a is reported.
+    answer = ask(proto, transport, control.Requeue, ids=[])
+    assert answer["count"] == 1
+    assert answer["outcomes"] == [{"id": a.queueId, "ok": False, "outcome": full}]
+    assert a.hold
+
+
+def test_flush_of_a_waiting_message_says_so(rig):
+    clock, spool, courier, sched, proto, transport, lines = rig
+    sched.reconfigure(settings(destinationConcurrency=1))
+    a, b = envelope(clock, "a@example.org"), envelope(clock, "b@example.org")
+    sched.add(a)
+    sched.add(b)
+    answer = ask(proto, transport, control.Flush, ids=[a.queueId, b.queueId])
+    assert [o["outcome"] for o in answer["outcomes"]] == [
+        "being delivered now", "waiting for a free slot at its destination"]

@@ -13,17 +13,21 @@ from relayd.envelope import SENT, Envelope, Recipient
 from relayd.queue import Spool
 
 
-@pytest.fixture
-def setup(tmp_path):
-    spool = Spool(str(tmp_path / "spool"))
-    spool.recover()
+def writeConfig(tmp_path, queueExtra=""):
     configPath = tmp_path / "relayd.yaml"
     configPath.write_text(
         "hostname: relay.test\n"
         'listeners: [{endpoint: "tcp:2525", tls: none, auth: none}]\n'
-        "queue: {directory: spool}\n"
+        f"queue: {{directory: spool{queueExtra}}}\n"
         "delivery: {smarthosts: [{host: smtp.example.net, tls: none}]}\n")
-    return spool, str(configPath)
+    return str(configPath)
+
+
+@pytest.fixture
+def setup(tmp_path):
+    spool = Spool(str(tmp_path / "spool"))
+    spool.recover()
+    return spool, writeConfig(tmp_path)
 
 
 def put(spool, queueId, sender="alice@example.com", rcpts=("bob@example.org",), **kw):
@@ -115,3 +119,42 @@ def test_usage(setup, args):
     spool, configPath = setup
     status, out, err = run(configPath, *args)
     assert status == 2 and err.count("\n") == 1 and err.startswith("relayctl: ")
+
+
+@pytest.mark.parametrize("socketPath, reason", [
+    ("{tmp}/a-file/control.sock", "Not a directory"),
+    ("{tmp}/" + "x" * 120 + "/control.sock", "AF_UNIX path too long"),
+])
+def test_unusable_socket_path_is_one_line_and_list_still_works(tmp_path, socketPath, reason):
+    spool = Spool(str(tmp_path / "spool"))
+    spool.recover()
+    (tmp_path / "a-file").write_text("")
+    path = socketPath.format(tmp=tmp_path)
+    configPath = writeConfig(tmp_path, f", control_socket: '{path}'")
+    put(spool, "0000000000000001")
+    status, out, err = run(configPath, "hold", "0000000000000001")
+    assert (status, out) == (1, "")
+    assert err == f"relayctl: cannot connect to relayd on {path}: {reason}\n"
+    status, out, err = run(configPath, "list")
+    assert status == 0 and err == "" and out.startswith("-Queue ID-")
+    status, out, err = run(configPath, "show", "0000000000000001")
+    assert status == 0 and err == "" and "Queue:        incoming\n" in out
+
+
+def test_whole_queue_requeue_reports_what_could_not_be_written(setup, monkeypatch):
+    spool, configPath = setup
+    answer = {"count": 1, "outcomes": [{"id": "0000000000000002", "ok": False,
+                                        "outcome": "cannot write the queue: No space left on device"}]}
+    monkeypatch.setattr(relayctl, "callDaemon", lambda path, command, **kw: answer)
+    assert run(configPath, "requeue") == (
+        1, "1 message requeued\n",
+        "relayctl: 0000000000000002: cannot write the queue: No space left on device\n")
+
+
+def test_size_falls_back_to_the_body_file(setup):
+    spool, configPath = setup
+    env = put(spool, "0000000000000001")
+    env.size = 0
+    spool.update(env)
+    status, out, _ = run(configPath, "list", "--json")
+    assert json.loads(out)["message_size"] == len(b"Subject: hello\r\n\r\nbody\r\n")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import io
 from types import SimpleNamespace
 
@@ -44,6 +45,7 @@ class FakeSpool:
         self.notices = []  # (envelope, content) committed by the scheduler
         self.bodies = {}
         self.commitError = None
+        self.updateError = None  # raised by update, e.g. OSError(ENOSPC)
 
     def openBody(self, queueId):
         return io.BytesIO(self.bodies.get(queueId, ORIGINAL))
@@ -52,6 +54,8 @@ class FakeSpool:
         return FakeWriter(self, queueId)
 
     def update(self, envelope):
+        if self.updateError is not None:
+            raise self.updateError
         self.updated.append((envelope.queueId, envelope.nextAttempt, [r.state for r in envelope.recipients]))
         self.events.append(("update", envelope.queueId))
 
@@ -141,17 +145,9 @@ def envelope(clock, *rcpts, nextAttempt=None):
 
 @pytest.fixture
 def rig():
-    clock = task.Clock()
-    clock.advance(1_000_000)
-    spool = FakeSpool()
-    courier = FakeCourier(clock)
-    sched = Scheduler(spool, courier.deliver, settings(), clock, random=lambda: 0.5)
-    sched.startService()
-    lines = []
-    observer = lambda e: lines.append(formatEvent(e))  # noqa: E731
-    globalLogPublisher.addObserver(observer)
-    yield SimpleNamespace(clock=clock, spool=spool, courier=courier, sched=sched, lines=lines)
-    globalLogPublisher.removeObserver(observer)
+    made = rigWith()
+    yield made
+    made.close()
 
 
 def test_delivered_message_is_removed_and_logged(rig):
@@ -527,3 +523,81 @@ def test_no_quarantine_report_without_postmaster(rigFactory):
     rig = rigFactory()
     rig.sched.reportQuarantine([("0123456789ABCDEF", "bad")])
     assert rig.spool.notices == []
+
+
+def test_held_message_in_a_destination_line_does_not_take_the_freed_slot(rigFactory):
+    rig = rigFactory(destinationConcurrency=1)
+    a, b, c = (envelope(rig.clock, f"{n}@example.org") for n in "abc")
+    for e in (a, b, c):
+        rig.sched.add(e)
+    assert [rcpts for _, rcpts in rig.courier.calls] == [("a@example.org",)]
+    assert rig.sched.flush([b.queueId]) == {b.queueId: scheduler.WAITING_FOR_SLOT}
+    assert rig.sched.hold(b.queueId) == "placed on hold"
+    d, rcpts = rig.courier.pending.pop()
+    d.callback(result(rcpts, [250]))
+    # The slot A freed goes to C; held B drops out of the line.
+    assert [rcpts for _, rcpts in rig.courier.calls] == [("a@example.org",), ("c@example.org",)]
+    assert rig.sched.release(b.queueId) == "released from hold"
+    assert len(rig.courier.calls) == 2  # C still holds the slot: B waits again
+    d, rcpts = rig.courier.pending.pop()
+    d.callback(result(rcpts, [250]))
+    assert rig.courier.calls[-1][1] == ("b@example.org",)
+
+
+def test_attempt_that_breaks_backs_off_and_is_held_when_its_lifetime_ends(rigFactory):
+    rig = rigFactory(lifetime=7200.0)
+    calls = []
+
+    def broken(hops, sender, mailParams, recipients, openBody, size):
+        calls.append(rig.clock.seconds())
+        raise RuntimeError("a bug")
+    rig.sched.deliver = broken
+    env = envelope(rig.clock, "b@example.org")
+    start = rig.clock.seconds()
+    rig.sched.add(env)
+    rig.clock.pump([60] * 400)
+    # Counted and backed off like any failed attempt, the last at the lifetime's end...
+    assert [t - start for t in calls] == [0, 300, 900, 2100, 4500, 7200]
+    assert env.attempts == 6
+    # ...then held for an admin (and written so), not returned to the sender.
+    assert env.hold and rig.spool.notices == [] and rig.spool.removed == []
+    assert rig.spool.updated[-1][0] == env.queueId
+    assert any(f"{env.queueId}: warning: placed on hold: delivery attempts keep failing "
+               "unexpectedly" in line for line in rig.lines)
+
+
+def test_admin_change_that_cannot_be_written_is_undone(rigFactory):
+    rig = rigFactory()
+    a, b = envelope(rig.clock, "a@example.org"), envelope(rig.clock, "b@example.org")
+    rig.courier.script = [[451], [451]]
+    rig.sched.add(a)
+    rig.sched.add(b)
+    rig.spool.updateError = OSError(errno.ENOSPC, "No space left on device")
+    with pytest.raises(OSError):
+        rig.sched.hold(a.queueId)
+    assert not a.hold
+    rig.spool.updateError = None
+    rig.sched.hold(a.queueId)
+    rig.spool.updateError = OSError(errno.ENOSPC, "No space left on device")
+    nextAttempt = a.nextAttempt
+    with pytest.raises(OSError):
+        rig.sched.release(a.queueId)
+    assert a.hold and a.nextAttempt == nextAttempt
+    outcomes = rig.sched.requeue()
+    assert isinstance(outcomes[a.queueId], OSError) and outcomes[b.queueId] == scheduler.REQUEUED
+    assert a.hold and a.attempts == 1 and a.lastError == "451 reply" and a.nextAttempt == nextAttempt
+
+
+def test_requeue_writes_only_a_changed_hold(rigFactory):
+    rig = rigFactory()
+    a, b = envelope(rig.clock, "a@example.org"), envelope(rig.clock, "b@example.org")
+    rig.courier.script = [[451], [451]]
+    rig.sched.add(a)
+    rig.sched.add(b)
+    rig.sched.hold(a.queueId)
+    written = len(rig.spool.updated)
+    rig.courier.pending.clear()
+    assert rig.sched.requeue() == {a.queueId: scheduler.REQUEUED, b.queueId: scheduler.REQUEUED}
+    # a's hold was lifted on disk; b's reset is written by the attempt it gets now.
+    assert [u[0] for u in rig.spool.updated[written:]] == [a.queueId]
+    assert not a.hold and a.attempts == 0 and b.attempts == 0

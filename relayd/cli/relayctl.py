@@ -38,9 +38,9 @@ from typing import TextIO
 from twisted.protocols import amp
 
 from relayd import config as configModule
-from relayd import control
+from relayd import control, scheduler
 from relayd.envelope import PENDING, Envelope, isQueueId
-from relayd.queue import BODY_SUFFIX, QUEUE, Spool
+from relayd.queue import QUEUE, Spool
 
 PROG = "relayctl"
 DEFAULT_CONFIG = "/etc/relayd/relayd.yaml"
@@ -107,6 +107,10 @@ def callDaemon(path: str, command: type[amp.Command], timeout: float = TIMEOUT, 
             raise Failure(f"permission denied on {path}: run relayctl as the relayd user or root") from None
         except socket.timeout:
             raise Failure(f"relayd does not answer on {path} (timed out after {timeout:g} s)") from None
+        except OSError as e:
+            # A path component that is a file, a path too long for AF_UNIX...:
+            # one line like the others, and list/show carry on without the daemon.
+            raise Failure(f"cannot connect to relayd on {path}: {e.strerror or e}") from None
         box = command.makeArguments(arguments, None)
         box[b"_command"] = command.commandName
         box[b"_ask"] = b"1"
@@ -181,8 +185,8 @@ def _size(envelope: Envelope, directory: str) -> int:
     if envelope.size:
         return envelope.size
     try:
-        return os.path.getsize(os.path.join(directory, QUEUE, envelope.queueId + BODY_SUFFIX))
-    except OSError:
+        return Spool(directory).bodySize(envelope.queueId)
+    except (OSError, ValueError):
         return 0
 
 
@@ -319,9 +323,13 @@ def changeQueue(cfg, args, out: TextIO, err: TextIO) -> int:
     if not ids:
         answer = callDaemon(path, command, ids=[])
         count = answer["count"]
-        what = "scheduled for delivery now" if args.verb == "flush" else "requeued"
+        what = scheduler.FLUSHED if args.verb == "flush" else scheduler.REQUEUED
         out.write(f"{count} message{'s' if count != 1 else ''} {what}\n")
-        return OK
+        # The whole queue is answered with a count and the messages that failed.
+        for outcome in answer["outcomes"]:
+            err.write(f"{PROG}: {outcome['id']}: {outcome['outcome']}\n")
+            status = FAILED_STATUS
+        return status
     for batch in _batches(ids):
         answer = callDaemon(path, command, ids=batch)
         for outcome in answer["outcomes"]:
