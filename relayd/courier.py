@@ -24,7 +24,9 @@ sent again. AUTH PLAIN or LOGIN runs only over TLS; a refused login defers.
 
 Several messages per connection: after a clean transaction the session is
 kept idle for ``reuseTime`` seconds; the next ``deliver`` to the same next
-hop takes it (RSET is not needed after a completed transaction).
+hop takes it (RSET is not needed after a completed transaction). After
+``REUSE_COUNT_LIMIT`` transactions or ``REUSE_TIME_LIMIT`` seconds since it
+connected, a session is closed instead (as Postfix does).
 """
 
 from __future__ import annotations
@@ -64,6 +66,13 @@ MAX_LINE = 998
 # How long a session stays open after a transaction, waiting for another
 # message to the same next hop (Postfix's smtp_connection_cache_time_limit).
 REUSE_TIME = 2.0
+
+# A session is not kept after this many transactions or this many seconds
+# since it connected (Postfix's smtp_connection_reuse_count_limit and
+# smtp_connection_reuse_time_limit): one connection does not carry a busy
+# queue for ever, and a hop's DNS or load-balancer changes get noticed.
+REUSE_COUNT_LIMIT = 100
+REUSE_TIME_LIMIT = 300.0
 
 # How long a next hop that failed (before accepting MAIL) is tried last:
 # the next attempts go to the hosts that work without waiting for it.
@@ -441,7 +450,10 @@ class OutboundSession(LineReceiver):
         self.peerPort = 0
         # Upper-cased keyword -> parameter text (b"" when none); empty after HELO.
         self.capabilities: dict[str, str] = {}
-        self.esmtp = False
+        # For the courier's reuse limits: when the connection was made, and
+        # how many transactions it has carried.
+        self.connectedAt = 0.0
+        self.transactions = 0
         self._waiters: list[_Waiter] = []
         self._replyLines: list[bytes] = []
         self._replyCode: int | None = None
@@ -474,8 +486,9 @@ class OutboundSession(LineReceiver):
         peer = self.transport.getPeer()
         self.peerAddress = getattr(peer, "host", "") or ""
         self.peerPort = getattr(peer, "port", 0) or 0
-        self._expect("greeting", self.timeouts.greeting).addCallbacks(
-            self._greeted, self._readyFailed
+        self.connectedAt = self._reactor.seconds()
+        self._expect("greeting", self.timeouts.greeting).addCallback(self._greeted).addErrback(
+            self._readyFailed, "greeting"
         )
 
     def handshakeCompleted(self) -> None:
@@ -608,27 +621,35 @@ class OutboundSession(LineReceiver):
         ``HopRefused`` or ``SessionBroken``."""
         return self._ready
 
+    def _ask(self, stage: str, command: bytes, handler: Callable[[Reply], None]) -> None:
+        """
+        Send one command before the session is ready and pass its reply to
+        ``handler``; a failure, even one raised by the handler, ends in
+        ``_readyFailed`` so that ``whenReady`` always fires.
+        """
+        self._send(command)
+        self._expect(stage, self.timeouts.greeting).addCallback(handler).addErrback(
+            self._readyFailed, stage
+        )
+
+    def _sendEhlo(self) -> None:
+        self._ask("ehlo", b"EHLO " + self.heloName.encode("ascii"), self._ehloAnswered)
+
     def _greeted(self, reply: Reply) -> None:
         if reply.code // 100 != 2:
             self._refused(
                 reply, f"host {self.peerName} refused to talk to me: {reply.text()}"
             )
             return
-        self._send(b"EHLO " + self.heloName.encode("ascii"))
-        self._expect("ehlo", self.timeouts.greeting).addCallbacks(
-            self._ehloAnswered, self._readyFailed
-        )
+        self._sendEhlo()
 
     def _ehloAnswered(self, reply: Reply) -> None:
         if reply.code // 100 == 2:
-            self.esmtp = True
             self.capabilities = parseCapabilities(reply)
             self._afterHello()
-        elif reply.code in (500, 501, 502, 504, 550):
-            self._send(b"HELO " + self.heloName.encode("ascii"))
-            self._expect("helo", self.timeouts.greeting).addCallbacks(
-                self._heloAnswered, self._readyFailed
-            )
+        elif reply.code in (500, 501, 502, 504, 550) and not self._starttlsTried:
+            # After STARTTLS the hop already spoke ESMTP: no HELO fallback.
+            self._ask("helo", b"HELO " + self.heloName.encode("ascii"), self._heloAnswered)
         else:
             self._refused(reply, self._saidText(reply, "ehlo"))
 
@@ -647,10 +668,7 @@ class OutboundSession(LineReceiver):
         if self.tlsMode in ("starttls", "may") and not self.tlsActive and not self._starttlsTried:
             if "STARTTLS" in self.capabilities:
                 self._starttlsTried = True
-                self._send(b"STARTTLS")
-                self._expect("starttls", self.timeouts.greeting).addCallbacks(
-                    self._starttlsAnswered, self._readyFailed
-                )
+                self._ask("starttls", b"STARTTLS", self._starttlsAnswered)
                 return
             if self.tlsMode == "starttls":
                 self._refused(None, f"TLS is required, but was not offered by host {self.peerName}",
@@ -677,19 +695,7 @@ class OutboundSession(LineReceiver):
         self._tlsStarting = True
         self.transport.startTLS(self._tlsOptions())
         self.capabilities = {}
-        self.esmtp = False
-        self._send(b"EHLO " + self.heloName.encode("ascii"))
-        self._expect("ehlo", self.timeouts.greeting).addCallbacks(
-            self._ehloAfterTLS, self._readyFailed
-        )
-
-    def _ehloAfterTLS(self, reply: Reply) -> None:
-        if reply.code // 100 != 2:
-            self._refused(reply, self._saidText(reply, "ehlo"))
-            return
-        self.esmtp = True
-        self.capabilities = parseCapabilities(reply)
-        self._afterHello()
+        self._sendEhlo()
 
     # -- AUTH ----------------------------------------------------------------
 
@@ -704,18 +710,10 @@ class OutboundSession(LineReceiver):
         user = username.encode("utf-8")
         if "PLAIN" in mechanisms:
             response = base64.b64encode(b"\0" + user + b"\0" + password.reveal().encode("utf-8"))
-            self._send(b"AUTH PLAIN " + response)
-            self._expect("auth", self.timeouts.greeting).addCallbacks(
-                self._authAnswered, self._readyFailed
-            )
+            self._ask("auth", b"AUTH PLAIN " + response, self._authAnswered)
         elif "LOGIN" in mechanisms:
-            self._send(b"AUTH LOGIN")
-            self._expect("auth", self.timeouts.greeting).addCallbacks(
-                lambda reply: self._loginStep(reply, [
-                    base64.b64encode(user), base64.b64encode(password.reveal().encode("utf-8"))
-                ]),
-                self._readyFailed,
-            )
+            answers = [base64.b64encode(user), base64.b64encode(password.reveal().encode("utf-8"))]
+            self._ask("auth", b"AUTH LOGIN", lambda reply: self._loginStep(reply, answers))
         else:
             offered = " ".join(mechanisms) or "none"
             self._refused(None, f"host {self.peerName} offers no SASL mechanism relayd uses "
@@ -726,10 +724,7 @@ class OutboundSession(LineReceiver):
         if reply.code != 334 or not answers:
             self._authAnswered(reply)
             return
-        self._send(answers[0])
-        self._expect("auth", self.timeouts.greeting).addCallbacks(
-            lambda nextReply: self._loginStep(nextReply, answers[1:]), self._readyFailed
-        )
+        self._ask("auth", answers[0], lambda nextReply: self._loginStep(nextReply, answers[1:]))
 
     def _authAnswered(self, reply: Reply) -> None:
         if reply.code == 235:
@@ -750,7 +745,20 @@ class OutboundSession(LineReceiver):
             self._ready.errback(HopRefused(reply, text, dsn))
         self.quit()
 
-    def _readyFailed(self, failure: Failure) -> None:
+    def _readyFailed(self, failure: Failure, stage: str) -> None:
+        if not failure.check(HopRefused, SessionBroken):
+            # Raised by a reply handler (a bug, or a name OpenSSL cannot
+            # take for SNI): without this whenReady would never fire and the
+            # attempt would hang. The hop is dropped and deferred instead.
+            from twisted.logger import Logger
+
+            Logger().failure("SMTP client error with {peer}", failure, peer=self.peerName)
+            if self._broken is None:
+                self._broken = SessionBroken(
+                    stage, f"local error with {self.peerName} while {_STAGE_TEXT[stage]}: "
+                    f"{failure.value.__class__.__name__}", "4.3.0")
+            self._abort(stage, self._broken.text)
+            return
         if not self._ready.called:
             self._ready.errback(failure)
 
@@ -825,6 +833,7 @@ class OutboundSession(LineReceiver):
             indexes = [indexes[j] for j in outcome.overflow]
 
     async def _transaction(self, sender, mailParams, recipients, openBody, size):
+        self.transactions += 1
         outcomes: dict[int, RecipientResult] = {}
         accepted: list[int] = []
         overflow: list[int] = []
@@ -1004,7 +1013,7 @@ class OutboundSession(LineReceiver):
             d.addCallbacks(lambda _: self.transport.loseConnection(), lambda f: None)
         elif not self._quitting:
             self._dropConnection()
-        return self._whenClosed()
+        return self.whenClosed()
 
     def usable(self) -> bool:
         """Connected, ready and not broken: another transaction may start."""
@@ -1013,9 +1022,6 @@ class OutboundSession(LineReceiver):
 
     def whenClosed(self) -> defer.Deferred:
         """Fires (never fails) once the connection is gone."""
-        return self._whenClosed()
-
-    def _whenClosed(self) -> defer.Deferred:
         d: defer.Deferred = defer.Deferred()
         if self._closed.called:
             d.callback(None)
@@ -1137,22 +1143,14 @@ def loadTrustRoot(caFile: str | None):
     return ssl.trustRootFromCertificates([ssl.Certificate.loadPEM(b) for b in blocks])
 
 
-class _ChainState:
-    """Per connection: did every certificate of the chain verify?"""
-
-    def __init__(self) -> None:
-        self.chainVerified = True
-
-
-# Opportunistic connections -> their chain state (Twisted owns app_data).
-_chainStates: "weakref.WeakKeyDictionary[Any, _ChainState]" = weakref.WeakKeyDictionary()
+# Opportunistic connections -> did every certificate of the chain verify so
+# far? (Twisted owns app_data.)
+_chainStates: "weakref.WeakKeyDictionary[Any, bool]" = weakref.WeakKeyDictionary()
 
 
 def _recordVerification(connection, certificate, errno, depth, ok) -> bool:
-    if not ok:
-        state = _chainStates.get(connection)
-        if state is not None:
-            state.chainVerified = False
+    if not ok and connection in _chainStates:
+        _chainStates[connection] = False
     return True  # opportunistic: encrypt anyway
 
 
@@ -1181,7 +1179,7 @@ class OpportunisticTLS:
         from OpenSSL import SSL
 
         connection = SSL.Connection(self._context, None)
-        _chainStates[connection] = _ChainState()
+        _chainStates[connection] = True
         if self.hostname and not _isAddressLiteral(self.hostname):
             connection.set_tlsext_host_name(self.hostname.encode("idna"))
         connection.set_connect_state()
@@ -1209,10 +1207,10 @@ def _tlsInfo(transport: Any, hostName: str) -> TLSInfo | None:
         bits = connection.get_cipher_bits() or 0
     except Exception:
         return None
-    state = _chainStates.get(connection)
-    if state is None:
+    chainVerified = _chainStates.get(connection)
+    if chainVerified is None:
         trust = "Verified"  # optionsForClientTLS completes only when verified
-    elif not state.chainVerified:
+    elif not chainVerified:
         trust = "Untrusted"
     else:
         from service_identity import VerificationError
@@ -1307,14 +1305,35 @@ class _HopOutcome:
 
 
 def _hasEightBit(openBody: Callable[[], BinaryIO], chunkSize: int = CHUNK_SIZE) -> bool:
-    eightBit = re.compile(rb"[\x80-\xff]")
     with openBody() as body:
         while True:
             chunk = body.read(chunkSize)
             if not chunk:
                 return False
-            if eightBit.search(chunk):
+            if not chunk.isascii():
                 return True
+
+
+@dataclass
+class _Message:
+    """One ``deliver`` call's message, shared by every hop it tries."""
+
+    sender: str
+    mailParams: dict
+    recipients: list[str]
+    openBody: Callable[[], BinaryIO]
+    size: int
+    _eightBit: bool | None = None
+
+    def hasEightBit(self, chunkSize: int) -> bool:
+        """
+        Whether the body has a byte over 127: read at most once per attempt,
+        and only when a hop lacks 8BITMIME. Raises ``OSError`` when the
+        spooled body cannot be read.
+        """
+        if self._eightBit is None:
+            self._eightBit = _hasEightBit(self.openBody, chunkSize)
+        return self._eightBit
 
 
 class Courier:
@@ -1328,8 +1347,9 @@ class Courier:
 
     ``passwords`` maps each ``password_file`` path to its ``Secret`` (read
     by tap.py at start and on reload); ``localAddresses`` returns the
-    (address, port) pairs relayd listens on, so an MX pointing back at
-    relayd bounces instead of looping.
+    (address, port) pairs relayd listens on: when relayd is one of the MX
+    hosts only the better ones are tried, and when it is (among) the best
+    the mail bounces instead of looping.
     """
 
     def __init__(
@@ -1343,6 +1363,8 @@ class Courier:
         passwords: dict[str, Secret] | None = None,
         localAddresses: Callable[[], Sequence[tuple[str, int]]] = lambda: (),
         reuseTime: float = REUSE_TIME,
+        reuseCountLimit: int = REUSE_COUNT_LIMIT,
+        reuseTimeLimit: float = REUSE_TIME_LIMIT,
         addressLimit: int | None = None,
         shuffle: Callable[[list], None] | None = None,
         tlsOptions: Callable[[Target], Any] | None = None,
@@ -1358,6 +1380,8 @@ class Courier:
         self.passwords = dict(passwords or {})
         self.localAddresses = localAddresses
         self.reuseTime = reuseTime
+        self.reuseCountLimit = reuseCountLimit
+        self.reuseTimeLimit = reuseTimeLimit
         self.addressLimit = addressLimit or resolve.ADDRESS_LIMIT
         self._shuffle = shuffle or _random.shuffle
         self._tlsOptions = tlsOptions or self._cachedTLSOptions
@@ -1375,6 +1399,14 @@ class Courier:
         """
         self.timeouts = timeouts
         self.passwords = dict(passwords)
+        old = self.resolver
+        if old is not None and old is not resolver:
+            # A client.Resolver re-reads resolv.conf every minute for as long
+            # as the reactor runs: stop the replaced one, or each reload
+            # would leave another polling loop behind.
+            call = getattr(old, "_parseCall", None)
+            if call is not None and call.active():
+                call.cancel()
         self.resolver = resolver
         self._creators = {key: creator for key, creator in self._creators.items()
                           if key[3] in keepCaFiles}
@@ -1418,7 +1450,7 @@ class Courier:
                 0.0,
                 0.0,
             )
-        message = (sender, mailParams, recipients, openBody, size)
+        message = _Message(sender, mailParams, recipients, openBody, size)
         outcome = None
         for hop in self._order(hops):
             if _isMXRoute(hop):
@@ -1444,6 +1476,10 @@ class Courier:
                       and _poolKey(Target.of(hop)) in self._failedUntil)
 
     def _remember(self, target: Target, outcome: "_HopOutcome") -> None:
+        if target.address is not None:
+            # An MX host's address: _order only reorders configured hops
+            # (MX order comes from DNS at each attempt).
+            return
         key = _poolKey(target)
         if outcome.final:
             self._failedUntil.pop(key, None)
@@ -1469,14 +1505,21 @@ class Courier:
         if isinstance(found, resolve.Unroutable):
             return unroutable(found.code, found.dsn, found.text,
                               BOUNCED if found.permanent else DEFERRED)
-        for t in found.targets:
+        targets = found.targets
+        for i, t in enumerate(targets):
             if self._isLocal(t.address, route.port):
-                return unroutable(554, "5.4.6",
-                                  f"mail for {route.domain} loops back to myself "
-                                  f"({t.host}[{t.address}]:{route.port})", BOUNCED)
+                # As Postfix: relayd is one of the MX hosts, so only the
+                # better ones (lower preference) are tried; when relayd is
+                # (among) the best, the mail would come back here.
+                targets = tuple(x for x in targets[:i] if x.preference < t.preference)
+                if not targets:
+                    return unroutable(554, "5.4.6",
+                                      f"mail for {route.domain} loops back to myself "
+                                      f"({t.host}[{t.address}]:{route.port})", BOUNCED)
+                break
         return [
             Target(t.host, route.port, route.tls, route.verify, route.caFile, address=t.address)
-            for t in found.targets
+            for t in targets
         ]
 
     def _isLocal(self, address: str, port: int) -> bool:
@@ -1508,7 +1551,7 @@ class Courier:
     async def _open(self, target: Target, message, started):
         """A ready session to ``target``, or the ``_HopOutcome`` saying why not."""
         seconds = self._reactor.seconds
-        recipients = message[2]
+        recipients = message.recipients
         credentials = None
         if target.username is not None:
             password = self.passwords.get(target.passwordFile)
@@ -1581,7 +1624,7 @@ class Courier:
 
     async def _tryHop(self, target: Target, message, started, reuse: bool = True):
         seconds = self._reactor.seconds
-        sender, mailParams, recipients, openBody, size = message
+        recipients = message.recipients
         key = _poolKey(target)
         session = self._takeIdle(key) if reuse else None
         reused = session is not None
@@ -1590,9 +1633,22 @@ class Courier:
             if isinstance(opened, _HopOutcome):
                 return opened
             session = opened
+            # Once per session (not per release): out of the pool when it closes.
+            session.whenClosed().addCallback(lambda _: self._forget(key, session))
         connectSeconds = seconds() - started
 
-        refusal = self._refusal(session, message)
+        try:
+            refusal = self._refusal(session, message)
+        except OSError as e:
+            # As when the body cannot be read during DATA (_transaction):
+            # keep the message queued; another hop could not read it either.
+            session.quit()
+            text = f"cannot read the queued message: {e.strerror or e}"
+            return _HopOutcome(
+                AttemptResult(session.relay, self._everyone(recipients, 0, "4.3.0", text, DEFERRED),
+                              connectSeconds, 0.0),
+                final=True,
+            )
         if refusal is not None:
             self._release(key, session)
             code, dsn, text = refusal
@@ -1603,7 +1659,8 @@ class Courier:
             )
 
         transactionStarted = seconds()
-        outcome = await session.sendMessage(sender, mailParams, recipients, openBody, size)
+        outcome = await session.sendMessage(message.sender, message.mailParams, recipients,
+                                            message.openBody, message.size)
         if reused and not outcome.mailAccepted:
             # The idle connection may have been closed (or timed out) by the
             # peer meanwhile: the answer counts only from a fresh one.
@@ -1616,17 +1673,20 @@ class Courier:
             final=outcome.mailAccepted or not outcome.broken,
         )
 
-    def _refusal(self, session: OutboundSession, message) -> tuple[int, str, str] | None:
-        """Why this message must not be sent to this peer at all (a bounce), or None."""
-        sender, mailParams, recipients, openBody, size = message
+    def _refusal(self, session: OutboundSession, message: _Message) -> tuple[int, str, str] | None:
+        """
+        Why this message must not be sent to this peer at all (a bounce), or
+        None. Raises ``OSError`` when the body had to be read and cannot be.
+        """
+        size = message.size
         limit = session.sizeLimit()
         if limit is not None and size > limit:
             return (552, "5.3.4",
                     f"message size {size} exceeds size limit {limit} of server {session.peerName}")
         if "8BITMIME" not in session.capabilities:
-            body = _paramValue(mailParams, "BODY")
+            body = _paramValue(message.mailParams, "BODY")
             declared = body is not None and body.upper() == "8BITMIME"
-            if declared or _hasEightBit(openBody, self._chunkSize):
+            if declared or message.hasEightBit(self._chunkSize):
                 what = "BODY=8BITMIME" if declared else "8-bit bytes in the body"
                 return (554, "5.6.3",
                         f"message has 8-bit content ({what}), but host {session.peerName} does "
@@ -1646,13 +1706,17 @@ class Courier:
         return None
 
     def _release(self, key: tuple, session: OutboundSession) -> None:
-        """Keep a usable session for the next message to the same hop, briefly."""
-        if self.reuseTime <= 0 or not session.usable():
+        """
+        Keep a usable session for the next message to the same hop, briefly,
+        unless it reached a reuse limit.
+        """
+        worn = (session.transactions >= self.reuseCountLimit
+                or self._reactor.seconds() - session.connectedAt >= self.reuseTimeLimit)
+        if self.reuseTime <= 0 or worn or not session.usable():
             session.quit()
             return
         timer = self._reactor.callLater(self.reuseTime, self._expire, key, session)
         self._idle.setdefault(key, []).append((session, timer))
-        session.whenClosed().addCallback(lambda _: self._forget(key, session))
 
     def _forget(self, key: tuple, session: OutboundSession) -> None:
         sessions = self._idle.get(key, [])

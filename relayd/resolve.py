@@ -10,6 +10,9 @@ queries: TWISTED-NOTES.md section 4).
 - no MX record (NOERROR, empty answer): the domain's own A/AAAA records;
 - a null MX (RFC 7505, a single MX for "."): permanent, ``5.1.10``;
 - NXDOMAIN: permanent, ``5.1.2``;
+- MX names that are not ASCII host names are skipped (one could not even
+  be sent as the TLS server name); when no MX name is left: temporary,
+  ``4.4.3``;
 - SERVFAIL, REFUSED or a timeout: temporary, ``4.4.3``; never a fall back
   to A records, which could send the mail somewhere it does not belong;
 - per MX host, IPv4 addresses then IPv6; at most ``limit`` addresses in all
@@ -22,7 +25,8 @@ the courier maps them to recipient results without guessing.
 from __future__ import annotations
 
 import random as _random
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from twisted.internet import defer
@@ -31,13 +35,24 @@ from twisted.names import dns, error as dnsError
 # Postfix's smtp_mx_address_limit.
 ADDRESS_LIMIT = 5
 
+# A host name as Postfix's valid_hostname takes it: ASCII letters, digits,
+# "-" and "_" in labels of 1 to 63 octets, no hyphen at either end.
+_LABEL = rb"[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?"
+_HOSTNAME = re.compile(rb"(?:" + _LABEL + rb"\.)*" + _LABEL + rb"\.?\Z")
+
 
 @dataclass(frozen=True)
 class MailTarget:
-    """One address to connect to: ``host`` is the MX (or domain) name."""
+    """
+    One address to connect to: ``host`` is the MX (or domain) name,
+    ``preference`` its MX preference (0 without MX); the courier needs it to
+    cut the list at its own MX host. Not part of equality: a target is where
+    to connect.
+    """
 
     host: str
     address: str
+    preference: int = field(default=0, compare=False)
 
 
 @dataclass(frozen=True)
@@ -57,6 +72,11 @@ class Unroutable:
 
 def _name(payload: Any) -> str:
     return payload.name.name.decode("ascii", "replace").rstrip(".").lower()
+
+
+def _validHostname(payload: Any) -> bool:
+    raw = payload.name.name
+    return len(raw.rstrip(b".")) <= 253 and _HOSTNAME.match(raw) is not None
 
 
 def _failureKind(failure) -> str:
@@ -148,6 +168,12 @@ async def mailTargets(
         # RFC 7505: the domain says it accepts no mail at all.
         return Unroutable(True, 556, "5.1.10",
                           f"Domain {domain} does not accept mail (nullMX)")
+    usable = [r for r in real if _validHostname(r)]
+    if real and not usable:
+        return Unroutable(False, 0, "4.4.3",
+                          f"Host or domain name not found. Name service error for name={domain} "
+                          "type=MX: Malformed or unexpected name server reply")
+    real = usable
     if not real:
         addresses, problem = await _addresses(resolver, domain)
         if addresses:
@@ -161,33 +187,38 @@ async def mailTargets(
     hosts = _byPreference(real, random)
     targets: list[MailTarget] = []
     temporary = False
-    for host in hosts:
+    for preference, host in hosts:
         if len(targets) >= limit:
             break
         addresses, problem = await _addresses(resolver, host)
         temporary = temporary or problem == "temporary"
         for address in addresses:
             if len(targets) < limit and MailTarget(host, address) not in targets:
-                targets.append(MailTarget(host, address))
+                targets.append(MailTarget(host, address, preference))
     if targets:
         return Targets(tuple(targets))
     if temporary:
-        return _tempFailure(hosts[0], "A")
+        return _tempFailure(hosts[0][1], "A")
     return Unroutable(True, 550, "5.4.4",
                       f"Host or domain name not found. Name service error for "
-                      f"name={hosts[0]} type=A: Host not found")
+                      f"name={hosts[0][1]} type=A: Host not found")
 
 
-def _byPreference(records: list, shuffle: Callable[[list], None]) -> list[str]:
-    """MX host names by preference, equal preferences in random order, once each."""
+def _byPreference(records: list, shuffle: Callable[[list], None]) -> list[tuple[int, str]]:
+    """
+    (preference, MX host name) by preference, equal preferences in random
+    order, each name once (at its best preference).
+    """
     groups: dict[int, list[str]] = {}
     for record in records:
         groups.setdefault(record.preference, []).append(_name(record))
-    ordered: list[str] = []
+    ordered: list[tuple[int, str]] = []
+    seen: set[str] = set()
     for preference in sorted(groups):
         group = groups[preference]
         shuffle(group)
         for name in group:
-            if name not in ordered:
-                ordered.append(name)
+            if name not in seen:
+                seen.add(name)
+                ordered.append((preference, name))
     return ordered

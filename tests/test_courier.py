@@ -1260,6 +1260,326 @@ def test_failed_smarthost_is_tried_last_for_a_while():
     assert net.attempts[-2:] == ["a.example", "b.example"]
 
 
+# -- review mends: reuse limits, backup MX, handler errors, unreadable body -------------
+
+
+def _oneMessage(peer, queued=b"250 Ok\r\n"):
+    converse(peer, [b"250 Ok\r\n250 Ok\r\n", b"354 go\r\n", queued])
+
+
+def test_idle_session_is_watched_once_however_often_it_is_pooled():
+    net = Network(a_example="192.0.2.7")
+    courier = net.courier()
+    forgotten = []
+    original = courier._forget
+    courier._forget = lambda key, session: (forgotten.append(session), original(key, session))
+    d = deliver(courier, [Hop("a.example")], recipients=["a@x"])
+    peer = net.peers["a.example"]
+    converse(peer, [GREETING, EHLO_FULL])
+    _oneMessage(peer)
+    result(d)
+    for _ in range(4):
+        d = deliver(courier, [Hop("a.example")], recipients=["a@x"])
+        _oneMessage(peer)
+        assert result(d).results[0].status == SENT
+    assert net.attempts == ["a.example"]
+    peer.session.connectionLost(Failure(error.ConnectionDone()))
+    assert forgotten == [peer.session]  # one close callback, not one per release
+    assert courier._idle == {}
+
+
+def test_session_is_not_reused_past_the_transaction_limit():
+    net = Network(a_example="192.0.2.7")
+    courier = net.courier(reuseCountLimit=2)
+    d = deliver(courier, [Hop("a.example")], recipients=["a@x"])
+    first = net.peers["a.example"]
+    converse(first, [GREETING, EHLO_FULL])
+    _oneMessage(first)
+    result(d)
+    d = deliver(courier, [Hop("a.example")], recipients=["b@x"])
+    assert net.attempts == ["a.example"]
+    first.sent()
+    _oneMessage(first)
+    assert result(d).results[0].status == SENT
+    assert first.sent().endswith(b".\r\nQUIT\r\n")  # second transaction: the limit
+    first.feed(b"221 Bye\r\n")
+    deliver(courier, [Hop("a.example")], recipients=["c@x"])
+    assert net.attempts == ["a.example", "a.example"]
+    assert net.peers["a.example"] is not first
+
+
+def test_session_is_not_reused_past_the_time_limit():
+    net = Network(a_example="192.0.2.7")
+    courier = net.courier(reuseTime=1000, reuseTimeLimit=300)
+    d = deliver(courier, [Hop("a.example")], recipients=["a@x"])
+    first = net.peers["a.example"]
+    converse(first, [GREETING, EHLO_FULL, b"250 Ok\r\n250 Ok\r\n", b"354 go\r\n"])
+    net.clock.advance(300)
+    first.sent()
+    first.feed(b"250 Ok\r\n")
+    assert result(d).results[0].status == SENT
+    assert first.sent() == b"QUIT\r\n"
+    deliver(courier, [Hop("a.example")], recipients=["b@x"])
+    assert net.attempts == ["a.example", "a.example"]
+
+
+def test_relayd_as_backup_mx_uses_only_the_better_mx_hosts():
+    from relayd.route import MXRoute
+
+    net = Network(**{"192_0_2_1": error.ConnectionRefusedError(), "192_0_2_3": "192.0.2.3"})
+    resolver = StaticResolver(
+        [(10, "mx1.x.test"), (20, "self.x.test"), (30, "mx3.x.test")],
+        {"mx1.x.test": ["192.0.2.1"], "self.x.test": ["192.0.2.2"], "mx3.x.test": ["192.0.2.3"]})
+    courier = net.courier(resolver=resolver, localAddresses=lambda: [("192.0.2.2", 25)])
+    attempt = result(deliver(courier, [MXRoute("x.test")]))
+    # Never relayd itself, never the worse MX: the mail waits for mx1.
+    assert net.attempts == ["192.0.2.1"]
+    assert {(r.status, r.dsn) for r in attempt.results} == {(DEFERRED, "4.4.1")}
+
+
+def test_relayd_among_the_best_mx_hosts_bounces():
+    from relayd.route import MXRoute
+
+    net = Network(**{"192_0_2_1": "192.0.2.1"})
+    resolver = StaticResolver([(10, "mx1.x.test"), (10, "self.x.test")],
+                              {"mx1.x.test": ["192.0.2.1"], "self.x.test": ["192.0.2.2"]})
+    courier = net.courier(resolver=resolver, localAddresses=lambda: [("192.0.2.2", 25)],
+                          shuffle=lambda group: None)
+    attempt = result(deliver(courier, [MXRoute("x.test")]))
+    assert {(r.status, r.dsn) for r in attempt.results} == {(BOUNCED, "5.4.6")}
+    assert "loops back to myself (self.x.test[192.0.2.2]:25)" in attempt.results[0].text
+    assert net.attempts == []
+
+
+def test_failed_mx_address_is_not_remembered():
+    from relayd.route import MXRoute
+
+    net = Network(**{"192_0_2_1": error.ConnectionRefusedError()})
+    resolver = StaticResolver([(10, "mx1.x.test")], {"mx1.x.test": ["192.0.2.1"]})
+    courier = net.courier(resolver=resolver)
+    result(deliver(courier, [MXRoute("x.test")]))
+    assert courier._failedUntil == {}  # _order never reads MX targets
+
+
+class RaisingTLSTransport(TLSStringTransport):
+    """startTLS builds the OpenSSL connection at once, as TLSMemoryBIOProtocol does."""
+
+    def startTLS(self, options):
+        super().startTLS(options)
+        options.clientConnectionForTLS(None)
+
+
+def test_error_in_a_reply_handler_defers_instead_of_hanging():
+    from relayd.courier import OpportunisticTLS
+
+    peer = Peer.__new__(Peer)
+    peer.clock, peer.pump, peer.lost = Clock(), True, False
+    peer.transport = RaisingTLSTransport(peerAddress=IPv4Address("TCP", "192.0.2.7", 25))
+    peer.session = OutboundSession(
+        peer.clock, "relay.example.com", Timeouts(), "mx.example.net", tls="may",
+        tlsOptions=lambda: OpportunisticTLS("m\ufffdx.example"))
+    peer.session.makeConnection(peer.transport)
+    peer.feed(GREETING + EHLO_FULL)
+    assert peer.sent().endswith(b"STARTTLS\r\n")
+    peer.feed(b"220 go\r\n")  # SNI: .encode("idna") raises in startTLS
+    broken = failureOf(peer.session.whenReady()).value
+    assert isinstance(broken, SessionBroken)
+    assert (broken.dsn, broken.stage) == ("4.3.0", "starttls")
+    assert broken.text == f"local error with {PEER} while sending STARTTLS: UnicodeError"
+    assert peer.transport.disconnecting
+
+
+def test_error_in_a_reply_handler_fails_over_to_the_next_hop():
+    net = Network(a_example="192.0.2.7", b_example="192.0.2.8")
+    courier = net.courier()
+    courier.heloName = "relay.ex\u00e4mple"  # cannot be written in EHLO
+    d = deliver(courier, [Hop("a.example"), Hop("b.example")])
+    net.peers["a.example"].feed(GREETING)
+    net.peers["b.example"].feed(GREETING)
+    attempt = result(d)
+    assert net.attempts == ["a.example", "b.example"]
+    assert attempt.relay == "b.example[192.0.2.8]:25"
+    assert {(r.status, r.dsn) for r in attempt.results} == {(DEFERRED, "4.3.0")}
+
+
+def test_no_helo_fallback_after_starttls():
+    peer = tlsPeer()
+    peer.feed(EHLO_FULL)
+    peer.feed(b"220 ready\r\n")
+    assert peer.sent() == b"STARTTLS\r\nEHLO relay.example.com\r\n"
+    peer.session.tlsActive = True
+    peer.feed(b"502 5.5.1 no\r\n")
+    refused = failureOf(peer.session.whenReady()).value
+    assert isinstance(refused, HopRefused)
+    assert peer.sent() == b"QUIT\r\n"
+
+
+def test_unreadable_body_when_checking_for_8bit_defers_and_quits():
+    net = Network(a_example="192.0.2.7")
+
+    def openBody():
+        raise PermissionError(13, "Permission denied")
+
+    d = net.courier().deliver([Hop("a.example")], "s@x", {}, ["r@x"], openBody, 10)
+    peer = net.peers["a.example"]
+    converse(peer, [GREETING, EHLO_PLAIN])
+    [r] = result(d).results
+    assert (r.code, r.dsn, r.status) == (0, "4.3.0", DEFERRED)
+    assert r.text == "cannot read the queued message: Permission denied"
+    assert result(d).relay == "a.example[192.0.2.7]:25"
+    assert peer.sent() == b"EHLO relay.example.com\r\nQUIT\r\n"
+
+
+def test_body_is_checked_for_8bit_once_per_attempt():
+    net = Network(a_example="192.0.2.7", b_example="192.0.2.8")
+    opened = []
+
+    def openBody():
+        opened.append(1)
+        return io.BytesIO(b"plain\r\n")
+
+    d = net.courier(Timeouts(mail=9)).deliver(
+        [Hop("a.example"), Hop("b.example")], "s@x", {}, ["r@x"], openBody, 7)
+    converse(net.peers["a.example"], [GREETING, EHLO_PLAIN])
+    assert len(opened) == 1
+    net.clock.advance(9)  # MAIL times out: next hop, which lacks 8BITMIME too
+    net.peers["a.example"].settle()
+    converse(net.peers["b.example"], [GREETING, EHLO_PLAIN, b"250 Ok\r\n", b"250 Ok\r\n",
+                                      b"354 go\r\n", b"250 Ok\r\n"])
+    assert result(d).results[0].status == SENT
+    assert len(opened) == 2  # one check, one DATA
+
+
+# -- reconfigure ------------------------------------------------------------------------
+
+
+class PollingResolver:
+    """Like client.Resolver: re-reads resolv.conf from a delayed call."""
+
+    def __init__(self, clock):
+        self._parseCall = clock.callLater(60, lambda: None)
+
+
+def test_reconfigure_stops_the_replaced_resolvers_polling():
+    net = Network()
+    old = PollingResolver(net.clock)
+    courier = net.courier(resolver=old)
+    new = PollingResolver(net.clock)
+    courier.reconfigure(Timeouts(), {}, new)
+    assert not old._parseCall.active()
+    assert new._parseCall.active() and courier.resolver is new
+    courier.reconfigure(Timeouts(), {}, new)  # the same one: left running
+    assert new._parseCall.active()
+    courier.reconfigure(Timeouts(), {}, StaticResolver([], {}))  # one without _parseCall
+    assert not new._parseCall.active()
+    courier.reconfigure(Timeouts(), {}, None)
+
+
+def test_reconfigure_closes_idle_sessions_and_takes_the_new_settings():
+    net = Network(a_example="192.0.2.7")
+    courier = net.courier()
+    d = deliver(courier, [Hop("a.example")], recipients=["a@x"])
+    peer = net.peers["a.example"]
+    converse(peer, [GREETING, EHLO_FULL])
+    _oneMessage(peer)
+    result(d)
+    peer.sent()
+    courier.reconfigure(Timeouts(mail=7), {"/pw": Secret("new")}, None)
+    assert peer.sent() == b"QUIT\r\n"
+    assert courier._idle == {}
+    assert courier.timeouts == Timeouts(mail=7) and courier.passwords == {"/pw": Secret("new")}
+
+
+def test_reconfigure_keeps_tls_settings_of_unreadable_ca_files():
+    courier = Network().courier()
+    kept = Target("a.example", 25, "may", caFile="/broken.pem")
+    dropped = Target("b.example", 25, "may", caFile="/fine.pem")
+    keptCreator = courier._cachedTLSOptions(kept)
+    droppedCreator = courier._cachedTLSOptions(dropped)
+    assert courier._cachedTLSOptions(kept) is keptCreator  # cached
+    courier.reconfigure(Timeouts(), {}, None, keepCaFiles={"/broken.pem"})
+    assert courier._cachedTLSOptions(kept) is keptCreator
+    assert courier._cachedTLSOptions(dropped) is not droppedCreator
+
+
+# -- reply and address corner cases -----------------------------------------------------
+
+
+def test_2xx_reply_to_data_is_taken_as_451():
+    peer = Peer()
+    peer.ready()
+    d = send(peer, ["a@x.org"])
+    peer.sent()
+    peer.feed(b"250 Ok\r\n250 Ok\r\n")
+    assert peer.sent() == b"DATA\r\n"
+    peer.feed(b"250 2.0.0 Ok\r\n")
+    assert peer.sent() == b""  # no body
+    [r] = result(d).results
+    assert (r.code, r.status) == (451, DEFERRED)
+    assert r.text.endswith("(in reply to DATA command)")
+
+
+def test_3xx_reply_to_rcpt_is_taken_as_451():
+    peer = Peer()
+    peer.ready()
+    d = send(peer, ["a@x.org"])
+    peer.sent()
+    peer.feed(b"250 Ok\r\n354 what\r\n")
+    [r] = result(d).results
+    assert (r.code, r.dsn, r.status) == (451, "4.0.0", DEFERRED)
+    assert peer.sent() == b""  # nobody accepted: no DATA
+
+
+def test_552_too_many_recipients_is_taken_as_452():
+    peer = Peer()
+    peer.ready()
+    d = send(peer, ["a@x.org", "b@x.org"])
+    peer.sent()
+    peer.feed(b"250 Ok\r\n250 Ok\r\n552 5.5.3 Too many recipients\r\n")
+    assert peer.sent() == b"DATA\r\n"
+    peer.feed(b"354 go\r\n")
+    peer.sent()
+    peer.feed(b"250 Ok: first\r\n")
+    assert peer.sent() == b"MAIL FROM:<s@example.com> SIZE=21\r\nRCPT TO:<b@x.org>\r\n"
+    peer.feed(b"250 Ok\r\n552 Too many recipients\r\n")  # no progress: stays deferred
+    outcome = result(d)
+    assert [(r.code, r.status) for r in outcome.results] == [(250, SENT), (452, DEFERRED)]
+
+
+def test_unsafe_sender_is_never_written():
+    peer = Peer()
+    peer.ready()
+    d = send(peer, ["a@x.org", "b@x.org"], sender="s@x.org>\r\nRCPT TO:<evil@x.org")
+    outcome = result(d)
+    assert {(r.code, r.dsn, r.status) for r in outcome.results} == {(553, "5.1.7", BOUNCED)}
+    assert not outcome.mailAccepted
+    assert peer.sent() == b""
+
+
+def test_missing_upstream_password_defers_and_fails_over():
+    net = Network(a_example="192.0.2.7", b_example="192.0.2.8")
+    hops = [Target("a.example", 25, "starttls", username="relay", passwordFile="/etc/relayd/pw"),
+            Hop("b.example")]
+    d = deliver(net.courier(), hops[:1])
+    attempt = result(d)
+    assert net.attempts == []
+    assert {(r.code, r.dsn, r.status) for r in attempt.results} == {(0, "4.3.5", DEFERRED)}
+    assert attempt.results[0].text == "no password loaded from /etc/relayd/pw for a.example"
+    d = deliver(net.courier(), hops)
+    converse(net.peers["b.example"], HAPPY)
+    assert result(d).relay == "b.example[192.0.2.8]:25"
+
+
+def test_reply_line_too_long_breaks_the_session():
+    peer = Peer()
+    peer.feed(b"220-" + b"x" * 9000 + b"\r\n")
+    broken = failureOf(peer.session.whenReady()).value
+    assert isinstance(broken, SessionBroken)
+    assert (broken.dsn, broken.stage) == ("4.4.2", "greeting")
+    assert broken.text == f"{PEER} sent a reply line that is too long"
+    assert peer.transport.disconnecting
+
+
 # -- integration: real servers on 127.0.0.1, real reactor in a subprocess -----------
 
 SMTP_SINK = "/usr/sbin/smtp-sink"

@@ -104,3 +104,33 @@ def test_address_limit():
 def test_equal_preferences_are_shuffled_not_sorted_by_name():
     got = resolve(ZONE, "x.test", shuffle=lambda group: group.reverse())
     assert [x.host for x in got.targets] == ["a.x.test", "a.x.test", "c.x.test", "b.x.test"]
+
+
+def test_temporary_failure_in_the_A_record_fallback_defers():
+    zone = {"nomx-temp.test": {"A": error.DNSServerError, "AAAA": error.DNSQueryTimeoutError}}
+    assert resolve(zone, "nomx-temp.test") == Unroutable(
+        False, 0, "4.4.3", "Host or domain name not found. Name service error for "
+        "name=nomx-temp.test type=A: Host not found, try again")
+
+
+def test_mx_names_that_are_not_ascii_host_names_are_skipped():
+    zone = dict(ZONE, **{
+        "idn.test": {"MX": [(5, "m\u00e9.idn.test"), (7, "-bad.idn.test"), (10, "b.x.test")]},
+        "m\u00e9.idn.test": {"A": ["192.0.2.66"]},
+    })
+    got = resolve(zone, "idn.test")
+    assert got == Targets((t("b.x.test", "192.0.2.2"),))
+
+
+def test_only_invalid_mx_names_is_a_temporary_failure():
+    zone = {"idn.test": {"MX": [(10, "m\u00e9.idn.test")]}}
+    assert resolve(zone, "idn.test") == Unroutable(
+        False, 0, "4.4.3", "Host or domain name not found. Name service error for "
+        "name=idn.test type=MX: Malformed or unexpected name server reply")
+
+
+def test_targets_carry_their_mx_preference():
+    got = resolve(ZONE, "x.test")
+    assert [(x.host, x.preference) for x in got.targets] == [
+        ("a.x.test", 10), ("a.x.test", 10), ("b.x.test", 20), ("c.x.test", 20)]
+    assert [x.preference for x in resolve(ZONE, "nomx.test").targets] == [0, 0]

@@ -418,6 +418,28 @@ def test_mx_pointing_at_relayd_itself_bounces(tmp_path, dnsServer, sinkPort):
     assert handler.envelopes == []
 
 
+@pytest.mark.parametrize("selfPreference, status", [(20, "sent"), (10, "bounced")])
+def test_relayd_as_backup_mx(tmp_path, dnsServer, sinkPort, selfPreference, status):
+    # relayd "listens" on 127.0.0.2 only: the sink on 127.0.0.1 is another host.
+    handler, port = sinkPort
+    backup = {
+        "backup.test": {"MX": [[10, "primary.backup.test"], [selfPreference, "self.backup.test"]]},
+        "primary.backup.test": {"A": ["127.0.0.1"]},
+        "self.backup.test": {"A": ["127.0.0.2"]},
+    }
+    attempt = runScenario(tmp_path, [{"mx": "backup.test", "port": port}], ["a@backup.test"],
+                          dns=[dnsServer(backup)], local=[["127.0.0.2", port]])
+    [r] = attempt["results"]
+    assert r["status"] == status
+    if status == "sent":
+        assert attempt["relay"] == f"primary.backup.test[127.0.0.1]:{port}"
+        assert [e.rcpt_tos for e, _, _ in handler.envelopes] == [["a@backup.test"]]
+    else:
+        # relayd shares the best preference: the mail would come back.
+        assert r["dsn"] == "5.4.6"
+        assert handler.envelopes == []
+
+
 def test_two_messages_share_one_connection(tmp_path, aiosmtpd):
     handler = Capture()
     port = aiosmtpd(handler)
