@@ -74,8 +74,32 @@ MAX_HELD_INPUT = MAX_QUEUED_INPUT + 2 * MAX_READ
 # never reads, or never completes its TLS handshake, cannot hold its
 # connection open past it.
 CLOSE_GRACE = 5.0
+
+# What one session holds in memory at most, by kind (README.rst,
+# "Submission security", states the sums).
+# Twisted's socket transport pauses its producer past this many unsent bytes
+# (FileDescriptor.bufferSize).
+SOCKET_BUFFER = 64 * 1024
+# The longest reply: a command's argument (at most 512 octets) echoed in a
+# reply text, or the EHLO list.
+MAX_REPLY = 1024
+# Unsent replies: the socket's bound, the reply that crossed it, and the few
+# a step already under way may still write (a commit's 250 or an AUTH
+# verdict, then a 421).
+MAX_UNSENT = SOCKET_BUFFER + 4 * MAX_REPLY
+# A TLS layer also collects small writes (up to 64,000 bytes) before it
+# encrypts them, and the flush that crosses the socket's bound is one such
+# collection; 1 KiB covers the records' overhead.
+TLS_WRITE_AGGREGATION = 64_000
+MAX_UNSENT_TLS = MAX_UNSENT + TLS_WRITE_AGGREGATION + 1024
 # Header block held in memory to look for Message-ID/Date before writing.
 MAX_HEADER_BLOCK = 256 * 1024
+# What the DATA reader holds between reads: the header block and a partial
+# line (two bytes of the previous line's end kept for the terminator search).
+MAX_DATA_HELD = MAX_HEADER_BLOCK + MAX_DATA_LINE + 4
+# Every buffer of a session at its bound together.
+MAX_SESSION_MEMORY = MAX_UNSENT + MAX_HELD_INPUT + MAX_DATA_HELD
+MAX_SESSION_MEMORY_TLS = MAX_UNSENT_TLS + MAX_HELD_INPUT + MAX_DATA_HELD
 
 _HELO_NAME = re.compile(rb"[\x21-\x7e]{1,255}")
 _PARAM_KEYWORD = re.compile(r"[A-Za-z0-9][A-Za-z0-9-]*")
@@ -1131,7 +1155,7 @@ class _DataReader:
         if last >= 2:
             self._lines(bytes(buf[2 : last + 1]))
             del buf[: last - 1]
-        elif len(buf) > MAX_DATA_LINE + 4:
+        if len(buf) > MAX_DATA_LINE + 4:
             # One line longer than the limit and still going: keep only
             # what a terminator could start with.
             self._fail(replies.DATA_LINE_TOO_LONG)
