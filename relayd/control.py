@@ -17,11 +17,15 @@ length-prefixed values and request/response matching for free; a value is
 at most 64 KiB, so relayctl sends ids in batches (MAX_IDS_PER_CALL) and
 flush/requeue of the whole queue answer with a count (and the messages
 whose envelope could not be written).
+
+Beside the queue, the channel shows and lifts the AUTH failure throttle's
+blocks (relayctl blocked / unblock): they live only in the daemon.
 """
 
 from __future__ import annotations
 
 import errno
+import ipaddress
 import os
 import socket
 
@@ -37,6 +41,9 @@ from relayd.scheduler import FLUSHED, REQUEUED, AdminRefusal, UnknownMessage
 # Ids per AMP call: the answer (id, ok, outcome text: about 100 bytes each
 # at most) must fit in one AMP value of 64 KiB.
 MAX_IDS_PER_CALL = 500
+# Blocked clients per answer (address up to 45 characters and a time: about
+# 90 bytes each); relayctl asks page after page.
+MAX_BLOCKED_PER_CALL = 500
 
 _Outcomes = amp.AmpList([(b"id", amp.Unicode()), (b"ok", amp.Boolean()),
                          (b"outcome", amp.Unicode())])
@@ -87,6 +94,24 @@ class Status(amp.Command):
                 (b"active", amp.ListOf(amp.Unicode()))]
 
 
+class Blocked(amp.Command):
+    """The addresses AUTH is blocked for and until when (clock seconds), from ``start`` on."""
+
+    commandName = b"blocked"
+    arguments = [(b"start", amp.Integer())]
+    response = [(b"clients", amp.AmpList([(b"address", amp.Unicode()), (b"until", amp.Float())])),
+                (b"total", amp.Integer())]
+
+
+class Unblock(amp.Command):
+    """Lift the block on an address (and forget its failures)."""
+
+    commandName = b"unblock"
+    arguments = [(b"address", amp.Unicode())]
+    response = [(b"address", amp.Unicode()), (b"wasBlocked", amp.Boolean())]
+    errors = {ValueError: b"BAD_ADDRESS"}
+
+
 NOT_A_QUEUE_ID = "not a queue id"
 UNKNOWN = "no such message in the queue"
 # What flush and requeue of the whole queue count as done.
@@ -99,9 +124,10 @@ def cannotWrite(error: OSError) -> dict:
 
 
 class ControlProtocol(amp.AMP):
-    def __init__(self, scheduler) -> None:
+    def __init__(self, scheduler, throttle=None) -> None:
         super().__init__()
         self.scheduler = scheduler
+        self.throttle = throttle  # relayd.auth.FailureThrottle
 
     # AMP logs every connection and disconnection; the mail log gets one
     # line per admin action instead (from the scheduler).
@@ -175,6 +201,26 @@ class ControlProtocol(amp.AMP):
     def requeue(self, ids):
         return self._many(ids, self.scheduler.requeue)
 
+    @Blocked.responder
+    def blocked(self, start):
+        clients = self.throttle.blockedClients() if self.throttle is not None else []
+        page = clients[max(0, start):max(0, start) + MAX_BLOCKED_PER_CALL]
+        return {"clients": [{"address": a, "until": until} for a, until in page],
+                "total": len(clients)}
+
+    @Unblock.responder
+    def unblock(self, address):
+        from relayd.server import normalizeAddress
+
+        try:
+            address = str(ipaddress.ip_address(normalizeAddress(address)))
+        except ValueError:
+            raise ValueError(f"{address!r} is not an IP address") from None
+        wasBlocked = self.throttle.unblock(address) if self.throttle is not None else False
+        if wasBlocked:
+            maillog.clientUnblocked(address)
+        return {"address": address, "wasBlocked": wasBlocked}
+
     @Status.responder
     def status(self):
         import relayd
@@ -186,11 +232,12 @@ class ControlProtocol(amp.AMP):
 class ControlFactory(protocol.Factory):
     noisy = False
 
-    def __init__(self, scheduler) -> None:
+    def __init__(self, scheduler, throttle=None) -> None:
         self.scheduler = scheduler
+        self.throttle = throttle
 
     def buildProtocol(self, addr) -> ControlProtocol:
-        return ControlProtocol(self.scheduler)
+        return ControlProtocol(self.scheduler, self.throttle)
 
 
 def _inUse(path: str) -> bool:
@@ -215,10 +262,11 @@ class ControlService(service.Service):
 
     name = "control"
 
-    def __init__(self, path: str, scheduler, reactor) -> None:
+    def __init__(self, path: str, scheduler, reactor, throttle=None) -> None:
         self.path = path
         self.scheduler = scheduler
         self.reactor = reactor
+        self.throttle = throttle
         self.port = None
 
     def startService(self) -> None:
@@ -238,7 +286,7 @@ class ControlService(service.Service):
             return
         endpoint = endpoints.UNIXServerEndpoint(self.reactor, path, mode=0o600, wantPID=False)
         result: list = []
-        endpoint.listen(ControlFactory(self.scheduler)).addBoth(result.append)
+        endpoint.listen(ControlFactory(self.scheduler, self.throttle)).addBoth(result.append)
         outcome = result[0] if result else None
         if outcome is None or isinstance(outcome, Failure):
             reason = outcome.getErrorMessage() if isinstance(outcome, Failure) else "did not listen at once"

@@ -275,7 +275,8 @@ def makeService(options, reactor=None) -> Relay:
     # relayctl's channel; a child service, so it starts after the spool lock.
     from relayd.control import ControlService
 
-    ControlService(config.queue.controlSocketPath, scheduler, reactor).setServiceParent(relay)
+    ControlService(config.queue.controlSocketPath, scheduler, reactor,
+                   throttle=factory.authThrottle).setServiceParent(relay)
     listenerServices.extend(listeners)
     relay.courier = courier
     return relay

@@ -158,3 +158,51 @@ def test_size_falls_back_to_the_body_file(setup):
     spool.update(env)
     status, out, _ = run(configPath, "list", "--json")
     assert json.loads(out)["message_size"] == len(b"Subject: hello\r\n\r\nbody\r\n")
+
+
+# blocked / unblock: the daemon's answers come from a ControlProtocol over memory
+
+
+@pytest.fixture
+def daemonThrottle(setup, monkeypatch):
+    from twisted.internet import task
+    from twisted.internet.testing import StringTransport
+
+    from relayd import control
+    from relayd.auth import FailureThrottle
+    from tests.test_control import ask
+
+    clock = task.Clock()
+    clock.advance(1_800_000_000)
+    throttle = FailureThrottle(clock, limit=1, window=900)
+    proto = control.ControlProtocol(scheduler=None, throttle=throttle)
+    transport = StringTransport()
+    proto.makeConnection(transport)
+    monkeypatch.setattr(relayctl, "callDaemon",
+                        lambda path, command, **arguments: ask(proto, transport, command, **arguments))
+    monkeypatch.setattr(relayctl.control, "MAX_BLOCKED_PER_CALL", 2)
+    monkeypatch.setattr(control, "MAX_BLOCKED_PER_CALL", 2)
+    return throttle, setup[1]
+
+
+def test_blocked_and_unblock(daemonThrottle):
+    throttle, configPath = daemonThrottle
+    assert run(configPath, "blocked") == (0, "No client is blocked\n", "")
+    for address in ("192.0.2.4", "2001:db8::1", "192.0.2.5"):
+        throttle.failed(address)
+    status, out, err = run(configPath, "blocked")
+    # Three addresses over pages of two.
+    until = relayctl._when(1_800_000_900)
+    assert (status, err) == (0, "")
+    assert out.splitlines() == [
+        f"192.0.2.4    AUTH blocked until {until}",
+        f"192.0.2.5    AUTH blocked until {until}",
+        f"2001:db8::1  AUTH blocked until {until}",
+    ]
+    status, out, _ = run(configPath, "blocked", "--json")
+    assert json.loads(out.splitlines()[0]) == {"address": "192.0.2.4", "blocked_until": 1_800_000_900}
+    assert run(configPath, "unblock", "192.0.2.4", "192.0.2.9") == (
+        1, "192.0.2.4: unblocked\n", "relayctl: 192.0.2.9: not blocked\n")
+    assert run(configPath, "unblock", "relay.example") == (
+        1, "", "relayctl: 'relay.example' is not an IP address\n")
+    assert [a for a, _ in throttle.blockedClients()] == ["192.0.2.5", "2001:db8::1"]

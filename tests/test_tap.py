@@ -67,3 +67,16 @@ def test_reload_of_a_broken_file_keeps_the_running_configuration(tmp_path):
     assert len(lines) == 1
     assert lines[0].startswith("reload failed, keeping the running configuration: ")
     assert str(path) in lines[0] and "no_such_key" in lines[0]
+
+
+def test_relayctl_sees_the_sessions_throttle_and_a_reload_keeps_its_blocks(tmp_path):
+    path = tmp_path / "relayd.yaml"
+    write(path)
+    relay = tap.makeService({"loaded": config.load(str(path))}, reactor)
+    throttle = relay.factory.authThrottle
+    assert relay.namedServices["control"].throttle is throttle
+    while throttle.failed("192.0.2.4") is None:
+        pass
+    blocks = throttle.blockedClients()
+    reloadLines(relay)
+    assert relay.factory.authThrottle is throttle and throttle.blockedClients() == blocks

@@ -27,6 +27,7 @@ permission); 2 usage.
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import json
 import os
 import socket
@@ -101,7 +102,8 @@ def callDaemon(path: str, command: type[amp.Command], timeout: float = TIMEOUT, 
         except (FileNotFoundError, ConnectionRefusedError):
             raise NotRunning(
                 f"relayd is not running (nothing answers on {path}); flush, hold, release, "
-                "delete, bounce and requeue need the daemon; list and show work without it"
+                "delete, bounce, requeue, blocked and unblock need the daemon; list and show "
+                "work without it"
             ) from None
         except PermissionError:
             raise Failure(f"permission denied on {path}: run relayctl as the relayd user or root") from None
@@ -341,6 +343,47 @@ def changeQueue(cfg, args, out: TextIO, err: TextIO) -> int:
     return status
 
 
+def listBlocked(cfg, args, out: TextIO) -> int:
+    """Every client address AUTH is blocked for, and until when."""
+    path = cfg.queue.controlSocketPath
+    clients: list[dict] = []
+    total = None
+    while total is None or len(clients) < total:
+        answer = callDaemon(path, control.Blocked, start=len(clients))
+        total = answer["total"]
+        if not answer["clients"]:
+            break  # blocks ended while paging
+        clients += answer["clients"]
+    if args.json:
+        for c in clients:
+            out.write(json.dumps({"address": c["address"], "blocked_until": int(c["until"])}) + "\n")
+        return OK
+    if not clients:
+        out.write("No client is blocked\n")
+        return OK
+    width = max(len(c["address"]) for c in clients)
+    for c in clients:
+        out.write(f"{c['address']:<{width}}  AUTH blocked until {_when(c['until'])}\n")
+    return OK
+
+
+def unblock(cfg, args, out: TextIO, err: TextIO) -> int:
+    status = OK
+    for text in args.addresses:
+        try:
+            ipaddress.ip_address(text)
+        except ValueError:
+            raise Failure(f"{text!r} is not an IP address") from None
+    for text in args.addresses:
+        answer = callDaemon(cfg.queue.controlSocketPath, control.Unblock, address=text)
+        if answer["wasBlocked"]:
+            out.write(f"{answer['address']}: unblocked\n")
+        else:
+            err.write(f"{PROG}: {answer['address']}: not blocked\n")
+            status = FAILED_STATUS
+    return status
+
+
 def _parser() -> _Parser:
     parser = _Parser(prog=PROG, add_help=True,
                      description="See and steer relayd's queue (Postfix's verbs).")
@@ -363,6 +406,10 @@ def _parser() -> _Parser:
     ):
         p = verbs.add_parser(verb, help=text)
         p.add_argument("ids", nargs="+" if needsIds else "*", metavar="ID")
+    p = verbs.add_parser("blocked", help="client addresses AUTH is blocked for (auth.failure_limit), and until when")
+    p.add_argument("--json", action="store_true", help="one JSON object per address and line")
+    p = verbs.add_parser("unblock", help="lift the AUTH block on client addresses")
+    p.add_argument("addresses", nargs="+", metavar="ADDRESS")
     return parser
 
 
@@ -371,7 +418,8 @@ def run(argv: list[str], out: TextIO, err: TextIO) -> int:
     try:
         args = parser.parse_args(argv)
         if not args.verb:
-            raise _UsageError("a verb is required: list, show, flush, hold, release, delete, bounce, requeue")
+            raise _UsageError("a verb is required: list, show, flush, hold, release, delete, bounce, "
+                              "requeue, blocked, unblock")
     except _UsageError as e:
         err.write(f"{PROG}: {e}; see {PROG} --help\n")
         return USAGE
@@ -384,6 +432,10 @@ def run(argv: list[str], out: TextIO, err: TextIO) -> int:
             return listQueue(cfg, args, out)
         if args.verb == "show":
             return showMessage(cfg, args, out)
+        if args.verb == "blocked":
+            return listBlocked(cfg, args, out)
+        if args.verb == "unblock":
+            return unblock(cfg, args, out, err)
         return changeQueue(cfg, args, out, err)
     except Failure as e:
         out.flush()
