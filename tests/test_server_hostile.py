@@ -462,3 +462,16 @@ def test_no_reply_is_longer_than_max_reply():
                                    longest)
             fields["hostname"] = "h" * 253
             assert len(reply.format(**fields).toBytes()) <= server.MAX_REPLY, name
+
+
+def test_readme_states_the_session_bounds_computed_from_the_constants():
+    from pathlib import Path
+
+    readme = " ".join((Path(__file__).parent.parent / "README.rst").read_text().split())
+    plainBound, tlsBound = server.MAX_SESSION_MEMORY, server.MAX_SESSION_MEMORY_TLS
+    assert f"at most {plainBound:,} bytes ({round(plainBound / 1024)} KiB)" in readme
+    assert f"{tlsBound:,} bytes ({round(tlsBound / 1024)} KiB) over TLS" in readme
+    assert f"capped at {server.MAX_HELD_INPUT // 1024} KiB" in readme
+    # 100 default connections, each with its queue file's write buffer during DATA.
+    assert 100 * (tlsBound + 64 * 1024) < 86_000_000 and "under 86 MB" in readme
+    assert f"not read within {server.CLOSE_GRACE:g} seconds" in readme
