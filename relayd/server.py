@@ -408,8 +408,6 @@ class SubmissionServer(smtp.ESMTP):
 
     def connectionLost(self, reason: Failure = protocol.connectionDone) -> None:
         self._lost = True
-        if not self._closing and self.lastVerb != "QUIT":
-            maillog.lostConnection(self.lastVerb, self.clientName, self.clientAddress)
         self._inbox.clear()
         if self._check is not None:
             # Not started yet: it never will be; started: its verdict still counts.
@@ -420,6 +418,9 @@ class SubmissionServer(smtp.ESMTP):
             self._greeting.cancel()
         if self._handshaking and reason is not None and reason.check(SSL.Error):
             maillog.tlsHandshakeFailed(self.clientName, self.clientAddress, _sslReason(reason.value))
+        if not self._closing:
+            # Gone without QUIT (or without waiting for our last reply).
+            maillog.lostConnection(self.lastVerb, self.clientName, self.clientAddress)
         self.setTimeout(None)
         if self._data is not None:
             self._data.abort()
