@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 from twisted.internet import reactor
 from twisted.logger import formatEvent, globalLogPublisher
 
@@ -67,3 +68,31 @@ def test_reload_of_a_broken_file_keeps_the_running_configuration(tmp_path):
     assert len(lines) == 1
     assert lines[0].startswith("reload failed, keeping the running configuration: ")
     assert str(path) in lines[0] and "no_such_key" in lines[0]
+
+
+@pytest.mark.parametrize("addition, problem", [
+    ("relay: " + "[" * 50_000 + "]" * 50_000 + "\n", "nested at most"),
+    ("limits: {connections: " + "9" * 5000 + "}\n", "a number of 5000 digits"),
+    ("shutdown_grace: " + "9" * 5000 + "d\n", "at most 365d"),
+])
+def test_reload_of_a_hostile_file_is_one_line(tmp_path, addition, problem):
+    """
+    A file that used to raise (RecursionError, int's digit limit) on SIGHUP
+    gives one error line naming the file; the running configuration stays.
+    """
+    path = tmp_path / "relayd.yaml"
+    write(path)
+    relay = tap.makeService({"loaded": config.load(str(path))}, reactor)
+    running = relay.config
+    path.write_text(path.read_text() + addition)
+    lines = []
+    observer = lambda e: lines.append(formatEvent(e))  # noqa: E731
+    globalLogPublisher.addObserver(observer)
+    try:
+        relay.reload()
+    finally:
+        globalLogPublisher.removeObserver(observer)
+    assert relay.config is running
+    assert len(lines) == 1
+    assert lines[0].startswith(f"reload failed, keeping the running configuration: {path}: ")
+    assert problem in lines[0] and "\n" not in lines[0]
