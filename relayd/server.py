@@ -244,7 +244,7 @@ class SubmissionServer(smtp.ESMTP):
         self._closeTimer = None  # aborts a session whose close does not complete
         self._savedTimeout: float | None = None
         self._check: ClientCredentials | None = None  # the password check in flight
-        self.lastVerb = "CONNECT"  # for "lost connection after X", as Postfix logs it
+        self.lastVerb = "CONNECT"  # for "timeout after X" and "lost connection after X", as Postfix logs them
         self._processing = False
         self._closing = False  # reply sent that ends the session; ignore input
         self._shutdownRequested = False
@@ -418,8 +418,11 @@ class SubmissionServer(smtp.ESMTP):
             self._greeting.cancel()
         if self._handshaking and reason is not None and reason.check(SSL.Error):
             maillog.tlsHandshakeFailed(self.clientName, self.clientAddress, _sslReason(reason.value))
-        if not self._closing:
-            # Gone without QUIT (or without waiting for our last reply).
+        if not self._closing and self.lastVerb == "AUTH":
+            # Gone in the middle of AUTH: a guess that did not wait for its
+            # answer. Postfix logs this line after any command; relayd only
+            # here, where it marks an attack (fail2ban's postfix filter
+            # matches it in aggressive mode) and not a health check.
             maillog.lostConnection(self.lastVerb, self.clientName, self.clientAddress)
         self.setTimeout(None)
         if self._data is not None:

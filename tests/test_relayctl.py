@@ -109,6 +109,14 @@ def test_changes_need_the_daemon(setup, verb):
     assert err.endswith("list and show work without it\n")
 
 
+@pytest.mark.parametrize("args", [("blocked",), ("unblock", "192.0.2.4")])
+def test_blocks_need_the_daemon(setup, args):
+    status, out, err = run(setup[1], *args)
+    assert (status, out) == (1, "")
+    assert err.startswith("relayctl: relayd is not running (nothing answers on ")
+    assert "blocked and unblock need the daemon" in err
+
+
 def test_config_error_is_one_line(tmp_path):
     status, out, err = run(str(tmp_path / "missing.yaml"), "list")
     assert status == 1 and err.count("\n") == 1 and err.startswith("relayctl: ")

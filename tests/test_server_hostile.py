@@ -475,3 +475,14 @@ def test_readme_states_the_session_bounds_computed_from_the_constants():
     # 100 default connections, each with its queue file's write buffer during DATA.
     assert 100 * (tlsBound + 64 * 1024) < 86_000_000 and "under 86 MB" in readme
     assert f"not read within {server.CLOSE_GRACE:g} seconds" in readme
+
+
+def test_lost_connection_is_logged_after_auth_only(hs, logged):
+    hs.connect()
+    hs.send(b"EHLO c\r\nNOOP\r\n")
+    hs.proto.connectionLost(Failure(ConnectionError("gone")))  # a health check, say
+    hs.authReady()
+    hs.send(b"AUTH LOGIN\r\n")
+    hs.proto.connectionLost(Failure(ConnectionError("gone")))
+    assert [line for line in logged() if line.startswith("lost connection")] == [
+        "lost connection after AUTH from unknown[192.0.2.50]"]

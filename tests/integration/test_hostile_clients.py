@@ -98,13 +98,18 @@ def floodWithoutReading(sock) -> int:
     raise AssertionError(f"relayd read {sent} bytes of commands whose replies were never read")
 
 
-@pytest.mark.parametrize("tls", [False, True], ids=["plaintext", "implicit-tls"])
+@pytest.mark.parametrize("tls", ["none", "implicit", "starttls"])
 def test_a_client_that_never_reads_is_dropped_after_command_timeout(relay, tls):
     daemon = relay("command_timeout: 2s")
     offset = daemon.logOffset()
-    sock = socket.create_connection((HOST, daemon.implicitPort if tls else daemon.port),
+    sock = socket.create_connection((HOST, daemon.implicitPort if tls == "implicit" else daemon.port),
                                     timeout=SMTP_TIMEOUT)
-    if tls:
+    if tls == "starttls":
+        reader = sock.makefile("rb")
+        assert reader.readline().startswith(b"220 ")
+        sock.sendall(b"STARTTLS\r\n")
+        assert reader.readline().startswith(b"220 ")
+    if tls != "none":
         sock = daemon.clientContext().wrap_socket(sock, server_hostname="relay.test.example")
     try:
         floodWithoutReading(sock)
