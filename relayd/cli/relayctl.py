@@ -9,6 +9,8 @@
     relayctl [-c CONFIG] delete ID ...        remove without notice (logged)
     relayctl [-c CONFIG] bounce ID ...        give up now: return to the sender
     relayctl [-c CONFIG] requeue [ID ...]     forget the backoff and the hold, try now
+    relayctl [-c CONFIG] blocked [--json]     client addresses AUTH is blocked for, until when
+    relayctl [-c CONFIG] unblock ADDRESS ...  lift those blocks (logged)
 
 ``list`` and ``show`` read the spool directly (envelope files are only ever
 replaced by atomic renames, so no lock is needed) and work whether or not
