@@ -156,6 +156,11 @@ def queueWarning(queueId: str | None, text: str) -> None:
     _emit("qmgr", queueId, f"warning: {printable(text)}", level=LogLevel.warn)
 
 
+def queueError(queueId: str | None, text: str) -> None:
+    """Something an admin must fix (a queue file the daemon cannot read), not a warning."""
+    _emit("qmgr", queueId, f"error: {printable(text)}", level=LogLevel.error)
+
+
 def notEnoughSpace(freeBytes: int, reserve: int) -> None:
     """MAIL refused with 452 4.3.1: the spool's file system is below the reserve."""
     _emit("smtpd", None, f"warning: not enough free space in mail queue: {freeBytes} bytes < "

@@ -7,7 +7,13 @@ last. Stop order (SIGTERM) is the reverse and sequential: listeners stop
 accepting, open sessions get 421 4.3.2 (or finish the message in flight)
 within ``shutdown_grace``, deliveries in flight get the same grace, then
 the thread pool stops. SIGHUP re-reads the config (twistd's default would
-kill the process without stopping anything, TWISTED-NOTES §6).
+kill the process without stopping anything).
+
+SIGINT and SIGTERM are relayd's from the moment its options are parsed
+(``StopSignals``): under stock twistd, SIGINT before the reactor runs is a
+KeyboardInterrupt wherever start-up happens to be (a traceback, and started
+thread pools keep the process alive), and twistd re-raises the signal that
+stopped the reactor, so a clean stop would exit -15.
 """
 
 from __future__ import annotations
@@ -38,12 +44,44 @@ def fail(message: str) -> "NoReturn":  # noqa: F821
     raise SystemExit(1)
 
 
+class StopSignals:
+    """
+    The SIGINT and SIGTERM handler, from the first step of start-up to the
+    exit. A signal that arrives before the daemon has started is recorded
+    and acted on as soon as start-up reaches a point where it can stop
+    cleanly (``Relay.startService``); once started, it stops the reactor
+    (``Relay.stopOnSignal``) and the daemon exits 0.
+    """
+
+    def __init__(self) -> None:
+        self.received: int | None = None
+        self.relay: Relay | None = None
+
+    def install(self) -> None:
+        signal.signal(signal.SIGINT, self)
+        signal.signal(signal.SIGTERM, self)
+
+    def __call__(self, signum, frame) -> None:
+        if self.received is None:
+            self.received = signum
+        if self.relay is not None:
+            self.relay.stopOnSignal(signum)
+
+
+# One per process: the handler twistd's start-up and the Relay share.
+stopSignals = StopSignals()
+
+
 class Options(usage.Options):
     synopsis = "--config FILE"
     longdesc = "relayd: an authenticated SMTP submission relay with a durable queue."
     optParameters = [["config", "c", None, "The relayd YAML configuration file (required)."]]
 
     def postOptions(self) -> None:
+        # Under twistd (which sets ``parent``) this is relayd's first code of
+        # the start-up: take SIGINT and SIGTERM before any work begins.
+        if getattr(self, "parent", None) is not None:
+            stopSignals.install()
         path = self["config"]
         if not path:
             fail("--config FILE is required (see etc/relayd.yaml for an example)")
@@ -119,40 +157,68 @@ class Relay(service.MultiService):
         for listener in listeners:
             listener.setServiceParent(self)
         self._previousHup = None
+        self._stopping = False
+        # The process's StopSignals when this Relay runs on the global reactor.
+        self.stopSignals: StopSignals | None = None
 
     def startService(self) -> None:
-        self.pool.start()
-        if self.authPool is not None:
-            self.authPool.start()
+        signals = self.stopSignals
+        if signals is not None:
+            signals.install()  # idempotent; relayd's Options may not have run
+            if signals.received is not None:
+                # Nothing runs yet but bound sockets, which the exit closes.
+                maillog.daemonEvent(f"received {signal.Signals(signals.received).name} "
+                                    "during start-up, not started")
+                raise SystemExit(0)
+        # Every check that can refuse the start comes before the thread
+        # pools: a started pool's threads would keep a refused process alive.
+        directory = self.config.queue.directory
+        from relayd.queue import ownershipProblem
+
+        problem = ownershipProblem(directory)
+        if problem is not None:
+            fail(f"queue.directory {problem}")
         try:
             self.spool.lock()
         except BlockingIOError:
-            fail(f"queue.directory {self.config.queue.directory} is in use by another relayd")
+            fail(f"queue.directory {directory} is in use by another relayd")
         except OSError as e:
-            fail(f"queue.directory {self.config.queue.directory}: {e.strerror}")
+            fail(f"queue.directory {directory}: {_withFix(e, directory)}")
         try:
             recovered = self.spool.recover()
         except OSError as e:
-            fail(f"queue.directory {self.config.queue.directory}: {e.strerror}")
+            fail(f"queue.directory {directory}: {_withFix(e, directory)}")
+        self.pool.start()
+        if self.authPool is not None:
+            self.authPool.start()
         for envelope in recovered:
             self.scheduler.add(envelope)
         self.scheduler.reportQuarantine(getattr(self.spool, "quarantined", []))
         super().startService()
+        unreadable = len(getattr(self.spool, "unreadable", []))
         maillog.daemonEvent(
             f"daemon started -- version {__import__('relayd').__version__}, "
-            f"configuration {self.config.path}, {self.scheduler.queueLength()} messages in queue")
-        if self.reactor is _globalReactor():
+            f"configuration {self.config.path}, {self.scheduler.queueLength()} messages in queue"
+            + (f", {unreadable} unreadable (see the errors above)" if unreadable else ""))
+        if signals is not None:
             self._previousHup = signal.signal(signal.SIGHUP, self._sighup)
-            # After the reactor's own handlers are in place: twistd re-raises
-            # the signal that stopped the reactor, so a clean SIGTERM stop
-            # would exit with -15. relayd stops the reactor itself and exits 0.
-            self.reactor.callWhenRunning(signal.signal, signal.SIGTERM, self._sigterm)
+            signals.relay = self
+            if signals.received is not None:  # arrived during the start-up above
+                self.stopOnSignal(signals.received)
+            # reactor.run() puts its own SIGTERM handler in place (SIGINT it
+            # leaves alone, as it is not Python's default any more): ours again.
+            self.reactor.callWhenRunning(signals.install)
 
     def _sighup(self, signum, frame) -> None:
         self.reactor.callFromThread(self.reload)
 
-    def _sigterm(self, signum, frame) -> None:
-        maillog.daemonEvent("received SIGTERM, shutting down")
+    def stopOnSignal(self, signum: int) -> None:
+        """SIGINT or SIGTERM: stop as SIGTERM does (sessions and deliveries finish), exit 0."""
+        if self._stopping:
+            return
+        self._stopping = True
+        maillog.daemonEvent(f"received {signal.Signals(signum).name}, shutting down")
+        # Before the reactor runs, this waits in its queue for the first iteration.
         self.reactor.callFromThread(self.reactor.stop)
 
     def reload(self) -> None:
@@ -208,6 +274,12 @@ class Relay(service.MultiService):
     def stopService(self):
         if self._previousHup is not None:
             signal.signal(signal.SIGHUP, self._previousHup)
+        self._stopping = True
+        # A SIGTERM caught by the reactor's own handler (in the instant
+        # between reactor.run() installing it and ours going back) would be
+        # re-raised by twistd after the stop: this stop is clean, exit 0.
+        if getattr(self.reactor, "_exitSignal", None) in (signal.SIGINT, signal.SIGTERM):
+            self.reactor._exitSignal = None
         self.running = False
         # One grace for sessions and deliveries together: systemd's
         # TimeoutStopSec is set against shutdown_grace, not twice it.
@@ -225,6 +297,16 @@ class Relay(service.MultiService):
         if self.authPool is not None:
             self.authPool.stop()
         maillog.daemonEvent("daemon stopped")
+
+
+def _withFix(error: OSError, directory: str) -> str:
+    """An OSError on the spool, with what to do when it is a permission problem."""
+    from relayd.queue import permissionFix
+
+    text = error.strerror or str(error)
+    if isinstance(error, PermissionError):
+        return f"{getattr(error, 'filename', None) or directory}: {text}; {permissionFix(directory)}"
+    return text
 
 
 def _globalReactor():
@@ -278,6 +360,8 @@ def makeService(options, reactor=None) -> Relay:
     ControlService(config.queue.controlSocketPath, scheduler, reactor).setServiceParent(relay)
     listenerServices.extend(listeners)
     relay.courier = courier
+    if reactor is _globalReactor():
+        relay.stopSignals = stopSignals
     return relay
 
 
