@@ -148,6 +148,48 @@ def ownershipProblem(directory: str, euid: int | None = None) -> str | None:
             f"or chown -R root: {directory} to run it as root from now on")
 
 
+def spoolProblems(directory: str) -> list[str]:
+    """
+    What would keep a daemon running as this process's user from using
+    ``directory``, each as "DIRECTORY...: what; fix", without changing
+    anything (``relayd check-config``). The daemon meets the same problems
+    in ``lock`` and ``recover``.
+    """
+    problem = ownershipProblem(directory)
+    if problem is not None:
+        return [problem]
+    if not os.path.lexists(directory):
+        parent = os.path.dirname(os.path.abspath(directory))
+        if os.access(parent, os.W_OK | os.X_OK):
+            return []  # the daemon creates it
+        return [f"{directory}: does not exist, and {parent} does not let {userName(os.geteuid())} "
+                f"create it: install -d -o {userName(os.geteuid())} -m 0700 {directory}"]
+    if not os.path.isdir(directory):
+        return [f"{directory}: not a directory"]
+    for path in (directory, *(os.path.join(directory, name) for name in (TMP, QUEUE, QUARANTINE))):
+        if os.path.isdir(path) and not os.access(path, os.R_OK | os.W_OK | os.X_OK):
+            return [f"{directory}: {path}: Permission denied; {permissionFix(directory)}"]
+    lockPath = os.path.join(directory, "lock")
+    if os.path.lexists(lockPath) and not os.access(lockPath, os.R_OK | os.W_OK):
+        return [f"{directory}: {lockPath}: Permission denied; {permissionFix(directory)}"]
+    unreadable = []
+    queueDirectory = os.path.join(directory, QUEUE)
+    if os.path.isdir(queueDirectory):
+        for name in sorted(os.listdir(queueDirectory)):
+            path = os.path.join(queueDirectory, name)
+            try:
+                open(path, "rb").close()
+            except PermissionError:
+                unreadable.append(path)
+            except OSError:
+                continue  # gone since the listing, or not ours: recovery says
+    if unreadable:
+        return [f"{directory}: {len(unreadable)} queued file{'s' if len(unreadable) > 1 else ''} "
+                f"cannot be read (the first: {unreadable[0]}: Permission denied), and their "
+                f"messages would not be sent; {permissionFix(directory)}"]
+    return []
+
+
 class SpoolWriter:
     """
     One message being received: the body goes to ``tmp/<id>.eml`` and

@@ -395,6 +395,41 @@ def _deliverySecrets(config) -> tuple[dict, set[str], list[str]]:
     return passwords, brokenCaFiles, problems
 
 
+def _needsTLS(config) -> bool:
+    return config.tls is not None and any(l.tls != "none" for l in config.listeners)
+
+
+def _needsAuth(config) -> bool:
+    return config.auth is not None and any(l.auth != "none" for l in config.listeners)
+
+
+def startupProblems(config) -> list[str]:
+    """
+    Everything that would stop ``twistd relayd`` from starting with
+    ``config`` when run as this process's user, in the daemon's order and
+    words (without "relayd: "): every file the config names opened and
+    read as the daemon reads it, and the spool checked. For ``relayd
+    check-config``; changes nothing.
+    """
+    from relayd.auth import PasswordFile, PasswordFileError
+    from relayd.queue import spoolProblems
+    from relayd.tls import ServerTLS, TLSSetupError
+
+    problems = [f"{config.path}: {p}" for p in _deliverySecrets(config)[2]]
+    if _needsTLS(config):
+        try:
+            ServerTLS.fromConfig(config.tls)
+        except TLSSetupError as e:
+            problems.append(str(e))
+    if _needsAuth(config):
+        try:
+            PasswordFile(config.auth.passwordFile).load()
+        except PasswordFileError as e:
+            problems.append(f"auth.password_file {e}")
+    problems.extend(f"queue.directory {p}" for p in spoolProblems(config.queue.directory))
+    return problems
+
+
 def _resolver(config, reactor):
     from relayd.resolve import makeResolver
 
@@ -453,12 +488,12 @@ def _security(config, reactor):
     from relayd.tls import ServerTLS, TLSSetupError
 
     tls = passwords = verifier = authPool = credPortal = None
-    if config.tls is not None and any(l.tls != "none" for l in config.listeners):
+    if _needsTLS(config):
         try:
             tls = ServerTLS.fromConfig(config.tls)
         except TLSSetupError as e:
             fail(str(e))
-    if config.auth is not None and any(l.auth != "none" for l in config.listeners):
+    if _needsAuth(config):
         passwords = PasswordFile(config.auth.passwordFile)
         try:
             passwords.load()
