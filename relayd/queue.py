@@ -172,7 +172,7 @@ def spoolProblems(directory: str) -> list[str]:
     lockPath = os.path.join(directory, "lock")
     if os.path.lexists(lockPath) and not os.access(lockPath, os.R_OK | os.W_OK):
         return [f"{directory}: {lockPath}: Permission denied; {permissionFix(directory)}"]
-    unreadable = []
+    unreadable: dict[str, str] = {}  # queue id -> its first unreadable file
     queueDirectory = os.path.join(directory, QUEUE)
     if os.path.isdir(queueDirectory):
         for name in sorted(os.listdir(queueDirectory)):
@@ -180,13 +180,14 @@ def spoolProblems(directory: str) -> list[str]:
             try:
                 open(path, "rb").close()
             except PermissionError:
-                unreadable.append(path)
+                unreadable.setdefault(name.split(".", 1)[0], path)
             except OSError:
                 continue  # gone since the listing, or not ours: recovery says
     if unreadable:
-        return [f"{directory}: {len(unreadable)} queued file{'s' if len(unreadable) > 1 else ''} "
-                f"cannot be read (the first: {unreadable[0]}: Permission denied), and their "
-                f"messages would not be sent; {permissionFix(directory)}"]
+        count = len(unreadable)
+        return [f"{directory}: {count} queued message{'s' if count > 1 else ''} cannot be read "
+                f"(the first: {next(iter(unreadable.values()))}: Permission denied) and would not "
+                f"be sent; {permissionFix(directory)}"]
     return []
 
 

@@ -151,9 +151,9 @@ def test_queued_messages_the_user_cannot_read_are_named(layout):
         os.chown(path, nobody.pw_uid, nobody.pw_gid)
     status, _, err = checkConfig("--user", "nobody", str(configPath))
     assert status == 1
-    assert err == (f"relayd: queue.directory {spool}: 1 queued file cannot be read (the first: "
-                   f"{spool}/queue/K1ETWANE193MZRQ7.env: Permission denied), and their messages "
-                   f"would not be sent; relayd runs as nobody: chown -R nobody: {spool}, then restart relayd\n")
+    assert err == (f"relayd: queue.directory {spool}: 1 queued message cannot be read (the first: "
+                   f"{spool}/queue/K1ETWANE193MZRQ7.env: Permission denied) and would not be sent; "
+                   f"relayd runs as nobody: chown -R nobody: {spool}, then restart relayd\n")
 
 
 def test_user_errors_are_one_line(layout):
