@@ -295,6 +295,18 @@ def test_the_readme_install_runs_as_relayd_and_delivers(installation):
         waitUntil(lambda: _loginWorks(inst, "carol@example.com", "carol's secret"), 10,
                   "the new user could not log in", daemon.describe)
 
+        # A renewed certificate, installed the README's way, is served after a reload.
+        renewed = inst.ca.issue_cert(HOSTNAME, HOST)
+        (inst.source / "fullchain.pem").write_bytes(b"".join(b.bytes() for b in renewed.cert_chain_pems))
+        renewed.private_key_pem.write_to_path(str(inst.source / "privkey.pem"))
+        for command in productionCommands():
+            if command.startswith("install ") and "/etc/relayd/tls/" in command:
+                inst.run(inst.moved(command))
+        daemon.process.send_signal(signal.SIGHUP)
+        expected = renewed.cert_chain_pems[0].bytes()
+        waitUntil(lambda: _servedCertificate(inst) == expected, 10,
+                  "the renewed certificate is not served after SIGHUP", daemon.describe)
+
         # Everything the daemon wrote is relayd's, so a restart as relayd reads it all.
         owners = {pwd.getpwuid(p.stat().st_uid).pw_name for p in inst.spool.rglob("*")}
         assert owners == {"relayd"}, owners
@@ -302,6 +314,12 @@ def test_the_readme_install_runs_as_relayd_and_delivers(installation):
         code = daemon.stop()
     assert code == 0, f"after SIGTERM: {exitStatusHint(code)}\n{daemon.describe()}"
     assert "Traceback" not in daemon.log(), daemon.describe()
+
+
+def _servedCertificate(inst: Installation) -> bytes:
+    """The leaf certificate (PEM) the implicit-TLS listener serves now."""
+    pem = ssl.get_server_certificate((HOST, inst.ports["submissions"]), timeout=SMTP_TIMEOUT)
+    return ssl.DER_cert_to_PEM_cert(ssl.PEM_cert_to_DER_cert(pem)).encode("ascii")
 
 
 def _loginWorks(inst: Installation, login: str, password: str) -> bool:
