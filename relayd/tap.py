@@ -57,10 +57,20 @@ class StopSignals:
     def __init__(self) -> None:
         self.received: int | None = None
         self.relay: Relay | None = None
+        # SIGHUP before the Relay has its own handler (whose default would
+        # kill the process): the config is re-read once start-up is done.
+        self.reloadRequested = False
 
     def install(self) -> None:
         signal.signal(signal.SIGINT, self)
         signal.signal(signal.SIGTERM, self)
+
+    def installForStartUp(self) -> None:
+        self.install()
+        signal.signal(signal.SIGHUP, self._hup)
+
+    def _hup(self, signum, frame) -> None:
+        self.reloadRequested = True
 
     def __call__(self, signum, frame) -> None:
         if self.received is None:
@@ -152,7 +162,7 @@ class Options(usage.Options):
         # Under twistd (which sets ``parent``) this is relayd's first code of
         # the start-up: take SIGINT and SIGTERM before any work begins.
         if getattr(self, "parent", None) is not None:
-            stopSignals.install()
+            stopSignals.installForStartUp()
         path = self["config"]
         if not path:
             fail("--config FILE is required (see etc/relayd.yaml for an example)")
@@ -235,7 +245,7 @@ class Relay(service.MultiService):
     def startService(self) -> None:
         signals = self.stopSignals
         if signals is not None:
-            signals.install()  # idempotent; relayd's Options may not have run
+            signals.installForStartUp()  # idempotent; relayd's Options may not have run
             if signals.received is not None:
                 # Nothing runs yet but bound sockets, which the exit closes.
                 maillog.daemonEvent(f"received {signal.Signals(signals.received).name} "
@@ -276,6 +286,9 @@ class Relay(service.MultiService):
             signals.relay = self
             if signals.received is not None:  # arrived during the start-up above
                 self.stopOnSignal(signals.received)
+            elif signals.reloadRequested:
+                signals.reloadRequested = False
+                self.reactor.callWhenRunning(self.reload)
             # reactor.run() puts its own SIGTERM handler in place (SIGINT it
             # leaves alone, as it is not Python's default any more): ours again.
             self.reactor.callWhenRunning(signals.install)

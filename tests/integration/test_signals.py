@@ -133,6 +133,14 @@ STARTUP_POINTS = (
 
 def startAndSignal(daemon, marker: str, signum: int) -> tuple[int, str]:
     """Start ``daemon``, send ``signum`` as soon as ``marker`` is logged; (exit status, log)."""
+    offset = daemon.logOffset()
+    startAndSignalOnly(daemon, marker, signum)
+    code = daemon.waitForExit()
+    return code, daemon.log(offset)
+
+
+def startAndSignalOnly(daemon, marker: str, signum: int) -> None:
+    """Start ``daemon`` and send ``signum`` as soon as ``marker`` is logged."""
     import subprocess
 
     from tests.integration.harness import childEnvironment
@@ -154,8 +162,6 @@ def startAndSignal(daemon, marker: str, signum: int) -> tuple[int, str]:
         time.sleep(0.002)
     assert daemon.process.poll() is None, f"relayd exited before {marker!r}\n{daemon.describe()}"
     daemon.process.send_signal(signum)
-    code = daemon.waitForExit()
-    return code, daemon.log(offset)
 
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
@@ -174,3 +180,23 @@ def test_a_signal_at_any_moment_of_start_up_stops_the_daemon_cleanly(
         assert not portAcceptsConnections(daemon.port), f"port still open after {marker!r}"
         assert not (daemon.spool / "control.sock").exists(), (
             f"control socket left behind after {marker!r}")
+
+
+def test_sighup_during_start_up_reloads_once_started_instead_of_killing(tmp_path, processes, twistd):
+    """systemctl reload right after start (Type=simple: the unit is active at once)."""
+    from tests.integration.harness import Relayd, waitUntil
+
+    daemon = Relayd(tmp_path / "relayd", freePort())
+    processes.append(daemon)
+    for marker in STARTUP_POINTS:
+        offset = daemon.logOffset()
+        startAndSignalOnly(daemon, marker, signal.SIGHUP)
+        waitUntil(lambda: daemon.process.poll() is not None or "reload: configuration" in daemon.log(offset),
+                  20, f"no reload after SIGHUP after {marker!r}", daemon.describe)
+        assert daemon.process.poll() is None, (
+            f"SIGHUP after {marker!r} ended the daemon: {exitStatusHint(daemon.process.returncode)}"
+            f"\n{daemon.describe()}")
+        assert "daemon started" in daemon.log(offset)
+        code = daemon.terminate()
+        assert code == 0, f"{exitStatusHint(code)}\n{daemon.describe()}"
+        assert "Traceback" not in daemon.log(offset), daemon.describe()
