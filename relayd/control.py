@@ -149,6 +149,12 @@ class Unblock(amp.Command):
     errors = {ValueError: b"BAD_ADDRESS"}
 
 
+class QuarantineRestore(_PerMessage):
+    """Put quarantined messages back into the queue, each checked again."""
+
+    commandName = b"quarantine-restore"
+
+
 NOT_A_QUEUE_ID = "not a queue id"
 UNKNOWN = "no such message in the queue"
 # What flush and requeue of the whole queue count as done.
@@ -280,6 +286,34 @@ class ControlProtocol(amp.AMP):
         if wasBlocked:
             maillog.clientUnblocked(address)
         return {"address": address, "wasBlocked": wasBlocked}
+
+    @QuarantineRestore.responder
+    @defer.inlineCallbacks
+    def restoreFromQuarantine(self, ids):
+        from relayd.queue import permissionFix
+
+        _checkCount(ids)
+        outcomes = []
+        for queueId in ids:
+            if not isQueueId(queueId):
+                outcomes.append(_entry(queueId, False, NOT_A_QUEUE_ID))
+                continue
+            try:
+                outcome = yield self.scheduler.restore(queueId)
+            except FileNotFoundError:
+                outcomes.append(_entry(queueId, False, "not in quarantine"))
+            except FileExistsError:
+                outcomes.append(_entry(queueId, False, "a message with this id is in the queue"))
+            except PermissionError as e:
+                outcomes.append(_entry(queueId, False, f"{e.strerror}; "
+                                       f"{permissionFix(self.scheduler.spool.directory)}"))
+            except (ValueError, AdminRefusal) as e:
+                outcomes.append(_entry(queueId, False, f"not restored: {e}"))
+            except OSError as e:
+                outcomes.append({"id": queueId, **cannotWrite(e)})
+            else:
+                outcomes.append(_entry(queueId, True, outcome))
+        return {"outcomes": outcomes}
 
     @Status.responder
     def status(self):
