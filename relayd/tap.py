@@ -200,7 +200,7 @@ class Relay(service.MultiService):
             except PasswordFileError as e:
                 maillog.daemonEvent(f"reload: auth.password_file {e}", level=maillog.LogLevel.error)
             else:
-                _warnSkipped(self.passwords)
+                _warnSkipped(self.passwords, new.auth)
             self.verifier.cacheSeconds = new.auth.cache
             self.verifier.clearCache()
 
@@ -352,13 +352,24 @@ def _reloadDelivery(courier, new, reactor) -> None:
                         _resolver(new, reactor), keepCaFiles=brokenCaFiles)
 
 
-def _warnSkipped(passwords) -> None:
-    """A line of the password file that is not login:hash is a typo worth one warning."""
-    from relayd.auth import skippedLines
+def _warnSkipped(passwords, auth=None) -> None:
+    """
+    What in the password file cannot work, one warning each: a line that is
+    not login:hash (a typo), an entry whose hash scheme relayd cannot verify
+    (that login can never log in), an auth.senders entry for a login the
+    file does not have.
+    """
+    from relayd.auth import sendersWithoutLogin, skippedLines
 
     if passwords.skipped:
         maillog.daemonEvent(f"warning: auth.password_file {passwords.path}: {skippedLines(passwords.skipped)}",
                             level=maillog.LogLevel.warn)
+    for entry in passwords.unusable:
+        maillog.daemonEvent(f"warning: auth.password_file {entry.describe(passwords.path)}",
+                            level=maillog.LogLevel.warn)
+    if auth is not None:
+        for problem in sendersWithoutLogin(auth.senders, passwords.logins(), passwords.path):
+            maillog.daemonEvent(f"warning: {problem}", level=maillog.LogLevel.warn)
 
 
 def _security(config, reactor):
@@ -380,7 +391,7 @@ def _security(config, reactor):
             passwords.load()
         except PasswordFileError as e:
             fail(f"auth.password_file {e}")
-        _warnSkipped(passwords)
+        _warnSkipped(passwords, config.auth)
         verifier = Verifier(passwords, config.auth.cache)
         # bcrypt and argon2 release the GIL: one thread per core verifies in parallel.
         authPool = threadpool.ThreadPool(minthreads=0, maxthreads=min(4, os.cpu_count() or 1),

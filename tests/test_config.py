@@ -421,6 +421,28 @@ class TestCheckConfigCommand:
         assert result.stderr.startswith("relayd: ")
         assert result.stderr.endswith("usage: relayd check-config FILE\n")
 
+    def test_warnsAboutPasswordEntriesThatCanNeverLogIn(self, tmp_path: Path) -> None:
+        passwd = tmp_path / "passwd"
+        passwd.write_text(
+            "printer:$2y$05$F9e6KRzYAKXoytB07fLqaebMseKE5q3Wl6hZeqIeR6qK5olCQybd.\n"
+            "# carol uses -s\n"
+            "carol:{SHA}GpHWL3ymc5liWkNopqtdSjuqYHM=\n")
+        path = tmp_path / "relayd.yaml"
+        path.write_text(
+            "hostname: relay.example\n"
+            "listeners: [{endpoint: \"tcp:2525:interface=127.0.0.1\", tls: none, auth: required,"
+            " plaintext_auth: true}]\n"
+            f"auth: {{password_file: {passwd}, senders: {{alice: [alice@example.com]}}}}\n"
+            "queue: {directory: spool}\n"
+            "delivery: {smarthosts: [{host: 127.0.0.1, port: 2526, tls: none}]}\n")
+        result = _runCLI("check-config", str(path))
+        assert result.returncode == 0, result.stderr
+        assert result.stderr == (
+            f"relayd: warning: {passwd}: line 3: carol: {{SHA}} (htpasswd -s) is not supported, "
+            "so carol can never log in; reset with relayd-passwd add carol\n"
+            f"relayd: warning: {path}: auth.senders.alice: {passwd} has no login 'alice', so this "
+            "entry never applies\n")
+
     def test_inProcess(self, capsys: pytest.CaptureFixture[str]) -> None:
         """
         main() is what the console script calls: it exits with the status.

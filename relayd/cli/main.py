@@ -51,8 +51,35 @@ def checkConfig(args: argparse.Namespace, stdout: TextIO, stderr: TextIO) -> int
     # Warnings name risky but valid settings; they do not change the status.
     for warning in config.warnings(loaded):
         stderr.write(f"{PROG}: warning: {args.file}: {warning}\n")
+    for warning in _passwordFileWarnings(loaded):
+        stderr.write(f"{PROG}: warning: {warning}\n")
     stdout.write(loaded.toYAML())
     return OK
+
+
+def _passwordFileWarnings(loaded: config.Config) -> list[str]:
+    """
+    What the daemon would warn about in auth.password_file: entries no
+    password can match (an unsupported hash scheme) and auth.senders
+    entries for logins it does not have. A file that cannot be read gives
+    nothing here (the daemon refuses to start on it).
+    """
+    from relayd.auth import parsePasswordFile, sendersWithoutLogin, skippedLines, unusableEntries
+
+    if loaded.auth is None:
+        return []
+    path = loaded.auth.passwordFile
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError:
+        return []
+    entries, skipped = parsePasswordFile(data)
+    found = [f"{path}: {skippedLines(skipped)}"] if skipped else []
+    found += [entry.describe(path) for entry in unusableEntries(data)]
+    found += [f"{loaded.path}: {problem}"
+              for problem in sendersWithoutLogin(loaded.auth.senders, set(entries), path)]
+    return found
 
 
 # name: (function, argument synopsis, help, argument setup)
