@@ -84,3 +84,29 @@ def test_pflogsumm_and_fail2ban_read_the_syslog_format(tmp_path, processes, sink
     result = subprocess.run([fail2banRegex, str(log), 'postfix[_daemon="relayd/smtpd", mode=aggressive]'],
                             capture_output=True, text=True, timeout=60).stdout
     assert re.search(r"Lines: \d+ lines, 0 ignored, 2 matched", result), result
+
+
+class SyslogSocketRelayd(Relayd):
+    """relayd as systemd/relayd.service logs it: to the syslog socket."""
+
+    def command(self) -> list[str]:
+        return [str(twistdPath()), "-n", "--pidfile=", "--logger", "relayd.logformat.syslogSocket",
+                "relayd", "--config", str(self.configPath)]
+
+
+def test_syslog_socket_logger_without_the_socket_logs_to_stderr_with_one_warning(
+        tmp_path, processes, sink, monkeypatch):
+    socketPath = tmp_path / "no-syslog" / "log"
+    monkeypatch.setenv("RELAYD_SYSLOG_SOCKET", str(socketPath))
+    relay = SyslogSocketRelayd(tmp_path / "relay", sink.port)
+    processes.append(relay)
+    relay.start()  # waits for "daemon started", which must reach stderr
+    queueId = relay.submit(makeMessage("kept", ["a line the log must not lose"]))
+    relay.waitForLog(rf"relayd/qmgr\[\d+\]: {queueId}: removed")
+    assert relay.terminate() == 0
+    log = relay.log()
+    warnings = [l for l in log.splitlines() if "syslog socket" in l]
+    assert warnings == [f"relayd: warning: syslog socket {socketPath}: No such file or directory; "
+                        "logging to stderr until it takes lines again"], log
+    assert re.search(rf"<22>\w{{3}} [ \d]\d \d\d:\d\d:\d\d relayd/smtpd\[\d+\]: {queueId}: client=", log), log
+    assert "daemon stopped" in log
