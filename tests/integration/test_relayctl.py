@@ -153,3 +153,31 @@ def test_every_verb_against_a_running_daemon_then_stopped(tmp_path, processes, t
     result = relayctl(daemon, "show", "not-an-id")
     assert result.returncode == 1
     assert result.stderr == "relayctl: 'not-an-id' is not a queue id (16 characters, as `relayctl list` shows)\n"
+
+
+def test_bulk_verbs_select_by_sender_and_all(tmp_path, processes, twistd):
+    # The smarthost is down: everything stays queued.
+    sink = Sink(tmp_path / "sink")
+    daemon = Relayd(tmp_path / "relayd", sink.port)
+    processes.append(daemon)
+    daemon.start()
+    spam = [daemon.submit(makeMessage(f"spam {i}", ["x"], sender="spam@bad.test"),
+                          sender="spam@bad.test") for i in range(2)]
+    good = daemon.submit(makeMessage("good", ["y"]), sender="alice@client.test")
+    for qid in spam + [good]:
+        daemon.waitForLog(rf"{qid}: to=<bob@remote\.test>.*status=deferred")
+
+    # (A retry may be under way at that moment: the outcome then says so after these words.)
+    out = ok(daemon, "hold", "--sender", "@bad.test")
+    assert sorted(line[:len("0123456789ABCDEF: placed on hold")] for line in out.splitlines()) == sorted(
+        f"{qid}: placed on hold" for qid in spam), out
+    held = {json.loads(line)["queue_id"] for line in ok(daemon, "list", "--json").splitlines()
+            if json.loads(line)["queue_name"] == "hold"}
+    assert held == set(spam)
+
+    out = ok(daemon, "delete", "ALL")
+    assert sorted(line[:len("0123456789ABCDEF: removed")] for line in out.splitlines()) == sorted(
+        f"{qid}: removed" for qid in spam + [good]), out
+    assert ok(daemon, "list") == "Mail queue is empty\n"
+    for qid in spam + [good]:
+        daemon.waitForLog(rf"{qid}: removed by admin")
