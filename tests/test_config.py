@@ -443,6 +443,13 @@ class TestCheckConfigCommand:
             f"relayd: warning: {path}: auth.senders.alice: {passwd} has no login 'alice', so this "
             "entry never applies\n")
 
+    def test_version(self) -> None:
+        import relayd
+
+        result = _runCLI("--version")
+        assert (result.returncode, result.stdout, result.stderr) == (
+            0, f"relayd {relayd.__version__}\n", "")
+
     def test_inProcess(self, capsys: pytest.CaptureFixture[str]) -> None:
         """
         main() is what the console script calls: it exits with the status.

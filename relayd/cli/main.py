@@ -108,8 +108,21 @@ def _usage() -> str:
     )
 
 
+def version() -> str:
+    """The installed package's version (its metadata), else the source tree's."""
+    from importlib import metadata
+
+    try:
+        return metadata.version("relayd")
+    except metadata.PackageNotFoundError:
+        import relayd
+
+        return relayd.__version__
+
+
 def makeParser() -> argparse.ArgumentParser:
     parser = _Parser(prog=PROG, description="relayd administration commands")
+    parser.add_argument("--version", action="store_true", help="print relayd's version and exit")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     for name, (function, _, help, setup) in _COMMANDS.items():
         sub = subparsers.add_parser(name, help=help, description=help)
@@ -125,6 +138,9 @@ def run(argv: Sequence[str], stdout: TextIO, stderr: TextIO) -> int:
     parser = makeParser()
     try:
         args = parser.parse_args(list(argv))
+        if args.version:
+            stdout.write(f"{PROG} {version()}\n")
+            return OK
         if args.command is None:
             raise _UsageError("no command given")
     except _UsageError as e:

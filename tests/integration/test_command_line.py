@@ -56,3 +56,16 @@ def test_missing_config_option_exits_nonzero(twistd, tmp_path):
     output = (result.stdout + result.stderr).decode(errors="replace")
     assert result.returncode != 0, f"exit status 0 without --config:\n{output}"
     assert "--config" in output, f"the message must say --config is needed:\n{output}"
+
+
+def test_relayd_version_is_the_installed_packages(twistd, tmp_path):
+    import json
+
+    result = subprocess.run([str(twistd.parent / "relayd"), "--version"], capture_output=True,
+                            text=True, cwd=tmp_path, env=childEnvironment(), timeout=EXIT_DEADLINE)
+    # What pip installed, as pip itself reports it.
+    installed = subprocess.run([str(twistd.parent / "python"), "-m", "pip", "list", "--format=json",
+                                "--disable-pip-version-check"], capture_output=True, text=True,
+                               env=childEnvironment(), timeout=120)
+    version = {p["name"]: p["version"] for p in json.loads(installed.stdout)}["relayd"]
+    assert (result.returncode, result.stdout, result.stderr) == (0, f"relayd {version}\n", "")
