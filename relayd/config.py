@@ -101,6 +101,8 @@ DNS_PORT = 53
 # in the YAML itself (only the paths of the files holding them, which an
 # admin needs to see); the hook is here so a future secret key cannot leak.
 SECRET_KEYS = frozenset({"password", "secret"})
+# Stand-in keys toYAML() turns into comment lines (no config key looks like this).
+_COMMENT_KEY = "__relayd_comment_"
 _MASK = "********"
 
 
@@ -288,8 +290,15 @@ class Config:
         The effective configuration: every key with its value, defaults
         filled in, durations and sizes in human form, secrets masked. The
         result loads back into an equal L{Config}, so C{relayd check-config}
-        output can serve as a config file.
+        output can serve as a config file. Computed defaults and unset
+        optional keys are comments, with what they mean.
         """
+        comments: list[str] = []
+
+        def comment(text: str) -> dict[str, str]:
+            comments.append(text)
+            return {f"{_COMMENT_KEY}{len(comments) - 1}": ""}
+
         tree = {
             "hostname": self.hostname,
             "listeners": [
@@ -315,20 +324,27 @@ class Config:
                 "directory": self.queue.directory,
                 "lifetime": formatDuration(self.queue.lifetime),
                 **({"delay_warning": formatDuration(self.queue.delayWarning)}
-                   if self.queue.delayWarning is not None else {}),
+                   if self.queue.delayWarning is not None else comment(
+                       'delay_warning:  (not set: no "delayed" notice is sent)')),
                 "retry": {
                     "min": formatDuration(self.queue.retry.min),
                     "max": formatDuration(self.queue.retry.max),
                 },
-                # Computed defaults (from limits.message_size and directory)
-                # are left out so the output loads back into an equal Config.
+                # Computed defaults are comments: written as keys they would
+                # stop following limits.message_size and queue.directory.
                 **({"free_space_reserve": formatSize(self.queue.freeSpaceReserve)}
-                   if self.queue.freeSpaceReserve is not None else {}),
+                   if self.queue.freeSpaceReserve is not None else comment(
+                       f"free_space_reserve: {formatSize(self.freeSpaceReserve())}"
+                       f"  (computed: {FREE_SPACE_FACTOR:g} x limits.message_size)")),
                 "bounce_size_limit": formatSize(self.queue.bounceSizeLimit),
                 **({"control_socket": self.queue.controlSocket}
-                   if self.queue.controlSocket is not None else {}),
+                   if self.queue.controlSocket is not None else comment(
+                       f"control_socket: {self.queue.controlSocketPath}"
+                       f"  (computed: {CONTROL_SOCKET_NAME} in queue.directory)")),
             },
-            **({"postmaster": self.postmaster} if self.postmaster is not None else {}),
+            **({"postmaster": self.postmaster} if self.postmaster is not None else comment(
+                "postmaster:  (not set: double bounces and quarantine notices are logged and "
+                "dropped; RCPT TO:<postmaster> gets 550 5.1.1)")),
             "delivery": {
                 "concurrency": self.delivery.concurrency,
                 "destination_concurrency": self.delivery.destinationConcurrency,
@@ -344,7 +360,8 @@ class Config:
                 },
                 "dns": {
                     **({"servers": [_formatServer(s) for s in self.delivery.dns.servers]}
-                       if self.delivery.dns.servers else {}),
+                       if self.delivery.dns.servers else comment(
+                           "servers:  (not set: the name servers in /etc/resolv.conf)")),
                     "timeout": formatDuration(self.delivery.dns.timeout),
                 },
             },
@@ -361,13 +378,17 @@ class Config:
             }} if self.auth is not None else {}),
         }
         header = f"# effective configuration from {self.path}\n"
-        return header + yaml.safe_dump(
+        text = yaml.safe_dump(
             maskSecrets(tree),
             sort_keys=False,
             default_flow_style=False,
             allow_unicode=True,
             width=1000,
         )
+        # Each stand-in key becomes its comment line, at its key's indentation.
+        return header + re.sub(
+            rf"(?m)^( *){_COMMENT_KEY}(\d+): .*$",
+            lambda m: f"{m.group(1)}# {comments[int(m.group(2))]}", text)
 
 
 def maskSecrets(tree: Any) -> Any:

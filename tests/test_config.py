@@ -178,6 +178,34 @@ class TestEffectiveConfig:
         again = config.load(str(printed))
         assert again == Config(**{**vars(original), "path": str(printed)})
 
+    def test_computedDefaultsAndUnsetKeysAreComments(self, tmp_path: Path) -> None:
+        """
+        What the daemon computes (free_space_reserve, control_socket) and
+        what is not set (delay_warning, postmaster, dns.servers) shows as a
+        comment saying so, and the output still loads back equal.
+        """
+        original = config.load(str(MINIMAL))
+        text = original.toYAML()
+        lines = text.splitlines()
+        assert "  # free_space_reserve: 15MB  (computed: 1.5 x limits.message_size)" in lines
+        assert (f"  # control_socket: {original.queue.directory}/control.sock  (computed: "
+                "control.sock in queue.directory)") in lines
+        assert '  # delay_warning:  (not set: no "delayed" notice is sent)' in lines
+        assert ("# postmaster:  (not set: double bounces and quarantine notices are logged and "
+                "dropped; RCPT TO:<postmaster> gets 550 5.1.1)") in lines
+        assert "    # servers:  (not set: the name servers in /etc/resolv.conf)" in lines
+        assert "__relayd_comment_" not in text
+        printed = tmp_path / "effective.yaml"
+        printed.write_text(text)
+        assert config.load(str(printed)) == Config(**{**vars(original), "path": str(printed)})
+        # Set explicitly, they are keys again.
+        explicit = tmp_path / "explicit.yaml"
+        explicit.write_text(text.replace("  # free_space_reserve: 15MB  (computed: 1.5 x limits.message_size)",
+                                         "  free_space_reserve: 15MB"))
+        again = config.load(str(explicit))
+        assert again.queue.freeSpaceReserve == 15_000_000
+        assert "  free_space_reserve: 15MB" in again.toYAML().splitlines()
+
     def test_humanUnitsAndDefaults(self) -> None:
         """
         Every key appears, defaults filled in, sizes and durations in the
