@@ -876,6 +876,17 @@ def _endpointDetail(description: str, nested: bool = False) -> str | None:
             f"unknown endpoint type {_quote(kind)}; relayd listens on tcp, tcp6, "
             "unix, systemd or haproxy:<endpoint>"
         )
+    if kind in ("tcp", "tcp6"):
+        bare = re.search(r"interface=([0-9A-Fa-f]*:[0-9A-Fa-f:.]*)(?::|\Z)", description)
+        if bare is not None:
+            try:
+                ipaddress.IPv6Address(bare.group(1))
+            except ValueError:
+                pass
+            else:
+                escaped = bare.group(1).replace(":", "\\:")
+                return (f"the colons of an IPv6 address must be escaped: interface={escaped} "
+                        "(in YAML, inside single quotes)")
     (names,) = _ENDPOINT_TYPES[kind]
     if len(args) > len(names):
         return f"too many fields for {kind}"
