@@ -340,6 +340,20 @@ class TestShippedConfigs:
     def test_loads(self, name: str) -> None:
         config.load(str(ROOT / "etc" / name))
 
+    def test_exampleSendersAreLoginsTheReadmeCreates(self) -> None:
+        """
+        Every auth.senders login of the production example is one the
+        README's relayd-passwd commands add: an entry for a login the
+        password file lacks never applies.
+        """
+        import re
+
+        readme = (ROOT / "README.rst").read_text()
+        added = set(re.findall(r"relayd-passwd -f /etc/relayd/passwd add (\S+)", readme))
+        assert added, "README.rst shows no `relayd-passwd ... add LOGIN`"
+        example = config.load(str(ROOT / "etc" / "relayd.yaml"))
+        assert {login for login, _ in example.auth.senders} <= added
+
     def test_localSpoolInRepository(self) -> None:
         """
         The quick-start spool lands in the repository's var/ (git-ignored),
