@@ -86,11 +86,17 @@ def _failureKind(failure) -> str:
     return "temporary"
 
 
-def makeResolver(reactor: Any, servers: tuple[tuple[str, int], ...] = (), timeout: float = 10.0):
+def makeResolver(reactor: Any, servers: tuple[tuple[str, int], ...] = (), timeout: float = 10.0,
+                 resolvConf: str = "/etc/resolv.conf"):
     """
     A ``twisted.names`` resolver with explicit timeouts: ``timeout`` seconds
     in all per query, spread over three tries (the default would wait up
-    to 60 s). No servers: those in /etc/resolv.conf.
+    to 60 s). No servers: the ``nameserver`` lines of ``resolvConf``, read
+    now (start-up, and SIGHUP, which builds a new resolver). Not Twisted's
+    own reading of the file, which logs "resolv.conf changed, reparsing"
+    and every server at each start and reload, re-reads the file every
+    minute on the reactor thread, and keeps doing so for every resolver a
+    reload replaced.
     """
     from twisted.names import client
 
@@ -98,9 +104,26 @@ def makeResolver(reactor: Any, servers: tuple[tuple[str, int], ...] = (), timeou
     # this every lookup adds "starting on"/"stopping" lines to the mail log.
     dns.DNSDatagramProtocol.noisy = False
     tries = (timeout * 0.1, timeout * 0.3, timeout * 0.6)
-    if servers:
-        return client.Resolver(servers=list(servers), timeout=tries, reactor=reactor)
-    return client.Resolver(resolv="/etc/resolv.conf", timeout=tries, reactor=reactor)
+    return client.Resolver(servers=list(servers) or nameServers(resolvConf), timeout=tries,
+                           reactor=reactor)
+
+
+def nameServers(path: str) -> list[tuple[str, int]]:
+    """
+    The ``nameserver`` addresses of a resolv.conf file; like the C
+    library, the local server (127.0.0.1) when there are none or the file
+    is missing.
+    """
+    found = []
+    try:
+        with open(path, "rb") as f:
+            for line in f:
+                fields = line.split()
+                if len(fields) >= 2 and fields[0] == b"nameserver":
+                    found.append((fields[1].decode("ascii", "replace"), dns.PORT))
+    except OSError:
+        pass
+    return found or [("127.0.0.1", dns.PORT)]
 
 
 async def _addresses(resolver: Any, name: str) -> tuple[list[str], str | None]:

@@ -134,3 +134,37 @@ def test_targets_carry_their_mx_preference():
     assert [(x.host, x.preference) for x in got.targets] == [
         ("a.x.test", 10), ("a.x.test", 10), ("b.x.test", 20), ("c.x.test", 20)]
     assert [x.preference for x in resolve(ZONE, "nomx.test").targets] == [0, 0]
+
+
+# The resolver's configuration: read once, quietly
+
+
+def test_makeResolver_reads_resolv_conf_once_without_log_lines(tmp_path):
+    from twisted.internet import task
+    from twisted.logger import globalLogPublisher
+
+    from relayd.resolve import makeResolver
+
+    resolvConf = tmp_path / "resolv.conf"
+    resolvConf.write_text("# by hand\nsearch example.com\nnameserver 192.0.2.53\nnameserver 192.0.2.54\n")
+    clock = task.Clock()
+    events = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        resolver = makeResolver(clock, (), 10.0, resolvConf=str(resolvConf))
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    # Twisted's own reading logged "<file> changed, reparsing" and each
+    # server at every start and SIGHUP, and re-read the file every minute.
+    assert events == []
+    assert clock.getDelayedCalls() == []
+    assert resolver.servers == [("192.0.2.53", 53), ("192.0.2.54", 53)]
+    assert {resolver.pickServer(), resolver.pickServer()} == {("192.0.2.53", 53), ("192.0.2.54", 53)}
+
+
+def test_nameServers_without_any_is_the_local_server(tmp_path):
+    from relayd.resolve import nameServers
+
+    assert nameServers(str(tmp_path / "missing")) == [("127.0.0.1", 53)]
+    (tmp_path / "empty").write_text("options edns0\n")
+    assert nameServers(str(tmp_path / "empty")) == [("127.0.0.1", 53)]
