@@ -85,6 +85,10 @@ DEFAULT_ERRORS = 20  # Postfix's smtpd_hard_error_limit
 DEFAULT_COMMAND_TIMEOUT = 5 * 60.0  # RFC 5321 4.5.3.2.7
 DEFAULT_DATA_TIMEOUT = 10 * 60.0  # RFC 5321 4.5.3.2.6 (DATA termination)
 DEFAULT_GREETING_DELAY = 0.0
+# The client's name (PTR, then A/AAAA) is looked up before the banner, as
+# Postfix does; the banner waits at most this long, then the name is "unknown".
+DEFAULT_CLIENT_NAME_TIMEOUT = 5.0
+MAX_CLIENT_NAME_TIMEOUT = 60.0
 DEFAULT_NEXTHOP_TLS = "starttls"
 # MX hosts rarely have certificates for their names: opportunistic by default.
 DEFAULT_MX_TLS = "may"
@@ -173,6 +177,8 @@ class Limits:
     commandTimeout: float = DEFAULT_COMMAND_TIMEOUT
     dataTimeout: float = DEFAULT_DATA_TIMEOUT
     greetingDelay: float = DEFAULT_GREETING_DELAY
+    # Reverse DNS of the client, confirmed forward, before the banner (0: off).
+    clientNameTimeout: float = DEFAULT_CLIENT_NAME_TIMEOUT
 
 
 @dataclass(frozen=True)
@@ -319,6 +325,7 @@ class Config:
                 "command_timeout": formatDuration(self.limits.commandTimeout),
                 "data_timeout": formatDuration(self.limits.dataTimeout),
                 "greeting_delay": formatDuration(self.limits.greetingDelay),
+                "client_name_timeout": formatDuration(self.limits.clientNameTimeout),
             },
             "queue": {
                 "directory": self.queue.directory,
@@ -1062,9 +1069,15 @@ def _limits(value: object, path: str) -> Limits:
     section = _Section(
         value, path, ("message_size", "recipients", "connections", "connections_per_client",
                       "messages_per_user_per_hour", "errors", "command_timeout",
-                      "data_timeout", "greeting_delay")
+                      "data_timeout", "greeting_delay", "client_name_timeout")
     )
+    clientNameTimeout = section.get("client_name_timeout", _duration(0), DEFAULT_CLIENT_NAME_TIMEOUT)
+    if clientNameTimeout > MAX_CLIENT_NAME_TIMEOUT:
+        raise _Problem(section.at("client_name_timeout"),
+                       f"expected at most {formatDuration(MAX_CLIENT_NAME_TIMEOUT)} (the banner "
+                       f"waits for it), got {formatDuration(clientNameTimeout)}")
     return Limits(
+        clientNameTimeout=clientNameTimeout,
         messageSize=section.get("message_size", _size, DEFAULT_MESSAGE_SIZE),
         recipients=section.get("recipients", _integer(1), DEFAULT_RECIPIENTS),
         connections=section.get("connections", _integer(1), DEFAULT_CONNECTIONS),

@@ -20,6 +20,10 @@ queries: TWISTED-NOTES.md section 4).
 
 Outcomes are values (``Targets`` or ``Unroutable``), never exceptions, so
 the courier maps them to recipient results without guessing.
+
+``clientName`` names an SMTP client as Postfix does: the first PTR name of
+its address, kept only when that name's A (or AAAA) records include the
+address again; otherwise ``unknown``.
 """
 
 from __future__ import annotations
@@ -245,3 +249,109 @@ def _byPreference(records: list, shuffle: Callable[[list], None]) -> list[tuple[
                 seen.add(name)
                 ordered.append((preference, name))
     return ordered
+
+
+# Client names ----------------------------------------------------------------
+
+UNKNOWN_CLIENT = "unknown"
+
+
+@dataclass(frozen=True)
+class ClientName:
+    """The name to log, and why a PTR name was not taken (Postfix's warning), if it was not."""
+
+    name: str
+    warning: str | None = None
+
+
+def _reverseName(address: str) -> str | None:
+    import ipaddress
+
+    try:
+        return ipaddress.ip_address(address).reverse_pointer
+    except ValueError:
+        return None
+
+
+def _numeric(name: str) -> bool:
+    """A PTR name that reads as an address ("192.0.2.4") names nothing."""
+    import ipaddress
+
+    try:
+        ipaddress.ip_address(name)
+    except ValueError:
+        return all(label.isdigit() for label in name.split("."))
+    return True
+
+
+async def clientName(resolver: Any, address: str, timeout: float) -> ClientName:
+    """
+    The client's forward-confirmed name: one PTR query, then one A or AAAA
+    query for the first usable PTR name, each given ``timeout / 2`` seconds
+    over two tries, so the whole costs two queries and at most ``timeout``.
+    Any failure (NXDOMAIN, SERVFAIL, timeout, a name that does not point
+    back) is ``unknown``; the client's address alone decides what it may do.
+    """
+    import ipaddress
+
+    reverse = _reverseName(address)
+    if reverse is None or timeout <= 0:
+        return ClientName(UNKNOWN_CLIENT)
+    tries = (timeout * 0.5 * 0.4, timeout * 0.5 * 0.6)
+    try:
+        answers, _, _ = await resolver.lookupPointer(reverse, timeout=tries)
+    except Exception:
+        return ClientName(UNKNOWN_CLIENT)
+    names = [r.payload for r in answers if r.type == dns.PTR]
+    usable = [_name(p) for p in names if _validHostname(p) and _name(p) and not _numeric(_name(p))]
+    if not usable:
+        return ClientName(UNKNOWN_CLIENT)
+    name = usable[0]
+    ip = ipaddress.ip_address(address)
+    rrtype = dns.A if ip.version == 4 else dns.AAAA
+    lookup = resolver.lookupAddress if ip.version == 4 else resolver.lookupIPV6Address
+    try:
+        answers, _, _ = await lookup(name, timeout=tries)
+    except Exception as e:
+        reason = "Name or service not known" if isinstance(e, dnsError.DNSNameError) else \
+            "Temporary failure in name resolution"
+        return ClientName(UNKNOWN_CLIENT,
+                          f"hostname {name} does not resolve to address {address}: {reason}")
+    for record in answers:
+        if record.type != rrtype:
+            continue
+        found = record.payload.dottedQuad() if rrtype == dns.A else _ipv6(record.payload)
+        if ipaddress.ip_address(found) == ip:
+            return ClientName(name)
+    return ClientName(UNKNOWN_CLIENT, f"hostname {name} does not resolve to address {address}")
+
+
+class ClientNames:
+    """
+    Client names for the SMTP server, within ``timeout`` seconds whatever
+    the DNS does (0: no lookups, every client ``unknown``). ``resolver``
+    and ``timeout`` are replaced on reload.
+    """
+
+    def __init__(self, resolver: Any, timeout: float, clock: Any):
+        self.resolver = resolver
+        self.timeout = timeout
+        self.clock = clock
+
+    def lookup(self, address: str) -> defer.Deferred:
+        """A Deferred that fires with a ClientName within ``timeout`` seconds, never fails."""
+        if self.timeout <= 0 or self.resolver is None:
+            return defer.succeed(ClientName(UNKNOWN_CLIENT))
+        result: defer.Deferred = defer.Deferred()
+
+        def settle(value) -> None:
+            if deadline.active():
+                deadline.cancel()
+            if not result.called:
+                result.callback(value if isinstance(value, ClientName) else ClientName(UNKNOWN_CLIENT))
+
+        # The queries end by themselves within the timeout; this only
+        # guarantees the answer if a resolver does not.
+        deadline = self.clock.callLater(self.timeout, settle, ClientName(UNKNOWN_CLIENT))
+        defer.Deferred.fromCoroutine(clientName(self.resolver, address, self.timeout)).addBoth(settle)
+        return result

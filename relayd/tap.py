@@ -178,7 +178,7 @@ class Relay(service.MultiService):
         self.scheduler.reconfigure(new)
         self._reloadSecurity(new)
         if getattr(self, "courier", None) is not None:
-            _reloadDelivery(self.courier, new, self.reactor)
+            _reloadDelivery(self.courier, new, self.reactor, getattr(self, "clientNames", None))
         note = f"; {', '.join(needRestart)} changed and need a restart" if needRestart else ""
         maillog.daemonEvent(f"reload: configuration {new.path} applied{note}")
 
@@ -246,7 +246,9 @@ def makeService(options, reactor=None) -> Relay:
     spool = Spool(config.queue.directory)
     pool = threadpool.ThreadPool(minthreads=1, maxthreads=4, name="relayd-spool")
     listenerServices: list = []
-    courier = _courier(config, reactor, listenerServices)
+    # One resolver for MX delivery and client names; SIGHUP replaces it.
+    resolver = _resolver(config, reactor)
+    courier = _courier(config, reactor, listenerServices, resolver)
     # Notices (bounces) are written and fsynced in the spool's threads too.
     scheduler = Scheduler(spool, courier.deliver, config, reactor,
                           runInThread=lambda f, *a: deferToThreadPool(reactor, pool, f, *a))
@@ -256,8 +258,11 @@ def makeService(options, reactor=None) -> Relay:
         return deferToThreadPool(reactor, pool, writer.commit, envelope)
 
     tls, passwords, verifier, authPool, credPortal = _security(config, reactor)
+    from relayd.resolve import ClientNames
+
+    clientNames = ClientNames(resolver, config.limits.clientNameTimeout, reactor)
     factory = SubmissionFactory(config, spool, commit, scheduler.add, reactor,
-                                portal=credPortal, tls=tls)
+                                portal=credPortal, tls=tls, clientNames=clientNames.lookup)
     if credPortal is not None:
         # auth.senders as of the last reload, not as of the start.
         credPortal.realm.sendersFor = lambda login: (
@@ -278,6 +283,7 @@ def makeService(options, reactor=None) -> Relay:
     ControlService(config.queue.controlSocketPath, scheduler, reactor).setServiceParent(relay)
     listenerServices.extend(listeners)
     relay.courier = courier
+    relay.clientNames = clientNames
     return relay
 
 
@@ -317,7 +323,7 @@ def _resolver(config, reactor):
     return makeResolver(reactor, config.delivery.dns.servers, config.delivery.dns.timeout)
 
 
-def _courier(config, reactor, listeners):
+def _courier(config, reactor, listeners, resolver):
     """The courier; ``listeners`` (filled in later) tell it relayd's own addresses."""
     from relayd.courier import Courier
 
@@ -334,22 +340,27 @@ def _courier(config, reactor, listeners):
         return found
 
     return Courier(reactor, config.hostname, config.delivery.timeouts,
-                   resolver=_resolver(config, reactor), passwords=passwords,
+                   resolver=resolver, passwords=passwords,
                    localAddresses=localAddresses)
 
 
-def _reloadDelivery(courier, new, reactor) -> None:
+def _reloadDelivery(courier, new, reactor, clientNames=None) -> None:
     """
     New HELO name, timeouts, resolver and passwords; a password file or
-    ca_file that cannot be read keeps what was loaded before.
+    ca_file that cannot be read keeps what was loaded before. Client names
+    get the same new resolver and their new timeout.
     """
     passwords, brokenCaFiles, problems = _deliverySecrets(new)
     for problem in problems:
         maillog.daemonEvent(f"reload: {problem}; keeping what was loaded before",
                             level=maillog.LogLevel.error)
+    resolver = _resolver(new, reactor)
     courier.heloName = new.hostname
     courier.reconfigure(new.delivery.timeouts, {**courier.passwords, **passwords},
-                        _resolver(new, reactor), keepCaFiles=brokenCaFiles)
+                        resolver, keepCaFiles=brokenCaFiles)
+    if clientNames is not None:
+        clientNames.resolver = resolver
+        clientNames.timeout = new.limits.clientNameTimeout
 
 
 def _warnSkipped(passwords, auth=None) -> None:
