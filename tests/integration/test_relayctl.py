@@ -181,3 +181,18 @@ def test_bulk_verbs_select_by_sender_and_all(tmp_path, processes, twistd):
     assert ok(daemon, "list") == "Mail queue is empty\n"
     for qid in spam + [good]:
         daemon.waitForLog(rf"{qid}: removed by admin")
+
+
+def test_readme_quick_start_relayctl_line_works_from_the_checkout(twistd):
+    # The quick start runs relayd with etc/relayd.local.yaml; relayctl's
+    # default (/etc/relayd/relayd.yaml) is not that file.
+    readme = (ROOT / "README.rst").read_text()
+    quickStart = readme.split("Quick start\n===========", 1)[1].split("\n====", 1)[0]
+    lines = [l.strip() for l in quickStart.splitlines() if l.strip().startswith(".venv/bin/relayctl ")]
+    assert lines, "the README's quick start shows no .venv/bin/relayctl command"
+    args = lines[0].split()[1:]
+    assert args[:2] == ["-c", "etc/relayd.local.yaml"]
+    result = subprocess.run([str(twistdPath().parent / "relayctl"), *args], capture_output=True,
+                            text=True, timeout=60, env=childEnvironment(), cwd=ROOT)
+    assert (result.returncode, result.stderr) == (0, ""), result.stderr
+    assert result.stdout == "Mail queue is empty\n" or result.stdout.startswith("-Queue ID-")
