@@ -69,3 +69,26 @@ def test_relayd_version_is_the_installed_packages(twistd, tmp_path):
                                env=childEnvironment(), timeout=120)
     version = {p["name"]: p["version"] for p in json.loads(installed.stdout)}["relayd"]
     assert (result.returncode, result.stdout, result.stderr) == (0, f"relayd {version}\n", "")
+
+
+PLUGIN_CACHE = 'python -c "from twisted.plugin import IPlugin, getPlugins; list(getPlugins(IPlugin))"'
+
+
+def test_readme_and_unit_rewrite_the_plugin_cache_after_every_install_and_upgrade():
+    # A stale cache after an upgrade: the daemon (user relayd) cannot
+    # rewrite it and twistd logs "Unable to write to plugin cache ... 13".
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    readme = (root / "README.rst").read_text()
+    production = readme.split("Installing for production\n=====", 1)[1].split("\n=====", 1)[0]
+    commands = [l.strip() for l in production.splitlines()
+                if l.startswith("    ") and not l.strip().startswith("#")]
+    installs = [i for i, c in enumerate(commands) if "pip install" in c]
+    assert installs, "no pip install in the README's production steps"
+    for i in installs:
+        assert PLUGIN_CACHE in commands[i + 1], f"after {commands[i]!r}: {commands[i + 1]!r}"
+    upgrade = [p for p in production.split("\n\n") if "upgrade" in p.lower()]
+    assert any("plugin cache" in p for p in upgrade), "the upgrade steps do not rewrite the plugin cache"
+    unit = (root / "systemd" / "relayd.service").read_text()
+    assert PLUGIN_CACHE in unit and "after every install or\n# upgrade" in unit
