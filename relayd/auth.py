@@ -90,6 +90,9 @@ class PasswordFile:
         self._checked = float("-inf")
         self.skipped: list[int] = []  # line numbers of malformed lines at the last read
         self.unusable: list[UnusableEntry] = []  # entries no password can match, at the last read
+        # Called (in the reading thread) after a re-read noticed by itself,
+        # not one asked for with load(): tap.py logs what is wrong in it.
+        self.changed: Callable[[], None] | None = None
 
     def invalidate(self) -> None:
         with self._lock:
@@ -108,13 +111,17 @@ class PasswordFile:
     def lookup(self, login: str) -> tuple[str | None, str | None]:
         """The login's hash (or None), and a real hash of the file to verify against for an unknown login."""
         with self._lock:
-            self._refresh(force=False)
-            return self._entries.get(login), self._dummy
+            reread = self._refresh(force=False)
+            found = self._entries.get(login), self._dummy
+        if reread and self.changed is not None:
+            self.changed()  # outside the lock: it may read this file's state
+        return found
 
-    def _refresh(self, force: bool) -> None:
+    def _refresh(self, force: bool) -> bool:
+        """Re-read the file if it changed (or ``force``); True if it was read."""
         now = self._now()
         if not force and self._identity is not None and now - self._checked < RECHECK_INTERVAL:
-            return
+            return False
         try:
             st = os.stat(self.path)
         except OSError as e:
@@ -122,7 +129,7 @@ class PasswordFile:
         identity = FileIdentity(st.st_ino, st.st_size, st.st_mtime_ns)
         self._checked = now
         if identity == self._identity and not force:
-            return
+            return False
         try:
             with open(self.path, "rb") as f:
                 data = f.read()
@@ -137,6 +144,7 @@ class PasswordFile:
         self._dummy = next((h for h in self._entries.values()
                             if context.identify(h, required=False)), None)
         self._identity = identity
+        return True
 
 
 def skippedLines(numbers: list[int]) -> str:

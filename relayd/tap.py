@@ -277,6 +277,11 @@ def makeService(options, reactor=None) -> Relay:
         listeners.append(Listener(l.endpoint, listenerFactory, reactor))
     relay = Relay(config, reactor, spool, pool, scheduler, factory, listeners,
                   tls=tls, passwords=passwords, verifier=verifier, authPool=authPool)
+    if passwords is not None:
+        # A file edited while running is re-read by itself, in a verification
+        # thread: the same warnings as at start, from the reactor thread.
+        passwords.changed = lambda: reactor.callFromThread(
+            lambda: _warnSkipped(passwords, relay.config.auth))
     # relayctl's channel; a child service, so it starts after the spool lock.
     from relayd.control import ControlService
 

@@ -111,3 +111,37 @@ def test_start_and_reload_warn_about_unusable_entries_and_dead_senders(tmp_path)
     assert [l for l in started if "warning" in l] == expected
     assert [l for l in lines if "warning" in l] == expected
     assert "VnCaeS6Y" not in "".join(started + lines)
+
+
+def test_password_file_edited_while_running_is_warned_about_when_reread(tmp_path):
+    from relayd.auth import RECHECK_INTERVAL
+
+    passwd = tmp_path / "passwd"
+    passwd.write_text("printer:$2y$05$F9e6KRzYAKXoytB07fLqaebMseKE5q3Wl6hZeqIeR6qK5olCQybd.\n")
+    path = tmp_path / "relayd.yaml"
+    path.write_text(AUTH_CONFIG.format(passwd=passwd).replace(
+        'senders: {alice: ["alice@example.com"], printer: ["@example.com"]}',
+        'senders: {printer: ["@example.com"]}'))
+
+    class Reactor:
+        """Runs callFromThread at once (the test is the only thread)."""
+
+        def callFromThread(self, f, *args):
+            f(*args)
+
+        def __getattr__(self, name):
+            return getattr(reactor, name)
+
+    relay = tap.makeService({"loaded": config.load(str(path))}, Reactor())
+    # An admin adds bob with htpasswd -m while the daemon runs.
+    passwd.write_text(passwd.read_text() + "bob:$apr1$VnCaeS6Y$9dUCrUPqfYNL8SBOnqYw./\n")
+    lines = []
+    observer = lambda e: lines.append(formatEvent(e))  # noqa: E731
+    globalLogPublisher.addObserver(observer)
+    try:
+        relay.passwords._checked -= RECHECK_INTERVAL  # a second later: the next AUTH re-reads it
+        relay.passwords.lookup("bob")
+    finally:
+        globalLogPublisher.removeObserver(observer)
+    assert lines == [f"warning: auth.password_file {passwd}: line 2: bob: apr1 (htpasswd -m) is not "
+                     "supported, so bob can never log in; reset with relayd-passwd add bob"]
