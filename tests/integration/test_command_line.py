@@ -92,3 +92,36 @@ def test_readme_and_unit_rewrite_the_plugin_cache_after_every_install_and_upgrad
     assert any("plugin cache" in p for p in upgrade), "the upgrade steps do not rewrite the plugin cache"
     unit = (root / "systemd" / "relayd.service").read_text()
     assert PLUGIN_CACHE in unit and "after every install or\n# upgrade" in unit
+
+
+def test_file_limit_too_low_for_the_config_refuses_to_start(twistd, tmp_path):
+    """
+    Started under a hard RLIMIT_NOFILE of 256, a config whose connections
+    need more exits at once with one line saying so, before listening.
+    """
+    import resource
+
+    port = freePort()
+    config = tmp_path / "relayd.yaml"
+    config.write_text(
+        relaydConfig(port=port, spool=tmp_path / "spool", smarthostPort=freePort())
+        + "limits:\n  connections: 100\n")
+
+    def lowLimit():
+        resource.setrlimit(resource.RLIMIT_NOFILE, (256, 256))
+
+    try:
+        result = subprocess.run(
+            [str(twistd), "-n", "--pidfile=", "relayd", "--config", str(config)], cwd=tmp_path,
+            capture_output=True, stdin=subprocess.DEVNULL, env=childEnvironment(),
+            timeout=EXIT_DEADLINE, preexec_fn=lowLimit)
+    except subprocess.TimeoutExpired as e:
+        raise AssertionError(f"relayd started under a file limit of 256: {e.stderr!r}") from None
+    stderr = result.stderr.decode(errors="replace")
+    assert result.returncode == 1, stderr
+    lines = [l for l in stderr.splitlines() if l.strip()]
+    assert lines == [
+        f"relayd: {config}: limits.connections: 100 connections (with delivery.concurrency 20) "
+        "need 485 open files (64 + listeners + 3 x connections + 6 x concurrency), but the file "
+        "limit (RLIMIT_NOFILE) is 256; raise LimitNOFILE= in the systemd unit (or ulimit -n), "
+        "or lower limits.connections"], stderr
