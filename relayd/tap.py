@@ -277,7 +277,7 @@ class Relay(service.MultiService):
             except PasswordFileError as e:
                 maillog.daemonEvent(f"reload: auth.password_file {e}", level=maillog.LogLevel.error)
             else:
-                _warnSkipped(self.passwords, new.auth)
+                _warnPasswordFile(self.passwords, new.auth)
             self.verifier.cacheSeconds = new.auth.cache
             self.verifier.clearCache()
 
@@ -359,7 +359,7 @@ def makeService(options, reactor=None) -> Relay:
         # A file edited while running is re-read by itself, in a verification
         # thread: the same warnings as at start, from the reactor thread.
         passwords.changed = lambda: reactor.callFromThread(
-            lambda: _warnSkipped(passwords, relay.config.auth))
+            lambda: _warnPasswordFile(passwords, relay.config.auth))
     # relayctl's channel; a child service, so it starts after the spool lock.
     from relayd.control import ControlService
 
@@ -446,7 +446,7 @@ def _reloadDelivery(courier, new, reactor, clientNames=None) -> None:
         clientNames.timeout = new.limits.clientNameTimeout
 
 
-def _warnSkipped(passwords, auth=None) -> None:
+def _warnPasswordFile(passwords, auth=None) -> None:
     """
     What in the password file cannot work, one warning each: a line that is
     not login:hash (a typo), an entry whose hash scheme relayd cannot verify
@@ -485,7 +485,7 @@ def _security(config, reactor):
             passwords.load()
         except PasswordFileError as e:
             fail(f"auth.password_file {e}")
-        _warnSkipped(passwords, config.auth)
+        _warnPasswordFile(passwords, config.auth)
         verifier = Verifier(passwords, config.auth.cache)
         # bcrypt and argon2 release the GIL: one thread per core verifies in parallel.
         authPool = threadpool.ThreadPool(minthreads=0, maxthreads=min(4, os.cpu_count() or 1),
