@@ -217,6 +217,8 @@ def selectionQueue(setup, monkeypatch):
     (("delete", "--sender", "<>"), [("Delete", ["0000000000000004"])]),
     (("delete", "--recipient", "d@two.example"), []),  # delivered already
     (("flush", "--recipient", "@one.example"), [("Flush", ["0000000000000001", "0000000000000004"])]),
+    (("flush", "--sender", "spam@bad.example"), [("Flush", ["0000000000000001"])]),  # 2 is held
+    (("requeue", "--sender", "spam@bad.example"), [("Requeue", ["0000000000000001", "0000000000000002"])]),
     # Every message of flush/requeue is the daemon's own "all" (a count back).
     (("requeue", "ALL"), [("Requeue", [])]),
 ])

@@ -341,9 +341,12 @@ def selected(envelope: Envelope, verb: str, sender: str | None, recipient: str |
     """
     Whether a selection (ALL, --sender, --recipient: every given one must
     match) takes this message: recipients are those still pending; release
-    takes only held messages and hold only the others.
+    takes only held messages, hold and flush only the others (as flush of
+    the whole queue).
     """
-    if verb == "release" and not envelope.hold or verb == "hold" and envelope.hold:
+    if verb == "release" and not envelope.hold:
+        return False
+    if verb in ("hold", "flush") and envelope.hold:
         return False
     if sender is not None and not addressMatches(envelope.sender, sender):
         return False
