@@ -125,3 +125,13 @@ def test_file_limit_too_low_for_the_config_refuses_to_start(twistd, tmp_path):
         "need 485 open files (64 + listeners + 3 x connections + 6 x concurrency), but the file "
         "limit (RLIMIT_NOFILE) is 256; raise LimitNOFILE= in the systemd unit (or ulimit -n), "
         "or lower limits.connections"], stderr
+
+
+def test_readme_creates_the_relayd_user_without_a_login_shell():
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[2] / "README.rst").read_text()
+    useradd = [l.strip() for l in readme.splitlines() if l.strip().startswith("useradd ")]
+    assert useradd, "the README creates no relayd user"
+    for line in useradd:
+        assert "--system" in line and "--shell /usr/sbin/nologin" in line, line
