@@ -7,7 +7,13 @@ last. Stop order (SIGTERM) is the reverse and sequential: listeners stop
 accepting, open sessions get 421 4.3.2 (or finish the message in flight)
 within ``shutdown_grace``, deliveries in flight get the same grace, then
 the thread pool stops. SIGHUP re-reads the config (twistd's default would
-kill the process without stopping anything, TWISTED-NOTES §6).
+kill the process without stopping anything).
+
+SIGINT and SIGTERM are relayd's from the moment its options are parsed
+(``StopSignals``): under stock twistd, SIGINT before the reactor runs is a
+KeyboardInterrupt wherever start-up happens to be (a traceback, and started
+thread pools keep the process alive), and twistd re-raises the signal that
+stopped the reactor, so a clean stop would exit -15.
 """
 
 from __future__ import annotations
@@ -37,6 +43,44 @@ def fail(message: str) -> "NoReturn":  # noqa: F821
     sys.stderr.write(f"relayd: {message}\n")
     sys.stderr.flush()
     raise SystemExit(1)
+
+
+class StopSignals:
+    """
+    The SIGINT and SIGTERM handler, from the first step of start-up to the
+    exit. A signal that arrives before the daemon has started is recorded
+    and acted on as soon as start-up reaches a point where it can stop
+    cleanly (``Relay.startService``); once started, it stops the reactor
+    (``Relay.stopOnSignal``) and the daemon exits 0.
+    """
+
+    def __init__(self) -> None:
+        self.received: int | None = None
+        self.relay: Relay | None = None
+        # SIGHUP before the Relay has its own handler (whose default would
+        # kill the process): the config is re-read once start-up is done.
+        self.reloadRequested = False
+
+    def install(self) -> None:
+        signal.signal(signal.SIGINT, self)
+        signal.signal(signal.SIGTERM, self)
+
+    def installForStartUp(self) -> None:
+        self.install()
+        signal.signal(signal.SIGHUP, self._hup)
+
+    def _hup(self, signum, frame) -> None:
+        self.reloadRequested = True
+
+    def __call__(self, signum, frame) -> None:
+        if self.received is None:
+            self.received = signum
+        if self.relay is not None:
+            self.relay.stopOnSignal(signum)
+
+
+# One per process: the handler twistd's start-up and the Relay share.
+stopSignals = StopSignals()
 
 
 # Open files (RLIMIT_NOFILE) relayd needs, counted from its config:
@@ -115,6 +159,10 @@ class Options(usage.Options):
     optParameters = [["config", "c", None, "The relayd YAML configuration file (required)."]]
 
     def postOptions(self) -> None:
+        # Under twistd (which sets ``parent``) this is relayd's first code of
+        # the start-up: take SIGINT and SIGTERM before any work begins.
+        if getattr(self, "parent", None) is not None:
+            stopSignals.installForStartUp()
         path = self["config"]
         if not path:
             fail("--config FILE is required (see etc/relayd.yaml for an example)")
@@ -190,40 +238,71 @@ class Relay(service.MultiService):
         for listener in listeners:
             listener.setServiceParent(self)
         self._previousHup = None
+        self._stopping = False
+        # The process's StopSignals when this Relay runs on the global reactor.
+        self.stopSignals: StopSignals | None = None
 
     def startService(self) -> None:
-        self.pool.start()
-        if self.authPool is not None:
-            self.authPool.start()
+        signals = self.stopSignals
+        if signals is not None:
+            signals.installForStartUp()  # idempotent; relayd's Options may not have run
+            if signals.received is not None:
+                # Nothing runs yet but bound sockets, which the exit closes.
+                maillog.daemonEvent(f"received {signal.Signals(signals.received).name} "
+                                    "during start-up, not started")
+                raise SystemExit(0)
+        # Every check that can refuse the start comes before the thread
+        # pools: a started pool's threads would keep a refused process alive.
+        directory = self.config.queue.directory
+        from relayd.queue import ownershipProblem
+
+        problem = ownershipProblem(directory)
+        if problem is not None:
+            fail(f"queue.directory {problem}")
         try:
             self.spool.lock()
         except BlockingIOError:
-            fail(f"queue.directory {self.config.queue.directory} is in use by another relayd")
+            fail(f"queue.directory {directory} is in use by another relayd")
         except OSError as e:
-            fail(f"queue.directory {self.config.queue.directory}: {e.strerror}")
+            fail(f"queue.directory {directory}: {_withFix(e, directory)}")
         try:
             recovered = self.spool.recover()
         except OSError as e:
-            fail(f"queue.directory {self.config.queue.directory}: {e.strerror}")
+            fail(f"queue.directory {directory}: {_withFix(e, directory)}")
+        self.pool.start()
+        if self.authPool is not None:
+            self.authPool.start()
         for envelope in recovered:
             self.scheduler.add(envelope)
         self.scheduler.reportQuarantine(getattr(self.spool, "quarantined", []))
         super().startService()
+        unreadable = len(getattr(self.spool, "unreadable", []))
         maillog.daemonEvent(
             f"daemon started -- version {__import__('relayd').__version__}, "
-            f"configuration {self.config.path}, {self.scheduler.queueLength()} messages in queue")
-        if self.reactor is _globalReactor():
+            f"configuration {self.config.path}, {self.scheduler.queueLength()} messages in queue"
+            + (f", {unreadable} unreadable (see the errors above)" if unreadable else ""))
+        if signals is not None:
             self._previousHup = signal.signal(signal.SIGHUP, self._sighup)
-            # After the reactor's own handlers are in place: twistd re-raises
-            # the signal that stopped the reactor, so a clean SIGTERM stop
-            # would exit with -15. relayd stops the reactor itself and exits 0.
-            self.reactor.callWhenRunning(signal.signal, signal.SIGTERM, self._sigterm)
+            signals.relay = self
+            if signals.received is not None:  # arrived during the start-up above
+                self.stopOnSignal(signals.received)
+            elif signals.reloadRequested:
+                signals.reloadRequested = False
+                self.reactor.callWhenRunning(self.reload)
+            # reactor.run() puts its own SIGTERM handler in place (SIGINT it
+            # leaves alone, as it is not Python's default any more): ours again.
+            self.reactor.callWhenRunning(signals.install)
 
     def _sighup(self, signum, frame) -> None:
         self.reactor.callFromThread(self.reload)
 
-    def _sigterm(self, signum, frame) -> None:
-        maillog.daemonEvent("received SIGTERM, shutting down")
+    def stopOnSignal(self, signum: int) -> None:
+        """SIGINT or SIGTERM: stop as SIGTERM does (sessions and deliveries finish), exit 0."""
+        if self._stopping:
+            return
+        self._stopping = True
+        maillog.daemonEvent(f"received {signal.Signals(signum).name}, shutting down")
+        # Before the reactor runs, this waits in its queue for the first iteration.
         self.reactor.callFromThread(self.reactor.stop)
 
     def reload(self) -> None:
@@ -285,6 +364,12 @@ class Relay(service.MultiService):
     def stopService(self):
         if self._previousHup is not None:
             signal.signal(signal.SIGHUP, self._previousHup)
+        self._stopping = True
+        # A SIGTERM caught by the reactor's own handler (in the instant
+        # between reactor.run() installing it and ours going back) would be
+        # re-raised by twistd after the stop: this stop is clean, exit 0.
+        if getattr(self.reactor, "_exitSignal", None) in (signal.SIGINT, signal.SIGTERM):
+            self.reactor._exitSignal = None
         self.running = False
         # One grace for sessions and deliveries together: systemd's
         # TimeoutStopSec is set against shutdown_grace, not twice it.
@@ -302,6 +387,16 @@ class Relay(service.MultiService):
         if self.authPool is not None:
             self.authPool.stop()
         maillog.daemonEvent("daemon stopped")
+
+
+def _withFix(error: OSError, directory: str) -> str:
+    """An OSError on the spool, with what to do when it is a permission problem."""
+    from relayd.queue import permissionFix
+
+    text = error.strerror or str(error)
+    if isinstance(error, PermissionError):
+        return f"{getattr(error, 'filename', None) or directory}: {text}; {permissionFix(directory)}"
+    return text
 
 
 def _globalReactor():
@@ -367,6 +462,8 @@ def makeService(options, reactor=None) -> Relay:
     listenerServices.extend(listeners)
     relay.courier = courier
     relay.clientNames = clientNames
+    if reactor is _globalReactor():
+        relay.stopSignals = stopSignals
     return relay
 
 
@@ -398,6 +495,41 @@ def _deliverySecrets(config) -> tuple[dict, set[str], list[str]]:
             brokenCaFiles.add(caFile)
             problems.append(f"ca_file {caFile}: {getattr(e, 'strerror', None) or e}")
     return passwords, brokenCaFiles, problems
+
+
+def _needsTLS(config) -> bool:
+    return config.tls is not None and any(l.tls != "none" for l in config.listeners)
+
+
+def _needsAuth(config) -> bool:
+    return config.auth is not None and any(l.auth != "none" for l in config.listeners)
+
+
+def startupProblems(config) -> list[str]:
+    """
+    Everything that would stop ``twistd relayd`` from starting with
+    ``config`` when run as this process's user, in the daemon's order and
+    words (without "relayd: "): every file the config names opened and
+    read as the daemon reads it, and the spool checked. For ``relayd
+    check-config``; changes nothing.
+    """
+    from relayd.auth import PasswordFile, PasswordFileError
+    from relayd.queue import spoolProblems
+    from relayd.tls import ServerTLS, TLSSetupError
+
+    problems = [f"{config.path}: {p}" for p in _deliverySecrets(config)[2]]
+    if _needsTLS(config):
+        try:
+            ServerTLS.fromConfig(config.tls)
+        except TLSSetupError as e:
+            problems.append(str(e))
+    if _needsAuth(config):
+        try:
+            PasswordFile(config.auth.passwordFile).load()
+        except PasswordFileError as e:
+            problems.append(f"auth.password_file {e}")
+    problems.extend(f"queue.directory {p}" for p in spoolProblems(config.queue.directory))
+    return problems
 
 
 def _resolver(config, reactor):
@@ -474,12 +606,12 @@ def _security(config, reactor):
     from relayd.tls import ServerTLS, TLSSetupError
 
     tls = passwords = verifier = authPool = credPortal = None
-    if config.tls is not None and any(l.tls != "none" for l in config.listeners):
+    if _needsTLS(config):
         try:
             tls = ServerTLS.fromConfig(config.tls)
         except TLSSetupError as e:
             fail(str(e))
-    if config.auth is not None and any(l.auth != "none" for l in config.listeners):
+    if _needsAuth(config):
         passwords = PasswordFile(config.auth.passwordFile)
         try:
             passwords.load()

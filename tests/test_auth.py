@@ -224,20 +224,30 @@ def runPasswd(*args, stdin=""):
     return code, out.getvalue(), err.getvalue()
 
 
-def test_passwd_add_list_check_remove(tmp_path):
+@pytest.fixture
+def daemonGroup(monkeypatch):
+    """The group new password files are given: here, one this process may give."""
+    import grp
+
+    name = grp.getgrgid(os.getegid()).gr_name
+    monkeypatch.setattr(passwdCLI, "DAEMON_GROUP", name)
+    return os.getegid()
+
+
+def test_passwd_add_list_check_remove(tmp_path, daemonGroup):
     path = str(tmp_path / "passwd")
     assert runPasswd("-f", path, "add", "alice@example.com", stdin="s3cret\n") == (
         0, f"added alice@example.com in {path}\n", "")
-    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o640
     assert runPasswd("-f", path, "add", "--scheme", "argon2", "printer", stdin="p\n")[0] == 0
     assert runPasswd("-f", path, "list") == (0, "alice@example.com bcrypt\nprinter argon2\n", "")
     assert runPasswd("-f", path, "check", "alice@example.com", stdin="s3cret\n") == (0, "ok\n", "")
     assert runPasswd("-f", path, "check", "alice@example.com", stdin="nope\n") == (
         1, "wrong login or password\n", "")
     # Changing a password keeps the file's mode and the other lines.
-    os.chmod(path, 0o640)
+    os.chmod(path, 0o600)
     assert runPasswd("-f", path, "add", "alice@example.com", stdin="new\n")[1].startswith("changed")
-    assert stat.S_IMODE(os.stat(path).st_mode) == 0o640
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
     assert runPasswd("-f", path, "check", "alice@example.com", stdin="new\n")[0] == 0
     assert runPasswd("-f", path, "remove", "printer") == (0, f"removed printer from {path}\n", "")
     assert runPasswd("-f", path, "list")[1] == "alice@example.com bcrypt\n"
@@ -246,6 +256,45 @@ def test_passwd_add_list_check_remove(tmp_path):
     # What the daemon reads is what relayd-passwd wrote.
     assert auth.Verifier(auth.PasswordFile(path)).verify("alice@example.com", "new")
     assert [p.name for p in tmp_path.iterdir()] == ["passwd"]  # no temp file left
+
+
+def test_passwd_makes_a_new_file_the_daemon_can_read(tmp_path, monkeypatch):
+    """Group relayd (when it exists) and 0640: the unit runs the daemon as relayd:relayd."""
+    import grp
+
+    group = "nogroup" if os.geteuid() == 0 else grp.getgrgid(os.getegid()).gr_name
+    gid = grp.getgrnam(group).gr_gid
+    monkeypatch.setattr(passwdCLI, "DAEMON_GROUP", group)
+    path = tmp_path / "passwd"
+    assert runPasswd("-f", str(path), "add", "alice@example.com", stdin="s3cret\n")[0] == 0
+    st = os.stat(path)
+    assert (stat.S_IMODE(st.st_mode), st.st_gid) == (0o640, gid)
+
+    # Without such a group: the owner's alone, and a line says how to let the daemon in.
+    monkeypatch.setattr(passwdCLI, "DAEMON_GROUP", "no-such-group-for-relayd-tests")
+    other = tmp_path / "other"
+    code, _, err = runPasswd("-f", str(other), "add", "alice@example.com", stdin="s3cret\n")
+    assert code == 0 and stat.S_IMODE(os.stat(other).st_mode) == 0o600
+    assert err == (f"relayd-passwd: note: created {other} mode 0600: the daemon's user must be able "
+                   f"to read it (e.g. chgrp no-such-group-for-relayd-tests {other} && chmod 0640 {other})\n")
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="giving a file to another owner needs root (CI runs as root)")
+def test_passwd_rewrite_keeps_owner_group_and_mode(tmp_path):
+    """The README's root:relayd 0640 (here nobody:nogroup 0604) survives an edit as root."""
+    import grp
+    import pwd
+
+    path = tmp_path / "passwd"
+    path.write_text("# users\n")
+    os.chown(path, pwd.getpwnam("nobody").pw_uid, grp.getgrnam("nogroup").gr_gid)
+    os.chmod(path, 0o604)
+    assert runPasswd("-f", str(path), "add", "alice@example.com", stdin="s3cret\n")[0] == 0
+    assert runPasswd("-f", str(path), "remove", "alice@example.com")[0] == 0
+    st = os.stat(path)
+    assert (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)) == (
+        pwd.getpwnam("nobody").pw_uid, grp.getgrnam("nogroup").gr_gid, 0o604)
+    assert path.read_text() == "# users\n"
 
 
 def test_passwd_keeps_comments(tmp_path):

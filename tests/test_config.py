@@ -551,7 +551,7 @@ class TestCheckConfigCommand:
         assert result.returncode == 2
         assert result.stderr.count("\n") == 1
         assert result.stderr.startswith("relayd: ")
-        assert result.stderr.endswith("usage: relayd check-config FILE\n")
+        assert result.stderr.endswith("usage: relayd check-config [--user USER] FILE\n")
 
     def test_warnsAboutPasswordEntriesThatCanNeverLogIn(self, tmp_path: Path) -> None:
         passwd = tmp_path / "passwd"

@@ -10,6 +10,9 @@ Errors an admin can fix are one line on stderr, never a traceback.
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import pwd
 import sys
 from typing import Callable, Sequence, TextIO
 
@@ -38,10 +41,83 @@ class _Parser(argparse.ArgumentParser):
         raise _UsageError(message)
 
 
+class _Refusal(Exception):
+    """One line for stderr; exit 1."""
+
+
+def _filesProblems(path: str) -> list[str]:
+    """Load the config and open every file it names, as this process's user (the daemon's words)."""
+    from relayd import tap
+
+    try:
+        loaded = config.load(path)
+    except config.ConfigError as e:
+        return [str(e)]
+    return tap.startupProblems(loaded)
+
+
+def _asUser(user: str, work: Callable[[], list[str]]) -> list[str]:
+    """
+    ``work()`` in a child process that has dropped to ``user``'s uid, gid
+    and supplementary groups, as systemd's User= does: the kernel, not an
+    access() check made as root, says what that user may open.
+    """
+    try:
+        entry = pwd.getpwnam(user)
+    except KeyError:
+        raise _Refusal(f"--user {user}: no such user") from None
+    if os.geteuid() == entry.pw_uid:
+        return work()
+    if os.geteuid() != 0:
+        raise _Refusal(f"--user {user}: only root can check as another user; "
+                       f"run check-config as root or as {user}")
+    groups = os.getgrouplist(user, entry.pw_gid)
+    # Everything the check needs is imported now, while the venv is
+    # certainly readable; the child only opens the files under test.
+    import relayd.auth, relayd.courier, relayd.tap, relayd.tls  # noqa: E401,F401
+    sys.stdout.flush()
+    sys.stderr.flush()
+    readEnd, writeEnd = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: never returns
+        status = 0
+        try:
+            os.close(readEnd)
+            os.setgroups(groups)
+            os.setgid(entry.pw_gid)
+            os.setuid(entry.pw_uid)
+            answer = {"problems": work()}
+        except BaseException as e:  # anything at all: reported, never a traceback
+            answer, status = {"error": f"{type(e).__name__}: {e}"}, 1
+        try:
+            data = json.dumps(answer).encode("utf-8")
+            while data:
+                data = data[os.write(writeEnd, data):]
+        finally:
+            os._exit(status)
+    os.close(writeEnd)
+    chunks = []
+    while True:
+        chunk = os.read(readEnd, 65536)
+        if not chunk:
+            break
+        chunks.append(chunk)
+    os.close(readEnd)
+    os.waitpid(pid, 0)
+    try:
+        answer = json.loads(b"".join(chunks))
+    except ValueError:
+        raise _Refusal(f"--user {user}: the check as {user} ended without an answer") from None
+    if "error" in answer:
+        raise _Refusal(f"--user {user}: the check as {user} failed: {answer['error']}")
+    return answer["problems"]
+
+
 def checkConfig(args: argparse.Namespace, stdout: TextIO, stderr: TextIO) -> int:
     """
-    Load a config file as the daemon would; print the effective config if
-    it is valid, the one-line reason if not.
+    Load a config file as the daemon would, then open every file it names
+    (as ``--user``, or as whoever runs this); print the effective config if
+    all is well, one line per problem if not, as the daemon words it.
     """
     try:
         loaded = config.load(args.file)
@@ -53,6 +129,18 @@ def checkConfig(args: argparse.Namespace, stdout: TextIO, stderr: TextIO) -> int
         stderr.write(f"{PROG}: warning: {args.file}: {warning}\n")
     for warning in _passwordFileWarnings(loaded):
         stderr.write(f"{PROG}: warning: {warning}\n")
+    try:
+        if args.user:
+            problems = _asUser(args.user, lambda: _filesProblems(args.file))
+        else:
+            problems = _filesProblems(args.file)
+    except _Refusal as e:
+        stderr.write(f"{PROG}: {e}\n")
+        return FAILED
+    for problem in problems:
+        stderr.write(f"{PROG}: {problem}\n")
+    if problems:
+        return FAILED
     stdout.write(loaded.toYAML())
     return OK
 
@@ -82,6 +170,13 @@ def _passwordFileWarnings(loaded: config.Config) -> list[str]:
     return found
 
 
+def _checkConfigArguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--user", metavar="USER",
+                        help="open the files as this user, the one the daemon runs as "
+                             "(User= in the systemd unit); needs root")
+    parser.add_argument("file", metavar="FILE", help="the YAML config file")
+
+
 # name: (function, argument synopsis, help, argument setup)
 _COMMANDS: dict[
     str,
@@ -94,9 +189,9 @@ _COMMANDS: dict[
 ] = {
     "check-config": (
         checkConfig,
-        "FILE",
-        "validate a config file and print the effective configuration",
-        lambda p: p.add_argument("file", metavar="FILE", help="the YAML config file"),
+        "[--user USER] FILE",
+        "validate a config file, open every file it names, print the effective configuration",
+        _checkConfigArguments,
     ),
 }
 

@@ -234,3 +234,47 @@ def test_raw_client_with_thousands_of_ids_gets_an_error_not_a_dropped_connection
     ok(daemon, "list")
     log = daemon.log(before)
     assert "Traceback" not in log and "Unhandled" not in log, log
+
+
+def test_quarantine_list_show_and_restore_put_a_message_back_into_delivery(tmp_path, processes, twistd):
+    sink = Sink(tmp_path / "sink")  # down at first: the message stays queued
+    processes.append(sink)
+    daemon = Relayd(tmp_path / "relayd", sink.port)
+    processes.append(daemon)
+    daemon.start()
+    assert ok(daemon, "quarantine", "list") == "Quarantine is empty\n"
+    qid = daemon.submit(makeMessage("quarantine", ["back from quarantine"]))
+    daemon.waitForLog(rf"{qid}: to=<bob@remote\.test>.*status=deferred")
+    assert daemon.terminate() == 0
+
+    envelopePath = daemon.spool / "queue" / f"{qid}.env"
+    good = envelopePath.read_bytes()
+    envelopePath.write_bytes(b"{broken")
+    before = daemon.logOffset()
+    daemon.start()
+    daemon.waitForLog(rf"{qid}: quarantined: envelope is not JSON", since=before)
+    assert ok(daemon, "list") == "Mail queue is empty\n"
+
+    listing = ok(daemon, "quarantine", "list")
+    assert listing.startswith(f"{qid}\n    broken: envelope is not JSON"), listing
+    assert "1 quarantined entry" in listing
+    shown = ok(daemon, "quarantine", "show", qid)
+    assert shown.startswith("Quarantine:   broken: envelope is not JSON"), shown
+    assert f"{qid}.env" in shown and f"{qid}.eml" in shown
+    refused = relayctl(daemon, "quarantine", "restore", qid)
+    assert refused.returncode == 1 and refused.stderr.startswith(
+        f"relayctl: {qid}: not restored: envelope is not JSON"), refused
+
+    # Repaired by hand: the check passes, the daemon takes it back and delivers it.
+    (daemon.spool / "quarantine" / f"{qid}.env").write_bytes(good)
+    listing = ok(daemon, "quarantine", "list")
+    assert re.match(rf"{qid}  .*  alice@client\.test  \(1 pending\)\n    restorable", listing), listing
+    assert "Subject: quarantine" in ok(daemon, "quarantine", "show", qid, "--body")
+    sink.start()
+    assert ok(daemon, "quarantine", "restore", qid) == f"{qid}: restored from quarantine\n"
+    daemon.waitForLog(rf"{qid}: restored from quarantine", since=before)
+    [delivered] = sink.waitForMessages(1, daemon.describe)
+    assert b"back from quarantine" in delivered.content
+    assert ok(daemon, "quarantine", "list") == "Quarantine is empty\n"
+    again = relayctl(daemon, "quarantine", "restore", qid)
+    assert again.returncode == 1 and "not in quarantine" in again.stderr
