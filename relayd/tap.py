@@ -334,7 +334,7 @@ class Relay(service.MultiService):
         self.scheduler.reconfigure(new)
         self._reloadSecurity(new)
         if getattr(self, "courier", None) is not None:
-            _reloadDelivery(self.courier, new, self.reactor)
+            _reloadDelivery(self.courier, new, self.reactor, getattr(self, "clientNames", None))
         note = f"; {', '.join(needRestart)} changed and need a restart" if needRestart else ""
         maillog.daemonEvent(f"reload: configuration {new.path} applied{note}")
 
@@ -356,7 +356,7 @@ class Relay(service.MultiService):
             except PasswordFileError as e:
                 maillog.daemonEvent(f"reload: auth.password_file {e}", level=maillog.LogLevel.error)
             else:
-                _warnSkipped(self.passwords)
+                _warnPasswordFile(self.passwords, new.auth)
             self.verifier.cacheSeconds = new.auth.cache
             self.verifier.clearCache()
 
@@ -419,7 +419,9 @@ def makeService(options, reactor=None) -> Relay:
     spool = Spool(config.queue.directory)
     pool = threadpool.ThreadPool(minthreads=1, maxthreads=4, name="relayd-spool")
     listenerServices: list = []
-    courier = _courier(config, reactor, listenerServices)
+    # One resolver for MX delivery and client names; SIGHUP replaces it.
+    resolver = _resolver(config, reactor)
+    courier = _courier(config, reactor, listenerServices, resolver)
     # Notices (bounces) are written and fsynced in the spool's threads too.
     scheduler = Scheduler(spool, courier.deliver, config, reactor,
                           runInThread=lambda f, *a: deferToThreadPool(reactor, pool, f, *a))
@@ -429,8 +431,11 @@ def makeService(options, reactor=None) -> Relay:
         return deferToThreadPool(reactor, pool, writer.commit, envelope)
 
     tls, passwords, verifier, authPool, credPortal = _security(config, reactor)
+    from relayd.resolve import ClientNames
+
+    clientNames = ClientNames(resolver, config.limits.clientNameTimeout, reactor)
     factory = SubmissionFactory(config, spool, commit, scheduler.add, reactor,
-                                portal=credPortal, tls=tls)
+                                portal=credPortal, tls=tls, clientNames=clientNames.lookup)
     if credPortal is not None:
         # auth.senders as of the last reload, not as of the start.
         credPortal.realm.sendersFor = lambda login: (
@@ -445,6 +450,11 @@ def makeService(options, reactor=None) -> Relay:
         listeners.append(Listener(l.endpoint, listenerFactory, reactor))
     relay = Relay(config, reactor, spool, pool, scheduler, factory, listeners,
                   tls=tls, passwords=passwords, verifier=verifier, authPool=authPool)
+    if passwords is not None:
+        # A file edited while running is re-read by itself, in a verification
+        # thread: the same warnings as at start, from the reactor thread.
+        passwords.changed = lambda: reactor.callFromThread(
+            lambda: _warnPasswordFile(passwords, relay.config.auth))
     # relayctl's channel; a child service, so it starts after the spool lock.
     from relayd.control import ControlService
 
@@ -452,6 +462,7 @@ def makeService(options, reactor=None) -> Relay:
                    throttle=factory.authThrottle).setServiceParent(relay)
     listenerServices.extend(listeners)
     relay.courier = courier
+    relay.clientNames = clientNames
     if reactor is _globalReactor():
         relay.stopSignals = stopSignals
     return relay
@@ -528,7 +539,7 @@ def _resolver(config, reactor):
     return makeResolver(reactor, config.delivery.dns.servers, config.delivery.dns.timeout)
 
 
-def _courier(config, reactor, listeners):
+def _courier(config, reactor, listeners, resolver):
     """The courier; ``listeners`` (filled in later) tell it relayd's own addresses."""
     from relayd.courier import Courier
 
@@ -545,31 +556,47 @@ def _courier(config, reactor, listeners):
         return found
 
     return Courier(reactor, config.hostname, config.delivery.timeouts,
-                   resolver=_resolver(config, reactor), passwords=passwords,
+                   resolver=resolver, passwords=passwords,
                    localAddresses=localAddresses)
 
 
-def _reloadDelivery(courier, new, reactor) -> None:
+def _reloadDelivery(courier, new, reactor, clientNames=None) -> None:
     """
     New HELO name, timeouts, resolver and passwords; a password file or
-    ca_file that cannot be read keeps what was loaded before.
+    ca_file that cannot be read keeps what was loaded before. Client names
+    get the same new resolver and their new timeout.
     """
     passwords, brokenCaFiles, problems = _deliverySecrets(new)
     for problem in problems:
         maillog.daemonEvent(f"reload: {problem}; keeping what was loaded before",
                             level=maillog.LogLevel.error)
+    resolver = _resolver(new, reactor)
     courier.heloName = new.hostname
     courier.reconfigure(new.delivery.timeouts, {**courier.passwords, **passwords},
-                        _resolver(new, reactor), keepCaFiles=brokenCaFiles)
+                        resolver, keepCaFiles=brokenCaFiles)
+    if clientNames is not None:
+        clientNames.resolver = resolver
+        clientNames.timeout = new.limits.clientNameTimeout
 
 
-def _warnSkipped(passwords) -> None:
-    """A line of the password file that is not login:hash is a typo worth one warning."""
-    from relayd.auth import skippedLines
+def _warnPasswordFile(passwords, auth=None) -> None:
+    """
+    What in the password file cannot work, one warning each: a line that is
+    not login:hash (a typo), an entry whose hash scheme relayd cannot verify
+    (that login can never log in), an auth.senders entry for a login the
+    file does not have.
+    """
+    from relayd.auth import sendersWithoutLogin, skippedLines
 
     if passwords.skipped:
         maillog.daemonEvent(f"warning: auth.password_file {passwords.path}: {skippedLines(passwords.skipped)}",
                             level=maillog.LogLevel.warn)
+    for entry in passwords.unusable:
+        maillog.daemonEvent(f"warning: auth.password_file {entry.describe(passwords.path)}",
+                            level=maillog.LogLevel.warn)
+    if auth is not None:
+        for problem in sendersWithoutLogin(auth.senders, passwords.logins(), passwords.path):
+            maillog.daemonEvent(f"warning: {problem}", level=maillog.LogLevel.warn)
 
 
 def _security(config, reactor):
@@ -591,7 +618,7 @@ def _security(config, reactor):
             passwords.load()
         except PasswordFileError as e:
             fail(f"auth.password_file {e}")
-        _warnSkipped(passwords)
+        _warnPasswordFile(passwords, config.auth)
         verifier = Verifier(passwords, config.auth.cache)
         # bcrypt and argon2 release the GIL: one thread per core verifies in parallel.
         authPool = threadpool.ThreadPool(minthreads=0, maxthreads=min(4, os.cpu_count() or 1),

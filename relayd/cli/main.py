@@ -127,6 +127,8 @@ def checkConfig(args: argparse.Namespace, stdout: TextIO, stderr: TextIO) -> int
     # Warnings name risky but valid settings; they do not change the status.
     for warning in config.warnings(loaded):
         stderr.write(f"{PROG}: warning: {args.file}: {warning}\n")
+    for warning in _passwordFileWarnings(loaded):
+        stderr.write(f"{PROG}: warning: {warning}\n")
     try:
         if args.user:
             problems = _asUser(args.user, lambda: _filesProblems(args.file))
@@ -141,6 +143,31 @@ def checkConfig(args: argparse.Namespace, stdout: TextIO, stderr: TextIO) -> int
         return FAILED
     stdout.write(loaded.toYAML())
     return OK
+
+
+def _passwordFileWarnings(loaded: config.Config) -> list[str]:
+    """
+    What the daemon would warn about in auth.password_file: entries no
+    password can match (an unsupported hash scheme) and auth.senders
+    entries for logins it does not have. A file that cannot be read gives
+    nothing here (the daemon refuses to start on it).
+    """
+    from relayd.auth import parsePasswordFile, sendersWithoutLogin, skippedLines, unusableEntries
+
+    if loaded.auth is None:
+        return []
+    path = loaded.auth.passwordFile
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError:
+        return []
+    entries, skipped = parsePasswordFile(data)
+    found = [f"{path}: {skippedLines(skipped)}"] if skipped else []
+    found += [entry.describe(path) for entry in unusableEntries(data)]
+    found += [f"{loaded.path}: {problem}"
+              for problem in sendersWithoutLogin(loaded.auth.senders, set(entries), path)]
+    return found
 
 
 def _checkConfigArguments(parser: argparse.ArgumentParser) -> None:
@@ -176,8 +203,21 @@ def _usage() -> str:
     )
 
 
+def version() -> str:
+    """The installed package's version (its metadata), else the source tree's."""
+    from importlib import metadata
+
+    try:
+        return metadata.version("relayd")
+    except metadata.PackageNotFoundError:
+        import relayd
+
+        return relayd.__version__
+
+
 def makeParser() -> argparse.ArgumentParser:
     parser = _Parser(prog=PROG, description="relayd administration commands")
+    parser.add_argument("--version", action="store_true", help="print relayd's version and exit")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     for name, (function, _, help, setup) in _COMMANDS.items():
         sub = subparsers.add_parser(name, help=help, description=help)
@@ -193,6 +233,9 @@ def run(argv: Sequence[str], stdout: TextIO, stderr: TextIO) -> int:
     parser = makeParser()
     try:
         args = parser.parse_args(list(argv))
+        if args.version:
+            stdout.write(f"{PROG} {version()}\n")
+            return OK
         if args.command is None:
             raise _UsageError("no command given")
     except _UsageError as e:

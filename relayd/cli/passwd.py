@@ -35,7 +35,7 @@ from typing import Sequence, TextIO
 
 from relayd.auth import (
     BCRYPT_MAX_PASSWORD, SCHEMES, PasswordFile, PasswordFileError, PasswordTooLong, Verifier,
-    cryptContext, isValidLogin, parsePasswordFile, skippedLines,
+    cryptContext, isValidLogin, parsePasswordFile, schemeProblem, skippedLines,
 )
 
 PROG = "relayd-passwd"
@@ -227,8 +227,13 @@ def list_(args, stdin: TextIO, stdout: TextIO) -> int:
     entries = _readEntries(args.file)
     context = cryptContext()
     for login, hashed in entries.items():
-        scheme = context.identify(hashed, required=False) or "unknown"
-        stdout.write(f"{login} {scheme}\n")
+        problem = schemeProblem(hashed)
+        if problem is None:
+            stdout.write(f"{login} {context.identify(hashed)}\n")
+        elif problem == "locked":
+            stdout.write(f"{login} locked\n")
+        else:
+            stdout.write(f"{login} unusable: {problem}; reset with {PROG} add {login}\n")
     return OK
 
 

@@ -15,6 +15,11 @@
     relayctl [-c CONFIG] quarantine show ID [--body]
     relayctl [-c CONFIG] quarantine restore ID ...   check again, put back into the queue
 
+Instead of ids, each of these takes ``ALL`` (every message, as
+``postsuper -d ALL``) and/or ``--sender ADDRESS`` / ``--recipient ADDRESS``
+(an address, ``@domain``, or ``<>``): the messages are picked from the
+spool as ``list`` reads it, then changed in batches like named ids.
+
 ``list`` and ``show`` read the spool directly (envelope files are only ever
 replaced by atomic renames, so no lock is needed) and work whether or not
 the daemon runs; when it runs they also mark what it is delivering right
@@ -328,14 +333,80 @@ def _batches(ids: list[str]):
         yield ids[i : i + control.MAX_IDS_PER_CALL]
 
 
+# The queue-id argument that selects every message (postsuper -d ALL).
+ALL = "ALL"
+
+
+def addressMatches(address: str, wanted: str) -> bool:
+    """
+    ``wanted`` is an address (any case), ``@domain`` (that domain only, not
+    its subdomains) or ``<>``/empty for the null sender.
+    """
+    wanted = wanted.strip()
+    if wanted.startswith("<") and wanted.endswith(">"):
+        wanted = wanted[1:-1]
+    if not wanted:
+        return address == ""
+    address, wanted = address.lower(), wanted.lower()
+    if wanted.startswith("@"):
+        return "@" in address and "@" + address.rpartition("@")[2].rstrip(".") == wanted.rstrip(".")
+    return address == wanted
+
+
+def selected(envelope: Envelope, verb: str, sender: str | None, recipient: str | None) -> bool:
+    """
+    Whether a selection (ALL, --sender, --recipient: every given one must
+    match) takes this message: recipients are those still pending; release
+    takes only held messages, hold and flush only the others (as flush of
+    the whole queue).
+    """
+    if verb == "release" and not envelope.hold:
+        return False
+    if verb in ("hold", "flush") and envelope.hold:
+        return False
+    if sender is not None and not addressMatches(envelope.sender, sender):
+        return False
+    if recipient is not None and not any(
+            r.state == PENDING and addressMatches(r.address, recipient) for r in envelope.recipients):
+        return False
+    return True
+
+
+def _selection(cfg, args) -> list[str]:
+    """The queue ids that ALL/--sender/--recipient select, from the spool as list reads it."""
+    envelopes, _ = loadQueue(cfg.queue.directory)
+    return [e.queueId for e in envelopes if selected(e, args.verb, args.sender, args.recipient)]
+
+
+def _selecting(args) -> bool:
+    """Whether the command selects messages (ALL, --sender, --recipient) instead of naming them."""
+    return args.sender is not None or args.recipient is not None or ALL in args.ids
+
+
+def _checkSelection(args) -> None:
+    """Usage errors of a per-message verb's arguments, before anything is read."""
+    if _selecting(args) and any(i != ALL for i in args.ids):
+        raise _UsageError("give queue ids, or ALL / --sender / --recipient, not both")
+    if not _selecting(args) and not args.ids and args.verb not in ("flush", "requeue"):
+        raise _UsageError(f"{args.verb} needs queue ids, ALL, --sender or --recipient")
+
+
 def changeQueue(cfg, args, out: TextIO, err: TextIO) -> int:
     command = {
         "flush": control.Flush, "hold": control.Hold, "release": control.Release,
         "delete": control.Delete, "bounce": control.Bounce, "requeue": control.Requeue,
     }[args.verb]
-    ids = [_queueId(i) for i in args.ids]
+    selecting = _selecting(args)
+    everything = selecting and args.sender is None and args.recipient is None
+    if everything and args.verb in ("flush", "requeue"):
+        args.ids = []  # the daemon's own "every message", answered with a count
+        selecting = False
+    ids = _selection(cfg, args) if selecting else [_queueId(i) for i in args.ids]
     path = cfg.queue.controlSocketPath
     status = OK
+    if selecting and not ids:
+        out.write("no message in the queue matches\n")
+        return OK
     if not ids:
         answer = callDaemon(path, command, ids=[])
         count = answer["count"]
@@ -356,6 +427,9 @@ def changeQueue(cfg, args, out: TextIO, err: TextIO) -> int:
         for outcome in answer["outcomes"]:
             if outcome["ok"]:
                 out.write(f"{outcome['id']}: {outcome['outcome']}\n")
+            elif selecting and outcome["outcome"] == control.UNKNOWN:
+                # Delivered or removed between the listing and the request.
+                out.write(f"{outcome['id']}: gone from the queue meanwhile\n")
             else:
                 err.write(f"{PROG}: {outcome['id']}: {outcome['outcome']}\n")
                 status = FAILED_STATUS
@@ -498,7 +572,13 @@ def _parser() -> _Parser:
         ("requeue", False, "forget backoff and hold, try now (every message when no id is given)"),
     ):
         p = verbs.add_parser(verb, help=text)
-        p.add_argument("ids", nargs="+" if needsIds else "*", metavar="ID")
+        p.add_argument("ids", nargs="*", metavar="ID",
+                       help=f"queue ids, or {ALL} for every message" + (
+                           "" if needsIds else " (the default)"))
+        p.add_argument("--sender", metavar="ADDRESS",
+                       help="only messages from this address (@domain: that domain; <> the null sender)")
+        p.add_argument("--recipient", metavar="ADDRESS",
+                       help="only messages with this pending recipient (@domain: that domain)")
     p = verbs.add_parser("blocked", help="client addresses AUTH is blocked for (auth.failure_limit), and until when")
     p.add_argument("--json", action="store_true", help="one JSON object per address and line")
     p = verbs.add_parser("unblock", help="lift the AUTH block on client addresses")
@@ -523,6 +603,8 @@ def run(argv: list[str], out: TextIO, err: TextIO) -> int:
                               "requeue, blocked, unblock, quarantine")
         if args.verb == "quarantine" and not args.action:
             raise _UsageError("quarantine needs an action: list, show ID, restore ID...")
+        if args.verb in ("flush", "hold", "release", "delete", "bounce", "requeue"):
+            _checkSelection(args)
     except _UsageError as e:
         err.write(f"{PROG}: {e}; see {PROG} --help\n")
         return USAGE
