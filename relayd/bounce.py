@@ -68,7 +68,7 @@ _SUBJECTS = {
 
 
 @dataclass(frozen=True)
-class RecipientStatus:
+class ReportLine:
     """One recipient's line of the report, snapshotted on the reactor thread."""
 
     address: str
@@ -80,8 +80,8 @@ class RecipientStatus:
 
 
 def statusFor(recipient: Recipient, action: str, status: str | None = None,
-              diagnostic: str | None = None) -> RecipientStatus:
-    return RecipientStatus(
+              diagnostic: str | None = None) -> ReportLine:
+    return ReportLine(
         address=recipient.address,
         action=action,
         status=status or recipient.dsn or ("5.0.0" if action == FAILED_ACTION else "4.0.0"),
@@ -103,7 +103,7 @@ def _field(text: str) -> str:
     return "".join(c if " " <= c <= "~" else " " for c in text).strip()
 
 
-def _humanText(kind: str, hostname: str, statuses: Sequence[RecipientStatus],
+def _humanText(kind: str, hostname: str, statuses: Sequence[ReportLine],
                lifetime: float | None) -> str:
     lines = [f"This is the mail system at host {hostname}.", ""]
     if kind == NOTICE_DELAY:
@@ -140,7 +140,7 @@ def _days(seconds: float) -> str:
     return f"{seconds / 3600:g} hours"
 
 
-def _statusPart(hostname: str, envelope: Envelope, statuses: Sequence[RecipientStatus],
+def _statusPart(hostname: str, envelope: Envelope, statuses: Sequence[ReportLine],
                 lifetime: float | None) -> Message:
     part = Message(policy=_OUTPUT_POLICY)
     part.set_type("message/delivery-status")
@@ -204,7 +204,7 @@ def _bytes(message: Message) -> bytes:
 
 
 def report(kind: str, *, hostname: str, envelope: Envelope, to: str,
-           statuses: Sequence[RecipientStatus], original: bytes, originalWhole: bool,
+           statuses: Sequence[ReportLine], original: bytes, originalWhole: bool,
            now: float, lifetime: float | None = None) -> bytes:
     """
     The notice about ``envelope`` for ``to`` as CRLF bytes, ready for the

@@ -224,10 +224,14 @@ class Queue:
 @dataclass(frozen=True)
 class NextHop:
     """
-    One entry of delivery.smarthosts or delivery.routes. ``mx`` (routes
-    only) means "the recipient domain's MX hosts, with this TLS policy";
-    such an entry has no host and uses delivery.mx_port. The password is
-    never here: only the path of the file holding it (read by tap.py).
+    One entry of delivery.smarthosts or delivery.routes, and the next hop
+    delivery connects to (relayd.route, relayd.courier). ``mx`` means "the
+    recipient domain's MX hosts, with this TLS policy": in the config such
+    an entry (routes only) has no host and uses delivery.mx_port; the
+    router puts the domain in ``host``. ``address`` is set only on an MX
+    host found in DNS (connect there; ``host`` is the name its certificate
+    must carry). The password is never here: only the path of the file
+    holding it (read by tap.py).
     """
 
     host: str
@@ -238,6 +242,7 @@ class NextHop:
     username: str | None = None
     passwordFile: str | None = None
     mx: bool = False
+    address: str | None = None
 
 
 @dataclass(frozen=True)

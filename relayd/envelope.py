@@ -7,6 +7,7 @@ read and update it. Nothing here touches the disk or the network.
 
 from __future__ import annotations
 
+import enum
 import math
 import os
 import time
@@ -16,12 +17,24 @@ from dataclasses import dataclass, field
 # one) whenever a field changes meaning.
 FORMAT_VERSION = 1
 
-# Per-recipient delivery states.
-PENDING = "pending"  # not yet delivered; may carry the last temporary error
-SENT = "sent"  # accepted by the next hop
-FAILED = "failed"  # permanently refused (5xx), or expired; bounce material
 
-RECIPIENT_STATES = (PENDING, SENT, FAILED)
+
+class Status(enum.StrEnum):
+    """
+    Where one recipient stands, in the words of Postfix's ``status=``: the
+    courier's result for it, the envelope's state, the log's and the
+    history's word, the bounce code's input.
+    """
+
+    SENT = "sent"  # accepted by the next hop
+    DEFERRED = "deferred"  # not delivered yet; may carry the last temporary error
+    BOUNCED = "bounced"  # permanently refused (5xx), or expired: bounce material
+
+
+# How the spool (and relayctl's JSON) spells each status: the words of the
+# first format, kept so that spools written by any relayd still load.
+STORED_STATES = {Status.DEFERRED: "pending", Status.SENT: "sent", Status.BOUNCED: "failed"}
+_STATUS_OF_STORED = {stored: status for status, stored in STORED_STATES.items()}
 
 # Messages relayd writes itself (relayd.bounce). A failed NOTICE_BOUNCE or
 # NOTICE_DELAY goes to the postmaster as a double bounce; a failed double
@@ -70,7 +83,7 @@ class Recipient:
 
     address: str
     params: dict[str, str | None] = field(default_factory=dict)
-    state: str = PENDING
+    state: Status = Status.DEFERRED
     # The last result for this recipient: enhanced status code and the
     # remote (or local) reply text, as logged after status=.
     dsn: str | None = None
@@ -85,7 +98,7 @@ class Recipient:
         return {
             "address": self.address,
             "params": self.params,
-            "state": self.state,
+            "state": STORED_STATES[self.state],
             "dsn": self.dsn,
             "reply": self.reply,
             "last_attempt": self.lastAttempt,
@@ -96,9 +109,10 @@ class Recipient:
     def fromJSON(cls, data: dict) -> "Recipient":
         if not isinstance(data, dict):
             raise ValueError("a recipient is not a JSON object")
-        state = data["state"]
-        if not isinstance(state, str) or state not in RECIPIENT_STATES:
-            raise ValueError(f"unknown recipient state {_shown(state)}")
+        stored = data["state"]
+        state = _STATUS_OF_STORED.get(stored) if isinstance(stored, str) else None
+        if state is None:
+            raise ValueError(f"unknown recipient state {_shown(stored)}")
         return cls(
             address=_str(data, "address"),
             params=_params(data.get("params", {})),
@@ -147,7 +161,7 @@ class Envelope:
         del self.history[:-HISTORY_LIMIT]
 
     def pending(self) -> list[Recipient]:
-        return [r for r in self.recipients if r.state == PENDING]
+        return [r for r in self.recipients if r.state is Status.DEFERRED]
 
     def isFinished(self) -> bool:
         """No recipient is left to try: the message can leave the queue."""

@@ -1,48 +1,36 @@
 """
-Where a recipient's mail goes next: the ordered list of next hops to try.
+Where a recipient's mail goes next: its ``Destination``, the ordered list
+of next hops to try.
 
 Pure functions over the delivery configuration, so the scheduler can group a
-message's recipients by destination (one courier attempt per group) and the
-rules can be tested as a table. In order:
+message's recipients by destination (one attempt per group) and the rules
+can be tested as a table. In order:
 
 1. ``delivery.routes[domain]`` (exact, lower-cased recipient domain);
 2. ``delivery.routes["*"]``;
 3. ``delivery.smarthosts`` when there are any;
-4. the domain's MX hosts (an ``MXRoute``; the courier resolves it).
+4. the domain's MX hosts (a ``NextHop`` with ``mx``; the courier resolves it).
 
-A route entry with ``mx: true`` is an ``MXRoute`` too, with that entry's
-TLS policy, so a domain can get MX delivery with required TLS while the
-rest of the mail goes to a smarthost.
-
-A next hop is anything with ``.host``, ``.port`` and ``.tls`` (in practice
-``relayd.config.NextHop``); this module never imports the config module.
+A route entry with ``mx: true`` becomes the domain's MX hop with that
+entry's TLS policy, so a domain can get MX delivery with required TLS while
+the rest of the mail goes to a smarthost.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, Iterable, Sequence
+from typing import Iterable, Sequence
 
-DEFAULT_MX_PORT = 25
-DEFAULT_MX_TLS = "may"
+from relayd.config import DEFAULT_MX_PORT, DEFAULT_MX_TLS, Delivery, NextHop
+from relayd.delivery import Destination
 
 
-@dataclass(frozen=True)
-class MXRoute:
+def mxHop(domain: str, port: int = DEFAULT_MX_PORT, tls: str = DEFAULT_MX_TLS, verify: bool = True,
+          caFile: str | None = None) -> NextHop:
     """
     "The MX hosts of ``domain``": resolved by the courier at each attempt
     (DNS answers change), connected to on ``port`` with this TLS policy.
     """
-
-    domain: str
-    port: int = DEFAULT_MX_PORT
-    tls: str = DEFAULT_MX_TLS
-    verify: bool = True
-    caFile: str | None = None
-
-    @property
-    def host(self) -> str:
-        return self.domain
+    return NextHop(domain, port, tls, verify, caFile, mx=True)
 
 
 def recipientDomain(address: str) -> str:
@@ -55,42 +43,32 @@ def recipientDomain(address: str) -> str:
     return domain.lower() if at else ""
 
 
-def _mxRoute(domain: str, delivery: Any, entry: Any = None) -> MXRoute:
-    port = getattr(delivery, "mxPort", DEFAULT_MX_PORT)
-    if entry is None:
-        return MXRoute(domain, port)
-    return MXRoute(domain, port, entry.tls, getattr(entry, "verify", True),
-                   getattr(entry, "caFile", None))
-
-
-def nextHops(recipientDomain: str, delivery: Any) -> tuple[Any, ...]:
+def destinationOf(recipientDomain: str, delivery: Delivery) -> Destination:
     """The next hops, in the order to try them, for mail to ``recipientDomain``."""
-    routes = getattr(delivery, "routes", None) or {}
-    hops = routes.get(recipientDomain) or routes.get("*")
+    hops = delivery.routes.get(recipientDomain) or delivery.routes.get("*")
     if hops:
-        if getattr(hops[0], "mx", False):
-            return (_mxRoute(recipientDomain, delivery, hops[0]),)
-        return tuple(hops)
+        entry = hops[0]
+        if entry.mx:
+            return Destination((mxHop(recipientDomain, delivery.mxPort, entry.tls, entry.verify,
+                                      entry.caFile),))
+        return Destination(tuple(hops))
     if delivery.smarthosts:
-        return tuple(delivery.smarthosts)
-    return (_mxRoute(recipientDomain, delivery),)
+        return Destination(tuple(delivery.smarthosts))
+    return Destination((mxHop(recipientDomain, delivery.mxPort),))
 
 
-def groupByDestination(
-    recipients: Iterable[str], delivery: Any
-) -> dict[tuple[Any, ...], list[str]]:
+def groupByDestination(recipients: Iterable[str], delivery: Delivery) -> dict[Destination, list[str]]:
     """
-    Recipients grouped by the next-hop list they route to, so that one
-    delivery attempt (one connection) carries every recipient that shares
-    a destination: with smarthosts every recipient shares one group; with
-    MX delivery each recipient domain is its own group. Order is kept inside
-    each group and groups appear in the order of their first recipient.
+    Recipients grouped by destination, so that one delivery attempt (one
+    connection) carries every recipient that shares a destination: with
+    smarthosts every recipient shares one group; with MX delivery each
+    recipient domain is its own group. Order is kept inside each group and
+    groups appear in the order of their first recipient.
     """
-    groups: dict[tuple[Any, ...], list[str]] = {}
+    groups: dict[Destination, list[str]] = {}
     for address in recipients:
-        hops = nextHops(recipientDomain(address), delivery)
-        groups.setdefault(hops, []).append(address)
+        groups.setdefault(destinationOf(recipientDomain(address), delivery), []).append(address)
     return groups
 
 
-__all__: Sequence[str] = ("MXRoute", "recipientDomain", "nextHops", "groupByDestination")
+__all__: Sequence[str] = ("mxHop", "recipientDomain", "destinationOf", "groupByDestination")

@@ -7,8 +7,10 @@ one IDelayedCall is armed for the earliest, so each event costs O(log n)
 and the spool is read only once, at start-up. The retry delay is a pure
 function. Attempts run through the courier, at most ``delivery.concurrency``
 at a time and at most ``delivery.destination_concurrency`` per destination
-(a next-hop list from route.groupByDestination); a message whose
+(a ``Destination`` from route.groupByDestination); a message whose
 destination is full waits in that destination's line, not in the heap.
+The scheduler writes the log: each recipient's result, the TLS sessions
+an attempt opened, and a transport's local errors.
 
 After each attempt the envelope's per-recipient state is written back with
 an atomic rename (no fsync: a crash repeats a delivery, never loses one).
@@ -30,17 +32,15 @@ from twisted.internet import defer
 from twisted.logger import Logger
 
 from relayd import bounce, maillog, route
-from relayd.courier import BOUNCED, SENT, AttemptResult
+from relayd.delivery import AttemptResult, Destination
 from relayd.envelope import (
-    FAILED,
     NOTICE_BOUNCE,
     NOTICE_DELAY,
     NOTICE_DOUBLE_BOUNCE,
     NOTICE_QUARANTINE,
-    PENDING,
-    SENT as RECIPIENT_SENT,
     Envelope,
     Recipient,
+    Status,
 )
 
 log = Logger()
@@ -92,8 +92,8 @@ class AdminRefusal(Exception):
 
 class Scheduler(service.Service):
     """
-    ``deliver(hops, sender, mailParams, recipients, openBody, size)`` is the
-    courier's; ``settings`` is the loaded config (``hostname``,
+    ``deliver`` is a transport's (relayd.delivery: the courier's);
+    ``settings`` is the loaded config (``hostname``,
     ``postmaster``, ``queue``, ``delivery``), replaced on reload with
     ``reconfigure``. ``runInThread(f, *args)`` runs blocking spool work
     (writing a notice) off the reactor thread and returns a Deferred; tests
@@ -102,7 +102,7 @@ class Scheduler(service.Service):
 
     name = "scheduler"
 
-    def __init__(self, spool, deliver: Callable[..., defer.Deferred], settings, clock,
+    def __init__(self, spool, deliver: Callable[..., defer.Deferred[AttemptResult]], settings, clock,
                  random: Callable[[], float] = _random.random,
                  runInThread: Callable[..., defer.Deferred] | None = None):
         self.spool = spool
@@ -118,10 +118,10 @@ class Scheduler(service.Service):
         self._waking = False
         self._wakeAgain = False
         # queue id -> (attempt Deferred, destinations it occupies)
-        self._active: dict[str, tuple[defer.Deferred, tuple]] = {}
-        self._perDestination: dict[tuple, int] = {}
+        self._active: dict[str, tuple[defer.Deferred, tuple[Destination, ...]]] = {}
+        self._perDestination: dict[Destination, int] = {}
         # Due messages waiting for a slot at a full destination, in order.
-        self._blocked: dict[tuple, deque[str]] = {}
+        self._blocked: dict[Destination, deque[str]] = {}
         self._waiting: set[str] = set()
 
     # Feeding the schedule
@@ -187,7 +187,7 @@ class Scheduler(service.Service):
         if self._heap and len(self._active) < limit:
             self._timer = self.clock.callLater(max(0.0, self._heap[0][0] - now), self._wake)
 
-    def _fullDestination(self, destinations: Iterable[tuple]) -> tuple | None:
+    def _fullDestination(self, destinations: Iterable[Destination]) -> Destination | None:
         limit = self.settings.delivery.destinationConcurrency
         for destination in destinations:
             if self._perDestination.get(destination, 0) >= limit:
@@ -196,7 +196,7 @@ class Scheduler(service.Service):
 
     # One attempt
 
-    def _start(self, envelope: Envelope, groups: dict[tuple, list[str]], work) -> None:
+    def _start(self, envelope: Envelope, groups: dict[Destination, list[str]], work) -> None:
         """``groups``: the pending recipients by destination (route.groupByDestination)."""
         started = self.clock.seconds()
         destinations = tuple(groups)
@@ -241,15 +241,15 @@ class Scheduler(service.Service):
             maillog.queueWarning(queueId, f"cannot write the envelope: {e.strerror or e}")
 
     @defer.inlineCallbacks
-    def _attempt(self, envelope: Envelope, started: float, groups: dict[tuple, list[str]]):
+    def _attempt(self, envelope: Envelope, started: float, groups: dict[Destination, list[str]]):
         pending = envelope.pending()
         byAddress: dict[str, list[Recipient]] = {}
         for r in pending:
             byAddress.setdefault(r.address, []).append(r)
-        failed: list[tuple[Recipient, bounce.RecipientStatus]] = []
-        for hops, addresses in groups.items():
+        failed: list[tuple[Recipient, bounce.ReportLine]] = []
+        for destination, addresses in groups.items():
             result: AttemptResult = yield self.deliver(
-                hops, envelope.sender, envelope.mailParams, addresses,
+                destination, envelope.sender, envelope.mailParams, addresses,
                 lambda: self.spool.openBody(envelope.queueId), envelope.size,
             )
             failed += self._record(envelope, byAddress, result, started)
@@ -271,7 +271,7 @@ class Scheduler(service.Service):
         expiring = bool(envelope.pending()) and now >= envelope.arrival + queue.lifetime
         if expiring:
             for r in envelope.pending():
-                r.state = FAILED
+                r.state = Status.BOUNCED
                 failed.append((r, bounce.statusFor(
                     r, bounce.FAILED_ACTION, bounce.EXPIRED_STATUS,
                     r.reply or "delivery time expired")))
@@ -281,7 +281,7 @@ class Scheduler(service.Service):
             if not queued:
                 # Nothing is marked done before its notice is safe on disk.
                 for r, _ in failed:
-                    r.state = PENDING
+                    r.state = Status.DEFERRED
                 expiring = False
                 noticeFailed = True
         elif (queue.delayWarning is not None and not envelope.warned and envelope.pending()
@@ -322,8 +322,14 @@ class Scheduler(service.Service):
         self._push(envelope)
 
     def _record(self, envelope: Envelope, byAddress, result: AttemptResult,
-                started: float) -> list[tuple[Recipient, bounce.RecipientStatus]]:
-        """Apply one courier result; the recipients that failed permanently, for the bounce."""
+                started: float) -> list[tuple[Recipient, bounce.ReportLine]]:
+        """Apply one transport's result; the recipients that failed permanently, for the bounce."""
+        queueId = envelope.queueId
+        if result.localError is not None:
+            log.failure("delivery attempt of {queueId} failed locally", result.localError,
+                        queueId=queueId)
+        for relay, tls in result.tlsSessions:
+            maillog.tlsConnection(relay, tls.trust, tls.protocol, tls.cipher, tls.bits)
         now = self.clock.seconds()
         delays = (
             max(0.0, started - envelope.arrival),  # a: before this attempt (queue)
@@ -338,21 +344,18 @@ class Scheduler(service.Service):
                 recipient.reply = outcome.text
                 recipient.lastAttempt = now
                 recipient.relay = result.relay
-                if outcome.status == SENT:
-                    recipient.state = RECIPIENT_SENT
-                elif outcome.status == BOUNCED:
-                    recipient.state = FAILED
+                recipient.state = outcome.status
+                if outcome.status is Status.BOUNCED:
                     failed.append((recipient, bounce.statusFor(recipient, bounce.FAILED_ACTION)))
-                else:
-                    recipient.state = PENDING
+                elif outcome.status is Status.DEFERRED:
                     envelope.lastError = outcome.text
             envelope.recordHistory({
                 "time": now, "recipient": outcome.address, "relay": result.relay,
-                "dsn": outcome.dsn, "status": outcome.status, "reply": outcome.text,
+                "dsn": outcome.dsn, "status": outcome.status.value, "reply": outcome.text,
             })
-            maillog.delivery(envelope.queueId, outcome.address, result.relay,
+            maillog.delivery(queueId, outcome.address, result.relay,
                              now - envelope.arrival, delays, outcome.dsn,
-                             outcome.status, outcome.text)
+                             outcome.status.value, outcome.text)
         return failed
 
     def _finished(self, _: object, queueId: str) -> None:
@@ -385,7 +388,7 @@ class Scheduler(service.Service):
     # Notices
 
     @defer.inlineCallbacks
-    def _notify(self, envelope: Envelope, kind: str, statuses: Sequence[bounce.RecipientStatus]):
+    def _notify(self, envelope: Envelope, kind: str, statuses: Sequence[bounce.ReportLine]):
         """
         Queue the notice about ``envelope``: to its sender, or for mail from
         <> a double bounce to the postmaster. True once it is committed (or
@@ -597,7 +600,7 @@ class Scheduler(service.Service):
     def _cancel(self, envelope: Envelope, started: float, groups: dict):
         failed = []
         for r in envelope.pending():
-            r.state = FAILED
+            r.state = Status.BOUNCED
             r.dsn = bounce.ADMIN_BOUNCE_STATUS
             r.reply = bounce.ADMIN_BOUNCE_TEXT
             failed.append((r, bounce.statusFor(r, bounce.FAILED_ACTION)))

@@ -477,7 +477,8 @@ def _deliverySecrets(config) -> tuple[dict, set[str], list[str]]:
     cannot be loaded, and the problems as "key path: reason" (the reason
     names the file, never its content).
     """
-    from relayd.courier import loadTrustRoot, readPassword
+    from relayd.secret import readPassword
+    from relayd.tls import loadTrustRoot
 
     passwords, brokenCaFiles, problems = {}, set(), []
     for keyPath, path in config.delivery.passwordFiles():

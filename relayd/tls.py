@@ -1,6 +1,8 @@
 """
-Server TLS: the certificate chain and key from PEM files, one context
-factory shared by every listener, reloadable without dropping sessions.
+TLS, both ways. Server TLS: the certificate chain and key from PEM files,
+one context factory shared by every listener, reloadable without dropping
+sessions. Client TLS (at the end): the connection creator for a next hop,
+verified or opportunistic, and what a handshake gave for the log line.
 
 ``ServerTLS.getContext()`` is called by Twisted for every new TLS session
 (STARTTLS or implicit), so swapping the context in ``reload`` gives new
@@ -15,15 +17,22 @@ the leaf).
 
 from __future__ import annotations
 
+import ipaddress
 import re
+import weakref
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from OpenSSL import SSL
-from twisted.internet import ssl
-from twisted.internet.interfaces import IOpenSSLContextFactory
+from service_identity import VerificationError
+from service_identity.pyopenssl import verify_hostname, verify_ip_address
+from twisted.internet import error, ssl
+from twisted.internet.interfaces import IOpenSSLClientConnectionCreator, IOpenSSLContextFactory, ITransport
 from twisted.protocols.tls import TLSMemoryBIOFactory
+from twisted.python.failure import Failure
 from zope.interface import implementer
+
+from relayd.delivery import TLSInfo
 
 _PEM_CERTIFICATE = re.compile(
     rb"-----BEGIN CERTIFICATE-----\r?\n.+?\r?\n-----END CERTIFICATE-----", re.DOTALL)
@@ -142,3 +151,116 @@ def sessionDescription(transport) -> tuple[str, str, int] | None:
     if not version or not cipher:
         return None
     return version, cipher, bits or 0
+
+
+# -- client TLS: connecting to next hops ---------------------------------------
+
+
+def isAddressLiteral(host: str) -> bool:
+    """Whether ``host`` is an IP address (no SNI, and the certificate must name the address)."""
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
+def loadTrustRoot(caFile: str | None):
+    """The system CA store, or every certificate in ``caFile``."""
+    if caFile is None:
+        return ssl.platformTrust()
+    with open(caFile, "rb") as f:
+        blocks = _PEM_CERTIFICATE.findall(f.read())
+    if not blocks:
+        raise ValueError(f"{caFile}: no PEM certificate in the file")
+    return ssl.trustRootFromCertificates([ssl.Certificate.loadPEM(b) for b in blocks])
+
+
+# Opportunistic connections -> did every certificate of the chain verify so
+# far? (Twisted owns app_data.)
+_chainStates: "weakref.WeakKeyDictionary[SSL.Connection, bool]" = weakref.WeakKeyDictionary()
+
+
+def _recordVerification(connection, certificate, errno, depth, ok) -> bool:
+    if not ok and connection in _chainStates:
+        _chainStates[connection] = False
+    return True  # opportunistic: encrypt anyway
+
+
+@implementer(IOpenSSLClientConnectionCreator)
+class OpportunisticTLS:
+    """
+    Encryption with SNI and no verification (``tls: may``, or ``verify:
+    false``): the handshake succeeds whatever the certificate, and the
+    result of the chain and name checks is kept for the log line.
+    """
+
+    def __init__(self, hostname: str, caFile: str | None = None):
+        self.hostname = hostname
+        context = SSL.Context(SSL.TLS_METHOD)
+        context.set_options(SSL.OP_NO_SSLv2 | SSL.OP_NO_SSLv3 | SSL.OP_NO_COMPRESSION)
+        if caFile is not None:
+            context.load_verify_locations(caFile)
+        else:
+            context.set_default_verify_paths()
+        context.set_verify(SSL.VERIFY_PEER, _recordVerification)
+        self._context = context
+
+    def clientConnectionForTLS(self, tlsProtocol):
+        connection = SSL.Connection(self._context, None)
+        _chainStates[connection] = True
+        if self.hostname and not isAddressLiteral(self.hostname):
+            connection.set_tlsext_host_name(self.hostname.encode("idna"))
+        connection.set_connect_state()
+        return connection
+
+
+def clientTLSOptions(hostname: str, tls: str, verify: bool, caFile: str | None):
+    """
+    The connection creator for a hop: verified (service_identity host name
+    check against the system CAs or ``caFile``) for ``starttls`` and
+    ``implicit`` with ``verify``, otherwise opportunistic.
+    """
+    if tls in ("starttls", "implicit") and verify:
+        return ssl.optionsForClientTLS(hostname, trustRoot=loadTrustRoot(caFile))
+    return OpportunisticTLS(hostname, caFile if tls != "may" else None)
+
+
+def tlsInfo(transport: ITransport, hostName: str) -> TLSInfo | None:
+    try:
+        connection = transport.getHandle()
+        protocol = connection.get_protocol_version_name()
+        cipher = connection.get_cipher_name()
+        bits = connection.get_cipher_bits() or 0
+    except Exception:
+        return None
+    chainVerified = _chainStates.get(connection)
+    if chainVerified is None:
+        trust = "Verified"  # optionsForClientTLS completes only when verified
+    elif not chainVerified:
+        trust = "Untrusted"
+    else:
+        try:
+            if isAddressLiteral(hostName):
+                verify_ip_address(connection, hostName)
+            else:
+                verify_hostname(connection, hostName)
+            trust = "Verified"
+        except (VerificationError, Exception):
+            trust = "Trusted"
+    return TLSInfo(protocol or "", cipher or "", bits, trust)
+
+
+def tlsFailureText(reason: Failure) -> str:
+    exc = reason.value
+    if isinstance(exc, SSL.Error):
+        details = []
+        for item in exc.args[0] if exc.args and isinstance(exc.args[0], list) else []:
+            if isinstance(item, tuple) and item and item[-1]:
+                details.append(str(item[-1]))
+        return ", ".join(details) or str(exc) or "TLS error"
+    if exc.__class__.__name__ == "VerificationError":
+        return "the certificate does not match the host name"
+    if isinstance(exc, (error.ConnectionDone, error.ConnectionLost)):
+        return "the server closed the connection"
+    return str(exc) or exc.__class__.__name__

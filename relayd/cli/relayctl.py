@@ -50,7 +50,7 @@ from twisted.protocols import amp
 
 from relayd import config as configModule
 from relayd import control, scheduler
-from relayd.envelope import PENDING, Envelope, isQueueId
+from relayd.envelope import STORED_STATES, Envelope, Status, isQueueId
 from relayd.queue import BODY_SUFFIX, QUARANTINE, QUEUE, Spool, permissionFix
 
 PROG = "relayctl"
@@ -220,9 +220,9 @@ def listQueue(cfg, args, out: TextIO) -> int:
                 "attempts": e.attempts,
                 "next_attempt": int(e.nextAttempt),
                 "recipients": [
-                    {"address": r.address, "state": r.state, "dsn": r.dsn,
-                     **({"delay_reason": r.reply} if r.state == PENDING and r.reply else {})}
-                    for r in e.recipients if r.state == PENDING
+                    {"address": r.address, "state": STORED_STATES[r.state], "dsn": r.dsn,
+                     **({"delay_reason": r.reply} if r.state is Status.DEFERRED and r.reply else {})}
+                    for r in e.recipients if r.state is Status.DEFERRED
                 ],
             }) + "\n")
         return OK
@@ -238,7 +238,7 @@ def listQueue(cfg, args, out: TextIO) -> int:
         out.write(f"{e.queueId}{mark} {size:>8} {_arrival(e.arrival)}  {e.sender or 'MAILER-DAEMON'}\n")
         lastReason = None
         for r in e.recipients:
-            if r.state != PENDING:
+            if r.state is not Status.DEFERRED:
                 continue
             if r.reply and r.reply != lastReason:
                 out.write(f"({r.reply})\n")
@@ -367,7 +367,7 @@ def selected(envelope: Envelope, verb: str, sender: str | None, recipient: str |
     if sender is not None and not addressMatches(envelope.sender, sender):
         return False
     if recipient is not None and not any(
-            r.state == PENDING and addressMatches(r.address, recipient) for r in envelope.recipients):
+            r.state is Status.DEFERRED and addressMatches(r.address, recipient) for r in envelope.recipients):
         return False
     return True
 
