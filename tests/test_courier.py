@@ -18,7 +18,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
@@ -28,36 +28,31 @@ from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 
-from relayd.courier import (
-    BOUNCED,
+from relayd.config import NextHop
+from relayd.courier import Courier
+from relayd.delivery import AttemptResult, Destination, classify
+from relayd.envelope import Status
+from relayd.route import mxHop
+from relayd.smtpclient import (
     CHUNK_SIZE,
-    DEFERRED,
     MAX_REPLY_BYTES,
     MAX_REPLY_LINES,
     QUIT_TIMEOUT,
-    SENT,
-    AttemptResult,
-    Courier,
     DotStuffer,
     HopRefused,
     OutboundSession,
     Reply,
     SessionBroken,
     Timeouts,
-    classify,
     parseReplyLine,
 )
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-@dataclass(frozen=True)
-class Hop:
-    """Stand-in for relayd.config.NextHop (the courier only duck-types it)."""
-
-    host: str
-    port: int = 25
-    tls: str = "none"
+def Hop(host: str, port: int = 25, tls: str = "none") -> NextHop:
+    """A configured next hop with the defaults these tests mostly need."""
+    return NextHop(host, port, tls)
 
 
 GREETING = b"220 mx.example.net ESMTP\r\n"
@@ -168,8 +163,8 @@ def unstuff(wire: bytes) -> bytes:
 
 @pytest.mark.parametrize(
     "code, status",
-    [(250, SENT), (221, SENT), (450, DEFERRED), (421, DEFERRED), (550, BOUNCED),
-     (554, BOUNCED), (354, DEFERRED), (0, DEFERRED), (199, DEFERRED)],
+    [(250, Status.SENT), (221, Status.SENT), (450, Status.DEFERRED), (421, Status.DEFERRED), (550, Status.BOUNCED),
+     (554, Status.BOUNCED), (354, Status.DEFERRED), (0, Status.DEFERRED), (199, Status.DEFERRED)],
 )
 def test_classify(code, status):
     assert classify(code) == status
@@ -323,8 +318,8 @@ def test_full_dialogue_exact_bytes_with_pipelining():
     outcome = result(d)
     assert outcome.mailAccepted
     assert [(r.address, r.code, r.dsn, r.text, r.status) for r in outcome.results] == [
-        ("a@x.org", 250, "2.0.0", "250 2.0.0 Ok: queued as 9XK2", SENT),
-        ("b@y.org", 250, "2.0.0", "250 2.0.0 Ok: queued as 9XK2", SENT),
+        ("a@x.org", 250, "2.0.0", "250 2.0.0 Ok: queued as 9XK2", Status.SENT),
+        ("b@y.org", 250, "2.0.0", "250 2.0.0 Ok: queued as 9XK2", Status.SENT),
     ]
     closed = s.quit()
     assert peer.sent() == b"QUIT\r\n"
@@ -421,14 +416,14 @@ def test_mixed_recipient_results():
     peer.feed(b"250 2.0.0 Ok: queued as Q1\r\n")
     got = [(r.address, r.code, r.dsn, r.status, r.text) for r in result(d).results]
     assert got == [
-        ("ok@x.org", 250, "2.0.0", SENT, "250 2.0.0 Ok: queued as Q1"),
-        ("later@x.org", 450, "4.2.0", DEFERRED,
+        ("ok@x.org", 250, "2.0.0", Status.SENT, "250 2.0.0 Ok: queued as Q1"),
+        ("later@x.org", 450, "4.2.0", Status.DEFERRED,
          f"host {PEER} said: 450 4.2.0 <later@x.org>: Recipient address rejected: "
          "Greylisted (in reply to RCPT TO command)"),
-        ("never@x.org", 550, "5.1.1", BOUNCED,
+        ("never@x.org", 550, "5.1.1", Status.BOUNCED,
          f"host {PEER} said: 550 5.1.1 <never@x.org>: Recipient address rejected: "
          "5.1.1 User unknown (in reply to RCPT TO command)"),
-        ("plain@x.org", 550, "5.0.0", BOUNCED,
+        ("plain@x.org", 550, "5.0.0", Status.BOUNCED,
          f"host {PEER} said: 550 no such user (in reply to RCPT TO command)"),
     ]
 
@@ -443,9 +438,9 @@ def test_final_4xx_defers_every_accepted_recipient_only():
     peer.feed(b"452 4.3.1 Insufficient system storage\r\n")
     got = [(r.address, r.code, r.dsn, r.status) for r in result(d).results]
     assert got == [
-        ("a@x.org", 452, "4.3.1", DEFERRED),
-        ("b@x.org", 550, "5.1.1", BOUNCED),
-        ("c@x.org", 452, "4.3.1", DEFERRED),
+        ("a@x.org", 452, "4.3.1", Status.DEFERRED),
+        ("b@x.org", 550, "5.1.1", Status.BOUNCED),
+        ("c@x.org", 452, "4.3.1", Status.DEFERRED),
     ]
     assert result(d).results[0].text.endswith("(in reply to end of DATA command)")
 
@@ -457,7 +452,7 @@ def test_final_5xx_bounces_accepted():
     peer.feed(b"250 Ok\r\n250 Ok\r\n354 go\r\n")
     peer.feed(b"554 5.7.1 spam\r\n")
     [r] = result(d).results
-    assert (r.code, r.dsn, r.status) == (554, "5.7.1", BOUNCED)
+    assert (r.code, r.dsn, r.status) == (554, "5.7.1", Status.BOUNCED)
 
 
 def test_data_command_refused():
@@ -470,11 +465,11 @@ def test_data_command_refused():
     peer.feed(b"451 4.3.0 try later\r\n")
     assert peer.sent() == b""  # no body
     [r] = result(d).results
-    assert (r.code, r.dsn, r.status) == (451, "4.3.0", DEFERRED)
+    assert (r.code, r.dsn, r.status) == (451, "4.3.0", Status.DEFERRED)
     assert r.text.endswith("(in reply to DATA command)")
 
 
-@pytest.mark.parametrize("code, status", [(b"550 5.7.1", BOUNCED), (b"451 4.3.0", DEFERRED)])
+@pytest.mark.parametrize("code, status", [(b"550 5.7.1", Status.BOUNCED), (b"451 4.3.0", Status.DEFERRED)])
 def test_mail_refused_applies_to_all_and_sends_no_data(code, status):
     peer = Peer()
     peer.ready()
@@ -496,7 +491,7 @@ def test_no_data_when_every_recipient_refused():
     d = send(peer, ["a@x.org", "b@x.org"])
     peer.sent()
     peer.feed(b"250 Ok\r\n550 5.1.1 no\r\n450 4.2.1 later\r\n")
-    assert [r.status for r in result(d).results] == [BOUNCED, DEFERRED]
+    assert [r.status for r in result(d).results] == [Status.BOUNCED, Status.DEFERRED]
     assert peer.sent() == b""
     # The open transaction is reset before the next message on this session.
     send(peer, ["c@x.org"])
@@ -511,7 +506,7 @@ def test_second_message_on_same_session_after_success_needs_no_rset():
     d = send(peer, ["a@x.org"])
     peer.feed(b"250 Ok\r\n250 Ok\r\n354 go\r\n")
     peer.feed(b"250 Ok: queued as 1\r\n")
-    assert result(d).results[0].status == SENT
+    assert result(d).results[0].status == Status.SENT
     peer.sent()
     d = send(peer, ["b@x.org"], body=b"two\r\n")
     assert peer.sent().startswith(b"MAIL FROM:")
@@ -528,7 +523,7 @@ def test_address_with_line_break_is_never_written():
     assert peer.sent() == b"MAIL FROM:<s@example.com> SIZE=21\r\nRCPT TO:<b@x.org>\r\n"
     peer.feed(b"250 Ok\r\n250 Ok\r\n354 go\r\n")
     peer.feed(b"250 Ok\r\n")
-    assert [(r.status, r.dsn) for r in result(d).results] == [(BOUNCED, "5.1.3"), (SENT, "2.0.0")]
+    assert [(r.status, r.dsn) for r in result(d).results] == [(Status.BOUNCED, "5.1.3"), (Status.SENT, "2.0.0")]
 
 
 def test_malformed_reply_breaks_session():
@@ -537,7 +532,7 @@ def test_malformed_reply_breaks_session():
     d = send(peer, ["a@x.org"])
     peer.feed(b"250 Ok\r\nhello there\r\n")
     [r] = result(d).results
-    assert (r.status, r.dsn) == (DEFERRED, "4.4.2")
+    assert (r.status, r.dsn) == (Status.DEFERRED, "4.4.2")
     assert r.text == f"{PEER} sent a malformed reply: hello there"
     assert peer.transport.disconnected  # aborted
 
@@ -550,8 +545,8 @@ def test_connection_lost_mid_rcpt_fires_the_result():
     peer.session.connectionLost(Failure(error.ConnectionLost()))
     got = [(r.status, r.dsn, r.text) for r in result(d).results]
     assert got == [
-        (BOUNCED, "5.1.1", f"host {PEER} said: 550 5.1.1 no (in reply to RCPT TO command)"),
-        (DEFERRED, "4.4.2", f"lost connection with {PEER} while sending RCPT TO"),
+        (Status.BOUNCED, "5.1.1", f"host {PEER} said: 550 5.1.1 no (in reply to RCPT TO command)"),
+        (Status.DEFERRED, "4.4.2", f"lost connection with {PEER} while sending RCPT TO"),
     ]
     assert result(d).broken and result(d).mailAccepted
 
@@ -651,7 +646,7 @@ def test_each_stage_times_out(drive, limit, text):
         outcome = result(d)
         assert outcome.broken
         assert {(r.status, r.dsn, r.text) for r in outcome.results} == {
-            (DEFERRED, "4.4.2", expected)
+            (Status.DEFERRED, "4.4.2", expected)
         }
 
 
@@ -683,7 +678,7 @@ def test_body_timer_restarts_on_progress():
         producer.resumeProducing()
     assert peer.transport.value().endswith(b"hello\r\n.\r\n")
     peer.feed(b"250 Ok\r\n")
-    assert result(d).results[0].status == SENT
+    assert result(d).results[0].status == Status.SENT
 
 
 # -- body on the wire ------------------------------------------------------------
@@ -705,7 +700,7 @@ def test_session_writes_stuffed_body(chunkSize):
     wire = peer.sent()
     assertWireCarries(wire, body)
     peer.feed(b"250 Ok\r\n")
-    assert result(d).results[0].status == SENT
+    assert result(d).results[0].status == Status.SENT
 
 
 def test_body_is_read_in_chunks():
@@ -734,7 +729,7 @@ def test_unreadable_body_defers_and_aborts():
     d = peer.session.sendMessage("s@x", {}, ["a@x.org"], openBody, 10)
     peer.feed(b"250 Ok\r\n250 Ok\r\n354 go\r\n")
     [r] = result(d).results
-    assert (r.status, r.dsn) == (DEFERRED, "4.3.0")
+    assert (r.status, r.dsn) == (Status.DEFERRED, "4.3.0")
     assert peer.transport.disconnected
 
 
@@ -780,7 +775,7 @@ class Network:
 
 def deliver(courier, hops, recipients=("a@x.org", "b@x.org"), body=b"hi\r\n", size=None):
     return courier.deliver(
-        hops, "s@example.com", {}, list(recipients), lambda: io.BytesIO(body),
+        Destination(tuple(hops)), "s@example.com", {}, list(recipients), lambda: io.BytesIO(body),
         len(body) if size is None else size,
     )
 
@@ -806,7 +801,7 @@ def test_courier_delivers_and_times_phases():
     attempt = result(d)
     assert isinstance(attempt, AttemptResult)
     assert attempt.relay == "smtp.example.net[192.0.2.9]:587"
-    assert [r.status for r in attempt.results] == [SENT, SENT]
+    assert [r.status for r in attempt.results] == [Status.SENT, Status.SENT]
     assert (attempt.connectSeconds, attempt.transmitSeconds) == (0, 5)
 
 
@@ -816,7 +811,7 @@ def test_courier_connection_refused_everywhere():
     attempt = result(d)
     assert attempt.relay == "none"
     assert {(r.code, r.status, r.dsn, r.text) for r in attempt.results} == {
-        (0, DEFERRED, "4.4.1", "connect to 192.0.2.1[192.0.2.1]:25: Connection refused")
+        (0, Status.DEFERRED, "4.4.1", "connect to 192.0.2.1[192.0.2.1]:25: Connection refused")
     }
 
 
@@ -846,7 +841,7 @@ def test_courier_fails_over_after_refused_connection():
     attempt = result(d)
     assert net.attempts == ["a.example", "b.example"]
     assert attempt.relay == "b.example[192.0.2.8]:25"
-    assert [r.status for r in attempt.results] == [SENT, SENT]
+    assert [r.status for r in attempt.results] == [Status.SENT, Status.SENT]
 
 
 @pytest.mark.parametrize(
@@ -873,7 +868,7 @@ def test_courier_fails_over_after_timeout_before_mail_accepted():
     net.clock.advance(9)
     net.peers["a.example"].settle()
     converse(net.peers["b.example"], HAPPY)
-    assert [r.status for r in result(d).results] == [SENT, SENT]
+    assert [r.status for r in result(d).results] == [Status.SENT, Status.SENT]
 
 
 def test_courier_keeps_results_once_mail_accepted():
@@ -885,7 +880,7 @@ def test_courier_keeps_results_once_mail_accepted():
     attempt = result(d)
     assert net.attempts == ["a.example"]
     assert attempt.relay == "a.example[192.0.2.7]:25"
-    assert {(r.status, r.dsn) for r in attempt.results} == {(DEFERRED, "4.4.2")}
+    assert {(r.status, r.dsn) for r in attempt.results} == {(Status.DEFERRED, "4.4.2")}
 
 
 def test_courier_last_hop_failure_is_reported():
@@ -905,7 +900,7 @@ def test_courier_refuses_message_over_peer_size_limit_without_mail():
     assert peer.transport.value() == b"EHLO relay.example.com\r\n"
     attempt = result(d)
     assert net.attempts == ["a.example"]
-    assert {(r.code, r.dsn, r.status) for r in attempt.results} == {(552, "5.3.4", BOUNCED)}
+    assert {(r.code, r.dsn, r.status) for r in attempt.results} == {(552, "5.3.4", Status.BOUNCED)}
     assert attempt.results[0].text == (
         "message size 10240001 exceeds size limit 10240000 of server a.example[192.0.2.7]"
     )
@@ -913,7 +908,7 @@ def test_courier_refuses_message_over_peer_size_limit_without_mail():
 
 def test_courier_without_hops_defers():
     attempt = result(deliver(Network().courier(), []))
-    assert {(r.status, r.dsn) for r in attempt.results} == {(DEFERRED, "4.3.5")}
+    assert {(r.status, r.dsn) for r in attempt.results} == {(Status.DEFERRED, "4.3.5")}
 
 
 def test_courier_one_result_per_recipient_in_order():
@@ -923,12 +918,13 @@ def test_courier_one_result_per_recipient_in_order():
              b"250 Ok\r\n550 no\r\n250 Ok\r\n450 later\r\n", b"354 go\r\n", b"250 Ok\r\n", b"221 Bye\r\n"])
     attempt = result(d)
     assert [(r.address, r.status) for r in attempt.results] == [
-        ("c@x", BOUNCED), ("a@x", SENT), ("b@x", DEFERRED)]
+        ("c@x", Status.BOUNCED), ("a@x", Status.SENT), ("b@x", Status.DEFERRED)]
 
 
 # -- STARTTLS, injection, AUTH ----------------------------------------------------------
 
-from relayd.courier import Secret, Target, isTooManyRecipients  # noqa: E402
+from relayd.secret import Secret  # noqa: E402
+from relayd.smtpclient import isTooManyRecipients  # noqa: E402
 
 EHLO_TLS = b"250-mx.example.net\r\n250-PIPELINING\r\n250-8BITMIME\r\n250 AUTH PLAIN LOGIN\r\n"
 
@@ -1088,8 +1084,8 @@ def test_too_many_recipients_sends_the_rest_in_another_transaction():
     peer.feed(b"250 Ok\r\n452 4.5.3 Too many recipients\r\n")
     outcome = result(d)
     assert [(r.address, r.status, r.text) for r in outcome.results] == [
-        ("a@x", SENT, "250 2.0.0 first"), ("b@x", SENT, "250 2.0.0 second"),
-        ("c@x", DEFERRED, f"host {PEER} said: 452 4.5.3 Too many recipients (in reply to RCPT TO command)")]
+        ("a@x", Status.SENT, "250 2.0.0 first"), ("b@x", Status.SENT, "250 2.0.0 second"),
+        ("c@x", Status.DEFERRED, f"host {PEER} said: 452 4.5.3 Too many recipients (in reply to RCPT TO command)")]
 
 
 def test_too_many_recipients_without_progress_stops():
@@ -1098,7 +1094,7 @@ def test_too_many_recipients_without_progress_stops():
     d = send(peer, ["a@x", "b@x"])
     peer.feed(b"250 Ok\r\n452 4.5.3 Too many\r\n452 4.5.3 Too many\r\n")
     outcome = result(d)
-    assert [r.status for r in outcome.results] == [DEFERRED, DEFERRED]
+    assert [r.status for r in outcome.results] == [Status.DEFERRED, Status.DEFERRED]
     assert b"DATA" not in peer.sent()
 
 
@@ -1111,7 +1107,7 @@ def test_line_over_998_octets_is_never_written():
     wire = peer.sent()
     assert b"z" * 999 not in wire and not wire.endswith(b"\r\n.\r\n")
     [r] = result(d).results
-    assert (r.status, r.dsn) == (BOUNCED, "5.6.0")
+    assert (r.status, r.dsn) == (Status.BOUNCED, "5.6.0")
     assert r.text == "message has a line of 999 octets, longer than SMTP allows (998); not sent"
     assert peer.transport.disconnecting
 
@@ -1122,10 +1118,10 @@ def test_line_over_998_octets_is_never_written():
 ])
 def test_eight_bit_to_peer_without_8bitmime_bounces_before_mail(params, body):
     net = Network(a_example="192.0.2.7")
-    d = net.courier().deliver([Hop("a.example")], "s@x", params, ["r@x"], lambda: io.BytesIO(body), len(body))
+    d = net.courier().deliver(Destination((Hop("a.example"),)), "s@x", params, ["r@x"], lambda: io.BytesIO(body), len(body))
     converse(net.peers["a.example"], [GREETING, EHLO_PLAIN])
     [r] = result(d).results
-    assert (r.code, r.dsn, r.status) == (554, "5.6.3", BOUNCED)
+    assert (r.code, r.dsn, r.status) == (554, "5.6.3", Status.BOUNCED)
     assert "does not support 8BITMIME" in r.text
     assert b"MAIL" not in net.peers["a.example"].transport.value()
 
@@ -1139,7 +1135,7 @@ def test_next_message_to_the_same_hop_reuses_the_connection():
     d1 = deliver(courier, [Hop("a.example")], recipients=["a@x"])
     peer = net.peers["a.example"]
     converse(peer, [GREETING, EHLO_FULL, b"250 Ok\r\n250 Ok\r\n", b"354 go\r\n", b"250 Ok: 1\r\n"])
-    assert result(d1).results[0].status == SENT
+    assert result(d1).results[0].status == Status.SENT
     peer.sent()
     net.clock.advance(1)
     d2 = deliver(courier, [Hop("a.example")], recipients=["b@x"])
@@ -1164,7 +1160,7 @@ def test_reused_connection_that_died_is_replaced():
     second = net.peers["a.example"]
     assert second is not first and net.attempts == ["a.example", "a.example"]
     converse(second, [GREETING, EHLO_FULL, b"250 Ok\r\n250 Ok\r\n", b"354 go\r\n", b"250 Ok\r\n"])
-    assert result(d2).results[0].status == SENT
+    assert result(d2).results[0].status == Status.SENT
 
 
 # -- MX through the courier -----------------------------------------------------------
@@ -1191,12 +1187,10 @@ class StaticResolver:
 
 
 def test_mx_targets_fail_over_by_address_and_name_the_mx_in_relay():
-    from relayd.route import MXRoute
-
     net = Network(**{"192_0_2_1": error.ConnectionRefusedError(), "192_0_2_2": "192.0.2.2"})
     resolver = StaticResolver([(10, "mx1.x.test"), (20, "mx2.x.test")],
                               {"mx1.x.test": ["192.0.2.1"], "mx2.x.test": ["192.0.2.2"]})
-    d = deliver(net.courier(resolver=resolver), [MXRoute("x.test", 2525, "none")])
+    d = deliver(net.courier(resolver=resolver), [mxHop("x.test", 2525, "none")])
     converse(net.peers["192.0.2.2"], HAPPY)
     attempt = result(d)
     assert net.attempts == ["192.0.2.1", "192.0.2.2"]
@@ -1204,13 +1198,11 @@ def test_mx_targets_fail_over_by_address_and_name_the_mx_in_relay():
 
 
 def test_mx_that_is_relayd_itself_bounces():
-    from relayd.route import MXRoute
-
     net = Network()
     resolver = StaticResolver([(10, "mx.x.test")], {"mx.x.test": ["127.0.0.1"]})
     courier = net.courier(resolver=resolver, localAddresses=lambda: [("0.0.0.0", 25)])
-    attempt = result(deliver(courier, [MXRoute("x.test")]))
-    assert {(r.status, r.dsn) for r in attempt.results} == {(BOUNCED, "5.4.6")}
+    attempt = result(deliver(courier, [mxHop("x.test")]))
+    assert {(r.status, r.dsn) for r in attempt.results} == {(Status.BOUNCED, "5.4.6")}
     assert net.attempts == []
 
 
@@ -1219,7 +1211,7 @@ def test_opportunistic_tls_failure_retries_in_plaintext():
 
     net = Network(a_example="192.0.2.7")
     courier = net.courier(tlsOptions=lambda target: "opts")
-    d = deliver(courier, [Target("a.example", 25, "may")])
+    d = deliver(courier, [NextHop("a.example", 25, "may")])
     first = net.peers["a.example"]
     converse(first, [GREETING, EHLO_FULL, b"220 go\r\n"])
     first.session.connectionLost(Failure(SSL.Error([("", "", "wrong version number")])))
@@ -1228,20 +1220,20 @@ def test_opportunistic_tls_failure_retries_in_plaintext():
     converse(second, [GREETING, EHLO_FULL])
     assert second.transport.tlsStarted == []  # tls none this time
     converse(second, HAPPY[2:])
-    assert [r.status for r in result(d).results] == [SENT, SENT]
+    assert [r.status for r in result(d).results] == [Status.SENT, Status.SENT]
 
 
 def test_required_tls_failure_never_retries_in_plaintext():
     from OpenSSL import SSL
 
     net = Network(a_example="192.0.2.7")
-    d = deliver(net.courier(tlsOptions=lambda target: "opts"), [Target("a.example", 25, "starttls")])
+    d = deliver(net.courier(tlsOptions=lambda target: "opts"), [NextHop("a.example", 25, "starttls")])
     peer = net.peers["a.example"]
     converse(peer, [GREETING, EHLO_FULL, b"220 go\r\n"])
     peer.session.connectionLost(Failure(SSL.Error([("", "", "certificate verify failed")])))
     attempt = result(d)
     assert net.attempts == ["a.example"]
-    assert {(r.status, r.dsn) for r in attempt.results} == {(DEFERRED, "4.7.5")}
+    assert {(r.status, r.dsn) for r in attempt.results} == {(Status.DEFERRED, "4.7.5")}
 
 
 def test_failed_smarthost_is_tried_last_for_a_while():
@@ -1283,7 +1275,7 @@ def test_idle_session_is_watched_once_however_often_it_is_pooled():
     for _ in range(4):
         d = deliver(courier, [Hop("a.example")], recipients=["a@x"])
         _oneMessage(peer)
-        assert result(d).results[0].status == SENT
+        assert result(d).results[0].status == Status.SENT
     assert net.attempts == ["a.example"]
     peer.session.connectionLost(Failure(error.ConnectionDone()))
     assert forgotten == [peer.session]  # one close callback, not one per release
@@ -1302,7 +1294,7 @@ def test_session_is_not_reused_past_the_transaction_limit():
     assert net.attempts == ["a.example"]
     first.sent()
     _oneMessage(first)
-    assert result(d).results[0].status == SENT
+    assert result(d).results[0].status == Status.SENT
     assert first.sent().endswith(b".\r\nQUIT\r\n")  # second transaction: the limit
     first.feed(b"221 Bye\r\n")
     deliver(courier, [Hop("a.example")], recipients=["c@x"])
@@ -1319,47 +1311,41 @@ def test_session_is_not_reused_past_the_time_limit():
     net.clock.advance(300)
     first.sent()
     first.feed(b"250 Ok\r\n")
-    assert result(d).results[0].status == SENT
+    assert result(d).results[0].status == Status.SENT
     assert first.sent() == b"QUIT\r\n"
     deliver(courier, [Hop("a.example")], recipients=["b@x"])
     assert net.attempts == ["a.example", "a.example"]
 
 
 def test_relayd_as_backup_mx_uses_only_the_better_mx_hosts():
-    from relayd.route import MXRoute
-
     net = Network(**{"192_0_2_1": error.ConnectionRefusedError(), "192_0_2_3": "192.0.2.3"})
     resolver = StaticResolver(
         [(10, "mx1.x.test"), (20, "self.x.test"), (30, "mx3.x.test")],
         {"mx1.x.test": ["192.0.2.1"], "self.x.test": ["192.0.2.2"], "mx3.x.test": ["192.0.2.3"]})
     courier = net.courier(resolver=resolver, localAddresses=lambda: [("192.0.2.2", 25)])
-    attempt = result(deliver(courier, [MXRoute("x.test")]))
+    attempt = result(deliver(courier, [mxHop("x.test")]))
     # Never relayd itself, never the worse MX: the mail waits for mx1.
     assert net.attempts == ["192.0.2.1"]
-    assert {(r.status, r.dsn) for r in attempt.results} == {(DEFERRED, "4.4.1")}
+    assert {(r.status, r.dsn) for r in attempt.results} == {(Status.DEFERRED, "4.4.1")}
 
 
 def test_relayd_among_the_best_mx_hosts_bounces():
-    from relayd.route import MXRoute
-
     net = Network(**{"192_0_2_1": "192.0.2.1"})
     resolver = StaticResolver([(10, "mx1.x.test"), (10, "self.x.test")],
                               {"mx1.x.test": ["192.0.2.1"], "self.x.test": ["192.0.2.2"]})
     courier = net.courier(resolver=resolver, localAddresses=lambda: [("192.0.2.2", 25)],
                           shuffle=lambda group: None)
-    attempt = result(deliver(courier, [MXRoute("x.test")]))
-    assert {(r.status, r.dsn) for r in attempt.results} == {(BOUNCED, "5.4.6")}
+    attempt = result(deliver(courier, [mxHop("x.test")]))
+    assert {(r.status, r.dsn) for r in attempt.results} == {(Status.BOUNCED, "5.4.6")}
     assert "loops back to myself (self.x.test[192.0.2.2]:25)" in attempt.results[0].text
     assert net.attempts == []
 
 
 def test_failed_mx_address_is_not_remembered():
-    from relayd.route import MXRoute
-
     net = Network(**{"192_0_2_1": error.ConnectionRefusedError()})
     resolver = StaticResolver([(10, "mx1.x.test")], {"mx1.x.test": ["192.0.2.1"]})
     courier = net.courier(resolver=resolver)
-    result(deliver(courier, [MXRoute("x.test")]))
+    result(deliver(courier, [mxHop("x.test")]))
     assert courier._failedUntil == {}  # _order never reads MX targets
 
 
@@ -1372,7 +1358,7 @@ class RaisingTLSTransport(TLSStringTransport):
 
 
 def test_error_in_a_reply_handler_defers_instead_of_hanging():
-    from relayd.courier import OpportunisticTLS
+    from relayd.tls import OpportunisticTLS
 
     peer = Peer.__new__(Peer)
     peer.clock, peer.pump, peer.lost = Clock(), True, False
@@ -1401,7 +1387,7 @@ def test_error_in_a_reply_handler_fails_over_to_the_next_hop():
     attempt = result(d)
     assert net.attempts == ["a.example", "b.example"]
     assert attempt.relay == "b.example[192.0.2.8]:25"
-    assert {(r.status, r.dsn) for r in attempt.results} == {(DEFERRED, "4.3.0")}
+    assert {(r.status, r.dsn) for r in attempt.results} == {(Status.DEFERRED, "4.3.0")}
 
 
 def test_no_helo_fallback_after_starttls():
@@ -1422,11 +1408,11 @@ def test_unreadable_body_when_checking_for_8bit_defers_and_quits():
     def openBody():
         raise PermissionError(13, "Permission denied")
 
-    d = net.courier().deliver([Hop("a.example")], "s@x", {}, ["r@x"], openBody, 10)
+    d = net.courier().deliver(Destination((Hop("a.example"),)), "s@x", {}, ["r@x"], openBody, 10)
     peer = net.peers["a.example"]
     converse(peer, [GREETING, EHLO_PLAIN])
     [r] = result(d).results
-    assert (r.code, r.dsn, r.status) == (0, "4.3.0", DEFERRED)
+    assert (r.code, r.dsn, r.status) == (0, "4.3.0", Status.DEFERRED)
     assert r.text == "cannot read the queued message: Permission denied"
     assert result(d).relay == "a.example[192.0.2.7]:25"
     assert peer.sent() == b"EHLO relay.example.com\r\nQUIT\r\n"
@@ -1441,14 +1427,14 @@ def test_body_is_checked_for_8bit_once_per_attempt():
         return io.BytesIO(b"plain\r\n")
 
     d = net.courier(Timeouts(mail=9)).deliver(
-        [Hop("a.example"), Hop("b.example")], "s@x", {}, ["r@x"], openBody, 7)
+        Destination((Hop("a.example"), Hop("b.example"))), "s@x", {}, ["r@x"], openBody, 7)
     converse(net.peers["a.example"], [GREETING, EHLO_PLAIN])
     assert len(opened) == 1
     net.clock.advance(9)  # MAIL times out: next hop, which lacks 8BITMIME too
     net.peers["a.example"].settle()
     converse(net.peers["b.example"], [GREETING, EHLO_PLAIN, b"250 Ok\r\n", b"250 Ok\r\n",
                                       b"354 go\r\n", b"250 Ok\r\n"])
-    assert result(d).results[0].status == SENT
+    assert result(d).results[0].status == Status.SENT
     assert len(opened) == 2  # one check, one DATA
 
 
@@ -1494,8 +1480,8 @@ def test_reconfigure_closes_idle_sessions_and_takes_the_new_settings():
 
 def test_reconfigure_keeps_tls_settings_of_unreadable_ca_files():
     courier = Network().courier()
-    kept = Target("a.example", 25, "may", caFile="/broken.pem")
-    dropped = Target("b.example", 25, "may", caFile="/fine.pem")
+    kept = NextHop("a.example", 25, "may", caFile="/broken.pem")
+    dropped = NextHop("b.example", 25, "may", caFile="/fine.pem")
     keptCreator = courier._cachedTLSOptions(kept)
     droppedCreator = courier._cachedTLSOptions(dropped)
     assert courier._cachedTLSOptions(kept) is keptCreator  # cached
@@ -1517,7 +1503,7 @@ def test_2xx_reply_to_data_is_taken_as_451():
     peer.feed(b"250 2.0.0 Ok\r\n")
     assert peer.sent() == b""  # no body
     [r] = result(d).results
-    assert (r.code, r.status) == (451, DEFERRED)
+    assert (r.code, r.status) == (451, Status.DEFERRED)
     assert r.text.endswith("(in reply to DATA command)")
 
 
@@ -1528,7 +1514,7 @@ def test_3xx_reply_to_rcpt_is_taken_as_451():
     peer.sent()
     peer.feed(b"250 Ok\r\n354 what\r\n")
     [r] = result(d).results
-    assert (r.code, r.dsn, r.status) == (451, "4.0.0", DEFERRED)
+    assert (r.code, r.dsn, r.status) == (451, "4.0.0", Status.DEFERRED)
     assert peer.sent() == b""  # nobody accepted: no DATA
 
 
@@ -1545,7 +1531,7 @@ def test_552_too_many_recipients_is_taken_as_452():
     assert peer.sent() == b"MAIL FROM:<s@example.com> SIZE=21\r\nRCPT TO:<b@x.org>\r\n"
     peer.feed(b"250 Ok\r\n552 Too many recipients\r\n")  # no progress: stays deferred
     outcome = result(d)
-    assert [(r.code, r.status) for r in outcome.results] == [(250, SENT), (452, DEFERRED)]
+    assert [(r.code, r.status) for r in outcome.results] == [(250, Status.SENT), (452, Status.DEFERRED)]
 
 
 def test_unsafe_sender_is_never_written():
@@ -1553,19 +1539,19 @@ def test_unsafe_sender_is_never_written():
     peer.ready()
     d = send(peer, ["a@x.org", "b@x.org"], sender="s@x.org>\r\nRCPT TO:<evil@x.org")
     outcome = result(d)
-    assert {(r.code, r.dsn, r.status) for r in outcome.results} == {(553, "5.1.7", BOUNCED)}
+    assert {(r.code, r.dsn, r.status) for r in outcome.results} == {(553, "5.1.7", Status.BOUNCED)}
     assert not outcome.mailAccepted
     assert peer.sent() == b""
 
 
 def test_missing_upstream_password_defers_and_fails_over():
     net = Network(a_example="192.0.2.7", b_example="192.0.2.8")
-    hops = [Target("a.example", 25, "starttls", username="relay", passwordFile="/etc/relayd/pw"),
+    hops = [NextHop("a.example", 25, "starttls", username="relay", passwordFile="/etc/relayd/pw"),
             Hop("b.example")]
     d = deliver(net.courier(), hops[:1])
     attempt = result(d)
     assert net.attempts == []
-    assert {(r.code, r.dsn, r.status) for r in attempt.results} == {(0, "4.3.5", DEFERRED)}
+    assert {(r.code, r.dsn, r.status) for r in attempt.results} == {(0, "4.3.5", Status.DEFERRED)}
     assert attempt.results[0].text == "no password loaded from /etc/relayd/pw for a.example"
     d = deliver(net.courier(), hops)
     converse(net.peers["b.example"], HAPPY)
@@ -1603,7 +1589,7 @@ def test_endless_multiline_reply_is_cut_off(line, over):
             break
     broken = failureOf(peer.session.whenReady()).value
     assert isinstance(broken, SessionBroken)
-    assert (broken.dsn, broken.stage, broken.status) == ("4.4.2", "ehlo", DEFERRED)
+    assert (broken.dsn, broken.stage, broken.status) == ("4.4.2", "ehlo", Status.DEFERRED)
     assert broken.text == f"{PEER} sent a reply of more than {over}"
     assert peer.lost
     assert max(held) <= MAX_REPLY_LINES
@@ -1634,7 +1620,7 @@ def test_courier_fails_over_after_endless_ehlo_reply():
     attempt = result(d)
     assert net.attempts == ["a.example", "b.example"]
     assert attempt.relay == "b.example[192.0.2.8]:25"
-    assert [r.status for r in attempt.results] == [SENT, SENT]
+    assert [r.status for r in attempt.results] == [Status.SENT, Status.SENT]
 
 
 def test_endless_reply_from_the_only_hop_defers():
@@ -1646,7 +1632,7 @@ def test_endless_reply_from_the_only_hop_defers():
     attempt = result(d)
     assert attempt.relay == "a.example[192.0.2.7]:25"
     assert {(r.status, r.dsn, r.text) for r in attempt.results} == {
-        (DEFERRED, "4.4.2", f"a.example[192.0.2.7] sent a reply of more than {MAX_REPLY_LINES} lines")}
+        (Status.DEFERRED, "4.4.2", f"a.example[192.0.2.7] sent a reply of more than {MAX_REPLY_LINES} lines")}
 
 
 # -- integration: real servers on 127.0.0.1, real reactor in a subprocess -----------
@@ -1656,16 +1642,13 @@ SCENARIO_DEADLINE = 60
 
 
 def _specHop(hop):
-    """A hop from a scenario spec: [host, port], {"mx": domain, ...} or Target fields."""
-    from relayd.courier import Target
-    from relayd.route import MXRoute
-
+    """A hop from a scenario spec: [host, port], {"mx": domain, ...} or NextHop fields."""
     if isinstance(hop, list):
         return Hop(*hop)
     if "mx" in hop:
         fields = dict(hop)
-        return MXRoute(fields.pop("mx"), **fields)
-    return Target(**hop)
+        return mxHop(fields.pop("mx"), **fields)
+    return NextHop(**{"tls": "none", **hop})
 
 
 def scenarioMain(spec: dict) -> None:
@@ -1677,8 +1660,9 @@ def scenarioMain(spec: dict) -> None:
     from twisted.internet import task
     from twisted.logger import globalLogPublisher
 
-    from relayd.courier import Secret
+    from relayd import maillog
     from relayd.resolve import makeResolver
+    from relayd.secret import Secret
 
     lines = []
     globalLogPublisher.addObserver(
@@ -1701,9 +1685,11 @@ def scenarioMain(spec: dict) -> None:
         attempts = []
         for _ in range(spec.get("messages", 1)):
             attempt = await courier.deliver(
-                hops, spec["sender"], spec.get("mailParams", {}), spec["recipients"],
+                Destination(tuple(hops)), spec["sender"], spec.get("mailParams", {}), spec["recipients"],
                 lambda: open(path, "rb"), os.path.getsize(path),
             )
+            for relay, tls in attempt.tlsSessions:  # as the scheduler logs them
+                maillog.tlsConnection(relay, tls.trust, tls.protocol, tls.cipher, tls.bits)
             attempts.append(asdict(attempt))
         await courier.closeIdle()
         print(json.dumps({**attempts[-1], "attempts": attempts, "log": lines}))
@@ -1792,7 +1778,7 @@ def test_integration_sink_receives_exact_body(tmp_path, smtpSink):
                           mailParams={"BODY": "8BITMIME"})
     assert attempt["relay"] == f"127.0.0.1[127.0.0.1]:{port}"
     assert [(r["address"], r["status"], r["code"]) for r in attempt["results"]] == [
-        ("a@example.org", SENT, 250), ("b@example.org", SENT, 250)]
+        ("a@example.org", Status.SENT, 250), ("b@example.org", Status.SENT, 250)]
     [message] = dumpedMessages(dump)
     headers, _, received = message.partition(b"Received: ")
     # smtp-sink offers 8BITMIME but not SIZE.
@@ -1804,7 +1790,7 @@ def test_integration_sink_receives_exact_body(tmp_path, smtpSink):
 
 
 @needsSink
-@pytest.mark.parametrize("option, status, code", [("-r", DEFERRED, 450), ("-f", BOUNCED, 500)])
+@pytest.mark.parametrize("option, status, code", [("-r", Status.DEFERRED, 450), ("-f", Status.BOUNCED, 500)])
 def test_integration_sink_rcpt_refused(tmp_path, smtpSink, option, status, code):
     port, dump = smtpSink(option, "RCPT")
     attempt = runScenario(tmp_path, [["127.0.0.1", port]], ["a@example.org"])
@@ -1822,7 +1808,7 @@ def test_integration_sink_disconnect_at_dot(tmp_path, smtpSink):
     port, dump = smtpSink("-q", ".")
     attempt = runScenario(tmp_path, [["127.0.0.1", port]], ["a@example.org"])
     [r] = attempt["results"]
-    assert (r["status"], r["dsn"]) == (DEFERRED, "4.4.2")
+    assert (r["status"], r["dsn"]) == (Status.DEFERRED, "4.4.2")
     assert r["text"] == (
         "lost connection with 127.0.0.1[127.0.0.1] while sending end of data "
         "-- message may be sent more than once"
@@ -1835,7 +1821,7 @@ def test_integration_connection_refused(tmp_path):
     assert attempt["relay"] == "none"
     [r] = attempt["results"]
     assert (r["status"], r["dsn"], r["text"]) == (
-        DEFERRED, "4.4.1", f"connect to 127.0.0.1[127.0.0.1]:{port}: Connection refused")
+        Status.DEFERRED, "4.4.1", f"connect to 127.0.0.1[127.0.0.1]:{port}: Connection refused")
 
 
 @needsSink
@@ -1844,7 +1830,7 @@ def test_integration_failover_to_live_sink(tmp_path, smtpSink):
     port, dump = smtpSink()
     attempt = runScenario(tmp_path, [["127.0.0.1", closed], ["127.0.0.1", port]], ["a@example.org"])
     assert attempt["relay"] == f"127.0.0.1[127.0.0.1]:{port}"
-    assert attempt["results"][0]["status"] == SENT
+    assert attempt["results"][0]["status"] == Status.SENT
     assert len(dumpedMessages(dump)) == 1
 
 
@@ -1910,7 +1896,7 @@ def test_integration_flooding_hop_is_cut_off_and_the_next_hop_used(tmp_path):
         controller.stop()
         flood.close()
     assert attempt["relay"] == f"127.0.0.1[127.0.0.1]:{port}"
-    assert attempt["results"][0]["status"] == SENT
+    assert attempt["results"][0]["status"] == Status.SENT
     # Socket buffers hold some megabytes at most; the flood is 50 MiB.
     assert flood.sent < FloodingServer.FLOOD_LIMIT
 
@@ -1955,7 +1941,7 @@ def test_integration_aiosmtpd_large_dotted_body_arrives_identical(tmp_path):
     finally:
         controller.stop()
     [r] = attempt["results"]
-    assert (r["status"], r["text"]) == (SENT, "250 2.0.0 Ok: captured")
+    assert (r["status"], r["text"]) == (Status.SENT, "250 2.0.0 Ok: captured")
     [envelope] = handler.envelopes
     assert envelope.mail_from == "sender@example.com"
     assert envelope.rcpt_tos == ["a@example.org"]
