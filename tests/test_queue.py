@@ -11,7 +11,7 @@ import pytest
 from twisted.logger import formatEvent, globalLogPublisher
 
 from relayd import queue
-from relayd.envelope import PENDING, SENT, Envelope, Recipient, newQueueId
+from relayd.envelope import Envelope, Recipient, Status, newQueueId
 from relayd.queue import Spool
 
 BODY = b"Received: from x\r\nSubject: hi\r\n\r\n" + b"line with \xe9 8bit\r\n.dot\r\n" * 500
@@ -293,7 +293,7 @@ def test_foreignFilesLeftAlone(spool, tmp_path, logged):
 def test_updateSeenByRecovery(spool, tmp_path):
     envelope = makeEnvelope()
     store(spool, envelope)
-    envelope.recipients[0].state = SENT
+    envelope.recipients[0].state = Status.SENT
     envelope.recipients[0].dsn = "2.0.0"
     envelope.attempts = 1
     envelope.nextAttempt = 1_700_000_300.0
@@ -302,7 +302,7 @@ def test_updateSeenByRecovery(spool, tmp_path):
     assert spool.load(envelope.queueId) == envelope
     recovered = Spool(str(tmp_path / "spool")).recover()
     assert recovered == [envelope]
-    assert [r.state for r in recovered[0].recipients] == [SENT, PENDING]
+    assert [r.state for r in recovered[0].recipients] == [Status.SENT, Status.DEFERRED]
     with spool.openBody(envelope.queueId) as f:
         assert f.read() == BODY
     assert listing(tmp_path / "spool")["tmp"] == []

@@ -9,7 +9,7 @@ import re
 import pytest
 
 from relayd.cli import relayctl
-from relayd.envelope import SENT, Envelope, Recipient
+from relayd.envelope import Envelope, Recipient, Status
 from relayd.queue import Spool
 
 
@@ -55,7 +55,7 @@ def test_list_like_mailq(setup):
     a = put(spool, "0000000000000001", rcpts=("bob@example.org", "carol@example.org"), attempts=2)
     a.recipients[0].reply = "451 4.3.0 try again later"
     a.recipients[0].dsn = "4.3.0"
-    a.recipients[1].state = SENT
+    a.recipients[1].state = Status.SENT
     spool.update(a)
     put(spool, "0000000000000002", sender="", hold=True)
     status, out, err = run(configPath, "list")
@@ -255,7 +255,7 @@ def selectionQueue(setup, monkeypatch):
     put(spool, "0000000000000002", sender="spam@bad.example", rcpts=("b@two.example",), hold=True)
     put(spool, "0000000000000003", sender="alice@good.example", rcpts=("c@two.example",))
     e = put(spool, "0000000000000004", sender="", rcpts=("d@two.example", "e@one.example"))
-    e.recipients[0].state = SENT  # delivered: no longer selects the message by recipient
+    e.recipients[0].state = Status.SENT  # delivered: no longer selects the message by recipient
     spool.update(e)
     daemon = FakeDaemon()
     monkeypatch.setattr(relayctl, "callDaemon", daemon)

@@ -2,28 +2,15 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import pytest
 
-from relayd.route import groupByDestination, nextHops, recipientDomain
+from relayd.config import Delivery, NextHop
+from relayd.delivery import Destination
+from relayd.route import destinationOf, groupByDestination, mxHop, recipientDomain
 
 
-@dataclass(frozen=True)
-class Hop:
-    """Stand-in for relayd.config.NextHop."""
-
-    host: str
-    port: int = 25
-    tls: str = "none"
-
-
-@dataclass(frozen=True)
-class Delivery:
-    """Stand-in for relayd.config.Delivery."""
-
-    smarthosts: tuple
-    concurrency: int = 20
+def Hop(host: str, port: int = 25, tls: str = "none") -> NextHop:
+    return NextHop(host, port, tls)
 
 
 PRIMARY = Hop("smtp.example.net", 587)
@@ -55,20 +42,20 @@ def test_recipientDomain(address, domain):
         ("example.org", Delivery([BACKUP, PRIMARY]), (BACKUP, PRIMARY)),
     ],
 )
-def test_nextHops_are_the_smarthosts_in_order(domain, delivery, hops):
-    got = nextHops(domain, delivery)
-    assert got == hops
-    assert isinstance(got, tuple)
+def test_destination_is_the_smarthosts_in_order(domain, delivery, hops):
+    got = destinationOf(domain, delivery)
+    assert got == Destination(hops)
+    assert isinstance(got.hops, tuple)
 
 
 @pytest.mark.parametrize(
     "recipients, groups",
     [
         ([], {}),
-        (["a@x.org"], {(PRIMARY, BACKUP): ["a@x.org"]}),
+        (["a@x.org"], {Destination((PRIMARY, BACKUP)): ["a@x.org"]}),
         (
             ["b@y.org", "a@x.org", "c@Y.ORG"],
-            {(PRIMARY, BACKUP): ["b@y.org", "a@x.org", "c@Y.ORG"]},
+            {Destination((PRIMARY, BACKUP)): ["b@y.org", "a@x.org", "c@Y.ORG"]},
         ),
     ],
 )
@@ -80,24 +67,15 @@ def test_groupByDestination(recipients, groups):
 
 # -- routes and MX delivery -------------------------------------------------------------
 
-from relayd.route import MXRoute  # noqa: E402
+
+def RouteHop(host: str = "", port: int = 25, tls: str = "may", caFile: str | None = None,
+             mx: bool = False) -> NextHop:
+    """A delivery.routes entry as the config parses it (an mx entry has no host)."""
+    return NextHop(host, 0 if mx else port, tls, caFile=caFile, mx=mx)
 
 
-@dataclass(frozen=True)
-class RouteHop:
-    host: str = ""
-    port: int = 25
-    tls: str = "may"
-    verify: bool = True
-    caFile: str | None = None
-    mx: bool = False
-
-
-@dataclass(frozen=True)
-class FullDelivery:
-    smarthosts: tuple = ()
-    routes: dict | None = None
-    mxPort: int = 25
+def FullDelivery(smarthosts: tuple = (), routes: dict | None = None, mxPort: int = 25) -> Delivery:
+    return Delivery(smarthosts=smarthosts, routes=routes or {}, mxPort=mxPort)
 
 
 INTERNAL = RouteHop("mx.internal.example.org", 25, "may")
@@ -107,23 +85,23 @@ ROUTES = {"example.org": (INTERNAL,), "partner.example": (MX_REQUIRED,)}
 
 @pytest.mark.parametrize("domain, delivery, hops", [
     # No smarthosts: MX delivery on mx_port, opportunistic TLS.
-    ("example.net", FullDelivery(mxPort=2525), (MXRoute("example.net", 2525, "may"),)),
+    ("example.net", FullDelivery(mxPort=2525), (mxHop("example.net", 2525, "may"),)),
     # A route beats the smarthosts; other domains use the smarthosts.
     ("example.org", FullDelivery((PRIMARY,), ROUTES), (INTERNAL,)),
     ("example.net", FullDelivery((PRIMARY,), ROUTES), (PRIMARY,)),
     # An mx entry: MX delivery for that domain with its own TLS policy.
     ("partner.example", FullDelivery((PRIMARY,), ROUTES),
-     (MXRoute("partner.example", 25, "starttls", True, "/ca.pem"),)),
+     (mxHop("partner.example", 25, "starttls", True, "/ca.pem"),)),
     # "*" catches every domain without its own route.
     ("example.net", FullDelivery((PRIMARY,), {"*": (BACKUP,), **ROUTES}), (BACKUP,)),
     ("example.org", FullDelivery((PRIMARY,), {"*": (BACKUP,), **ROUTES}), (INTERNAL,)),
-    ("x.example", FullDelivery((), {"*": (RouteHop(mx=True, tls="none"),)}), (MXRoute("x.example", 25, "none"),)),
+    ("x.example", FullDelivery((), {"*": (RouteHop(mx=True, tls="none"),)}), (mxHop("x.example", 25, "none"),)),
 ])
-def test_nextHops_routes_and_mx(domain, delivery, hops):
-    assert nextHops(domain, delivery) == hops
+def test_destination_routes_and_mx(domain, delivery, hops):
+    assert destinationOf(domain, delivery) == Destination(hops)
 
 
 def test_mx_delivery_groups_by_domain():
     got = groupByDestination(["a@x.org", "b@y.org", "c@X.org"], FullDelivery())
     assert list(got.values()) == [["a@x.org", "c@X.org"], ["b@y.org"]]
-    assert list(got) == [(MXRoute("x.org"),), (MXRoute("y.org"),)]
+    assert list(got) == [Destination((mxHop("x.org"),)), Destination((mxHop("y.org"),))]

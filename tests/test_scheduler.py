@@ -11,9 +11,9 @@ from twisted.internet import defer, task
 from twisted.logger import globalLogPublisher, formatEvent
 
 from relayd import scheduler
-from relayd.config import NextHop
-from relayd.courier import AttemptResult, RecipientResult
-from relayd.envelope import FAILED, PENDING, SENT, Envelope, Recipient, newQueueId
+from relayd.config import Delivery, NextHop
+from relayd.delivery import AttemptResult, RecipientResult
+from relayd.envelope import Envelope, Recipient, Status, newQueueId
 from relayd.scheduler import Scheduler, retryDelay
 
 
@@ -117,7 +117,7 @@ class FakeCourier:
 
 
 def result(recipients, codes):
-    status = {2: "sent", 4: "deferred", 5: "bounced"}
+    status = {2: Status.SENT, 4: Status.DEFERRED, 5: Status.BOUNCED}
     return AttemptResult(
         relay="smtp.test[192.0.2.7]:25",
         results=tuple(RecipientResult(address=r, code=c, dsn=f"{c // 100}.0.0", text=f"{c} reply",
@@ -133,9 +133,9 @@ def settings(concurrency=20, destinationConcurrency=20, lifetime=5 * 86400.0,
         queue=SimpleNamespace(retry=SimpleNamespace(min=300.0, max=3600.0), lifetime=lifetime,
                               delayWarning=delayWarning, bounceSizeLimit=bounceSizeLimit,
                               directory="/var/spool/relayd"),
-        delivery=SimpleNamespace(smarthosts=(NextHop(host="smtp.test", port=25, tls="none"),),
-                                 concurrency=concurrency,
-                                 destinationConcurrency=destinationConcurrency),
+        delivery=Delivery(smarthosts=(NextHop(host="smtp.test", port=25, tls="none"),),
+                          concurrency=concurrency,
+                          destinationConcurrency=destinationConcurrency),
         shutdownGrace=30.0,
     )
 
@@ -158,7 +158,7 @@ def test_delivered_message_is_removed_and_logged(rig):
     env = envelope(rig.clock, "b@example.org", "c@example.org")
     rig.sched.add(env)
     assert rig.spool.removed == [env.queueId]
-    assert [r.state for r in env.recipients] == [SENT, SENT]
+    assert [r.state for r in env.recipients] == [Status.SENT, Status.SENT]
     assert rig.sched.queueLength() == 0
     tos = [l for l in rig.lines if "to=<" in l]
     assert tos[0] == (f"{env.queueId}: to=<b@example.org>, relay=smtp.test[192.0.2.7]:25, delay=0, "
@@ -171,7 +171,7 @@ def test_temporary_failure_retries_with_backoff(rig):
     env = envelope(rig.clock, "b@example.org")
     start = rig.clock.seconds()
     rig.sched.add(env)
-    assert rig.spool.updated == [(env.queueId, start + 300, [PENDING])]
+    assert rig.spool.updated == [(env.queueId, start + 300, [Status.DEFERRED])]
     rig.clock.advance(299)
     assert len(rig.courier.calls) == 1
     rig.clock.advance(1)
@@ -187,11 +187,11 @@ def test_permanent_failure_marks_recipient_failed_and_rest_retries(rig):
     rig.courier.script = [[550, 450], [250]]
     env = envelope(rig.clock, "gone@example.org", "later@example.org")
     rig.sched.add(env)
-    assert [r.state for r in env.recipients] == [FAILED, PENDING]
+    assert [r.state for r in env.recipients] == [Status.BOUNCED, Status.DEFERRED]
     rig.clock.advance(300)
     # Only the pending recipient is tried again.
     assert rig.courier.calls[1][1] == ("later@example.org",)
-    assert [r.state for r in env.recipients] == [FAILED, SENT]
+    assert [r.state for r in env.recipients] == [Status.BOUNCED, Status.SENT]
     # The refused recipient went back to the sender, once; then the message left.
     [(notice, _)] = rig.spool.notices
     assert notice.recipients[0].address == "a@example.com"
@@ -416,7 +416,7 @@ def test_notice_that_cannot_be_written_keeps_recipients_pending(rigFactory):
     env = envelope(rig.clock, "b@example.org")
     rig.courier.script = [[550], [550]]
     rig.sched.add(env)
-    assert [r.state for r in env.recipients] == [PENDING]
+    assert [r.state for r in env.recipients] == [Status.DEFERRED]
     assert rig.spool.removed == []
     assert any("cannot queue notification, will retry: No space left on device" in l for l in rig.lines)
     rig.spool.commitError = None
@@ -622,7 +622,7 @@ def test_envelope_that_cannot_be_updated_after_an_attempt_stays_queued(rigFactor
     start = rig.clock.seconds()
     rig.sched.add(env)
     assert rig.sched.envelopes[env.queueId] is env
-    assert [r.state for r in env.recipients] == [SENT, PENDING]
+    assert [r.state for r in env.recipients] == [Status.SENT, Status.DEFERRED]
     assert env.nextAttempt == start + 300
     warnings = [l for l in rig.lines if "warning" in l]
     assert warnings == [f"{env.queueId}: warning: cannot update the queue file: {error.strerror}; "

@@ -313,7 +313,7 @@ def _describe(e: Envelope, queue: str, directory: str, out: TextIO) -> None:
         detail = f"  dsn={r.dsn}" if r.dsn else ""
         detail += f"  last attempt {_when(r.lastAttempt)}" if r.lastAttempt else ""
         detail += f"  ({r.reply})" if r.reply else ""
-        out.write(f"  {r.address}  {r.state}{detail}\n")
+        out.write(f"  {r.address}  {STORED_STATES[r.state]}{detail}\n")
     if e.history:
         out.write("History:\n")
         for h in e.history:
