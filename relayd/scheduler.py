@@ -32,7 +32,7 @@ from twisted.internet import defer
 from twisted.logger import Logger
 
 from relayd import bounce, maillog, route
-from relayd.delivery import AttemptResult, Destination
+from relayd.delivery import AttemptResult, Destination, Transport
 from relayd.envelope import (
     NOTICE_BOUNCE,
     NOTICE_DELAY,
@@ -92,7 +92,7 @@ class AdminRefusal(Exception):
 
 class Scheduler(service.Service):
     """
-    ``deliver`` is a transport's (relayd.delivery: the courier's);
+    ``transport`` delivers (relayd.delivery's ``Transport``: the courier);
     ``settings`` is the loaded config (``hostname``,
     ``postmaster``, ``queue``, ``delivery``), replaced on reload with
     ``reconfigure``. ``runInThread(f, *args)`` runs blocking spool work
@@ -102,11 +102,11 @@ class Scheduler(service.Service):
 
     name = "scheduler"
 
-    def __init__(self, spool, deliver: Callable[..., defer.Deferred[AttemptResult]], settings, clock,
+    def __init__(self, spool, transport: Transport, settings, clock,
                  random: Callable[[], float] = _random.random,
                  runInThread: Callable[..., defer.Deferred] | None = None):
         self.spool = spool
-        self.deliver = deliver
+        self.transport = transport
         self.settings = settings
         self.clock = clock
         self.random = random
@@ -248,7 +248,7 @@ class Scheduler(service.Service):
             byAddress.setdefault(r.address, []).append(r)
         failed: list[tuple[Recipient, bounce.ReportLine]] = []
         for destination, addresses in groups.items():
-            result: AttemptResult = yield self.deliver(
+            result: AttemptResult = yield self.transport.deliver(
                 destination, envelope.sender, envelope.mailParams, addresses,
                 lambda: self.spool.openBody(envelope.queueId), envelope.size,
             )

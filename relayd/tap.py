@@ -423,7 +423,7 @@ def makeService(options, reactor=None) -> Relay:
     resolver = _resolver(config, reactor)
     courier = _courier(config, reactor, listenerServices, resolver)
     # Notices (bounces) are written and fsynced in the spool's threads too.
-    scheduler = Scheduler(spool, courier.deliver, config, reactor,
+    scheduler = Scheduler(spool, courier, config, reactor,
                           runInThread=lambda f, *a: deferToThreadPool(reactor, pool, f, *a))
 
     def commit(writer, envelope):

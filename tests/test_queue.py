@@ -620,3 +620,23 @@ def test_restore_refuses_an_entry_without_body_or_an_id_in_the_queue(spool, tmp_
             (tmp_path / "spool" / "queue" / (twin.queueId + suffix)).read_bytes())
     with pytest.raises(FileExistsError):
         spool.restore(twin.queueId)
+
+
+def test_spool_written_before_the_status_enum_loads_and_is_written_back_alike(spool, tmp_path):
+    """The spool keeps the first format's words for recipient states: pending, sent, failed."""
+    stored = makeEnvelope().toJSON()
+    stored["recipients"] = [
+        {"address": "a@example.org", "params": {}, "state": "sent", "dsn": "2.0.0",
+         "reply": "250 ok", "last_attempt": 1_700_000_100.0, "relay": "mx[192.0.2.1]:25"},
+        {"address": "b@example.org", "params": {}, "state": "pending", "dsn": "4.0.0",
+         "reply": "451 later", "last_attempt": 1_700_000_100.0, "relay": "mx[192.0.2.1]:25"},
+        {"address": "c@example.org", "params": {}, "state": "failed", "dsn": "5.1.1",
+         "reply": "550 no", "last_attempt": 1_700_000_100.0, "relay": "mx[192.0.2.1]:25"},
+    ]
+    stored["history"] = [{"time": 1_700_000_100.0, "recipient": "b@example.org",
+                          "relay": "mx[192.0.2.1]:25", "dsn": "4.0.0", "status": "deferred",
+                          "reply": "451 later"}]
+    envelope = Envelope.fromJSON(json.loads(json.dumps(stored)))
+    assert [r.state for r in envelope.recipients] == [Status.SENT, Status.DEFERRED, Status.BOUNCED]
+    assert envelope.pending() == [envelope.recipients[1]]
+    assert json.loads(json.dumps(envelope.toJSON())) == stored

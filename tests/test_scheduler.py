@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import io
 from types import SimpleNamespace
@@ -9,11 +10,13 @@ from types import SimpleNamespace
 import pytest
 from twisted.internet import defer, task
 from twisted.logger import globalLogPublisher, formatEvent
+from twisted.python.failure import Failure
 
 from relayd import scheduler
 from relayd.config import Delivery, NextHop
-from relayd.delivery import AttemptResult, RecipientResult
+from relayd.delivery import AttemptResult, Destination, RecipientResult, TLSInfo
 from relayd.envelope import Envelope, Recipient, Status, newQueueId
+from relayd.route import mxHop
 from relayd.scheduler import Scheduler, retryDelay
 
 
@@ -272,7 +275,7 @@ def rigWith(**kw):
     clock.advance(1_000_000)
     spool = FakeSpool()
     courier = FakeCourier(clock)
-    sched = Scheduler(spool, courier.deliver, settings(**kw), clock, random=lambda: 0.5)
+    sched = Scheduler(spool, courier, settings(**kw), clock, random=lambda: 0.5)
     sched.startService()
     lines = []
     observer = lambda e: lines.append(formatEvent(e))  # noqa: E731
@@ -451,14 +454,14 @@ def test_restart_keeps_the_schedule(tmp_path):
     writer.commit(env)
     courier = FakeCourier(clock)
     courier.script = [[451]]
-    first = Scheduler(spool, courier.deliver, settings(), clock, random=lambda: 0.5)
+    first = Scheduler(spool, courier, settings(), clock, random=lambda: 0.5)
     first.startService()
     first.add(env)
     first.stopService()
     assert len(courier.calls) == 1
 
     clock.advance(100)
-    second = Scheduler(spool, courier.deliver, settings(), clock, random=lambda: 0.5)
+    second = Scheduler(spool, courier, settings(), clock, random=lambda: 0.5)
     [recovered] = spool.recover()
     assert recovered.nextAttempt == env.arrival + 300
     courier.script = [[250]]
@@ -551,10 +554,11 @@ def test_attempt_that_breaks_backs_off_and_is_held_when_its_lifetime_ends(rigFac
     rig = rigFactory(lifetime=7200.0)
     calls = []
 
-    def broken(hops, sender, mailParams, recipients, openBody, size):
-        calls.append(rig.clock.seconds())
-        raise RuntimeError("a bug")
-    rig.sched.deliver = broken
+    class Broken:
+        def deliver(self, destination, sender, mailParams, recipients, openBody, size):
+            calls.append(rig.clock.seconds())
+            raise RuntimeError("a bug")
+    rig.sched.transport = Broken()
     env = envelope(rig.clock, "b@example.org")
     start = rig.clock.seconds()
     rig.sched.add(env)
@@ -654,3 +658,57 @@ def test_message_that_cannot_be_removed_stays_queued_until_it_can(rigFactory):
     assert rig.spool.removed == [env.queueId]
     assert rig.sched.queueLength() == 0
     assert f"{env.queueId}: removed" in rig.lines
+
+
+# -- the delivery boundary ---------------------------------------------------------------
+
+
+class RecordingTransport:
+    """Another transport: records what the scheduler hands it, answers with ``answer``."""
+
+    def __init__(self, answer):
+        self.answer = answer
+        self.calls = []
+
+    def deliver(self, destination, sender, mailParams, recipients, openBody, size):
+        self.calls.append((destination, tuple(recipients)))
+        return defer.succeed(self.answer(tuple(recipients)))
+
+
+def test_transport_gets_one_destination_of_next_hops_per_group(rig):
+    transport = RecordingTransport(lambda rs: result(rs, [250] * len(rs)))
+    rig.sched.transport = transport
+    rig.sched.add(envelope(rig.clock, "b@example.org", "c@example.net"))
+    rig.sched.settings.delivery = Delivery()  # no smarthosts: MX delivery, a group per domain
+    rig.sched.add(envelope(rig.clock, "d@example.org", "e@example.net", "f@Example.ORG"))
+    assert transport.calls == [
+        (Destination((NextHop("smtp.test", 25, "none"),)), ("b@example.org", "c@example.net")),
+        (Destination((mxHop("example.org"),)), ("d@example.org", "f@Example.ORG")),
+        (Destination((mxHop("example.net"),)), ("e@example.net",)),
+    ]
+
+
+def test_scheduler_logs_the_tls_sessions_of_an_attempt_before_its_results(rig):
+    tls = TLSInfo("TLSv1.3", "TLS_AES_256_GCM_SHA384", 256, "Verified")
+    rig.sched.transport = RecordingTransport(lambda rs: dataclasses.replace(
+        result(rs, [250] * len(rs)), tlsSessions=(("smtp.test[192.0.2.7]:25", tls),)))
+    env = envelope(rig.clock, "b@example.org")
+    rig.sched.add(env)
+    tlsLine = ("Verified TLS connection established to smtp.test[192.0.2.7]:25: "
+               "TLSv1.3 with cipher TLS_AES_256_GCM_SHA384 (256/256 bits)")
+    [tlsIndex] = [i for i, l in enumerate(rig.lines) if tlsLine in l]
+    [toIndex] = [i for i, l in enumerate(rig.lines) if "to=<b@example.org>" in l]
+    assert tlsIndex < toIndex
+
+
+def test_scheduler_logs_a_transport_local_error_and_keeps_the_recipient(rig):
+    def answer(rs):
+        return AttemptResult(
+            "none", tuple(RecipientResult(r, 0, "4.3.0", "delivery failed locally: RuntimeError",
+                                          Status.DEFERRED) for r in rs),
+            0.0, 0.0, localError=Failure(RuntimeError("a bug")))
+    rig.sched.transport = RecordingTransport(answer)
+    env = envelope(rig.clock, "b@example.org")
+    rig.sched.add(env)
+    assert [r.state for r in env.recipients] == [Status.DEFERRED]
+    assert any(f"delivery attempt of {env.queueId} failed locally" in l for l in rig.lines)
