@@ -143,8 +143,8 @@ class _Message:
 class Courier:
     """
     Makes delivery attempts. One ``deliver`` call = one attempt over an
-    ordered list of next hops (an ``MXRoute`` among them expands to its
-    MX hosts' addresses): the next one is tried when a connection fails,
+    ``Destination`` (an ``mx`` next hop among its hops expands to its MX
+    hosts' addresses): the next one is tried when a connection fails,
     the greeting, hello, STARTTLS or AUTH is refused, TLS fails, or the
     conversation breaks before MAIL is accepted; once a hop accepted MAIL,
     its answers stand.

@@ -28,13 +28,16 @@ address again; otherwise ``unknown``.
 
 from __future__ import annotations
 
+import ipaddress
 import random as _random
 import re
+import socket
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from twisted.internet import defer
-from twisted.names import dns, error as dnsError
+from twisted.internet.interfaces import IResolver
+from twisted.names import client, dns, error as dnsError
 
 # Postfix's smtp_mx_address_limit.
 ADDRESS_LIMIT = 5
@@ -102,8 +105,6 @@ def makeResolver(reactor: Any, servers: tuple[tuple[str, int], ...] = (), timeou
     minute on the reactor thread, and keeps doing so for every resolver a
     reload replaced.
     """
-    from twisted.names import client
-
     # Each query gets its own UDP port (source-port randomisation); without
     # this every lookup adds "starting on"/"stopping" lines to the mail log.
     dns.DNSDatagramProtocol.noisy = False
@@ -130,7 +131,7 @@ def nameServers(path: str) -> list[tuple[str, int]]:
     return found or [("127.0.0.1", dns.PORT)]
 
 
-async def _addresses(resolver: Any, name: str) -> tuple[list[str], str | None]:
+async def _addresses(resolver: IResolver, name: str) -> tuple[list[str], str | None]:
     """
     (IPv4 then IPv6 addresses of ``name``, problem) where problem is None,
     'nxdomain' (both queries) or 'temporary' (either failed temporarily
@@ -159,8 +160,6 @@ async def _addresses(resolver: Any, name: str) -> tuple[list[str], str | None]:
 
 
 def _ipv6(payload: Any) -> str:
-    import socket
-
     return socket.inet_ntop(socket.AF_INET6, payload.address)
 
 
@@ -171,7 +170,7 @@ def _tempFailure(name: str, rrtype: str) -> Unroutable:
 
 
 async def mailTargets(
-    resolver: Any,
+    resolver: IResolver,
     domain: str,
     limit: int = ADDRESS_LIMIT,
     random: Callable[[list], None] = _random.shuffle,
@@ -265,8 +264,6 @@ class ClientName:
 
 
 def _reverseName(address: str) -> str | None:
-    import ipaddress
-
     try:
         return ipaddress.ip_address(address).reverse_pointer
     except ValueError:
@@ -275,8 +272,6 @@ def _reverseName(address: str) -> str | None:
 
 def _numeric(name: str) -> bool:
     """A PTR name that reads as an address ("192.0.2.4") names nothing."""
-    import ipaddress
-
     try:
         ipaddress.ip_address(name)
     except ValueError:
@@ -284,7 +279,7 @@ def _numeric(name: str) -> bool:
     return True
 
 
-async def clientName(resolver: Any, address: str, timeout: float) -> ClientName:
+async def clientName(resolver: IResolver, address: str, timeout: float) -> ClientName:
     """
     The client's forward-confirmed name: one PTR query, then one A or AAAA
     query for the first usable PTR name, each given ``timeout / 2`` seconds
@@ -292,8 +287,6 @@ async def clientName(resolver: Any, address: str, timeout: float) -> ClientName:
     Any failure (NXDOMAIN, SERVFAIL, timeout, a name that does not point
     back) is ``unknown``; the client's address alone decides what it may do.
     """
-    import ipaddress
-
     reverse = _reverseName(address)
     if reverse is None or timeout <= 0:
         return ClientName(UNKNOWN_CLIENT)
