@@ -85,8 +85,8 @@ Timeouts = DeliveryTimeouts
 
 
 @dataclass(frozen=True)
-class Reply:
-    """One complete (possibly multi-line) SMTP reply."""
+class ServerReply:
+    """One complete (possibly multi-line) SMTP reply from the server relayd talks to."""
 
     code: int
     lines: tuple[bytes, ...]
@@ -229,7 +229,7 @@ class HopRefused(Exception):
     temporary for the message (the next hop, or a later attempt, may do).
     """
 
-    def __init__(self, reply: Reply | None, text: str, dsn: str | None = None):
+    def __init__(self, reply: ServerReply | None, text: str, dsn: str | None = None):
         super().__init__(text)
         self.reply = reply
         self.text = text
@@ -510,7 +510,7 @@ class OutboundSession(LineReceiver):
             return
         if not isLast:
             return
-        reply = Reply(code, tuple(self._replyLines))
+        reply = ServerReply(code, tuple(self._replyLines))
         self._replyLines = []
         self._replyBytes = 0
         self._replyCode = None
@@ -581,7 +581,7 @@ class OutboundSession(LineReceiver):
         ``HopRefused`` or ``SessionBroken``."""
         return self._ready
 
-    def _ask(self, stage: str, command: bytes, handler: Callable[[Reply], None]) -> None:
+    def _ask(self, stage: str, command: bytes, handler: Callable[[ServerReply], None]) -> None:
         """
         Send one command before the session is ready and pass its reply to
         ``handler``; a failure, even one raised by the handler, ends in
@@ -595,7 +595,7 @@ class OutboundSession(LineReceiver):
     def _sendEhlo(self) -> None:
         self._ask("ehlo", b"EHLO " + self.heloName.encode("ascii"), self._ehloAnswered)
 
-    def _greeted(self, reply: Reply) -> None:
+    def _greeted(self, reply: ServerReply) -> None:
         if reply.code // 100 != 2:
             self._refused(
                 reply, f"host {self.peerName} refused to talk to me: {reply.text()}"
@@ -603,7 +603,7 @@ class OutboundSession(LineReceiver):
             return
         self._sendEhlo()
 
-    def _ehloAnswered(self, reply: Reply) -> None:
+    def _ehloAnswered(self, reply: ServerReply) -> None:
         if reply.code // 100 == 2:
             self.capabilities = parseCapabilities(reply)
             self._afterHello()
@@ -613,7 +613,7 @@ class OutboundSession(LineReceiver):
         else:
             self._refused(reply, self._saidText(reply, "ehlo"))
 
-    def _heloAnswered(self, reply: Reply) -> None:
+    def _heloAnswered(self, reply: ServerReply) -> None:
         if reply.code // 100 == 2:
             self.capabilities = {}
             self._afterHello()
@@ -639,7 +639,7 @@ class OutboundSession(LineReceiver):
             return
         self._ready.callback(self)
 
-    def _starttlsAnswered(self, reply: Reply) -> None:
+    def _starttlsAnswered(self, reply: ServerReply) -> None:
         if reply.code != 220:
             if self.tlsMode == "may":
                 # Opportunistic: the session is still good in plaintext.
@@ -680,13 +680,13 @@ class OutboundSession(LineReceiver):
                                 f"(PLAIN, LOGIN; offered: {offered}); not sending without "
                                 "authentication", "4.7.0")
 
-    def _loginStep(self, reply: Reply, answers: list[bytes]) -> None:
+    def _loginStep(self, reply: ServerReply, answers: list[bytes]) -> None:
         if reply.code != 334 or not answers:
             self._authAnswered(reply)
             return
         self._ask("auth", answers[0], lambda nextReply: self._loginStep(nextReply, answers[1:]))
 
-    def _authAnswered(self, reply: Reply) -> None:
+    def _authAnswered(self, reply: ServerReply) -> None:
         if reply.code == 235:
             self.authenticated = True
             self._afterHello()
@@ -700,7 +700,7 @@ class OutboundSession(LineReceiver):
         self._refused(reply, f"SASL authentication failed; server {self.peerName} said: "
                              f"{reply.text()}", reply.enhancedCode() if reply.code // 100 != 2 else "4.7.0")
 
-    def _refused(self, reply: Reply | None, text: str, dsn: str | None = None) -> None:
+    def _refused(self, reply: ServerReply | None, text: str, dsn: str | None = None) -> None:
         if not self._ready.called:
             self._ready.errback(HopRefused(reply, text, dsn))
         self.quit()
@@ -720,7 +720,7 @@ class OutboundSession(LineReceiver):
         if not self._ready.called:
             self._ready.errback(failure)
 
-    def _saidText(self, reply: Reply, stage: str) -> str:
+    def _saidText(self, reply: ServerReply, stage: str) -> str:
         return (
             f"host {self.peerName} said: {reply.text()} "
             f"(in reply to {_IN_REPLY_TO[stage]} command)"
@@ -808,7 +808,7 @@ class OutboundSession(LineReceiver):
                 tuple(outcomes[i] for i in range(len(recipients))), mailAccepted, True
             )
 
-        def everyone(reply: Reply, stage: str, indexes) -> None:
+        def everyone(reply: ServerReply, stage: str, indexes) -> None:
             for i in indexes:
                 outcomes[i] = self._result(recipients[i], reply, stage)
 
@@ -875,7 +875,7 @@ class OutboundSession(LineReceiver):
             if dataReply.code != 354:
                 if dataReply.code // 100 == 2:
                     # Not a valid answer to DATA: nothing was sent, try again later.
-                    dataReply = Reply(451, dataReply.lines)
+                    dataReply = ServerReply(451, dataReply.lines)
                 everyone(dataReply, "data", accepted)
                 return MessageOutcome(self._ordered(outcomes, recipients), True, False,
                                       tuple(overflow))
@@ -916,19 +916,19 @@ class OutboundSession(LineReceiver):
             accepted.append(i)
         else:
             if reply.code // 100 == 3:
-                reply = Reply(451, reply.lines)
+                reply = ServerReply(451, reply.lines)
             if isTooManyRecipients(reply):
                 overflow.append(i)
                 if reply.code // 100 == 5:
                     # RFC 5321 4.5.3.1.10: an old 552 here is temporary.
-                    reply = Reply(452, reply.lines)
+                    reply = ServerReply(452, reply.lines)
             outcomes[i] = self._result(recipients[i], reply, "rcpt")
 
     @staticmethod
     def _ordered(outcomes, recipients) -> tuple[RecipientResult, ...]:
         return tuple(outcomes[i] for i in range(len(recipients)))
 
-    def _result(self, address: str, reply: Reply, stage: str) -> RecipientResult:
+    def _result(self, address: str, reply: ServerReply, stage: str) -> RecipientResult:
         status = classify(reply.code)
         if status == Status.SENT:
             text = reply.text()
@@ -988,7 +988,7 @@ class OutboundSession(LineReceiver):
         return d
 
 
-def isTooManyRecipients(reply: Reply) -> bool:
+def isTooManyRecipients(reply: ServerReply) -> bool:
     """
     A RCPT reply meaning "this transaction has enough recipients": 452 (or
     552, RFC 821's code) with enhanced code x.5.3, or with no enhanced code
@@ -1003,7 +1003,7 @@ def isTooManyRecipients(reply: Reply) -> bool:
     return b"too many recipients" in b" ".join(reply.lines).lower()
 
 
-def parseCapabilities(reply: Reply) -> dict[str, str]:
+def parseCapabilities(reply: ServerReply) -> dict[str, str]:
     """EHLO reply lines after the first -> {KEYWORD: parameters}."""
     capabilities: dict[str, str] = {}
     for line in reply.lines[1:]:

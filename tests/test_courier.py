@@ -41,7 +41,7 @@ from relayd.smtpclient import (
     DotStuffer,
     HopRefused,
     OutboundSession,
-    Reply,
+    ServerReply,
     SessionBroken,
     Timeouts,
     parseReplyLine,
@@ -189,13 +189,13 @@ def test_parseReplyLine(line, parsed):
 @pytest.mark.parametrize(
     "reply, dsn",
     [
-        (Reply(250, (b"2.0.0 Ok: queued as X",)), "2.0.0"),
-        (Reply(250, (b"Ok",)), "2.0.0"),
-        (Reply(450, (b"4.7.1 Greylisted",)), "4.7.1"),
-        (Reply(450, (b"Mailbox busy",)), "4.0.0"),
-        (Reply(550, (b"5.1.1 <a@b>: unknown",)), "5.1.1"),
-        (Reply(550, (b"4.1.1 wrong class",)), "5.0.0"),
-        (Reply(554, (b"5.7.1Ok",)), "5.0.0"),
+        (ServerReply(250, (b"2.0.0 Ok: queued as X",)), "2.0.0"),
+        (ServerReply(250, (b"Ok",)), "2.0.0"),
+        (ServerReply(450, (b"4.7.1 Greylisted",)), "4.7.1"),
+        (ServerReply(450, (b"Mailbox busy",)), "4.0.0"),
+        (ServerReply(550, (b"5.1.1 <a@b>: unknown",)), "5.1.1"),
+        (ServerReply(550, (b"4.1.1 wrong class",)), "5.0.0"),
+        (ServerReply(554, (b"5.7.1Ok",)), "5.0.0"),
     ],
 )
 def test_enhancedCode(reply, dsn):
@@ -203,7 +203,7 @@ def test_enhancedCode(reply, dsn):
 
 
 def test_reply_text_joins_lines():
-    assert Reply(550, (b"5.7.1 first", b"second")).text() == "550 5.7.1 first second"
+    assert ServerReply(550, (b"5.7.1 first", b"second")).text() == "550 5.7.1 first second"
 
 
 # -- dot-stuffing ------------------------------------------------------------
@@ -1053,11 +1053,11 @@ def test_credentials_never_sent_without_tls():
 
 
 @pytest.mark.parametrize("reply, expected", [
-    (Reply(452, (b"4.5.3 Too many recipients",)), True),
-    (Reply(452, (b"Too many recipients",)), True),
-    (Reply(552, (b"5.5.3 Too many recipients",)), True),
-    (Reply(452, (b"4.3.1 Insufficient system storage",)), False),
-    (Reply(450, (b"4.5.3 x",)), False),
+    (ServerReply(452, (b"4.5.3 Too many recipients",)), True),
+    (ServerReply(452, (b"Too many recipients",)), True),
+    (ServerReply(552, (b"5.5.3 Too many recipients",)), True),
+    (ServerReply(452, (b"4.3.1 Insufficient system storage",)), False),
+    (ServerReply(450, (b"4.5.3 x",)), False),
 ])
 def test_isTooManyRecipients(reply, expected):
     assert isTooManyRecipients(reply) is expected
