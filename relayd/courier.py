@@ -218,11 +218,11 @@ class Courier:
         self,
         destination: Destination,
         sender: str,
-        mailParams: dict,
+        mailParams: dict[str, str | None],
         recipients: Sequence[str],
         openBody: Callable[[], BinaryIO],
         size: int,
-    ) -> defer.Deferred:
+    ) -> defer.Deferred[AttemptResult]:
         started = self._reactor.seconds()
         recipients = list(recipients)
         d = defer.ensureDeferred(
