@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -471,6 +472,20 @@ class TestShippedConfigs:
             "metrics:", "shutdown_grace:",
         ]:
             assert key in text, key
+
+    def test_productionExampleHasEveryKeyOfTheSchema(self) -> None:
+        """
+        Every key the schema knows (derived, so a new key cannot be
+        forgotten) is in the production example, set or commented, under
+        its section's key.
+        """
+        text = (ROOT / "etc" / "relayd.yaml").read_text()
+        keys = config.schemaKeys()
+        assert "delivery.timeouts.data_done" in keys and "listeners[].plaintext_auth" in keys
+        for path in keys:
+            name = path.rsplit(".", 1)[-1]
+            assert re.search(rf"(?m)^ *(?:# *)?(?:- *)?(?:{{ *)?{re.escape(name)}:", text) or (
+                re.search(rf"[{{,] *{re.escape(name)}:", text)), path
 
     def test_uncommentedNotSupportedKeysAreRefused(self, tmp_path: Path) -> None:
         """
