@@ -37,7 +37,7 @@ import re
 import random as _random
 import weakref
 from dataclasses import dataclass, replace
-from typing import Any, BinaryIO, Callable, Collection, Sequence
+from typing import Any, BinaryIO, Callable, Sequence
 
 from twisted.internet import defer, error
 from twisted.internet.interfaces import IHandshakeListener, IOpenSSLClientConnectionCreator, IPullProducer

@@ -11,7 +11,7 @@ from twisted.internet import defer, task
 from twisted.logger import globalLogPublisher, formatEvent
 
 from relayd import scheduler
-from relayd.config import NextHop, Retry, formatDuration
+from relayd.config import Retry, formatDuration
 from relayd.courier import AttemptResult, RecipientResult
 from relayd.envelope import FAILED, PENDING, SENT, Envelope, Recipient, newQueueId
 from relayd.scheduler import Scheduler, retryDelay
