@@ -59,47 +59,19 @@ NEXTHOP_TLS_MODES = ("none", "may", "starttls", "implicit")
 
 TLS_MIN_VERSIONS = ("1.2", "1.3")
 
-DEFAULT_TRUSTED_NETWORKS = ("127.0.0.0/8", "::1/128")
-DEFAULT_MESSAGE_SIZE = 10_000_000
-DEFAULT_RECIPIENTS = 100
-DEFAULT_CONNECTIONS = 100
-DEFAULT_CONNECTIONS_PER_CLIENT = 20
-DEFAULT_RETRY_MIN = 5 * 60.0
-DEFAULT_RETRY_MAX = 60 * 60.0
-DEFAULT_CONCURRENCY = 20
-# Postfix's default_destination_concurrency_limit.
-DEFAULT_DESTINATION_CONCURRENCY = 20
-# Postfix's maximal_queue_lifetime and bounce_size_limit.
-DEFAULT_LIFETIME = 5 * 86400.0
-DEFAULT_BOUNCE_SIZE_LIMIT = 50_000
+# Each key's default is in its section's schema below; these are shared.
 # Postfix refuses MAIL below 1.5 x message_size_limit of free queue space.
 FREE_SPACE_FACTOR = 1.5
 CONTROL_SOCKET_NAME = "control.sock"
-DEFAULT_SHUTDOWN_GRACE = 30.0
-# Submission security (listeners with TLS and AUTH).
-DEFAULT_TLS_MIN_VERSION = "1.2"
-DEFAULT_AUTH_FAILURE_LIMIT = 5  # failed AUTHs per client IP within the window
+# Failed AUTHs per client IP within the window (the server's default
+# throttle where there is no auth section).
+DEFAULT_AUTH_FAILURE_LIMIT = 5
 DEFAULT_AUTH_FAILURE_WINDOW = 15 * 60.0
-DEFAULT_AUTH_CACHE = 0.0  # verification cache lifetime; 0: no cache
-DEFAULT_MESSAGES_PER_USER_PER_HOUR = 200
-DEFAULT_ERRORS = 20  # Postfix's smtpd_hard_error_limit
-DEFAULT_COMMAND_TIMEOUT = 5 * 60.0  # RFC 5321 4.5.3.2.7
-DEFAULT_DATA_TIMEOUT = 10 * 60.0  # RFC 5321 4.5.3.2.6 (DATA termination)
-DEFAULT_GREETING_DELAY = 0.0
-# The client's name (PTR, then A/AAAA) is looked up before the banner, as
-# Postfix does; the banner waits at most this long, then the name is "unknown".
-DEFAULT_CLIENT_NAME_TIMEOUT = 5.0
 MAX_CLIENT_NAME_TIMEOUT = 60.0
 DEFAULT_NEXTHOP_TLS = "starttls"
 # MX hosts rarely have certificates for their names: opportunistic by default.
 DEFAULT_MX_TLS = "may"
 DEFAULT_MX_PORT = 25
-# RFC 5321 section 4.5.3.2 (connect: Postfix's smtp_connect_timeout).
-DEFAULT_DELIVERY_TIMEOUTS = {
-    "connect": 30.0, "greeting": 300.0, "mail": 300.0, "rcpt": 300.0,
-    "data_init": 120.0, "data_block": 180.0, "data_done": 600.0,
-}
-DEFAULT_DNS_TIMEOUT = 10.0
 DNS_PORT = 53
 
 # Longest duration any key takes: a year is beyond every sensible timeout,
@@ -1223,7 +1195,7 @@ class TLS(_Schema):
     # PEM: the certificate, then its chain (all served)
     certificate: str = pathSetting("certificate", expected="the PEM certificate (chain) file")
     key: str = pathSetting("key", expected="the PEM private key file")
-    minVersion: str = setting("min_version", _minVersion, DEFAULT_TLS_MIN_VERSION)
+    minVersion: str = setting("min_version", _minVersion, "1.2")
 
 
 @dataclass(frozen=True)
@@ -1236,7 +1208,8 @@ class Auth(_Schema):
         "senders", _senders, (), show=lambda s: {name: list(entries) for name, entries in s})
     failureLimit: int = setting("failure_limit", _integer(1), DEFAULT_AUTH_FAILURE_LIMIT)
     failureWindow: float = duration("failure_window", 1, DEFAULT_AUTH_FAILURE_WINDOW)
-    cache: float = duration("cache", 0, DEFAULT_AUTH_CACHE)
+    # How long a verified password is remembered (0: never).
+    cache: float = duration("cache", 0, 0.0)
     receivedHeaderUser: bool = setting("received_header_user", _boolean, False)
 
     def sendersFor(self, login: str) -> tuple[str, ...] | None:
@@ -1250,32 +1223,33 @@ class Auth(_Schema):
 class Relay(_Schema):
     trustedNetworks: tuple[Network, ...] = setting(
         "trusted_networks", _networks,
-        tuple(ipaddress.ip_network(n) for n in DEFAULT_TRUSTED_NETWORKS),
+        (ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("::1/128")),
         show=lambda networks: [str(n) for n in networks])
 
 
 @dataclass(frozen=True)
 class Limits(_Schema):
-    messageSize: int = setting("message_size", _size, DEFAULT_MESSAGE_SIZE, show=formatSize)
-    recipients: int = setting("recipients", _integer(1), DEFAULT_RECIPIENTS)
-    connections: int = setting("connections", _integer(1), DEFAULT_CONNECTIONS)
-    connectionsPerClient: int = setting("connections_per_client", _integer(1),
-                                        DEFAULT_CONNECTIONS_PER_CLIENT)
-    messagesPerUserPerHour: int = setting("messages_per_user_per_hour", _integer(1),
-                                          DEFAULT_MESSAGES_PER_USER_PER_HOUR)
-    errors: int = setting("errors", _integer(1), DEFAULT_ERRORS)
-    commandTimeout: float = duration("command_timeout", 1, DEFAULT_COMMAND_TIMEOUT)
-    dataTimeout: float = duration("data_timeout", 1, DEFAULT_DATA_TIMEOUT)
-    greetingDelay: float = duration("greeting_delay", 0, DEFAULT_GREETING_DELAY)
-    # Reverse DNS of the client, confirmed forward, before the banner (0: off).
-    clientNameTimeout: float = setting("client_name_timeout", _clientNameTimeout,
-                                       DEFAULT_CLIENT_NAME_TIMEOUT, show=formatDuration)
+    messageSize: int = setting("message_size", _size, 10_000_000, show=formatSize)
+    recipients: int = setting("recipients", _integer(1), 100)
+    connections: int = setting("connections", _integer(1), 100)
+    connectionsPerClient: int = setting("connections_per_client", _integer(1), 20)
+    messagesPerUserPerHour: int = setting("messages_per_user_per_hour", _integer(1), 200)
+    errors: int = setting("errors", _integer(1), 20)  # Postfix's smtpd_hard_error_limit
+    commandTimeout: float = duration("command_timeout", 1, 5 * 60.0)  # RFC 5321 4.5.3.2.7
+    # RFC 5321 4.5.3.2.6 (DATA termination)
+    dataTimeout: float = duration("data_timeout", 1, 10 * 60.0)
+    greetingDelay: float = duration("greeting_delay", 0, 0.0)
+    # The client's name (PTR, confirmed by A/AAAA) is looked up before the
+    # banner, as Postfix does; the banner waits at most this long, then the
+    # name is "unknown" (0: no lookup).
+    clientNameTimeout: float = setting("client_name_timeout", _clientNameTimeout, 5.0,
+                                       show=formatDuration)
 
 
 @dataclass(frozen=True)
 class Retry(_Schema):
-    min: float = duration("min", 1, DEFAULT_RETRY_MIN)  # seconds
-    max: float = duration("max", 1, DEFAULT_RETRY_MAX)  # seconds
+    min: float = duration("min", 1, 5 * 60.0)  # seconds
+    max: float = duration("max", 1, 60 * 60.0)  # seconds
 
     def check(self, section: _Section) -> None:
         if self.min > self.max:
@@ -1289,8 +1263,8 @@ class Retry(_Schema):
 @dataclass(frozen=True)
 class Queue(_Schema):
     directory: str = pathSetting("directory", expected="the spool directory path")
-    # Seconds; then the sender gets a bounce.
-    lifetime: float = duration("lifetime", 1, DEFAULT_LIFETIME)
+    # Seconds; then the sender gets a bounce (Postfix's maximal_queue_lifetime).
+    lifetime: float = duration("lifetime", 1, 5 * 86400.0)
     # Seconds; None: no "delayed" notice.
     delayWarning: float | None = duration("delay_warning", 1, None,
                                           unset='no "delayed" notice is sent')
@@ -1303,8 +1277,9 @@ class Queue(_Schema):
         "free_space_reserve", None, computed=lambda queue, config: (
             formatSize(config.freeSpaceReserve()),
             f"{FREE_SPACE_FACTOR:g} x limits.message_size"))
-    # Largest original returned whole in a bounce; bigger ones: headers only.
-    bounceSizeLimit: int = size("bounce_size_limit", DEFAULT_BOUNCE_SIZE_LIMIT)
+    # Largest original returned whole in a bounce; bigger ones: headers only
+    # (Postfix's bounce_size_limit).
+    bounceSizeLimit: int = size("bounce_size_limit", 50_000)
     # The admin channel (relayctl); None means <directory>/control.sock.
     controlSocket: str | None = pathSetting(
         "control_socket", None, computed=lambda queue, config: (
@@ -1352,15 +1327,18 @@ class NextHop(_Schema):
 
 @dataclass(frozen=True)
 class DeliveryTimeouts(_Schema):
-    """Seconds; the keys of delivery.timeouts."""
+    """
+    Seconds; the keys of delivery.timeouts. RFC 5321 section 4.5.3.2
+    (connect: Postfix's smtp_connect_timeout).
+    """
 
-    connect: float = duration("connect", 1, DEFAULT_DELIVERY_TIMEOUTS["connect"])
-    greeting: float = duration("greeting", 1, DEFAULT_DELIVERY_TIMEOUTS["greeting"])
-    mail: float = duration("mail", 1, DEFAULT_DELIVERY_TIMEOUTS["mail"])
-    rcpt: float = duration("rcpt", 1, DEFAULT_DELIVERY_TIMEOUTS["rcpt"])
-    dataInit: float = duration("data_init", 1, DEFAULT_DELIVERY_TIMEOUTS["data_init"])
-    dataBlock: float = duration("data_block", 1, DEFAULT_DELIVERY_TIMEOUTS["data_block"])
-    dataDone: float = duration("data_done", 1, DEFAULT_DELIVERY_TIMEOUTS["data_done"])
+    connect: float = duration("connect", 1, 30.0)
+    greeting: float = duration("greeting", 1, 300.0)
+    mail: float = duration("mail", 1, 300.0)
+    rcpt: float = duration("rcpt", 1, 300.0)
+    dataInit: float = duration("data_init", 1, 120.0)
+    dataBlock: float = duration("data_block", 1, 180.0)
+    dataDone: float = duration("data_done", 1, 600.0)
 
 
 @dataclass(frozen=True)
@@ -1370,16 +1348,16 @@ class DNS(_Schema):
     servers: tuple[tuple[str, int], ...] = setting(
         "servers", _servers, (), unset="the name servers in /etc/resolv.conf",
         show=lambda servers: [_formatServer(s) for s in servers])
-    timeout: float = duration("timeout", 1, DEFAULT_DNS_TIMEOUT)
+    timeout: float = duration("timeout", 1, 10.0)
 
 
 @dataclass(frozen=True)
 class Delivery(_Schema):
     smarthosts: tuple[NextHop, ...] = setting("smarthosts", _smarthosts, (), withBase=True,
                                               items=NextHop)
-    concurrency: int = setting("concurrency", _integer(1), DEFAULT_CONCURRENCY)
-    destinationConcurrency: int = setting("destination_concurrency", _integer(1),
-                                          DEFAULT_DESTINATION_CONCURRENCY)
+    concurrency: int = setting("concurrency", _integer(1), 20)
+    # Postfix's default_destination_concurrency_limit.
+    destinationConcurrency: int = setting("destination_concurrency", _integer(1), 20)
     mxPort: int = setting("mx_port", _port, DEFAULT_MX_PORT)
     # Lower-cased recipient domain (or "*") -> next hops, tried in order.
     routes: dict[str, tuple[NextHop, ...]] = setting("routes", _routes, factory=dict,
@@ -1421,7 +1399,7 @@ class Config(_Schema):
     delivery: Delivery = setting("delivery", section=Delivery)
     metrics: None = setting("metrics", None, None, compare=False,
                             notSupported=("section", "metrics come later"))
-    shutdownGrace: float = duration("shutdown_grace", 0, DEFAULT_SHUTDOWN_GRACE)
+    shutdownGrace: float = duration("shutdown_grace", 0, 30.0)
 
     def check(self, section: _Section) -> None:
         for index, listener in enumerate(self.listeners):
