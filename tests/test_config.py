@@ -229,6 +229,23 @@ class TestEffectiveConfig:
         ]:
             assert line in [l.strip() for l in text.splitlines()], line
 
+    def test_secretKeysOfTheSchemaArePrintedMasked(self) -> None:
+        """
+        A key the schema marks secret prints as a mask in the effective
+        config, whatever its value; its neighbours print as they are.
+        """
+        from dataclasses import dataclass
+
+        @dataclass(frozen=True)
+        class Upstream(config._Schema):
+            user: str = config.setting("user", config._string)
+            token: str = config.setting("token", config._string, secret=True)
+
+        parsed = config._parseSection(Upstream, {"user": "relay", "token": "hunter2"}, "up", "")
+        assert parsed.token == "hunter2"
+        printed = config._tree(parsed, None, lambda text: {})
+        assert printed == {"user": "relay", "token": "********"}
+
     def test_maskSecrets(self) -> None:
         """
         Values of secret keys are masked at any depth; others are untouched.
