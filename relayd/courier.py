@@ -1393,7 +1393,7 @@ class Courier:
     its answers stand.
 
     ``passwords`` maps each ``password_file`` path to its ``Secret`` (read
-    by tap.py at start and on reload); ``localAddresses`` returns the
+    with ``deliverySecrets`` at start, and by ``reconfigure`` on reload); ``localAddresses`` returns the
     (address, port) pairs relayd listens on: when relayd is one of the MX
     hosts only the better ones are tried, and when it is (among) the best
     the mail bounces instead of looping.
