@@ -834,9 +834,10 @@ def _formatServer(server: tuple[str, int]) -> str:
 # (``setting``): the key's name, converter, default, how it prints, whether
 # it is secret, and the comment printed where it is computed or unset.
 # Parsing, the unknown-key check, defaults, the printed effective config
-# (toYAML) and the example-file test are all derived from these fields; a
-# new key is one field. Rules that tie keys together are each section's
-# ``check``.
+# (toYAML) and the example-file test are all derived from these fields.
+# Rules that tie keys together are each section's ``check``. A new key is
+# one field here, plus its commented line in etc/relayd.yaml (a test checks
+# that every key of the schema is there).
 
 
 @dataclass(frozen=True)
