@@ -33,6 +33,8 @@ from twisted.cred import checkers, credentials, error, portal
 from twisted.internet.threads import deferToThreadPool
 from zope.interface import Attribute, Interface, implementer
 
+from relayd import maillog
+
 
 # The schemes relayd verifies. The first is what relayd-passwd writes.
 SCHEMES = ("bcrypt", "sha512_crypt", "argon2")
@@ -130,6 +132,18 @@ class PasswordFile:
         with self._lock:
             self._refresh(force=True)
 
+    def reconfigure(self, config) -> None:
+        """A reload: read auth.password_file again (a new path too); a broken one keeps the last read."""
+        if config.auth is None:
+            return
+        self.path = config.auth.passwordFile
+        try:
+            self.load()
+        except PasswordFileError as e:
+            maillog.daemonEvent(f"reload: auth.password_file {e}", level=maillog.LogLevel.error)
+        else:
+            warnPasswordFile(self, config.auth)
+
     def logins(self) -> frozenset[str]:
         """The logins of the last read."""
         with self._lock:
@@ -172,6 +186,24 @@ class PasswordFile:
                             if context.identify(h, required=False)), None)
         self._identity = identity
         return True
+
+
+def warnPasswordFile(passwords: "PasswordFile", auth=None) -> None:
+    """
+    What in the password file cannot work, one warning each: a line that is
+    not login:hash (a typo), an entry whose hash scheme relayd cannot verify
+    (that login can never log in), an auth.senders entry for a login the
+    file does not have.
+    """
+    if passwords.skipped:
+        maillog.daemonEvent(f"warning: auth.password_file {passwords.path}: {skippedLines(passwords.skipped)}",
+                            level=maillog.LogLevel.warn)
+    for entry in passwords.unusable:
+        maillog.daemonEvent(f"warning: auth.password_file {entry.describe(passwords.path)}",
+                            level=maillog.LogLevel.warn)
+    if auth is not None:
+        for problem in sendersWithoutLogin(auth.senders, passwords.logins(), passwords.path):
+            maillog.daemonEvent(f"warning: {problem}", level=maillog.LogLevel.warn)
 
 
 def skippedLines(numbers: list[int]) -> str:
@@ -335,6 +367,12 @@ class Verifier:
         with self._cacheLock:
             self._cache.clear()
 
+    def reconfigure(self, config) -> None:
+        """A reload: the new auth.cache; what was remembered is forgotten."""
+        if config.auth is not None:
+            self.cacheSeconds = config.auth.cache
+            self.clearCache()
+
 
 @implementer(checkers.ICredentialsChecker)
 class PasswordFileChecker:
@@ -407,8 +445,15 @@ class AuthenticatedUser:
 class Realm:
     """Avatars for authenticated logins, with their auth.senders binding."""
 
-    def __init__(self, sendersFor: Callable[[str], tuple[str, ...] | None]):
-        self.sendersFor = sendersFor
+    def __init__(self, auth):
+        self.auth = auth  # the auth section: its senders
+
+    def reconfigure(self, config) -> None:
+        """A reload: auth.senders as of now, for the logins that authenticate after it."""
+        self.auth = config.auth
+
+    def sendersFor(self, login: str) -> tuple[str, ...] | None:
+        return self.auth.sendersFor(login) if self.auth is not None else None
 
     def requestAvatar(self, avatarId, mind, *interfaces):
         if IRelayClient not in interfaces:

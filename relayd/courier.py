@@ -23,7 +23,7 @@ from __future__ import annotations
 import ipaddress
 import random as _random
 from dataclasses import dataclass, field, replace
-from typing import BinaryIO, Callable, Collection, Sequence
+from typing import BinaryIO, Callable, Sequence
 
 from twisted.internet import defer, error
 from twisted.internet.endpoints import (
@@ -41,11 +41,11 @@ from twisted.internet.interfaces import (
 )
 from twisted.python.failure import Failure
 
-from relayd import resolve
-from relayd.config import NextHop
+from relayd import maillog, resolve
+from relayd.config import Config, NextHop
 from relayd.delivery import AttemptResult, Destination, RecipientResult, TLSInfo
 from relayd.envelope import Status
-from relayd.secret import Secret
+from relayd.secret import Secret, deliverySecrets
 from relayd.smtpclient import (
     CHUNK_SIZE,
     HopRefused,
@@ -150,7 +150,8 @@ class Courier:
     its answers stand.
 
     ``passwords`` maps each ``password_file`` path to its ``Secret`` (read
-    by tap.py at start and on reload); ``localAddresses`` returns the
+    with ``deliverySecrets`` at start, and by ``reconfigure`` on reload);
+    ``localAddresses`` returns the
     (address, port) pairs relayd listens on: when relayd is one of the MX
     hosts only the better ones are tried, and when it is (among) the best
     the mail bounces instead of looping.
@@ -192,26 +193,22 @@ class Courier:
         # Next hop -> until when it is tried after the others.
         self._failedUntil: dict[NextHop, float] = {}
 
-    def reconfigure(self, timeouts: Timeouts, passwords: dict[str, Secret], resolver: IResolver | None,
-                    keepCaFiles: Collection[str] = ()) -> None:
+    def reconfigure(self, config: Config) -> None:
         """
-        A reload: new settings for new connections; idle ones are closed.
-        TLS settings built from a ca_file in ``keepCaFiles`` (one that
-        cannot be read now) stay as loaded before.
+        A reload: the new HELO name, timeouts and delivery passwords for new
+        connections; idle ones are closed. A password_file or ca_file that
+        cannot be read now keeps what was loaded before (one error line
+        each). The resolver reconfigures itself.
         """
-        self.timeouts = timeouts
-        self.passwords = dict(passwords)
-        old = self.resolver
-        if old is not None and old is not resolver:
-            # A client.Resolver re-reads resolv.conf every minute for as long
-            # as the reactor runs: stop the replaced one, or each reload
-            # would leave another polling loop behind.
-            call = getattr(old, "_parseCall", None)
-            if call is not None and call.active():
-                call.cancel()
-        self.resolver = resolver
+        passwords, brokenCaFiles, problems = deliverySecrets(config)
+        for problem in problems:
+            maillog.daemonEvent(f"reload: {problem}; keeping what was loaded before",
+                                level=maillog.LogLevel.error)
+        self.heloName = config.hostname
+        self.timeouts = config.delivery.timeouts
+        self.passwords = {**self.passwords, **passwords}
         self._creators = {key: creator for key, creator in self._creators.items()
-                          if key[3] in keepCaFiles}
+                          if key[3] in brokenCaFiles}
         self.closeIdle()
 
     def deliver(

@@ -6,6 +6,9 @@ their ``password_file`` (by tap.py, at start and on reload) and kept in a
 
 from __future__ import annotations
 
+from relayd.config import Config
+from relayd.tls import loadTrustRoot
+
 
 class Secret:
     """A password: kept out of every repr, str and log line."""
@@ -43,3 +46,27 @@ def readPassword(path: str) -> Secret:
         raise ValueError(f"{path}: the password file is empty")
     return Secret(line.decode("utf-8"))
 
+
+def deliverySecrets(config: Config) -> tuple[dict[str, Secret], set[str], list[str]]:
+    """
+    Every delivery password_file read (path -> Secret), the ca_files that
+    cannot be loaded, and the problems as "key path: reason" (the reason
+    names the file, never its content).
+    """
+    passwords, brokenCaFiles, problems = {}, set(), []
+    for keyPath, path in config.delivery.passwordFiles():
+        try:
+            passwords[path] = readPassword(path)
+        except OSError as e:
+            problems.append(f"{keyPath}: cannot read {path}: {e.strerror or e}")
+        except (ValueError, UnicodeDecodeError) as e:
+            problems.append(f"{keyPath}: {path}: {'not UTF-8' if isinstance(e, UnicodeDecodeError) else 'the file is empty'}")
+    hops = list(config.delivery.smarthosts) + [
+        h for hops in config.delivery.routes.values() for h in hops]
+    for caFile in sorted({h.caFile for h in hops if h.caFile}):
+        try:
+            loadTrustRoot(caFile)
+        except Exception as e:  # OSError, or any complaint about the PEM content
+            brokenCaFiles.add(caFile)
+            problems.append(f"ca_file {caFile}: {getattr(e, 'strerror', None) or e}")
+    return passwords, brokenCaFiles, problems

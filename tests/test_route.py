@@ -4,18 +4,24 @@ from __future__ import annotations
 
 import pytest
 
-from relayd.config import Delivery, NextHop
+from relayd.config import NextHop
 from relayd.delivery import Destination
 from relayd.route import destinationOf, groupByDestination, mxHop, recipientDomain
+from tests.builders import testConfig
 
 
-def Hop(host: str, port: int = 25, tls: str = "none") -> NextHop:
-    return NextHop(host, port, tls)
+def delivery(smarthosts=(), routes=None, mxPort=25):
+    """The delivery section read from these YAML values (hops as mappings)."""
+    return testConfig(delivery={"smarthosts": list(smarthosts), "routes": routes or {},
+                                "mx_port": mxPort}).delivery
 
 
-PRIMARY = Hop("smtp.example.net", 587)
-BACKUP = Hop("backup.example.net", 25)
-TWO = Delivery((PRIMARY, BACKUP))
+# Each next hop as written in the YAML, and as read.
+PRIMARY_YAML = {"host": "smtp.example.net", "port": 587, "tls": "none"}
+BACKUP_YAML = {"host": "backup.example.net", "port": 25, "tls": "none"}
+PRIMARY = NextHop("smtp.example.net", 587, "none")
+BACKUP = NextHop("backup.example.net", 25, "none")
+TWO = delivery([PRIMARY_YAML, BACKUP_YAML])
 
 
 @pytest.mark.parametrize(
@@ -38,8 +44,8 @@ def test_recipientDomain(address, domain):
         ("example.org", TWO, (PRIMARY, BACKUP)),
         ("other.example", TWO, (PRIMARY, BACKUP)),
         ("", TWO, (PRIMARY, BACKUP)),
-        ("example.org", Delivery((BACKUP,)), (BACKUP,)),
-        ("example.org", Delivery([BACKUP, PRIMARY]), (BACKUP, PRIMARY)),
+        ("example.org", delivery([BACKUP_YAML]), (BACKUP,)),
+        ("example.org", delivery([BACKUP_YAML, PRIMARY_YAML]), (BACKUP, PRIMARY)),
     ],
 )
 def test_destination_is_the_smarthosts_in_order(domain, delivery, hops):
@@ -67,41 +73,32 @@ def test_groupByDestination(recipients, groups):
 
 # -- routes and MX delivery -------------------------------------------------------------
 
-
-def RouteHop(host: str = "", port: int = 25, tls: str = "may", caFile: str | None = None,
-             mx: bool = False) -> NextHop:
-    """A delivery.routes entry as the config parses it (an mx entry has no host)."""
-    return NextHop(host, 0 if mx else port, tls, caFile=caFile, mx=mx)
-
-
-def FullDelivery(smarthosts: tuple = (), routes: dict | None = None, mxPort: int = 25) -> Delivery:
-    return Delivery(smarthosts=smarthosts, routes=routes or {}, mxPort=mxPort)
-
-
-INTERNAL = RouteHop("mx.internal.example.org", 25, "may")
-MX_REQUIRED = RouteHop(tls="starttls", mx=True, caFile="/ca.pem")
-ROUTES = {"example.org": (INTERNAL,), "partner.example": (MX_REQUIRED,)}
+INTERNAL_YAML = {"host": "mx.internal.example.org", "port": 25, "tls": "may"}
+INTERNAL = NextHop("mx.internal.example.org", 25, "may")
+MX_REQUIRED_YAML = {"mx": True, "tls": "starttls", "ca_file": "/ca.pem"}
+ROUTES = {"example.org": [INTERNAL_YAML], "partner.example": [MX_REQUIRED_YAML]}
 
 
 @pytest.mark.parametrize("domain, delivery, hops", [
     # No smarthosts: MX delivery on mx_port, opportunistic TLS.
-    ("example.net", FullDelivery(mxPort=2525), (mxHop("example.net", 2525, "may"),)),
+    ("example.net", delivery(mxPort=2525), (mxHop("example.net", 2525, "may"),)),
     # A route beats the smarthosts; other domains use the smarthosts.
-    ("example.org", FullDelivery((PRIMARY,), ROUTES), (INTERNAL,)),
-    ("example.net", FullDelivery((PRIMARY,), ROUTES), (PRIMARY,)),
+    ("example.org", delivery([PRIMARY_YAML], ROUTES), (INTERNAL,)),
+    ("example.net", delivery([PRIMARY_YAML], ROUTES), (PRIMARY,)),
     # An mx entry: MX delivery for that domain with its own TLS policy.
-    ("partner.example", FullDelivery((PRIMARY,), ROUTES),
+    ("partner.example", delivery([PRIMARY_YAML], ROUTES),
      (mxHop("partner.example", 25, "starttls", True, "/ca.pem"),)),
     # "*" catches every domain without its own route.
-    ("example.net", FullDelivery((PRIMARY,), {"*": (BACKUP,), **ROUTES}), (BACKUP,)),
-    ("example.org", FullDelivery((PRIMARY,), {"*": (BACKUP,), **ROUTES}), (INTERNAL,)),
-    ("x.example", FullDelivery((), {"*": (RouteHop(mx=True, tls="none"),)}), (mxHop("x.example", 25, "none"),)),
+    ("example.net", delivery([PRIMARY_YAML], {"*": [BACKUP_YAML], **ROUTES}), (BACKUP,)),
+    ("example.org", delivery([PRIMARY_YAML], {"*": [BACKUP_YAML], **ROUTES}), (INTERNAL,)),
+    ("x.example", delivery([], {"*": [{"mx": True, "tls": "none"}]}),
+     (mxHop("x.example", 25, "none"),)),
 ])
 def test_destination_routes_and_mx(domain, delivery, hops):
     assert destinationOf(domain, delivery) == Destination(hops)
 
 
 def test_mx_delivery_groups_by_domain():
-    got = groupByDestination(["a@x.org", "b@y.org", "c@X.org"], FullDelivery())
+    got = groupByDestination(["a@x.org", "b@y.org", "c@X.org"], delivery())
     assert list(got.values()) == [["a@x.org", "c@X.org"], ["b@y.org"]]
     assert list(got) == [Destination((mxHop("x.org"),)), Destination((mxHop("y.org"),))]

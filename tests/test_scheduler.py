@@ -13,11 +13,12 @@ from twisted.logger import globalLogPublisher, formatEvent
 from twisted.python.failure import Failure
 
 from relayd import scheduler
-from relayd.config import Delivery, NextHop
+from relayd.config import NextHop, Retry, formatDuration
 from relayd.delivery import AttemptResult, Destination, RecipientResult, TLSInfo
 from relayd.envelope import Envelope, Recipient, Status, newQueueId
 from relayd.route import mxHop
 from relayd.scheduler import Scheduler, retryDelay
+from tests.builders import testConfig
 
 
 @pytest.mark.parametrize("failed, jitter, expected", [
@@ -130,16 +131,13 @@ def result(recipients, codes):
 
 def settings(concurrency=20, destinationConcurrency=20, lifetime=5 * 86400.0,
              delayWarning=None, postmaster=None, bounceSizeLimit=50_000):
-    return SimpleNamespace(
-        hostname="relay.test",
+    """A real config with these delivery settings (seconds and bytes)."""
+    return testConfig(
         postmaster=postmaster,
-        queue=SimpleNamespace(retry=SimpleNamespace(min=300.0, max=3600.0), lifetime=lifetime,
-                              delayWarning=delayWarning, bounceSizeLimit=bounceSizeLimit,
-                              directory="/var/spool/relayd"),
-        delivery=Delivery(smarthosts=(NextHop(host="smtp.test", port=25, tls="none"),),
-                          concurrency=concurrency,
-                          destinationConcurrency=destinationConcurrency),
-        shutdownGrace=30.0,
+        queue={"lifetime": formatDuration(lifetime), "bounce_size_limit": bounceSizeLimit,
+               **({"delay_warning": formatDuration(delayWarning)} if delayWarning else {})},
+        delivery={"smarthosts": [{"host": "smtp.test", "port": 25, "tls": "none"}],
+                  "concurrency": concurrency, "destination_concurrency": destinationConcurrency},
     )
 
 
@@ -303,7 +301,7 @@ def rigFactory():
     (7200, 0, 6, 7200, 10800),         # already expired (notice failed): plain backoff
 ])
 def test_next_attempt_time_table(now, arrival, failed, lifetime, expected):
-    retry = SimpleNamespace(min=300.0, max=3600.0)
+    retry = Retry(min=300.0, max=3600.0)
     assert scheduler.nextAttemptTime(now, arrival, failed, retry, lifetime, 0.5) == expected
 
 
@@ -679,7 +677,7 @@ def test_transport_gets_one_destination_of_next_hops_per_group(rig):
     transport = RecordingTransport(lambda rs: result(rs, [250] * len(rs)))
     rig.sched.transport = transport
     rig.sched.add(envelope(rig.clock, "b@example.org", "c@example.net"))
-    rig.sched.settings.delivery = Delivery()  # no smarthosts: MX delivery, a group per domain
+    rig.sched.reconfigure(testConfig(delivery={"smarthosts": []}))  # MX delivery: a group per domain
     rig.sched.add(envelope(rig.clock, "d@example.org", "e@example.net", "f@Example.ORG"))
     assert transport.calls == [
         (Destination((NextHop("smtp.test", 25, "none"),)), ("b@example.org", "c@example.net")),
