@@ -38,6 +38,7 @@ from relayd.envelope import (
     NOTICE_QUARANTINE,
     Envelope,
     Recipient,
+    Status,
     newQueueId,
 )
 
@@ -79,8 +80,17 @@ class ReportLine:
     lastAttempt: float | None
 
 
-def statusFor(recipient: Recipient, action: str, status: str | None = None,
+# The Action of a recipient in a notice (RFC 3464), by its status.
+ACTIONS = {Status.BOUNCED: FAILED_ACTION, Status.DEFERRED: DELAYED_ACTION}
+
+
+def statusFor(recipient: Recipient, action: str | None = None, status: str | None = None,
               diagnostic: str | None = None) -> ReportLine:
+    """
+    The report line for ``recipient``; its ``action`` follows from its
+    status (bounced: failed, still deferred: delayed) unless given.
+    """
+    action = action or ACTIONS[recipient.state]
     return ReportLine(
         address=recipient.address,
         action=action,

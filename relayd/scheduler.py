@@ -273,8 +273,7 @@ class Scheduler(service.Service):
             for r in envelope.pending():
                 r.state = Status.BOUNCED
                 failed.append((r, bounce.statusFor(
-                    r, bounce.FAILED_ACTION, bounce.EXPIRED_STATUS,
-                    r.reply or "delivery time expired")))
+                    r, status=bounce.EXPIRED_STATUS, diagnostic=r.reply or "delivery time expired")))
         noticeFailed = False
         if failed:
             queued = yield self._notify(envelope, NOTICE_BOUNCE, [s for _, s in failed])
@@ -287,7 +286,7 @@ class Scheduler(service.Service):
         elif (queue.delayWarning is not None and not envelope.warned and envelope.pending()
               and now - envelope.arrival >= queue.delayWarning):
             queued = yield self._notify(envelope, NOTICE_DELAY, [
-                bounce.statusFor(r, bounce.DELAYED_ACTION) for r in envelope.pending()])
+                bounce.statusFor(r) for r in envelope.pending()])
             envelope.warned = queued
         if self.envelopes.get(queueId) is not envelope:
             return
@@ -346,7 +345,7 @@ class Scheduler(service.Service):
                 recipient.relay = result.relay
                 recipient.state = outcome.status
                 if outcome.status is Status.BOUNCED:
-                    failed.append((recipient, bounce.statusFor(recipient, bounce.FAILED_ACTION)))
+                    failed.append((recipient, bounce.statusFor(recipient)))
                 elif outcome.status is Status.DEFERRED:
                     envelope.lastError = outcome.text
             envelope.recordHistory({
@@ -412,7 +411,7 @@ class Scheduler(service.Service):
             notice = yield self.runInThread(
                 self._writeNotice, envelope, kind, to, list(statuses), self.clock.seconds())
         except Exception as e:
-            reason = getattr(e, "strerror", None) or str(e) or type(e).__name__
+            reason = (e.strerror if isinstance(e, OSError) else None) or str(e) or type(e).__name__
             maillog.noticeFailed(queueId, reason)
             return False
         maillog.noticeQueued(queueId, kind, notice.queueId)
@@ -603,7 +602,7 @@ class Scheduler(service.Service):
             r.state = Status.BOUNCED
             r.dsn = bounce.ADMIN_BOUNCE_STATUS
             r.reply = bounce.ADMIN_BOUNCE_TEXT
-            failed.append((r, bounce.statusFor(r, bounce.FAILED_ACTION)))
+            failed.append((r, bounce.statusFor(r)))
         yield self._conclude(envelope, failed)
 
     # Service

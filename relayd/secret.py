@@ -68,5 +68,6 @@ def deliverySecrets(config: Config) -> tuple[dict[str, Secret], set[str], list[s
             loadTrustRoot(caFile)
         except Exception as e:  # OSError, or any complaint about the PEM content
             brokenCaFiles.add(caFile)
-            problems.append(f"ca_file {caFile}: {getattr(e, 'strerror', None) or e}")
+            reason = e.strerror if isinstance(e, OSError) else None
+            problems.append(f"ca_file {caFile}: {reason or e}")
     return passwords, brokenCaFiles, problems

@@ -6,7 +6,8 @@ on ``LineReceiver``) rather than Twisted's ``ESMTPClient``/``ESMTPSender``:
 those dot-stuff each chunk on its own (a ``.`` at a chunk boundary ends DATA
 early: message smuggling), drop the EHLO capabilities, send no MAIL
 parameters, do not pipeline, and never fire their result when the server
-hangs up mid-session over an endpoint (TWISTED-NOTES.md section 4).
+hangs up mid-session over an endpoint (docs/twisted-traps.rst, "The SMTP
+client").
 
 TLS and AUTH (``OutboundSession._afterHello``): ``starttls`` and ``implicit``
 require TLS (any failure defers the hop, never plaintext); ``may`` uses

@@ -9,7 +9,7 @@ import io
 import pytest
 
 from relayd import bounce
-from relayd.envelope import Envelope, Recipient
+from relayd.envelope import Envelope, Recipient, Status
 from relayd.queue import Spool
 
 ARRIVAL = 1_700_000_000.0
@@ -123,6 +123,16 @@ def test_expired_status():
     env = original(recipients=[Recipient("bob@example.org", dsn="4.4.1", reply="451 try later")])
     status = bounce.statusFor(env.recipients[0], bounce.FAILED_ACTION, bounce.EXPIRED_STATUS)
     assert (status.action, status.status, status.diagnostic) == ("failed", "4.4.7", "451 try later")
+
+
+@pytest.mark.parametrize("state, action, status", [
+    (Status.BOUNCED, "failed", "5.1.1"),
+    (Status.DEFERRED, "delayed", "4.4.1"),
+])
+def test_the_action_of_a_recipient_follows_its_status(state, action, status):
+    recipient = Recipient("bob@example.org", state=state, dsn=status, reply="the reply")
+    line = bounce.statusFor(recipient)
+    assert (line.action, line.status, line.diagnostic) == (action, status, "the reply")
 
 
 def test_write_notice_commits_to_the_spool(tmp_path):
