@@ -73,8 +73,6 @@ REUSE_TIME_LIMIT = 300.0
 FAILED_HOP_TIME = 300.0
 
 
-
-
 def _connectFailureText(hop: NextHop, reason: Failure) -> str:
     """Postfix's wording for a failed connection."""
     host = hop.host

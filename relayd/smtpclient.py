@@ -78,11 +78,9 @@ MAX_LINE = 998
 _ENHANCED = re.compile(rb"^([245])\.(\d{1,3})\.(\d{1,3})(?=\s|$)")
 
 
-
 # Per-stage limits in seconds (RFC 5321 / Postfix defaults): the config's
 # delivery.timeouts, passed in as they are.
 Timeouts = DeliveryTimeouts
-
 
 
 @dataclass(frozen=True)
