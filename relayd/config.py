@@ -136,6 +136,18 @@ class Listener:
     auth: str
     # AUTH without TLS; only allowed on loopback-only listeners.
     plaintextAuth: bool = False
+    # haproxy: endpoints only: who may send the PROXY header (required there).
+    proxyFrom: tuple[Network, ...] = ()
+
+    @property
+    def proxied(self) -> bool:
+        """Behind a PROXY-protocol balancer (a haproxy:<endpoint> listener)."""
+        return isProxyEndpoint(self.endpoint)
+
+    @property
+    def innerEndpoint(self) -> str:
+        """The endpoint relayd itself listens on: without the haproxy: prefix."""
+        return self.endpoint.partition(":")[2] if self.proxied else self.endpoint
 
     @property
     def loopback(self) -> bool:
@@ -309,7 +321,8 @@ class Config:
             "hostname": self.hostname,
             "listeners": [
                 {"endpoint": l.endpoint, "tls": l.tls, "auth": l.auth,
-                 **({"plaintext_auth": True} if l.plaintextAuth else {})}
+                 **({"plaintext_auth": True} if l.plaintextAuth else {}),
+                 **({"proxy_from": [str(n) for n in l.proxyFrom]} if l.proxied else {})}
                 for l in self.listeners
             ],
             "relay": {
@@ -1047,6 +1060,28 @@ def _network(value: object, path: str) -> Network:
 # Sections ---------------------------------------------------------------------
 
 
+def isProxyEndpoint(description: str) -> bool:
+    """A haproxy:<endpoint> listener: every connection starts with a PROXY header."""
+    return _splitEndpoint(description)[0] == "haproxy"
+
+
+def _proxyNetwork(value: object, path: str) -> Network:
+    expected = 'a network like "192.0.2.10/32" or "2001:db8::10/128" (your balancers)'
+    if not isinstance(value, str):
+        raise _expected(path, expected, value)
+    try:
+        network = ipaddress.ip_network(value, strict=True)
+    except ValueError:
+        raise _expected(path, expected + " without host bits", value) from None
+    if network.prefixlen == 0:
+        raise _Problem(
+            path,
+            f"expected your balancers' addresses, got {_quote(value)}, which lets anyone "
+            "claim any client address (and relay as a trusted network)",
+        )
+    return network
+
+
 def isLoopbackEndpoint(description: str) -> bool:
     """
     Whether only this machine can reach a listener: tcp/tcp6 bound to a
@@ -1072,7 +1107,7 @@ def _boolean(value: object, path: str) -> bool:
 
 
 def _listener(value: object, path: str) -> Listener:
-    section = _Section(value, path, ("endpoint", "tls", "auth", "plaintext_auth"),
+    section = _Section(value, path, ("endpoint", "tls", "auth", "plaintext_auth", "proxy_from"),
                        "a mapping with endpoint, tls and auth")
     endpoint = section.require("endpoint", _endpoint, _ENDPOINT_EXAMPLE)
     tls = section.require("tls", _choice(LISTENER_TLS_MODES), "one of " + ", ".join(LISTENER_TLS_MODES))
@@ -1080,7 +1115,23 @@ def _listener(value: object, path: str) -> Listener:
         "auth", _choice(LISTENER_AUTH_POLICIES), "one of " + ", ".join(LISTENER_AUTH_POLICIES)
     )
     plaintextAuth = section.get("plaintext_auth", _boolean, False)
-    listener = Listener(endpoint=endpoint, tls=tls, auth=auth, plaintextAuth=plaintextAuth)
+
+    def proxyNetworks(value: object, path: str) -> tuple[Network, ...]:
+        items = _list(value, path, "a list of the balancers' networks", allowEmpty=False)
+        return tuple(_proxyNetwork(item, f"{path}[{i}]") for i, item in enumerate(items))
+
+    proxyFrom: tuple[Network, ...] = ()
+    if isProxyEndpoint(endpoint):
+        proxyFrom = section.require("proxy_from", proxyNetworks,
+                                    "a list of the balancers' networks (who may send the PROXY header)")
+    elif "proxy_from" in section:
+        raise _Problem(
+            section.at("proxy_from"),
+            f"expected no proxy_from on a listener without the PROXY protocol, got one "
+            f"({_quote(endpoint)} is not a haproxy:<endpoint>)",
+        )
+    listener = Listener(endpoint=endpoint, tls=tls, auth=auth, plaintextAuth=plaintextAuth,
+                        proxyFrom=proxyFrom)
     if plaintextAuth and not listener.loopback:
         raise _Problem(
             section.at("plaintext_auth"),
