@@ -240,6 +240,86 @@ class Postfix:
                        smtpd_sasl_path="smtpd", cyrus_sasl_config_path=str(configDirectory))
 
 
+class HAProxy:
+    """
+    Debian's haproxy in the foreground (``-db``), TCP mode, one frontend on
+    a loopback port balancing round-robin over ``servers`` (host, port),
+    connecting to them from 127.0.0.1 with a PROXY v2 header, health checks
+    (``check-send-proxy``: a v2 LOCAL header, then an SMTP check) every
+    second. Its log goes to ``haproxy.log`` in ``directory``.
+    """
+
+    def __init__(self, directory: Path, servers: list[tuple[str, int]]) -> None:
+        directory.mkdir(parents=True, exist_ok=True)
+        self.directory = directory
+        self.port = freePort()
+        self.configPath = directory / "haproxy.cfg"
+        self.logPath = directory / "haproxy.log"
+        self.process: subprocess.Popen | None = None
+        lines = [
+            "global",
+            "    log stdout format raw local0 info",
+            "    maxconn 200",
+            "defaults",
+            "    mode tcp",
+            "    log global",
+            "    option tcplog",
+            "    timeout connect 5s",
+            "    timeout client 60s",
+            "    timeout server 60s",
+            "    retries 3",
+            "    option redispatch",
+            "frontend submission",
+            f"    bind {HOST}:{self.port}",
+            "    default_backend relays",
+            "backend relays",
+            "    balance roundrobin",
+            f"    source {HOST}",
+            "    option smtpchk EHLO haproxy.test.example",
+        ]
+        for index, (host, port) in enumerate(servers, 1):
+            lines.append(f"    server relayd{index} {host}:{port} send-proxy-v2 check check-send-proxy "
+                         f"inter 1s fall 1 rise 1")
+        self.configPath.write_text("\n".join(lines) + "\n")
+
+    def start(self) -> "HAProxy":
+        check = subprocess.run([HAPROXY, "-c", "-f", str(self.configPath)],
+                               capture_output=True, text=True, timeout=30)
+        assert check.returncode == 0, f"haproxy -c: {check.stdout}{check.stderr}"
+        with open(self.logPath, "ab") as log:
+            self.process = subprocess.Popen([HAPROXY, "-db", "-f", str(self.configPath)],
+                                            stdout=log, stderr=subprocess.STDOUT,
+                                            stdin=subprocess.DEVNULL, start_new_session=True)
+        waitUntil(lambda: self.process.poll() is not None or portAcceptsConnections(self.port),
+                  START_DEADLINE, f"haproxy did not listen on {HOST}:{self.port}", self.describe)
+        assert self.process.poll() is None, f"haproxy exited\n{self.describe()}"
+        return self
+
+    def stop(self) -> None:
+        if self.process is None or self.process.poll() is not None:
+            return
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            self.process.wait(STOP_DEADLINE)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait(10)
+
+    def log(self) -> str:
+        try:
+            return self.logPath.read_text("utf-8", "replace")
+        except FileNotFoundError:
+            return ""
+
+    def waitForLog(self, pattern: str, deadline: float = DELIVERY_DEADLINE) -> re.Match:
+        regex = re.compile(pattern, re.MULTILINE)
+        return waitUntil(lambda: regex.search(self.log()), deadline,
+                         f"no haproxy log line matching {pattern!r}", self.describe)
+
+    def describe(self) -> str:
+        return f"--- haproxy; tail of {self.logPath}:\n{tail(self.logPath)}"
+
+
 # relayd as the interop tests run it
 
 
