@@ -16,6 +16,7 @@ import pwd
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import tempfile
 from pathlib import Path
@@ -249,6 +250,8 @@ class HAProxy:
     second. Its log goes to ``haproxy.log`` in ``directory``.
     """
 
+    PROBE_SOURCE = "127.0.0.9"
+
     def __init__(self, directory: Path, servers: list[tuple[str, int]]) -> None:
         directory.mkdir(parents=True, exist_ok=True)
         self.directory = directory
@@ -290,10 +293,23 @@ class HAProxy:
             self.process = subprocess.Popen([HAPROXY, "-db", "-f", str(self.configPath)],
                                             stdout=log, stderr=subprocess.STDOUT,
                                             stdin=subprocess.DEVNULL, start_new_session=True)
-        waitUntil(lambda: self.process.poll() is not None or portAcceptsConnections(self.port),
+        waitUntil(lambda: self.process.poll() is not None or self.accepts(),
                   START_DEADLINE, f"haproxy did not listen on {HOST}:{self.port}", self.describe)
         assert self.process.poll() is None, f"haproxy exited\n{self.describe()}"
         return self
+
+    def accepts(self) -> bool:
+        """
+        Whether the frontend takes a connection. The probe comes from
+        PROBE_SOURCE: HAProxy passes it on as a client, and no test's
+        client nor the balancer itself uses that address.
+        """
+        try:
+            with socket.create_connection((HOST, self.port), timeout=1.0,
+                                          source_address=(self.PROBE_SOURCE, 0)):
+                return True
+        except OSError:
+            return False
 
     def stop(self) -> None:
         if self.process is None or self.process.poll() is not None:
@@ -331,7 +347,15 @@ class SubmissionRelayd(Relayd):
     ``smarthost`` is the YAML flow mapping of its one next hop.
     """
 
-    def __init__(self, directory: Path, smarthost: str, extra: str = "") -> None:
+    def __init__(self, directory: Path, smarthost: str, extra: str = "",
+                 proxyFrom: str | None = None, auth: str = "") -> None:
+        """
+        ``proxyFrom``: the submission port is a PROXY-protocol listener
+        (``haproxy:``) accepting the header from this network. ``auth``:
+        more keys for the auth section (``failure_limit: 2``).
+        """
+        self.proxyFrom = proxyFrom
+        self.authSettings = auth
         directory.mkdir(parents=True, exist_ok=True)
         self.implicitPort = freePort()
         self.ca = writeChain(directory)
@@ -343,13 +367,18 @@ class SubmissionRelayd(Relayd):
         super().__init__(directory, 0)
 
     def configText(self, smarthostPort, trustedNetworks=None, extra=""):
+        submission = f"tcp:{self.port}:interface={HOST}"
+        proxyFrom = ""
+        if self.proxyFrom:
+            submission = "haproxy:" + submission
+            proxyFrom = f', proxy_from: ["{self.proxyFrom}"]'
         return (
             f"hostname: {HOSTNAME}\n"
             f"listeners:\n"
-            f'  - {{endpoint: "tcp:{self.port}:interface={HOST}", tls: starttls, auth: required}}\n'
+            f'  - {{endpoint: "{submission}", tls: starttls, auth: required{proxyFrom}}}\n'
             f'  - {{endpoint: "tcp:{self.implicitPort}:interface={HOST}", tls: implicit, auth: required}}\n'
             f"tls: {{certificate: cert.pem, key: key.pem}}\n"
-            f"auth: {{password_file: passwd}}\n"
+            f"auth: {{password_file: passwd{', ' + self.authSettings if self.authSettings else ''}}}\n"
             f"relay: {{trusted_networks: []}}\n"
             f"queue:\n"
             f"  directory: {self.spool}\n"
