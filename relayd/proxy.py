@@ -202,6 +202,11 @@ class ProxiedConnection(ProtocolWrapper):
             return
         self._timer = self.factory.clock.callLater(self.factory.timeout(), self._timedOut)
 
+    def logPrefix(self) -> str:
+        if self.wrappedProtocol is not None:
+            return super().logPrefix()
+        return self.__class__.__name__
+
     def getPeer(self):
         if self._header is not None and self._header.source is not None:
             return self._header.source

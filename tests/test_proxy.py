@@ -176,6 +176,20 @@ def test_session_starts_after_the_header_and_sees_the_client(logLines):
     assert envelope.clientAddress == "192.0.2.7"
 
 
+@pytest.mark.parametrize("header", [
+    b"PROXY TCP4 192.0.2.7 10.0.0.2 40000 25\r\n", v2tcp4("192.0.2.7", "10.0.0.2", 40000, 25)])
+def test_header_split_over_many_reads(header):
+    b = Balanced()
+    connection, transport = b.connect()
+    assert connection.logPrefix() == "ProxiedConnection"
+    for i in range(len(header)):
+        assert transport.value() == b""
+        connection.dataReceived(header[i:i + 1])
+    assert replies(transport) == ["220 relay.test ESMTP relayd"]
+    [session] = b.sessions.sessions
+    assert session.clientAddress == "192.0.2.7"
+
+
 def test_a_trusted_balancer_does_not_make_its_clients_trusted():
     b = Balanced(trusted=("10.0.0.0/24",))
     connection, transport = b.connect()
