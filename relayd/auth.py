@@ -89,6 +89,10 @@ class PasswordFile:
         self._identity: FileIdentity | None = None
         self._checked = float("-inf")
         self.skipped: list[int] = []  # line numbers of malformed lines at the last read
+        self.unusable: list[UnusableEntry] = []  # entries no password can match, at the last read
+        # Called (in the reading thread) after a re-read noticed by itself,
+        # not one asked for with load(): tap.py logs what is wrong in it.
+        self.changed: Callable[[], None] | None = None
 
     def invalidate(self) -> None:
         with self._lock:
@@ -99,16 +103,25 @@ class PasswordFile:
         with self._lock:
             self._refresh(force=True)
 
+    def logins(self) -> frozenset[str]:
+        """The logins of the last read."""
+        with self._lock:
+            return frozenset(self._entries)
+
     def lookup(self, login: str) -> tuple[str | None, str | None]:
         """The login's hash (or None), and a real hash of the file to verify against for an unknown login."""
         with self._lock:
-            self._refresh(force=False)
-            return self._entries.get(login), self._dummy
+            reread = self._refresh(force=False)
+            found = self._entries.get(login), self._dummy
+        if reread and self.changed is not None:
+            self.changed()  # outside the lock: it may read this file's state
+        return found
 
-    def _refresh(self, force: bool) -> None:
+    def _refresh(self, force: bool) -> bool:
+        """Re-read the file if it changed (or ``force``); True if it was read."""
         now = self._now()
         if not force and self._identity is not None and now - self._checked < RECHECK_INTERVAL:
-            return
+            return False
         try:
             st = os.stat(self.path)
         except OSError as e:
@@ -116,13 +129,14 @@ class PasswordFile:
         identity = FileIdentity(st.st_ino, st.st_size, st.st_mtime_ns)
         self._checked = now
         if identity == self._identity and not force:
-            return
+            return False
         try:
             with open(self.path, "rb") as f:
                 data = f.read()
         except OSError as e:
             raise PasswordFileError(f"{self.path}: {e.strerror}") from None
         self._entries, self.skipped = parsePasswordFile(data)
+        self.unusable = unusableEntries(data)
         # The stand-in for unknown logins must cost what a real check costs:
         # a locked ("!") or broken entry fails at once and would tell an
         # attacker which logins exist.
@@ -130,6 +144,7 @@ class PasswordFile:
         self._dummy = next((h for h in self._entries.values()
                             if context.identify(h, required=False)), None)
         self._identity = identity
+        return True
 
 
 def skippedLines(numbers: list[int]) -> str:
@@ -137,10 +152,82 @@ def skippedLines(numbers: list[int]) -> str:
     return f"line{'s' if len(numbers) > 1 else ''} {', '.join(map(str, numbers))} skipped (not login:hash)"
 
 
+def sendersWithoutLogin(senders: tuple[tuple[str, tuple[str, ...]], ...],
+                        logins: frozenset[str] | set[str], path: str) -> list[str]:
+    """
+    auth.senders entries for logins the password file does not have: dead
+    entries, usually a login written differently ("alice" for
+    "alice@example.com"), as "<key.path>: <why>" lines.
+    """
+    return [f"auth.senders.{login}: {path} has no login {login!r}, so this entry never applies"
+            for login, _ in senders if login not in logins]
+
+
 def parsePasswordFile(data: bytes) -> tuple[dict[str, str], list[int]]:
     """Entries of an htpasswd-format file, and the numbers of lines that were skipped."""
     entries: dict[str, str] = {}
-    skipped = []
+    skipped: list[int] = []
+    for number, login, hashed in _passwordLines(data, skipped):
+        entries[login] = hashed
+    return entries, skipped
+
+
+@dataclass(frozen=True)
+class UnusableEntry:
+    """A line of the password file whose login can never log in (never holds the hash)."""
+
+    line: int
+    login: str
+    reason: str
+
+    def describe(self, path: str) -> str:
+        return (f"{path}: line {self.line}: {self.login}: {self.reason}, so {self.login} "
+                f"can never log in; reset with relayd-passwd add {self.login}")
+
+
+# Schemes htpasswd and other tools write that relayd does not verify, by
+# the hash's prefix: what an admin is told instead of a silent 535.
+_UNSUPPORTED_PREFIXES = (
+    ("$apr1$", "apr1 (htpasswd -m) is not supported"),
+    ("{SHA}", "{SHA} (htpasswd -s) is not supported"),
+    ("$1$", "md5-crypt ($1$) is not supported"),
+    ("$5$", "sha256-crypt (htpasswd -2) is not supported"),
+)
+# Conventional marks of a disabled account ("!hash", "*"): deliberate, not a mistake.
+_LOCK_MARKS = ("!", "*")
+
+
+def schemeProblem(hashed: str) -> str | None:
+    """
+    Why a stored hash can never match (an unsupported or unrecognised
+    scheme), "locked" for a deliberately disabled entry, or None when
+    relayd verifies it. Never quotes the hash.
+    """
+    if hashed.startswith(_LOCK_MARKS):
+        return "locked"
+    if cryptContext().identify(hashed, required=False):
+        return None
+    for prefix, reason in _UNSUPPORTED_PREFIXES:
+        if hashed.startswith(prefix):
+            return reason
+    if re.fullmatch(r"[./0-9A-Za-z]{13}", hashed):
+        return "crypt (htpasswd -d) is not supported"
+    return ("not a hash relayd knows (bcrypt, sha512-crypt or argon2); "
+            "plaintext (htpasswd -p) is not supported")
+
+
+def unusableEntries(data: bytes) -> list[UnusableEntry]:
+    """Entries whose scheme relayd cannot verify (locked entries are deliberate: left out)."""
+    found = []
+    for number, login, hashed in _passwordLines(data, []):
+        reason = schemeProblem(hashed)
+        if reason is not None and reason != "locked":
+            found.append(UnusableEntry(number, login, reason))
+    return found
+
+
+def _passwordLines(data: bytes, skipped: list[int]):
+    """(line number, login, hash) of each entry; numbers of malformed lines go to ``skipped``."""
     for number, raw in enumerate(data.split(b"\n"), 1):
         line = raw.rstrip(b"\r")
         if not line.strip() or line.lstrip().startswith(b"#"):
@@ -154,8 +241,7 @@ def parsePasswordFile(data: bytes) -> tuple[dict[str, str], list[int]]:
         if not sep or not isValidLogin(login) or not hashed.strip():
             skipped.append(number)
             continue
-        entries[login] = hashed.strip()
-    return entries, skipped
+        yield number, login, hashed.strip()
 
 
 class Verifier:

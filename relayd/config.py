@@ -85,6 +85,10 @@ DEFAULT_ERRORS = 20  # Postfix's smtpd_hard_error_limit
 DEFAULT_COMMAND_TIMEOUT = 5 * 60.0  # RFC 5321 4.5.3.2.7
 DEFAULT_DATA_TIMEOUT = 10 * 60.0  # RFC 5321 4.5.3.2.6 (DATA termination)
 DEFAULT_GREETING_DELAY = 0.0
+# The client's name (PTR, then A/AAAA) is looked up before the banner, as
+# Postfix does; the banner waits at most this long, then the name is "unknown".
+DEFAULT_CLIENT_NAME_TIMEOUT = 5.0
+MAX_CLIENT_NAME_TIMEOUT = 60.0
 DEFAULT_NEXTHOP_TLS = "starttls"
 # MX hosts rarely have certificates for their names: opportunistic by default.
 DEFAULT_MX_TLS = "may"
@@ -116,6 +120,8 @@ MAX_NESTING = 32
 # in the YAML itself (only the paths of the files holding them, which an
 # admin needs to see); the hook is here so a future secret key cannot leak.
 SECRET_KEYS = frozenset({"password", "secret"})
+# Stand-in keys toYAML() turns into comment lines (no config key looks like this).
+_COMMENT_KEY = "__relayd_comment_"
 _MASK = "********"
 
 
@@ -198,6 +204,8 @@ class Limits:
     commandTimeout: float = DEFAULT_COMMAND_TIMEOUT
     dataTimeout: float = DEFAULT_DATA_TIMEOUT
     greetingDelay: float = DEFAULT_GREETING_DELAY
+    # Reverse DNS of the client, confirmed forward, before the banner (0: off).
+    clientNameTimeout: float = DEFAULT_CLIENT_NAME_TIMEOUT
 
 
 @dataclass(frozen=True)
@@ -315,8 +323,15 @@ class Config:
         The effective configuration: every key with its value, defaults
         filled in, durations and sizes in human form, secrets masked. The
         result loads back into an equal L{Config}, so C{relayd check-config}
-        output can serve as a config file.
+        output can serve as a config file. Computed defaults and unset
+        optional keys are comments, with what they mean.
         """
+        comments: list[str] = []
+
+        def comment(text: str) -> dict[str, str]:
+            comments.append(text)
+            return {f"{_COMMENT_KEY}{len(comments) - 1}": ""}
+
         tree = {
             "hostname": self.hostname,
             "listeners": [
@@ -338,25 +353,33 @@ class Config:
                 "command_timeout": formatDuration(self.limits.commandTimeout),
                 "data_timeout": formatDuration(self.limits.dataTimeout),
                 "greeting_delay": formatDuration(self.limits.greetingDelay),
+                "client_name_timeout": formatDuration(self.limits.clientNameTimeout),
             },
             "queue": {
                 "directory": self.queue.directory,
                 "lifetime": formatDuration(self.queue.lifetime),
                 **({"delay_warning": formatDuration(self.queue.delayWarning)}
-                   if self.queue.delayWarning is not None else {}),
+                   if self.queue.delayWarning is not None else comment(
+                       'delay_warning:  (not set: no "delayed" notice is sent)')),
                 "retry": {
                     "min": formatDuration(self.queue.retry.min),
                     "max": formatDuration(self.queue.retry.max),
                 },
-                # Computed defaults (from limits.message_size and directory)
-                # are left out so the output loads back into an equal Config.
+                # Computed defaults are comments: written as keys they would
+                # stop following limits.message_size and queue.directory.
                 **({"free_space_reserve": formatSize(self.queue.freeSpaceReserve)}
-                   if self.queue.freeSpaceReserve is not None else {}),
+                   if self.queue.freeSpaceReserve is not None else comment(
+                       f"free_space_reserve: {formatSize(self.freeSpaceReserve())}"
+                       f"  (computed: {FREE_SPACE_FACTOR:g} x limits.message_size)")),
                 "bounce_size_limit": formatSize(self.queue.bounceSizeLimit),
                 **({"control_socket": self.queue.controlSocket}
-                   if self.queue.controlSocket is not None else {}),
+                   if self.queue.controlSocket is not None else comment(
+                       f"control_socket: {self.queue.controlSocketPath}"
+                       f"  (computed: {CONTROL_SOCKET_NAME} in queue.directory)")),
             },
-            **({"postmaster": self.postmaster} if self.postmaster is not None else {}),
+            **({"postmaster": self.postmaster} if self.postmaster is not None else comment(
+                "postmaster:  (not set: double bounces and quarantine notices are logged and "
+                "dropped; RCPT TO:<postmaster> gets 550 5.1.1)")),
             "delivery": {
                 "concurrency": self.delivery.concurrency,
                 "destination_concurrency": self.delivery.destinationConcurrency,
@@ -372,7 +395,8 @@ class Config:
                 },
                 "dns": {
                     **({"servers": [_formatServer(s) for s in self.delivery.dns.servers]}
-                       if self.delivery.dns.servers else {}),
+                       if self.delivery.dns.servers else comment(
+                           "servers:  (not set: the name servers in /etc/resolv.conf)")),
                     "timeout": formatDuration(self.delivery.dns.timeout),
                 },
             },
@@ -389,13 +413,17 @@ class Config:
             }} if self.auth is not None else {}),
         }
         header = f"# effective configuration from {self.path}\n"
-        return header + yaml.safe_dump(
+        text = yaml.safe_dump(
             maskSecrets(tree),
             sort_keys=False,
             default_flow_style=False,
             allow_unicode=True,
             width=1000,
         )
+        # Each stand-in key becomes its comment line, at its key's indentation.
+        return header + re.sub(
+            rf"(?m)^( *){_COMMENT_KEY}(\d+): .*$",
+            lambda m: f"{m.group(1)}# {comments[int(m.group(2))]}", text)
 
 
 def maskSecrets(tree: Any) -> Any:
@@ -971,6 +999,17 @@ def _endpointDetail(description: str, nested: bool = False) -> str | None:
             f"unknown endpoint type {_quote(kind)}; relayd listens on tcp, tcp6, "
             "unix, systemd or haproxy:<endpoint>"
         )
+    if kind in ("tcp", "tcp6"):
+        bare = re.search(r"interface=([0-9A-Fa-f]*:[0-9A-Fa-f:.]*)(?::|\Z)", description)
+        if bare is not None:
+            try:
+                ipaddress.IPv6Address(bare.group(1))
+            except ValueError:
+                pass
+            else:
+                escaped = bare.group(1).replace(":", "\\:")
+                return (f"the colons of an IPv6 address must be escaped: interface={escaped} "
+                        "(in YAML, inside single quotes)")
     (names,) = _ENDPOINT_TYPES[kind]
     if len(args) > len(names):
         return f"too many fields for {kind}"
@@ -1184,9 +1223,15 @@ def _limits(value: object, path: str) -> Limits:
     section = _Section(
         value, path, ("message_size", "recipients", "connections", "connections_per_client",
                       "messages_per_user_per_hour", "errors", "command_timeout",
-                      "data_timeout", "greeting_delay")
+                      "data_timeout", "greeting_delay", "client_name_timeout")
     )
+    clientNameTimeout = section.get("client_name_timeout", _duration(0), DEFAULT_CLIENT_NAME_TIMEOUT)
+    if clientNameTimeout > MAX_CLIENT_NAME_TIMEOUT:
+        raise _Problem(section.at("client_name_timeout"),
+                       f"expected at most {formatDuration(MAX_CLIENT_NAME_TIMEOUT)} (the banner "
+                       f"waits for it), got {formatDuration(clientNameTimeout)}")
     return Limits(
+        clientNameTimeout=clientNameTimeout,
         messageSize=section.get("message_size", _size, DEFAULT_MESSAGE_SIZE),
         recipients=section.get("recipients", _integer(1), DEFAULT_RECIPIENTS),
         connections=section.get("connections", _integer(1), DEFAULT_CONNECTIONS),

@@ -120,6 +120,12 @@ class Status(amp.Command):
                 (b"active", amp.ListOf(amp.Unicode()))]
 
 
+class QuarantineRestore(_PerMessage):
+    """Put quarantined messages back into the queue, each checked again."""
+
+    commandName = b"quarantine-restore"
+
+
 NOT_A_QUEUE_ID = "not a queue id"
 UNKNOWN = "no such message in the queue"
 # What flush and requeue of the whole queue count as done.
@@ -230,6 +236,34 @@ class ControlProtocol(amp.AMP):
     @Requeue.responder
     def requeue(self, ids):
         return self._many(ids, self.scheduler.requeue)
+
+    @QuarantineRestore.responder
+    @defer.inlineCallbacks
+    def restoreFromQuarantine(self, ids):
+        from relayd.queue import permissionFix
+
+        _checkCount(ids)
+        outcomes = []
+        for queueId in ids:
+            if not isQueueId(queueId):
+                outcomes.append(_entry(queueId, False, NOT_A_QUEUE_ID))
+                continue
+            try:
+                outcome = yield self.scheduler.restore(queueId)
+            except FileNotFoundError:
+                outcomes.append(_entry(queueId, False, "not in quarantine"))
+            except FileExistsError:
+                outcomes.append(_entry(queueId, False, "a message with this id is in the queue"))
+            except PermissionError as e:
+                outcomes.append(_entry(queueId, False, f"{e.strerror}; "
+                                       f"{permissionFix(self.scheduler.spool.directory)}"))
+            except (ValueError, AdminRefusal) as e:
+                outcomes.append(_entry(queueId, False, f"not restored: {e}"))
+            except OSError as e:
+                outcomes.append({"id": queueId, **cannotWrite(e)})
+            else:
+                outcomes.append(_entry(queueId, True, outcome))
+        return {"outcomes": outcomes}
 
     @Status.responder
     def status(self):

@@ -166,6 +166,11 @@ def queueWarning(queueId: str | None, text: str) -> None:
     _emit("qmgr", queueId, f"warning: {printable(text)}", level=LogLevel.warn)
 
 
+def queueError(queueId: str | None, text: str) -> None:
+    """Something an admin must fix (a queue file the daemon cannot read), not a warning."""
+    _emit("qmgr", queueId, f"error: {printable(text)}", level=LogLevel.error)
+
+
 def queueFileFailed(queueId: str, action: str, reason: str) -> None:
     """
     Recording an attempt's outcome in the spool failed (read-only spool,

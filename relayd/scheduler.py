@@ -577,6 +577,22 @@ class Scheduler(service.Service):
         self._start(envelope, {}, self._cancel)
         return "returned to sender"
 
+    def restore(self, queueId: str) -> defer.Deferred:
+        """
+        Put a quarantined message back into the queue (checked again, in the
+        spool's threads) and schedule it. Fails with the spool's errors
+        (ValueError: still broken; FileNotFoundError; FileExistsError).
+        """
+        if queueId in self.envelopes:
+            return defer.fail(AdminRefusal("a message with this id is in the queue"))
+
+        def restored(envelope: Envelope) -> str:
+            maillog.adminAction(queueId, "restored from quarantine")
+            self.add(envelope)
+            return "restored from quarantine"
+
+        return self.runInThread(self.spool.restore, queueId).addCallback(restored)
+
     @defer.inlineCallbacks
     def _cancel(self, envelope: Envelope, started: float, groups: dict):
         failed = []

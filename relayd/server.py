@@ -214,6 +214,7 @@ class SubmissionServer(smtp.ESMTP):
         self.authMethod: str | None = None
         self._sasl: tuple[str, bytes | None] | None = None
         self._greeting = None  # the delayed greeting's call, while it waits
+        self._naming = None  # the client name lookup, while the banner waits for it
         self._lost = False
 
     # Connection
@@ -221,22 +222,49 @@ class SubmissionServer(smtp.ESMTP):
     def connectionMade(self) -> None:
         peer = self.transport.getPeer()
         self.clientAddress = normalizeAddress(getattr(peer, "host", str(peer)))
-        # Reverse DNS lookups come with the operations issue; Postfix logs
-        # "unknown" when it has no verified name, and so does relayd.
+        # Until the name is confirmed, and for good when it is not: Postfix's "unknown".
         self.clientName = "unknown"
+        # Trust is the address's alone, never the name's.
         self.trusted = isTrusted(self.clientAddress, self.factory.config.relay.trustedNetworks)
         # auth: required binds everyone on the listener, trusted networks too.
         relays = self.trusted and self.listener.auth != "required"
         self.avatar = self.connectAvatar = TrustedNetworkClient() if relays else AnonymousClient()
         if self.listener.tls == "implicit":
             self.secure = self._handshaking = True
-        maillog.connected(self.clientName, self.clientAddress)
         refusal = self.factory.sessionStarted(self)
         if refusal is not None:
+            # Refused at once, without a DNS lookup: a flood costs no queries.
+            maillog.connected(self.clientName, self.clientAddress)
             self.reply(refusal)
             self._close()
             return
         self.setTimeout(self.timeout)
+        # As Postfix: the name first (bounded by limits.client_name_timeout),
+        # so "connect from" and every later line carry it; nothing is read
+        # from the client meanwhile.
+        if self.factory.clientNames is None:
+            self._named(None)
+            return
+        naming = self.factory.clientNames(self.clientAddress)
+        if not naming.called:
+            self._naming = naming
+            self.transport.pauseProducing()
+        naming.addCallback(self._named)
+
+    def _named(self, found) -> None:
+        """The client's name is known (or "unknown"): log the connection, then greet."""
+        paused, self._naming = self._naming is not None, None
+        if self._lost:
+            return
+        if found is not None:
+            self.clientName = found.name
+            if found.warning:
+                maillog.smtpdWarning(found.warning)
+        maillog.connected(self.clientName, self.clientAddress)
+        if paused:
+            self.transport.resumeProducing()
+        if self._closing:  # the daemon began stopping meanwhile: 421 sent already
+            return
         delay = self.factory.config.limits.greetingDelay
         if delay > 0:
             self._greeting = self.callLater(delay, self._greet)
@@ -252,6 +280,10 @@ class SubmissionServer(smtp.ESMTP):
 
     def connectionLost(self, reason: Failure = protocol.connectionDone) -> None:
         self._lost = True
+        if self._naming is not None:
+            # Gone before its name was known: still one connect line per disconnect.
+            self._naming = None
+            maillog.connected(self.clientName, self.clientAddress)
         if self._greeting is not None and self._greeting.active():
             self._greeting.cancel()
         if self._handshaking and reason is not None and reason.check(SSL.Error):
@@ -987,8 +1019,12 @@ class SubmissionFactory(protocol.ServerFactory):
     ``messageQueued(envelope)`` hands it to the scheduler.
     """
 
-    def __init__(self, config, spool, commit, messageQueued, clock, portal=None, tls=None):
+    def __init__(self, config, spool, commit, messageQueued, clock, portal=None, tls=None,
+                 clientNames=None):
         self.config = config
+        # address -> Deferred[ClientName] (relayd.resolve.ClientNames.lookup),
+        # firing within limits.client_name_timeout; None: every client "unknown".
+        self.clientNames = clientNames
         self.spool = spool
         self.commit = commit
         self.messageQueued = messageQueued

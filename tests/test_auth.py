@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import os
+import shutil
 import stat
 import subprocess
 import sys
@@ -223,20 +224,30 @@ def runPasswd(*args, stdin=""):
     return code, out.getvalue(), err.getvalue()
 
 
-def test_passwd_add_list_check_remove(tmp_path):
+@pytest.fixture
+def daemonGroup(monkeypatch):
+    """The group new password files are given: here, one this process may give."""
+    import grp
+
+    name = grp.getgrgid(os.getegid()).gr_name
+    monkeypatch.setattr(passwdCLI, "DAEMON_GROUP", name)
+    return os.getegid()
+
+
+def test_passwd_add_list_check_remove(tmp_path, daemonGroup):
     path = str(tmp_path / "passwd")
     assert runPasswd("-f", path, "add", "alice@example.com", stdin="s3cret\n") == (
         0, f"added alice@example.com in {path}\n", "")
-    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o640
     assert runPasswd("-f", path, "add", "--scheme", "argon2", "printer", stdin="p\n")[0] == 0
     assert runPasswd("-f", path, "list") == (0, "alice@example.com bcrypt\nprinter argon2\n", "")
     assert runPasswd("-f", path, "check", "alice@example.com", stdin="s3cret\n") == (0, "ok\n", "")
     assert runPasswd("-f", path, "check", "alice@example.com", stdin="nope\n") == (
         1, "wrong login or password\n", "")
     # Changing a password keeps the file's mode and the other lines.
-    os.chmod(path, 0o640)
+    os.chmod(path, 0o600)
     assert runPasswd("-f", path, "add", "alice@example.com", stdin="new\n")[1].startswith("changed")
-    assert stat.S_IMODE(os.stat(path).st_mode) == 0o640
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
     assert runPasswd("-f", path, "check", "alice@example.com", stdin="new\n")[0] == 0
     assert runPasswd("-f", path, "remove", "printer") == (0, f"removed printer from {path}\n", "")
     assert runPasswd("-f", path, "list")[1] == "alice@example.com bcrypt\n"
@@ -245,6 +256,45 @@ def test_passwd_add_list_check_remove(tmp_path):
     # What the daemon reads is what relayd-passwd wrote.
     assert auth.Verifier(auth.PasswordFile(path)).verify("alice@example.com", "new")
     assert [p.name for p in tmp_path.iterdir()] == ["passwd"]  # no temp file left
+
+
+def test_passwd_makes_a_new_file_the_daemon_can_read(tmp_path, monkeypatch):
+    """Group relayd (when it exists) and 0640: the unit runs the daemon as relayd:relayd."""
+    import grp
+
+    group = "nogroup" if os.geteuid() == 0 else grp.getgrgid(os.getegid()).gr_name
+    gid = grp.getgrnam(group).gr_gid
+    monkeypatch.setattr(passwdCLI, "DAEMON_GROUP", group)
+    path = tmp_path / "passwd"
+    assert runPasswd("-f", str(path), "add", "alice@example.com", stdin="s3cret\n")[0] == 0
+    st = os.stat(path)
+    assert (stat.S_IMODE(st.st_mode), st.st_gid) == (0o640, gid)
+
+    # Without such a group: the owner's alone, and a line says how to let the daemon in.
+    monkeypatch.setattr(passwdCLI, "DAEMON_GROUP", "no-such-group-for-relayd-tests")
+    other = tmp_path / "other"
+    code, _, err = runPasswd("-f", str(other), "add", "alice@example.com", stdin="s3cret\n")
+    assert code == 0 and stat.S_IMODE(os.stat(other).st_mode) == 0o600
+    assert err == (f"relayd-passwd: note: created {other} mode 0600: the daemon's user must be able "
+                   f"to read it (e.g. chgrp no-such-group-for-relayd-tests {other} && chmod 0640 {other})\n")
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="giving a file to another owner needs root (CI runs as root)")
+def test_passwd_rewrite_keeps_owner_group_and_mode(tmp_path):
+    """The README's root:relayd 0640 (here nobody:nogroup 0604) survives an edit as root."""
+    import grp
+    import pwd
+
+    path = tmp_path / "passwd"
+    path.write_text("# users\n")
+    os.chown(path, pwd.getpwnam("nobody").pw_uid, grp.getgrnam("nogroup").gr_gid)
+    os.chmod(path, 0o604)
+    assert runPasswd("-f", str(path), "add", "alice@example.com", stdin="s3cret\n")[0] == 0
+    assert runPasswd("-f", str(path), "remove", "alice@example.com")[0] == 0
+    st = os.stat(path)
+    assert (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)) == (
+        pwd.getpwnam("nobody").pw_uid, grp.getgrnam("nogroup").gr_gid, 0o604)
+    assert path.read_text() == "# users\n"
 
 
 def test_passwd_keeps_comments(tmp_path):
@@ -293,3 +343,92 @@ def test_passwd_names_lines_it_cannot_read_and_checks_like_the_daemon(tmp_path, 
     assert runPasswd("-f", str(path), "check", "alice", stdin="x" * 73 + "\n") == (
         1, "", "relayd-passwd: the password is longer than bcrypt's 72 bytes: it never matches\n")
     assert runPasswd("-f", str(path), "check", "alice", stdin="pw-bcrypt\n") == (0, "ok\n", "")
+
+
+# Entries relayd cannot verify (htpasswd -m, -s, -d, -2, -p): named, never silent
+
+
+def htpasswdLine(flag: str, login: str, password: str = "pw") -> str:
+    """One entry as Apache's htpasswd writes it (Debian package apache2-utils)."""
+    tool = shutil.which("htpasswd")
+    if tool is None:
+        pytest.skip("htpasswd is not installed (Debian package apache2-utils; .ci/run installs it)")
+    result = subprocess.run([tool, "-nb", flag, login, password], capture_output=True, text=True,
+                            timeout=60, check=True)
+    return result.stdout.strip()
+
+
+@pytest.fixture
+def mixedFile(tmp_path):
+    """A password file as an admin ends up with: htpasswd's schemes, relayd's, a locked entry."""
+    path = tmp_path / "passwd"
+    path.write_text("\n".join([
+        "# users",
+        htpasswdLine("-B", "alice"),       # line 2: bcrypt, verified
+        htpasswdLine("-m", "bob"),         # line 3: apr1
+        htpasswdLine("-s", "carol"),       # line 4: {SHA}
+        htpasswdLine("-d", "dave"),        # line 5: DES crypt
+        htpasswdLine("-5", "erin"),        # line 6: sha512-crypt, verified
+        htpasswdLine("-2", "frank"),       # line 7: sha256-crypt
+        "gina:$1$saltsalt$2vnaRpHa6Jxjz5n83ok8Z0",  # line 8: md5-crypt, by hand
+        "hal:plain-text-password",         # line 9: plaintext, by hand
+        "ivan:!" + HASHES["bcrypt"],       # line 10: locked on purpose
+    ]) + "\n")
+    return path
+
+
+EXPECTED_UNUSABLE = [
+    (3, "bob", "apr1 (htpasswd -m) is not supported"),
+    (4, "carol", "{SHA} (htpasswd -s) is not supported"),
+    (5, "dave", "crypt (htpasswd -d) is not supported"),
+    (7, "frank", "sha256-crypt (htpasswd -2) is not supported"),
+    (8, "gina", "md5-crypt ($1$) is not supported"),
+    (9, "hal", "not a hash relayd knows (bcrypt, sha512-crypt or argon2); "
+               "plaintext (htpasswd -p) is not supported"),
+]
+
+
+def test_unusable_entries_are_found_with_line_and_login(mixedFile):
+    found = auth.unusableEntries(mixedFile.read_bytes())
+    assert [(e.line, e.login, e.reason) for e in found] == EXPECTED_UNUSABLE
+    passwords = auth.PasswordFile(str(mixedFile))
+    passwords.load()
+    assert [(e.line, e.login, e.reason) for e in passwords.unusable] == EXPECTED_UNUSABLE
+    # The supported ones do log in; the others never can.
+    verifier = auth.Verifier(passwords)
+    assert verifier.verify("alice", "pw") and verifier.verify("erin", "pw")
+    assert not verifier.verify("bob", "pw") and not verifier.verify("carol", "pw")
+
+
+def test_unusable_entry_description_names_file_line_login_never_the_hash(mixedFile):
+    data = mixedFile.read_bytes()
+    bob = auth.unusableEntries(data)[0]
+    text = bob.describe(str(mixedFile))
+    assert text == (f"{mixedFile}: line 3: bob: apr1 (htpasswd -m) is not supported, so bob can "
+                    "never log in; reset with relayd-passwd add bob")
+    hashed = data.splitlines()[2].split(b":", 1)[1].decode()
+    assert hashed not in text and hashed[6:] not in text
+
+
+def test_passwd_list_says_why_an_entry_is_unusable(mixedFile):
+    code, out, err = runPasswd("-f", str(mixedFile), "list")
+    assert code == 0 and err == ""
+    assert out.splitlines() == [
+        "alice bcrypt",
+        "bob unusable: apr1 (htpasswd -m) is not supported; reset with relayd-passwd add bob",
+        "carol unusable: {SHA} (htpasswd -s) is not supported; reset with relayd-passwd add carol",
+        "dave unusable: crypt (htpasswd -d) is not supported; reset with relayd-passwd add dave",
+        "erin sha512_crypt",
+        "frank unusable: sha256-crypt (htpasswd -2) is not supported; reset with relayd-passwd add frank",
+        "gina unusable: md5-crypt ($1$) is not supported; reset with relayd-passwd add gina",
+        "hal unusable: not a hash relayd knows (bcrypt, sha512-crypt or argon2); plaintext "
+        "(htpasswd -p) is not supported; reset with relayd-passwd add hal",
+        "ivan locked",
+    ]
+
+
+def test_senders_entries_for_logins_not_in_the_file():
+    assert auth.sendersWithoutLogin(
+        (("alice", ("alice@example.com",)), ("alice@example.com", ("@example.org",))),
+        {"alice@example.com"}, "/etc/relayd/passwd") == [
+        "auth.senders.alice: /etc/relayd/passwd has no login 'alice', so this entry never applies"]

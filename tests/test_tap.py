@@ -166,3 +166,81 @@ def test_reload_that_needs_more_files_than_the_limit_is_refused(tmp_path, monkey
     assert len(lines) == 1
     assert lines[0].startswith(f"reload failed, keeping the running configuration: {path}: "
                                "limits.connections: 2000 connections")
+
+
+AUTH_CONFIG = """\
+hostname: relay.example
+listeners:
+  - {{endpoint: "tcp:0:interface=127.0.0.1", tls: none, auth: required, plaintext_auth: true}}
+auth:
+  password_file: {passwd}
+  senders: {{alice: ["alice@example.com"], printer: ["@example.com"]}}
+queue: {{directory: spool}}
+delivery:
+  smarthosts: [{{host: 127.0.0.1, port: 2526, tls: none}}]
+"""
+
+
+def test_start_and_reload_warn_about_unusable_entries_and_dead_senders(tmp_path):
+    passwd = tmp_path / "passwd"
+    passwd.write_text(
+        "printer:$2y$05$F9e6KRzYAKXoytB07fLqaebMseKE5q3Wl6hZeqIeR6qK5olCQybd.\n"
+        "bob:$apr1$VnCaeS6Y$9dUCrUPqfYNL8SBOnqYw./\n"
+        "alice@example.com:{SHA}GpHWL3ymc5liWkNopqtdSjuqYHM=\n")
+    path = tmp_path / "relayd.yaml"
+    path.write_text(AUTH_CONFIG.format(passwd=passwd))
+    lines = []
+    observer = lambda e: lines.append(formatEvent(e))  # noqa: E731
+    globalLogPublisher.addObserver(observer)
+    try:
+        relay = tap.makeService({"loaded": config.load(str(path))}, reactor)
+        started = list(lines)
+        del lines[:]
+        relay.reload()
+    finally:
+        globalLogPublisher.removeObserver(observer)
+    expected = [
+        f"warning: auth.password_file {passwd}: line 2: bob: apr1 (htpasswd -m) is not "
+        "supported, so bob can never log in; reset with relayd-passwd add bob",
+        f"warning: auth.password_file {passwd}: line 3: alice@example.com: {{SHA}} (htpasswd -s) "
+        "is not supported, so alice@example.com can never log in; reset with relayd-passwd add "
+        "alice@example.com",
+        f"warning: auth.senders.alice: {passwd} has no login 'alice', so this entry never applies",
+    ]
+    assert [l for l in started if "warning" in l] == expected
+    assert [l for l in lines if "warning" in l] == expected
+    assert "VnCaeS6Y" not in "".join(started + lines)
+
+
+def test_password_file_edited_while_running_is_warned_about_when_reread(tmp_path):
+    from relayd.auth import RECHECK_INTERVAL
+
+    passwd = tmp_path / "passwd"
+    passwd.write_text("printer:$2y$05$F9e6KRzYAKXoytB07fLqaebMseKE5q3Wl6hZeqIeR6qK5olCQybd.\n")
+    path = tmp_path / "relayd.yaml"
+    path.write_text(AUTH_CONFIG.format(passwd=passwd).replace(
+        'senders: {alice: ["alice@example.com"], printer: ["@example.com"]}',
+        'senders: {printer: ["@example.com"]}'))
+
+    class Reactor:
+        """Runs callFromThread at once (the test is the only thread)."""
+
+        def callFromThread(self, f, *args):
+            f(*args)
+
+        def __getattr__(self, name):
+            return getattr(reactor, name)
+
+    relay = tap.makeService({"loaded": config.load(str(path))}, Reactor())
+    # An admin adds bob with htpasswd -m while the daemon runs.
+    passwd.write_text(passwd.read_text() + "bob:$apr1$VnCaeS6Y$9dUCrUPqfYNL8SBOnqYw./\n")
+    lines = []
+    observer = lambda e: lines.append(formatEvent(e))  # noqa: E731
+    globalLogPublisher.addObserver(observer)
+    try:
+        relay.passwords._checked -= RECHECK_INTERVAL  # a second later: the next AUTH re-reads it
+        relay.passwords.lookup("bob")
+    finally:
+        globalLogPublisher.removeObserver(observer)
+    assert lines == [f"warning: auth.password_file {passwd}: line 2: bob: apr1 (htpasswd -m) is not "
+                     "supported, so bob can never log in; reset with relayd-passwd add bob"]
