@@ -187,6 +187,10 @@ class ProxiedConnection(ProtocolWrapper):
         self._healthCheck = False
         self._checkLines = 0
         self._done = False  # dropped or answered: further input is ignored
+        # Bytes read with the header, held for the session while it has
+        # paused its input (it does until its greeting is out).
+        self._held = b""
+        self._paused = False
 
     def makeConnection(self, transport) -> None:
         # The session is connected later, when the header has been read.
@@ -219,7 +223,11 @@ class ProxiedConnection(ProtocolWrapper):
 
     def dataReceived(self, data: bytes) -> None:
         if self.wrappedProtocol is not None:
-            self.wrappedProtocol.dataReceived(data)
+            if self._held or self._paused:
+                self._held += data
+                self._deliverHeld()
+            else:
+                self.wrappedProtocol.dataReceived(data)
             return
         if self._done:
             return
@@ -249,10 +257,32 @@ class ProxiedConnection(ProtocolWrapper):
             self.transport.abortConnection()
             return
         self.wrappedProtocol = session
-        rest, self._buffer = self._buffer, b""
+        self._held, self._buffer = self._buffer, b""
         session.makeConnection(self)
-        if rest and self.wrappedProtocol is not None:
-            self.wrappedProtocol.dataReceived(rest)
+        self._deliverHeld()
+
+    def _deliverHeld(self) -> None:
+        while self._held and not self._paused and self.wrappedProtocol is not None:
+            data, self._held = self._held, b""
+            self.wrappedProtocol.dataReceived(data)
+
+    # The session pauses and resumes its input through its transport, this
+    # wrapper: bytes already read with the header must wait as the socket does.
+
+    def pauseProducing(self) -> None:
+        self._paused = True
+        self.transport.pauseProducing()
+
+    def resumeProducing(self) -> None:
+        self._paused = False
+        self.transport.resumeProducing()
+        if self._held:
+            # As a socket would: on a later turn of the reactor, never from
+            # inside the session's own call (it resumes, then greets).
+            self.factory.clock.callLater(0, self._deliverHeld)
+
+    def stopProducing(self) -> None:
+        self.transport.stopProducing()
 
     def _answerHealthCheck(self) -> None:
         """HELO/EHLO gets 250, anything else (QUIT first) 221 and the close."""

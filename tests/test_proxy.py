@@ -280,3 +280,24 @@ def test_starttls_handshake_reaches_the_session():
     session._handshaking = True
     connection.handshakeCompleted()
     assert session._handshaking is False
+
+
+def test_client_name_is_looked_up_for_the_header_address_and_pipelined_input_waits():
+    from relayd.resolve import ClientName
+    from tests.test_server import Names
+
+    b = Balanced()
+    names = b.sessions.clientNames = Names()
+    connection, transport = b.connect()
+    # The header and a command in one read, while the name is not known yet.
+    connection.dataReceived(b"PROXY TCP4 192.0.2.4 10.0.0.2 40000 25\r\nEHLO client.test\r\n")
+    assert list(names.pending) == ["192.0.2.4"]
+    assert transport.value() == b""  # nothing answered before the banner
+    assert transport.producerState == "paused"
+    names.pending["192.0.2.4"].callback(ClientName("mail.example.org"))
+    assert replies(transport) == ["220 relay.test ESMTP relayd"]
+    b.clock.advance(0)
+    assert replies(transport)[0] == "250-relay.test"
+    assert transport.producerState == "producing"
+    [session] = b.sessions.sessions
+    assert (session.clientName, session.clientAddress) == ("mail.example.org", "192.0.2.4")

@@ -179,12 +179,17 @@ def test_implicit_tls_after_the_header(daemon, sink):
 ])
 def test_who_may_not_name_a_client_is_dropped_and_logged(daemon, source, send, reason):
     offset = daemon.logOffset()
-    with opened(daemon.port, source=source) as sock:
-        try:
-            sock.sendall(send)
-        except OSError:
-            pass  # already dropped
-        assert nothingThenClosed(sock) == b""
+    try:
+        sock = opened(daemon.port, source=source)
+    except ConnectionResetError:
+        pass  # dropped so fast that the reset reached connect() itself
+    else:
+        with sock:
+            try:
+                sock.sendall(send)
+            except OSError:
+                pass  # already dropped
+            assert nothingThenClosed(sock) == b""
     peer = re.escape(source)
     daemon.waitForLog(rf"warning: dropped connection from unknown\[{peer}\]: {reason}", since=offset)
     assert "connect from" not in daemon.log(offset)
@@ -205,5 +210,6 @@ def test_health_check_is_answered_and_not_a_client(daemon):
         sock.sendall(v1("192.0.2.9"))
         assert readReply(sock).startswith(b"220 ")
     daemon.waitForLog(r"disconnect from unknown\[192\.0\.2\.9\]", since=offset)
+    # No smtpd line names the balancer (name[127.0.0.1]) for the health check.
     log = daemon.log(offset)
-    assert "127.0.0.1" not in log, log
+    assert not re.search(r"\[127\.0\.0\.1\]", log), log
