@@ -33,6 +33,8 @@ from twisted.cred import checkers, credentials, error, portal
 from twisted.internet.threads import deferToThreadPool
 from zope.interface import Attribute, Interface, implementer
 
+from relayd import maillog
+
 
 # The schemes relayd verifies. The first is what relayd-passwd writes.
 SCHEMES = ("bcrypt", "sha512_crypt", "argon2")
@@ -63,6 +65,33 @@ class PasswordTooLong(error.UnauthorizedLogin):
 
 class PasswordFileError(Exception):
     """The password file cannot be read; AUTH answers 454 (temporary)."""
+
+
+class CheckAbandoned(Exception):
+    """The client left before its password check started: no check, no verdict."""
+
+
+class ClientCredentials(credentials.UsernamePassword):
+    """
+    A login and password from an SMTP session. ``abandon()`` (the client
+    has gone) makes a check still waiting for a thread end without
+    verifying anything, so a client that disconnects cannot queue up
+    password hashing for others to wait behind.
+    """
+
+    def __init__(self, username: bytes, password: bytes):
+        super().__init__(username, password)
+        self._abandoned = threading.Event()
+
+    def abandon(self) -> None:
+        self._abandoned.set()
+
+    @property
+    def abandoned(self) -> bool:
+        return self._abandoned.is_set()
+
+    def __repr__(self) -> str:
+        return f"<ClientCredentials {self.username!r}>"
 
 
 @dataclass(frozen=True)
@@ -102,6 +131,18 @@ class PasswordFile:
         """Read now (start-up, SIGHUP); raises PasswordFileError."""
         with self._lock:
             self._refresh(force=True)
+
+    def reconfigure(self, config) -> None:
+        """A reload: read auth.password_file again (a new path too); a broken one keeps the last read."""
+        if config.auth is None:
+            return
+        self.path = config.auth.passwordFile
+        try:
+            self.load()
+        except PasswordFileError as e:
+            maillog.daemonEvent(f"reload: auth.password_file {e}", level=maillog.LogLevel.error)
+        else:
+            warnPasswordFile(self, config.auth)
 
     def logins(self) -> frozenset[str]:
         """The logins of the last read."""
@@ -145,6 +186,24 @@ class PasswordFile:
                             if context.identify(h, required=False)), None)
         self._identity = identity
         return True
+
+
+def warnPasswordFile(passwords: "PasswordFile", auth=None) -> None:
+    """
+    What in the password file cannot work, one warning each: a line that is
+    not login:hash (a typo), an entry whose hash scheme relayd cannot verify
+    (that login can never log in), an auth.senders entry for a login the
+    file does not have.
+    """
+    if passwords.skipped:
+        maillog.daemonEvent(f"warning: auth.password_file {passwords.path}: {skippedLines(passwords.skipped)}",
+                            level=maillog.LogLevel.warn)
+    for entry in passwords.unusable:
+        maillog.daemonEvent(f"warning: auth.password_file {entry.describe(passwords.path)}",
+                            level=maillog.LogLevel.warn)
+    if auth is not None:
+        for problem in sendersWithoutLogin(auth.senders, passwords.logins(), passwords.path):
+            maillog.daemonEvent(f"warning: {problem}", level=maillog.LogLevel.warn)
 
 
 def skippedLines(numbers: list[int]) -> str:
@@ -308,6 +367,12 @@ class Verifier:
         with self._cacheLock:
             self._cache.clear()
 
+    def reconfigure(self, config) -> None:
+        """A reload: the new auth.cache; what was remembered is forgotten."""
+        if config.auth is not None:
+            self.cacheSeconds = config.auth.cache
+            self.clearCache()
+
 
 @implementer(checkers.ICredentialsChecker)
 class PasswordFileChecker:
@@ -334,6 +399,8 @@ class PasswordFileChecker:
             return _failed(error.UnauthorizedLogin())
 
         def check():
+            if getattr(creds, "abandoned", False):
+                raise CheckAbandoned()
             if not self.verifier.verify(login, password):
                 raise error.UnauthorizedLogin()
             return login
@@ -378,8 +445,15 @@ class AuthenticatedUser:
 class Realm:
     """Avatars for authenticated logins, with their auth.senders binding."""
 
-    def __init__(self, sendersFor: Callable[[str], tuple[str, ...] | None]):
-        self.sendersFor = sendersFor
+    def __init__(self, auth):
+        self.auth = auth  # the auth section: its senders
+
+    def reconfigure(self, config) -> None:
+        """A reload: auth.senders as of now, for the logins that authenticate after it."""
+        self.auth = config.auth
+
+    def sendersFor(self, login: str) -> tuple[str, ...] | None:
+        return self.auth.sendersFor(login) if self.auth is not None else None
 
     def requestAvatar(self, avatarId, mind, *interfaces):
         if IRelayClient not in interfaces:
@@ -432,8 +506,16 @@ def senderAllowed(sender: str, login: str, entries: tuple[str, ...] | None) -> b
 
 class FailureThrottle:
     """
-    Failed AUTHs per client IP within a sliding window; at ``limit`` the IP
-    is refused (421) until enough of its failures have aged out.
+    Failed AUTHs per client IP within a sliding window. An IP that reaches
+    ``limit`` failures is blocked: AUTH from it gets 421 until the failures
+    that made the block have aged out of the window. A block is a fact of
+    its own, kept with its end time, so a reload that changes the limit or
+    the window neither lifts nor creates blocks; an admin can lift one
+    (``unblock``, relayctl unblock).
+
+    Checks in flight count against the limit: an IP may have at most
+    ``limit`` minus its recent failures being verified at once, so parallel
+    guesses from many connections cannot get past it.
     """
 
     MAX_TRACKED = 100_000  # bounded memory under a wide distributed attack
@@ -443,6 +525,8 @@ class FailureThrottle:
         self.limit = limit
         self.window = window
         self._failures: dict[str, deque[float]] = {}
+        self._blocked: dict[str, float] = {}  # address -> blocked until (clock time)
+        self._inFlight: dict[str, int] = {}
 
     def _recent(self, address: str) -> deque[float] | None:
         times = self._failures.get(address)
@@ -456,19 +540,82 @@ class FailureThrottle:
             return None
         return times
 
-    def blocked(self, address: str) -> bool:
-        times = self._recent(address)
-        return times is not None and len(times) >= self.limit
+    def blockedUntil(self, address: str) -> float | None:
+        """When the block on ``address`` ends, or None if it is not blocked."""
+        until = self._blocked.get(address)
+        if until is not None and until <= self.clock.seconds():
+            del self._blocked[address]
+            return None
+        return until
 
-    def failed(self, address: str) -> bool:
-        """Record a failure; True if the address is now blocked."""
+    def blocked(self, address: str) -> bool:
+        return self.blockedUntil(address) is not None
+
+    def mayCheck(self, address: str) -> bool:
+        """Whether a password check for ``address`` may start now."""
+        if self.blocked(address):
+            return False
+        times = self._recent(address)
+        return (len(times) if times else 0) + self._inFlight.get(address, 0) < self.limit
+
+    def startCheck(self, address: str) -> bool:
+        """Count a check in flight; False (nothing counted) when it may not start."""
+        if not self.mayCheck(address):
+            return False
+        self._inFlight[address] = self._inFlight.get(address, 0) + 1
+        return True
+
+    def checkEnded(self, address: str, failed: bool) -> float | None:
+        """
+        End a check counted by ``startCheck``; record its failure. The end
+        of the block when this failure started one, else None.
+        """
+        left = self._inFlight.get(address, 0) - 1
+        if left > 0:
+            self._inFlight[address] = left
+        else:
+            self._inFlight.pop(address, None)
+        return self.failed(address) if failed else None
+
+    def failed(self, address: str) -> float | None:
+        """Record a failure; the end of the block when it started one, else None."""
         times = self._recent(address)
         if times is None:
             if len(self._failures) >= self.MAX_TRACKED:
                 self._failures.pop(next(iter(self._failures)))
             times = self._failures[address] = deque()
         times.append(self.clock.seconds())
-        return len(times) >= self.limit
+        if len(times) < self.limit:
+            return None
+        # Blocked until enough of these failures have aged out of the window.
+        until = times[-self.limit] + self.window
+        already = self.blockedUntil(address)
+        if already is not None:
+            self._blocked[address] = max(already, until)
+            return None
+        if len(self._blocked) >= self.MAX_TRACKED:
+            self._expireBlocks()
+            if len(self._blocked) >= self.MAX_TRACKED:
+                self._blocked.pop(next(iter(self._blocked)))
+        self._blocked[address] = until
+        return until
+
+    def _expireBlocks(self) -> None:
+        now = self.clock.seconds()
+        for address in [a for a, until in self._blocked.items() if until <= now]:
+            del self._blocked[address]
+
+    def blockedClients(self) -> list[tuple[str, float]]:
+        """Every blocked address and when its block ends, soonest end first."""
+        self._expireBlocks()
+        return sorted(self._blocked.items(), key=lambda item: (item[1], item[0]))
+
+    def unblock(self, address: str) -> bool:
+        """Lift the block on ``address`` and forget its failures; whether it was blocked."""
+        wasBlocked = self.blocked(address)
+        self._blocked.pop(address, None)
+        self._failures.pop(address, None)
+        return wasBlocked
 
 
 class MessageRate:

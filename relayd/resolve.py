@@ -112,6 +112,35 @@ def makeResolver(reactor: Any, servers: tuple[tuple[str, int], ...] = (), timeou
                            reactor=reactor)
 
 
+class ConfiguredResolver:
+    """
+    The one resolver of MX delivery and client names, built from
+    delivery.dns; a reload builds the ``twisted.names`` resolver again
+    (new servers and timeout, resolv.conf read again) for the lookups that
+    start after it.
+    """
+
+    def __init__(self, reactor: Any, config: Any):
+        self.reactor = reactor
+        self.reconfigure(config)
+
+    def reconfigure(self, config: Any) -> None:
+        dnsConfig = config.delivery.dns
+        self.resolver = makeResolver(self.reactor, dnsConfig.servers, dnsConfig.timeout)
+
+    def lookupAddress(self, name: str, timeout: Any = None) -> defer.Deferred:
+        return self.resolver.lookupAddress(name, timeout)
+
+    def lookupIPV6Address(self, name: str, timeout: Any = None) -> defer.Deferred:
+        return self.resolver.lookupIPV6Address(name, timeout)
+
+    def lookupMailExchange(self, name: str, timeout: Any = None) -> defer.Deferred:
+        return self.resolver.lookupMailExchange(name, timeout)
+
+    def lookupPointer(self, name: str, timeout: Any = None) -> defer.Deferred:
+        return self.resolver.lookupPointer(name, timeout)
+
+
 def nameServers(path: str) -> list[tuple[str, int]]:
     """
     The ``nameserver`` addresses of a resolv.conf file; like the C
@@ -329,14 +358,17 @@ async def clientName(resolver: Any, address: str, timeout: float) -> ClientName:
 class ClientNames:
     """
     Client names for the SMTP server, within ``timeout`` seconds whatever
-    the DNS does (0: no lookups, every client ``unknown``). ``resolver``
-    and ``timeout`` are replaced on reload.
+    the DNS does (0: no lookups, every client ``unknown``).
     """
 
     def __init__(self, resolver: Any, timeout: float, clock: Any):
         self.resolver = resolver
         self.timeout = timeout
         self.clock = clock
+
+    def reconfigure(self, config: Any) -> None:
+        """A reload: limits.client_name_timeout for the sessions that start after it."""
+        self.timeout = config.limits.clientNameTimeout
 
     def lookup(self, address: str) -> defer.Deferred:
         """A Deferred that fires with a ClientName within ``timeout`` seconds, never fails."""

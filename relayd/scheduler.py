@@ -396,7 +396,7 @@ class Scheduler(service.Service):
         if not to:
             if kind == NOTICE_DELAY:
                 return True  # nobody to warn; and never a notice about a notice's delay
-            postmaster = getattr(self.settings, "postmaster", None)
+            postmaster = self.settings.postmaster
             if envelope.notice in (NOTICE_DOUBLE_BOUNCE, NOTICE_QUARANTINE):
                 maillog.noticeDiscarded(queueId, "a notice to the postmaster is never returned")
                 return True
@@ -428,7 +428,7 @@ class Scheduler(service.Service):
 
     def reportQuarantine(self, entries: Sequence[tuple[str, str]]) -> defer.Deferred:
         """Tell the postmaster (if one is configured) which entries recovery quarantined."""
-        postmaster = getattr(self.settings, "postmaster", None)
+        postmaster = self.settings.postmaster
         if not entries or not postmaster:
             return defer.succeed(None)
         now = self.clock.seconds()

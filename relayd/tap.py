@@ -220,7 +220,7 @@ class Relay(service.MultiService):
     """
 
     def __init__(self, config, reactor, spool, pool, scheduler, factory, listeners,
-                 tls=None, passwords=None, verifier=None, authPool=None):
+                 reloadable, courier=None, passwords=None, authPool=None):
         super().__init__()
         self.config = config
         self.reactor = reactor
@@ -229,12 +229,15 @@ class Relay(service.MultiService):
         self.scheduler = scheduler
         self.factory = factory
         self.listeners = listeners
-        # Submission security: the reloadable TLS context, the password
-        # file and its verifier, and the threads that verify passwords
-        # (a pool of their own, so DNS lookups never wait behind bcrypt).
-        self.tls = tls
+        # Every component that holds settings, each built from the config
+        # and given every new one (``reconfigure(config)``) on SIGHUP, in
+        # this order: the one way a reload reaches them.
+        self.reloadable = list(reloadable)
+        # Idle upstream connections get QUIT at the stop.
+        self.courier = courier
+        # The password file, and the threads that verify passwords (a pool
+        # of their own, so DNS lookups never wait behind bcrypt).
         self.passwords = passwords
-        self.verifier = verifier
         self.authPool = authPool
         self.scheduler.setServiceParent(self)
         for listener in listeners:
@@ -332,35 +335,10 @@ class Relay(service.MultiService):
         new = dataclasses.replace(new, listeners=old.listeners, queue=dataclasses.replace(
             new.queue, directory=old.queue.directory, controlSocket=old.queue.controlSocket))
         self.config = new
-        self.factory.reconfigure(new)
-        self.scheduler.reconfigure(new)
-        self._reloadSecurity(new)
-        if getattr(self, "courier", None) is not None:
-            _reloadDelivery(self.courier, new, self.reactor, getattr(self, "clientNames", None))
+        for component in self.reloadable:
+            component.reconfigure(new)
         note = f"; {', '.join(needRestart)} changed and need a restart" if needRestart else ""
         maillog.daemonEvent(f"reload: configuration {new.path} applied{note}")
-
-    def _reloadSecurity(self, new) -> None:
-        """New certificate and password file; a broken one keeps the running one (one error line)."""
-        from relayd.auth import PasswordFileError
-        from relayd.tls import TLSSetupError
-
-        if self.tls is not None and new.tls is not None:
-            try:
-                self.tls.reload(new.tls)
-            except TLSSetupError as e:
-                maillog.daemonEvent(f"reload: keeping the running TLS certificate: {e}",
-                                    level=maillog.LogLevel.error)
-        if self.passwords is not None and new.auth is not None:
-            self.passwords.path = new.auth.passwordFile
-            try:
-                self.passwords.load()
-            except PasswordFileError as e:
-                maillog.daemonEvent(f"reload: auth.password_file {e}", level=maillog.LogLevel.error)
-            else:
-                _warnPasswordFile(self.passwords, new.auth)
-            self.verifier.cacheSeconds = new.auth.cache
-            self.verifier.clearCache()
 
     @defer.inlineCallbacks
     def stopService(self):
@@ -383,7 +361,7 @@ class Relay(service.MultiService):
             yield defer.maybeDeferred(self.namedServices["control"].stopService)
         yield self.factory.shutdown(max(0.0, deadline - self.reactor.seconds()))
         yield self.scheduler.stopService(max(0.0, deadline - self.reactor.seconds()))
-        if getattr(self, "courier", None) is not None:  # idle upstream connections: QUIT
+        if self.courier is not None:  # idle upstream connections: QUIT
             yield self.courier.closeIdle()
         self.pool.stop()
         if self.authPool is not None:
@@ -412,7 +390,9 @@ def makeService(options, reactor=None) -> Relay:
         reactor = _globalReactor()
     # Imported here, not at module level: twistd imports every plugin
     # whenever it scans them, before a reactor is chosen.
+    from relayd.auth import warnPasswordFile
     from relayd.queue import Spool
+    from relayd.resolve import ClientNames, ConfiguredResolver
     from relayd.scheduler import Scheduler
     from relayd.server import SubmissionFactory
 
@@ -421,8 +401,8 @@ def makeService(options, reactor=None) -> Relay:
     spool = Spool(config.queue.directory)
     pool = threadpool.ThreadPool(minthreads=1, maxthreads=4, name="relayd-spool")
     listenerServices: list = []
-    # One resolver for MX delivery and client names; SIGHUP replaces it.
-    resolver = _resolver(config, reactor)
+    # One resolver for MX delivery and client names.
+    resolver = ConfiguredResolver(reactor, config)
     courier = _courier(config, reactor, listenerServices, resolver)
     # Notices (bounces) are written and fsynced in the spool's threads too.
     scheduler = Scheduler(spool, courier.deliver, config, reactor,
@@ -433,15 +413,9 @@ def makeService(options, reactor=None) -> Relay:
         return deferToThreadPool(reactor, pool, writer.commit, envelope)
 
     tls, passwords, verifier, authPool, credPortal = _security(config, reactor)
-    from relayd.resolve import ClientNames
-
     clientNames = ClientNames(resolver, config.limits.clientNameTimeout, reactor)
     factory = SubmissionFactory(config, spool, commit, scheduler.add, reactor,
                                 portal=credPortal, tls=tls, clientNames=clientNames.lookup)
-    if credPortal is not None:
-        # auth.senders as of the last reload, not as of the start.
-        credPortal.realm.sendersFor = lambda login: (
-            factory.config.auth.sendersFor(login) if factory.config.auth is not None else None)
     listeners = []
     for l in config.listeners:
         listenerFactory = factory.forListener(l)
@@ -458,53 +432,31 @@ def makeService(options, reactor=None) -> Relay:
                 listenerFactory, l.proxyFrom, lambda: factory.config.hostname,
                 lambda: factory.config.limits.commandTimeout, reactor)
         listeners.append(Listener(l.innerEndpoint, listenerFactory, reactor, label=l.endpoint))
+    # What SIGHUP reconfigures, in this order; restart-only settings (the
+    # listeners, the spool and its control socket) are in none of them.
+    reloadable = [factory, scheduler, tls, passwords, verifier,
+                  credPortal.realm if credPortal is not None else None,
+                  resolver, clientNames, courier]
     relay = Relay(config, reactor, spool, pool, scheduler, factory, listeners,
-                  tls=tls, passwords=passwords, verifier=verifier, authPool=authPool)
+                  [c for c in reloadable if c is not None], courier=courier,
+                  passwords=passwords, authPool=authPool)
     if passwords is not None:
         # A file edited while running is re-read by itself, in a verification
         # thread: the same warnings as at start, from the reactor thread.
         passwords.changed = lambda: reactor.callFromThread(
-            lambda: _warnPasswordFile(passwords, relay.config.auth))
+            lambda: warnPasswordFile(passwords, relay.config.auth))
     # relayctl's channel; a child service, so it starts after the spool lock.
     from relayd.control import ControlService
 
-    ControlService(config.queue.controlSocketPath, scheduler, reactor).setServiceParent(relay)
+    ControlService(config.queue.controlSocketPath, scheduler, reactor,
+                   throttle=factory.authThrottle).setServiceParent(relay)
     listenerServices.extend(listeners)
-    relay.courier = courier
-    relay.clientNames = clientNames
     if reactor is _globalReactor():
         relay.stopSignals = stopSignals
     return relay
 
 
 # Delivery: the courier's settings, password files and CA files ------------------
-
-
-def _deliverySecrets(config) -> tuple[dict, set[str], list[str]]:
-    """
-    Every delivery password_file read (path -> Secret), the ca_files that
-    cannot be loaded, and the problems as "key path: reason" (the reason
-    names the file, never its content).
-    """
-    from relayd.courier import loadTrustRoot, readPassword
-
-    passwords, brokenCaFiles, problems = {}, set(), []
-    for keyPath, path in config.delivery.passwordFiles():
-        try:
-            passwords[path] = readPassword(path)
-        except OSError as e:
-            problems.append(f"{keyPath}: cannot read {path}: {e.strerror or e}")
-        except (ValueError, UnicodeDecodeError) as e:
-            problems.append(f"{keyPath}: {path}: {'not UTF-8' if isinstance(e, UnicodeDecodeError) else 'the file is empty'}")
-    hops = list(config.delivery.smarthosts) + [
-        h for hops in config.delivery.routes.values() for h in hops]
-    for caFile in sorted({h.caFile for h in hops if h.caFile}):
-        try:
-            loadTrustRoot(caFile)
-        except Exception as e:  # OSError, or any complaint about the PEM content
-            brokenCaFiles.add(caFile)
-            problems.append(f"ca_file {caFile}: {getattr(e, 'strerror', None) or e}")
-    return passwords, brokenCaFiles, problems
 
 
 def _needsTLS(config) -> bool:
@@ -524,10 +476,11 @@ def startupProblems(config) -> list[str]:
     check-config``; changes nothing.
     """
     from relayd.auth import PasswordFile, PasswordFileError
+    from relayd.courier import deliverySecrets
     from relayd.queue import spoolProblems
     from relayd.tls import ServerTLS, TLSSetupError
 
-    problems = [f"{config.path}: {p}" for p in _deliverySecrets(config)[2]]
+    problems = [f"{config.path}: {p}" for p in deliverySecrets(config)[2]]
     if _needsTLS(config):
         try:
             ServerTLS.fromConfig(config.tls)
@@ -542,17 +495,11 @@ def startupProblems(config) -> list[str]:
     return problems
 
 
-def _resolver(config, reactor):
-    from relayd.resolve import makeResolver
-
-    return makeResolver(reactor, config.delivery.dns.servers, config.delivery.dns.timeout)
-
-
 def _courier(config, reactor, listeners, resolver):
     """The courier; ``listeners`` (filled in later) tell it relayd's own addresses."""
-    from relayd.courier import Courier
+    from relayd.courier import Courier, deliverySecrets
 
-    passwords, _, problems = _deliverySecrets(config)
+    passwords, _, problems = deliverySecrets(config)
     if problems:
         fail(f"{config.path}: {problems[0]}")
 
@@ -569,50 +516,12 @@ def _courier(config, reactor, listeners, resolver):
                    localAddresses=localAddresses)
 
 
-def _reloadDelivery(courier, new, reactor, clientNames=None) -> None:
-    """
-    New HELO name, timeouts, resolver and passwords; a password file or
-    ca_file that cannot be read keeps what was loaded before. Client names
-    get the same new resolver and their new timeout.
-    """
-    passwords, brokenCaFiles, problems = _deliverySecrets(new)
-    for problem in problems:
-        maillog.daemonEvent(f"reload: {problem}; keeping what was loaded before",
-                            level=maillog.LogLevel.error)
-    resolver = _resolver(new, reactor)
-    courier.heloName = new.hostname
-    courier.reconfigure(new.delivery.timeouts, {**courier.passwords, **passwords},
-                        resolver, keepCaFiles=brokenCaFiles)
-    if clientNames is not None:
-        clientNames.resolver = resolver
-        clientNames.timeout = new.limits.clientNameTimeout
-
-
-def _warnPasswordFile(passwords, auth=None) -> None:
-    """
-    What in the password file cannot work, one warning each: a line that is
-    not login:hash (a typo), an entry whose hash scheme relayd cannot verify
-    (that login can never log in), an auth.senders entry for a login the
-    file does not have.
-    """
-    from relayd.auth import sendersWithoutLogin, skippedLines
-
-    if passwords.skipped:
-        maillog.daemonEvent(f"warning: auth.password_file {passwords.path}: {skippedLines(passwords.skipped)}",
-                            level=maillog.LogLevel.warn)
-    for entry in passwords.unusable:
-        maillog.daemonEvent(f"warning: auth.password_file {entry.describe(passwords.path)}",
-                            level=maillog.LogLevel.warn)
-    if auth is not None:
-        for problem in sendersWithoutLogin(auth.senders, passwords.logins(), passwords.path):
-            maillog.daemonEvent(f"warning: {problem}", level=maillog.LogLevel.warn)
-
-
 def _security(config, reactor):
     """The TLS context and the AUTH machinery the listeners need; start-up errors end the start."""
     from twisted.cred.portal import Portal
 
-    from relayd.auth import PasswordFile, PasswordFileChecker, PasswordFileError, Realm, Verifier
+    from relayd.auth import (PasswordFile, PasswordFileChecker, PasswordFileError, Realm, Verifier,
+                             warnPasswordFile)
     from relayd.tls import ServerTLS, TLSSetupError
 
     tls = passwords = verifier = authPool = credPortal = None
@@ -627,11 +536,11 @@ def _security(config, reactor):
             passwords.load()
         except PasswordFileError as e:
             fail(f"auth.password_file {e}")
-        _warnPasswordFile(passwords, config.auth)
+        warnPasswordFile(passwords, config.auth)
         verifier = Verifier(passwords, config.auth.cache)
         # bcrypt and argon2 release the GIL: one thread per core verifies in parallel.
         authPool = threadpool.ThreadPool(minthreads=0, maxthreads=min(4, os.cpu_count() or 1),
                                          name="relayd-auth")
-        credPortal = Portal(Realm(config.auth.sendersFor),
+        credPortal = Portal(Realm(config.auth),
                             [PasswordFileChecker(verifier, reactor, authPool)])
     return tls, passwords, verifier, authPool, credPortal

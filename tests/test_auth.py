@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 from passlib.hash import argon2, bcrypt, sha512_crypt
 from twisted.internet import task
+from twisted.python import failure
 
 from relayd import auth
 from relayd.cli import passwd as passwdCLI
@@ -191,12 +192,110 @@ def test_cache_hits_and_a_changed_password_or_removed_user_misses(tmp_path, monk
 def test_failure_throttle():
     clock = task.Clock()
     t = auth.FailureThrottle(clock, limit=3, window=60)
-    assert [t.failed("192.0.2.1") for _ in range(3)] == [False, False, True]
+    # The failure that starts a block says until when, once.
+    assert [t.failed("192.0.2.1") for _ in range(3)] == [None, None, 60.0]
     assert t.blocked("192.0.2.1") and not t.blocked("192.0.2.2")
+    assert t.failed("192.0.2.1") is None  # already blocked: no second block event
     clock.advance(59)
     assert t.blocked("192.0.2.1")
     clock.advance(1)
     assert not t.blocked("192.0.2.1")
+
+
+def test_block_ends_when_the_failures_that_made_it_age_out():
+    clock = task.Clock()
+    t = auth.FailureThrottle(clock, limit=2, window=60)
+    t.failed("192.0.2.1")
+    clock.advance(50)
+    assert t.failed("192.0.2.1") == 60.0  # the first failure leaves the window at 60
+    assert t.blockedClients() == [("192.0.2.1", 60.0)]
+    clock.advance(10)
+    assert t.blockedClients() == [] and t.mayCheck("192.0.2.1")
+
+
+# Checks in flight: (limit, failures before, checks started at once) -> how many may start.
+@pytest.mark.parametrize("limit, failures, attempts, started", [
+    (5, 0, 20, 5),
+    (5, 3, 20, 2),
+    (5, 4, 1, 1),
+    (5, 5, 1, 0),  # blocked
+    (1, 0, 3, 1),
+])
+def test_checks_in_flight_count_against_the_limit(limit, failures, attempts, started):
+    clock = task.Clock()
+    t = auth.FailureThrottle(clock, limit=limit, window=60)
+    for _ in range(failures):
+        t.failed("192.0.2.1")
+    assert sum(t.startCheck("192.0.2.1") for _ in range(attempts)) == started
+    assert t.mayCheck("192.0.2.2")  # per address
+
+
+def test_a_check_that_ends_frees_its_slot_and_counts_its_failure():
+    clock = task.Clock()
+    t = auth.FailureThrottle(clock, limit=2, window=60)
+    assert t.startCheck("192.0.2.1") and t.startCheck("192.0.2.1")
+    assert not t.startCheck("192.0.2.1")
+    assert t.checkEnded("192.0.2.1", failed=False) is None
+    assert t.startCheck("192.0.2.1")
+    assert t.checkEnded("192.0.2.1", failed=True) is None
+    assert t.checkEnded("192.0.2.1", failed=True) == 60.0  # the second failure blocks
+    assert t.blocked("192.0.2.1") and not t.startCheck("192.0.2.1")
+
+
+def test_a_changed_limit_or_window_keeps_blocks_as_they_are():
+    clock = task.Clock()
+    t = auth.FailureThrottle(clock, limit=2, window=60)
+    t.failed("192.0.2.1")
+    t.failed("192.0.2.1")
+    t.failed("192.0.2.2")
+    t.limit, t.window = 10, 3600  # a reload
+    assert t.blocked("192.0.2.1") and t.blockedClients() == [("192.0.2.1", 60.0)]
+    t.limit = 1
+    assert not t.blocked("192.0.2.2")  # a lower limit creates no block by itself
+
+
+def test_unblock_lifts_the_block_and_forgets_the_failures():
+    clock = task.Clock()
+    t = auth.FailureThrottle(clock, limit=2, window=60)
+    t.failed("192.0.2.1")
+    t.failed("192.0.2.1")
+    assert t.unblock("192.0.2.1")
+    assert not t.blocked("192.0.2.1") and t.blockedClients() == []
+    assert t.failed("192.0.2.1") is None  # a fresh start, not one failure from a block
+    assert not t.unblock("192.0.2.9")
+
+
+def test_abandoned_credentials_are_never_verified(tmp_path):
+    path = tmp_path / "passwd"
+    path.write_text(f"alice:{bcrypt.using(rounds=4).hash('secret')}\n")
+    verified = []
+
+    class CountingVerifier(auth.Verifier):
+        def verify(self, login, password):
+            verified.append(login)
+            return super().verify(login, password)
+
+    class Pool:
+        def callInThreadWithCallback(self, onResult, f, *a, **kw):
+            try:
+                onResult(True, f(*a, **kw))
+            except BaseException:
+                onResult(False, failure.Failure())
+
+    class Reactor:
+        def callFromThread(self, f, *a, **kw):
+            f(*a, **kw)
+
+    checker = auth.PasswordFileChecker(CountingVerifier(auth.PasswordFile(str(path))), Reactor(), Pool())
+    creds = auth.ClientCredentials(b"alice", b"secret")
+    creds.abandon()
+    results = []
+    checker.requestAvatarId(creds).addBoth(results.append)
+    assert results[0].check(auth.CheckAbandoned) and verified == []
+    assert "secret" not in repr(creds)
+    results = []
+    checker.requestAvatarId(auth.ClientCredentials(b"alice", b"secret")).addBoth(results.append)
+    assert results == ["alice"] and verified == ["alice"]
 
 
 def test_message_rate():

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -229,6 +230,23 @@ class TestEffectiveConfig:
             "directory: /var/spool/relayd",
         ]:
             assert line in [l.strip() for l in text.splitlines()], line
+
+    def test_secretKeysOfTheSchemaArePrintedMasked(self) -> None:
+        """
+        A key the schema marks secret prints as a mask in the effective
+        config, whatever its value; its neighbours print as they are.
+        """
+        from dataclasses import dataclass
+
+        @dataclass(frozen=True)
+        class Upstream(config._Schema):
+            user: str = config.setting("user", config._string)
+            token: str = config.setting("token", config._string, secret=True)
+
+        parsed = config._parseSection(Upstream, {"user": "relay", "token": "hunter2"}, "up", "")
+        assert parsed.token == "hunter2"
+        printed = config._tree(parsed, None, lambda text: {})
+        assert printed == {"user": "relay", "token": "********"}
 
     def test_maskSecrets(self) -> None:
         """
@@ -473,6 +491,20 @@ class TestShippedConfigs:
             "metrics:", "shutdown_grace:",
         ]:
             assert key in text, key
+
+    def test_productionExampleHasEveryKeyOfTheSchema(self) -> None:
+        """
+        Every key the schema knows (derived, so a new key cannot be
+        forgotten) is in the production example, set or commented, under
+        its section's key.
+        """
+        text = (ROOT / "etc" / "relayd.yaml").read_text()
+        keys = config.schemaKeys()
+        assert "delivery.timeouts.data_done" in keys and "listeners[].plaintext_auth" in keys
+        for path in keys:
+            name = path.rsplit(".", 1)[-1]
+            assert re.search(rf"(?m)^ *(?:# *)?(?:- *)?(?:{{ *)?{re.escape(name)}:", text) or (
+                re.search(rf"[{{,] *{re.escape(name)}:", text)), path
 
     def test_uncommentedNotSupportedKeysAreRefused(self, tmp_path: Path) -> None:
         """

@@ -109,6 +109,14 @@ def test_changes_need_the_daemon(setup, verb):
     assert err.endswith("list and show work without it\n")
 
 
+@pytest.mark.parametrize("args", [("blocked",), ("unblock", "192.0.2.4")])
+def test_blocks_need_the_daemon(setup, args):
+    status, out, err = run(setup[1], *args)
+    assert (status, out) == (1, "")
+    assert err.startswith("relayctl: relayd is not running (nothing answers on ")
+    assert "blocked and unblock need the daemon" in err
+
+
 def test_config_error_is_one_line(tmp_path):
     status, out, err = run(str(tmp_path / "missing.yaml"), "list")
     assert status == 1 and err.count("\n") == 1 and err.startswith("relayctl: ")
@@ -158,6 +166,54 @@ def test_size_falls_back_to_the_body_file(setup):
     spool.update(env)
     status, out, _ = run(configPath, "list", "--json")
     assert json.loads(out)["message_size"] == len(b"Subject: hello\r\n\r\nbody\r\n")
+
+
+# blocked / unblock: the daemon's answers come from a ControlProtocol over memory
+
+
+@pytest.fixture
+def daemonThrottle(setup, monkeypatch):
+    from twisted.internet import task
+    from twisted.internet.testing import StringTransport
+
+    from relayd import control
+    from relayd.auth import FailureThrottle
+    from tests.test_control import ask
+
+    clock = task.Clock()
+    clock.advance(1_800_000_000)
+    throttle = FailureThrottle(clock, limit=1, window=900)
+    proto = control.ControlProtocol(scheduler=None, throttle=throttle)
+    transport = StringTransport()
+    proto.makeConnection(transport)
+    monkeypatch.setattr(relayctl, "callDaemon",
+                        lambda path, command, **arguments: ask(proto, transport, command, **arguments))
+    monkeypatch.setattr(relayctl.control, "MAX_BLOCKED_PER_CALL", 2)
+    monkeypatch.setattr(control, "MAX_BLOCKED_PER_CALL", 2)
+    return throttle, setup[1]
+
+
+def test_blocked_and_unblock(daemonThrottle):
+    throttle, configPath = daemonThrottle
+    assert run(configPath, "blocked") == (0, "No client is blocked\n", "")
+    for address in ("192.0.2.4", "2001:db8::1", "192.0.2.5"):
+        throttle.failed(address)
+    status, out, err = run(configPath, "blocked")
+    # Three addresses over pages of two.
+    until = relayctl._when(1_800_000_900)
+    assert (status, err) == (0, "")
+    assert out.splitlines() == [
+        f"192.0.2.4    AUTH blocked until {until}",
+        f"192.0.2.5    AUTH blocked until {until}",
+        f"2001:db8::1  AUTH blocked until {until}",
+    ]
+    status, out, _ = run(configPath, "blocked", "--json")
+    assert json.loads(out.splitlines()[0]) == {"address": "192.0.2.4", "blocked_until": 1_800_000_900}
+    assert run(configPath, "unblock", "192.0.2.4", "192.0.2.9") == (
+        1, "192.0.2.4: unblocked\n", "relayctl: 192.0.2.9: not blocked\n")
+    assert run(configPath, "unblock", "relay.example") == (
+        1, "", "relayctl: 'relay.example' is not an IP address\n")
+    assert [a for a, _ in throttle.blockedClients()] == ["192.0.2.5", "2001:db8::1"]
 
 
 # Selecting messages: ALL, --sender, --recipient (postsuper -d ALL)

@@ -6,17 +6,15 @@ exact replies out, and what was or was not queued.
 from __future__ import annotations
 
 import errno
-import ipaddress
 import re
-from types import SimpleNamespace
 
 import pytest
 from twisted.internet import address, defer, task
 from twisted.internet.testing import StringTransport
 
 from relayd import server
-from relayd.config import Limits
 from relayd.envelope import isQueueId
+from tests.builders import testConfig
 from tests.dialogue import Dialogue
 
 
@@ -52,15 +50,13 @@ class MemorySpool:
 
 def makeConfig(trusted=("127.0.0.0/8", "::1/128"), messageSize=10_000_000, recipients=100,
                connections=100, connectionsPerClient=20):
-    return SimpleNamespace(
+    """A real config: these limits, every other one at its default, no free-space check."""
+    return testConfig(
         hostname="relay.test",
-        relay=SimpleNamespace(trustedNetworks=tuple(ipaddress.ip_network(n) for n in trusted)),
-        # The real Limits: every other limit at its default.
-        limits=Limits(messageSize=messageSize, recipients=recipients,
-                      connections=connections, connectionsPerClient=connectionsPerClient),
-        auth=None,
-        postmaster=None,
-        freeSpaceReserve=lambda: 0,
+        relay={"trusted_networks": list(trusted)},
+        limits={"message_size": messageSize, "recipients": recipients,
+                "connections": connections, "connections_per_client": connectionsPerClient},
+        queue={"free_space_reserve": 0},
     )
 
 
@@ -267,8 +263,7 @@ def test_bare_lf_from_trusted_client_is_normalised():
 
 
 def test_bare_lf_from_untrusted_client_is_rejected_after_end_of_data():
-    hs = Harness(peer="192.0.2.9", trusted=("192.0.2.0/24",))
-    hs.factory.config.relay.trustedNetworks = ()
+    hs = Harness(peer="192.0.2.9", trusted=())
     hs.proto.trusted = False
     # Until AUTH exists only trusted clients relay: stand in for an
     # authenticated user, who may relay but is not trusted to send bare LF.

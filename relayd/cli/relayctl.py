@@ -9,6 +9,8 @@
     relayctl [-c CONFIG] delete ID ...        remove without notice (logged)
     relayctl [-c CONFIG] bounce ID ...        give up now: return to the sender
     relayctl [-c CONFIG] requeue [ID ...]     forget the backoff and the hold, try now
+    relayctl [-c CONFIG] blocked [--json]     client addresses AUTH is blocked for, until when
+    relayctl [-c CONFIG] unblock ADDRESS ...  lift those blocks (logged)
     relayctl [-c CONFIG] quarantine list      entries recovery could not read, and why
     relayctl [-c CONFIG] quarantine show ID [--body]
     relayctl [-c CONFIG] quarantine restore ID ...   check again, put back into the queue
@@ -35,6 +37,7 @@ permission); 2 usage.
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import json
 import os
 import socket
@@ -109,7 +112,8 @@ def callDaemon(path: str, command: type[amp.Command], timeout: float = TIMEOUT, 
         except (FileNotFoundError, ConnectionRefusedError):
             raise NotRunning(
                 f"relayd is not running (nothing answers on {path}); flush, hold, release, "
-                "delete, bounce and requeue need the daemon; list and show work without it"
+                "delete, bounce, requeue, quarantine restore, blocked and unblock need the "
+                "daemon; list and show work without it"
             ) from None
         except PermissionError:
             raise Failure(f"permission denied on {path}: run relayctl as the relayd user or root") from None
@@ -432,6 +436,47 @@ def changeQueue(cfg, args, out: TextIO, err: TextIO) -> int:
     return status
 
 
+def listBlocked(cfg, args, out: TextIO) -> int:
+    """Every client address AUTH is blocked for, and until when."""
+    path = cfg.queue.controlSocketPath
+    clients: list[dict] = []
+    total = None
+    while total is None or len(clients) < total:
+        answer = callDaemon(path, control.Blocked, start=len(clients))
+        total = answer["total"]
+        if not answer["clients"]:
+            break  # blocks ended while paging
+        clients += answer["clients"]
+    if args.json:
+        for c in clients:
+            out.write(json.dumps({"address": c["address"], "blocked_until": int(c["until"])}) + "\n")
+        return OK
+    if not clients:
+        out.write("No client is blocked\n")
+        return OK
+    width = max(len(c["address"]) for c in clients)
+    for c in clients:
+        out.write(f"{c['address']:<{width}}  AUTH blocked until {_when(c['until'])}\n")
+    return OK
+
+
+def unblock(cfg, args, out: TextIO, err: TextIO) -> int:
+    status = OK
+    for text in args.addresses:
+        try:
+            ipaddress.ip_address(text)
+        except ValueError:
+            raise Failure(f"{text!r} is not an IP address") from None
+    for text in args.addresses:
+        answer = callDaemon(cfg.queue.controlSocketPath, control.Unblock, address=text)
+        if answer["wasBlocked"]:
+            out.write(f"{answer['address']}: unblocked\n")
+        else:
+            err.write(f"{PROG}: {answer['address']}: not blocked\n")
+            status = FAILED_STATUS
+    return status
+
+
 # The quarantine: entries start-up recovery could not read, kept for a human
 
 
@@ -534,6 +579,10 @@ def _parser() -> _Parser:
                        help="only messages from this address (@domain: that domain; <> the null sender)")
         p.add_argument("--recipient", metavar="ADDRESS",
                        help="only messages with this pending recipient (@domain: that domain)")
+    p = verbs.add_parser("blocked", help="client addresses AUTH is blocked for (auth.failure_limit), and until when")
+    p.add_argument("--json", action="store_true", help="one JSON object per address and line")
+    p = verbs.add_parser("unblock", help="lift the AUTH block on client addresses")
+    p.add_argument("addresses", nargs="+", metavar="ADDRESS")
     p = verbs.add_parser("quarantine", help="queue entries recovery could not read: list, show, restore")
     actions = p.add_subparsers(dest="action", metavar="ACTION", parser_class=_Parser)
     actions.add_parser("list", help="every quarantined entry and what is wrong with it")
@@ -550,7 +599,8 @@ def run(argv: list[str], out: TextIO, err: TextIO) -> int:
     try:
         args = parser.parse_args(argv)
         if not args.verb:
-            raise _UsageError("a verb is required: list, show, flush, hold, release, delete, bounce, requeue")
+            raise _UsageError("a verb is required: list, show, flush, hold, release, delete, bounce, "
+                              "requeue, blocked, unblock, quarantine")
         if args.verb == "quarantine" and not args.action:
             raise _UsageError("quarantine needs an action: list, show ID, restore ID...")
         if args.verb in ("flush", "hold", "release", "delete", "bounce", "requeue"):
@@ -567,6 +617,10 @@ def run(argv: list[str], out: TextIO, err: TextIO) -> int:
             return listQueue(cfg, args, out)
         if args.verb == "show":
             return showMessage(cfg, args, out)
+        if args.verb == "blocked":
+            return listBlocked(cfg, args, out)
+        if args.verb == "unblock":
+            return unblock(cfg, args, out, err)
         if args.verb == "quarantine":
             if args.action == "list":
                 return quarantineList(cfg, args, out)
