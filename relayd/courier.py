@@ -121,11 +121,14 @@ class _Message:
     openBody: Callable[[], BinaryIO]
     size: int
     _eightBit: bool | None = None
-    # The TLS sessions this attempt opened, (relay, TLSInfo), for the log.
+    # For the scheduler's log: the TLS sessions this attempt opened,
+    # (relay, TLSInfo), and the bugs its sessions met.
     tlsSessions: list[tuple[str, TLSInfo]] = field(default_factory=list)
+    localErrors: list[Failure] = field(default_factory=list)
 
-    def withTLS(self, result: AttemptResult) -> AttemptResult:
-        return replace(result, tlsSessions=tuple(self.tlsSessions))
+    def withLog(self, result: AttemptResult) -> AttemptResult:
+        return replace(result, tlsSessions=tuple(self.tlsSessions),
+                       localErrors=tuple(self.localErrors))
 
     def hasEightBit(self, chunkSize: int) -> bool:
         """
@@ -233,7 +236,7 @@ class Courier:
                 tuple(RecipientResult(r, 0, "4.3.0", text, Status.DEFERRED) for r in recipients),
                 self._reactor.seconds() - started,
                 0.0,
-                localError=failure,
+                localErrors=(failure,),
             )
 
         return d.addErrback(localFailure)
@@ -259,8 +262,8 @@ class Courier:
                 outcome = await self._tryHop(target, message, started)
                 self._remember(target, outcome)
                 if outcome.final:
-                    return message.withTLS(outcome.result)
-        return message.withTLS(outcome.result)
+                    return message.withLog(outcome.result)
+        return message.withLog(outcome.result)
 
     def _order(self, hops: list[NextHop]) -> list[NextHop]:
         """Hops that failed recently go last (kept in their order), never dropped."""
@@ -392,6 +395,7 @@ class Courier:
         try:
             await session.whenReady()
         except (HopRefused, SessionBroken) as e:
+            message.localErrors.extend(session.localErrors)
             await session.quit()
             if target.tls == "may" and session.tlsFailed:
                 # Opportunistic TLS that cannot be negotiated: plaintext on

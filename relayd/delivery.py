@@ -82,8 +82,8 @@ class AttemptResult:
     """
     One ``deliver`` call's outcome. ``tlsSessions`` are the TLS
     connections the attempt opened, ``(relay, TLSInfo)`` in order, and
-    ``localError`` a bug met on the way (the recipients are then deferred):
-    the scheduler logs both.
+    ``localErrors`` the bugs met on the way (the hop or the attempt is then
+    deferred, never bounced): the scheduler logs both.
     """
 
     relay: str
@@ -91,7 +91,7 @@ class AttemptResult:
     connectSeconds: float
     transmitSeconds: float
     tlsSessions: tuple[tuple[str, TLSInfo], ...] = ()
-    localError: Failure | None = None
+    localErrors: tuple[Failure, ...] = ()
 
 
 class Transport(Protocol):

@@ -324,9 +324,8 @@ class Scheduler(service.Service):
                 started: float) -> list[tuple[Recipient, bounce.ReportLine]]:
         """Apply one transport's result; the recipients that failed permanently, for the bounce."""
         queueId = envelope.queueId
-        if result.localError is not None:
-            log.failure("delivery attempt of {queueId} failed locally", result.localError,
-                        queueId=queueId)
+        for failure in result.localErrors:
+            log.failure("delivery attempt of {queueId} failed locally", failure, queueId=queueId)
         for relay, tls in result.tlsSessions:
             maillog.tlsConnection(relay, tls.trust, tls.protocol, tls.cipher, tls.bits)
         now = self.clock.seconds()

@@ -39,7 +39,6 @@ from twisted.internet.interfaces import (
     IReactorTime,
 )
 from twisted.internet.protocol import Factory
-from twisted.logger import Logger
 from twisted.protocols.basic import LineReceiver
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -49,8 +48,6 @@ from relayd.delivery import RecipientResult, TLSInfo, classify
 from relayd.envelope import Status
 from relayd.secret import Secret
 from relayd.tls import tlsFailureText, tlsInfo
-
-log = Logger()
 
 
 # Size of one read from the spooled body (and so of one transport write).
@@ -407,6 +404,8 @@ class OutboundSession(LineReceiver):
         self._replyCode: int | None = None
         self._timer: IDelayedCall | None = None
         self._broken: SessionBroken | None = None
+        # Bugs met in a reply handler (the session was then aborted).
+        self.localErrors: list[Failure] = []
         self._connected = False
         self._needsReset = False
         self._producer: _BodyProducer | None = None
@@ -708,8 +707,9 @@ class OutboundSession(LineReceiver):
         if not failure.check(HopRefused, SessionBroken):
             # Raised by a reply handler (a bug, or a name OpenSSL cannot
             # take for SNI): without this whenReady would never fire and the
-            # attempt would hang. The hop is dropped and deferred instead.
-            log.failure("SMTP client error with {peer}", failure, peer=self.peerName)
+            # attempt would hang. The hop is dropped and deferred instead,
+            # and the failure kept for the log (the scheduler writes it).
+            self.localErrors.append(failure)
             if self._broken is None:
                 self._broken = SessionBroken(
                     stage, f"local error with {self.peerName} while {_STAGE_TEXT[stage]}: "

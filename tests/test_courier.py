@@ -1376,6 +1376,7 @@ def test_error_in_a_reply_handler_defers_instead_of_hanging():
     assert (broken.dsn, broken.stage) == ("4.3.0", "starttls")
     assert broken.text == f"local error with {PEER} while sending STARTTLS: UnicodeError"
     assert peer.transport.disconnecting
+    assert [f.type for f in peer.session.localErrors] == [UnicodeError]  # kept for the log
 
 
 def test_error_in_a_reply_handler_fails_over_to_the_next_hop():
@@ -1389,6 +1390,8 @@ def test_error_in_a_reply_handler_fails_over_to_the_next_hop():
     assert net.attempts == ["a.example", "b.example"]
     assert attempt.relay == "b.example[192.0.2.8]:25"
     assert {(r.status, r.dsn) for r in attempt.results} == {(Status.DEFERRED, "4.3.0")}
+    # Both bugs go back with the result, for the scheduler to log.
+    assert [f.type for f in attempt.localErrors] == [UnicodeEncodeError, UnicodeEncodeError]
 
 
 def test_no_helo_fallback_after_starttls():

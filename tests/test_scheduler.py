@@ -704,7 +704,7 @@ def test_scheduler_logs_a_transport_local_error_and_keeps_the_recipient(rig):
         return AttemptResult(
             "none", tuple(RecipientResult(r, 0, "4.3.0", "delivery failed locally: RuntimeError",
                                           Status.DEFERRED) for r in rs),
-            0.0, 0.0, localError=Failure(RuntimeError("a bug")))
+            0.0, 0.0, localErrors=(Failure(RuntimeError("a bug")),))
     rig.sched.transport = RecordingTransport(answer)
     env = envelope(rig.clock, "b@example.org")
     rig.sched.add(env)
