@@ -1422,6 +1422,18 @@ def test_unreadable_body_when_checking_for_8bit_defers_and_quits():
     assert peer.sent() == b"EHLO relay.example.com\r\nQUIT\r\n"
 
 
+def test_a_bug_during_an_attempt_defers_and_is_returned_for_the_log():
+    net = Network(a_example="192.0.2.7")
+
+    def tlsOptions(target):
+        raise RuntimeError("a bug")
+
+    attempt = result(deliver(net.courier(tlsOptions=tlsOptions), [Hop("a.example", tls="may")]))
+    assert {(r.status, r.dsn, r.text) for r in attempt.results} == {
+        (Status.DEFERRED, "4.3.0", "delivery failed locally: RuntimeError")}
+    assert [f.type for f in attempt.localErrors] == [RuntimeError]
+
+
 def test_body_is_checked_for_8bit_once_per_attempt():
     net = Network(a_example="192.0.2.7", b_example="192.0.2.8")
     opened = []
