@@ -169,8 +169,8 @@ NON_SMTP_LOGGED = 100
 def nonSmtpCommand(clientName: str, clientAddress: str, line: str) -> None:
     """
     ``warning: non-SMTP command from host[ip]: GET / HTTP/1.1``, in Postfix's
-    words (the line that fail2ban's postfix filter matches in ddos mode);
-    at most NON_SMTP_LOGGED characters of the line, escaped.
+    words, which log tools and ban rules written for Postfix look for; at
+    most NON_SMTP_LOGGED characters of the line, escaped.
     """
     shown = printable(line[:NON_SMTP_LOGGED])
     _emit("smtpd", None,
