@@ -1270,8 +1270,8 @@ class _DataReader:
         if b"\0" in region:
             # Never relayed (some MTAs end a line or a string at a NUL, so
             # the next hops would not all see the same message), and refused
-            # rather than removed: removing changes a body that may be
-            # signed, after the client was told it was accepted as sent.
+            # rather than removed: removing would change a body that may be
+            # signed, behind the sender's back.
             return self._fail(replies.NUL_IN_MESSAGE)
         crlf = region.count(b"\r\n")
         if region.count(b"\n") != crlf or region.count(b"\r") != crlf:
