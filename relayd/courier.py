@@ -47,6 +47,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from relayd.config import DeliveryTimeouts
+from relayd.tcp import setNoDelay
 
 SENT, DEFERRED, BOUNCED = "sent", "deferred", "bounced"
 
@@ -482,6 +483,7 @@ class OutboundSession(LineReceiver):
     # -- connection events -------------------------------------------------
 
     def connectionMade(self) -> None:
+        setNoDelay(self.transport)
         self._connected = True
         peer = self.transport.getPeer()
         self.peerAddress = getattr(peer, "host", "") or ""

@@ -38,6 +38,7 @@ from relayd.config import DEFAULT_AUTH_FAILURE_LIMIT, DEFAULT_AUTH_FAILURE_WINDO
 from relayd.tls import sessionDescription
 from relayd.envelope import Envelope, Recipient, newQueueId
 from relayd.replies import Reply
+from relayd.tcp import setNoDelay
 
 log = Logger()
 
@@ -219,6 +220,7 @@ class SubmissionServer(smtp.ESMTP):
     # Connection
 
     def connectionMade(self) -> None:
+        setNoDelay(self.transport)
         peer = self.transport.getPeer()
         self.clientAddress = normalizeAddress(getattr(peer, "host", str(peer)))
         # Reverse DNS lookups come with the operations issue; Postfix logs
