@@ -294,7 +294,8 @@ class Scheduler(service.Service):
         if expiring:
             maillog.expired(queueId, envelope.sender)
         if envelope.isFinished():
-            self.spool.remove(queueId)
+            # Unlinking waits for the file system journal: in a thread.
+            yield self.runInThread(self.spool.remove, queueId)
             self.envelopes.pop(queueId, None)
             maillog.removed(queueId)
             return

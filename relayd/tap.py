@@ -247,9 +247,14 @@ def makeService(options, reactor=None) -> Relay:
     pool = threadpool.ThreadPool(minthreads=1, maxthreads=4, name="relayd-spool")
     listenerServices: list = []
     courier = _courier(config, reactor, listenerServices)
+
+    def runInThread(f, *args):
+        # Every file system call of the spool (create, fsync, rename,
+        # unlink) waits for the disk: never on the reactor thread.
+        return deferToThreadPool(reactor, pool, f, *args)
+
     # Notices (bounces) are written and fsynced in the spool's threads too.
-    scheduler = Scheduler(spool, courier.deliver, config, reactor,
-                          runInThread=lambda f, *a: deferToThreadPool(reactor, pool, f, *a))
+    scheduler = Scheduler(spool, courier.deliver, config, reactor, runInThread=runInThread)
 
     def commit(writer, envelope):
         # fsync never runs on the reactor thread.
@@ -257,7 +262,7 @@ def makeService(options, reactor=None) -> Relay:
 
     tls, passwords, verifier, authPool, credPortal = _security(config, reactor)
     factory = SubmissionFactory(config, spool, commit, scheduler.add, reactor,
-                                portal=credPortal, tls=tls)
+                                portal=credPortal, tls=tls, runInThread=runInThread)
     if credPortal is not None:
         # auth.senders as of the last reload, not as of the start.
         credPortal.realm.sendersFor = lambda login: (
