@@ -20,14 +20,22 @@ events in the two forms tools do read:
     and the event's own fields (``queue_id``, ``to``, ``status``, ...).
 
 Use: ``twistd -n --pidfile= --logger relayd.logformat.syslogStdout relayd --config FILE``.
+
+Each of them formats an event on the thread that logs it and hands the
+finished lines to a ``LineWriter``: one thread of its own writes them, in
+order, so the reactor thread never waits for a pipe, a file or the syslog
+socket. Its queue is bounded; what happens when it is full is said there.
 """
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
+import queue
 import socket
 import sys
+import threading
 import time
 from typing import IO, Callable
 
@@ -92,37 +100,216 @@ _FACILITY_MAIL = 2
 
 
 def syslogSocketObserver(path: str = "/dev/log", pid: int | None = None,
-                         localtime: Callable[[float], time.struct_time] = time.localtime) -> ILogObserver:
+                         localtime: Callable[[float], time.struct_time] = time.localtime,
+                         threaded: bool = False) -> ILogObserver:
     """
     Datagrams to the local syslog socket, one per line of an event. When
     the socket is missing or refuses a datagram, the line goes to stderr
-    rather than nowhere.
+    rather than nowhere. ``threaded``: sent by a LineWriter's thread
+    (``observe.writer``), as a full socket buffer blocks the sender.
     """
     processId = os.getpid() if pid is None else pid
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
 
-    @provider(ILogObserver)
-    def observe(event: dict) -> None:
+    def datagrams(event: dict) -> list[tuple[bytes, str]]:
         severity = _SEVERITY.get(event.get("log_level"), 6)
         stamp = time.strftime("%b %e %H:%M:%S", localtime(event.get("log_time", time.time())))
         head = f"<{_FACILITY_MAIL * 8 + severity}>{stamp} relayd/{_service(event)}[{processId}]: "
-        for line in _text(event).split("\n"):
-            data = (head + line).encode("utf-8", "backslashreplace")
+        return [((head + line).encode("utf-8", "backslashreplace"), head + line)
+                for line in _text(event).split("\n")]
+
+    def send(lines: list[tuple[bytes, str]]) -> None:
+        for data, text in lines:
             try:
                 sock.sendto(data, path)
             except OSError:
-                sys.stderr.write(head + line + "\n")
+                sys.stderr.write(text + "\n")
 
+    deliver: Callable[[list[tuple[bytes, str]]], None] = send
+    writer = None
+    if threaded:
+        writer = deliver = LineWriter(send, lambda count: datagrams(_droppedEvent(count)),
+                                      name="relayd-syslog")
+
+    @provider(ILogObserver)
+    def observe(event: dict) -> None:
+        deliver(datagrams(event))
+
+    observe.writer = writer
+    return observe
+
+
+# Events waiting for the writer thread (a few MB of log at most).
+MAX_PENDING_LINES = 10_000
+# How long a thread that logs waits for room in a full queue before lines
+# are dropped (and counted): once per stall of the writer, not per line.
+FULL_QUEUE_PATIENCE = 1.0
+# At exit (and before a fork), how long the remaining lines may take.
+FLUSH_DEADLINE = 5.0
+
+_STOP = object()
+
+
+class LineWriter:
+    """
+    Complete log lines written by one thread of its own, in the order they
+    were handed in; ``write`` is called with one item at a time.
+
+    When the queue is full (the log is slower than the mail, or stuck), the
+    thread that logs waits up to ``patience`` seconds for room: slowing down
+    is better than losing lines. If there is still no room, lines are
+    dropped and counted, at once and without waiting again, until the
+    writer has emptied the queue; it then writes ``droppedNotice(count)``
+    where the gap is, so no line is ever lost silently.
+    """
+
+    def __init__(self, write: Callable[[object], None], droppedNotice: Callable[[int], object],
+                 maxPending: int = MAX_PENDING_LINES, patience: float = FULL_QUEUE_PATIENCE,
+                 name: str = "relayd-log"):
+        self._write = write
+        self._droppedNotice = droppedNotice
+        self._patience = patience
+        self._name = name
+        self._queue: queue.Queue = queue.Queue(maxPending)
+        self._lock = threading.Lock()
+        self._dropped = 0
+        self._start()
+        atexit.register(self.close)
+        # twistd forks to daemonize after it made the observers: the child
+        # needs a writer thread of its own, and no line pending twice.
+        os.register_at_fork(before=self.flush, after_in_child=self._start)
+
+    def _start(self) -> None:
+        self._lock = threading.Lock()
+        self._thread = threading.Thread(target=self._run, name=self._name, daemon=True)
+        self._thread.start()
+
+    def __call__(self, item: object) -> None:
+        if self._dropped:
+            with self._lock:
+                if self._dropped:
+                    self._dropped += 1
+                    return
+        try:
+            self._queue.put(item, timeout=self._patience)
+        except queue.Full:
+            with self._lock:
+                self._dropped += 1
+
+    def _run(self) -> None:
+        q = self._queue
+        while True:
+            item = q.get()
+            try:
+                if item is _STOP:
+                    return
+                self._writeOne(item)
+                if self._dropped and q.empty():
+                    with self._lock:
+                        dropped, self._dropped = self._dropped, 0
+                    self._writeOne(self._droppedNotice(dropped))
+            finally:
+                q.task_done()
+
+    def _writeOne(self, item: object) -> None:
+        try:
+            self._write(item)
+        except Exception as e:  # a closed stdout: say so where it can still be seen
+            try:
+                sys.__stderr__.write(f"relayd: cannot write a log line: {e}\n")
+            except Exception:
+                pass
+
+    def flush(self, timeout: float = FLUSH_DEADLINE) -> bool:
+        """Wait until every line handed in so far is written; False after ``timeout``."""
+        q = self._queue
+        with q.all_tasks_done:
+            return q.all_tasks_done.wait_for(lambda: q.unfinished_tasks == 0, timeout)
+
+    def close(self, timeout: float = FLUSH_DEADLINE) -> None:
+        """Write what is pending (within ``timeout``) and end the thread."""
+        if not self._thread.is_alive():
+            return
+        try:
+            self._queue.put(_STOP, timeout=timeout)
+        except queue.Full:
+            return
+        self._thread.join(timeout)
+
+
+def _droppedEvent(count: int) -> dict:
+    return {"log_format": "warning: {count} log events dropped: the log writer fell behind",
+            "count": count, "log_level": LogLevel.warn, "log_time": time.time(),
+            "log_namespace": "relayd/daemon"}
+
+
+class _StreamWrites:
+    """Writes text to a stream and flushes it, for a LineWriter."""
+
+    def __init__(self, out: IO[str]):
+        self.out = out
+
+    def __call__(self, text: str) -> None:
+        self.out.write(text)
+        self.out.flush()
+
+
+class _PerThreadBuffer:
+    """A stream that keeps what each thread writes apart until that thread takes it."""
+
+    def __init__(self):
+        self._local = threading.local()
+
+    def write(self, text: str) -> None:
+        parts = getattr(self._local, "parts", None)
+        if parts is None:
+            parts = self._local.parts = []
+        parts.append(text)
+
+    def flush(self) -> None:
+        pass
+
+    def take(self) -> str:
+        parts = getattr(self._local, "parts", None)
+        if not parts:
+            return ""
+        self._local.parts = []
+        return "".join(parts)
+
+
+def threadedObserver(makeObserver: Callable[[IO[str]], ILogObserver], out: IO[str],
+                     name: str = "relayd-log") -> ILogObserver:
+    """
+    ``makeObserver(stream)``'s lines, formatted on the thread that logs and
+    written to ``out`` by a LineWriter's thread (``observe.writer``).
+    """
+    buffer = _PerThreadBuffer()
+    inner = makeObserver(buffer)
+
+    def formatted(event: dict) -> str:
+        inner(event)
+        return buffer.take()
+
+    writer = LineWriter(_StreamWrites(out), lambda count: formatted(_droppedEvent(count)),
+                        name=name)
+
+    @provider(ILogObserver)
+    def observe(event: dict) -> None:
+        text = formatted(event)
+        if text:
+            writer(text)
+
+    observe.writer = writer
     return observe
 
 
 def syslogSocket() -> ILogObserver:
-    return syslogSocketObserver()
+    return syslogSocketObserver(threaded=True)
 
 
 def syslogStdout() -> ILogObserver:
-    return syslogObserver(sys.stdout)
+    return threadedObserver(syslogObserver, sys.stdout)
 
 
 def jsonStdout() -> ILogObserver:
-    return jsonObserver(sys.stdout)
+    return threadedObserver(jsonObserver, sys.stdout)
