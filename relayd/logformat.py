@@ -123,7 +123,10 @@ def syslogSocketObserver(path: str = "/dev/log", pid: int | None = None,
             try:
                 sock.sendto(data, path)
             except OSError:
-                sys.stderr.write(text + "\n")
+                # The process's own stderr: twistd points sys.stderr at the
+                # log itself, which would send the line straight back here.
+                sys.__stderr__.write(text + "\n")
+                sys.__stderr__.flush()
 
     deliver: Callable[[list[tuple[bytes, str]]], None] = send
     writer = None

@@ -88,10 +88,13 @@ def test_syslog_socket_sends_mail_facility_datagrams(tmp_path):
     assert second == "<20>Nov 30 04:27:10 relayd/smtpd[7]: warning: unknown[192.0.2.4]: something"
 
 
-def test_syslog_socket_missing_falls_back_to_stderr(tmp_path, capsys):
+def test_syslog_socket_missing_falls_back_to_stderr(tmp_path, capfd, monkeypatch):
+    # The process's stderr, not sys.stderr: twistd redirects that to the log.
+    monkeypatch.setattr(sys, "stderr", io.StringIO())
     observer = logformat.syslogSocketObserver(str(tmp_path / "absent"), pid=7, localtime=utc)
     emitThrough(fixedTime(observer), lambda: maillog.removed("K1EXDXNM43F1XEF6"))
-    assert capsys.readouterr().err == "<22>Nov 30 04:27:10 relayd/qmgr[7]: K1EXDXNM43F1XEF6: removed\n"
+    assert sys.stderr.getvalue() == ""
+    assert capfd.readouterr().err == "<22>Nov 30 04:27:10 relayd/qmgr[7]: K1EXDXNM43F1XEF6: removed\n"
 
 
 def test_json_lines_carry_the_event_fields():
