@@ -181,7 +181,10 @@ class Relayd:
         twistd = Path(sys.executable).parent / "twistd"
         self.log = open(self.dir / "relayd.log", "wb")
         self.proc = subprocess.Popen(
-            [str(twistd), "-n", "--pidfile=", "relayd", "--config", str(config)],
+            # Logging as in production (systemd/relayd.service logs through
+            # relayd.logformat), to a file here, as Postfix's maillog_file.
+            [str(twistd), "-n", "--pidfile=", "--logger", "relayd.logformat.syslogStdout",
+             "relayd", "--config", str(config)],
             cwd=self.dir, stdout=self.log, stderr=subprocess.STDOUT)
         waitListening(self.port)
 
