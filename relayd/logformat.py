@@ -32,7 +32,6 @@ from __future__ import annotations
 import atexit
 import json
 import os
-import queue
 import socket
 import sys
 import threading
@@ -131,8 +130,9 @@ def syslogSocketObserver(path: str = "/dev/log", pid: int | None = None,
     deliver: Callable[[list[tuple[bytes, str]]], None] = send
     writer = None
     if threaded:
-        writer = deliver = LineWriter(send, lambda count: datagrams(_droppedEvent(count)),
-                                      name="relayd-syslog")
+        writer = LineWriter(lambda batch: [send(lines) for lines in batch],
+                            lambda count: datagrams(_droppedEvent(count)), name="relayd-syslog")
+        deliver = writer
 
     @provider(ILogObserver)
     def observe(event: dict) -> None:
@@ -143,100 +143,107 @@ def syslogSocketObserver(path: str = "/dev/log", pid: int | None = None,
 
 
 # Events waiting for the writer thread (a few MB of log at most).
-MAX_PENDING_LINES = 10_000
-# How long a thread that logs waits for room in a full queue before lines
-# are dropped (and counted): once per stall of the writer, not per line.
+MAX_PENDING_EVENTS = 10_000
+# How long a thread that logs waits for room in a full queue before events
+# are dropped (and counted): once per stall of the writer, not per event.
 FULL_QUEUE_PATIENCE = 1.0
-# At exit (and before a fork), how long the remaining lines may take.
+# How long the writer lets a batch gather once woken: one wake-up (and one
+# write) per batch instead of a thread switch per event.
+BATCH_LINGER = 0.01
+# At exit (and before a fork), how long the remaining events may take.
 FLUSH_DEADLINE = 5.0
-
-_STOP = object()
 
 
 class LineWriter:
     """
-    Complete log lines written by one thread of its own, in the order they
-    were handed in; ``write`` is called with one item at a time.
+    Log events written by one thread of its own, in the order they were
+    handed in, in batches: ``write(items)`` gets a list of them.
 
     When the queue is full (the log is slower than the mail, or stuck), the
     thread that logs waits up to ``patience`` seconds for room: slowing down
-    is better than losing lines. If there is still no room, lines are
+    is better than losing lines. If there is still no room, events are
     dropped and counted, at once and without waiting again, until the
-    writer has emptied the queue; it then writes ``droppedNotice(count)``
-    where the gap is, so no line is ever lost silently.
+    writer takes the queue; ``droppedNotice(count)`` is then written where
+    the gap is, so nothing is ever lost silently.
     """
 
-    def __init__(self, write: Callable[[object], None], droppedNotice: Callable[[int], object],
-                 maxPending: int = MAX_PENDING_LINES, patience: float = FULL_QUEUE_PATIENCE,
-                 name: str = "relayd-log"):
+    def __init__(self, write: Callable[[list], None], droppedNotice: Callable[[int], object],
+                 maxPending: int = MAX_PENDING_EVENTS, patience: float = FULL_QUEUE_PATIENCE,
+                 linger: float = BATCH_LINGER, name: str = "relayd-log"):
         self._write = write
         self._droppedNotice = droppedNotice
+        self._maxPending = maxPending
         self._patience = patience
+        self._linger = linger
         self._name = name
-        self._queue: queue.Queue = queue.Queue(maxPending)
-        self._lock = threading.Lock()
+        self._pending: list = []
         self._dropped = 0
+        self._writing = False
+        self._stopping = False
         self._start()
         atexit.register(self.close)
         # twistd forks to daemonize after it made the observers: the child
-        # needs a writer thread of its own, and no line pending twice.
+        # needs a writer thread of its own, and nothing pending twice.
         os.register_at_fork(before=self.flush, after_in_child=self._start)
 
     def _start(self) -> None:
-        self._lock = threading.Lock()
+        self._changed = threading.Condition()
+        self._writing = False
         self._thread = threading.Thread(target=self._run, name=self._name, daemon=True)
         self._thread.start()
 
     def __call__(self, item: object) -> None:
-        if self._dropped:
-            with self._lock:
-                if self._dropped:
-                    self._dropped += 1
+        with self._changed:
+            if not self._dropped:
+                if len(self._pending) >= self._maxPending:
+                    self._changed.wait_for(lambda: len(self._pending) < self._maxPending,
+                                           self._patience)
+                if len(self._pending) < self._maxPending:
+                    self._pending.append(item)
+                    if len(self._pending) == 1:
+                        self._changed.notify_all()  # the writer waits for this one
                     return
-        try:
-            self._queue.put(item, timeout=self._patience)
-        except queue.Full:
-            with self._lock:
-                self._dropped += 1
+            self._dropped += 1
 
     def _run(self) -> None:
-        q = self._queue
+        changed = self._changed
         while True:
-            item = q.get()
-            try:
-                if item is _STOP:
+            with changed:
+                changed.wait_for(lambda: self._pending or self._stopping)
+                stopping = self._stopping
+            if not stopping:
+                time.sleep(self._linger)
+            with changed:
+                batch, self._pending = self._pending, []
+                dropped, self._dropped = self._dropped, 0
+                self._writing = True
+                changed.notify_all()  # room for a thread waiting to log
+            if dropped:
+                batch.append(self._droppedNotice(dropped))
+            if batch:
+                try:
+                    self._write(batch)
+                except Exception as e:  # a closed stdout: say so where it can still be seen
+                    try:
+                        sys.__stderr__.write(f"relayd: cannot write to the log: {e}\n")
+                    except Exception:
+                        pass
+            with changed:
+                self._writing = False
+                changed.notify_all()  # for flush()
+                if stopping and not self._pending:
                     return
-                self._writeOne(item)
-                if self._dropped and q.empty():
-                    with self._lock:
-                        dropped, self._dropped = self._dropped, 0
-                    self._writeOne(self._droppedNotice(dropped))
-            finally:
-                q.task_done()
-
-    def _writeOne(self, item: object) -> None:
-        try:
-            self._write(item)
-        except Exception as e:  # a closed stdout: say so where it can still be seen
-            try:
-                sys.__stderr__.write(f"relayd: cannot write a log line: {e}\n")
-            except Exception:
-                pass
 
     def flush(self, timeout: float = FLUSH_DEADLINE) -> bool:
-        """Wait until every line handed in so far is written; False after ``timeout``."""
-        q = self._queue
-        with q.all_tasks_done:
-            return q.all_tasks_done.wait_for(lambda: q.unfinished_tasks == 0, timeout)
+        """Wait until everything handed in so far is written; False after ``timeout``."""
+        with self._changed:
+            return self._changed.wait_for(lambda: not self._pending and not self._writing, timeout)
 
     def close(self, timeout: float = FLUSH_DEADLINE) -> None:
         """Write what is pending (within ``timeout``) and end the thread."""
-        if not self._thread.is_alive():
-            return
-        try:
-            self._queue.put(_STOP, timeout=timeout)
-        except queue.Full:
-            return
+        with self._changed:
+            self._stopping = True
+            self._changed.notify_all()
         self._thread.join(timeout)
 
 
@@ -252,8 +259,8 @@ class _StreamWrites:
     def __init__(self, out: IO[str]):
         self.out = out
 
-    def __call__(self, text: str) -> None:
-        self.out.write(text)
+    def __call__(self, texts: list[str]) -> None:
+        self.out.write("".join(texts))
         self.out.flush()
 
 
