@@ -97,6 +97,21 @@ DEFAULT_DELIVERY_TIMEOUTS = {
 DEFAULT_DNS_TIMEOUT = 10.0
 DNS_PORT = 53
 
+# Longest duration any key takes: a year is beyond every sensible timeout,
+# retry or queue lifetime, and keeps whole seconds exact in a float (so
+# check-config prints back what it read) and a timer's date far from overflow.
+MAX_DURATION = 365 * 86400.0
+# Largest size any key takes (1000GB): far beyond any message or reserve.
+MAX_SIZE = 10**12
+# Most digits of a number in the file: more than any value relayd takes, and
+# far below Python's limit on converting digits (ValueError past 4300).
+MAX_DIGITS = 18
+# Deepest nesting of lists and mappings the YAML reader accepts. relayd's
+# deepest key (delivery.routes.DOMAIN[0].host) is 6 levels down; the bound
+# keeps every recursive step of reading and checking far from Python's
+# recursion limit, whatever the file holds.
+MAX_NESTING = 32
+
 # Keys whose values toYAML() masks, wherever they appear. Passwords are never
 # in the YAML itself (only the paths of the files holding them, which an
 # admin needs to see); the hook is here so a future secret key cannot leak.
@@ -419,8 +434,19 @@ def parseDuration(text: str) -> float | None:
         if previous is not None and scale >= previous:
             return None
         previous = scale
-        total += int(number) * scale
+        total += _wholeNumber(number) * scale
     return float(total)
+
+
+def _wholeNumber(digits: str) -> int:
+    """
+    The value of a digit string; one of more than MAX_DIGITS significant
+    digits reads as 10**MAX_DIGITS, over every bound, so a number of any
+    length is refused by its bound rather than by int()'s digit limit.
+    """
+    if len(digits.lstrip("0")) > MAX_DIGITS:
+        return 10**MAX_DIGITS
+    return int(digits)
 
 
 def formatDuration(seconds: float) -> str:
@@ -450,7 +476,7 @@ def parseSize(value: object) -> int | None:
     if isinstance(value, str):
         match = _SIZE_RE.match(value)
         if match:
-            return int(match.group(1)) * _SIZE_UNITS[match.group(2)]
+            return _wholeNumber(match.group(1)) * _SIZE_UNITS[match.group(2)]
     return None
 
 
@@ -498,16 +524,74 @@ StrictLoader.add_implicit_resolver(
 )
 
 
-def _bool(self: StrictLoader, node: Node) -> bool:
-    return self.construct_scalar(node) == "true"
+class LongNumber:
+    """
+    A number in the file with more than MAX_DIGITS digits: no key takes
+    one, so it stays unconverted and validation refuses it where it is.
+    """
+
+    def __init__(self, digits: int) -> None:
+        self.digits = digits
 
 
-def _int(self: StrictLoader, node: Node) -> int:
-    return int(self.construct_scalar(node))
+_DECIMAL_RE = re.compile(r"-?[0-9]+\Z")
 
 
+# An explicit tag (!!bool, !!int, !!float) can put any text in front of these
+# constructors: text they cannot read stays a string, for validation to refuse
+# with its key path.
+
+
+def _bool(self: StrictLoader, node: Node) -> bool | str:
+    text = self.construct_scalar(node)
+    return {"true": True, "false": False}.get(text, text)
+
+
+def _int(self: StrictLoader, node: Node) -> int | str | LongNumber:
+    text = self.construct_scalar(node)
+    if not _DECIMAL_RE.match(text):
+        return text
+    digits = len(text.lstrip("-").lstrip("0"))
+    if digits > MAX_DIGITS:
+        return LongNumber(digits)
+    return int(text)
+
+
+def _float(self: StrictLoader, node: Node) -> float | str:
+    text = self.construct_scalar(node)
+    try:
+        return float(text)
+    except ValueError:
+        return text
+
+
+def _composeNode(self: StrictLoader, parent: Node | None, index: object) -> Node:
+    depth = getattr(self, "_depth", 0) + 1
+    if depth > MAX_NESTING:
+        mark = self.peek_event().start_mark
+        raise ConfigError(
+            f"line {mark.line + 1}, column {mark.column + 1}: expected lists and mappings "
+            f"nested at most {MAX_NESTING} deep, got deeper ones"
+        )
+    self._depth = depth
+    try:
+        return yaml.composer.Composer.compose_node(self, parent, index)
+    finally:
+        self._depth = depth - 1
+
+
+# Only the core schema's types: a date, bytes or a set never reaches a key.
+StrictLoader.yaml_constructors = {
+    tag: constructor
+    for tag, constructor in yaml.SafeLoader.yaml_constructors.items()
+    if tag is None or tag in (
+        "tag:yaml.org,2002:null", "tag:yaml.org,2002:str",
+        "tag:yaml.org,2002:seq", "tag:yaml.org,2002:map")
+}
 StrictLoader.add_constructor("tag:yaml.org,2002:bool", _bool)
 StrictLoader.add_constructor("tag:yaml.org,2002:int", _int)
+StrictLoader.add_constructor("tag:yaml.org,2002:float", _float)
+StrictLoader.compose_node = _composeNode
 
 
 def _line(node: Node) -> int:
@@ -552,6 +636,15 @@ def _readYAML(text: str, path: str) -> object:
             loader.dispose()
     except ConfigError as e:
         raise ConfigError(f"{path}: {e}") from None
+    except yaml.constructor.ConstructorError as e:
+        mark = e.problem_mark or e.context_mark
+        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "YAML"
+        tag = re.search(r"tag '([^']*)'", e.problem or "")
+        found = _quote(tag.group(1).replace("tag:yaml.org,2002:", "!!")) if tag else "another tag"
+        raise ConfigError(
+            f"{path}: {where}: expected plain values (strings, numbers, true/false, lists, "
+            f"mappings), got the tag {found}"
+        ) from None
     except yaml.MarkedYAMLError as e:
         mark = e.problem_mark or e.context_mark
         detail = e.problem or "invalid YAML"
@@ -602,6 +695,8 @@ def _describe(value: object) -> str:
         return "null"
     if isinstance(value, bool):
         return "true" if value else "false"
+    if isinstance(value, LongNumber):
+        return f"a number of {value.digits} digits"
     if isinstance(value, (int, float)):
         return repr(value)
     if isinstance(value, str):
@@ -720,6 +815,10 @@ def _duration(minimum: float) -> Callable[[object, str], float]:
             raise _expected(
                 path, f"a duration of at least {formatDuration(minimum)}", value
             )
+        if seconds > MAX_DURATION:
+            raise _expected(
+                path, f"a duration of at most {formatDuration(MAX_DURATION)}", value
+            )
         return seconds
 
     return parse
@@ -736,6 +835,8 @@ def _size(value: object, path: str) -> int:
         )
     if size < 1:
         raise _expected(path, "a size of at least 1 byte", value)
+    if size > MAX_SIZE:
+        raise _expected(path, f"a size of at most {formatSize(MAX_SIZE)}", value)
     return size
 
 
@@ -758,8 +859,10 @@ def _isDNSName(value: str) -> bool:
 
 
 def _hostname(value: object, path: str) -> str:
-    # An all-numeric last label is an IP address, not a name for HELO.
-    if not isinstance(value, str) or not _isDNSName(value) or value.rsplit(".", 1)[-1].isdigit():
+    # Top-level domains begin with a letter: a last label that does not is
+    # an IP address or a date ("2001-01-01"), not a name for HELO.
+    if not isinstance(value, str) or not _isDNSName(value) or not value.rsplit(".", 1)[-1][
+            0].isalpha():
         raise _expected(path, 'a DNS name like "relay.example.com"', value)
     return value
 

@@ -14,9 +14,12 @@ Who may steer the queue is who may connect: the socket is created mode 0600
 (by default in the spool directory, itself 0700), so only the daemon's user
 and root get in. AMP (twisted.protocols.amp) gives typed commands with
 length-prefixed values and request/response matching for free; a value is
-at most 64 KiB, so relayctl sends ids in batches (MAX_IDS_PER_CALL) and
-flush/requeue of the whole queue answer with a count (and the messages
-whose envelope could not be written).
+at most 64 KiB, so relayctl sends ids in batches (MAX_IDS_PER_CALL), the
+daemon refuses a request with more (``TooManyIds``), and flush/requeue of
+the whole queue answer with a count (and at most MAX_IDS_PER_CALL of the
+messages whose envelope could not be written, plus how many more). Every
+piece of an answer is bounded so that no answer can outgrow one AMP value
+(``answerBound`` states the arithmetic; a test checks it on the wire).
 """
 
 from __future__ import annotations
@@ -34,9 +37,35 @@ from relayd import maillog
 from relayd.envelope import isQueueId
 from relayd.scheduler import FLUSHED, REQUEUED, AdminRefusal, UnknownMessage
 
-# Ids per AMP call: the answer (id, ok, outcome text: about 100 bytes each
-# at most) must fit in one AMP value of 64 KiB.
-MAX_IDS_PER_CALL = 500
+# Ids per AMP call. Each answers with one entry of at most ENTRY_BYTES, and
+# all of them travel in one AMP value, at most AMP_VALUE_LIMIT bytes.
+MAX_IDS_PER_CALL = 250
+AMP_VALUE_LIMIT = amp.MAX_VALUE_LENGTH
+# An echoed id that is not a queue id (a queue id is 16 bytes) and an outcome
+# text are cut to these many bytes of UTF-8.
+MAX_ECHOED_ID_BYTES = 40
+MAX_OUTCOME_BYTES = 160
+# An entry is an AMP box: per key, two 2-byte lengths, the key and the value
+# ("id", "ok": "False" at most, "outcome"), then a 2-byte end mark.
+ENTRY_BYTES = (4 + len(b"id") + MAX_ECHOED_ID_BYTES + 4 + len(b"ok") + len(b"False")
+               + 4 + len(b"outcome") + MAX_OUTCOME_BYTES + 2)
+# The ids Status lists as being delivered (each a 2-byte length and 16
+# bytes); delivery.concurrency is far below it in practice.
+MAX_ACTIVE_LISTED = 3000
+
+
+def answerBound(ids: int = MAX_IDS_PER_CALL) -> int:
+    """The most bytes the outcomes of ``ids`` ids take in one AMP value."""
+    return ids * ENTRY_BYTES
+
+
+assert answerBound() <= AMP_VALUE_LIMIT
+assert MAX_ACTIVE_LISTED * (2 + 16) <= AMP_VALUE_LIMIT
+
+
+class TooManyIds(Exception):
+    """A request named more ids than MAX_IDS_PER_CALL."""
+
 
 _Outcomes = amp.AmpList([(b"id", amp.Unicode()), (b"ok", amp.Boolean()),
                          (b"outcome", amp.Unicode())])
@@ -45,6 +74,7 @@ _Outcomes = amp.AmpList([(b"id", amp.Unicode()), (b"ok", amp.Boolean()),
 class _PerMessage(amp.Command):
     arguments = [(b"ids", amp.ListOf(amp.Unicode()))]
     response = [(b"outcomes", _Outcomes)]
+    errors = {TooManyIds: b"TOO_MANY_IDS"}
     requiresAnswer = True
 
 
@@ -68,14 +98,17 @@ class Flush(_PerMessage):
     """``ids`` empty: every message not on hold."""
 
     commandName = b"flush"
-    response = [(b"outcomes", _Outcomes), (b"count", amp.Integer())]
+    # unlisted: the whole queue's failures beyond the MAX_IDS_PER_CALL listed.
+    response = [(b"outcomes", _Outcomes), (b"count", amp.Integer()),
+                (b"unlisted", amp.Integer(optional=True))]
 
 
 class Requeue(_PerMessage):
     """``ids`` empty: every message in the queue."""
 
     commandName = b"requeue"
-    response = [(b"outcomes", _Outcomes), (b"count", amp.Integer())]
+    response = [(b"outcomes", _Outcomes), (b"count", amp.Integer()),
+                (b"unlisted", amp.Integer(optional=True))]
 
 
 class Status(amp.Command):
@@ -95,7 +128,27 @@ _SUCCESSES = frozenset((FLUSHED, REQUEUED))
 
 def cannotWrite(error: OSError) -> dict:
     """The answer for a message whose envelope could not be written (a full disk, say)."""
-    return {"ok": False, "outcome": f"cannot write the queue: {error.strerror or error}"}
+    return {"ok": False, "outcome": _clip(f"cannot write the queue: {error.strerror or error}",
+                                          MAX_OUTCOME_BYTES)}
+
+
+def _clip(text: str, limit: int) -> str:
+    """``text`` cut to at most ``limit`` bytes of UTF-8 (never inside a character)."""
+    data = text.encode("utf-8", "replace")
+    if len(data) <= limit:
+        return text
+    return data[: limit - 3].decode("utf-8", "ignore") + "..."
+
+
+def _entry(queueId: str, ok: bool, outcome: str) -> dict:
+    return {"id": queueId if isQueueId(queueId) else _clip(queueId, MAX_ECHOED_ID_BYTES),
+            "ok": ok, "outcome": _clip(outcome, MAX_OUTCOME_BYTES)}
+
+
+def _checkCount(ids) -> None:
+    if len(ids) > MAX_IDS_PER_CALL:
+        raise TooManyIds(f"{len(ids)} ids in one request; at most {MAX_IDS_PER_CALL} "
+                         "(relayctl sends larger lists in batches)")
 
 
 class ControlProtocol(amp.AMP):
@@ -113,23 +166,24 @@ class ControlProtocol(amp.AMP):
         self.transport = None
 
     def _each(self, ids, action) -> list[dict]:
+        _checkCount(ids)
         outcomes = []
         for queueId in ids:
             if not isQueueId(queueId):
-                outcomes.append({"id": queueId, "ok": False, "outcome": NOT_A_QUEUE_ID})
+                outcomes.append(_entry(queueId, False, NOT_A_QUEUE_ID))
                 continue
             try:
                 outcome = action(queueId)
             except UnknownMessage:
-                outcomes.append({"id": queueId, "ok": False, "outcome": UNKNOWN})
+                outcomes.append(_entry(queueId, False, UNKNOWN))
             except AdminRefusal as e:
-                outcomes.append({"id": queueId, "ok": False, "outcome": str(e)})
+                outcomes.append(_entry(queueId, False, str(e)))
             except OSError as e:
                 # Per id, so one failed write does not lose the batch's
                 # answer; the scheduler has left that message as on disk.
                 outcomes.append({"id": queueId, **cannotWrite(e)})
             else:
-                outcomes.append({"id": queueId, "ok": True, "outcome": outcome})
+                outcomes.append(_entry(queueId, True, outcome))
         return outcomes
 
     @Hold.responder
@@ -156,9 +210,11 @@ class ControlProtocol(amp.AMP):
         """
         if not ids:
             outcomes = action(None)
-            return {"outcomes": [{"id": queueId, **cannotWrite(o)}
-                                 for queueId, o in outcomes.items() if isinstance(o, OSError)],
-                    "count": sum(1 for o in outcomes.values() if o in _SUCCESSES)}
+            failed = [{"id": queueId, **cannotWrite(o)}
+                      for queueId, o in outcomes.items() if isinstance(o, OSError)]
+            return {"outcomes": failed[:MAX_IDS_PER_CALL],
+                    "count": sum(1 for o in outcomes.values() if o in _SUCCESSES),
+                    "unlisted": max(0, len(failed) - MAX_IDS_PER_CALL)}
 
         def one(queueId):
             outcome = action([queueId])[queueId]
@@ -180,7 +236,7 @@ class ControlProtocol(amp.AMP):
         import relayd
 
         return {"version": relayd.__version__, "messages": self.scheduler.queueLength(),
-                "active": self.scheduler.activeIds()}
+                "active": self.scheduler.activeIds()[:MAX_ACTIVE_LISTED]}
 
 
 class ControlFactory(protocol.Factory):

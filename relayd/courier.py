@@ -61,6 +61,15 @@ QUIT_TIMEOUT = 5.0
 # Longest reply line accepted from a server (RFC 5321 says 512; be lenient).
 MAX_REPLY_LINE = 8192
 
+# Most lines and bytes (text after the code, summed over the lines) of one
+# reply. A real EHLO reply has 5 to 20 lines and well under 1 KiB; the
+# longest real replies (multi-line 5xx explanations) a few dozen lines. The
+# caps leave room for 50 times that, and bound what one next hop can make
+# relayd hold for a session: one reply of at most 64 KiB plus one partial
+# line. Over either cap the connection is aborted and the hop deferred.
+MAX_REPLY_LINES = 1000
+MAX_REPLY_BYTES = 64 * 1024
+
 # RFC 5321 section 4.5.3.1.6: 998 octets of text before the CRLF.
 MAX_LINE = 998
 
@@ -457,6 +466,7 @@ class OutboundSession(LineReceiver):
         self.transactions = 0
         self._waiters: list[_Waiter] = []
         self._replyLines: list[bytes] = []
+        self._replyBytes = 0
         self._replyCode: int | None = None
         self._timer: Any = None
         self._broken: SessionBroken | None = None
@@ -539,6 +549,9 @@ class OutboundSession(LineReceiver):
     # -- replies -----------------------------------------------------------
 
     def lineReceived(self, line: bytes) -> None:
+        if self._aborted:
+            # The rest of a read that arrived before the abort.
+            return
         parsed = parseReplyLine(line)
         if parsed is None or (
             self._replyCode is not None and parsed[0] != self._replyCode
@@ -551,10 +564,18 @@ class OutboundSession(LineReceiver):
         code, isLast, text = parsed
         self._replyCode = code
         self._replyLines.append(text)
+        self._replyBytes += len(text)
+        if len(self._replyLines) > MAX_REPLY_LINES or self._replyBytes > MAX_REPLY_BYTES:
+            over = (f"{MAX_REPLY_LINES} lines" if len(self._replyLines) > MAX_REPLY_LINES
+                    else f"{MAX_REPLY_BYTES} bytes")
+            self._replyLines, self._replyBytes = [], 0
+            self._abort("malformed", f"{self.peerName} sent a reply of more than {over}")
+            return
         if not isLast:
             return
         reply = Reply(code, tuple(self._replyLines))
         self._replyLines = []
+        self._replyBytes = 0
         self._replyCode = None
         if not self._waiters:
             # Unsolicited (e.g. a 421 before closing): the close will tell.
@@ -693,7 +714,7 @@ class OutboundSession(LineReceiver):
         # Whatever arrived after the 220 was sent before the handshake, in
         # plaintext: a man-in-the-middle's injection, never a reply to trust.
         self.clearLineBuffer()
-        self._replyLines, self._replyCode = [], None
+        self._replyLines, self._replyBytes, self._replyCode = [], 0, None
         self._tlsStarting = True
         self.transport.startTLS(self._tlsOptions())
         self.capabilities = {}

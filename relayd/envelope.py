@@ -7,6 +7,7 @@ read and update it. Nothing here touches the disk or the network.
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from dataclasses import dataclass, field
@@ -33,6 +34,10 @@ NOTICE_KINDS = (NOTICE_BOUNCE, NOTICE_DELAY, NOTICE_DOUBLE_BOUNCE, NOTICE_QUARAN
 
 # Delivery results kept per message for relayctl show.
 HISTORY_LIMIT = 50
+
+# Stored times are Unix seconds from 1970 up to the end of the year 9999:
+# what the scheduler can compare and relayctl can print as a date.
+MAX_TIME = 253402300800.0
 
 # Crockford's base32 alphabet: no I, L, O, U; ids stay readable when read aloud.
 _ID_ALPHABET = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
@@ -89,17 +94,19 @@ class Recipient:
 
     @classmethod
     def fromJSON(cls, data: dict) -> "Recipient":
+        if not isinstance(data, dict):
+            raise ValueError("a recipient is not a JSON object")
         state = data["state"]
-        if state not in RECIPIENT_STATES:
-            raise ValueError(f"unknown recipient state {state!r}")
+        if not isinstance(state, str) or state not in RECIPIENT_STATES:
+            raise ValueError(f"unknown recipient state {_shown(state)}")
         return cls(
             address=_str(data, "address"),
             params=_params(data.get("params", {})),
             state=state,
-            dsn=data.get("dsn"),
-            reply=data.get("reply"),
-            lastAttempt=data.get("last_attempt"),
-            relay=data.get("relay"),
+            dsn=_optionalStr(data, "dsn"),
+            reply=_optionalStr(data, "reply"),
+            lastAttempt=_time(data, "last_attempt", optional=True),
+            relay=_optionalStr(data, "relay"),
         )
 
 
@@ -170,33 +177,40 @@ class Envelope:
 
     @classmethod
     def fromJSON(cls, data: dict) -> "Envelope":
-        """Parse a stored envelope; raises ValueError (or KeyError/TypeError) when it is not one."""
+        """
+        Parse a stored envelope; raises ValueError (or KeyError) naming the
+        first field that is missing, of the wrong type, or not a finite
+        number in range: such an envelope is quarantined, never guessed at.
+        """
         if not isinstance(data, dict):
             raise ValueError("envelope is not a JSON object")
-        if data.get("version") != FORMAT_VERSION:
-            raise ValueError(f"unsupported envelope version {data.get('version')!r}")
+        version = data.get("version")
+        if isinstance(version, bool) or version != FORMAT_VERSION:
+            raise ValueError(f"unsupported envelope version {_shown(version)}")
+        if not isinstance(data["recipients"], list):
+            raise ValueError("recipients is not a list")
         recipients = [Recipient.fromJSON(r) for r in data["recipients"]]
         if not recipients:
             raise ValueError("envelope has no recipients")
         queueId = _str(data, "queue_id")
         if not isQueueId(queueId):
-            raise ValueError(f"bad queue id {queueId!r}")
+            raise ValueError(f"bad queue id {_shown(queueId)}")
         return cls(
             queueId=queueId,
             sender=_str(data, "sender"),
             mailParams=_params(data.get("mail_params", {})),
             recipients=recipients,
-            arrival=float(data["arrival"]),
-            size=int(data.get("size", 0)),
-            clientAddress=str(data.get("client_address", "")),
-            clientName=str(data.get("client_name", "unknown")),
-            helo=str(data.get("helo", "")),
-            authIdentity=data.get("auth_identity"),
-            attempts=int(data.get("attempts", 0)),
-            nextAttempt=float(data.get("next_attempt", 0.0)),
-            lastError=data.get("last_error"),
-            hold=bool(data.get("hold", False)),
-            warned=bool(data.get("warned", False)),
+            arrival=_time(data, "arrival"),
+            size=_count(data, "size"),
+            clientAddress=_str(data, "client_address", ""),
+            clientName=_str(data, "client_name", "unknown"),
+            helo=_str(data, "helo", ""),
+            authIdentity=_optionalStr(data, "auth_identity"),
+            attempts=_count(data, "attempts"),
+            nextAttempt=_time(data, "next_attempt", default=0.0),
+            lastError=_optionalStr(data, "last_error"),
+            hold=_flag(data, "hold"),
+            warned=_flag(data, "warned"),
             notice=_notice(data.get("notice")),
             history=_history(data.get("history", [])),
         )
@@ -204,20 +218,75 @@ class Envelope:
 
 def _notice(value) -> str | None:
     if value is not None and value not in NOTICE_KINDS:
-        raise ValueError(f"unknown notice kind {value!r}")
+        raise ValueError(f"unknown notice kind {_shown(value)}")
     return value
+
+
+_HISTORY_TEXT = ("recipient", "relay", "dsn", "status", "reply")
 
 
 def _history(value) -> list[dict]:
     if not isinstance(value, list) or not all(isinstance(e, dict) for e in value):
         raise ValueError("history is not a list of mappings")
+    for entry in value:
+        _time(entry, "time", optional=True, name="history time")
+        for key in _HISTORY_TEXT:
+            _optionalStr(entry, key, name=f"history {key}")
     return list(value[-HISTORY_LIMIT:])
 
 
-def _str(data: dict, key: str) -> str:
-    value = data[key]
+_MISSING = object()
+
+
+def _shown(value: object) -> str:
+    """A found value as a quarantine reason quotes it: short, one line."""
+    text = repr(value)
+    return text if len(text) <= 40 else text[:40] + "..."
+
+
+def _str(data: dict, key: str, default: object = _MISSING) -> str:
+    value = data[key] if default is _MISSING else data.get(key, default)
     if not isinstance(value, str):
         raise ValueError(f"{key} is not a string")
+    return value
+
+
+def _optionalStr(data: dict, key: str, name: str | None = None) -> str | None:
+    value = data.get(key)
+    if value is not None and not isinstance(value, str):
+        raise ValueError(f"{name or key} is {_shown(value)}, expected a string or null")
+    return value
+
+
+def _time(data: dict, key: str, default: object = _MISSING, optional: bool = False,
+          name: str | None = None) -> float | None:
+    """A Unix time: a JSON number (never NaN or Infinity) from 0 to MAX_TIME."""
+    if optional:
+        value = data.get(key)
+        if value is None:
+            return None
+    else:
+        value = data[key] if default is _MISSING else data.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{name or key} is {_shown(value)}, expected a time in seconds")
+    if not (math.isfinite(value) and 0 <= value < MAX_TIME):
+        raise ValueError(f"{name or key} is {_shown(value)}, expected a time from 1970 to 9999")
+    return float(value)
+
+
+def _count(data: dict, key: str) -> int:
+    """A whole number from 0 (a JSON 2.0 or "2" is refused, not rounded)."""
+    value = data.get(key, 0)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"{key} is {_shown(value)}, expected a whole number from 0")
+    return value
+
+
+def _flag(data: dict, key: str) -> bool:
+    value = data.get(key, False)
+    if not isinstance(value, bool):
+        # "false" is a non-empty string: bool() would read it as true.
+        raise ValueError(f"{key} is {_shown(value)}, expected true or false")
     return value
 
 

@@ -156,6 +156,17 @@ def queueWarning(queueId: str | None, text: str) -> None:
     _emit("qmgr", queueId, f"warning: {printable(text)}", level=LogLevel.warn)
 
 
+def queueFileFailed(queueId: str, action: str, reason: str) -> None:
+    """
+    Recording an attempt's outcome in the spool failed (read-only spool,
+    EMFILE): ``action`` is "update" or "remove". The message stays queued
+    and is tried again at its next attempt time.
+    """
+    _emit("qmgr", queueId, f"warning: cannot {action} the queue file: {printable(reason)}; "
+          "message kept in the queue, next attempt as scheduled", level=LogLevel.warn,
+          action=action, reason=reason)
+
+
 def notEnoughSpace(freeBytes: int, reserve: int) -> None:
     """MAIL refused with 452 4.3.1: the spool's file system is below the reserve."""
     _emit("smtpd", None, f"warning: not enough free space in mail queue: {freeBytes} bytes < "

@@ -293,17 +293,35 @@ class Scheduler(service.Service):
             return
         if expiring:
             maillog.expired(queueId, envelope.sender)
+        now = self.clock.seconds()
         if envelope.isFinished():
-            # Unlinking waits for the file system journal: in a thread.
-            yield self.runInThread(self.spool.remove, queueId)
+            try:
+                # Unlinking waits for the file system journal: in a thread.
+                yield self.runInThread(self.spool.remove, queueId)
+            except OSError as e:
+                # Still queued on disk: kept in memory too, and the removal is
+                # tried again at the next attempt (which finds nobody to send to).
+                maillog.queueFileFailed(queueId, "remove", e.strerror or str(e))
+                if self.envelopes.get(queueId) is not envelope:
+                    return  # deleted by the admin meanwhile
+                envelope.nextAttempt = nextAttemptTime(
+                    now, envelope.arrival, envelope.attempts, queue.retry, queue.lifetime,
+                    self.random())
+                self._push(envelope)
+                return
             self.envelopes.pop(queueId, None)
             maillog.removed(queueId)
             return
-        now = self.clock.seconds()
         envelope.nextAttempt = nextAttemptTime(
             now, envelope.arrival, envelope.attempts, queue.retry,
             0.0 if noticeFailed else queue.lifetime, self.random())
-        self.spool.update(envelope)
+        try:
+            self.spool.update(envelope)
+        except OSError as e:
+            # The disk keeps the previous state (a restart may repeat a
+            # delivery, never lose one); the schedule in memory stands and the
+            # spool catches up at the next write.
+            maillog.queueFileFailed(queueId, "update", e.strerror or str(e))
         self._push(envelope)
 
     def _record(self, envelope: Envelope, byAddress, result: AttemptResult,

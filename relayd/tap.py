@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import dataclasses
+import resource
 import signal
 import sys
 
@@ -36,6 +37,76 @@ def fail(message: str) -> "NoReturn":  # noqa: F821
     sys.stderr.write(f"relayd: {message}\n")
     sys.stderr.flush()
     raise SystemExit(1)
+
+
+# Open files (RLIMIT_NOFILE) relayd needs, counted from its config:
+#   FILES_BASE                       stdio, logs, the spool lock, epoll and the
+#                                    waker, the control socket, the spool
+#                                    threads' files, files read at start
+#   + 1 per listener
+#   + FILES_PER_CONNECTION  per limits.connections:   the client's socket, its
+#                                    message file during DATA, and room for as
+#                                    many connections again being refused (421)
+#   + FILES_PER_DELIVERY    per delivery.concurrency: the next hop's socket,
+#                                    the message body being sent, an idle
+#                                    connection kept for reuse, three DNS
+#                                    queries (MX, A, AAAA: a UDP socket each)
+FILES_BASE = 64
+FILES_PER_CONNECTION = 3
+FILES_PER_DELIVERY = 6
+
+
+def filesNeeded(listeners: int, connections: int, concurrency: int) -> int:
+    """The open files a configuration needs (the formula above)."""
+    return (FILES_BASE + listeners + FILES_PER_CONNECTION * connections
+            + FILES_PER_DELIVERY * concurrency)
+
+
+def fileLimitPlan(soft: int, hard: int, needed: int,
+                  infinity: int = resource.RLIM_INFINITY) -> tuple[int, bool]:
+    """
+    ``(soft limit to set, enough)``: relayd raises its soft limit to the
+    hard one (a hard limit of ``infinity`` leaves the soft one as it is,
+    or raises it to ``needed``); ``enough`` says whether that holds
+    ``needed`` open files.
+    """
+    if hard == infinity:
+        target = soft if soft == infinity else max(soft, needed)
+        return target, True
+    target = hard
+    return target, target >= needed
+
+
+def _filesNeeded(config) -> int:
+    return filesNeeded(len(config.listeners), config.limits.connections,
+                       config.delivery.concurrency)
+
+
+def _fileLimitProblem(config, limit: int) -> str:
+    needed = _filesNeeded(config)
+    return (f"{config.path}: limits.connections: {config.limits.connections} connections "
+            f"(with delivery.concurrency {config.delivery.concurrency}) need {needed} open files "
+            f"({FILES_BASE} + listeners + {FILES_PER_CONNECTION} x connections + "
+            f"{FILES_PER_DELIVERY} x concurrency), but the file limit (RLIMIT_NOFILE) is {limit}; "
+            "raise LimitNOFILE= in the systemd unit (or ulimit -n), or lower limits.connections")
+
+
+def raiseFileLimit(config, getrlimit=resource.getrlimit, setrlimit=resource.setrlimit) -> None:
+    """
+    At start: the soft file limit up to the hard one; refuse to start (one
+    line) when that cannot hold what the configuration needs.
+    """
+    soft, hard = getrlimit(resource.RLIMIT_NOFILE)
+    needed = _filesNeeded(config)
+    target, enough = fileLimitPlan(soft, hard, needed)
+    if not enough:
+        fail(_fileLimitProblem(config, hard))
+    if target != soft:
+        try:
+            setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        except (OSError, ValueError) as e:
+            if soft < needed:
+                fail(_fileLimitProblem(config, soft) + f" (raising it failed: {e})")
 
 
 class Options(usage.Options):
@@ -164,6 +235,12 @@ class Relay(service.MultiService):
                                 level=maillog.LogLevel.error)
             return
         old = self.config
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        if soft != resource.RLIM_INFINITY and _filesNeeded(new) > soft:
+            maillog.daemonEvent(
+                f"reload failed, keeping the running configuration: {_fileLimitProblem(new, soft)}",
+                level=maillog.LogLevel.error)
+            return
         needRestart = [name for name, before, after in (
             ("listeners", old.listeners, new.listeners),
             ("queue.directory", old.queue.directory, new.queue.directory),
@@ -243,6 +320,7 @@ def makeService(options, reactor=None) -> Relay:
     from relayd.server import SubmissionFactory
 
     config = options["loaded"]
+    raiseFileLimit(config)
     spool = Spool(config.queue.directory)
     pool = threadpool.ThreadPool(minthreads=1, maxthreads=4, name="relayd-spool")
     listenerServices: list = []

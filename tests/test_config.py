@@ -221,6 +221,40 @@ class TestEffectiveConfig:
         assert config.formatDuration(seconds) == text
         assert config.parseDuration(text) == seconds
 
+    @pytest.mark.parametrize("text", ["365d", "364d23h59m59s", "1s", "0s"])
+    def test_durationsWithinTheBoundPrintBack(self, text: str) -> None:
+        seconds = config.parseDuration(text)
+        assert seconds <= config.MAX_DURATION
+        assert config.parseDuration(config.formatDuration(seconds)) == seconds
+
+    def test_everyDurationAtTheBoundLoadsBackEqual(self, tmp_path: Path) -> None:
+        """
+        check-config prints every duration at the bound so that it loads
+        back as the same value (past it, durations are refused).
+        """
+        year = "365d"
+        path = tmp_path / "long.yaml"
+        path.write_text(_minimal(
+            queue=f"queue: {{directory: /var/spool/relayd, lifetime: {year}, "
+                  f"retry: {{min: {year}, max: {year}}}}}",
+            delivery="delivery: {smarthosts: [{host: smtp.example.net, tls: none}], "
+                     f"timeouts: {{connect: {year}, data_done: {year}}}, dns: {{timeout: {year}}}}}",
+        ) + f"limits: {{command_timeout: {year}, data_timeout: {year}, greeting_delay: {year}}}\n"
+            f"shutdown_grace: {year}\n")
+        original = config.load(str(path))
+        printed = tmp_path / "effective.yaml"
+        printed.write_text(original.toYAML())
+        assert config.load(str(printed)) == Config(**{**vars(original), "path": str(printed)})
+        assert original.queue.lifetime == original.shutdownGrace == config.MAX_DURATION
+
+    @pytest.mark.parametrize("text", ["365d1s", "366d", "8761h", "99999999999999999999d",
+                                      "9" * 5000 + "s"])
+    def test_durationsPastTheBoundAreRefused(self, text: str) -> None:
+        with pytest.raises(ConfigError) as info:
+            config.parse(_minimal() + f"shutdown_grace: {text}\n", "x.yaml")
+        assert str(info.value).startswith(
+            "x.yaml: shutdown_grace: expected a duration of at most 365d, got ")
+
     @pytest.mark.parametrize(
         "size, text", [(10_000_000, "10MB"), (10 * 2**20, "10MiB"), (12345, 12345), (2**30, "1GiB")]
     )
@@ -304,7 +338,63 @@ class TestBadConfigs:
         """
         with pytest.raises(ConfigError) as info:
             config.parse(_minimal(limits="limits: !!python/object/apply:os.getcwd []"), "x.yaml")
-        assert "could not determine a constructor" in str(info.value)
+        assert str(info.value) == (
+            "x.yaml: line 5, column 9: expected plain values (strings, numbers, true/false, "
+            'lists, mappings), got the tag "!!python/object/apply:os.getcwd"')
+
+    @pytest.mark.parametrize("opening, closing", [("[", "]"), ("{a: ", "}")])
+    def test_nestedFiftyThousandDeep(self, opening: str, closing: str) -> None:
+        """
+        Nesting far past Python's recursion limit is one line, not a
+        RecursionError.
+        """
+        text = _minimal(relay="relay: " + opening * 50_000 + closing * 50_000)
+        with pytest.raises(ConfigError) as info:
+            config.parse(text, "x.yaml")
+        assert str(info.value).startswith("x.yaml: line 5, column ")
+        assert str(info.value).endswith(
+            f": expected lists and mappings nested at most {config.MAX_NESTING} deep, "
+            "got deeper ones")
+
+    def test_nestingUpToTheBoundIsRead(self) -> None:
+        """The bound refuses nothing a config needs: 32 levels still read."""
+        text = _minimal(relay="relay: {trusted_networks: " + "[" * 29 + "]" * 29 + "}")
+        with pytest.raises(ConfigError) as info:
+            config.parse(text, "x.yaml")
+        assert str(info.value) == (
+            "x.yaml: relay.trusted_networks[0]: expected a network like "
+            '"192.0.2.0/24" or "2001:db8::/32", got a list')
+
+    @pytest.mark.parametrize("key", ["hostname", "postmaster", "queue.directory",
+                                     "delivery.smarthosts[0].host"])
+    @pytest.mark.parametrize("value, found", [
+        ("2001-01-01", None), ("!!timestamp 2001-01-01", "tag"), ("!!binary aGk=", "tag"),
+        ("!!set {a: null}", "tag"), ("12", "12"), ("1.5", "1.5"), ("true", "true"),
+        ("[a]", "a list"), ("{a: b}", "a mapping"),
+    ])
+    def test_nonStringsWhereStringsAreExpected(self, key: str, value: str, found: str | None) -> None:
+        """No date, bytes, set, number, boolean or collection passes as a string."""
+        lines = {
+            "hostname": f"hostname: {value}",
+            "postmaster": f"postmaster: {value}",
+            "queue.directory": f"queue: {{directory: {value}}}",
+            "delivery.smarthosts[0].host": f"delivery: {{smarthosts: [{{host: {value}, tls: none}}]}}",
+        }
+        key0 = key.split(".")[0]
+        if key in ("queue.directory", "delivery.smarthosts[0].host") and value == "2001-01-01":
+            # A string: a directory, or a host on the local network, may be
+            # named like a date; the HELO name is a full domain name.
+            config.parse(_minimal(**{key0: lines[key]}), "x.yaml")
+            return
+        with pytest.raises(ConfigError) as info:
+            config.parse(_minimal(**{key0: lines[key]}), "x.yaml")
+        message = str(info.value)
+        if found == "tag":
+            assert "expected plain values" in message
+        else:
+            assert message.startswith(f"x.yaml: {key}: expected ")
+            if found is not None:
+                assert message.endswith(f", got {found}")
 
 
 class TestShippedConfigs:

@@ -170,3 +170,115 @@ def test_flush_of_a_waiting_message_says_so(rig):
     answer = ask(proto, transport, control.Flush, ids=[a.queueId, b.queueId])
     assert [o["outcome"] for o in answer["outcomes"]] == [
         "being delivered now", "waiting for a free slot at its destination"]
+
+
+def rawRequest(command: bytes, items: list[bytes]) -> bytes:
+    """An AMP request box built byte by byte, as any client could send it."""
+    import struct
+
+    def pair(key: bytes, value: bytes) -> bytes:
+        return struct.pack("!H", len(key)) + key + struct.pack("!H", len(value)) + value
+
+    ids = b"".join(struct.pack("!H", len(i)) + i for i in items)
+    return pair(b"_command", command) + pair(b"_ask", b"7") + pair(b"ids", ids) + b"\0\0"
+
+
+@pytest.mark.parametrize("items", [
+    [f"{i:016d}".encode() for i in range(3000)],  # the queue ids a script might send
+    [b""] * 30000,  # as many as one AMP value holds
+])
+@pytest.mark.parametrize("command", [b"hold", b"release", b"delete", b"bounce", b"flush",
+                                     b"requeue"])
+def test_request_with_too_many_ids_is_refused_with_a_clear_error(rig, items, command):
+    """
+    A raw client naming thousands of ids gets one AMP error saying the
+    limit, nothing is changed, no traceback is logged, and the connection
+    stays usable.
+    """
+    clock, spool, courier, sched, proto, transport, lines = rig
+    proto.dataReceived(rawRequest(command, items))
+    answer = relayctl._readBox(BufferSocket(transport.value()))
+    transport.clear()
+    assert answer[b"_error"] == b"7"
+    assert answer[b"_error_code"] == b"TOO_MANY_IDS"
+    assert answer[b"_error_description"].decode() == (
+        f"{len(items)} ids in one request; at most {control.MAX_IDS_PER_CALL} "
+        "(relayctl sends larger lists in batches)")
+    assert not transport.disconnecting
+    assert spool.updated == [] and spool.removed == []
+    assert not any("Traceback" in l or "Unhandled" in l for l in lines)
+    assert ask(proto, transport, control.Status)["messages"] == 0
+
+
+def test_longest_possible_answer_fits_in_one_amp_value(rig):
+    """
+    MAX_IDS_PER_CALL ids that each answer with the longest entry: long
+    non-ASCII junk for ids, and the longest outcome (a write error whose
+    text is cut) still make an answer AMP can send.
+    """
+    clock, spool, courier, sched, proto, transport, lines = rig
+    junk = ["\u00e9" * 200 + str(i) for i in range(control.MAX_IDS_PER_CALL // 2)]
+    courier.script = [[451]] * (control.MAX_IDS_PER_CALL // 2)
+    queued = []
+    for _ in range(control.MAX_IDS_PER_CALL // 2):
+        env = envelope(clock, "a@example.org")
+        sched.add(env)
+        queued.append(env.queueId)
+    spool.updateError = OSError(errno.EIO, "x" * 1000)
+    proto.dataReceived(rawRequest(b"hold", [i.encode() for i in junk + queued]))
+    answer = relayctl._readBox(BufferSocket(transport.value()))
+    assert b"_error" not in answer, answer
+    assert len(answer[b"outcomes"]) <= control.answerBound() <= control.AMP_VALUE_LIMIT
+    outcomes = control.Hold.parseResponse(answer, None)["outcomes"]
+    assert len(outcomes) == control.MAX_IDS_PER_CALL
+    assert all(len(o["id"].encode()) <= control.MAX_ECHOED_ID_BYTES for o in outcomes)
+    assert outcomes[-1]["outcome"].startswith("cannot write the queue: xxx")
+    assert outcomes[-1]["outcome"].endswith("...")
+    assert len(outcomes[-1]["outcome"].encode()) == control.MAX_OUTCOME_BYTES
+
+
+def test_whole_queue_requeue_lists_a_bounded_number_of_failures(rig):
+    clock, spool, courier, sched, proto, transport, lines = rig
+    count = control.MAX_IDS_PER_CALL + 100
+    courier.script = [[451]] * count
+    for _ in range(count):
+        env = envelope(clock, "a@example.org")
+        env.hold = True
+        sched.add(env)
+    spool.updateError = OSError(errno.ENOSPC, "No space left on device")
+    answer = ask(proto, transport, control.Requeue, ids=[])
+    assert answer["count"] == 0
+    assert len(answer["outcomes"]) == control.MAX_IDS_PER_CALL
+    assert answer["unlisted"] == 100
+
+
+def test_status_lists_a_bounded_number_of_active_ids(rig):
+    clock, spool, courier, sched, proto, transport, lines = rig
+    sched.reconfigure(settings(concurrency=5000, destinationConcurrency=5000))
+    for _ in range(control.MAX_ACTIVE_LISTED + 10):
+        sched.add(envelope(clock, "a@example.org"))
+    assert len(sched.activeIds()) == control.MAX_ACTIVE_LISTED + 10
+    answer = ask(proto, transport, control.Status)
+    assert len(answer["active"]) == control.MAX_ACTIVE_LISTED
+
+
+def test_relayctl_batches_stay_within_the_limit(monkeypatch, tmp_path):
+    calls = []
+
+    def fake(path, command, timeout=relayctl.TIMEOUT, **arguments):
+        calls.append(len(arguments["ids"]))
+        return {"outcomes": [{"id": i, "ok": True, "outcome": "placed on hold"}
+                             for i in arguments["ids"]]}
+    monkeypatch.setattr(relayctl, "callDaemon", fake)
+    configPath = tmp_path / "relayd.yaml"
+    configPath.write_text(
+        "hostname: relay.test\n"
+        'listeners: [{endpoint: "tcp:2525", tls: none, auth: none}]\n'
+        "queue: {directory: spool}\n"
+        "delivery: {smarthosts: [{host: smtp.example.net, tls: none}]}\n")
+    import io
+
+    ids = [f"{i:016d}" for i in range(2 * control.MAX_IDS_PER_CALL + 1)]
+    status = relayctl.run(["-c", str(configPath), "hold", *ids], io.StringIO(), io.StringIO())
+    assert status == 0
+    assert calls == [control.MAX_IDS_PER_CALL, control.MAX_IDS_PER_CALL, 1]

@@ -32,6 +32,8 @@ from relayd.courier import (
     BOUNCED,
     CHUNK_SIZE,
     DEFERRED,
+    MAX_REPLY_BYTES,
+    MAX_REPLY_LINES,
     QUIT_TIMEOUT,
     SENT,
     AttemptResult,
@@ -1580,6 +1582,73 @@ def test_reply_line_too_long_breaks_the_session():
     assert peer.transport.disconnecting
 
 
+@pytest.mark.parametrize("line, over", [
+    (b"250-x\r\n", f"{MAX_REPLY_LINES} lines"),
+    (b"250-" + b"x" * 1000 + b"\r\n", f"{MAX_REPLY_BYTES} bytes"),
+])
+def test_endless_multiline_reply_is_cut_off(line, over):
+    """
+    A hop that answers EHLO with line after line of "250-" (each line
+    short enough) is dropped once the reply passes its cap, and the
+    session holds no more than the cap meanwhile.
+    """
+    peer = Peer()
+    peer.feed(GREETING)
+    peer.sent()
+    held = []
+    for _ in range(MAX_REPLY_LINES + 10):
+        peer.feed(line)
+        held.append(len(peer.session._replyLines))
+        if peer.lost:
+            break
+    broken = failureOf(peer.session.whenReady()).value
+    assert isinstance(broken, SessionBroken)
+    assert (broken.dsn, broken.stage, broken.status) == ("4.4.2", "ehlo", DEFERRED)
+    assert broken.text == f"{PEER} sent a reply of more than {over}"
+    assert peer.lost
+    assert max(held) <= MAX_REPLY_LINES
+    assert peer.session._replyLines == []
+
+
+def test_reply_at_the_caps_is_accepted():
+    """A reply of exactly MAX_REPLY_LINES lines and MAX_REPLY_BYTES bytes is fine."""
+    perLine, extra = divmod(MAX_REPLY_BYTES, MAX_REPLY_LINES)
+    lines = [b"x" * (perLine + (1 if i < extra else 0)) for i in range(MAX_REPLY_LINES)]
+    assert sum(map(len, lines)) == MAX_REPLY_BYTES
+    reply = b"".join(b"250-" + l + b"\r\n" for l in lines[:-1]) + b"250 " + lines[-1] + b"\r\n"
+    peer = Peer()
+    peer.feed(GREETING)
+    peer.sent()
+    peer.feed(reply)
+    assert result(peer.session.whenReady()) is peer.session
+
+
+def test_courier_fails_over_after_endless_ehlo_reply():
+    net = Network(a_example="192.0.2.7", b_example="192.0.2.8")
+    d = deliver(net.courier(), [Hop("a.example"), Hop("b.example")])
+    bad = net.peers["a.example"]
+    bad.feed(GREETING)
+    bad.feed(b"250-x\r\n" * (MAX_REPLY_LINES + 1))
+    assert bad.lost
+    converse(net.peers["b.example"], HAPPY)
+    attempt = result(d)
+    assert net.attempts == ["a.example", "b.example"]
+    assert attempt.relay == "b.example[192.0.2.8]:25"
+    assert [r.status for r in attempt.results] == [SENT, SENT]
+
+
+def test_endless_reply_from_the_only_hop_defers():
+    net = Network(a_example="192.0.2.7")
+    d = deliver(net.courier(), [Hop("a.example")])
+    bad = net.peers["a.example"]
+    bad.feed(GREETING)
+    bad.feed(b"250-x\r\n" * (MAX_REPLY_LINES + 1))
+    attempt = result(d)
+    assert attempt.relay == "a.example[192.0.2.7]:25"
+    assert {(r.status, r.dsn, r.text) for r in attempt.results} == {
+        (DEFERRED, "4.4.2", f"a.example[192.0.2.7] sent a reply of more than {MAX_REPLY_LINES} lines")}
+
+
 # -- integration: real servers on 127.0.0.1, real reactor in a subprocess -----------
 
 SMTP_SINK = "/usr/sbin/smtp-sink"
@@ -1777,6 +1846,73 @@ def test_integration_failover_to_live_sink(tmp_path, smtpSink):
     assert attempt["relay"] == f"127.0.0.1[127.0.0.1]:{port}"
     assert attempt["results"][0]["status"] == SENT
     assert len(dumpedMessages(dump)) == 1
+
+
+class FloodingServer:
+    """
+    A real server on 127.0.0.1 that greets, reads EHLO, then sends "250-"
+    lines until the client hangs up (or FLOOD_LIMIT bytes, so the test ends
+    whatever the client does); ``sent`` is how many bytes it got out.
+    """
+
+    FLOOD_LIMIT = 50 * 1024 * 1024
+
+    def __init__(self):
+        import threading
+
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.sent = 0
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self):
+        self.listener.settimeout(SCENARIO_DEADLINE)
+        conn, _ = self.listener.accept()
+        with conn:
+            conn.settimeout(SCENARIO_DEADLINE)
+            conn.sendall(b"220 flood.example ESMTP\r\n")
+            conn.recv(1024)
+            chunk = b"250-" + b"x" * 60 + b"\r\n"
+            chunk *= 1024
+            try:
+                while self.sent < self.FLOOD_LIMIT:
+                    conn.sendall(chunk)
+                    self.sent += len(chunk)
+            except OSError:
+                pass
+
+    def close(self):
+        self.thread.join(SCENARIO_DEADLINE)
+        self.listener.close()
+
+
+def test_integration_flooding_hop_is_cut_off_and_the_next_hop_used(tmp_path):
+    """
+    A real next hop that floods its EHLO reply is dropped after the cap
+    (it gets out far less than its flood) and the message goes to the
+    next hop.
+    """
+    aiosmtpd = pytest.importorskip("aiosmtpd.controller")
+
+    class Capture:
+        async def handle_DATA(self, server, session, envelope):
+            return "250 2.0.0 Ok: captured"
+
+    flood = FloodingServer()
+    port = freePort()
+    controller = aiosmtpd.Controller(Capture(), hostname="127.0.0.1", port=port)
+    controller.start()
+    try:
+        attempt = runScenario(tmp_path, [["127.0.0.1", flood.port], ["127.0.0.1", port]],
+                              ["a@example.org"])
+    finally:
+        controller.stop()
+        flood.close()
+    assert attempt["relay"] == f"127.0.0.1[127.0.0.1]:{port}"
+    assert attempt["results"][0]["status"] == SENT
+    # Socket buffers hold some megabytes at most; the flood is 50 MiB.
+    assert flood.sent < FloodingServer.FLOOD_LIMIT
 
 
 def largeDottedBody(size: int = 5_000_000) -> bytes:

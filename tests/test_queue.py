@@ -182,6 +182,67 @@ def test_corruptEnvelopeQuarantined(spool, tmp_path, logged, corrupt, reason):
         spool.load(bad.queueId)
 
 
+def _withField(path: tuple, value: object):
+    """The stored envelope with one field (a key path into its JSON) replaced."""
+    def corrupt(env: Envelope) -> bytes:
+        data = env.toJSON()
+        data["history"] = [{"time": 1_700_000_100.0, "recipient": "a@example.org",
+                            "relay": "mx[192.0.2.1]:25", "dsn": "4.0.0", "status": "deferred",
+                            "reply": "451 later"}]
+        target = data
+        for key in path[:-1]:
+            target = target[key]
+        target[path[-1]] = value
+        # Python's json writes NaN and Infinity, as a buggy writer might.
+        return json.dumps(data).encode()
+    return corrupt
+
+
+@pytest.mark.parametrize("path, value, reason", [
+    (("arrival",), float("nan"), "arrival is nan, expected a time from 1970 to 9999"),
+    (("arrival",), float("inf"), "arrival is inf, expected a time from 1970 to 9999"),
+    (("arrival",), -1.0, "arrival is -1.0, expected a time from 1970 to 9999"),
+    (("arrival",), 1e300, "arrival is 1e+300, expected a time from 1970 to 9999"),
+    (("arrival",), "1700000000", "arrival is '1700000000', expected a time in seconds"),
+    (("next_attempt",), float("nan"), "next_attempt is nan, expected a time from 1970 to 9999"),
+    (("next_attempt",), float("-inf"), "next_attempt is -inf, expected a time from 1970 to 9999"),
+    (("next_attempt",), True, "next_attempt is True, expected a time in seconds"),
+    (("recipients", 0, "last_attempt"), float("nan"),
+     "last_attempt is nan, expected a time from 1970 to 9999"),
+    (("history", 0, "time"), float("inf"), "history time is inf, expected a time from 1970 to 9999"),
+    (("history", 0, "time"), "yesterday", "history time is 'yesterday', expected a time in seconds"),
+    (("history", 0, "reply"), 451, "history reply is 451, expected a string or null"),
+    (("hold",), "false", "hold is 'false', expected true or false"),
+    (("hold",), 0, "hold is 0, expected true or false"),
+    (("warned",), "true", "warned is 'true', expected true or false"),
+    (("attempts",), 1.5, "attempts is 1.5, expected a whole number from 0"),
+    (("attempts",), "2", "attempts is '2', expected a whole number from 0"),
+    (("attempts",), -1, "attempts is -1, expected a whole number from 0"),
+    (("size",), float("nan"), "size is nan, expected a whole number from 0"),
+    (("client_address",), ["x"], "client_address is not a string"),
+    (("client_name",), None, "client_name is not a string"),
+    (("helo",), 7, "helo is not a string"),
+    (("auth_identity",), 7, "auth_identity is 7, expected a string or null"),
+    (("last_error",), {"a": 1}, "last_error is {'a': 1}, expected a string or null"),
+    (("recipients", 0, "dsn"), 5, "dsn is 5, expected a string or null"),
+    (("recipients", 0, "reply"), ["x"], "reply is ['x'], expected a string or null"),
+    (("recipients", 0, "relay"), 1.0, "relay is 1.0, expected a string or null"),
+    (("recipients", 0, "state"), ["pending"], "unknown recipient state ['pending']"),
+    (("recipients",), {"a": 1}, "recipients is not a list"),
+    (("recipients", 0), "a@example.org", "a recipient is not a JSON object"),
+    (("version",), True, "unsupported envelope version True"),
+    (("hold",), "x" * 1000, "hold is 'xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx..., expected true or false"),
+])
+def test_mistypedFieldQuarantinedWithReason(spool, tmp_path, logged, path, value, reason):
+    """
+    Each field of a stored envelope is checked for its type and, for
+    times, finiteness and range: a bad one is quarantined with a reason
+    naming the field, in one log line, and the rest of the queue loads.
+    """
+    test_corruptEnvelopeQuarantined(spool, tmp_path, logged, _withField(path, value),
+                                    f"quarantined: invalid envelope: {reason}")
+
+
 def test_envelopeWithoutBodyQuarantined(spool, tmp_path, logged):
     good = makeEnvelope()
     store(spool, good)

@@ -158,3 +158,32 @@ def test_size_falls_back_to_the_body_file(setup):
     spool.update(env)
     status, out, _ = run(configPath, "list", "--json")
     assert json.loads(out)["message_size"] == len(b"Subject: hello\r\n\r\nbody\r\n")
+
+
+@pytest.mark.parametrize("field, value", [
+    ("arrival", float("nan")), ("next_attempt", float("inf")), ("hold", "false"),
+    ("attempts", "3"), ("history", [{"time": "yesterday"}]),
+])
+@pytest.mark.parametrize("listing", [("list",), ("list", "--json")])
+def test_list_and_show_survive_a_mistyped_envelope(setup, field, value, listing):
+    """
+    One damaged envelope (NaN, Infinity, a string for a boolean) is listed
+    as unreadable; the rest of the queue is listed as usual, and show
+    names what is wrong in one line.
+    """
+    spool, configPath = setup
+    put(spool, "0000000000000001")
+    bad = put(spool, "0000000000000002")
+    path = f"{spool.directory}/queue/0000000000000002.env"
+    data = {**bad.toJSON(), field: value}
+    with open(path, "w") as f:
+        json.dump(data, f)
+    status, out, err = run(configPath, *listing)
+    assert status == 0
+    assert "0000000000000001" in out
+    if listing == ("list",):
+        assert out.endswith("relayctl: warning: 0000000000000002: envelope cannot be read\n")
+    status, out, err = run(configPath, "show", "0000000000000002")
+    assert status == 1 and out == ""
+    assert err.startswith("relayctl: 0000000000000002: envelope cannot be read: invalid envelope: ")
+    assert err.count("\n") == 1

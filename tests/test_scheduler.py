@@ -46,6 +46,7 @@ class FakeSpool:
         self.bodies = {}
         self.commitError = None
         self.updateError = None  # raised by update, e.g. OSError(ENOSPC)
+        self.removeError = None  # raised by remove, e.g. OSError(EROFS)
 
     def openBody(self, queueId):
         return io.BytesIO(self.bodies.get(queueId, ORIGINAL))
@@ -60,6 +61,8 @@ class FakeSpool:
         self.events.append(("update", envelope.queueId))
 
     def remove(self, queueId):
+        if self.removeError is not None:
+            raise self.removeError
         self.removed.append(queueId)
         self.events.append(("remove", queueId))
 
@@ -601,3 +604,53 @@ def test_requeue_writes_only_a_changed_hold(rigFactory):
     # a's hold was lifted on disk; b's reset is written by the attempt it gets now.
     assert [u[0] for u in rig.spool.updated[written:]] == [a.queueId]
     assert not a.hold and a.attempts == 0 and b.attempts == 0
+
+
+@pytest.mark.parametrize("error", [
+    OSError(errno.EROFS, "Read-only file system"),
+    OSError(errno.EMFILE, "Too many open files"),
+])
+def test_envelope_that_cannot_be_updated_after_an_attempt_stays_queued(rigFactory, error):
+    """
+    One warning line, no traceback; the message keeps its place in the
+    queue and its schedule, and the next write records it.
+    """
+    rig = rigFactory()
+    env = envelope(rig.clock, "b@example.org", "c@example.org")
+    rig.courier.script = [[250, 451], [250]]
+    rig.spool.updateError = error
+    start = rig.clock.seconds()
+    rig.sched.add(env)
+    assert rig.sched.envelopes[env.queueId] is env
+    assert [r.state for r in env.recipients] == [SENT, PENDING]
+    assert env.nextAttempt == start + 300
+    warnings = [l for l in rig.lines if "warning" in l]
+    assert warnings == [f"{env.queueId}: warning: cannot update the queue file: {error.strerror}; "
+                        "message kept in the queue, next attempt as scheduled"]
+    assert not any("Traceback" in l or "unexpectedly" in l for l in rig.lines)
+    rig.spool.updateError = None
+    rig.clock.advance(300)
+    # Retried as usual: only the recipient still pending, then removed.
+    assert rig.courier.calls[1][1] == ("c@example.org",)
+    assert rig.spool.removed == [env.queueId]
+
+
+def test_message_that_cannot_be_removed_stays_queued_until_it_can(rigFactory):
+    rig = rigFactory()
+    env = envelope(rig.clock, "b@example.org")
+    rig.courier.script = [[250]]
+    rig.spool.removeError = OSError(errno.EROFS, "Read-only file system")
+    rig.sched.add(env)
+    assert rig.sched.queueLength() == 1
+    assert f"{env.queueId}: removed" not in rig.lines
+    assert [l for l in rig.lines if "warning" in l] == [
+        f"{env.queueId}: warning: cannot remove the queue file: Read-only file system; "
+        "message kept in the queue, next attempt as scheduled"]
+    assert not any("Traceback" in l or "unexpectedly" in l for l in rig.lines)
+    rig.spool.removeError = None
+    rig.clock.advance(300)
+    # Not sent again: the next attempt only removes it.
+    assert len(rig.courier.calls) == 1
+    assert rig.spool.removed == [env.queueId]
+    assert rig.sched.queueLength() == 0
+    assert f"{env.queueId}: removed" in rig.lines

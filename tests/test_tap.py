@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 from twisted.internet import reactor
 from twisted.logger import formatEvent, globalLogPublisher
 
@@ -67,3 +68,101 @@ def test_reload_of_a_broken_file_keeps_the_running_configuration(tmp_path):
     assert len(lines) == 1
     assert lines[0].startswith("reload failed, keeping the running configuration: ")
     assert str(path) in lines[0] and "no_such_key" in lines[0]
+
+
+@pytest.mark.parametrize("addition, problem", [
+    ("relay: " + "[" * 50_000 + "]" * 50_000 + "\n", "nested at most"),
+    ("limits: {connections: " + "9" * 5000 + "}\n", "a number of 5000 digits"),
+    ("shutdown_grace: " + "9" * 5000 + "d\n", "at most 365d"),
+])
+def test_reload_of_a_hostile_file_is_one_line(tmp_path, addition, problem):
+    """
+    A file that used to raise (RecursionError, int's digit limit) on SIGHUP
+    gives one error line naming the file; the running configuration stays.
+    """
+    path = tmp_path / "relayd.yaml"
+    write(path)
+    relay = tap.makeService({"loaded": config.load(str(path))}, reactor)
+    running = relay.config
+    path.write_text(path.read_text() + addition)
+    lines = []
+    observer = lambda e: lines.append(formatEvent(e))  # noqa: E731
+    globalLogPublisher.addObserver(observer)
+    try:
+        relay.reload()
+    finally:
+        globalLogPublisher.removeObserver(observer)
+    assert relay.config is running
+    assert len(lines) == 1
+    assert lines[0].startswith(f"reload failed, keeping the running configuration: {path}: ")
+    assert problem in lines[0] and "\n" not in lines[0]
+
+
+@pytest.mark.parametrize("listeners, connections, concurrency, needed", [
+    (1, 100, 20, 64 + 1 + 300 + 120),   # the defaults: well under the usual 1024
+    (3, 100, 20, 64 + 3 + 300 + 120),
+    (1, 1, 1, 64 + 1 + 3 + 6),
+    (2, 20000, 100, 64 + 2 + 60000 + 600),  # a busy public port 25: LimitNOFILE=65536
+])
+def test_files_needed_table(listeners, connections, concurrency, needed):
+    assert tap.filesNeeded(listeners, connections, concurrency) == needed
+
+
+INF = -1
+
+
+@pytest.mark.parametrize("soft, hard, needed, plan", [
+    (1024, 524288, 485, (524288, True)),    # systemd's default: soft raised to hard
+    (1024, 1024, 485, (1024, True)),
+    (1024, 1024, 1025, (1024, False)),      # the hard limit cannot hold it: refuse
+    (256, 4096, 4096, (4096, True)),
+    (256, 4096, 4097, (4096, False)),
+    (1024, INF, 5000, (5000, True)),        # no hard limit: raise the soft one as needed
+    (8192, INF, 5000, (8192, True)),
+    (INF, INF, 5000, (INF, True)),
+])
+def test_file_limit_plan_table(soft, hard, needed, plan):
+    assert tap.fileLimitPlan(soft, hard, needed, infinity=INF) == plan
+
+
+def test_start_raises_the_soft_file_limit_to_the_hard_one(tmp_path):
+    path = tmp_path / "relayd.yaml"
+    write(path)
+    calls = []
+    tap.raiseFileLimit(config.load(str(path)), getrlimit=lambda which: (1024, 65536),
+                       setrlimit=lambda which, limits: calls.append((which, limits)))
+    import resource
+    assert calls == [(resource.RLIMIT_NOFILE, (65536, 65536))]
+
+
+def test_start_is_refused_when_the_hard_file_limit_is_too_low(tmp_path, capsys):
+    path = tmp_path / "relayd.yaml"
+    write(path)
+    path.write_text(path.read_text() + "limits: {connections: 1000}\n")
+    loaded = config.load(str(path))
+    with pytest.raises(SystemExit) as info:
+        tap.raiseFileLimit(loaded, getrlimit=lambda which: (1024, 2048),
+                           setrlimit=lambda which, limits: pytest.fail("must not be called"))
+    assert info.value.code == 1
+    err = capsys.readouterr().err
+    assert err == (
+        f"relayd: {path}: limits.connections: 1000 connections (with delivery.concurrency 20) "
+        "need 3185 open files (64 + listeners + 3 x connections + 6 x concurrency), but the "
+        "file limit (RLIMIT_NOFILE) is 2048; raise LimitNOFILE= in the systemd unit (or "
+        "ulimit -n), or lower limits.connections\n")
+
+
+def test_reload_that_needs_more_files_than_the_limit_is_refused(tmp_path, monkeypatch):
+    import resource
+
+    path = tmp_path / "relayd.yaml"
+    write(path)
+    relay = tap.makeService({"loaded": config.load(str(path))}, reactor)
+    running = relay.config
+    monkeypatch.setattr(resource, "getrlimit", lambda which: (4096, 4096))
+    path.write_text(path.read_text() + "limits: {connections: 2000}\n")
+    lines = reloadLines(relay)
+    assert relay.config is running
+    assert len(lines) == 1
+    assert lines[0].startswith(f"reload failed, keeping the running configuration: {path}: "
+                               "limits.connections: 2000 connections")

@@ -329,6 +329,11 @@ def changeQueue(cfg, args, out: TextIO, err: TextIO) -> int:
         for outcome in answer["outcomes"]:
             err.write(f"{PROG}: {outcome['id']}: {outcome['outcome']}\n")
             status = FAILED_STATUS
+        unlisted = answer.get("unlisted") or 0
+        if unlisted:
+            err.write(f"{PROG}: and {unlisted} more message{'s' if unlisted != 1 else ''} "
+                      "whose envelope could not be written\n")
+            status = FAILED_STATUS
         return status
     for batch in _batches(ids):
         answer = callDaemon(path, command, ids=batch)

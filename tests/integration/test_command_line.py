@@ -56,3 +56,36 @@ def test_missing_config_option_exits_nonzero(twistd, tmp_path):
     output = (result.stdout + result.stderr).decode(errors="replace")
     assert result.returncode != 0, f"exit status 0 without --config:\n{output}"
     assert "--config" in output, f"the message must say --config is needed:\n{output}"
+
+
+def test_file_limit_too_low_for_the_config_refuses_to_start(twistd, tmp_path):
+    """
+    Started under a hard RLIMIT_NOFILE of 256, a config whose connections
+    need more exits at once with one line saying so, before listening.
+    """
+    import resource
+
+    port = freePort()
+    config = tmp_path / "relayd.yaml"
+    config.write_text(
+        relaydConfig(port=port, spool=tmp_path / "spool", smarthostPort=freePort())
+        + "limits:\n  connections: 100\n")
+
+    def lowLimit():
+        resource.setrlimit(resource.RLIMIT_NOFILE, (256, 256))
+
+    try:
+        result = subprocess.run(
+            [str(twistd), "-n", "--pidfile=", "relayd", "--config", str(config)], cwd=tmp_path,
+            capture_output=True, stdin=subprocess.DEVNULL, env=childEnvironment(),
+            timeout=EXIT_DEADLINE, preexec_fn=lowLimit)
+    except subprocess.TimeoutExpired as e:
+        raise AssertionError(f"relayd started under a file limit of 256: {e.stderr!r}") from None
+    stderr = result.stderr.decode(errors="replace")
+    assert result.returncode == 1, stderr
+    lines = [l for l in stderr.splitlines() if l.strip()]
+    assert lines == [
+        f"relayd: {config}: limits.connections: 100 connections (with delivery.concurrency 20) "
+        "need 485 open files (64 + listeners + 3 x connections + 6 x concurrency), but the file "
+        "limit (RLIMIT_NOFILE) is 256; raise LimitNOFILE= in the systemd unit (or ulimit -n), "
+        "or lower limits.connections"], stderr

@@ -153,3 +153,41 @@ def test_every_verb_against_a_running_daemon_then_stopped(tmp_path, processes, t
     result = relayctl(daemon, "show", "not-an-id")
     assert result.returncode == 1
     assert result.stderr == "relayctl: 'not-an-id' is not a queue id (16 characters, as `relayctl list` shows)\n"
+
+
+def test_raw_client_with_thousands_of_ids_gets_an_error_not_a_dropped_connection(
+        tmp_path, processes, twistd):
+    """
+    Over the real control socket: a request naming 3,000 ids is answered
+    with one AMP error, the connection carries the next request, and the
+    daemon logs no traceback.
+    """
+    import socket
+    import struct
+
+    sink = Sink(tmp_path / "sink")
+    processes.append(sink)
+    daemon = Relayd(tmp_path / "relayd", sink.port)
+    processes.append(daemon)
+    daemon.start()
+    before = daemon.logOffset()
+
+    def pair(key: bytes, value: bytes) -> bytes:
+        return struct.pack("!H", len(key)) + key + struct.pack("!H", len(value)) + value
+
+    ids = b"".join(struct.pack("!H", 16) + f"{i:016d}".encode() for i in range(3000))
+    from relayd.cli.relayctl import _readBox
+
+    with socket.socket(socket.AF_UNIX) as sock:
+        sock.settimeout(30)
+        sock.connect(str(daemon.spool / "control.sock"))
+        sock.sendall(pair(b"_command", b"hold") + pair(b"_ask", b"1") + pair(b"ids", ids) + b"\0\0")
+        answer = _readBox(sock)
+        assert answer[b"_error_code"] == b"TOO_MANY_IDS", answer
+        assert b"at most 250" in answer[b"_error_description"]
+        sock.sendall(pair(b"_command", b"status") + pair(b"_ask", b"2") + b"\0\0")
+        answer = _readBox(sock)
+        assert answer[b"_answer"] == b"2" and answer[b"messages"] == b"0"
+    ok(daemon, "list")
+    log = daemon.log(before)
+    assert "Traceback" not in log and "Unhandled" not in log, log
