@@ -42,6 +42,7 @@ install-test: $(VPY)
 
 run: install
 	mkdir -p var/spool
+	@echo "relayd: see the queue from another terminal with: $(VENV)/bin/relayctl -c $(CONFIG) list"
 	exec $(VENV)/bin/twistd -n --pidfile= relayd --config $(CONFIG)
 
 test: install-test

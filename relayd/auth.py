@@ -33,6 +33,8 @@ from twisted.cred import checkers, credentials, error, portal
 from twisted.internet.threads import deferToThreadPool
 from zope.interface import Attribute, Interface, implementer
 
+from relayd import maillog
+
 
 # The schemes relayd verifies. The first is what relayd-passwd writes.
 SCHEMES = ("bcrypt", "sha512_crypt", "argon2")
@@ -65,6 +67,33 @@ class PasswordFileError(Exception):
     """The password file cannot be read; AUTH answers 454 (temporary)."""
 
 
+class CheckAbandoned(Exception):
+    """The client left before its password check started: no check, no verdict."""
+
+
+class ClientCredentials(credentials.UsernamePassword):
+    """
+    A login and password from an SMTP session. ``abandon()`` (the client
+    has gone) makes a check still waiting for a thread end without
+    verifying anything, so a client that disconnects cannot queue up
+    password hashing for others to wait behind.
+    """
+
+    def __init__(self, username: bytes, password: bytes):
+        super().__init__(username, password)
+        self._abandoned = threading.Event()
+
+    def abandon(self) -> None:
+        self._abandoned.set()
+
+    @property
+    def abandoned(self) -> bool:
+        return self._abandoned.is_set()
+
+    def __repr__(self) -> str:
+        return f"<ClientCredentials {self.username!r}>"
+
+
 @dataclass(frozen=True)
 class FileIdentity:
     inode: int
@@ -89,6 +118,10 @@ class PasswordFile:
         self._identity: FileIdentity | None = None
         self._checked = float("-inf")
         self.skipped: list[int] = []  # line numbers of malformed lines at the last read
+        self.unusable: list[UnusableEntry] = []  # entries no password can match, at the last read
+        # Called (in the reading thread) after a re-read noticed by itself,
+        # not one asked for with load(): tap.py logs what is wrong in it.
+        self.changed: Callable[[], None] | None = None
 
     def invalidate(self) -> None:
         with self._lock:
@@ -99,16 +132,37 @@ class PasswordFile:
         with self._lock:
             self._refresh(force=True)
 
+    def reconfigure(self, config) -> None:
+        """A reload: read auth.password_file again (a new path too); a broken one keeps the last read."""
+        if config.auth is None:
+            return
+        self.path = config.auth.passwordFile
+        try:
+            self.load()
+        except PasswordFileError as e:
+            maillog.daemonEvent(f"reload: auth.password_file {e}", level=maillog.LogLevel.error)
+        else:
+            warnPasswordFile(self, config.auth)
+
+    def logins(self) -> frozenset[str]:
+        """The logins of the last read."""
+        with self._lock:
+            return frozenset(self._entries)
+
     def lookup(self, login: str) -> tuple[str | None, str | None]:
         """The login's hash (or None), and a real hash of the file to verify against for an unknown login."""
         with self._lock:
-            self._refresh(force=False)
-            return self._entries.get(login), self._dummy
+            reread = self._refresh(force=False)
+            found = self._entries.get(login), self._dummy
+        if reread and self.changed is not None:
+            self.changed()  # outside the lock: it may read this file's state
+        return found
 
-    def _refresh(self, force: bool) -> None:
+    def _refresh(self, force: bool) -> bool:
+        """Re-read the file if it changed (or ``force``); True if it was read."""
         now = self._now()
         if not force and self._identity is not None and now - self._checked < RECHECK_INTERVAL:
-            return
+            return False
         try:
             st = os.stat(self.path)
         except OSError as e:
@@ -116,13 +170,14 @@ class PasswordFile:
         identity = FileIdentity(st.st_ino, st.st_size, st.st_mtime_ns)
         self._checked = now
         if identity == self._identity and not force:
-            return
+            return False
         try:
             with open(self.path, "rb") as f:
                 data = f.read()
         except OSError as e:
             raise PasswordFileError(f"{self.path}: {e.strerror}") from None
         self._entries, self.skipped = parsePasswordFile(data)
+        self.unusable = unusableEntries(data)
         # The stand-in for unknown logins must cost what a real check costs:
         # a locked ("!") or broken entry fails at once and would tell an
         # attacker which logins exist.
@@ -130,6 +185,25 @@ class PasswordFile:
         self._dummy = next((h for h in self._entries.values()
                             if context.identify(h, required=False)), None)
         self._identity = identity
+        return True
+
+
+def warnPasswordFile(passwords: "PasswordFile", auth=None) -> None:
+    """
+    What in the password file cannot work, one warning each: a line that is
+    not login:hash (a typo), an entry whose hash scheme relayd cannot verify
+    (that login can never log in), an auth.senders entry for a login the
+    file does not have.
+    """
+    if passwords.skipped:
+        maillog.daemonEvent(f"warning: auth.password_file {passwords.path}: {skippedLines(passwords.skipped)}",
+                            level=maillog.LogLevel.warn)
+    for entry in passwords.unusable:
+        maillog.daemonEvent(f"warning: auth.password_file {entry.describe(passwords.path)}",
+                            level=maillog.LogLevel.warn)
+    if auth is not None:
+        for problem in sendersWithoutLogin(auth.senders, passwords.logins(), passwords.path):
+            maillog.daemonEvent(f"warning: {problem}", level=maillog.LogLevel.warn)
 
 
 def skippedLines(numbers: list[int]) -> str:
@@ -137,10 +211,82 @@ def skippedLines(numbers: list[int]) -> str:
     return f"line{'s' if len(numbers) > 1 else ''} {', '.join(map(str, numbers))} skipped (not login:hash)"
 
 
+def sendersWithoutLogin(senders: tuple[tuple[str, tuple[str, ...]], ...],
+                        logins: frozenset[str] | set[str], path: str) -> list[str]:
+    """
+    auth.senders entries for logins the password file does not have: dead
+    entries, usually a login written differently ("alice" for
+    "alice@example.com"), as "<key.path>: <why>" lines.
+    """
+    return [f"auth.senders.{login}: {path} has no login {login!r}, so this entry never applies"
+            for login, _ in senders if login not in logins]
+
+
 def parsePasswordFile(data: bytes) -> tuple[dict[str, str], list[int]]:
     """Entries of an htpasswd-format file, and the numbers of lines that were skipped."""
     entries: dict[str, str] = {}
-    skipped = []
+    skipped: list[int] = []
+    for number, login, hashed in _passwordLines(data, skipped):
+        entries[login] = hashed
+    return entries, skipped
+
+
+@dataclass(frozen=True)
+class UnusableEntry:
+    """A line of the password file whose login can never log in (never holds the hash)."""
+
+    line: int
+    login: str
+    reason: str
+
+    def describe(self, path: str) -> str:
+        return (f"{path}: line {self.line}: {self.login}: {self.reason}, so {self.login} "
+                f"can never log in; reset with relayd-passwd add {self.login}")
+
+
+# Schemes htpasswd and other tools write that relayd does not verify, by
+# the hash's prefix: what an admin is told instead of a silent 535.
+_UNSUPPORTED_PREFIXES = (
+    ("$apr1$", "apr1 (htpasswd -m) is not supported"),
+    ("{SHA}", "{SHA} (htpasswd -s) is not supported"),
+    ("$1$", "md5-crypt ($1$) is not supported"),
+    ("$5$", "sha256-crypt (htpasswd -2) is not supported"),
+)
+# Conventional marks of a disabled account ("!hash", "*"): deliberate, not a mistake.
+_LOCK_MARKS = ("!", "*")
+
+
+def schemeProblem(hashed: str) -> str | None:
+    """
+    Why a stored hash can never match (an unsupported or unrecognised
+    scheme), "locked" for a deliberately disabled entry, or None when
+    relayd verifies it. Never quotes the hash.
+    """
+    if hashed.startswith(_LOCK_MARKS):
+        return "locked"
+    if cryptContext().identify(hashed, required=False):
+        return None
+    for prefix, reason in _UNSUPPORTED_PREFIXES:
+        if hashed.startswith(prefix):
+            return reason
+    if re.fullmatch(r"[./0-9A-Za-z]{13}", hashed):
+        return "crypt (htpasswd -d) is not supported"
+    return ("not a hash relayd knows (bcrypt, sha512-crypt or argon2); "
+            "plaintext (htpasswd -p) is not supported")
+
+
+def unusableEntries(data: bytes) -> list[UnusableEntry]:
+    """Entries whose scheme relayd cannot verify (locked entries are deliberate: left out)."""
+    found = []
+    for number, login, hashed in _passwordLines(data, []):
+        reason = schemeProblem(hashed)
+        if reason is not None and reason != "locked":
+            found.append(UnusableEntry(number, login, reason))
+    return found
+
+
+def _passwordLines(data: bytes, skipped: list[int]):
+    """(line number, login, hash) of each entry; numbers of malformed lines go to ``skipped``."""
     for number, raw in enumerate(data.split(b"\n"), 1):
         line = raw.rstrip(b"\r")
         if not line.strip() or line.lstrip().startswith(b"#"):
@@ -154,8 +300,7 @@ def parsePasswordFile(data: bytes) -> tuple[dict[str, str], list[int]]:
         if not sep or not isValidLogin(login) or not hashed.strip():
             skipped.append(number)
             continue
-        entries[login] = hashed.strip()
-    return entries, skipped
+        yield number, login, hashed.strip()
 
 
 class Verifier:
@@ -222,6 +367,12 @@ class Verifier:
         with self._cacheLock:
             self._cache.clear()
 
+    def reconfigure(self, config) -> None:
+        """A reload: the new auth.cache; what was remembered is forgotten."""
+        if config.auth is not None:
+            self.cacheSeconds = config.auth.cache
+            self.clearCache()
+
 
 @implementer(checkers.ICredentialsChecker)
 class PasswordFileChecker:
@@ -248,6 +399,8 @@ class PasswordFileChecker:
             return _failed(error.UnauthorizedLogin())
 
         def check():
+            if getattr(creds, "abandoned", False):
+                raise CheckAbandoned()
             if not self.verifier.verify(login, password):
                 raise error.UnauthorizedLogin()
             return login
@@ -292,8 +445,15 @@ class AuthenticatedUser:
 class Realm:
     """Avatars for authenticated logins, with their auth.senders binding."""
 
-    def __init__(self, sendersFor: Callable[[str], tuple[str, ...] | None]):
-        self.sendersFor = sendersFor
+    def __init__(self, auth):
+        self.auth = auth  # the auth section: its senders
+
+    def reconfigure(self, config) -> None:
+        """A reload: auth.senders as of now, for the logins that authenticate after it."""
+        self.auth = config.auth
+
+    def sendersFor(self, login: str) -> tuple[str, ...] | None:
+        return self.auth.sendersFor(login) if self.auth is not None else None
 
     def requestAvatar(self, avatarId, mind, *interfaces):
         if IRelayClient not in interfaces:
@@ -346,8 +506,16 @@ def senderAllowed(sender: str, login: str, entries: tuple[str, ...] | None) -> b
 
 class FailureThrottle:
     """
-    Failed AUTHs per client IP within a sliding window; at ``limit`` the IP
-    is refused (421) until enough of its failures have aged out.
+    Failed AUTHs per client IP within a sliding window. An IP that reaches
+    ``limit`` failures is blocked: AUTH from it gets 421 until the failures
+    that made the block have aged out of the window. A block is a fact of
+    its own, kept with its end time, so a reload that changes the limit or
+    the window neither lifts nor creates blocks; an admin can lift one
+    (``unblock``, relayctl unblock).
+
+    Checks in flight count against the limit: an IP may have at most
+    ``limit`` minus its recent failures being verified at once, so parallel
+    guesses from many connections cannot get past it.
     """
 
     MAX_TRACKED = 100_000  # bounded memory under a wide distributed attack
@@ -357,6 +525,8 @@ class FailureThrottle:
         self.limit = limit
         self.window = window
         self._failures: dict[str, deque[float]] = {}
+        self._blocked: dict[str, float] = {}  # address -> blocked until (clock time)
+        self._inFlight: dict[str, int] = {}
 
     def _recent(self, address: str) -> deque[float] | None:
         times = self._failures.get(address)
@@ -370,19 +540,82 @@ class FailureThrottle:
             return None
         return times
 
-    def blocked(self, address: str) -> bool:
-        times = self._recent(address)
-        return times is not None and len(times) >= self.limit
+    def blockedUntil(self, address: str) -> float | None:
+        """When the block on ``address`` ends, or None if it is not blocked."""
+        until = self._blocked.get(address)
+        if until is not None and until <= self.clock.seconds():
+            del self._blocked[address]
+            return None
+        return until
 
-    def failed(self, address: str) -> bool:
-        """Record a failure; True if the address is now blocked."""
+    def blocked(self, address: str) -> bool:
+        return self.blockedUntil(address) is not None
+
+    def mayCheck(self, address: str) -> bool:
+        """Whether a password check for ``address`` may start now."""
+        if self.blocked(address):
+            return False
+        times = self._recent(address)
+        return (len(times) if times else 0) + self._inFlight.get(address, 0) < self.limit
+
+    def startCheck(self, address: str) -> bool:
+        """Count a check in flight; False (nothing counted) when it may not start."""
+        if not self.mayCheck(address):
+            return False
+        self._inFlight[address] = self._inFlight.get(address, 0) + 1
+        return True
+
+    def checkEnded(self, address: str, failed: bool) -> float | None:
+        """
+        End a check counted by ``startCheck``; record its failure. The end
+        of the block when this failure started one, else None.
+        """
+        left = self._inFlight.get(address, 0) - 1
+        if left > 0:
+            self._inFlight[address] = left
+        else:
+            self._inFlight.pop(address, None)
+        return self.failed(address) if failed else None
+
+    def failed(self, address: str) -> float | None:
+        """Record a failure; the end of the block when it started one, else None."""
         times = self._recent(address)
         if times is None:
             if len(self._failures) >= self.MAX_TRACKED:
                 self._failures.pop(next(iter(self._failures)))
             times = self._failures[address] = deque()
         times.append(self.clock.seconds())
-        return len(times) >= self.limit
+        if len(times) < self.limit:
+            return None
+        # Blocked until enough of these failures have aged out of the window.
+        until = times[-self.limit] + self.window
+        already = self.blockedUntil(address)
+        if already is not None:
+            self._blocked[address] = max(already, until)
+            return None
+        if len(self._blocked) >= self.MAX_TRACKED:
+            self._expireBlocks()
+            if len(self._blocked) >= self.MAX_TRACKED:
+                self._blocked.pop(next(iter(self._blocked)))
+        self._blocked[address] = until
+        return until
+
+    def _expireBlocks(self) -> None:
+        now = self.clock.seconds()
+        for address in [a for a, until in self._blocked.items() if until <= now]:
+            del self._blocked[address]
+
+    def blockedClients(self) -> list[tuple[str, float]]:
+        """Every blocked address and when its block ends, soonest end first."""
+        self._expireBlocks()
+        return sorted(self._blocked.items(), key=lambda item: (item[1], item[0]))
+
+    def unblock(self, address: str) -> bool:
+        """Lift the block on ``address`` and forget its failures; whether it was blocked."""
+        wasBlocked = self.blocked(address)
+        self._blocked.pop(address, None)
+        self._failures.pop(address, None)
+        return wasBlocked
 
 
 class MessageRate:

@@ -16,11 +16,12 @@ follow-on errors.
 from __future__ import annotations
 
 import difflib
+import functools
 import ipaddress
 import os
 import re
-from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Union
+from dataclasses import MISSING, dataclass, field, fields
+from typing import Any, Callable, ClassVar, Iterable, Union
 
 import yaml
 from yaml.nodes import MappingNode, Node, SequenceNode
@@ -58,43 +59,19 @@ NEXTHOP_TLS_MODES = ("none", "may", "starttls", "implicit")
 
 TLS_MIN_VERSIONS = ("1.2", "1.3")
 
-DEFAULT_TRUSTED_NETWORKS = ("127.0.0.0/8", "::1/128")
-DEFAULT_MESSAGE_SIZE = 10_000_000
-DEFAULT_RECIPIENTS = 100
-DEFAULT_CONNECTIONS = 100
-DEFAULT_CONNECTIONS_PER_CLIENT = 20
-DEFAULT_RETRY_MIN = 5 * 60.0
-DEFAULT_RETRY_MAX = 60 * 60.0
-DEFAULT_CONCURRENCY = 20
-# Postfix's default_destination_concurrency_limit.
-DEFAULT_DESTINATION_CONCURRENCY = 20
-# Postfix's maximal_queue_lifetime and bounce_size_limit.
-DEFAULT_LIFETIME = 5 * 86400.0
-DEFAULT_BOUNCE_SIZE_LIMIT = 50_000
+# Each key's default is in its section's schema below; these are shared.
 # Postfix refuses MAIL below 1.5 x message_size_limit of free queue space.
 FREE_SPACE_FACTOR = 1.5
 CONTROL_SOCKET_NAME = "control.sock"
-DEFAULT_SHUTDOWN_GRACE = 30.0
-# Submission security (listeners with TLS and AUTH).
-DEFAULT_TLS_MIN_VERSION = "1.2"
-DEFAULT_AUTH_FAILURE_LIMIT = 5  # failed AUTHs per client IP within the window
+# Failed AUTHs per client IP within the window (the server's default
+# throttle where there is no auth section).
+DEFAULT_AUTH_FAILURE_LIMIT = 5
 DEFAULT_AUTH_FAILURE_WINDOW = 15 * 60.0
-DEFAULT_AUTH_CACHE = 0.0  # verification cache lifetime; 0: no cache
-DEFAULT_MESSAGES_PER_USER_PER_HOUR = 200
-DEFAULT_ERRORS = 20  # Postfix's smtpd_hard_error_limit
-DEFAULT_COMMAND_TIMEOUT = 5 * 60.0  # RFC 5321 4.5.3.2.7
-DEFAULT_DATA_TIMEOUT = 10 * 60.0  # RFC 5321 4.5.3.2.6 (DATA termination)
-DEFAULT_GREETING_DELAY = 0.0
+MAX_CLIENT_NAME_TIMEOUT = 60.0
 DEFAULT_NEXTHOP_TLS = "starttls"
 # MX hosts rarely have certificates for their names: opportunistic by default.
 DEFAULT_MX_TLS = "may"
 DEFAULT_MX_PORT = 25
-# RFC 5321 section 4.5.3.2 (connect: Postfix's smtp_connect_timeout).
-DEFAULT_DELIVERY_TIMEOUTS = {
-    "connect": 30.0, "greeting": 300.0, "mail": 300.0, "rcpt": 300.0,
-    "data_init": 120.0, "data_block": 180.0, "data_done": 600.0,
-}
-DEFAULT_DNS_TIMEOUT = 10.0
 DNS_PORT = 53
 
 # Longest duration any key takes: a year is beyond every sensible timeout,
@@ -116,6 +93,8 @@ MAX_NESTING = 32
 # in the YAML itself (only the paths of the files holding them, which an
 # admin needs to see); the hook is here so a future secret key cannot leak.
 SECRET_KEYS = frozenset({"password", "secret"})
+# Stand-in keys toYAML() turns into comment lines (no config key looks like this).
+_COMMENT_KEY = "__relayd_comment_"
 _MASK = "********"
 
 
@@ -123,281 +102,6 @@ class ConfigError(Exception):
     """
     A configuration problem, as one line: "<file>: <key.path>: <problem>".
     """
-
-
-# --------------------------------------------------------------------------
-# Configuration objects
-
-
-@dataclass(frozen=True)
-class Listener:
-    endpoint: str
-    tls: str
-    auth: str
-    # AUTH without TLS; only allowed on loopback-only listeners.
-    plaintextAuth: bool = False
-
-    @property
-    def loopback(self) -> bool:
-        return isLoopbackEndpoint(self.endpoint)
-
-
-@dataclass(frozen=True)
-class TLS:
-    certificate: str  # PEM: the certificate, then its chain (all served)
-    key: str
-    minVersion: str = DEFAULT_TLS_MIN_VERSION
-
-
-@dataclass(frozen=True)
-class Auth:
-    passwordFile: str
-    # login -> addresses ("alice@example.com") and domains ("@example.org")
-    # it may use in MAIL FROM; a login without an entry may use only itself,
-    # when it is an address.
-    senders: tuple[tuple[str, tuple[str, ...]], ...] = ()
-    failureLimit: int = DEFAULT_AUTH_FAILURE_LIMIT
-    failureWindow: float = DEFAULT_AUTH_FAILURE_WINDOW
-    cache: float = DEFAULT_AUTH_CACHE
-    receivedHeaderUser: bool = False
-
-    def sendersFor(self, login: str) -> tuple[str, ...] | None:
-        for name, entries in self.senders:
-            if name == login:
-                return entries
-        return None
-
-
-@dataclass(frozen=True)
-class Relay:
-    trustedNetworks: tuple[Network, ...] = tuple(
-        ipaddress.ip_network(n) for n in DEFAULT_TRUSTED_NETWORKS
-    )
-
-
-@dataclass(frozen=True)
-class Limits:
-    messageSize: int = DEFAULT_MESSAGE_SIZE
-    recipients: int = DEFAULT_RECIPIENTS
-    connections: int = DEFAULT_CONNECTIONS
-    connectionsPerClient: int = DEFAULT_CONNECTIONS_PER_CLIENT
-    messagesPerUserPerHour: int = DEFAULT_MESSAGES_PER_USER_PER_HOUR
-    errors: int = DEFAULT_ERRORS
-    commandTimeout: float = DEFAULT_COMMAND_TIMEOUT
-    dataTimeout: float = DEFAULT_DATA_TIMEOUT
-    greetingDelay: float = DEFAULT_GREETING_DELAY
-
-
-@dataclass(frozen=True)
-class Retry:
-    min: float = DEFAULT_RETRY_MIN  # seconds
-    max: float = DEFAULT_RETRY_MAX  # seconds
-
-
-@dataclass(frozen=True)
-class Queue:
-    directory: str
-    retry: Retry = field(default_factory=Retry)
-    lifetime: float = DEFAULT_LIFETIME  # seconds; then the sender gets a bounce
-    delayWarning: float | None = None  # seconds; None: no "delayed" notice
-    # Bytes of free space below which MAIL gets 452 4.3.1; None means
-    # FREE_SPACE_FACTOR x limits.message_size (see Config.freeSpaceReserve).
-    freeSpaceReserve: int | None = None
-    # Largest original returned whole in a bounce; bigger ones: headers only.
-    bounceSizeLimit: int = DEFAULT_BOUNCE_SIZE_LIMIT
-    # The admin channel (relayctl); None means <directory>/control.sock.
-    controlSocket: str | None = None
-
-    @property
-    def controlSocketPath(self) -> str:
-        return self.controlSocket or os.path.join(self.directory, CONTROL_SOCKET_NAME)
-
-
-@dataclass(frozen=True)
-class NextHop:
-    """
-    One entry of delivery.smarthosts or delivery.routes. ``mx`` (routes
-    only) means "the recipient domain's MX hosts, with this TLS policy";
-    such an entry has no host and uses delivery.mx_port. The password is
-    never here: only the path of the file holding it (read by tap.py).
-    """
-
-    host: str
-    port: int
-    tls: str
-    verify: bool = True
-    caFile: str | None = None
-    username: str | None = None
-    passwordFile: str | None = None
-    mx: bool = False
-
-
-@dataclass(frozen=True)
-class DeliveryTimeouts:
-    """Seconds; the keys of delivery.timeouts."""
-
-    connect: float = DEFAULT_DELIVERY_TIMEOUTS["connect"]
-    greeting: float = DEFAULT_DELIVERY_TIMEOUTS["greeting"]
-    mail: float = DEFAULT_DELIVERY_TIMEOUTS["mail"]
-    rcpt: float = DEFAULT_DELIVERY_TIMEOUTS["rcpt"]
-    dataInit: float = DEFAULT_DELIVERY_TIMEOUTS["data_init"]
-    dataBlock: float = DEFAULT_DELIVERY_TIMEOUTS["data_block"]
-    dataDone: float = DEFAULT_DELIVERY_TIMEOUTS["data_done"]
-
-
-@dataclass(frozen=True)
-class DNS:
-    """Where MX and A/AAAA queries go: () means the servers in /etc/resolv.conf."""
-
-    servers: tuple[tuple[str, int], ...] = ()
-    timeout: float = DEFAULT_DNS_TIMEOUT
-
-
-@dataclass(frozen=True)
-class Delivery:
-    smarthosts: tuple[NextHop, ...] = ()
-    concurrency: int = DEFAULT_CONCURRENCY
-    destinationConcurrency: int = DEFAULT_DESTINATION_CONCURRENCY
-    mxPort: int = DEFAULT_MX_PORT
-    # Lower-cased recipient domain (or "*") -> next hops, tried in order.
-    routes: dict[str, tuple[NextHop, ...]] = field(default_factory=dict)
-    timeouts: DeliveryTimeouts = field(default_factory=DeliveryTimeouts)
-    dns: DNS = field(default_factory=DNS)
-
-    def passwordFiles(self) -> list[tuple[str, str]]:
-        """(key path, file) of every password_file, for reading at start and reload."""
-        found = []
-        for i, hop in enumerate(self.smarthosts):
-            if hop.passwordFile:
-                found.append((f"delivery.smarthosts[{i}].password_file", hop.passwordFile))
-        for domain, hops in self.routes.items():
-            for i, hop in enumerate(hops):
-                if hop.passwordFile:
-                    found.append((f"delivery.routes.{domain}[{i}].password_file", hop.passwordFile))
-        return found
-
-
-@dataclass(frozen=True)
-class Config:
-    path: str
-    hostname: str
-    listeners: tuple[Listener, ...]
-    relay: Relay
-    limits: Limits
-    queue: Queue
-    delivery: Delivery
-    shutdownGrace: float = DEFAULT_SHUTDOWN_GRACE
-    tls: TLS | None = None
-    auth: Auth | None = None
-    # Receives double bounces and quarantine notices, and RCPT TO:<postmaster>.
-    postmaster: str | None = None
-
-    def freeSpaceReserve(self) -> int:
-        """Bytes of free spool space below which MAIL is answered 452 4.3.1 (0: off)."""
-        if self.queue.freeSpaceReserve is not None:
-            return self.queue.freeSpaceReserve
-        return int(FREE_SPACE_FACTOR * self.limits.messageSize)
-
-    def toYAML(self) -> str:
-        """
-        The effective configuration: every key with its value, defaults
-        filled in, durations and sizes in human form, secrets masked. The
-        result loads back into an equal L{Config}, so C{relayd check-config}
-        output can serve as a config file.
-        """
-        tree = {
-            "hostname": self.hostname,
-            "listeners": [
-                {"endpoint": l.endpoint, "tls": l.tls, "auth": l.auth,
-                 **({"plaintext_auth": True} if l.plaintextAuth else {})}
-                for l in self.listeners
-            ],
-            "relay": {
-                "trusted_networks": [str(n) for n in self.relay.trustedNetworks],
-            },
-            "limits": {
-                "message_size": formatSize(self.limits.messageSize),
-                "recipients": self.limits.recipients,
-                "connections": self.limits.connections,
-                "connections_per_client": self.limits.connectionsPerClient,
-                "messages_per_user_per_hour": self.limits.messagesPerUserPerHour,
-                "errors": self.limits.errors,
-                "command_timeout": formatDuration(self.limits.commandTimeout),
-                "data_timeout": formatDuration(self.limits.dataTimeout),
-                "greeting_delay": formatDuration(self.limits.greetingDelay),
-            },
-            "queue": {
-                "directory": self.queue.directory,
-                "lifetime": formatDuration(self.queue.lifetime),
-                **({"delay_warning": formatDuration(self.queue.delayWarning)}
-                   if self.queue.delayWarning is not None else {}),
-                "retry": {
-                    "min": formatDuration(self.queue.retry.min),
-                    "max": formatDuration(self.queue.retry.max),
-                },
-                # Computed defaults (from limits.message_size and directory)
-                # are left out so the output loads back into an equal Config.
-                **({"free_space_reserve": formatSize(self.queue.freeSpaceReserve)}
-                   if self.queue.freeSpaceReserve is not None else {}),
-                "bounce_size_limit": formatSize(self.queue.bounceSizeLimit),
-                **({"control_socket": self.queue.controlSocket}
-                   if self.queue.controlSocket is not None else {}),
-            },
-            **({"postmaster": self.postmaster} if self.postmaster is not None else {}),
-            "delivery": {
-                "concurrency": self.delivery.concurrency,
-                "destination_concurrency": self.delivery.destinationConcurrency,
-                "mx_port": self.delivery.mxPort,
-                "smarthosts": [_hopTree(h) for h in self.delivery.smarthosts],
-                "routes": {
-                    domain: [_hopTree(h) for h in hops]
-                    for domain, hops in self.delivery.routes.items()
-                },
-                "timeouts": {
-                    key: formatDuration(getattr(self.delivery.timeouts, attribute))
-                    for key, attribute in _TIMEOUT_KEYS.items()
-                },
-                "dns": {
-                    **({"servers": [_formatServer(s) for s in self.delivery.dns.servers]}
-                       if self.delivery.dns.servers else {}),
-                    "timeout": formatDuration(self.delivery.dns.timeout),
-                },
-            },
-            "shutdown_grace": formatDuration(self.shutdownGrace),
-            **({"tls": {"certificate": self.tls.certificate, "key": self.tls.key,
-                        "min_version": self.tls.minVersion}} if self.tls is not None else {}),
-            **({"auth": {
-                "password_file": self.auth.passwordFile,
-                "senders": {name: list(entries) for name, entries in self.auth.senders},
-                "failure_limit": self.auth.failureLimit,
-                "failure_window": formatDuration(self.auth.failureWindow),
-                "cache": formatDuration(self.auth.cache),
-                "received_header_user": self.auth.receivedHeaderUser,
-            }} if self.auth is not None else {}),
-        }
-        header = f"# effective configuration from {self.path}\n"
-        return header + yaml.safe_dump(
-            maskSecrets(tree),
-            sort_keys=False,
-            default_flow_style=False,
-            allow_unicode=True,
-            width=1000,
-        )
-
-
-def maskSecrets(tree: Any) -> Any:
-    """
-    A copy of a plain YAML tree with the value of every key in
-    L{SECRET_KEYS} replaced by a mask, at any depth.
-    """
-    if isinstance(tree, dict):
-        return {
-            k: (_MASK if k in SECRET_KEYS and v is not None else maskSecrets(v))
-            for k, v in tree.items()
-        }
-    if isinstance(tree, list):
-        return [maskSecrets(v) for v in tree]
-    return tree
 
 
 # --------------------------------------------------------------------------
@@ -958,6 +662,17 @@ def _endpointDetail(description: str, nested: bool = False) -> str | None:
             f"unknown endpoint type {_quote(kind)}; relayd listens on tcp, tcp6, "
             "unix, systemd or haproxy:<endpoint>"
         )
+    if kind in ("tcp", "tcp6"):
+        bare = re.search(r"interface=([0-9A-Fa-f]*:[0-9A-Fa-f:.]*)(?::|\Z)", description)
+        if bare is not None:
+            try:
+                ipaddress.IPv6Address(bare.group(1))
+            except ValueError:
+                pass
+            else:
+                escaped = bare.group(1).replace(":", "\\:")
+                return (f"the colons of an IPv6 address must be escaped: interface={escaped} "
+                        "(in YAML, inside single quotes)")
     (names,) = _ENDPOINT_TYPES[kind]
     if len(args) > len(names):
         return f"too many fields for {kind}"
@@ -1044,7 +759,7 @@ def _network(value: object, path: str) -> Network:
     return network
 
 
-# Sections ---------------------------------------------------------------------
+# Scalars ---------------------------------------------------------------------
 
 
 def isLoopbackEndpoint(description: str) -> bool:
@@ -1071,193 +786,6 @@ def _boolean(value: object, path: str) -> bool:
     return value
 
 
-def _listener(value: object, path: str) -> Listener:
-    section = _Section(value, path, ("endpoint", "tls", "auth", "plaintext_auth"),
-                       "a mapping with endpoint, tls and auth")
-    endpoint = section.require("endpoint", _endpoint, _ENDPOINT_EXAMPLE)
-    tls = section.require("tls", _choice(LISTENER_TLS_MODES), "one of " + ", ".join(LISTENER_TLS_MODES))
-    auth = section.require(
-        "auth", _choice(LISTENER_AUTH_POLICIES), "one of " + ", ".join(LISTENER_AUTH_POLICIES)
-    )
-    plaintextAuth = section.get("plaintext_auth", _boolean, False)
-    listener = Listener(endpoint=endpoint, tls=tls, auth=auth, plaintextAuth=plaintextAuth)
-    if plaintextAuth and not listener.loopback:
-        raise _Problem(
-            section.at("plaintext_auth"),
-            f"expected false on a listener other clients can reach, got true "
-            f"({_quote(endpoint)} is not bound to a loopback interface or a UNIX socket)",
-        )
-    if auth != "none" and tls == "none" and not plaintextAuth:
-        if listener.loopback:
-            raise _Problem(
-                section.at("auth"),
-                f"expected none without TLS, got {_quote(auth)} (passwords would cross "
-                "in plaintext; set tls, or plaintext_auth: true on this loopback listener)",
-            )
-        raise _Problem(
-            section.at("auth"),
-            f"expected none without TLS, got {_quote(auth)} (passwords would cross the "
-            "network in plaintext; set tls: starttls or tls: implicit)",
-        )
-    return listener
-
-
-def _listeners(value: object, path: str) -> tuple[Listener, ...]:
-    items = _list(value, path, "a list of at least one listener", allowEmpty=False)
-    listeners = []
-    seen: dict[str, int] = {}
-    for index, item in enumerate(items):
-        listener = _listener(item, f"{path}[{index}]")
-        if listener.endpoint in seen:
-            raise _Problem(
-                f"{path}[{index}].endpoint",
-                f"expected each endpoint once, got {_quote(listener.endpoint)} again "
-                f"(also {path}[{seen[listener.endpoint]}])",
-            )
-        seen[listener.endpoint] = index
-        listeners.append(listener)
-    return tuple(listeners)
-
-
-def _relay(value: object, path: str) -> Relay:
-    section = _Section(value, path, ("trusted_networks",))
-
-    def networks(value: object, path: str) -> tuple[Network, ...]:
-        items = _list(value, path, "a list of networks", allowEmpty=True)
-        return tuple(_network(item, f"{path}[{i}]") for i, item in enumerate(items))
-
-    return Relay(trustedNetworks=section.get("trusted_networks", networks, Relay().trustedNetworks))
-
-
-def _limits(value: object, path: str) -> Limits:
-    section = _Section(
-        value, path, ("message_size", "recipients", "connections", "connections_per_client",
-                      "messages_per_user_per_hour", "errors", "command_timeout",
-                      "data_timeout", "greeting_delay")
-    )
-    return Limits(
-        messageSize=section.get("message_size", _size, DEFAULT_MESSAGE_SIZE),
-        recipients=section.get("recipients", _integer(1), DEFAULT_RECIPIENTS),
-        connections=section.get("connections", _integer(1), DEFAULT_CONNECTIONS),
-        connectionsPerClient=section.get(
-            "connections_per_client", _integer(1), DEFAULT_CONNECTIONS_PER_CLIENT
-        ),
-        messagesPerUserPerHour=section.get(
-            "messages_per_user_per_hour", _integer(1), DEFAULT_MESSAGES_PER_USER_PER_HOUR
-        ),
-        errors=section.get("errors", _integer(1), DEFAULT_ERRORS),
-        commandTimeout=section.get("command_timeout", _duration(1), DEFAULT_COMMAND_TIMEOUT),
-        dataTimeout=section.get("data_timeout", _duration(1), DEFAULT_DATA_TIMEOUT),
-        greetingDelay=section.get("greeting_delay", _duration(0), DEFAULT_GREETING_DELAY),
-    )
-
-
-def _pathUnder(baseDirectory: str) -> Callable[[object, str], str]:
-    """A path parser: relative paths are relative to the config file's directory."""
-
-    def parsePath(value: object, path: str) -> str:
-        return os.path.normpath(os.path.join(baseDirectory, _string(value, path)))
-
-    return parsePath
-
-
-def _tls(value: object, path: str, baseDirectory: str) -> TLS:
-    section = _Section(value, path, ("certificate", "key", "min_version"))
-
-    def minVersion(value: object, path: str) -> str:
-        # YAML reads an unquoted 1.2 as a number; both spellings mean the same.
-        text = str(value) if isinstance(value, float) else value
-        if text not in TLS_MIN_VERSIONS:
-            raise _expected(path, 'one of "1.2", "1.3"', value)
-        return text
-
-    return TLS(
-        certificate=section.require("certificate", _pathUnder(baseDirectory), "the PEM certificate (chain) file"),
-        key=section.require("key", _pathUnder(baseDirectory), "the PEM private key file"),
-        minVersion=section.get("min_version", minVersion, DEFAULT_TLS_MIN_VERSION),
-    )
-
-
-_SENDER_ENTRY_EXAMPLE = 'an address like "alice@example.com" or a domain like "@example.com"'
-
-
-def _auth(value: object, path: str, baseDirectory: str) -> Auth:
-    section = _Section(value, path, ("password_file", "senders", "failure_limit",
-                                     "failure_window", "cache", "received_header_user"))
-
-    def senderEntry(value: object, path: str) -> str:
-        if isinstance(value, str) and value.startswith("@"):
-            if not _isDNSName(value[1:]):
-                raise _expected(path, _SENDER_ENTRY_EXAMPLE, value)
-            return value.lower()
-        try:
-            return _address(value, path)
-        except _Problem:
-            raise _expected(path, _SENDER_ENTRY_EXAMPLE, value) from None
-
-    def senders(value: object, path: str) -> tuple[tuple[str, tuple[str, ...]], ...]:
-        if not isinstance(value, dict):
-            raise _expected(path, "a mapping of login to a list of addresses and @domains", value)
-        out = []
-        for login, entries in value.items():
-            loginPath = _join(path, login)
-            if not isinstance(login, str) or not login:
-                raise _expected(loginPath, "a login name", login)
-            items = _list(entries, loginPath, "a list of addresses and @domains", allowEmpty=True)
-            out.append((login, tuple(senderEntry(e, f"{loginPath}[{i}]") for i, e in enumerate(items))))
-        return tuple(out)
-
-    return Auth(
-        passwordFile=section.require("password_file", _pathUnder(baseDirectory),
-                                     "the password file (htpasswd format)"),
-        senders=section.get("senders", senders, ()),
-        failureLimit=section.get("failure_limit", _integer(1), DEFAULT_AUTH_FAILURE_LIMIT),
-        failureWindow=section.get("failure_window", _duration(1), DEFAULT_AUTH_FAILURE_WINDOW),
-        cache=section.get("cache", _duration(0), DEFAULT_AUTH_CACHE),
-        receivedHeaderUser=section.get("received_header_user", _boolean, False),
-    )
-
-
-def _retry(value: object, path: str) -> Retry:
-    section = _Section(value, path, ("min", "max"))
-    retry = Retry(
-        min=section.get("min", _duration(1), DEFAULT_RETRY_MIN),
-        max=section.get("max", _duration(1), DEFAULT_RETRY_MAX),
-    )
-    if retry.min > retry.max:
-        raise _Problem(
-            path,
-            f"expected min <= max, got min {formatDuration(retry.min)} > max "
-            f"{formatDuration(retry.max)}",
-        )
-    return retry
-
-
-def _queue(value: object, path: str, baseDirectory: str) -> Queue:
-    section = _Section(value, path, (
-        "directory", "lifetime", "delay_warning", "retry", "free_space_reserve",
-        "bounce_size_limit", "control_socket"))
-    directory = section.require("directory", _pathUnder(baseDirectory), "the spool directory path")
-    lifetime = section.get("lifetime", _duration(1), DEFAULT_LIFETIME)
-    delayWarning = section.get("delay_warning", _duration(1), None)
-    if delayWarning is not None and delayWarning >= lifetime:
-        raise _Problem(
-            section.at("delay_warning"),
-            f"expected less than queue.lifetime ({formatDuration(lifetime)}), got "
-            f"{formatDuration(delayWarning)}, so the notice could never be sent",
-        )
-    controlSocket = section.get("control_socket", _pathUnder(baseDirectory), None)
-    return Queue(
-        directory=directory,
-        retry=section.get("retry", _retry, Retry()),
-        lifetime=lifetime,
-        delayWarning=delayWarning,
-        freeSpaceReserve=section.get("free_space_reserve", _sizeOrZero, None),
-        bounceSizeLimit=section.get("bounce_size_limit", _sizeOrZero, DEFAULT_BOUNCE_SIZE_LIMIT),
-        controlSocket=controlSocket,
-    )
-
-
 def _sizeOrZero(value: object, path: str) -> int:
     if value == 0 and not isinstance(value, bool):
         return 0
@@ -1274,82 +802,6 @@ def _address(value: object, path: str) -> str:
     ):
         raise _expected(path, expected, value)
     return value
-
-
-_NEXTHOP_KEYS = ("host", "port", "tls", "verify", "ca_file", "username", "password_file")
-_VERIFIED_TLS = ("starttls", "implicit")
-
-
-def _nextHop(value: object, path: str, baseDirectory: str = "", inRoute: bool = False) -> NextHop:
-    known = _NEXTHOP_KEYS + (("mx",) if inRoute else ())
-    section = _Section(value, path, known, "a mapping with host, port and tls")
-    mx = section.get("mx", _boolean, False)
-    if mx:
-        for key in ("host", "port", "username", "password_file"):
-            if key in section:
-                raise _Problem(
-                    section.at(key),
-                    f"expected no {key} in an mx entry (it delivers to the domain's MX hosts "
-                    "on delivery.mx_port, without AUTH)",
-                )
-        host, port = "", 0
-        tls = section.get("tls", _choice(("none", "may", "starttls")), DEFAULT_MX_TLS)
-    else:
-        host = section.require("host", _host, 'a host name or IP address like "smtp.example.net"')
-        tls = section.get("tls", _choice(NEXTHOP_TLS_MODES), DEFAULT_NEXTHOP_TLS)
-        port = section.get("port", _port, 465 if tls == "implicit" else 25)
-    for key in ("verify", "ca_file"):
-        if key in section and tls not in _VERIFIED_TLS:
-            raise _Problem(
-                section.at(key),
-                f"expected only with tls: starttls or implicit (tls: {tls} never verifies "
-                "a certificate), got it with tls: " + tls,
-            )
-    verify = section.get("verify", _boolean, True)
-    caFile = section.get("ca_file", _pathUnder(baseDirectory), None)
-    username = section.get("username", _string, None)
-    passwordFile = section.get("password_file", _pathUnder(baseDirectory), None)
-    if username is not None:
-        if tls not in _VERIFIED_TLS:
-            raise _Problem(
-                section.at("username"),
-                f"expected only with tls: starttls or implicit (the password must never cross "
-                f"the network unencrypted), got it with tls: {tls}",
-            )
-        if passwordFile is None:
-            raise _missing(section.at("password_file"), "the file holding the password for username")
-    elif passwordFile is not None:
-        raise _missing(section.at("username"), "the user name that goes with password_file")
-    return NextHop(host=host, port=port, tls=tls, verify=verify, caFile=caFile,
-                   username=username, passwordFile=passwordFile, mx=mx)
-
-
-def _hopTree(hop: NextHop) -> dict:
-    """A next hop as YAML, only the keys that apply, so it loads back equal."""
-    tree: dict = {"mx": True} if hop.mx else {"host": hop.host, "port": hop.port}
-    tree["tls"] = hop.tls
-    if hop.tls in _VERIFIED_TLS:
-        tree["verify"] = hop.verify
-        if hop.caFile is not None:
-            tree["ca_file"] = hop.caFile
-    if hop.username is not None:
-        tree["username"] = hop.username
-        tree["password_file"] = hop.passwordFile
-    return tree
-
-
-_TIMEOUT_KEYS = {
-    "connect": "connect", "greeting": "greeting", "mail": "mail", "rcpt": "rcpt",
-    "data_init": "dataInit", "data_block": "dataBlock", "data_done": "dataDone",
-}
-
-
-def _timeouts(value: object, path: str) -> DeliveryTimeouts:
-    section = _Section(value, path, tuple(_TIMEOUT_KEYS))
-    return DeliveryTimeouts(**{
-        attribute: section.get(key, _duration(1), DEFAULT_DELIVERY_TIMEOUTS[key])
-        for key, attribute in _TIMEOUT_KEYS.items()
-    })
 
 
 def _server(value: object, path: str) -> tuple[str, int]:
@@ -1374,15 +826,253 @@ def _formatServer(server: tuple[str, int]) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
-def _dns(value: object, path: str) -> DNS:
-    section = _Section(value, path, ("servers", "timeout"))
 
-    def servers(value: object, path: str) -> tuple[tuple[str, int], ...]:
-        items = _list(value, path, "a list of DNS server addresses", allowEmpty=False)
-        return tuple(_server(item, f"{path}[{i}]") for i, item in enumerate(items))
+# --------------------------------------------------------------------------
+# The schema: every key described once
+#
+# Each section is a frozen dataclass whose fields carry their YAML key
+# (``setting``): the key's name, converter, default, how it prints, whether
+# it is secret, and the comment printed where it is computed or unset.
+# Parsing, the unknown-key check, defaults, the printed effective config
+# (toYAML) and the example-file test are all derived from these fields.
+# Rules that tie keys together are each section's ``check``. A new key is
+# one field here, plus its commented line in etc/relayd.yaml (a test checks
+# that every key of the schema is there).
 
-    return DNS(servers=section.get("servers", servers, ()),
-               timeout=section.get("timeout", _duration(1), DEFAULT_DNS_TIMEOUT))
+
+@dataclass(frozen=True)
+class Key:
+    """One YAML key of a section."""
+
+    name: str
+    # (value, key path) -> value; with ``withBase``, also the config file's
+    # directory (relative paths and sections holding them).
+    convert: Callable[..., Any] | None = None
+    withBase: bool = False
+    required: bool = False
+    expected: str = ""  # what a missing required key should have been
+    section: type | None = None  # a nested section, parsed by its own schema
+    optional: bool = False  # a nested section that may be absent (None)
+    items: type | None = None  # the section type of a list's (or mapping's) entries
+    show: Callable[[Any], Any] | None = None  # value -> what toYAML prints
+    shown: Callable[[Any], bool] | None = None  # whether it applies, given its section
+    # Printed as a comment instead of the key where the value is None or empty:
+    unset: str | None = None  # what not setting it means
+    computed: Callable[[Any, Any], tuple[str, str]] | None = None  # (section, config) -> (value, how)
+    secret: bool = False
+    notSupported: tuple[str, str] | None = None  # (what, why) it is refused for now
+
+
+def setting(name: str, convert: Callable[..., Any] | None = None, default: Any = MISSING, *,
+            factory: Any = MISSING, compare: bool = True, **described: Any) -> Any:
+    """The dataclass field for YAML key C{name} (see L{Key})."""
+    section = described.get("section")
+    required = default is MISSING and factory is MISSING and section is None
+    if section is not None and not described.get("optional") and factory is MISSING:
+        factory = section
+    metadata = {"key": Key(name, convert, required=required, **described)}
+    if default is MISSING and factory is MISSING:
+        return field(metadata=metadata)
+    if section is not None and factory is section and not _constructible(section):
+        # A section with required keys: absent, it is read as empty, so
+        # the problem reported is its first missing key.
+        return field(kw_only=True, metadata=metadata)
+    return field(default=default, default_factory=factory, compare=compare, metadata=metadata)
+
+
+def _constructible(cls: type) -> bool:
+    return all(f.default is not MISSING or f.default_factory is not MISSING or not f.init
+               for f in fields(cls))
+
+
+def duration(name: str, minimum: float, default: Any, **described: Any) -> Any:
+    return setting(name, _duration(minimum), default, show=formatDuration, **described)
+
+
+def size(name: str, default: Any, **described: Any) -> Any:
+    return setting(name, _sizeOrZero, default, show=formatSize, **described)
+
+
+def pathSetting(name: str, default: Any = MISSING, **described: Any) -> Any:
+    """A file or directory; relative to the config file's directory."""
+    return setting(name, _relativePath, default, withBase=True, **described)
+
+
+def _relativePath(value: object, path: str, baseDirectory: str) -> str:
+    return os.path.normpath(os.path.join(baseDirectory, _string(value, path)))
+
+
+class _Schema:
+    """A section of the config; C{check} holds the rules that tie its keys together."""
+
+    what: ClassVar[str] = "a mapping"
+
+    def check(self, section: "_Section") -> None:
+        pass
+
+
+@functools.cache
+def keysOf(cls: type) -> tuple[tuple[str, Key], ...]:
+    """(attribute, L{Key}) of each key of section C{cls}, in the order they are known and printed."""
+    return tuple((f.name, f.metadata["key"]) for f in fields(cls) if "key" in f.metadata)
+
+
+def schemaKeys(cls: type | None = None, prefix: str = "") -> list[str]:
+    """Every key path of the schema ("queue.retry.min"; list entries as "listeners[].tls")."""
+    found = []
+    for _, k in keysOf(cls or Config):
+        path = f"{prefix}{k.name}"
+        found.append(path)
+        if k.section is not None:
+            found.extend(schemaKeys(k.section, path + "."))
+        if k.items is not None:
+            found.extend(schemaKeys(k.items, path + "[]."))
+    return found
+
+
+def _convert(k: Key, value: object, path: str, baseDirectory: str) -> Any:
+    if k.section is not None:
+        return _parseSection(k.section, value, path, baseDirectory)
+    if k.withBase:
+        return k.convert(value, path, baseDirectory)
+    return k.convert(value, path)
+
+
+def _parseSection(cls: type, value: object, path: str, baseDirectory: str,
+                  leaveOut: tuple[str, ...] = (), given: dict | None = None) -> Any:
+    """Read the mapping C{value} at key path C{path} into section C{cls}."""
+    keys = [(a, k) for a, k in keysOf(cls) if k.name not in leaveOut]
+    section = _Section(value, path, [k.name for _, k in keys], cls.what)
+    for _, k in keys:
+        if k.notSupported is not None and k.name in section:
+            raise _notSupported(section.at(k.name), *k.notSupported)
+    values = dict(given or {})
+    for attribute, k in keys:
+        if k.notSupported is not None:
+            continue
+        if k.name in section:
+            values[attribute] = _convert(k, section.value[k.name], section.at(k.name), baseDirectory)
+        elif k.required:
+            raise _missing(section.at(k.name), k.expected)
+        elif k.section is not None and not k.optional:
+            values[attribute] = _parseSection(k.section, {}, section.at(k.name), baseDirectory)
+    parsed = cls(**values)
+    parsed.check(section)
+    return parsed
+
+
+def _tree(parsed: Any, config: Any, comment: Callable[[str], dict]) -> dict:
+    """A section as the plain YAML tree toYAML prints."""
+    tree: dict = {}
+    for attribute, k in keysOf(type(parsed)):
+        value = getattr(parsed, attribute)
+        if k.notSupported is not None or (k.shown is not None and not k.shown(parsed)):
+            continue
+        if value is None or value == ():
+            if k.computed is not None:
+                shown, how = k.computed(parsed, config)
+                tree.update(comment(f"{k.name}: {shown}  (computed: {how})"))
+                continue
+            if k.unset is not None:
+                tree.update(comment(f"{k.name}:  (not set: {k.unset})"))
+                continue
+            if value is None:
+                continue
+        if k.secret:
+            tree[k.name] = _MASK
+        elif k.show is not None:
+            tree[k.name] = k.show(value)
+        else:
+            tree[k.name] = _plain(value, config, comment)
+    return tree
+
+
+def _plain(value: Any, config: Any, comment: Callable[[str], dict]) -> Any:
+    if isinstance(value, _Schema):
+        return _tree(value, config, comment)
+    if isinstance(value, (tuple, list)):
+        return [_plain(v, config, comment) for v in value]
+    if isinstance(value, dict):
+        return {k: _plain(v, config, comment) for k, v in value.items()}
+    return value
+
+
+# Converters of the keys that are more than a scalar -----------------------------
+
+
+def _listeners(value: object, path: str) -> tuple[Listener, ...]:
+    items = _list(value, path, "a list of at least one listener", allowEmpty=False)
+    listeners = []
+    seen: dict[str, int] = {}
+    for index, item in enumerate(items):
+        listener = _parseSection(Listener, item, f"{path}[{index}]", "")
+        if listener.endpoint in seen:
+            raise _Problem(
+                f"{path}[{index}].endpoint",
+                f"expected each endpoint once, got {_quote(listener.endpoint)} again "
+                f"(also {path}[{seen[listener.endpoint]}])",
+            )
+        seen[listener.endpoint] = index
+        listeners.append(listener)
+    return tuple(listeners)
+
+
+def _networks(value: object, path: str) -> tuple[Network, ...]:
+    items = _list(value, path, "a list of networks", allowEmpty=True)
+    return tuple(_network(item, f"{path}[{i}]") for i, item in enumerate(items))
+
+
+def _clientNameTimeout(value: object, path: str) -> float:
+    seconds = _duration(0)(value, path)
+    if seconds > MAX_CLIENT_NAME_TIMEOUT:
+        raise _Problem(path, f"expected at most {formatDuration(MAX_CLIENT_NAME_TIMEOUT)} (the "
+                       f"banner waits for it), got {formatDuration(seconds)}")
+    return seconds
+
+
+def _minVersion(value: object, path: str) -> str:
+    # YAML reads an unquoted 1.2 as a number; both spellings mean the same.
+    text = str(value) if isinstance(value, float) else value
+    if text not in TLS_MIN_VERSIONS:
+        raise _expected(path, 'one of "1.2", "1.3"', value)
+    return text
+
+
+_SENDER_ENTRY_EXAMPLE = 'an address like "alice@example.com" or a domain like "@example.com"'
+
+
+def _senderEntry(value: object, path: str) -> str:
+    if isinstance(value, str) and value.startswith("@"):
+        if not _isDNSName(value[1:]):
+            raise _expected(path, _SENDER_ENTRY_EXAMPLE, value)
+        return value.lower()
+    try:
+        return _address(value, path)
+    except _Problem:
+        raise _expected(path, _SENDER_ENTRY_EXAMPLE, value) from None
+
+
+def _senders(value: object, path: str) -> tuple[tuple[str, tuple[str, ...]], ...]:
+    if not isinstance(value, dict):
+        raise _expected(path, "a mapping of login to a list of addresses and @domains", value)
+    out = []
+    for login, entries in value.items():
+        loginPath = _join(path, login)
+        if not isinstance(login, str) or not login:
+            raise _expected(loginPath, "a login name", login)
+        items = _list(entries, loginPath, "a list of addresses and @domains", allowEmpty=True)
+        out.append((login, tuple(_senderEntry(e, f"{loginPath}[{i}]") for i, e in enumerate(items))))
+    return tuple(out)
+
+
+def _servers(value: object, path: str) -> tuple[tuple[str, int], ...]:
+    items = _list(value, path, "a list of DNS server addresses", allowEmpty=False)
+    return tuple(_server(item, f"{path}[{i}]") for i, item in enumerate(items))
+
+
+def _smarthosts(value: object, path: str, baseDirectory: str) -> tuple[NextHop, ...]:
+    items = _list(value, path, "a list of smarthosts (empty: MX delivery)", allowEmpty=True)
+    return tuple(_nextHop(item, f"{path}[{i}]", baseDirectory) for i, item in enumerate(items))
 
 
 def _routes(value: object, path: str, baseDirectory: str) -> dict[str, tuple[NextHop, ...]]:
@@ -1406,74 +1096,377 @@ def _routes(value: object, path: str, baseDirectory: str) -> dict[str, tuple[Nex
     return routes
 
 
-def _delivery(value: object, path: str, baseDirectory: str = "") -> Delivery:
-    section = _Section(value, path, (
-        "smarthosts", "concurrency", "destination_concurrency", "mx_port", "routes",
-        "timeouts", "dns"))
-
-    def smarthosts(value: object, path: str) -> tuple[NextHop, ...]:
-        items = _list(value, path, "a list of smarthosts (empty: MX delivery)", allowEmpty=True)
-        return tuple(_nextHop(item, f"{path}[{i}]", baseDirectory) for i, item in enumerate(items))
-
-    return Delivery(
-        smarthosts=section.get("smarthosts", smarthosts, ()),
-        concurrency=section.get("concurrency", _integer(1), DEFAULT_CONCURRENCY),
-        destinationConcurrency=section.get(
-            "destination_concurrency", _integer(1), DEFAULT_DESTINATION_CONCURRENCY),
-        mxPort=section.get("mx_port", _port, DEFAULT_MX_PORT),
-        routes=section.get("routes", lambda v, p: _routes(v, p, baseDirectory), {}),
-        timeouts=section.get("timeouts", _timeouts, DeliveryTimeouts()),
-        dns=section.get("dns", _dns, DNS()),
-    )
+_VERIFIED_TLS = ("starttls", "implicit")
 
 
-_TOP_KEYS = (
-    "hostname",
-    "listeners",
-    "tls",
-    "auth",
-    "relay",
-    "limits",
-    "queue",
-    "postmaster",
-    "delivery",
-    "metrics",
-    "shutdown_grace",
-)
+def _nextHop(value: object, path: str, baseDirectory: str = "", inRoute: bool = False) -> NextHop:
+    """
+    One next hop. Its keys are NextHop's schema; which of them apply, and
+    the port's and tls's defaults, depend on each other, so it is read here.
+    """
+    keys = {k.name: k for _, k in keysOf(NextHop) if inRoute or k.name != "mx"}
+    section = _Section(value, path, keys, NextHop.what)
+
+    def get(name: str, default: Any) -> Any:
+        return section.get(name, lambda v, p: _convert(keys[name], v, p, baseDirectory), default)
+
+    mx = get("mx", False)
+    if mx:
+        for key in ("host", "port", "username", "password_file"):
+            if key in section:
+                raise _Problem(
+                    section.at(key),
+                    f"expected no {key} in an mx entry (it delivers to the domain's MX hosts "
+                    "on delivery.mx_port, without AUTH)",
+                )
+        host, port = "", 0
+        tls = section.get("tls", _choice(("none", "may", "starttls")), DEFAULT_MX_TLS)
+    else:
+        host = section.require("host", keys["host"].convert, keys["host"].expected)
+        tls = get("tls", DEFAULT_NEXTHOP_TLS)
+        port = get("port", 465 if tls == "implicit" else 25)
+    for key in ("verify", "ca_file"):
+        if key in section and tls not in _VERIFIED_TLS:
+            raise _Problem(
+                section.at(key),
+                f"expected only with tls: starttls or implicit (tls: {tls} never verifies "
+                "a certificate), got it with tls: " + tls,
+            )
+    hop = NextHop(host=host, port=port, tls=tls, verify=get("verify", True),
+                  caFile=get("ca_file", None), username=get("username", None),
+                  passwordFile=get("password_file", None), mx=mx)
+    if hop.username is not None:
+        if tls not in _VERIFIED_TLS:
+            raise _Problem(
+                section.at("username"),
+                f"expected only with tls: starttls or implicit (the password must never cross "
+                f"the network unencrypted), got it with tls: {tls}",
+            )
+        if hop.passwordFile is None:
+            raise _missing(section.at("password_file"), "the file holding the password for username")
+    elif hop.passwordFile is not None:
+        raise _missing(section.at("username"), "the user name that goes with password_file")
+    return hop
+
+
+# --------------------------------------------------------------------------
+# Configuration objects
+
+
+@dataclass(frozen=True)
+class Listener(_Schema):
+    what: ClassVar[str] = "a mapping with endpoint, tls and auth"
+
+    endpoint: str = setting("endpoint", _endpoint, expected=_ENDPOINT_EXAMPLE)
+    tls: str = setting("tls", _choice(LISTENER_TLS_MODES),
+                       expected="one of " + ", ".join(LISTENER_TLS_MODES))
+    auth: str = setting("auth", _choice(LISTENER_AUTH_POLICIES),
+                        expected="one of " + ", ".join(LISTENER_AUTH_POLICIES))
+    # AUTH without TLS; only allowed on loopback-only listeners.
+    plaintextAuth: bool = setting("plaintext_auth", _boolean, False,
+                                  shown=lambda l: l.plaintextAuth)
+
+    @property
+    def loopback(self) -> bool:
+        return isLoopbackEndpoint(self.endpoint)
+
+    def check(self, section: _Section) -> None:
+        if self.plaintextAuth and not self.loopback:
+            raise _Problem(
+                section.at("plaintext_auth"),
+                f"expected false on a listener other clients can reach, got true "
+                f"({_quote(self.endpoint)} is not bound to a loopback interface or a UNIX socket)",
+            )
+        if self.auth != "none" and self.tls == "none" and not self.plaintextAuth:
+            if self.loopback:
+                raise _Problem(
+                    section.at("auth"),
+                    f"expected none without TLS, got {_quote(self.auth)} (passwords would cross "
+                    "in plaintext; set tls, or plaintext_auth: true on this loopback listener)",
+                )
+            raise _Problem(
+                section.at("auth"),
+                f"expected none without TLS, got {_quote(self.auth)} (passwords would cross the "
+                "network in plaintext; set tls: starttls or tls: implicit)",
+            )
+
+
+@dataclass(frozen=True)
+class TLS(_Schema):
+    # PEM: the certificate, then its chain (all served)
+    certificate: str = pathSetting("certificate", expected="the PEM certificate (chain) file")
+    key: str = pathSetting("key", expected="the PEM private key file")
+    minVersion: str = setting("min_version", _minVersion, "1.2")
+
+
+@dataclass(frozen=True)
+class Auth(_Schema):
+    passwordFile: str = pathSetting("password_file", expected="the password file (htpasswd format)")
+    # login -> addresses ("alice@example.com") and domains ("@example.org")
+    # it may use in MAIL FROM; a login without an entry may use only itself,
+    # when it is an address.
+    senders: tuple[tuple[str, tuple[str, ...]], ...] = setting(
+        "senders", _senders, (), show=lambda s: {name: list(entries) for name, entries in s})
+    failureLimit: int = setting("failure_limit", _integer(1), DEFAULT_AUTH_FAILURE_LIMIT)
+    failureWindow: float = duration("failure_window", 1, DEFAULT_AUTH_FAILURE_WINDOW)
+    # How long a verified password is remembered (0: never).
+    cache: float = duration("cache", 0, 0.0)
+    receivedHeaderUser: bool = setting("received_header_user", _boolean, False)
+
+    def sendersFor(self, login: str) -> tuple[str, ...] | None:
+        for name, entries in self.senders:
+            if name == login:
+                return entries
+        return None
+
+
+@dataclass(frozen=True)
+class Relay(_Schema):
+    trustedNetworks: tuple[Network, ...] = setting(
+        "trusted_networks", _networks,
+        (ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("::1/128")),
+        show=lambda networks: [str(n) for n in networks])
+
+
+@dataclass(frozen=True)
+class Limits(_Schema):
+    messageSize: int = setting("message_size", _size, 10_000_000, show=formatSize)
+    recipients: int = setting("recipients", _integer(1), 100)
+    connections: int = setting("connections", _integer(1), 100)
+    connectionsPerClient: int = setting("connections_per_client", _integer(1), 20)
+    messagesPerUserPerHour: int = setting("messages_per_user_per_hour", _integer(1), 200)
+    errors: int = setting("errors", _integer(1), 20)  # Postfix's smtpd_hard_error_limit
+    commandTimeout: float = duration("command_timeout", 1, 5 * 60.0)  # RFC 5321 4.5.3.2.7
+    # RFC 5321 4.5.3.2.6 (DATA termination)
+    dataTimeout: float = duration("data_timeout", 1, 10 * 60.0)
+    greetingDelay: float = duration("greeting_delay", 0, 0.0)
+    # The client's name (PTR, confirmed by A/AAAA) is looked up before the
+    # banner, as Postfix does; the banner waits at most this long, then the
+    # name is "unknown" (0: no lookup).
+    clientNameTimeout: float = setting("client_name_timeout", _clientNameTimeout, 5.0,
+                                       show=formatDuration)
+
+
+@dataclass(frozen=True)
+class Retry(_Schema):
+    min: float = duration("min", 1, 5 * 60.0)  # seconds
+    max: float = duration("max", 1, 60 * 60.0)  # seconds
+
+    def check(self, section: _Section) -> None:
+        if self.min > self.max:
+            raise _Problem(
+                section.path,
+                f"expected min <= max, got min {formatDuration(self.min)} > max "
+                f"{formatDuration(self.max)}",
+            )
+
+
+@dataclass(frozen=True)
+class Queue(_Schema):
+    directory: str = pathSetting("directory", expected="the spool directory path")
+    # Seconds; then the sender gets a bounce (Postfix's maximal_queue_lifetime).
+    lifetime: float = duration("lifetime", 1, 5 * 86400.0)
+    # Seconds; None: no "delayed" notice.
+    delayWarning: float | None = duration("delay_warning", 1, None,
+                                          unset='no "delayed" notice is sent')
+    retry: Retry = setting("retry", section=Retry)
+    # Bytes of free space below which MAIL gets 452 4.3.1; None means
+    # FREE_SPACE_FACTOR x limits.message_size (see Config.freeSpaceReserve).
+    # Computed defaults are comments: written as keys they would stop
+    # following limits.message_size and queue.directory.
+    freeSpaceReserve: int | None = size(
+        "free_space_reserve", None, computed=lambda queue, config: (
+            formatSize(config.freeSpaceReserve()),
+            f"{FREE_SPACE_FACTOR:g} x limits.message_size"))
+    # Largest original returned whole in a bounce; bigger ones: headers only
+    # (Postfix's bounce_size_limit).
+    bounceSizeLimit: int = size("bounce_size_limit", 50_000)
+    # The admin channel (relayctl); None means <directory>/control.sock.
+    controlSocket: str | None = pathSetting(
+        "control_socket", None, computed=lambda queue, config: (
+            queue.controlSocketPath, f"{CONTROL_SOCKET_NAME} in queue.directory"))
+
+    @property
+    def controlSocketPath(self) -> str:
+        return self.controlSocket or os.path.join(self.directory, CONTROL_SOCKET_NAME)
+
+    def check(self, section: _Section) -> None:
+        if self.delayWarning is not None and self.delayWarning >= self.lifetime:
+            raise _Problem(
+                section.at("delay_warning"),
+                f"expected less than queue.lifetime ({formatDuration(self.lifetime)}), got "
+                f"{formatDuration(self.delayWarning)}, so the notice could never be sent",
+            )
+
+
+def _verified(hop: NextHop) -> bool:
+    return hop.tls in _VERIFIED_TLS
+
+
+@dataclass(frozen=True)
+class NextHop(_Schema):
+    """
+    One entry of delivery.smarthosts or delivery.routes. ``mx`` (routes
+    only) means "the recipient domain's MX hosts, with this TLS policy";
+    such an entry has no host and uses delivery.mx_port. The password is
+    never here: only the path of the file holding it (read by tap.py).
+    """
+
+    what: ClassVar[str] = "a mapping with host, port and tls"
+
+    host: str = setting("host", _host,
+                        expected='a host name or IP address like "smtp.example.net"',
+                        shown=lambda hop: not hop.mx)
+    port: int = setting("port", _port, shown=lambda hop: not hop.mx)
+    tls: str = setting("tls", _choice(NEXTHOP_TLS_MODES))
+    verify: bool = setting("verify", _boolean, True, shown=_verified)
+    caFile: str | None = pathSetting("ca_file", None, shown=_verified)
+    username: str | None = setting("username", _string, None)
+    passwordFile: str | None = pathSetting("password_file", None)
+    mx: bool = setting("mx", _boolean, False, shown=lambda hop: hop.mx)
+
+
+@dataclass(frozen=True)
+class DeliveryTimeouts(_Schema):
+    """
+    Seconds; the keys of delivery.timeouts. RFC 5321 section 4.5.3.2
+    (connect: Postfix's smtp_connect_timeout).
+    """
+
+    connect: float = duration("connect", 1, 30.0)
+    greeting: float = duration("greeting", 1, 300.0)
+    mail: float = duration("mail", 1, 300.0)
+    rcpt: float = duration("rcpt", 1, 300.0)
+    dataInit: float = duration("data_init", 1, 120.0)
+    dataBlock: float = duration("data_block", 1, 180.0)
+    dataDone: float = duration("data_done", 1, 600.0)
+
+
+@dataclass(frozen=True)
+class DNS(_Schema):
+    """Where MX and A/AAAA queries go: () means the servers in /etc/resolv.conf."""
+
+    servers: tuple[tuple[str, int], ...] = setting(
+        "servers", _servers, (), unset="the name servers in /etc/resolv.conf",
+        show=lambda servers: [_formatServer(s) for s in servers])
+    timeout: float = duration("timeout", 1, 10.0)
+
+
+@dataclass(frozen=True)
+class Delivery(_Schema):
+    smarthosts: tuple[NextHop, ...] = setting("smarthosts", _smarthosts, (), withBase=True,
+                                              items=NextHop)
+    concurrency: int = setting("concurrency", _integer(1), 20)
+    # Postfix's default_destination_concurrency_limit.
+    destinationConcurrency: int = setting("destination_concurrency", _integer(1), 20)
+    mxPort: int = setting("mx_port", _port, DEFAULT_MX_PORT)
+    # Lower-cased recipient domain (or "*") -> next hops, tried in order.
+    routes: dict[str, tuple[NextHop, ...]] = setting("routes", _routes, factory=dict,
+                                                     withBase=True, items=NextHop)
+    timeouts: DeliveryTimeouts = setting("timeouts", section=DeliveryTimeouts)
+    dns: DNS = setting("dns", section=DNS)
+
+    def passwordFiles(self) -> list[tuple[str, str]]:
+        """(key path, file) of every password_file, for reading at start and reload."""
+        found = []
+        for i, hop in enumerate(self.smarthosts):
+            if hop.passwordFile:
+                found.append((f"delivery.smarthosts[{i}].password_file", hop.passwordFile))
+        for domain, hops in self.routes.items():
+            for i, hop in enumerate(hops):
+                if hop.passwordFile:
+                    found.append((f"delivery.routes.{domain}[{i}].password_file", hop.passwordFile))
+        return found
+
+
+@dataclass(frozen=True)
+class Config(_Schema):
+    what: ClassVar[str] = "a mapping of settings"
+
+    path: str  # the file it was read from: not a key
+    hostname: str = setting("hostname", _hostname, expected='a DNS name like "relay.example.com"')
+    listeners: tuple[Listener, ...] = setting("listeners", _listeners, items=Listener,
+                                              expected="a list of at least one listener")
+    tls: TLS | None = setting("tls", None, None, section=TLS, optional=True)
+    auth: Auth | None = setting("auth", None, None, section=Auth, optional=True)
+    relay: Relay = setting("relay", section=Relay)
+    limits: Limits = setting("limits", section=Limits)
+    queue: Queue = setting("queue", section=Queue)
+    # Receives double bounces and quarantine notices, and RCPT TO:<postmaster>.
+    postmaster: str | None = setting(
+        "postmaster", _address, None,
+        unset="double bounces and quarantine notices are logged and dropped; "
+              "RCPT TO:<postmaster> gets 550 5.1.1")
+    delivery: Delivery = setting("delivery", section=Delivery)
+    metrics: None = setting("metrics", None, None, compare=False,
+                            notSupported=("section", "metrics come later"))
+    shutdownGrace: float = duration("shutdown_grace", 0, 30.0)
+
+    def check(self, section: _Section) -> None:
+        for index, listener in enumerate(self.listeners):
+            if listener.tls != "none" and self.tls is None:
+                raise _Problem("tls", f"expected a section with certificate and key, as "
+                               f"listeners[{index}] has tls: {listener.tls}, got nothing")
+            if listener.auth != "none" and self.auth is None:
+                raise _Problem("auth", f"expected a section with password_file, as "
+                               f"listeners[{index}] has auth: {listener.auth}, got nothing")
+
+    def freeSpaceReserve(self) -> int:
+        """Bytes of free spool space below which MAIL is answered 452 4.3.1 (0: off)."""
+        if self.queue.freeSpaceReserve is not None:
+            return self.queue.freeSpaceReserve
+        return int(FREE_SPACE_FACTOR * self.limits.messageSize)
+
+    def toYAML(self) -> str:
+        """
+        The effective configuration: every key with its value, defaults
+        filled in, durations and sizes in human form, secrets masked. The
+        result loads back into an equal L{Config}, so C{relayd check-config}
+        output can serve as a config file. Computed defaults and unset
+        optional keys are comments, with what they mean.
+        """
+        comments: list[str] = []
+
+        def comment(text: str) -> dict[str, str]:
+            comments.append(text)
+            return {f"{_COMMENT_KEY}{len(comments) - 1}": ""}
+
+        tree = _tree(self, self, comment)
+        header = f"# effective configuration from {self.path}\n"
+        text = yaml.safe_dump(
+            maskSecrets(tree),
+            sort_keys=False,
+            default_flow_style=False,
+            allow_unicode=True,
+            width=1000,
+        )
+        # Each stand-in key becomes its comment line, at its key's indentation.
+        return header + re.sub(
+            rf"(?m)^( *){_COMMENT_KEY}(\d+): .*$",
+            lambda m: f"{m.group(1)}# {comments[int(m.group(2))]}", text)
+
+
+def maskSecrets(tree: Any) -> Any:
+    """
+    A copy of a plain YAML tree with the value of every key in
+    L{SECRET_KEYS} replaced by a mask, at any depth.
+    """
+    if isinstance(tree, dict):
+        return {
+            k: (_MASK if k in SECRET_KEYS and v is not None else maskSecrets(v))
+            for k, v in tree.items()
+        }
+    if isinstance(tree, list):
+        return [maskSecrets(v) for v in tree]
+    return tree
 
 
 def _config(tree: object, path: str) -> Config:
     if tree is None:
         raise _Problem("(top level)", "expected a mapping of settings, got an empty file")
-    top = _Section(tree, "", _TOP_KEYS, "a mapping of settings")
-    if "metrics" in top:
-        raise _notSupported("metrics", "section", "metrics come later")
     baseDirectory = os.path.dirname(os.path.abspath(path))
-    listeners = top.require("listeners", _listeners, "a list of at least one listener")
-    tls = top.get("tls", lambda v, p: _tls(v, p, baseDirectory), None)
-    auth = top.get("auth", lambda v, p: _auth(v, p, baseDirectory), None)
-    for index, listener in enumerate(listeners):
-        if listener.tls != "none" and tls is None:
-            raise _Problem("tls", f"expected a section with certificate and key, as "
-                           f"listeners[{index}] has tls: {listener.tls}, got nothing")
-        if listener.auth != "none" and auth is None:
-            raise _Problem("auth", f"expected a section with password_file, as "
-                           f"listeners[{index}] has auth: {listener.auth}, got nothing")
-    return Config(
-        tls=tls,
-        auth=auth,
-        path=path,
-        hostname=top.require("hostname", _hostname, 'a DNS name like "relay.example.com"'),
-        listeners=listeners,
-        relay=top.get("relay", _relay, Relay()),
-        limits=top.get("limits", _limits, Limits()),
-        # queue and delivery hold required keys: a missing section is
-        # reported as its first missing key.
-        queue=_queue(top.value.get("queue", {}), "queue", baseDirectory),
-        delivery=_delivery(top.value.get("delivery", {}), "delivery", baseDirectory),
-        shutdownGrace=top.get("shutdown_grace", _duration(0), DEFAULT_SHUTDOWN_GRACE),
-        postmaster=top.get("postmaster", _address, None),
-    )
+    return _parseSection(Config, tree, "", baseDirectory, given={"path": path})
+
 
 
 # --------------------------------------------------------------------------

@@ -20,11 +20,15 @@ the whole queue answer with a count (and at most MAX_IDS_PER_CALL of the
 messages whose envelope could not be written, plus how many more). Every
 piece of an answer is bounded so that no answer can outgrow one AMP value
 (``answerBound`` states the arithmetic; a test checks it on the wire).
+
+Beside the queue, the channel shows and lifts the AUTH failure throttle's
+blocks (relayctl blocked / unblock): they live only in the daemon.
 """
 
 from __future__ import annotations
 
 import errno
+import ipaddress
 import os
 import socket
 
@@ -61,6 +65,13 @@ def answerBound(ids: int = MAX_IDS_PER_CALL) -> int:
 
 assert answerBound() <= AMP_VALUE_LIMIT
 assert MAX_ACTIVE_LISTED * (2 + 16) <= AMP_VALUE_LIMIT
+
+# Blocked clients per answer; relayctl asks page after page. An entry: the
+# address (normalized, at most 39 characters for IPv6) and the end of its
+# block (a float's repr, at most 24 characters), framed like an outcome.
+MAX_BLOCKED_PER_CALL = 500
+BLOCKED_ENTRY_BYTES = 4 + len(b"address") + 39 + 4 + len(b"until") + 24 + 2
+assert MAX_BLOCKED_PER_CALL * BLOCKED_ENTRY_BYTES <= AMP_VALUE_LIMIT
 
 
 class TooManyIds(Exception):
@@ -120,6 +131,30 @@ class Status(amp.Command):
                 (b"active", amp.ListOf(amp.Unicode()))]
 
 
+class Blocked(amp.Command):
+    """The addresses AUTH is blocked for and until when (clock seconds), from ``start`` on."""
+
+    commandName = b"blocked"
+    arguments = [(b"start", amp.Integer())]
+    response = [(b"clients", amp.AmpList([(b"address", amp.Unicode()), (b"until", amp.Float())])),
+                (b"total", amp.Integer())]
+
+
+class Unblock(amp.Command):
+    """Lift the block on an address (and forget its failures)."""
+
+    commandName = b"unblock"
+    arguments = [(b"address", amp.Unicode())]
+    response = [(b"address", amp.Unicode()), (b"wasBlocked", amp.Boolean())]
+    errors = {ValueError: b"BAD_ADDRESS"}
+
+
+class QuarantineRestore(_PerMessage):
+    """Put quarantined messages back into the queue, each checked again."""
+
+    commandName = b"quarantine-restore"
+
+
 NOT_A_QUEUE_ID = "not a queue id"
 UNKNOWN = "no such message in the queue"
 # What flush and requeue of the whole queue count as done.
@@ -152,9 +187,10 @@ def _checkCount(ids) -> None:
 
 
 class ControlProtocol(amp.AMP):
-    def __init__(self, scheduler) -> None:
+    def __init__(self, scheduler, throttle=None) -> None:
         super().__init__()
         self.scheduler = scheduler
+        self.throttle = throttle  # relayd.auth.FailureThrottle
 
     # AMP logs every connection and disconnection; the mail log gets one
     # line per admin action instead (from the scheduler).
@@ -231,6 +267,54 @@ class ControlProtocol(amp.AMP):
     def requeue(self, ids):
         return self._many(ids, self.scheduler.requeue)
 
+    @Blocked.responder
+    def blocked(self, start):
+        clients = self.throttle.blockedClients() if self.throttle is not None else []
+        page = clients[max(0, start):max(0, start) + MAX_BLOCKED_PER_CALL]
+        return {"clients": [{"address": a, "until": until} for a, until in page],
+                "total": len(clients)}
+
+    @Unblock.responder
+    def unblock(self, address):
+        from relayd.server import normalizeAddress
+
+        try:
+            address = str(ipaddress.ip_address(normalizeAddress(address)))
+        except ValueError:
+            raise ValueError(f"{address!r} is not an IP address") from None
+        wasBlocked = self.throttle.unblock(address) if self.throttle is not None else False
+        if wasBlocked:
+            maillog.clientUnblocked(address)
+        return {"address": address, "wasBlocked": wasBlocked}
+
+    @QuarantineRestore.responder
+    @defer.inlineCallbacks
+    def restoreFromQuarantine(self, ids):
+        from relayd.queue import permissionFix
+
+        _checkCount(ids)
+        outcomes = []
+        for queueId in ids:
+            if not isQueueId(queueId):
+                outcomes.append(_entry(queueId, False, NOT_A_QUEUE_ID))
+                continue
+            try:
+                outcome = yield self.scheduler.restore(queueId)
+            except FileNotFoundError:
+                outcomes.append(_entry(queueId, False, "not in quarantine"))
+            except FileExistsError:
+                outcomes.append(_entry(queueId, False, "a message with this id is in the queue"))
+            except PermissionError as e:
+                outcomes.append(_entry(queueId, False, f"{e.strerror}; "
+                                       f"{permissionFix(self.scheduler.spool.directory)}"))
+            except (ValueError, AdminRefusal) as e:
+                outcomes.append(_entry(queueId, False, f"not restored: {e}"))
+            except OSError as e:
+                outcomes.append({"id": queueId, **cannotWrite(e)})
+            else:
+                outcomes.append(_entry(queueId, True, outcome))
+        return {"outcomes": outcomes}
+
     @Status.responder
     def status(self):
         import relayd
@@ -242,11 +326,12 @@ class ControlProtocol(amp.AMP):
 class ControlFactory(protocol.Factory):
     noisy = False
 
-    def __init__(self, scheduler) -> None:
+    def __init__(self, scheduler, throttle=None) -> None:
         self.scheduler = scheduler
+        self.throttle = throttle
 
     def buildProtocol(self, addr) -> ControlProtocol:
-        return ControlProtocol(self.scheduler)
+        return ControlProtocol(self.scheduler, self.throttle)
 
 
 def _inUse(path: str) -> bool:
@@ -271,10 +356,11 @@ class ControlService(service.Service):
 
     name = "control"
 
-    def __init__(self, path: str, scheduler, reactor) -> None:
+    def __init__(self, path: str, scheduler, reactor, throttle=None) -> None:
         self.path = path
         self.scheduler = scheduler
         self.reactor = reactor
+        self.throttle = throttle
         self.port = None
 
     def startService(self) -> None:
@@ -294,7 +380,7 @@ class ControlService(service.Service):
             return
         endpoint = endpoints.UNIXServerEndpoint(self.reactor, path, mode=0o600, wantPID=False)
         result: list = []
-        endpoint.listen(ControlFactory(self.scheduler)).addBoth(result.append)
+        endpoint.listen(ControlFactory(self.scheduler, self.throttle)).addBoth(result.append)
         outcome = result[0] if result else None
         if outcome is None or isinstance(outcome, Failure):
             reason = outcome.getErrorMessage() if isinstance(outcome, Failure) else "did not listen at once"

@@ -37,7 +37,7 @@ import re
 import random as _random
 import weakref
 from dataclasses import dataclass, replace
-from typing import Any, BinaryIO, Callable, Collection, Sequence
+from typing import Any, BinaryIO, Callable, Sequence
 
 from twisted.internet import defer, error
 from twisted.internet.interfaces import IHandshakeListener, IOpenSSLClientConnectionCreator, IPullProducer
@@ -46,6 +46,7 @@ from twisted.protocols.basic import LineReceiver
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from relayd import maillog
 from relayd.config import DeliveryTimeouts
 from relayd.tcp import setNoDelay
 
@@ -1153,6 +1154,31 @@ _PEM_CERTIFICATE = re.compile(
 )
 
 
+def deliverySecrets(config: Any) -> tuple[dict[str, Secret], set[str], list[str]]:
+    """
+    Every delivery password_file read (path -> Secret), the ca_files that
+    cannot be loaded, and the problems as "key path: reason" (the reason
+    names the file, never its content).
+    """
+    passwords, brokenCaFiles, problems = {}, set(), []
+    for keyPath, path in config.delivery.passwordFiles():
+        try:
+            passwords[path] = readPassword(path)
+        except OSError as e:
+            problems.append(f"{keyPath}: cannot read {path}: {e.strerror or e}")
+        except (ValueError, UnicodeDecodeError) as e:
+            problems.append(f"{keyPath}: {path}: {'not UTF-8' if isinstance(e, UnicodeDecodeError) else 'the file is empty'}")
+    hops = list(config.delivery.smarthosts) + [
+        h for hops in config.delivery.routes.values() for h in hops]
+    for caFile in sorted({h.caFile for h in hops if h.caFile}):
+        try:
+            loadTrustRoot(caFile)
+        except Exception as e:  # OSError, or any complaint about the PEM content
+            brokenCaFiles.add(caFile)
+            problems.append(f"ca_file {caFile}: {getattr(e, 'strerror', None) or e}")
+    return passwords, brokenCaFiles, problems
+
+
 def loadTrustRoot(caFile: str | None):
     """The system CA store, or every certificate in ``caFile``."""
     from twisted.internet import ssl
@@ -1369,7 +1395,7 @@ class Courier:
     its answers stand.
 
     ``passwords`` maps each ``password_file`` path to its ``Secret`` (read
-    by tap.py at start and on reload); ``localAddresses`` returns the
+    with ``deliverySecrets`` at start, and by ``reconfigure`` on reload); ``localAddresses`` returns the
     (address, port) pairs relayd listens on: when relayd is one of the MX
     hosts only the better ones are tried, and when it is (among) the best
     the mail bounces instead of looping.
@@ -1413,26 +1439,22 @@ class Courier:
         # Pool key -> until when that target is tried after the others.
         self._failedUntil: dict[tuple, float] = {}
 
-    def reconfigure(self, timeouts: Timeouts, passwords: dict[str, Secret], resolver: Any,
-                    keepCaFiles: Collection[str] = ()) -> None:
+    def reconfigure(self, config: Any) -> None:
         """
-        A reload: new settings for new connections; idle ones are closed.
-        TLS settings built from a ca_file in ``keepCaFiles`` (one that
-        cannot be read now) stay as loaded before.
+        A reload: the new HELO name, timeouts and delivery passwords for new
+        connections; idle ones are closed. A password_file or ca_file that
+        cannot be read now keeps what was loaded before (one error line
+        each). The resolver reconfigures itself.
         """
-        self.timeouts = timeouts
-        self.passwords = dict(passwords)
-        old = self.resolver
-        if old is not None and old is not resolver:
-            # A client.Resolver re-reads resolv.conf every minute for as long
-            # as the reactor runs: stop the replaced one, or each reload
-            # would leave another polling loop behind.
-            call = getattr(old, "_parseCall", None)
-            if call is not None and call.active():
-                call.cancel()
-        self.resolver = resolver
+        passwords, brokenCaFiles, problems = deliverySecrets(config)
+        for problem in problems:
+            maillog.daemonEvent(f"reload: {problem}; keeping what was loaded before",
+                                level=maillog.LogLevel.error)
+        self.heloName = config.hostname
+        self.timeouts = config.delivery.timeouts
+        self.passwords = {**self.passwords, **passwords}
         self._creators = {key: creator for key, creator in self._creators.items()
-                          if key[3] in keepCaFiles}
+                          if key[3] in brokenCaFiles}
         self.closeIdle()
 
     def deliver(
@@ -1639,7 +1661,6 @@ class Courier:
                 final=False,
             )
         if session.tlsInfo is not None:
-            from relayd import maillog
 
             info = session.tlsInfo
             maillog.tlsConnection(session.relay, info.trust, info.protocol, info.cipher, info.bits)

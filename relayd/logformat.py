@@ -14,7 +14,9 @@ events in the two forms tools do read:
     the same lines as datagrams to the local syslog socket (``/dev/log``,
     facility ``mail``), as Postfix logs: rsyslog files them in
     /var/log/mail.log and journald keeps ``relayd/smtp`` etc. as the
-    syslog identifier. This is what systemd/relayd.service uses.
+    syslog identifier. This is what systemd/relayd.service uses. Without
+    the socket (no syslog daemon, a chroot) the lines go to stderr, after
+    one warning; ``RELAYD_SYSLOG_SOCKET`` names another socket.
 ``relayd.logformat.jsonStdout``
     one JSON object per line: ``time``, ``service``, ``level``, ``text``
     and the event's own fields (``queue_id``, ``to``, ``status``, ...).
@@ -96,19 +98,32 @@ def jsonObserver(out: IO[str]) -> ILogObserver:
 _SEVERITY = {LogLevel.debug: 7, LogLevel.info: 6, LogLevel.warn: 4, LogLevel.error: 3,
              LogLevel.critical: 2}
 _FACILITY_MAIL = 2
+DEFAULT_SYSLOG_SOCKET = "/dev/log"
 
 
-def syslogSocketObserver(path: str = "/dev/log", pid: int | None = None,
+def syslogSocketObserver(path: str = DEFAULT_SYSLOG_SOCKET, pid: int | None = None,
                          localtime: Callable[[float], time.struct_time] = time.localtime,
-                         threaded: bool = False) -> ILogObserver:
+                         fallback: IO[str] | None = None, threaded: bool = False) -> ILogObserver:
     """
-    Datagrams to the local syslog socket, one per line of an event. When
-    the socket is missing or refuses a datagram, the line goes to stderr
-    rather than nowhere. ``threaded``: sent by a LineWriter's thread
-    (``observe.writer``), as a full socket buffer blocks the sender.
+    Datagrams to the local syslog socket, one per line of an event.
+
+    When the socket is missing or refuses a datagram, lines go to
+    ``fallback`` (the process's real stderr, which systemd puts in the
+    journal) rather than nowhere, after one warning line that says why;
+    once the socket takes a datagram again, another line says so. Not
+    ``sys.stderr``: twistd points that at the log itself, so lines written
+    there would come back to this observer and be lost.
+
+    ``threaded``: sent by a LineWriter's thread (``observe.writer``), as a
+    full socket buffer blocks the sender.
     """
     processId = os.getpid() if pid is None else pid
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    out = fallback if fallback is not None else sys.__stderr__
+    failing = False
+
+    def warn(text: str) -> None:
+        out.write(f"relayd: warning: {text}\n")
 
     def datagrams(event: dict) -> list[tuple[bytes, str]]:
         severity = _SEVERITY.get(event.get("log_level"), 6)
@@ -118,14 +133,22 @@ def syslogSocketObserver(path: str = "/dev/log", pid: int | None = None,
                 for line in _text(event).split("\n")]
 
     def send(lines: list[tuple[bytes, str]]) -> None:
+        nonlocal failing
         for data, text in lines:
             try:
                 sock.sendto(data, path)
-            except OSError:
-                # The process's own stderr: twistd points sys.stderr at the
-                # log itself, which would send the line straight back here.
-                sys.__stderr__.write(text + "\n")
-                sys.__stderr__.flush()
+            except OSError as e:
+                if not failing:
+                    failing = True
+                    warn(f"syslog socket {path}: {e.strerror or e}; logging to stderr until it "
+                         "takes lines again")
+                out.write(text + "\n")
+                out.flush()
+            else:
+                if failing:
+                    failing = False
+                    warn(f"syslog socket {path} takes lines again; logging there")
+                    out.flush()
 
     deliver: Callable[[list[tuple[bytes, str]]], None] = send
     writer = None
@@ -314,7 +337,8 @@ def threadedObserver(makeObserver: Callable[[IO[str]], ILogObserver], out: IO[st
 
 
 def syslogSocket() -> ILogObserver:
-    return syslogSocketObserver(threaded=True)
+    return syslogSocketObserver(os.environ.get("RELAYD_SYSLOG_SOCKET") or DEFAULT_SYSLOG_SOCKET,
+                                threaded=True)
 
 
 def syslogStdout() -> ILogObserver:

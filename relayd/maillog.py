@@ -15,6 +15,8 @@ a HELO name or a remote reply. Secrets are never passed here.
 
 from __future__ import annotations
 
+import time
+
 from twisted.logger import Logger, LogLevel
 
 NOQUEUE = "NOQUEUE"
@@ -121,6 +123,39 @@ def saslFailed(clientName: str, clientAddress: str, method: str, reason: str,
           sasl_method=method, sasl_username=username)
 
 
+def lostConnection(verb: str, clientName: str, clientAddress: str) -> None:
+    """``lost connection after AUTH from host[ip]``: the client left without QUIT, as Postfix words it."""
+    _emit("smtpd", None, f"lost connection after {printable(verb)} from {hostAddr(clientName, clientAddress)}",
+          client_name=clientName, client_address=clientAddress, command=verb)
+
+
+def notReading(verb: str, clientName: str, clientAddress: str, unsent: int, timeout: float) -> None:
+    """``timeout after NOOP from host[ip]: replies not read ...``: the session was dropped."""
+    _emit("smtpd", None,
+          f"timeout after {printable(verb)} from {hostAddr(clientName, clientAddress)}: replies not "
+          f"read for {seconds(timeout)}s ({unsent} bytes unsent); connection dropped",
+          level=LogLevel.warn, client_name=clientName, client_address=clientAddress,
+          command=verb, unsent=unsent)
+
+
+def when(t: float) -> str:
+    """A point in time as relayd logs and prints it: ``2026-12-01 15:45:00 +0000`` (local time)."""
+    return time.strftime("%Y-%m-%d %H:%M:%S %z", time.localtime(t))
+
+
+def authBlocked(clientName: str, clientAddress: str, limit: int, window: float, until: float) -> None:
+    """
+    ``warning: SASL authentication failure limit exceeded: 5 in 900s from
+    host[ip]; AUTH blocked until ...``, once per block (the wording of
+    Postfix's anvil warnings: what, how many, from whom).
+    """
+    _emit("smtpd", None,
+          f"warning: SASL authentication failure limit exceeded: {limit} in {seconds(window)}s "
+          f"from {hostAddr(clientName, clientAddress)}; AUTH blocked until {when(until)}",
+          level=LogLevel.warn, client_name=clientName, client_address=clientAddress,
+          blocked_until=until)
+
+
 def tlsHandshakeFailed(clientName: str, clientAddress: str, reason: str) -> None:
     """``SSL_accept error from host[ip]: reason``, as Postfix words it."""
     _emit("smtpd", None, f"SSL_accept error from {hostAddr(clientName, clientAddress)}: {printable(reason)}",
@@ -154,6 +189,11 @@ def quarantined(queueId: str, reason: str) -> None:
 
 def queueWarning(queueId: str | None, text: str) -> None:
     _emit("qmgr", queueId, f"warning: {printable(text)}", level=LogLevel.warn)
+
+
+def queueError(queueId: str | None, text: str) -> None:
+    """Something an admin must fix (a queue file the daemon cannot read), not a warning."""
+    _emit("qmgr", queueId, f"error: {printable(text)}", level=LogLevel.error)
 
 
 def queueFileFailed(queueId: str, action: str, reason: str) -> None:
@@ -206,6 +246,12 @@ def noticeFailed(queueId: str, reason: str) -> None:
 def adminAction(queueId: str, action: str) -> None:
     """``<id>: removed by admin``, ``<id>: placed on hold by admin``, ..."""
     _emit("admin", queueId, f"{action} by admin", action=action)
+
+
+def clientUnblocked(clientAddress: str) -> None:
+    """``192.0.2.4: AUTH block lifted by admin`` (relayctl unblock)."""
+    _emit("admin", None, f"{printable(clientAddress)}: AUTH block lifted by admin",
+          client_address=clientAddress, action="unblocked")
 
 
 # smtp (delivery)

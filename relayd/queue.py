@@ -7,6 +7,13 @@ Layout under the spool directory (all directories 0700, all files 0600)::
     queue/<id>.eml       the canonical CRLF body, immutable once committed
     queue/<id>.env       the envelope as compact JSON (Envelope.toJSON())
     quarantine/          committed entries that could not be read back
+                         (``restore`` puts one back after a re-check)
+
+Files are created by the daemon's user, readable by it alone: the spool
+must always be used by the same user. A root daemon refuses a spool that
+belongs to someone else (``ownershipProblem``), and an entry the daemon is
+not allowed to read is an error naming the fix, left where it is, never
+quarantined: it is intact, only its owner is wrong.
 
 Two files per message, not one, because the envelope changes after every
 delivery attempt while the body never does: an update rewrites a few hundred
@@ -35,6 +42,7 @@ import errno
 import fcntl
 import json
 import os
+import pwd
 import secrets
 from typing import BinaryIO
 
@@ -107,6 +115,82 @@ def _parseEnvelope(queueId: str, raw: bytes) -> Envelope:
     if envelope.queueId != queueId:
         raise ValueError(f"envelope belongs to queue id {envelope.queueId}")
     return envelope
+
+
+def userName(uid: int) -> str:
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return str(uid)
+
+
+def permissionFix(directory: str, uid: int | None = None) -> str:
+    """What to run when the daemon (running as ``uid``) may not use files in its spool."""
+    user = userName(os.geteuid() if uid is None else uid)
+    return f"relayd runs as {user}: chown -R {user}: {directory}, then restart relayd"
+
+
+def ownershipProblem(directory: str, euid: int | None = None) -> str | None:
+    """
+    Why a daemon running as ``euid`` must not use ``directory``, or None.
+    Root's files there (0600 root) would be unreadable to the directory's
+    owner, the user the daemon normally runs as, at its next start.
+    """
+    if (os.geteuid() if euid is None else euid) != 0:
+        return None
+    try:
+        owner = os.stat(directory).st_uid
+    except OSError:
+        return None  # missing: created by this daemon; unusable: lock() says why
+    if owner == 0:
+        return None
+    user = userName(owner)
+    return (f"{directory} belongs to {user} and relayd runs as root, which would leave mail "
+            f"{user} cannot read: run relayd as {user} (User={user} in the systemd unit), "
+            f"or chown -R root: {directory} to run it as root from now on")
+
+
+def spoolProblems(directory: str) -> list[str]:
+    """
+    What would keep a daemon running as this process's user from using
+    ``directory``, each as "DIRECTORY...: what; fix", without changing
+    anything (``relayd check-config``). The daemon meets the same problems
+    in ``lock`` and ``recover``.
+    """
+    problem = ownershipProblem(directory)
+    if problem is not None:
+        return [problem]
+    if not os.path.lexists(directory):
+        parent = os.path.dirname(os.path.abspath(directory))
+        if os.access(parent, os.W_OK | os.X_OK):
+            return []  # the daemon creates it
+        return [f"{directory}: does not exist, and {parent} does not let {userName(os.geteuid())} "
+                f"create it: install -d -o {userName(os.geteuid())} -m 0700 {directory}"]
+    if not os.path.isdir(directory):
+        return [f"{directory}: not a directory"]
+    for path in (directory, *(os.path.join(directory, name) for name in (TMP, QUEUE, QUARANTINE))):
+        if os.path.isdir(path) and not os.access(path, os.R_OK | os.W_OK | os.X_OK):
+            return [f"{directory}: {path}: Permission denied; {permissionFix(directory)}"]
+    lockPath = os.path.join(directory, "lock")
+    if os.path.lexists(lockPath) and not os.access(lockPath, os.R_OK | os.W_OK):
+        return [f"{directory}: {lockPath}: Permission denied; {permissionFix(directory)}"]
+    unreadable: dict[str, str] = {}  # queue id -> its first unreadable file
+    queueDirectory = os.path.join(directory, QUEUE)
+    if os.path.isdir(queueDirectory):
+        for name in sorted(os.listdir(queueDirectory)):
+            path = os.path.join(queueDirectory, name)
+            try:
+                open(path, "rb").close()
+            except PermissionError:
+                unreadable.setdefault(name.split(".", 1)[0], path)
+            except OSError:
+                continue  # gone since the listing, or not ours: recovery says
+    if unreadable:
+        count = len(unreadable)
+        return [f"{directory}: {count} queued message{'s' if count > 1 else ''} cannot be read "
+                f"(the first: {next(iter(unreadable.values()))}: Permission denied) and would not "
+                f"be sent; {permissionFix(directory)}"]
+    return []
 
 
 class SpoolWriter:
@@ -237,6 +321,8 @@ class Spool:
         # (queue id, reason) of every entry recover() moved to quarantine/,
         # for the postmaster's notice.
         self.quarantined: list[tuple[str, str]] = []
+        # Queue ids recover() was not allowed to read (left in queue/).
+        self.unreadable: list[str] = []
 
     def lock(self) -> None:
         """
@@ -317,11 +403,16 @@ class Spool:
                 self._quarantine(queueId, "message body is missing")
                 continue
             try:
-                recovered.append(self.load(queueId))
+                envelope = self.load(queueId)
+                self.openBody(queueId).close()  # delivery must be able to read it too
+            except PermissionError as e:
+                self._unreadableEntry(queueId, e)
             except OSError as e:
-                self._quarantine(queueId, f"cannot read envelope: {e.strerror or e}")
+                self._quarantine(queueId, f"cannot read {e.filename or 'envelope'}: {e.strerror or e}")
             except ValueError as e:
                 self._quarantine(queueId, str(e))
+            else:
+                recovered.append(envelope)
         recovered.sort(key=lambda envelope: (envelope.arrival, envelope.queueId))
         return recovered
 
@@ -336,6 +427,17 @@ class Spool:
                     maillog.queueWarning(
                         None, f"cannot remove unfinished write {entry.path}: {e.strerror or e}"
                     )
+
+    def _unreadableEntry(self, queueId: str, error: PermissionError) -> None:
+        """An entry the daemon may not read: intact, so left in place, with the fix."""
+        self.unreadable.append(queueId)
+        path = error.filename or self._path(QUEUE, queueId + ENVELOPE_SUFFIX)
+        try:
+            owner = f" (owned by {userName(os.stat(path).st_uid)})"
+        except OSError:
+            owner = ""
+        maillog.queueError(queueId, f"cannot read {path}{owner}: {error.strerror or error}; "
+                                    f"not queued, left in place: {permissionFix(self.directory)}")
 
     def _quarantine(self, queueId: str, reason: str) -> None:
         """Move both files of an unreadable entry aside, keeping them for a human."""
@@ -356,6 +458,60 @@ class Spool:
                 maillog.queueWarning(
                     queueId, f"cannot move {source} to quarantine: {e.strerror or e}"
                 )
+
+    # -- quarantine (relayctl quarantine list|show|restore)
+
+    def quarantinedIds(self) -> list[str]:
+        """Queue ids with a file in quarantine/ (``<id>.env``, ``<id>.eml``, ``<id>.env.1``...), sorted."""
+        found = set()
+        for name in os.listdir(self._path(QUARANTINE)):
+            stem = name.split(".", 1)[0]
+            if isQueueId(stem):
+                found.add(stem)
+        return sorted(found)
+
+    def quarantineFiles(self, queueId: str) -> list[str]:
+        """The names of ``queueId``'s files in quarantine/."""
+        _checkId(queueId)
+        return sorted(n for n in os.listdir(self._path(QUARANTINE))
+                      if n.split(".", 1)[0] == queueId)
+
+    def examineQuarantined(self, queueId: str) -> Envelope:
+        """
+        The quarantined entry, checked as recovery checks a queued one:
+        ValueError saying what is wrong, FileNotFoundError if there is none,
+        PermissionError if this user may not read it.
+        """
+        _checkId(queueId)
+        envelopePath = self._path(QUARANTINE, queueId + ENVELOPE_SUFFIX)
+        bodyPath = self._path(QUARANTINE, queueId + BODY_SUFFIX)
+        if not os.path.lexists(envelopePath) and not os.path.lexists(bodyPath):
+            raise FileNotFoundError(errno.ENOENT, "not in quarantine", envelopePath)
+        if not os.path.lexists(envelopePath):
+            raise ValueError("the envelope is missing")
+        if not os.path.lexists(bodyPath):
+            raise ValueError("the message body is missing")
+        with open(envelopePath, "rb") as f:
+            envelope = _parseEnvelope(queueId, f.read())
+        open(bodyPath, "rb").close()
+        return envelope
+
+    def restore(self, queueId: str) -> Envelope:
+        """
+        Put a quarantined entry back into the queue after checking it again
+        (the errors of ``examineQuarantined``; FileExistsError if the id is
+        queued). Body first, then the envelope, the commit point, durably.
+        """
+        envelope = self.examineQuarantined(queueId)
+        for suffix in (ENVELOPE_SUFFIX, BODY_SUFFIX):
+            path = self._path(QUEUE, queueId + suffix)
+            if os.path.lexists(path):
+                raise FileExistsError(errno.EEXIST, "already in the queue", path)
+        for suffix in (BODY_SUFFIX, ENVELOPE_SUFFIX):
+            os.rename(self._path(QUARANTINE, queueId + suffix), self._path(QUEUE, queueId + suffix))
+        _fsyncDirectory(self._path(QUEUE))
+        _fsyncDirectory(self._path(QUARANTINE))
+        return envelope
 
     # -- receiving
 

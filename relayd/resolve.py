@@ -20,6 +20,10 @@ queries: TWISTED-NOTES.md section 4).
 
 Outcomes are values (``Targets`` or ``Unroutable``), never exceptions, so
 the courier maps them to recipient results without guessing.
+
+``clientName`` names an SMTP client as Postfix does: the first PTR name of
+its address, kept only when that name's A (or AAAA) records include the
+address again; otherwise ``unknown``.
 """
 
 from __future__ import annotations
@@ -86,11 +90,17 @@ def _failureKind(failure) -> str:
     return "temporary"
 
 
-def makeResolver(reactor: Any, servers: tuple[tuple[str, int], ...] = (), timeout: float = 10.0):
+def makeResolver(reactor: Any, servers: tuple[tuple[str, int], ...] = (), timeout: float = 10.0,
+                 resolvConf: str = "/etc/resolv.conf"):
     """
     A ``twisted.names`` resolver with explicit timeouts: ``timeout`` seconds
     in all per query, spread over three tries (the default would wait up
-    to 60 s). No servers: those in /etc/resolv.conf.
+    to 60 s). No servers: the ``nameserver`` lines of ``resolvConf``, read
+    now (start-up, and SIGHUP, which builds a new resolver). Not Twisted's
+    own reading of the file, which logs "resolv.conf changed, reparsing"
+    and every server at each start and reload, re-reads the file every
+    minute on the reactor thread, and keeps doing so for every resolver a
+    reload replaced.
     """
     from twisted.names import client
 
@@ -98,9 +108,55 @@ def makeResolver(reactor: Any, servers: tuple[tuple[str, int], ...] = (), timeou
     # this every lookup adds "starting on"/"stopping" lines to the mail log.
     dns.DNSDatagramProtocol.noisy = False
     tries = (timeout * 0.1, timeout * 0.3, timeout * 0.6)
-    if servers:
-        return client.Resolver(servers=list(servers), timeout=tries, reactor=reactor)
-    return client.Resolver(resolv="/etc/resolv.conf", timeout=tries, reactor=reactor)
+    return client.Resolver(servers=list(servers) or nameServers(resolvConf), timeout=tries,
+                           reactor=reactor)
+
+
+class ConfiguredResolver:
+    """
+    The one resolver of MX delivery and client names, built from
+    delivery.dns; a reload builds the ``twisted.names`` resolver again
+    (new servers and timeout, resolv.conf read again) for the lookups that
+    start after it.
+    """
+
+    def __init__(self, reactor: Any, config: Any):
+        self.reactor = reactor
+        self.reconfigure(config)
+
+    def reconfigure(self, config: Any) -> None:
+        dnsConfig = config.delivery.dns
+        self.resolver = makeResolver(self.reactor, dnsConfig.servers, dnsConfig.timeout)
+
+    def lookupAddress(self, name: str, timeout: Any = None) -> defer.Deferred:
+        return self.resolver.lookupAddress(name, timeout)
+
+    def lookupIPV6Address(self, name: str, timeout: Any = None) -> defer.Deferred:
+        return self.resolver.lookupIPV6Address(name, timeout)
+
+    def lookupMailExchange(self, name: str, timeout: Any = None) -> defer.Deferred:
+        return self.resolver.lookupMailExchange(name, timeout)
+
+    def lookupPointer(self, name: str, timeout: Any = None) -> defer.Deferred:
+        return self.resolver.lookupPointer(name, timeout)
+
+
+def nameServers(path: str) -> list[tuple[str, int]]:
+    """
+    The ``nameserver`` addresses of a resolv.conf file; like the C
+    library, the local server (127.0.0.1) when there are none or the file
+    is missing.
+    """
+    found = []
+    try:
+        with open(path, "rb") as f:
+            for line in f:
+                fields = line.split()
+                if len(fields) >= 2 and fields[0] == b"nameserver":
+                    found.append((fields[1].decode("ascii", "replace"), dns.PORT))
+    except OSError:
+        pass
+    return found or [("127.0.0.1", dns.PORT)]
 
 
 async def _addresses(resolver: Any, name: str) -> tuple[list[str], str | None]:
@@ -222,3 +278,112 @@ def _byPreference(records: list, shuffle: Callable[[list], None]) -> list[tuple[
                 seen.add(name)
                 ordered.append((preference, name))
     return ordered
+
+
+# Client names ----------------------------------------------------------------
+
+UNKNOWN_CLIENT = "unknown"
+
+
+@dataclass(frozen=True)
+class ClientName:
+    """The name to log, and why a PTR name was not taken (Postfix's warning), if it was not."""
+
+    name: str
+    warning: str | None = None
+
+
+def _reverseName(address: str) -> str | None:
+    import ipaddress
+
+    try:
+        return ipaddress.ip_address(address).reverse_pointer
+    except ValueError:
+        return None
+
+
+def _numeric(name: str) -> bool:
+    """A PTR name that reads as an address ("192.0.2.4") names nothing."""
+    import ipaddress
+
+    try:
+        ipaddress.ip_address(name)
+    except ValueError:
+        return all(label.isdigit() for label in name.split("."))
+    return True
+
+
+async def clientName(resolver: Any, address: str, timeout: float) -> ClientName:
+    """
+    The client's forward-confirmed name: one PTR query, then one A or AAAA
+    query for the first usable PTR name, each given ``timeout / 2`` seconds
+    over two tries, so the whole costs two queries and at most ``timeout``.
+    Any failure (NXDOMAIN, SERVFAIL, timeout, a name that does not point
+    back) is ``unknown``; the client's address alone decides what it may do.
+    """
+    import ipaddress
+
+    reverse = _reverseName(address)
+    if reverse is None or timeout <= 0:
+        return ClientName(UNKNOWN_CLIENT)
+    tries = (timeout * 0.5 * 0.4, timeout * 0.5 * 0.6)
+    try:
+        answers, _, _ = await resolver.lookupPointer(reverse, timeout=tries)
+    except Exception:
+        return ClientName(UNKNOWN_CLIENT)
+    names = [r.payload for r in answers if r.type == dns.PTR]
+    usable = [_name(p) for p in names if _validHostname(p) and _name(p) and not _numeric(_name(p))]
+    if not usable:
+        return ClientName(UNKNOWN_CLIENT)
+    name = usable[0]
+    ip = ipaddress.ip_address(address)
+    rrtype = dns.A if ip.version == 4 else dns.AAAA
+    lookup = resolver.lookupAddress if ip.version == 4 else resolver.lookupIPV6Address
+    try:
+        answers, _, _ = await lookup(name, timeout=tries)
+    except Exception as e:
+        reason = "Name or service not known" if isinstance(e, dnsError.DNSNameError) else \
+            "Temporary failure in name resolution"
+        return ClientName(UNKNOWN_CLIENT,
+                          f"hostname {name} does not resolve to address {address}: {reason}")
+    for record in answers:
+        if record.type != rrtype:
+            continue
+        found = record.payload.dottedQuad() if rrtype == dns.A else _ipv6(record.payload)
+        if ipaddress.ip_address(found) == ip:
+            return ClientName(name)
+    return ClientName(UNKNOWN_CLIENT, f"hostname {name} does not resolve to address {address}")
+
+
+class ClientNames:
+    """
+    Client names for the SMTP server, within ``timeout`` seconds whatever
+    the DNS does (0: no lookups, every client ``unknown``).
+    """
+
+    def __init__(self, resolver: Any, timeout: float, clock: Any):
+        self.resolver = resolver
+        self.timeout = timeout
+        self.clock = clock
+
+    def reconfigure(self, config: Any) -> None:
+        """A reload: limits.client_name_timeout for the sessions that start after it."""
+        self.timeout = config.limits.clientNameTimeout
+
+    def lookup(self, address: str) -> defer.Deferred:
+        """A Deferred that fires with a ClientName within ``timeout`` seconds, never fails."""
+        if self.timeout <= 0 or self.resolver is None:
+            return defer.succeed(ClientName(UNKNOWN_CLIENT))
+        result: defer.Deferred = defer.Deferred()
+
+        def settle(value) -> None:
+            if deadline.active():
+                deadline.cancel()
+            if not result.called:
+                result.callback(value if isinstance(value, ClientName) else ClientName(UNKNOWN_CLIENT))
+
+        # The queries end by themselves within the timeout; this only
+        # guarantees the answer if a resolver does not.
+        deadline = self.clock.callLater(self.timeout, settle, ClientName(UNKNOWN_CLIENT))
+        defer.Deferred.fromCoroutine(clientName(self.resolver, address, self.timeout)).addBoth(settle)
+        return result

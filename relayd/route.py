@@ -14,8 +14,8 @@ A route entry with ``mx: true`` is an ``MXRoute`` too, with that entry's
 TLS policy, so a domain can get MX delivery with required TLS while the
 rest of the mail goes to a smarthost.
 
-A next hop is anything with ``.host``, ``.port`` and ``.tls`` (in practice
-``relayd.config.NextHop``); this module never imports the config module.
+``delivery`` is ``relayd.config.Delivery`` and its next hops are
+``relayd.config.NextHop``; this module never imports the config module.
 """
 
 from __future__ import annotations
@@ -56,19 +56,16 @@ def recipientDomain(address: str) -> str:
 
 
 def _mxRoute(domain: str, delivery: Any, entry: Any = None) -> MXRoute:
-    port = getattr(delivery, "mxPort", DEFAULT_MX_PORT)
     if entry is None:
-        return MXRoute(domain, port)
-    return MXRoute(domain, port, entry.tls, getattr(entry, "verify", True),
-                   getattr(entry, "caFile", None))
+        return MXRoute(domain, delivery.mxPort)
+    return MXRoute(domain, delivery.mxPort, entry.tls, entry.verify, entry.caFile)
 
 
 def nextHops(recipientDomain: str, delivery: Any) -> tuple[Any, ...]:
     """The next hops, in the order to try them, for mail to ``recipientDomain``."""
-    routes = getattr(delivery, "routes", None) or {}
-    hops = routes.get(recipientDomain) or routes.get("*")
+    hops = delivery.routes.get(recipientDomain) or delivery.routes.get("*")
     if hops:
-        if getattr(hops[0], "mx", False):
+        if hops[0].mx:
             return (_mxRoute(recipientDomain, delivery, hops[0]),)
         return tuple(hops)
     if delivery.smarthosts:

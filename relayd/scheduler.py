@@ -399,7 +399,7 @@ class Scheduler(service.Service):
         if not to:
             if kind == NOTICE_DELAY:
                 return True  # nobody to warn; and never a notice about a notice's delay
-            postmaster = getattr(self.settings, "postmaster", None)
+            postmaster = self.settings.postmaster
             if envelope.notice in (NOTICE_DOUBLE_BOUNCE, NOTICE_QUARANTINE):
                 maillog.noticeDiscarded(queueId, "a notice to the postmaster is never returned")
                 return True
@@ -431,7 +431,7 @@ class Scheduler(service.Service):
 
     def reportQuarantine(self, entries: Sequence[tuple[str, str]]) -> defer.Deferred:
         """Tell the postmaster (if one is configured) which entries recovery quarantined."""
-        postmaster = getattr(self.settings, "postmaster", None)
+        postmaster = self.settings.postmaster
         if not entries or not postmaster:
             return defer.succeed(None)
         now = self.clock.seconds()
@@ -579,6 +579,22 @@ class Scheduler(service.Service):
         maillog.adminAction(queueId, "returned to sender")
         self._start(envelope, {}, self._cancel)
         return "returned to sender"
+
+    def restore(self, queueId: str) -> defer.Deferred:
+        """
+        Put a quarantined message back into the queue (checked again, in the
+        spool's threads) and schedule it. Fails with the spool's errors
+        (ValueError: still broken; FileNotFoundError; FileExistsError).
+        """
+        if queueId in self.envelopes:
+            return defer.fail(AdminRefusal("a message with this id is in the queue"))
+
+        def restored(envelope: Envelope) -> str:
+            maillog.adminAction(queueId, "restored from quarantine")
+            self.add(envelope)
+            return "restored from quarantine"
+
+        return self.runInThread(self.spool.restore, queueId).addCallback(restored)
 
     @defer.inlineCallbacks
     def _cancel(self, envelope: Envelope, started: float, groups: dict):

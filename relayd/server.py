@@ -26,14 +26,16 @@ from OpenSSL import SSL
 from twisted.cred import credentials
 from twisted.cred import error as credError
 from twisted.internet import defer, protocol
-from twisted.internet.interfaces import IHandshakeListener
+from twisted.internet.interfaces import IHandshakeListener, IPushProducer
 from twisted.logger import Logger
 from twisted.mail import smtp
+from twisted.protocols.tls import TLSMemoryBIOProtocol
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from relayd import maillog, replies
-from relayd.auth import FailureThrottle, IRelayClient, MessageRate, PasswordTooLong, hasRoutingTricks
+from relayd.auth import (CheckAbandoned, ClientCredentials, FailureThrottle, IRelayClient,
+                         MessageRate, PasswordTooLong, hasRoutingTricks)
 from relayd.config import DEFAULT_AUTH_FAILURE_LIMIT, DEFAULT_AUTH_FAILURE_WINDOW, Listener
 from relayd.tls import sessionDescription
 from relayd.envelope import Envelope, Recipient, newQueueId
@@ -57,10 +59,48 @@ _LOGIN_USERNAME = "VXNlcm5hbWU6"
 _LOGIN_PASSWORD = "UGFzc3dvcmQ6"
 # What a listener without explicit settings is (tests, the foundation).
 DEFAULT_LISTENER = Listener(endpoint="tcp:0", tls="none", auth="none")
-# While a commit is pending, input beyond this pauses the transport.
+# While a commit or password check is pending, input beyond this pauses the transport.
 MAX_QUEUED_INPUT = 256 * 1024
+# What one read from a socket can add at once (Twisted's TCP transports read
+# at most 64 KiB per call; a TLS layer hands on what one read decrypts, plus
+# at most one partial record left from before).
+MAX_READ = 64 * 1024
+# Input held (queued commands and a partial line) past which a session is
+# aborted. Reading stops long before -- at MAX_QUEUED_INPUT, or as soon as
+# replies back up -- and what was already read can add at most two reads:
+# only a transport that does not honour pauseProducing gets here.
+MAX_HELD_INPUT = MAX_QUEUED_INPUT + 2 * MAX_READ
+# A session that is closing (QUIT, timeout, refusal, shutdown, error) gets
+# this long to hand over its last replies; then it is aborted. A client that
+# never reads, or never completes its TLS handshake, cannot hold its
+# connection open past it.
+CLOSE_GRACE = 5.0
+
+# What one session holds in memory at most, by kind (README.rst,
+# "Submission security", states the sums).
+# Twisted's socket transport pauses its producer past this many unsent bytes
+# (FileDescriptor.bufferSize).
+SOCKET_BUFFER = 64 * 1024
+# The longest reply: a command's argument (at most 512 octets) echoed in a
+# reply text, or the EHLO list.
+MAX_REPLY = 1024
+# Unsent replies: the socket's bound, the reply that crossed it, and the few
+# a step already under way may still write (a commit's 250 or an AUTH
+# verdict, then a 421).
+MAX_UNSENT = SOCKET_BUFFER + 4 * MAX_REPLY
+# A TLS layer also collects small writes (up to 64,000 bytes) before it
+# encrypts them, and the flush that crosses the socket's bound is one such
+# collection; 1 KiB covers the records' overhead.
+TLS_WRITE_AGGREGATION = 64_000
+MAX_UNSENT_TLS = MAX_UNSENT + TLS_WRITE_AGGREGATION + 1024
 # Header block held in memory to look for Message-ID/Date before writing.
 MAX_HEADER_BLOCK = 256 * 1024
+# What the DATA reader holds between reads: the header block and a partial
+# line (two bytes of the previous line's end kept for the terminator search).
+MAX_DATA_HELD = MAX_HEADER_BLOCK + MAX_DATA_LINE + 4
+# Every buffer of a session at its bound together.
+MAX_SESSION_MEMORY = MAX_UNSENT + MAX_HELD_INPUT + MAX_DATA_HELD
+MAX_SESSION_MEMORY_TLS = MAX_UNSENT_TLS + MAX_HELD_INPUT + MAX_DATA_HELD
 
 _HELO_NAME = re.compile(rb"[\x21-\x7e]{1,255}")
 _PARAM_KEYWORD = re.compile(r"[A-Za-z0-9][A-Za-z0-9-]*")
@@ -172,13 +212,20 @@ class Transaction:
     recipients: list[Recipient] = field(default_factory=list)
 
 
-@implementer(IHandshakeListener)
+@implementer(IHandshakeListener, IPushProducer)
 class SubmissionServer(smtp.ESMTP):
     """
     One SMTP session. The factory passes in the policy (trusted networks,
     limits), the spool and the commit function, and the session tracker;
     ``listener`` says whether this port offers STARTTLS, is TLS from the
     first byte, and whether AUTH is off, optional or required.
+
+    The session is the producer of its replies, registered with its
+    transport: when the transport holds more unsent bytes than it wants
+    (Twisted's socket buffer past 64 KiB, or a TLS layer that cannot send
+    yet) it pauses the session, which then stops reading and answering
+    until the client has read its replies, and drops a client that stays
+    that way longer than limits.command_timeout.
     """
 
     noisy = False
@@ -190,8 +237,15 @@ class SubmissionServer(smtp.ESMTP):
         self.timeout = factory.config.limits.commandTimeout
         self.callLater = factory.clock.callLater
         self._inbox = bytearray()
-        self._busy = False  # an asynchronous step (commit) is pending
-        self._paused = False
+        self._busy = False  # an asynchronous step (commit, password check) is pending
+        self._readingPaused = False  # transport.pauseProducing() is in force
+        self._producing = False  # registered as the transport's producer
+        self._writeBlocked = False  # the transport paused us: replies are backed up
+        self._stallTimer = None  # drops a client that does not read its replies
+        self._closeTimer = None  # aborts a session whose close does not complete
+        self._savedTimeout: float | None = None
+        self._check: ClientCredentials | None = None  # the password check in flight
+        self.lastVerb = "CONNECT"  # for "timeout after X" and "lost connection after X", as Postfix logs them
         self._processing = False
         self._closing = False  # reply sent that ends the session; ignore input
         self._shutdownRequested = False
@@ -215,6 +269,7 @@ class SubmissionServer(smtp.ESMTP):
         self.authMethod: str | None = None
         self._sasl: tuple[str, bytes | None] | None = None
         self._greeting = None  # the delayed greeting's call, while it waits
+        self._naming = None  # the client name lookup, while the banner waits for it
         self._lost = False
 
     # Connection
@@ -223,22 +278,56 @@ class SubmissionServer(smtp.ESMTP):
         setNoDelay(self.transport)
         peer = self.transport.getPeer()
         self.clientAddress = normalizeAddress(getattr(peer, "host", str(peer)))
-        # Reverse DNS lookups come with the operations issue; Postfix logs
-        # "unknown" when it has no verified name, and so does relayd.
+        # Until the name is confirmed, and for good when it is not: Postfix's "unknown".
         self.clientName = "unknown"
+        # Trust is the address's alone, never the name's.
         self.trusted = isTrusted(self.clientAddress, self.factory.config.relay.trustedNetworks)
         # auth: required binds everyone on the listener, trusted networks too.
         relays = self.trusted and self.listener.auth != "required"
         self.avatar = self.connectAvatar = TrustedNetworkClient() if relays else AnonymousClient()
         if self.listener.tls == "implicit":
             self.secure = self._handshaking = True
-        maillog.connected(self.clientName, self.clientAddress)
         refusal = self.factory.sessionStarted(self)
         if refusal is not None:
+            # Refused at once, without a DNS lookup: a flood costs no queries.
+            maillog.connected(self.clientName, self.clientAddress)
+            # On an implicit-TLS port the 421 waits for a handshake that a
+            # silent client never starts; _close's timer aborts the
+            # connection after CLOSE_GRACE. Waiting that little (rather than
+            # aborting at once) lets a real client over the limit read why
+            # it was refused, and a refused session holds no slot meanwhile.
             self.reply(refusal)
             self._close()
             return
         self.setTimeout(self.timeout)
+        if not self._handshaking:
+            self._registerProducer()
+        # As Postfix: the name first (bounded by limits.client_name_timeout),
+        # so "connect from" and every later line carry it; nothing is read
+        # from the client meanwhile.
+        if self.factory.clientNames is None:
+            self._named(None)
+            return
+        naming = self.factory.clientNames(self.clientAddress)
+        if not naming.called:
+            self._naming = naming
+            self.transport.pauseProducing()
+        naming.addCallback(self._named)
+
+    def _named(self, found) -> None:
+        """The client's name is known (or "unknown"): log the connection, then greet."""
+        paused, self._naming = self._naming is not None, None
+        if self._lost:
+            return
+        if found is not None:
+            self.clientName = found.name
+            if found.warning:
+                maillog.smtpdWarning(found.warning)
+        maillog.connected(self.clientName, self.clientAddress)
+        if paused:
+            self.transport.resumeProducing()
+        if self._closing:  # the daemon began stopping meanwhile: 421 sent already
+            return
         delay = self.factory.config.limits.greetingDelay
         if delay > 0:
             self._greeting = self.callLater(delay, self._greet)
@@ -251,13 +340,124 @@ class SubmissionServer(smtp.ESMTP):
 
     def handshakeCompleted(self) -> None:
         self._handshaking = False
+        self._registerProducer()
+
+    # Backpressure: the session as its transport's producer
+
+    def _registerProducer(self) -> None:
+        # Only once TLS is up: before the handshake a TLS transport pauses
+        # its producer for every write it must hold, and a session that
+        # stopped reading then would never receive the handshake itself.
+        # Across STARTTLS, Twisted moves the registration into the TLS layer.
+        if self._producing or self._closing or self._lost:
+            return
+        self._producing = True
+        self.transport.registerProducer(self, True)
+
+    def _unregisterProducer(self) -> None:
+        # Before loseConnection: with a producer registered, neither a socket
+        # nor a TLS layer ever completes a close.
+        if self._producing:
+            self._producing = False
+            self.transport.unregisterProducer()
+
+    def pauseProducing(self) -> None:
+        """The transport's unsent bytes passed its bound: stop reading and answering."""
+        if self._writeBlocked or self._lost or self._closing:
+            return
+        self._writeBlocked = True
+        # Not idle but stalled: the stall timer decides, with its own log line.
+        self._savedTimeout = self.timeOut
+        self.setTimeout(None)
+        self._stallTimer = self.callLater(self.factory.config.limits.commandTimeout,
+                                          self._writeStalled)
+        self._updateReading()
+
+    def resumeProducing(self) -> None:
+        """The client has read its replies: carry on with what it sent."""
+        if not self._writeBlocked:
+            return
+        self._writeBlocked = False
+        self._cancelTimer("_stallTimer")
+        if self._lost or self._closing:
+            return
+        self.setTimeout(self._savedTimeout)
+        self._updateReading()
+        self._process()
+
+    def stopProducing(self) -> None:
+        """The connection is gone; connectionLost does the cleaning up."""
+
+    def _writeStalled(self) -> None:
+        self._stallTimer = None
+        maillog.notReading(self.lastVerb, self.clientName, self.clientAddress,
+                           self.unsentReplyBytes, self.factory.config.limits.commandTimeout)
+        self._abort()
+
+    def _updateReading(self) -> None:
+        """Read from the client unless replies are backed up or too much input waits for a pending step."""
+        if self._lost or self._closing:
+            return
+        pause = self._writeBlocked or (self._busy and len(self._inbox) > MAX_QUEUED_INPUT)
+        if pause and not self._readingPaused:
+            self._readingPaused = True
+            self.transport.pauseProducing()
+        elif not pause and self._readingPaused:
+            self._readingPaused = False
+            self.transport.resumeProducing()
+
+    def _cancelTimer(self, name: str) -> None:
+        timer = getattr(self, name)
+        setattr(self, name, None)
+        if timer is not None and timer.active():
+            timer.cancel()
+
+    # What the session holds in memory, for tests and bounds
+
+    @property
+    def unsentReplyBytes(self) -> int:
+        """Replies written and not yet handed to the kernel (in Twisted's and TLS's buffers)."""
+        return unsentBytes(self.transport) if self.transport is not None else 0
+
+    @property
+    def pendingInputBytes(self) -> int:
+        """Input read and not yet handled: queued commands and a partial line (at most MAX_HELD_INPUT)."""
+        return len(self._inbox)
+
+    @property
+    def partialLineBytes(self) -> int:
+        """The unterminated command line at the end of the input (at most MAX_UNTERMINATED when handled)."""
+        if self._data is not None:
+            return 0
+        return len(self._inbox) - (self._inbox.rfind(b"\n") + 1)
+
+    @property
+    def dataBufferBytes(self) -> int:
+        """Body bytes the DATA reader holds (a partial line, the header block)."""
+        return self._data.heldBytes if self._data is not None else 0
 
     def connectionLost(self, reason: Failure = protocol.connectionDone) -> None:
         self._lost = True
+        self._inbox.clear()
+        if self._check is not None:
+            # Not started yet: it never will be; started: its verdict still counts.
+            self._check.abandon()
+        self._cancelTimer("_stallTimer")
+        self._cancelTimer("_closeTimer")
+        if self._naming is not None:
+            # Gone before its name was known: still one connect line per disconnect.
+            self._naming = None
+            maillog.connected(self.clientName, self.clientAddress)
         if self._greeting is not None and self._greeting.active():
             self._greeting.cancel()
         if self._handshaking and reason is not None and reason.check(SSL.Error):
             maillog.tlsHandshakeFailed(self.clientName, self.clientAddress, _sslReason(reason.value))
+        if not self._closing and self.lastVerb == "AUTH":
+            # Gone in the middle of AUTH: a guess that did not wait for its
+            # answer. Postfix logs this line after any command; relayd only
+            # here, where it marks an attack (fail2ban's postfix filter
+            # matches it in aggressive mode) and not a health check.
+            maillog.lostConnection(self.lastVerb, self.clientName, self.clientAddress)
         self.setTimeout(None)
         if self._data is not None:
             self._discard(self._data.writer)
@@ -268,8 +468,7 @@ class SubmissionServer(smtp.ESMTP):
     def timeoutConnection(self) -> None:
         if self._handshaking:
             # Nothing can be said to a client stuck in the handshake.
-            self._closing = True
-            self.transport.abortConnection()
+            self._abort()
             return
         self.reply(replies.IDLE_TIMEOUT.format(hostname=self.factory.hostname))
         self._close()
@@ -283,9 +482,33 @@ class SubmissionServer(smtp.ESMTP):
         raise RuntimeError("relayd sends replies through SubmissionServer.reply")
 
     def _close(self) -> None:
+        """Close after the replies written so far; abort if that takes longer than CLOSE_GRACE."""
+        if self._lost:
+            return
         self._closing = True
         self._inbox.clear()
+        self.setTimeout(None)
+        self._cancelTimer("_stallTimer")
+        self._unregisterProducer()
         self.transport.loseConnection()
+        if self._closeTimer is None:
+            self._closeTimer = self.callLater(CLOSE_GRACE, self._closeOverdue)
+
+    def _closeOverdue(self) -> None:
+        self._closeTimer = None
+        if not self._lost:
+            self.transport.abortConnection()
+
+    def _abort(self) -> None:
+        """Drop the connection now, without a word (a client that cannot be answered)."""
+        if self._lost:
+            return
+        self._closing = True
+        self._inbox.clear()
+        self.setTimeout(None)
+        self._cancelTimer("_stallTimer")
+        self._unregisterProducer()
+        self.transport.abortConnection()
 
     def shutdown(self) -> None:
         """The daemon is stopping: say 421 now, or right after the data/commit in progress."""
@@ -304,9 +527,13 @@ class SubmissionServer(smtp.ESMTP):
     # The input path
 
     def dataReceived(self, data: bytes) -> None:
-        if self._closing:
+        if self._closing or self._lost:
             return
-        self._handshaking = False
+        if self._handshaking:
+            # Decrypted bytes: the handshake is done (handshakeCompleted is
+            # not forwarded behind the haproxy wrapper).
+            self._handshaking = False
+            self._registerProducer()
         if self._greeting is not None:
             # Talking before the banner: a bot that does not wait for replies.
             self._greeting.cancel()
@@ -316,14 +543,20 @@ class SubmissionServer(smtp.ESMTP):
             self.reply(replies.PREGREET)
             self._close()
             return
-        self.resetTimeout()
+        if not self._writeBlocked:
+            self.resetTimeout()
         self._inbox += data
+        if len(self._inbox) > MAX_HELD_INPUT:
+            maillog.smtpdWarning(
+                f"{maillog.hostAddr(self.clientName, self.clientAddress)}: {len(self._inbox)} bytes "
+                f"of input held while reading was paused; connection dropped")
+            return self._abort()
         self._process()
 
     def _process(self) -> None:
         # A commit that completes synchronously resumes input from inside
         # this loop; the outer loop then simply carries on.
-        if self._processing:
+        if self._processing or self._lost:
             return
         self._processing = True
         try:
@@ -333,7 +566,7 @@ class SubmissionServer(smtp.ESMTP):
 
     def _processInbox(self) -> None:
         inbox = self._inbox
-        while inbox and not self._busy and not self._closing:
+        while inbox and not self._busy and not self._closing and not self._writeBlocked:
             if self._data is not None:
                 chunk = bytes(inbox)
                 inbox.clear()
@@ -352,15 +585,13 @@ class SubmissionServer(smtp.ESMTP):
             line = bytes(inbox[: end + 1])
             del inbox[: end + 1]
             self._commandLine(line)
-        if self._busy and len(inbox) > MAX_QUEUED_INPUT and not self._paused:
-            self._paused = True
-            self.transport.pauseProducing()
+        self._updateReading()
 
     def _resume(self) -> None:
         self._busy = False
-        if self._paused:
-            self._paused = False
-            self.transport.resumeProducing()
+        if self._lost:
+            return
+        self._updateReading()
         if self._shutdownIfDue():
             return
         self._process()
@@ -380,7 +611,9 @@ class SubmissionServer(smtp.ESMTP):
         verb, _, rest = line.strip().partition(b" ")
         handler = self._commands.get(verb.upper())
         if handler is None:
+            self.lastVerb = "UNKNOWN"
             return self._error(replies.COMMAND_UNRECOGNIZED)
+        self.lastVerb = verb.upper().decode("ascii")
         try:
             text = rest.strip().decode("utf-8")
         except UnicodeDecodeError:
@@ -607,6 +840,7 @@ class SubmissionServer(smtp.ESMTP):
         )
 
     def _endOfData(self) -> None:
+        self.lastVerb = "END-OF-MESSAGE"
         self.setTimeout(self.factory.config.limits.commandTimeout)
         reader, self._data = self._data, None
         txn = self.transaction
@@ -726,9 +960,8 @@ class SubmissionServer(smtp.ESMTP):
             return self._error(replies.AUTH_ALREADY)
         if self.transaction is not None:
             return self._error(replies.AUTH_IN_TRANSACTION)
-        if self.factory.authThrottle.blocked(self.clientAddress):
-            self.reply(replies.AUTH_THROTTLED.format(hostname=self.factory.hostname))
-            return self._close()
+        if not self.factory.authThrottle.mayCheck(self.clientAddress):
+            return self._throttled()
         mechanism, _, initial = rest.partition(" ")
         mechanism, initial = mechanism.upper(), initial.strip()
         if not mechanism or " " in initial:
@@ -770,17 +1003,42 @@ class SubmissionServer(smtp.ESMTP):
         authzid, login, password = parts
         if authzid and authzid != login:
             return self._authFailed(Failure(credError.UnauthorizedLogin()), mechanism,
-                                    login, replies.AUTH_AUTHZID)
+                                    login, replies.AUTH_AUTHZID, checked=False)
         self._verify(mechanism, login, password)
 
     def _verify(self, mechanism: str, login: bytes, password: bytes) -> None:
+        if self._lost or self._closing:
+            return  # never a password check for a client that is gone
+        throttle = self.factory.authThrottle
+        # Counted in flight from here, so parallel guesses from many
+        # connections cannot get past auth.failure_limit.
+        if not throttle.startCheck(self.clientAddress):
+            return self._throttled()
         self._busy = True
-        d = self.factory.portal.login(credentials.UsernamePassword(login, password), None, IRelayClient)
+        self._check = creds = ClientCredentials(login, password)
         del password
-        d.addCallbacks(self._authenticated, self._authFailed, callbackArgs=(mechanism,),
-                       errbackArgs=(mechanism, login))
+        d = self.factory.portal.login(creds, None, IRelayClient)
+        d.addBoth(self._checked, mechanism, login)
         d.addErrback(lambda f: log.failure("AUTH", f))
-        d.addBoth(lambda _: None if self._lost else self._resume())
+
+    def _checked(self, result, mechanism: str, login: bytes) -> None:
+        """The verdict of a password check: counted and logged even when the client has gone."""
+        self._check = None
+        throttle = self.factory.authThrottle
+        if isinstance(result, Failure) and result.check(CheckAbandoned):
+            throttle.checkEnded(self.clientAddress, failed=False)
+        elif isinstance(result, Failure):
+            if result.check(credError.UnauthorizedLogin):
+                until = throttle.checkEnded(self.clientAddress, failed=True)
+            else:
+                throttle.checkEnded(self.clientAddress, failed=False)
+                until = None
+            self._authFailed(result, mechanism, login, blockedUntil=until)
+        else:
+            throttle.checkEnded(self.clientAddress, failed=False)
+            self._authenticated(result, mechanism)
+        if not self._lost:
+            self._resume()
 
     def _authenticated(self, result, mechanism: str) -> None:
         _, avatar, _ = result
@@ -792,26 +1050,42 @@ class SubmissionServer(smtp.ESMTP):
         self.reply(replies.AUTH_OK)
 
     def _authFailed(self, failure: Failure, mechanism: str, login: bytes,
-                    reply: Reply = replies.AUTH_FAILED) -> None:
-        if self._lost:
-            return
+                    reply: Reply = replies.AUTH_FAILED, blockedUntil: float | None = None,
+                    checked: bool = True) -> None:
+        """
+        Log a failed AUTH, and answer it while the client is there. A check
+        that ran is already counted (``blockedUntil`` says whether that
+        failure started a block); a refusal without a check is counted here.
+        """
         if not failure.check(credError.UnauthorizedLogin):
             # The password file is unreadable, a thread died: not the
             # client's fault, and not a reason to lock it out.
             maillog.smtpdWarning(
                 f"{maillog.hostAddr(self.clientName, self.clientAddress)}: SASL {mechanism} "
                 f"authentication not checked: {maillog.printable(failure.getErrorMessage())}")
-            return self.reply(replies.AUTH_TEMPORARY)
+            if not self._lost:
+                self.reply(replies.AUTH_TEMPORARY)
+            return
         reason = "authentication failure"
         if failure.check(PasswordTooLong):
             reply, reason = replies.AUTH_PASSWORD_TOO_LONG, "password longer than 72 bytes"
         maillog.saslFailed(self.clientName, self.clientAddress, mechanism, reason,
                            login.decode("utf-8", "replace"))
-        blocked = self.factory.authThrottle.failed(self.clientAddress)
+        throttle = self.factory.authThrottle
+        if not checked:
+            blockedUntil = throttle.failed(self.clientAddress)
+        if blockedUntil is not None:
+            maillog.authBlocked(self.clientName, self.clientAddress, throttle.limit,
+                                throttle.window, blockedUntil)
+        if self._lost:
+            return
         self._error(reply)
-        if blocked and not self._closing:
-            self.reply(replies.AUTH_THROTTLED.format(hostname=self.factory.hostname))
-            self._close()
+        if throttle.blocked(self.clientAddress) and not self._closing:
+            self._throttled()
+
+    def _throttled(self) -> None:
+        self.reply(replies.AUTH_THROTTLED.format(hostname=self.factory.hostname))
+        self._close()
 
     _commands: dict[bytes, Callable[["SubmissionServer", str], None]] = {
         b"HELO": do_HELO,
@@ -827,6 +1101,37 @@ class SubmissionServer(smtp.ESMTP):
         b"STARTTLS": do_STARTTLS,
         b"AUTH": do_AUTH,
     }
+
+
+def unsentBytes(transport) -> int:
+    """
+    Bytes written to ``transport`` that have not reached the kernel yet: a
+    TLS layer's small-write aggregation and its buffer of writes it cannot
+    encrypt yet (before the handshake), then the socket's own buffer
+    (FileDescriptor's dataBuffer). Read for the session's counters only;
+    backpressure itself goes through the producer interface.
+    tests/test_twisted_internals.py pins the attributes read here.
+    """
+    total = 0
+    for _ in range(8):  # wrappers: haproxy, TLS; never a cycle in practice
+        tls = transport if isinstance(transport, TLSMemoryBIOProtocol) else None
+        if tls is None and getattr(transport, "TLS", False):
+            # STARTTLS: the TLS layer sits in the socket's protocol slot.
+            tls = getattr(transport, "protocol", None)
+            if not isinstance(tls, TLSMemoryBIOProtocol):
+                tls = None
+        if tls is not None:
+            aggregator = getattr(tls, "_aggregator", None)
+            total += sum(map(len, getattr(aggregator, "_buffer", ())))
+            total += sum(map(len, getattr(tls, "_appSendBuffer", ())))
+        if hasattr(transport, "dataBuffer"):
+            return total + (len(transport.dataBuffer) - getattr(transport, "offset", 0)
+                            + getattr(transport, "_tempDataLen", 0))
+        inner = getattr(transport, "transport", None)
+        if inner is None:
+            return total
+        transport = inner
+    return total
 
 
 def _headerSafe(text: str) -> str:
@@ -893,6 +1198,11 @@ class _DataReader:
         self._head: bytearray | None = bytearray()  # header block until its end is known
         writer.write(receivedHeader)
 
+    @property
+    def heldBytes(self) -> int:
+        """Bytes held between reads: the current partial line and the header block so far."""
+        return len(self._buf) + (len(self._head) if self._head is not None else 0)
+
     def feed(self, chunk: bytes) -> bytes | None:
         buf = self._buf
         buf += chunk
@@ -907,7 +1217,7 @@ class _DataReader:
         if last >= 2:
             self._lines(bytes(buf[2 : last + 1]))
             del buf[: last - 1]
-        elif len(buf) > MAX_DATA_LINE + 4:
+        if len(buf) > MAX_DATA_LINE + 4:
             # One line longer than the limit and still going: keep only
             # what a terminator could start with.
             self._fail(replies.DATA_LINE_TOO_LONG)
@@ -1014,8 +1324,11 @@ class SubmissionFactory(protocol.ServerFactory):
     """
 
     def __init__(self, config, spool, commit, messageQueued, clock, portal=None, tls=None,
-                 runInThread=None):
+                 clientNames=None, runInThread=None):
         self.config = config
+        # address -> Deferred[ClientName] (relayd.resolve.ClientNames.lookup),
+        # firing within limits.client_name_timeout; None: every client "unknown".
+        self.clientNames = clientNames
         self.spool = spool
         self.commit = commit
         self.runInThread = runInThread or defer.maybeDeferred
@@ -1028,6 +1341,7 @@ class SubmissionFactory(protocol.ServerFactory):
         self.authThrottle = FailureThrottle(clock, *_throttleSettings(config))
         self.messageRate = MessageRate(clock, config.limits.messagesPerUserPerHour)
         self.sessions: set[SubmissionServer] = set()
+        self.refused: set[SubmissionServer] = set()  # told 421, closing
         self._perClient: dict[str, int] = {}
         self._drained: list[defer.Deferred] = []
         # Free bytes on the spool's file system as last measured (None:
@@ -1094,18 +1408,25 @@ class SubmissionFactory(protocol.ServerFactory):
         self.messageRate.limit = config.limits.messagesPerUserPerHour
 
     def sessionStarted(self, session: SubmissionServer) -> Reply | None:
-        """Count the session; the refusal to send when a limit is reached."""
+        """
+        Count the session; the refusal to send when a limit is reached. A
+        refused session is not counted: it only says 421 and closes (within
+        CLOSE_GRACE), and must not keep others out meanwhile.
+        """
         limits = self.config.limits
         count = self._perClient.get(session.clientAddress, 0)
-        self.sessions.add(session)
-        self._perClient[session.clientAddress] = count + 1
-        if len(self.sessions) > limits.connections:
+        if len(self.sessions) + 1 > limits.connections:
+            self.refused.add(session)
             return replies.TOO_MANY_CONNECTIONS.format(hostname=self.hostname)
         if count + 1 > limits.connectionsPerClient:
+            self.refused.add(session)
             return replies.TOO_MANY_CONNECTIONS_FROM_CLIENT.format(hostname=self.hostname)
+        self.sessions.add(session)
+        self._perClient[session.clientAddress] = count + 1
         return None
 
     def sessionEnded(self, session: SubmissionServer) -> None:
+        self.refused.discard(session)
         if session not in self.sessions:
             return
         self.sessions.discard(session)

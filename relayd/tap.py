@@ -7,7 +7,13 @@ last. Stop order (SIGTERM) is the reverse and sequential: listeners stop
 accepting, open sessions get 421 4.3.2 (or finish the message in flight)
 within ``shutdown_grace``, deliveries in flight get the same grace, then
 the thread pool stops. SIGHUP re-reads the config (twistd's default would
-kill the process without stopping anything, TWISTED-NOTES §6).
+kill the process without stopping anything).
+
+SIGINT and SIGTERM are relayd's from the moment its options are parsed
+(``StopSignals``): under stock twistd, SIGINT before the reactor runs is a
+KeyboardInterrupt wherever start-up happens to be (a traceback, and started
+thread pools keep the process alive), and twistd re-raises the signal that
+stopped the reactor, so a clean stop would exit -15.
 """
 
 from __future__ import annotations
@@ -37,6 +43,44 @@ def fail(message: str) -> "NoReturn":  # noqa: F821
     sys.stderr.write(f"relayd: {message}\n")
     sys.stderr.flush()
     raise SystemExit(1)
+
+
+class StopSignals:
+    """
+    The SIGINT and SIGTERM handler, from the first step of start-up to the
+    exit. A signal that arrives before the daemon has started is recorded
+    and acted on as soon as start-up reaches a point where it can stop
+    cleanly (``Relay.startService``); once started, it stops the reactor
+    (``Relay.stopOnSignal``) and the daemon exits 0.
+    """
+
+    def __init__(self) -> None:
+        self.received: int | None = None
+        self.relay: Relay | None = None
+        # SIGHUP before the Relay has its own handler (whose default would
+        # kill the process): the config is re-read once start-up is done.
+        self.reloadRequested = False
+
+    def install(self) -> None:
+        signal.signal(signal.SIGINT, self)
+        signal.signal(signal.SIGTERM, self)
+
+    def installForStartUp(self) -> None:
+        self.install()
+        signal.signal(signal.SIGHUP, self._hup)
+
+    def _hup(self, signum, frame) -> None:
+        self.reloadRequested = True
+
+    def __call__(self, signum, frame) -> None:
+        if self.received is None:
+            self.received = signum
+        if self.relay is not None:
+            self.relay.stopOnSignal(signum)
+
+
+# One per process: the handler twistd's start-up and the Relay share.
+stopSignals = StopSignals()
 
 
 # Open files (RLIMIT_NOFILE) relayd needs, counted from its config:
@@ -115,6 +159,10 @@ class Options(usage.Options):
     optParameters = [["config", "c", None, "The relayd YAML configuration file (required)."]]
 
     def postOptions(self) -> None:
+        # Under twistd (which sets ``parent``) this is relayd's first code of
+        # the start-up: take SIGINT and SIGTERM before any work begins.
+        if getattr(self, "parent", None) is not None:
+            stopSignals.installForStartUp()
         path = self["config"]
         if not path:
             fail("--config FILE is required (see etc/relayd.yaml for an example)")
@@ -170,7 +218,7 @@ class Relay(service.MultiService):
     """
 
     def __init__(self, config, reactor, spool, pool, scheduler, factory, listeners,
-                 tls=None, passwords=None, verifier=None, authPool=None):
+                 reloadable, courier=None, passwords=None, authPool=None):
         super().__init__()
         self.config = config
         self.reactor = reactor
@@ -179,51 +227,85 @@ class Relay(service.MultiService):
         self.scheduler = scheduler
         self.factory = factory
         self.listeners = listeners
-        # Submission security: the reloadable TLS context, the password
-        # file and its verifier, and the threads that verify passwords
-        # (a pool of their own, so DNS lookups never wait behind bcrypt).
-        self.tls = tls
+        # Every component that holds settings, each built from the config
+        # and given every new one (``reconfigure(config)``) on SIGHUP, in
+        # this order: the one way a reload reaches them.
+        self.reloadable = list(reloadable)
+        # Idle upstream connections get QUIT at the stop.
+        self.courier = courier
+        # The password file, and the threads that verify passwords (a pool
+        # of their own, so DNS lookups never wait behind bcrypt).
         self.passwords = passwords
-        self.verifier = verifier
         self.authPool = authPool
         self.scheduler.setServiceParent(self)
         for listener in listeners:
             listener.setServiceParent(self)
         self._previousHup = None
+        self._stopping = False
+        # The process's StopSignals when this Relay runs on the global reactor.
+        self.stopSignals: StopSignals | None = None
 
     def startService(self) -> None:
-        self.pool.start()
-        if self.authPool is not None:
-            self.authPool.start()
+        signals = self.stopSignals
+        if signals is not None:
+            signals.installForStartUp()  # idempotent; relayd's Options may not have run
+            if signals.received is not None:
+                # Nothing runs yet but bound sockets, which the exit closes.
+                maillog.daemonEvent(f"received {signal.Signals(signals.received).name} "
+                                    "during start-up, not started")
+                raise SystemExit(0)
+        # Every check that can refuse the start comes before the thread
+        # pools: a started pool's threads would keep a refused process alive.
+        directory = self.config.queue.directory
+        from relayd.queue import ownershipProblem
+
+        problem = ownershipProblem(directory)
+        if problem is not None:
+            fail(f"queue.directory {problem}")
         try:
             self.spool.lock()
         except BlockingIOError:
-            fail(f"queue.directory {self.config.queue.directory} is in use by another relayd")
+            fail(f"queue.directory {directory} is in use by another relayd")
         except OSError as e:
-            fail(f"queue.directory {self.config.queue.directory}: {e.strerror}")
+            fail(f"queue.directory {directory}: {_withFix(e, directory)}")
         try:
             recovered = self.spool.recover()
         except OSError as e:
-            fail(f"queue.directory {self.config.queue.directory}: {e.strerror}")
+            fail(f"queue.directory {directory}: {_withFix(e, directory)}")
+        self.pool.start()
+        if self.authPool is not None:
+            self.authPool.start()
         for envelope in recovered:
             self.scheduler.add(envelope)
         self.scheduler.reportQuarantine(getattr(self.spool, "quarantined", []))
         super().startService()
+        unreadable = len(getattr(self.spool, "unreadable", []))
         maillog.daemonEvent(
             f"daemon started -- version {__import__('relayd').__version__}, "
-            f"configuration {self.config.path}, {self.scheduler.queueLength()} messages in queue")
-        if self.reactor is _globalReactor():
+            f"configuration {self.config.path}, {self.scheduler.queueLength()} messages in queue"
+            + (f", {unreadable} unreadable (see the errors above)" if unreadable else ""))
+        if signals is not None:
             self._previousHup = signal.signal(signal.SIGHUP, self._sighup)
-            # After the reactor's own handlers are in place: twistd re-raises
-            # the signal that stopped the reactor, so a clean SIGTERM stop
-            # would exit with -15. relayd stops the reactor itself and exits 0.
-            self.reactor.callWhenRunning(signal.signal, signal.SIGTERM, self._sigterm)
+            signals.relay = self
+            if signals.received is not None:  # arrived during the start-up above
+                self.stopOnSignal(signals.received)
+            elif signals.reloadRequested:
+                signals.reloadRequested = False
+                self.reactor.callWhenRunning(self.reload)
+            # reactor.run() puts its own SIGTERM handler in place (SIGINT it
+            # leaves alone, as it is not Python's default any more): ours again.
+            self.reactor.callWhenRunning(signals.install)
 
     def _sighup(self, signum, frame) -> None:
         self.reactor.callFromThread(self.reload)
 
-    def _sigterm(self, signum, frame) -> None:
-        maillog.daemonEvent("received SIGTERM, shutting down")
+    def stopOnSignal(self, signum: int) -> None:
+        """SIGINT or SIGTERM: stop as SIGTERM does (sessions and deliveries finish), exit 0."""
+        if self._stopping:
+            return
+        self._stopping = True
+        maillog.daemonEvent(f"received {signal.Signals(signum).name}, shutting down")
+        # Before the reactor runs, this waits in its queue for the first iteration.
         self.reactor.callFromThread(self.reactor.stop)
 
     def reload(self) -> None:
@@ -251,40 +333,21 @@ class Relay(service.MultiService):
         new = dataclasses.replace(new, listeners=old.listeners, queue=dataclasses.replace(
             new.queue, directory=old.queue.directory, controlSocket=old.queue.controlSocket))
         self.config = new
-        self.factory.reconfigure(new)
-        self.scheduler.reconfigure(new)
-        self._reloadSecurity(new)
-        if getattr(self, "courier", None) is not None:
-            _reloadDelivery(self.courier, new, self.reactor)
+        for component in self.reloadable:
+            component.reconfigure(new)
         note = f"; {', '.join(needRestart)} changed and need a restart" if needRestart else ""
         maillog.daemonEvent(f"reload: configuration {new.path} applied{note}")
-
-    def _reloadSecurity(self, new) -> None:
-        """New certificate and password file; a broken one keeps the running one (one error line)."""
-        from relayd.auth import PasswordFileError
-        from relayd.tls import TLSSetupError
-
-        if self.tls is not None and new.tls is not None:
-            try:
-                self.tls.reload(new.tls)
-            except TLSSetupError as e:
-                maillog.daemonEvent(f"reload: keeping the running TLS certificate: {e}",
-                                    level=maillog.LogLevel.error)
-        if self.passwords is not None and new.auth is not None:
-            self.passwords.path = new.auth.passwordFile
-            try:
-                self.passwords.load()
-            except PasswordFileError as e:
-                maillog.daemonEvent(f"reload: auth.password_file {e}", level=maillog.LogLevel.error)
-            else:
-                _warnSkipped(self.passwords)
-            self.verifier.cacheSeconds = new.auth.cache
-            self.verifier.clearCache()
 
     @defer.inlineCallbacks
     def stopService(self):
         if self._previousHup is not None:
             signal.signal(signal.SIGHUP, self._previousHup)
+        self._stopping = True
+        # A SIGTERM caught by the reactor's own handler (in the instant
+        # between reactor.run() installing it and ours going back) would be
+        # re-raised by twistd after the stop: this stop is clean, exit 0.
+        if getattr(self.reactor, "_exitSignal", None) in (signal.SIGINT, signal.SIGTERM):
+            self.reactor._exitSignal = None
         self.running = False
         # One grace for sessions and deliveries together: systemd's
         # TimeoutStopSec is set against shutdown_grace, not twice it.
@@ -296,12 +359,22 @@ class Relay(service.MultiService):
             yield defer.maybeDeferred(self.namedServices["control"].stopService)
         yield self.factory.shutdown(max(0.0, deadline - self.reactor.seconds()))
         yield self.scheduler.stopService(max(0.0, deadline - self.reactor.seconds()))
-        if getattr(self, "courier", None) is not None:  # idle upstream connections: QUIT
+        if self.courier is not None:  # idle upstream connections: QUIT
             yield self.courier.closeIdle()
         self.pool.stop()
         if self.authPool is not None:
             self.authPool.stop()
         maillog.daemonEvent("daemon stopped")
+
+
+def _withFix(error: OSError, directory: str) -> str:
+    """An OSError on the spool, with what to do when it is a permission problem."""
+    from relayd.queue import permissionFix
+
+    text = error.strerror or str(error)
+    if isinstance(error, PermissionError):
+        return f"{getattr(error, 'filename', None) or directory}: {text}; {permissionFix(directory)}"
+    return text
 
 
 def _globalReactor():
@@ -315,7 +388,9 @@ def makeService(options, reactor=None) -> Relay:
         reactor = _globalReactor()
     # Imported here, not at module level: twistd imports every plugin
     # whenever it scans them, before a reactor is chosen.
+    from relayd.auth import warnPasswordFile
     from relayd.queue import Spool
+    from relayd.resolve import ClientNames, ConfiguredResolver
     from relayd.scheduler import Scheduler
     from relayd.server import SubmissionFactory
 
@@ -324,7 +399,9 @@ def makeService(options, reactor=None) -> Relay:
     spool = Spool(config.queue.directory)
     pool = threadpool.ThreadPool(minthreads=1, maxthreads=4, name="relayd-spool")
     listenerServices: list = []
-    courier = _courier(config, reactor, listenerServices)
+    # One resolver for MX delivery and client names.
+    resolver = ConfiguredResolver(reactor, config)
+    courier = _courier(config, reactor, listenerServices, resolver)
 
     def runInThread(f, *args):
         # Every file system call of the spool (create, fsync, rename,
@@ -339,12 +416,10 @@ def makeService(options, reactor=None) -> Relay:
         return deferToThreadPool(reactor, pool, writer.commit, envelope)
 
     tls, passwords, verifier, authPool, credPortal = _security(config, reactor)
+    clientNames = ClientNames(resolver, config.limits.clientNameTimeout, reactor)
     factory = SubmissionFactory(config, spool, commit, scheduler.add, reactor,
-                                portal=credPortal, tls=tls, runInThread=runInThread)
-    if credPortal is not None:
-        # auth.senders as of the last reload, not as of the start.
-        credPortal.realm.sendersFor = lambda login: (
-            factory.config.auth.sendersFor(login) if factory.config.auth is not None else None)
+                                portal=credPortal, tls=tls, clientNames=clientNames.lookup,
+                                runInThread=runInThread)
     listeners = []
     for l in config.listeners:
         listenerFactory = factory.forListener(l)
@@ -353,58 +428,74 @@ def makeService(options, reactor=None) -> Relay:
 
             listenerFactory = wrapImplicit(tls, listenerFactory)
         listeners.append(Listener(l.endpoint, listenerFactory, reactor))
+    # What SIGHUP reconfigures, in this order; restart-only settings (the
+    # listeners, the spool and its control socket) are in none of them.
+    reloadable = [factory, scheduler, tls, passwords, verifier,
+                  credPortal.realm if credPortal is not None else None,
+                  resolver, clientNames, courier]
     relay = Relay(config, reactor, spool, pool, scheduler, factory, listeners,
-                  tls=tls, passwords=passwords, verifier=verifier, authPool=authPool)
+                  [c for c in reloadable if c is not None], courier=courier,
+                  passwords=passwords, authPool=authPool)
+    if passwords is not None:
+        # A file edited while running is re-read by itself, in a verification
+        # thread: the same warnings as at start, from the reactor thread.
+        passwords.changed = lambda: reactor.callFromThread(
+            lambda: warnPasswordFile(passwords, relay.config.auth))
     # relayctl's channel; a child service, so it starts after the spool lock.
     from relayd.control import ControlService
 
-    ControlService(config.queue.controlSocketPath, scheduler, reactor).setServiceParent(relay)
+    ControlService(config.queue.controlSocketPath, scheduler, reactor,
+                   throttle=factory.authThrottle).setServiceParent(relay)
     listenerServices.extend(listeners)
-    relay.courier = courier
+    if reactor is _globalReactor():
+        relay.stopSignals = stopSignals
     return relay
 
 
 # Delivery: the courier's settings, password files and CA files ------------------
 
 
-def _deliverySecrets(config) -> tuple[dict, set[str], list[str]]:
+def _needsTLS(config) -> bool:
+    return config.tls is not None and any(l.tls != "none" for l in config.listeners)
+
+
+def _needsAuth(config) -> bool:
+    return config.auth is not None and any(l.auth != "none" for l in config.listeners)
+
+
+def startupProblems(config) -> list[str]:
     """
-    Every delivery password_file read (path -> Secret), the ca_files that
-    cannot be loaded, and the problems as "key path: reason" (the reason
-    names the file, never its content).
+    Everything that would stop ``twistd relayd`` from starting with
+    ``config`` when run as this process's user, in the daemon's order and
+    words (without "relayd: "): every file the config names opened and
+    read as the daemon reads it, and the spool checked. For ``relayd
+    check-config``; changes nothing.
     """
-    from relayd.courier import loadTrustRoot, readPassword
+    from relayd.auth import PasswordFile, PasswordFileError
+    from relayd.courier import deliverySecrets
+    from relayd.queue import spoolProblems
+    from relayd.tls import ServerTLS, TLSSetupError
 
-    passwords, brokenCaFiles, problems = {}, set(), []
-    for keyPath, path in config.delivery.passwordFiles():
+    problems = [f"{config.path}: {p}" for p in deliverySecrets(config)[2]]
+    if _needsTLS(config):
         try:
-            passwords[path] = readPassword(path)
-        except OSError as e:
-            problems.append(f"{keyPath}: cannot read {path}: {e.strerror or e}")
-        except (ValueError, UnicodeDecodeError) as e:
-            problems.append(f"{keyPath}: {path}: {'not UTF-8' if isinstance(e, UnicodeDecodeError) else 'the file is empty'}")
-    hops = list(config.delivery.smarthosts) + [
-        h for hops in config.delivery.routes.values() for h in hops]
-    for caFile in sorted({h.caFile for h in hops if h.caFile}):
+            ServerTLS.fromConfig(config.tls)
+        except TLSSetupError as e:
+            problems.append(str(e))
+    if _needsAuth(config):
         try:
-            loadTrustRoot(caFile)
-        except Exception as e:  # OSError, or any complaint about the PEM content
-            brokenCaFiles.add(caFile)
-            problems.append(f"ca_file {caFile}: {getattr(e, 'strerror', None) or e}")
-    return passwords, brokenCaFiles, problems
+            PasswordFile(config.auth.passwordFile).load()
+        except PasswordFileError as e:
+            problems.append(f"auth.password_file {e}")
+    problems.extend(f"queue.directory {p}" for p in spoolProblems(config.queue.directory))
+    return problems
 
 
-def _resolver(config, reactor):
-    from relayd.resolve import makeResolver
-
-    return makeResolver(reactor, config.delivery.dns.servers, config.delivery.dns.timeout)
-
-
-def _courier(config, reactor, listeners):
+def _courier(config, reactor, listeners, resolver):
     """The courier; ``listeners`` (filled in later) tell it relayd's own addresses."""
-    from relayd.courier import Courier
+    from relayd.courier import Courier, deliverySecrets
 
-    passwords, _, problems = _deliverySecrets(config)
+    passwords, _, problems = deliverySecrets(config)
     if problems:
         fail(f"{config.path}: {problems[0]}")
 
@@ -417,57 +508,35 @@ def _courier(config, reactor, listeners):
         return found
 
     return Courier(reactor, config.hostname, config.delivery.timeouts,
-                   resolver=_resolver(config, reactor), passwords=passwords,
+                   resolver=resolver, passwords=passwords,
                    localAddresses=localAddresses)
-
-
-def _reloadDelivery(courier, new, reactor) -> None:
-    """
-    New HELO name, timeouts, resolver and passwords; a password file or
-    ca_file that cannot be read keeps what was loaded before.
-    """
-    passwords, brokenCaFiles, problems = _deliverySecrets(new)
-    for problem in problems:
-        maillog.daemonEvent(f"reload: {problem}; keeping what was loaded before",
-                            level=maillog.LogLevel.error)
-    courier.heloName = new.hostname
-    courier.reconfigure(new.delivery.timeouts, {**courier.passwords, **passwords},
-                        _resolver(new, reactor), keepCaFiles=brokenCaFiles)
-
-
-def _warnSkipped(passwords) -> None:
-    """A line of the password file that is not login:hash is a typo worth one warning."""
-    from relayd.auth import skippedLines
-
-    if passwords.skipped:
-        maillog.daemonEvent(f"warning: auth.password_file {passwords.path}: {skippedLines(passwords.skipped)}",
-                            level=maillog.LogLevel.warn)
 
 
 def _security(config, reactor):
     """The TLS context and the AUTH machinery the listeners need; start-up errors end the start."""
     from twisted.cred.portal import Portal
 
-    from relayd.auth import PasswordFile, PasswordFileChecker, PasswordFileError, Realm, Verifier
+    from relayd.auth import (PasswordFile, PasswordFileChecker, PasswordFileError, Realm, Verifier,
+                             warnPasswordFile)
     from relayd.tls import ServerTLS, TLSSetupError
 
     tls = passwords = verifier = authPool = credPortal = None
-    if config.tls is not None and any(l.tls != "none" for l in config.listeners):
+    if _needsTLS(config):
         try:
             tls = ServerTLS.fromConfig(config.tls)
         except TLSSetupError as e:
             fail(str(e))
-    if config.auth is not None and any(l.auth != "none" for l in config.listeners):
+    if _needsAuth(config):
         passwords = PasswordFile(config.auth.passwordFile)
         try:
             passwords.load()
         except PasswordFileError as e:
             fail(f"auth.password_file {e}")
-        _warnSkipped(passwords)
+        warnPasswordFile(passwords, config.auth)
         verifier = Verifier(passwords, config.auth.cache)
         # bcrypt and argon2 release the GIL: one thread per core verifies in parallel.
         authPool = threadpool.ThreadPool(minthreads=0, maxthreads=min(4, os.cpu_count() or 1),
                                          name="relayd-auth")
-        credPortal = Portal(Realm(config.auth.sendersFor),
+        credPortal = Portal(Realm(config.auth),
                             [PasswordFileChecker(verifier, reactor, authPool)])
     return tls, passwords, verifier, authPool, credPortal

@@ -25,6 +25,8 @@ from twisted.internet.interfaces import IOpenSSLContextFactory
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from zope.interface import implementer
 
+from relayd import maillog
+
 _PEM_CERTIFICATE = re.compile(
     rb"-----BEGIN CERTIFICATE-----\r?\n.+?\r?\n-----END CERTIFICATE-----", re.DOTALL)
 
@@ -119,6 +121,16 @@ class ServerTLS:
         options = certificateOptions(certificatePath, keyPath, minVersion)
         self._options = options
         self.certificatePath, self.keyPath, self.minVersion = certificatePath, keyPath, minVersion
+
+    def reconfigure(self, config) -> None:
+        """A reload: the tls section's files read again; a broken one keeps the running certificate."""
+        if config.tls is None:
+            return
+        try:
+            self.reload(config.tls)
+        except TLSSetupError as e:
+            maillog.daemonEvent(f"reload: keeping the running TLS certificate: {e}",
+                                level=maillog.LogLevel.error)
 
 
 def wrapImplicit(tls: ServerTLS, factory):

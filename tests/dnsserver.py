@@ -5,9 +5,9 @@ delivery can be tested end to end: relayd's resolver is pointed at it with
 
 The zone is JSON: ``{name: answer}`` where answer is
 
-- ``{"MX": [[preference, host], ...], "A": [...], "AAAA": [...]}`` (any of
-  them; a missing type is an empty NOERROR answer; ``[[0, ""]]`` is a
-  null MX);
+- ``{"MX": [[preference, host], ...], "A": [...], "AAAA": [...], "PTR": [host, ...]}``
+  (any of them; a missing type is an empty NOERROR answer; ``[[0, ""]]``
+  is a null MX; PTR under a reverse name like ``4.2.0.192.in-addr.arpa``);
 - ``"SERVFAIL"``: every query for the name fails with SERVFAIL;
 - ``"TIMEOUT"``: queries for the name are never answered.
 
@@ -51,6 +51,9 @@ class ZoneResolver(common.ResolverBase):
         if type in (dns.AAAA, dns.ALL_RECORDS):
             for address in entry.get("AAAA", []):
                 answers.append(dns.RRHeader(name, dns.AAAA, payload=dns.Record_AAAA(address), ttl=60))
+        if type in (dns.PTR, dns.ALL_RECORDS):
+            for host in entry.get("PTR", []):
+                answers.append(dns.RRHeader(name, dns.PTR, payload=dns.Record_PTR(host.encode()), ttl=60))
         return defer.succeed((answers, [], []))
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import os
+import shutil
 import stat
 import subprocess
 import sys
@@ -17,6 +18,7 @@ from pathlib import Path
 import pytest
 from passlib.hash import argon2, bcrypt, sha512_crypt
 from twisted.internet import task
+from twisted.python import failure
 
 from relayd import auth
 from relayd.cli import passwd as passwdCLI
@@ -190,12 +192,110 @@ def test_cache_hits_and_a_changed_password_or_removed_user_misses(tmp_path, monk
 def test_failure_throttle():
     clock = task.Clock()
     t = auth.FailureThrottle(clock, limit=3, window=60)
-    assert [t.failed("192.0.2.1") for _ in range(3)] == [False, False, True]
+    # The failure that starts a block says until when, once.
+    assert [t.failed("192.0.2.1") for _ in range(3)] == [None, None, 60.0]
     assert t.blocked("192.0.2.1") and not t.blocked("192.0.2.2")
+    assert t.failed("192.0.2.1") is None  # already blocked: no second block event
     clock.advance(59)
     assert t.blocked("192.0.2.1")
     clock.advance(1)
     assert not t.blocked("192.0.2.1")
+
+
+def test_block_ends_when_the_failures_that_made_it_age_out():
+    clock = task.Clock()
+    t = auth.FailureThrottle(clock, limit=2, window=60)
+    t.failed("192.0.2.1")
+    clock.advance(50)
+    assert t.failed("192.0.2.1") == 60.0  # the first failure leaves the window at 60
+    assert t.blockedClients() == [("192.0.2.1", 60.0)]
+    clock.advance(10)
+    assert t.blockedClients() == [] and t.mayCheck("192.0.2.1")
+
+
+# Checks in flight: (limit, failures before, checks started at once) -> how many may start.
+@pytest.mark.parametrize("limit, failures, attempts, started", [
+    (5, 0, 20, 5),
+    (5, 3, 20, 2),
+    (5, 4, 1, 1),
+    (5, 5, 1, 0),  # blocked
+    (1, 0, 3, 1),
+])
+def test_checks_in_flight_count_against_the_limit(limit, failures, attempts, started):
+    clock = task.Clock()
+    t = auth.FailureThrottle(clock, limit=limit, window=60)
+    for _ in range(failures):
+        t.failed("192.0.2.1")
+    assert sum(t.startCheck("192.0.2.1") for _ in range(attempts)) == started
+    assert t.mayCheck("192.0.2.2")  # per address
+
+
+def test_a_check_that_ends_frees_its_slot_and_counts_its_failure():
+    clock = task.Clock()
+    t = auth.FailureThrottle(clock, limit=2, window=60)
+    assert t.startCheck("192.0.2.1") and t.startCheck("192.0.2.1")
+    assert not t.startCheck("192.0.2.1")
+    assert t.checkEnded("192.0.2.1", failed=False) is None
+    assert t.startCheck("192.0.2.1")
+    assert t.checkEnded("192.0.2.1", failed=True) is None
+    assert t.checkEnded("192.0.2.1", failed=True) == 60.0  # the second failure blocks
+    assert t.blocked("192.0.2.1") and not t.startCheck("192.0.2.1")
+
+
+def test_a_changed_limit_or_window_keeps_blocks_as_they_are():
+    clock = task.Clock()
+    t = auth.FailureThrottle(clock, limit=2, window=60)
+    t.failed("192.0.2.1")
+    t.failed("192.0.2.1")
+    t.failed("192.0.2.2")
+    t.limit, t.window = 10, 3600  # a reload
+    assert t.blocked("192.0.2.1") and t.blockedClients() == [("192.0.2.1", 60.0)]
+    t.limit = 1
+    assert not t.blocked("192.0.2.2")  # a lower limit creates no block by itself
+
+
+def test_unblock_lifts_the_block_and_forgets_the_failures():
+    clock = task.Clock()
+    t = auth.FailureThrottle(clock, limit=2, window=60)
+    t.failed("192.0.2.1")
+    t.failed("192.0.2.1")
+    assert t.unblock("192.0.2.1")
+    assert not t.blocked("192.0.2.1") and t.blockedClients() == []
+    assert t.failed("192.0.2.1") is None  # a fresh start, not one failure from a block
+    assert not t.unblock("192.0.2.9")
+
+
+def test_abandoned_credentials_are_never_verified(tmp_path):
+    path = tmp_path / "passwd"
+    path.write_text(f"alice:{bcrypt.using(rounds=4).hash('secret')}\n")
+    verified = []
+
+    class CountingVerifier(auth.Verifier):
+        def verify(self, login, password):
+            verified.append(login)
+            return super().verify(login, password)
+
+    class Pool:
+        def callInThreadWithCallback(self, onResult, f, *a, **kw):
+            try:
+                onResult(True, f(*a, **kw))
+            except BaseException:
+                onResult(False, failure.Failure())
+
+    class Reactor:
+        def callFromThread(self, f, *a, **kw):
+            f(*a, **kw)
+
+    checker = auth.PasswordFileChecker(CountingVerifier(auth.PasswordFile(str(path))), Reactor(), Pool())
+    creds = auth.ClientCredentials(b"alice", b"secret")
+    creds.abandon()
+    results = []
+    checker.requestAvatarId(creds).addBoth(results.append)
+    assert results[0].check(auth.CheckAbandoned) and verified == []
+    assert "secret" not in repr(creds)
+    results = []
+    checker.requestAvatarId(auth.ClientCredentials(b"alice", b"secret")).addBoth(results.append)
+    assert results == ["alice"] and verified == ["alice"]
 
 
 def test_message_rate():
@@ -223,20 +323,30 @@ def runPasswd(*args, stdin=""):
     return code, out.getvalue(), err.getvalue()
 
 
-def test_passwd_add_list_check_remove(tmp_path):
+@pytest.fixture
+def daemonGroup(monkeypatch):
+    """The group new password files are given: here, one this process may give."""
+    import grp
+
+    name = grp.getgrgid(os.getegid()).gr_name
+    monkeypatch.setattr(passwdCLI, "DAEMON_GROUP", name)
+    return os.getegid()
+
+
+def test_passwd_add_list_check_remove(tmp_path, daemonGroup):
     path = str(tmp_path / "passwd")
     assert runPasswd("-f", path, "add", "alice@example.com", stdin="s3cret\n") == (
         0, f"added alice@example.com in {path}\n", "")
-    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o640
     assert runPasswd("-f", path, "add", "--scheme", "argon2", "printer", stdin="p\n")[0] == 0
     assert runPasswd("-f", path, "list") == (0, "alice@example.com bcrypt\nprinter argon2\n", "")
     assert runPasswd("-f", path, "check", "alice@example.com", stdin="s3cret\n") == (0, "ok\n", "")
     assert runPasswd("-f", path, "check", "alice@example.com", stdin="nope\n") == (
         1, "wrong login or password\n", "")
     # Changing a password keeps the file's mode and the other lines.
-    os.chmod(path, 0o640)
+    os.chmod(path, 0o600)
     assert runPasswd("-f", path, "add", "alice@example.com", stdin="new\n")[1].startswith("changed")
-    assert stat.S_IMODE(os.stat(path).st_mode) == 0o640
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
     assert runPasswd("-f", path, "check", "alice@example.com", stdin="new\n")[0] == 0
     assert runPasswd("-f", path, "remove", "printer") == (0, f"removed printer from {path}\n", "")
     assert runPasswd("-f", path, "list")[1] == "alice@example.com bcrypt\n"
@@ -245,6 +355,45 @@ def test_passwd_add_list_check_remove(tmp_path):
     # What the daemon reads is what relayd-passwd wrote.
     assert auth.Verifier(auth.PasswordFile(path)).verify("alice@example.com", "new")
     assert [p.name for p in tmp_path.iterdir()] == ["passwd"]  # no temp file left
+
+
+def test_passwd_makes_a_new_file_the_daemon_can_read(tmp_path, monkeypatch):
+    """Group relayd (when it exists) and 0640: the unit runs the daemon as relayd:relayd."""
+    import grp
+
+    group = "nogroup" if os.geteuid() == 0 else grp.getgrgid(os.getegid()).gr_name
+    gid = grp.getgrnam(group).gr_gid
+    monkeypatch.setattr(passwdCLI, "DAEMON_GROUP", group)
+    path = tmp_path / "passwd"
+    assert runPasswd("-f", str(path), "add", "alice@example.com", stdin="s3cret\n")[0] == 0
+    st = os.stat(path)
+    assert (stat.S_IMODE(st.st_mode), st.st_gid) == (0o640, gid)
+
+    # Without such a group: the owner's alone, and a line says how to let the daemon in.
+    monkeypatch.setattr(passwdCLI, "DAEMON_GROUP", "no-such-group-for-relayd-tests")
+    other = tmp_path / "other"
+    code, _, err = runPasswd("-f", str(other), "add", "alice@example.com", stdin="s3cret\n")
+    assert code == 0 and stat.S_IMODE(os.stat(other).st_mode) == 0o600
+    assert err == (f"relayd-passwd: note: created {other} mode 0600: the daemon's user must be able "
+                   f"to read it (e.g. chgrp no-such-group-for-relayd-tests {other} && chmod 0640 {other})\n")
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="giving a file to another owner needs root (CI runs as root)")
+def test_passwd_rewrite_keeps_owner_group_and_mode(tmp_path):
+    """The README's root:relayd 0640 (here nobody:nogroup 0604) survives an edit as root."""
+    import grp
+    import pwd
+
+    path = tmp_path / "passwd"
+    path.write_text("# users\n")
+    os.chown(path, pwd.getpwnam("nobody").pw_uid, grp.getgrnam("nogroup").gr_gid)
+    os.chmod(path, 0o604)
+    assert runPasswd("-f", str(path), "add", "alice@example.com", stdin="s3cret\n")[0] == 0
+    assert runPasswd("-f", str(path), "remove", "alice@example.com")[0] == 0
+    st = os.stat(path)
+    assert (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)) == (
+        pwd.getpwnam("nobody").pw_uid, grp.getgrnam("nogroup").gr_gid, 0o604)
+    assert path.read_text() == "# users\n"
 
 
 def test_passwd_keeps_comments(tmp_path):
@@ -293,3 +442,92 @@ def test_passwd_names_lines_it_cannot_read_and_checks_like_the_daemon(tmp_path, 
     assert runPasswd("-f", str(path), "check", "alice", stdin="x" * 73 + "\n") == (
         1, "", "relayd-passwd: the password is longer than bcrypt's 72 bytes: it never matches\n")
     assert runPasswd("-f", str(path), "check", "alice", stdin="pw-bcrypt\n") == (0, "ok\n", "")
+
+
+# Entries relayd cannot verify (htpasswd -m, -s, -d, -2, -p): named, never silent
+
+
+def htpasswdLine(flag: str, login: str, password: str = "pw") -> str:
+    """One entry as Apache's htpasswd writes it (Debian package apache2-utils)."""
+    tool = shutil.which("htpasswd")
+    if tool is None:
+        pytest.skip("htpasswd is not installed (Debian package apache2-utils; .ci/run installs it)")
+    result = subprocess.run([tool, "-nb", flag, login, password], capture_output=True, text=True,
+                            timeout=60, check=True)
+    return result.stdout.strip()
+
+
+@pytest.fixture
+def mixedFile(tmp_path):
+    """A password file as an admin ends up with: htpasswd's schemes, relayd's, a locked entry."""
+    path = tmp_path / "passwd"
+    path.write_text("\n".join([
+        "# users",
+        htpasswdLine("-B", "alice"),       # line 2: bcrypt, verified
+        htpasswdLine("-m", "bob"),         # line 3: apr1
+        htpasswdLine("-s", "carol"),       # line 4: {SHA}
+        htpasswdLine("-d", "dave"),        # line 5: DES crypt
+        htpasswdLine("-5", "erin"),        # line 6: sha512-crypt, verified
+        htpasswdLine("-2", "frank"),       # line 7: sha256-crypt
+        "gina:$1$saltsalt$2vnaRpHa6Jxjz5n83ok8Z0",  # line 8: md5-crypt, by hand
+        "hal:plain-text-password",         # line 9: plaintext, by hand
+        "ivan:!" + HASHES["bcrypt"],       # line 10: locked on purpose
+    ]) + "\n")
+    return path
+
+
+EXPECTED_UNUSABLE = [
+    (3, "bob", "apr1 (htpasswd -m) is not supported"),
+    (4, "carol", "{SHA} (htpasswd -s) is not supported"),
+    (5, "dave", "crypt (htpasswd -d) is not supported"),
+    (7, "frank", "sha256-crypt (htpasswd -2) is not supported"),
+    (8, "gina", "md5-crypt ($1$) is not supported"),
+    (9, "hal", "not a hash relayd knows (bcrypt, sha512-crypt or argon2); "
+               "plaintext (htpasswd -p) is not supported"),
+]
+
+
+def test_unusable_entries_are_found_with_line_and_login(mixedFile):
+    found = auth.unusableEntries(mixedFile.read_bytes())
+    assert [(e.line, e.login, e.reason) for e in found] == EXPECTED_UNUSABLE
+    passwords = auth.PasswordFile(str(mixedFile))
+    passwords.load()
+    assert [(e.line, e.login, e.reason) for e in passwords.unusable] == EXPECTED_UNUSABLE
+    # The supported ones do log in; the others never can.
+    verifier = auth.Verifier(passwords)
+    assert verifier.verify("alice", "pw") and verifier.verify("erin", "pw")
+    assert not verifier.verify("bob", "pw") and not verifier.verify("carol", "pw")
+
+
+def test_unusable_entry_description_names_file_line_login_never_the_hash(mixedFile):
+    data = mixedFile.read_bytes()
+    bob = auth.unusableEntries(data)[0]
+    text = bob.describe(str(mixedFile))
+    assert text == (f"{mixedFile}: line 3: bob: apr1 (htpasswd -m) is not supported, so bob can "
+                    "never log in; reset with relayd-passwd add bob")
+    hashed = data.splitlines()[2].split(b":", 1)[1].decode()
+    assert hashed not in text and hashed[6:] not in text
+
+
+def test_passwd_list_says_why_an_entry_is_unusable(mixedFile):
+    code, out, err = runPasswd("-f", str(mixedFile), "list")
+    assert code == 0 and err == ""
+    assert out.splitlines() == [
+        "alice bcrypt",
+        "bob unusable: apr1 (htpasswd -m) is not supported; reset with relayd-passwd add bob",
+        "carol unusable: {SHA} (htpasswd -s) is not supported; reset with relayd-passwd add carol",
+        "dave unusable: crypt (htpasswd -d) is not supported; reset with relayd-passwd add dave",
+        "erin sha512_crypt",
+        "frank unusable: sha256-crypt (htpasswd -2) is not supported; reset with relayd-passwd add frank",
+        "gina unusable: md5-crypt ($1$) is not supported; reset with relayd-passwd add gina",
+        "hal unusable: not a hash relayd knows (bcrypt, sha512-crypt or argon2); plaintext "
+        "(htpasswd -p) is not supported; reset with relayd-passwd add hal",
+        "ivan locked",
+    ]
+
+
+def test_senders_entries_for_logins_not_in_the_file():
+    assert auth.sendersWithoutLogin(
+        (("alice", ("alice@example.com",)), ("alice@example.com", ("@example.org",))),
+        {"alice@example.com"}, "/etc/relayd/passwd") == [
+        "auth.senders.alice: /etc/relayd/passwd has no login 'alice', so this entry never applies"]

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -178,6 +179,34 @@ class TestEffectiveConfig:
         again = config.load(str(printed))
         assert again == Config(**{**vars(original), "path": str(printed)})
 
+    def test_computedDefaultsAndUnsetKeysAreComments(self, tmp_path: Path) -> None:
+        """
+        What the daemon computes (free_space_reserve, control_socket) and
+        what is not set (delay_warning, postmaster, dns.servers) shows as a
+        comment saying so, and the output still loads back equal.
+        """
+        original = config.load(str(MINIMAL))
+        text = original.toYAML()
+        lines = text.splitlines()
+        assert "  # free_space_reserve: 15MB  (computed: 1.5 x limits.message_size)" in lines
+        assert (f"  # control_socket: {original.queue.directory}/control.sock  (computed: "
+                "control.sock in queue.directory)") in lines
+        assert '  # delay_warning:  (not set: no "delayed" notice is sent)' in lines
+        assert ("# postmaster:  (not set: double bounces and quarantine notices are logged and "
+                "dropped; RCPT TO:<postmaster> gets 550 5.1.1)") in lines
+        assert "    # servers:  (not set: the name servers in /etc/resolv.conf)" in lines
+        assert "__relayd_comment_" not in text
+        printed = tmp_path / "effective.yaml"
+        printed.write_text(text)
+        assert config.load(str(printed)) == Config(**{**vars(original), "path": str(printed)})
+        # Set explicitly, they are keys again.
+        explicit = tmp_path / "explicit.yaml"
+        explicit.write_text(text.replace("  # free_space_reserve: 15MB  (computed: 1.5 x limits.message_size)",
+                                         "  free_space_reserve: 15MB"))
+        again = config.load(str(explicit))
+        assert again.queue.freeSpaceReserve == 15_000_000
+        assert "  free_space_reserve: 15MB" in again.toYAML().splitlines()
+
     def test_humanUnitsAndDefaults(self) -> None:
         """
         Every key appears, defaults filled in, sizes and durations in the
@@ -199,6 +228,23 @@ class TestEffectiveConfig:
             "directory: /var/spool/relayd",
         ]:
             assert line in [l.strip() for l in text.splitlines()], line
+
+    def test_secretKeysOfTheSchemaArePrintedMasked(self) -> None:
+        """
+        A key the schema marks secret prints as a mask in the effective
+        config, whatever its value; its neighbours print as they are.
+        """
+        from dataclasses import dataclass
+
+        @dataclass(frozen=True)
+        class Upstream(config._Schema):
+            user: str = config.setting("user", config._string)
+            token: str = config.setting("token", config._string, secret=True)
+
+        parsed = config._parseSection(Upstream, {"user": "relay", "token": "hunter2"}, "up", "")
+        assert parsed.token == "hunter2"
+        printed = config._tree(parsed, None, lambda text: {})
+        assert printed == {"user": "relay", "token": "********"}
 
     def test_maskSecrets(self) -> None:
         """
@@ -402,6 +448,20 @@ class TestShippedConfigs:
     def test_loads(self, name: str) -> None:
         config.load(str(ROOT / "etc" / name))
 
+    def test_exampleSendersAreLoginsTheReadmeCreates(self) -> None:
+        """
+        Every auth.senders login of the production example is one the
+        README's relayd-passwd commands add: an entry for a login the
+        password file lacks never applies.
+        """
+        import re
+
+        readme = (ROOT / "README.rst").read_text()
+        added = set(re.findall(r"relayd-passwd -f /etc/relayd/passwd add (\S+)", readme))
+        assert added, "README.rst shows no `relayd-passwd ... add LOGIN`"
+        example = config.load(str(ROOT / "etc" / "relayd.yaml"))
+        assert {login for login, _ in example.auth.senders} <= added
+
     def test_localSpoolInRepository(self) -> None:
         """
         The quick-start spool lands in the repository's var/ (git-ignored),
@@ -429,6 +489,20 @@ class TestShippedConfigs:
             "metrics:", "shutdown_grace:",
         ]:
             assert key in text, key
+
+    def test_productionExampleHasEveryKeyOfTheSchema(self) -> None:
+        """
+        Every key the schema knows (derived, so a new key cannot be
+        forgotten) is in the production example, set or commented, under
+        its section's key.
+        """
+        text = (ROOT / "etc" / "relayd.yaml").read_text()
+        keys = config.schemaKeys()
+        assert "delivery.timeouts.data_done" in keys and "listeners[].plaintext_auth" in keys
+        for path in keys:
+            name = path.rsplit(".", 1)[-1]
+            assert re.search(rf"(?m)^ *(?:# *)?(?:- *)?(?:{{ *)?{re.escape(name)}:", text) or (
+                re.search(rf"[{{,] *{re.escape(name)}:", text)), path
 
     def test_uncommentedNotSupportedKeysAreRefused(self, tmp_path: Path) -> None:
         """
@@ -509,7 +583,36 @@ class TestCheckConfigCommand:
         assert result.returncode == 2
         assert result.stderr.count("\n") == 1
         assert result.stderr.startswith("relayd: ")
-        assert result.stderr.endswith("usage: relayd check-config FILE\n")
+        assert result.stderr.endswith("usage: relayd check-config [--user USER] FILE\n")
+
+    def test_warnsAboutPasswordEntriesThatCanNeverLogIn(self, tmp_path: Path) -> None:
+        passwd = tmp_path / "passwd"
+        passwd.write_text(
+            "printer:$2y$05$F9e6KRzYAKXoytB07fLqaebMseKE5q3Wl6hZeqIeR6qK5olCQybd.\n"
+            "# carol uses -s\n"
+            "carol:{SHA}GpHWL3ymc5liWkNopqtdSjuqYHM=\n")
+        path = tmp_path / "relayd.yaml"
+        path.write_text(
+            "hostname: relay.example\n"
+            "listeners: [{endpoint: \"tcp:2525:interface=127.0.0.1\", tls: none, auth: required,"
+            " plaintext_auth: true}]\n"
+            f"auth: {{password_file: {passwd}, senders: {{alice: [alice@example.com]}}}}\n"
+            "queue: {directory: spool}\n"
+            "delivery: {smarthosts: [{host: 127.0.0.1, port: 2526, tls: none}]}\n")
+        result = _runCLI("check-config", str(path))
+        assert result.returncode == 0, result.stderr
+        assert result.stderr == (
+            f"relayd: warning: {passwd}: line 3: carol: {{SHA}} (htpasswd -s) is not supported, "
+            "so carol can never log in; reset with relayd-passwd add carol\n"
+            f"relayd: warning: {path}: auth.senders.alice: {passwd} has no login 'alice', so this "
+            "entry never applies\n")
+
+    def test_version(self) -> None:
+        import relayd
+
+        result = _runCLI("--version")
+        assert (result.returncode, result.stdout, result.stderr) == (
+            0, f"relayd {relayd.__version__}\n", "")
 
     def test_inProcess(self, capsys: pytest.CaptureFixture[str]) -> None:
         """

@@ -172,6 +172,80 @@ def test_flush_of_a_waiting_message_says_so(rig):
         "being delivered now", "waiting for a free slot at its destination"]
 
 
+# The AUTH throttle's blocks: relayctl blocked / unblock
+
+
+@pytest.fixture
+def blocks():
+    from twisted.internet import task
+
+    from relayd.auth import FailureThrottle
+
+    clock = task.Clock()
+    clock.advance(1_800_000_000)
+    throttle = FailureThrottle(clock, limit=2, window=600)
+    proto = control.ControlProtocol(scheduler=None, throttle=throttle)
+    transport = StringTransport()
+    proto.makeConnection(transport)
+    return clock, throttle, proto, transport
+
+
+def block(throttle, address):
+    while throttle.failed(address) is None:
+        pass
+
+
+def test_blocked_lists_addresses_and_until_when(blocks):
+    clock, throttle, proto, transport = blocks
+    assert ask(proto, transport, control.Blocked, start=0) == {"clients": [], "total": 0}
+    block(throttle, "192.0.2.4")
+    clock.advance(10)
+    block(throttle, "2001:db8::1")
+    assert ask(proto, transport, control.Blocked, start=0) == {"clients": [
+        {"address": "192.0.2.4", "until": 1_800_000_600.0},
+        {"address": "2001:db8::1", "until": 1_800_000_610.0}], "total": 2}
+
+
+def test_blocked_answers_in_pages_that_fit_amp(blocks):
+    clock, throttle, proto, transport = blocks
+    for i in range(control.MAX_BLOCKED_PER_CALL + 3):
+        block(throttle, f"2001:db8:ffff:ffff:ffff:ffff:{i // 65536:x}:{i % 65536:x}")
+    first = ask(proto, transport, control.Blocked, start=0)
+    assert len(first["clients"]) == control.MAX_BLOCKED_PER_CALL and first["total"] == 503
+    second = ask(proto, transport, control.Blocked, start=control.MAX_BLOCKED_PER_CALL)
+    assert len(second["clients"]) == 3
+
+
+def test_unblock_lifts_a_block_and_logs_it(blocks):
+    from twisted.logger import globalLogPublisher
+
+    clock, throttle, proto, transport = blocks
+    block(throttle, "192.0.2.4")
+    lines = []
+    observer = lambda e: lines.append(e.get("log_line"))  # noqa: E731
+    globalLogPublisher.addObserver(observer)
+    try:
+        # An IPv4-mapped address is the IPv4 client it stands for.
+        assert ask(proto, transport, control.Unblock, address="::ffff:192.0.2.4") == {
+            "address": "192.0.2.4", "wasBlocked": True}
+        assert ask(proto, transport, control.Unblock, address="192.0.2.4") == {
+            "address": "192.0.2.4", "wasBlocked": False}
+    finally:
+        globalLogPublisher.removeObserver(observer)
+    assert not throttle.blocked("192.0.2.4")
+    assert lines == ["192.0.2.4: AUTH block lifted by admin"]
+
+
+def test_unblock_refuses_what_is_not_an_address(blocks):
+    clock, throttle, proto, transport = blocks
+    box = control.Unblock.makeArguments({"address": "relay.example"}, None)
+    box[b"_command"], box[b"_ask"] = control.Unblock.commandName, b"1"
+    proto.dataReceived(box.serialize())
+    answer = relayctl._readBox(BufferSocket(transport.value()))
+    assert answer[b"_error_code"] == b"BAD_ADDRESS"
+    assert answer[b"_error_description"] == b"'relay.example' is not an IP address"
+
+
 def rawRequest(command: bytes, items: list[bytes]) -> bytes:
     """An AMP request box built byte by byte, as any client could send it."""
     import struct

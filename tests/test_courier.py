@@ -47,6 +47,7 @@ from relayd.courier import (
     classify,
     parseReplyLine,
 )
+from tests.builders import testConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -1455,29 +1456,12 @@ def test_body_is_checked_for_8bit_once_per_attempt():
 # -- reconfigure ------------------------------------------------------------------------
 
 
-class PollingResolver:
-    """Like client.Resolver: re-reads resolv.conf from a delayed call."""
-
-    def __init__(self, clock):
-        self._parseCall = clock.callLater(60, lambda: None)
-
-
-def test_reconfigure_stops_the_replaced_resolvers_polling():
-    net = Network()
-    old = PollingResolver(net.clock)
-    courier = net.courier(resolver=old)
-    new = PollingResolver(net.clock)
-    courier.reconfigure(Timeouts(), {}, new)
-    assert not old._parseCall.active()
-    assert new._parseCall.active() and courier.resolver is new
-    courier.reconfigure(Timeouts(), {}, new)  # the same one: left running
-    assert new._parseCall.active()
-    courier.reconfigure(Timeouts(), {}, StaticResolver([], {}))  # one without _parseCall
-    assert not new._parseCall.active()
-    courier.reconfigure(Timeouts(), {}, None)
-
-
-def test_reconfigure_closes_idle_sessions_and_takes_the_new_settings():
+def test_reconfigure_closes_idle_sessions_and_takes_the_new_settings(tmp_path):
+    secret = tmp_path / "upstream.secret"
+    secret.write_text("new\n")
+    new = testConfig(hostname="two.example", delivery={
+        "timeouts": {"mail": "7s"},
+        "smarthosts": [{"host": "a.example", "username": "u", "password_file": str(secret)}]})
     net = Network(a_example="192.0.2.7")
     courier = net.courier()
     d = deliver(courier, [Hop("a.example")], recipients=["a@x"])
@@ -1486,20 +1470,23 @@ def test_reconfigure_closes_idle_sessions_and_takes_the_new_settings():
     _oneMessage(peer)
     result(d)
     peer.sent()
-    courier.reconfigure(Timeouts(mail=7), {"/pw": Secret("new")}, None)
+    courier.reconfigure(new)
     assert peer.sent() == b"QUIT\r\n"
     assert courier._idle == {}
-    assert courier.timeouts == Timeouts(mail=7) and courier.passwords == {"/pw": Secret("new")}
+    assert courier.timeouts == Timeouts(mail=7) and courier.passwords == {str(secret): Secret("new")}
+    assert courier.heloName == "two.example"
 
 
 def test_reconfigure_keeps_tls_settings_of_unreadable_ca_files():
     courier = Network().courier()
-    kept = Target("a.example", 25, "may", caFile="/broken.pem")
+    kept = Target("a.example", 25, "may", caFile="/nonexistent/broken.pem")
     dropped = Target("b.example", 25, "may", caFile="/fine.pem")
     keptCreator = courier._cachedTLSOptions(kept)
     droppedCreator = courier._cachedTLSOptions(dropped)
     assert courier._cachedTLSOptions(kept) is keptCreator  # cached
-    courier.reconfigure(Timeouts(), {}, None, keepCaFiles={"/broken.pem"})
+    # The new config names broken.pem, which cannot be read: its settings stay.
+    courier.reconfigure(testConfig(delivery={"smarthosts": [
+        {"host": "a.example", "tls": "starttls", "ca_file": "/nonexistent/broken.pem"}]}))
     assert courier._cachedTLSOptions(kept) is keptCreator
     assert courier._cachedTLSOptions(dropped) is not droppedCreator
 

@@ -10,7 +10,6 @@ import threading
 import time
 
 import pytest
-
 from twisted.logger import Logger, globalLogPublisher
 
 from relayd import logformat, maillog
@@ -88,13 +87,41 @@ def test_syslog_socket_sends_mail_facility_datagrams(tmp_path):
     assert second == "<20>Nov 30 04:27:10 relayd/smtpd[7]: warning: unknown[192.0.2.4]: something"
 
 
-def test_syslog_socket_missing_falls_back_to_stderr(tmp_path, capfd, monkeypatch):
-    # The process's stderr, not sys.stderr: twistd redirects that to the log.
-    monkeypatch.setattr(sys, "stderr", io.StringIO())
-    observer = logformat.syslogSocketObserver(str(tmp_path / "absent"), pid=7, localtime=utc)
+def test_syslog_socket_missing_falls_back_to_stderr_with_one_warning(tmp_path):
+    path = tmp_path / "log"
+    err = io.StringIO()
+    observer = logformat.syslogSocketObserver(str(path), pid=7, localtime=utc, fallback=err)
+    emitThrough(fixedTime(observer), lambda: (
+        maillog.removed("K1EXDXNM43F1XEF6"), maillog.removed("K1EXDXNM43F1XEF7")))
+    assert err.getvalue() == (
+        f"relayd: warning: syslog socket {path}: No such file or directory; logging to stderr "
+        "until it takes lines again\n"
+        "<22>Nov 30 04:27:10 relayd/qmgr[7]: K1EXDXNM43F1XEF6: removed\n"
+        "<22>Nov 30 04:27:10 relayd/qmgr[7]: K1EXDXNM43F1XEF7: removed\n")
+    # syslog comes back (rsyslog restarted): lines go there again, one note says so.
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    server.bind(str(path))
+    server.settimeout(5)
+    try:
+        emitThrough(fixedTime(observer), lambda: maillog.removed("K1EXDXNM43F1XEF8"))
+        assert server.recv(4096).decode() == "<22>Nov 30 04:27:10 relayd/qmgr[7]: K1EXDXNM43F1XEF8: removed"
+    finally:
+        server.close()
+    assert err.getvalue().splitlines()[-1] == (
+        f"relayd: warning: syslog socket {path} takes lines again; logging there")
+
+
+def test_syslog_socket_fallback_is_the_real_stderr_not_twistds_redirected_one(monkeypatch):
+    # twistd replaces sys.stderr with a file that logs what is written to
+    # it: a fallback through it would loop back into the failing observer.
+    redirected = io.StringIO()
+    monkeypatch.setattr("sys.stderr", redirected)
+    real = io.StringIO()
+    monkeypatch.setattr("sys.__stderr__", real)
+    observer = logformat.syslogSocketObserver("/nonexistent/relayd-test/log", pid=7, localtime=utc)
     emitThrough(fixedTime(observer), lambda: maillog.removed("K1EXDXNM43F1XEF6"))
-    assert sys.stderr.getvalue() == ""
-    assert capfd.readouterr().err == "<22>Nov 30 04:27:10 relayd/qmgr[7]: K1EXDXNM43F1XEF6: removed\n"
+    assert redirected.getvalue() == ""
+    assert real.getvalue().endswith("<22>Nov 30 04:27:10 relayd/qmgr[7]: K1EXDXNM43F1XEF6: removed\n")
 
 
 def test_json_lines_carry_the_event_fields():

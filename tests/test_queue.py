@@ -517,3 +517,106 @@ def test_second_writer_is_locked_out(tmp_path):
     second = Spool(str(tmp_path / "spool"))
     with pytest.raises(BlockingIOError):
         second.lock()
+
+
+# Who may use the spool: an entry the daemon may not read, a root daemon on another user's spool
+
+
+def test_an_unreadable_entry_is_an_error_with_the_fix_and_stays_queued(spool, tmp_path, logged, monkeypatch):
+    good, unreadable = makeEnvelope(), makeEnvelope()
+    store(spool, good)
+    store(spool, unreadable)
+    blocked = str(tmp_path / "spool" / "queue" / (unreadable.queueId + ".env"))
+    realOpen = open
+
+    def openAsAnotherUser(path, *args, **kwargs):  # what 0600 root files give the relayd user
+        if str(path) == blocked:
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+        return realOpen(path, *args, **kwargs)
+
+    monkeypatch.setattr(queue, "open", openAsAnotherUser, raising=False)
+    assert spool.recover() == [good]
+    assert spool.unreadable == [unreadable.queueId]
+    assert spool.quarantined == []
+    files = listing(tmp_path / "spool")
+    assert files["quarantine"] == []
+    assert unreadable.queueId + ".env" in files["queue"] and unreadable.queueId + ".eml" in files["queue"]
+    [line] = [l for l in logged if l.startswith(unreadable.queueId)]
+    assert line.startswith(f"{unreadable.queueId}: error: cannot read {blocked}")
+    assert "Permission denied" in line and f"chown -R " in line and str(tmp_path / "spool") in line
+
+
+def test_an_unreadable_body_is_found_at_start_up_too(spool, tmp_path, logged, monkeypatch):
+    entry = makeEnvelope()
+    store(spool, entry)
+    monkeypatch.setattr(spool, "openBody", lambda queueId: (_ for _ in ()).throw(
+        PermissionError(errno.EACCES, "Permission denied", "the body")))
+    assert spool.recover() == []
+    assert spool.unreadable == [entry.queueId] and spool.quarantined == []
+
+
+def test_a_root_daemon_refuses_a_spool_that_belongs_to_another_user(tmp_path):
+    directory = tmp_path / "spool"
+    directory.mkdir()
+    if os.geteuid() == 0:
+        os.chown(directory, 65534, 65534)  # nobody
+    owner = queue.userName(directory.stat().st_uid)
+    problem = queue.ownershipProblem(str(directory), euid=0)
+    assert problem is not None and "\n" not in problem
+    assert problem.startswith(f"{directory} belongs to {owner} and relayd runs as root")
+    assert f"run relayd as {owner}" in problem and f"chown -R root: {directory}" in problem
+    # Not root: the daemon's own files are its own; a missing directory is created by it.
+    assert queue.ownershipProblem(str(directory), euid=directory.stat().st_uid or 1000) is None
+    assert queue.ownershipProblem(str(tmp_path / "missing"), euid=0) is None
+
+
+def test_a_root_daemon_may_use_roots_spool(tmp_path):
+    directory = tmp_path / "spool"
+    directory.mkdir()
+    if os.geteuid() != 0:
+        pytest.skip("needs a directory owned by root (CI runs as root)")
+    assert queue.ownershipProblem(str(directory), euid=0) is None
+
+
+# The quarantine, put back
+
+
+def test_a_repaired_quarantined_entry_is_restored_after_a_second_check(spool, tmp_path):
+    entry = makeEnvelope()
+    store(spool, entry)
+    envelopePath = tmp_path / "spool" / "queue" / (entry.queueId + ".env")
+    good = envelopePath.read_bytes()
+    envelopePath.write_bytes(b"{not json")
+    assert spool.recover() == []
+    assert spool.quarantinedIds() == [entry.queueId]
+
+    with pytest.raises(ValueError, match="envelope is not JSON"):
+        spool.restore(entry.queueId)
+    assert spool.quarantineFiles(entry.queueId) == [entry.queueId + ".eml", entry.queueId + ".env"]
+
+    (tmp_path / "spool" / "quarantine" / (entry.queueId + ".env")).write_bytes(good)
+    assert spool.examineQuarantined(entry.queueId) == entry
+    assert spool.restore(entry.queueId) == entry
+    assert spool.quarantinedIds() == []
+    assert spool.load(entry.queueId) == entry
+    assert spool.openBody(entry.queueId).read() == BODY
+    with pytest.raises(FileNotFoundError):
+        spool.restore(entry.queueId)
+
+
+def test_restore_refuses_an_entry_without_body_or_an_id_in_the_queue(spool, tmp_path):
+    entry = makeEnvelope()
+    store(spool, entry)
+    os.unlink(tmp_path / "spool" / "queue" / (entry.queueId + ".eml"))
+    spool.recover()
+    with pytest.raises(ValueError, match="message body is missing"):
+        spool.restore(entry.queueId)
+
+    twin = makeEnvelope()
+    store(spool, twin)
+    quarantine = tmp_path / "spool" / "quarantine"
+    for suffix in (".env", ".eml"):
+        (quarantine / (twin.queueId + suffix)).write_bytes(
+            (tmp_path / "spool" / "queue" / (twin.queueId + suffix)).read_bytes())
+    with pytest.raises(FileExistsError):
+        spool.restore(twin.queueId)

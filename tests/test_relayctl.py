@@ -109,6 +109,14 @@ def test_changes_need_the_daemon(setup, verb):
     assert err.endswith("list and show work without it\n")
 
 
+@pytest.mark.parametrize("args", [("blocked",), ("unblock", "192.0.2.4")])
+def test_blocks_need_the_daemon(setup, args):
+    status, out, err = run(setup[1], *args)
+    assert (status, out) == (1, "")
+    assert err.startswith("relayctl: relayd is not running (nothing answers on ")
+    assert "blocked and unblock need the daemon" in err
+
+
 def test_config_error_is_one_line(tmp_path):
     status, out, err = run(str(tmp_path / "missing.yaml"), "list")
     assert status == 1 and err.count("\n") == 1 and err.startswith("relayctl: ")
@@ -158,6 +166,162 @@ def test_size_falls_back_to_the_body_file(setup):
     spool.update(env)
     status, out, _ = run(configPath, "list", "--json")
     assert json.loads(out)["message_size"] == len(b"Subject: hello\r\n\r\nbody\r\n")
+
+
+# blocked / unblock: the daemon's answers come from a ControlProtocol over memory
+
+
+@pytest.fixture
+def daemonThrottle(setup, monkeypatch):
+    from twisted.internet import task
+    from twisted.internet.testing import StringTransport
+
+    from relayd import control
+    from relayd.auth import FailureThrottle
+    from tests.test_control import ask
+
+    clock = task.Clock()
+    clock.advance(1_800_000_000)
+    throttle = FailureThrottle(clock, limit=1, window=900)
+    proto = control.ControlProtocol(scheduler=None, throttle=throttle)
+    transport = StringTransport()
+    proto.makeConnection(transport)
+    monkeypatch.setattr(relayctl, "callDaemon",
+                        lambda path, command, **arguments: ask(proto, transport, command, **arguments))
+    monkeypatch.setattr(relayctl.control, "MAX_BLOCKED_PER_CALL", 2)
+    monkeypatch.setattr(control, "MAX_BLOCKED_PER_CALL", 2)
+    return throttle, setup[1]
+
+
+def test_blocked_and_unblock(daemonThrottle):
+    throttle, configPath = daemonThrottle
+    assert run(configPath, "blocked") == (0, "No client is blocked\n", "")
+    for address in ("192.0.2.4", "2001:db8::1", "192.0.2.5"):
+        throttle.failed(address)
+    status, out, err = run(configPath, "blocked")
+    # Three addresses over pages of two.
+    until = relayctl._when(1_800_000_900)
+    assert (status, err) == (0, "")
+    assert out.splitlines() == [
+        f"192.0.2.4    AUTH blocked until {until}",
+        f"192.0.2.5    AUTH blocked until {until}",
+        f"2001:db8::1  AUTH blocked until {until}",
+    ]
+    status, out, _ = run(configPath, "blocked", "--json")
+    assert json.loads(out.splitlines()[0]) == {"address": "192.0.2.4", "blocked_until": 1_800_000_900}
+    assert run(configPath, "unblock", "192.0.2.4", "192.0.2.9") == (
+        1, "192.0.2.4: unblocked\n", "relayctl: 192.0.2.9: not blocked\n")
+    assert run(configPath, "unblock", "relay.example") == (
+        1, "", "relayctl: 'relay.example' is not an IP address\n")
+    assert [a for a, _ in throttle.blockedClients()] == ["192.0.2.5", "2001:db8::1"]
+
+
+# Selecting messages: ALL, --sender, --recipient (postsuper -d ALL)
+
+
+@pytest.mark.parametrize("address, wanted, matches", [
+    ("alice@example.com", "alice@example.com", True),
+    ("Alice@Example.COM", "<alice@example.com>", True),
+    ("alice@example.com", "bob@example.com", False),
+    ("alice@example.com", "@example.com", True),
+    ("alice@example.com", "@EXAMPLE.com", True),
+    ("alice@sub.example.com", "@example.com", False),
+    ("alice@example.com.evil.test", "@example.com", False),
+    ("", "<>", True),
+    ("", "", True),
+    ("alice@example.com", "<>", False),
+    ("", "@example.com", False),
+])
+def test_addressMatches(address, wanted, matches):
+    assert relayctl.addressMatches(address, wanted) is matches
+
+
+class FakeDaemon:
+    """Stands in for callDaemon: records each request, answers every id done."""
+
+    def __init__(self):
+        self.calls = []
+
+    def __call__(self, path, command, timeout=None, **arguments):
+        self.calls.append((command.__name__, list(arguments["ids"])))
+        return {"outcomes": [{"id": i, "ok": True, "outcome": "done"} for i in arguments["ids"]],
+                "count": 0}
+
+
+@pytest.fixture
+def selectionQueue(setup, monkeypatch):
+    spool, configPath = setup
+    put(spool, "0000000000000001", sender="spam@bad.example", rcpts=("a@one.example",))
+    put(spool, "0000000000000002", sender="spam@bad.example", rcpts=("b@two.example",), hold=True)
+    put(spool, "0000000000000003", sender="alice@good.example", rcpts=("c@two.example",))
+    e = put(spool, "0000000000000004", sender="", rcpts=("d@two.example", "e@one.example"))
+    e.recipients[0].state = SENT  # delivered: no longer selects the message by recipient
+    spool.update(e)
+    daemon = FakeDaemon()
+    monkeypatch.setattr(relayctl, "callDaemon", daemon)
+    return configPath, daemon
+
+
+@pytest.mark.parametrize("args, calls", [
+    (("delete", "ALL"), [("Delete", ["0000000000000001", "0000000000000002", "0000000000000003",
+                                     "0000000000000004"])]),
+    (("delete", "--sender", "spam@bad.example"), [("Delete", ["0000000000000001", "0000000000000002"])]),
+    (("bounce", "--sender", "@bad.example", "--recipient", "@two.example"),
+     [("Bounce", ["0000000000000002"])]),
+    (("hold", "--recipient", "@two.example"), [("Hold", ["0000000000000003"])]),  # 2 is held already
+    (("release", "ALL"), [("Release", ["0000000000000002"])]),
+    (("delete", "--sender", "<>"), [("Delete", ["0000000000000004"])]),
+    (("delete", "--recipient", "d@two.example"), []),  # delivered already
+    (("flush", "--recipient", "@one.example"), [("Flush", ["0000000000000001", "0000000000000004"])]),
+    (("flush", "--sender", "spam@bad.example"), [("Flush", ["0000000000000001"])]),  # 2 is held
+    (("requeue", "--sender", "spam@bad.example"), [("Requeue", ["0000000000000001", "0000000000000002"])]),
+    # Every message of flush/requeue is the daemon's own "all" (a count back).
+    (("requeue", "ALL"), [("Requeue", [])]),
+])
+def test_selection_picks_messages_from_the_spool(selectionQueue, args, calls):
+    configPath, daemon = selectionQueue
+    status, out, err = run(configPath, *args)
+    assert (status, err) == (0, ""), err
+    assert daemon.calls == calls
+    if not calls:
+        assert out == "no message in the queue matches\n"
+
+
+def test_selection_goes_through_the_batches(selectionQueue, monkeypatch):
+    configPath, daemon = selectionQueue
+    monkeypatch.setattr(relayctl.control, "MAX_IDS_PER_CALL", 3)
+    status, out, err = run(configPath, "delete", "ALL")
+    assert status == 0
+    assert daemon.calls == [("Delete", ["0000000000000001", "0000000000000002", "0000000000000003"]),
+                            ("Delete", ["0000000000000004"])]
+    assert out.count(": done\n") == 4
+
+
+def test_selection_message_gone_meanwhile_is_not_a_failure(selectionQueue, monkeypatch):
+    configPath, _ = selectionQueue
+
+    def gone(path, command, timeout=None, **arguments):
+        return {"outcomes": [{"id": i, "ok": False, "outcome": relayctl.control.UNKNOWN}
+                             for i in arguments["ids"]], "count": 0}
+
+    monkeypatch.setattr(relayctl, "callDaemon", gone)
+    status, out, err = run(configPath, "delete", "--sender", "alice@good.example")
+    assert (status, out, err) == (0, "0000000000000003: gone from the queue meanwhile\n", "")
+    # Named ids stay strict: an unknown id is an error.
+    status, out, err = run(configPath, "delete", "0000000000000003")
+    assert status == 1 and err == "relayctl: 0000000000000003: no such message in the queue\n"
+
+
+@pytest.mark.parametrize("args, message", [
+    (("delete",), "delete needs queue ids, ALL, --sender or --recipient"),
+    (("hold", "ALL", "0000000000000001"), "give queue ids, or ALL / --sender / --recipient, not both"),
+    (("delete", "--sender", "x@y.z", "0000000000000001"),
+     "give queue ids, or ALL / --sender / --recipient, not both"),
+])
+def test_selection_usage_errors(tmp_path, args, message):
+    # Checked before the config is read: this one does not even exist.
+    status, out, err = run(str(tmp_path / "missing.yaml"), *args)
+    assert (status, out, err) == (2, "", f"relayctl: {message}; see relayctl --help\n")
 
 
 @pytest.mark.parametrize("field, value", [

@@ -134,3 +134,135 @@ def test_targets_carry_their_mx_preference():
     assert [(x.host, x.preference) for x in got.targets] == [
         ("a.x.test", 10), ("a.x.test", 10), ("b.x.test", 20), ("c.x.test", 20)]
     assert [x.preference for x in resolve(ZONE, "nomx.test").targets] == [0, 0]
+
+
+# The resolver's configuration: read once, quietly
+
+
+def test_makeResolver_reads_resolv_conf_once_without_log_lines(tmp_path):
+    from twisted.internet import task
+    from twisted.logger import globalLogPublisher
+
+    from relayd.resolve import makeResolver
+
+    resolvConf = tmp_path / "resolv.conf"
+    resolvConf.write_text("# by hand\nsearch example.com\nnameserver 192.0.2.53\nnameserver 192.0.2.54\n")
+    clock = task.Clock()
+    events = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        resolver = makeResolver(clock, (), 10.0, resolvConf=str(resolvConf))
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    # Twisted's own reading logged "<file> changed, reparsing" and each
+    # server at every start and SIGHUP, and re-read the file every minute.
+    assert events == []
+    assert clock.getDelayedCalls() == []
+    assert resolver.servers == [("192.0.2.53", 53), ("192.0.2.54", 53)]
+    assert {resolver.pickServer(), resolver.pickServer()} == {("192.0.2.53", 53), ("192.0.2.54", 53)}
+
+
+def test_nameServers_without_any_is_the_local_server(tmp_path):
+    from relayd.resolve import nameServers
+
+    assert nameServers(str(tmp_path / "missing")) == [("127.0.0.1", 53)]
+    (tmp_path / "empty").write_text("options edns0\n")
+    assert nameServers(str(tmp_path / "empty")) == [("127.0.0.1", 53)]
+
+
+# Client names against a real twisted.names DNS server (tests/dnsserver.py)
+
+import json  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+
+NAMES_ZONE = {
+    # Confirmed: the PTR name points back.
+    "10.2.0.192.in-addr.arpa": {"PTR": ["Mail.Example.TEST."]},
+    "mail.example.test": {"A": ["192.0.2.10", "192.0.2.99"]},
+    # The PTR name points elsewhere.
+    "11.2.0.192.in-addr.arpa": {"PTR": ["liar.example.test"]},
+    "liar.example.test": {"A": ["198.51.100.1"]},
+    # The PTR name does not exist.
+    "12.2.0.192.in-addr.arpa": {"PTR": ["ghost.example.test"]},
+    # No PTR at all: 192.0.2.13 (NXDOMAIN).
+    # The PTR query is never answered.
+    "14.2.0.192.in-addr.arpa": "TIMEOUT",
+    # The forward query is never answered.
+    "15.2.0.192.in-addr.arpa": {"PTR": ["slow.example.test"]},
+    "slow.example.test": "TIMEOUT",
+    # A PTR that is an address, not a name.
+    "16.2.0.192.in-addr.arpa": {"PTR": ["192.0.2.16"]},
+    # SERVFAIL on the reverse zone.
+    "17.2.0.192.in-addr.arpa": "SERVFAIL",
+    # IPv6, confirmed by AAAA.
+    "1.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.8.b.d.0.1.0.0.2.ip6.arpa": {"PTR": ["six.example.test"]},
+    "six.example.test": {"AAAA": ["2001:db8::1"], "A": ["192.0.2.10"]},
+}
+
+
+def clientNamesMain(zone: dict, addresses: list[str], timeout: float) -> None:
+    """A DNS server and relayd's ClientNames in one real reactor; prints {address: [name, warning]}."""
+    from twisted.internet import task
+
+    from relayd.resolve import ClientNames, makeResolver
+    from tests import dnsserver
+
+    async def main(reactor):
+        port = dnsserver.listen(reactor, zone)
+        resolver = makeResolver(reactor, (("127.0.0.1", port.getHost().port),), 10.0)
+        names = ClientNames(resolver, timeout, reactor)
+        results = await defer.gatherResults([names.lookup(a) for a in addresses])
+        print(json.dumps({a: [r.name, r.warning] for a, r in zip(addresses, results)}))
+        await port.stopListening()
+
+    task.react(lambda reactor: defer.ensureDeferred(main(reactor)))
+
+
+def lookupNames(addresses, timeout=2.0):
+    code = ("import json, sys; from tests.test_resolve import clientNamesMain; "
+            "clientNamesMain(*json.loads(sys.argv[1]))")
+    proc = subprocess.run([sys.executable, "-c", code, json.dumps([NAMES_ZONE, addresses, timeout])],
+                          cwd=ROOT, capture_output=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr.decode()
+    return json.loads(proc.stdout.decode().strip().splitlines()[-1])
+
+
+def test_client_names_as_postfix_confirms_them():
+    found = lookupNames(["192.0.2.10", "192.0.2.11", "192.0.2.12", "192.0.2.13", "192.0.2.14",
+                         "192.0.2.15", "192.0.2.16", "192.0.2.17", "2001:db8::1"])
+    assert found == {
+        "192.0.2.10": ["mail.example.test", None],
+        "192.0.2.11": ["unknown", "hostname liar.example.test does not resolve to address 192.0.2.11"],
+        "192.0.2.12": ["unknown", "hostname ghost.example.test does not resolve to address "
+                                  "192.0.2.12: Name or service not known"],
+        "192.0.2.13": ["unknown", None],
+        "192.0.2.14": ["unknown", None],  # timed out: the banner does not wait for ever
+        "192.0.2.15": ["unknown", "hostname slow.example.test does not resolve to address "
+                                  "192.0.2.15: Temporary failure in name resolution"],
+        "192.0.2.16": ["unknown", None],
+        "192.0.2.17": ["unknown", None],
+        "2001:db8::1": ["six.example.test", None],
+    }
+
+
+def test_client_names_never_wait_past_the_timeout_whatever_the_resolver():
+    from twisted.internet import task
+
+    from relayd.resolve import ClientName, ClientNames
+
+    class Silent:
+        def lookupPointer(self, name, timeout=None):
+            return defer.Deferred()  # never answers, never times out
+
+    clock = task.Clock()
+    d = ClientNames(Silent(), 5.0, clock).lookup("192.0.2.4")
+    clock.advance(4.9)
+    assert not d.called
+    clock.advance(0.1)
+    assert d.result == ClientName("unknown")
+    # Off: no lookup at all.
+    assert ClientNames(Silent(), 0.0, clock).lookup("192.0.2.4").result == ClientName("unknown")

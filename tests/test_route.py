@@ -2,33 +2,25 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import pytest
 
-from relayd.route import groupByDestination, nextHops, recipientDomain
+from relayd.config import NextHop
+from relayd.route import MXRoute, groupByDestination, nextHops, recipientDomain
+from tests.builders import testConfig
 
 
-@dataclass(frozen=True)
-class Hop:
-    """Stand-in for relayd.config.NextHop."""
-
-    host: str
-    port: int = 25
-    tls: str = "none"
+def delivery(smarthosts=(), routes=None, mxPort=25):
+    """The delivery section read from these YAML values (hops as mappings)."""
+    return testConfig(delivery={"smarthosts": list(smarthosts), "routes": routes or {},
+                                "mx_port": mxPort}).delivery
 
 
-@dataclass(frozen=True)
-class Delivery:
-    """Stand-in for relayd.config.Delivery."""
-
-    smarthosts: tuple
-    concurrency: int = 20
-
-
-PRIMARY = Hop("smtp.example.net", 587)
-BACKUP = Hop("backup.example.net", 25)
-TWO = Delivery((PRIMARY, BACKUP))
+# Each next hop as written in the YAML, and as read.
+PRIMARY_YAML = {"host": "smtp.example.net", "port": 587, "tls": "none"}
+BACKUP_YAML = {"host": "backup.example.net", "port": 25, "tls": "none"}
+PRIMARY = NextHop("smtp.example.net", 587, "none")
+BACKUP = NextHop("backup.example.net", 25, "none")
+TWO = delivery([PRIMARY_YAML, BACKUP_YAML])
 
 
 @pytest.mark.parametrize(
@@ -51,8 +43,8 @@ def test_recipientDomain(address, domain):
         ("example.org", TWO, (PRIMARY, BACKUP)),
         ("other.example", TWO, (PRIMARY, BACKUP)),
         ("", TWO, (PRIMARY, BACKUP)),
-        ("example.org", Delivery((BACKUP,)), (BACKUP,)),
-        ("example.org", Delivery([BACKUP, PRIMARY]), (BACKUP, PRIMARY)),
+        ("example.org", delivery([BACKUP_YAML]), (BACKUP,)),
+        ("example.org", delivery([BACKUP_YAML, PRIMARY_YAML]), (BACKUP, PRIMARY)),
     ],
 )
 def test_nextHops_are_the_smarthosts_in_order(domain, delivery, hops):
@@ -80,50 +72,32 @@ def test_groupByDestination(recipients, groups):
 
 # -- routes and MX delivery -------------------------------------------------------------
 
-from relayd.route import MXRoute  # noqa: E402
-
-
-@dataclass(frozen=True)
-class RouteHop:
-    host: str = ""
-    port: int = 25
-    tls: str = "may"
-    verify: bool = True
-    caFile: str | None = None
-    mx: bool = False
-
-
-@dataclass(frozen=True)
-class FullDelivery:
-    smarthosts: tuple = ()
-    routes: dict | None = None
-    mxPort: int = 25
-
-
-INTERNAL = RouteHop("mx.internal.example.org", 25, "may")
-MX_REQUIRED = RouteHop(tls="starttls", mx=True, caFile="/ca.pem")
-ROUTES = {"example.org": (INTERNAL,), "partner.example": (MX_REQUIRED,)}
+INTERNAL_YAML = {"host": "mx.internal.example.org", "port": 25, "tls": "may"}
+INTERNAL = NextHop("mx.internal.example.org", 25, "may")
+MX_REQUIRED_YAML = {"mx": True, "tls": "starttls", "ca_file": "/ca.pem"}
+ROUTES = {"example.org": [INTERNAL_YAML], "partner.example": [MX_REQUIRED_YAML]}
 
 
 @pytest.mark.parametrize("domain, delivery, hops", [
     # No smarthosts: MX delivery on mx_port, opportunistic TLS.
-    ("example.net", FullDelivery(mxPort=2525), (MXRoute("example.net", 2525, "may"),)),
+    ("example.net", delivery(mxPort=2525), (MXRoute("example.net", 2525, "may"),)),
     # A route beats the smarthosts; other domains use the smarthosts.
-    ("example.org", FullDelivery((PRIMARY,), ROUTES), (INTERNAL,)),
-    ("example.net", FullDelivery((PRIMARY,), ROUTES), (PRIMARY,)),
+    ("example.org", delivery([PRIMARY_YAML], ROUTES), (INTERNAL,)),
+    ("example.net", delivery([PRIMARY_YAML], ROUTES), (PRIMARY,)),
     # An mx entry: MX delivery for that domain with its own TLS policy.
-    ("partner.example", FullDelivery((PRIMARY,), ROUTES),
+    ("partner.example", delivery([PRIMARY_YAML], ROUTES),
      (MXRoute("partner.example", 25, "starttls", True, "/ca.pem"),)),
     # "*" catches every domain without its own route.
-    ("example.net", FullDelivery((PRIMARY,), {"*": (BACKUP,), **ROUTES}), (BACKUP,)),
-    ("example.org", FullDelivery((PRIMARY,), {"*": (BACKUP,), **ROUTES}), (INTERNAL,)),
-    ("x.example", FullDelivery((), {"*": (RouteHop(mx=True, tls="none"),)}), (MXRoute("x.example", 25, "none"),)),
+    ("example.net", delivery([PRIMARY_YAML], {"*": [BACKUP_YAML], **ROUTES}), (BACKUP,)),
+    ("example.org", delivery([PRIMARY_YAML], {"*": [BACKUP_YAML], **ROUTES}), (INTERNAL,)),
+    ("x.example", delivery([], {"*": [{"mx": True, "tls": "none"}]}),
+     (MXRoute("x.example", 25, "none"),)),
 ])
 def test_nextHops_routes_and_mx(domain, delivery, hops):
     assert nextHops(domain, delivery) == hops
 
 
 def test_mx_delivery_groups_by_domain():
-    got = groupByDestination(["a@x.org", "b@y.org", "c@X.org"], FullDelivery())
+    got = groupByDestination(["a@x.org", "b@y.org", "c@X.org"], delivery())
     assert list(got.values()) == [["a@x.org", "c@X.org"], ["b@y.org"]]
     assert list(got) == [(MXRoute("x.org"),), (MXRoute("y.org"),)]

@@ -11,10 +11,11 @@ from twisted.internet import defer, task
 from twisted.logger import globalLogPublisher, formatEvent
 
 from relayd import scheduler
-from relayd.config import NextHop
+from relayd.config import Retry, formatDuration
 from relayd.courier import AttemptResult, RecipientResult
 from relayd.envelope import FAILED, PENDING, SENT, Envelope, Recipient, newQueueId
 from relayd.scheduler import Scheduler, retryDelay
+from tests.builders import testConfig
 
 
 @pytest.mark.parametrize("failed, jitter, expected", [
@@ -127,16 +128,13 @@ def result(recipients, codes):
 
 def settings(concurrency=20, destinationConcurrency=20, lifetime=5 * 86400.0,
              delayWarning=None, postmaster=None, bounceSizeLimit=50_000):
-    return SimpleNamespace(
-        hostname="relay.test",
+    """A real config with these delivery settings (seconds and bytes)."""
+    return testConfig(
         postmaster=postmaster,
-        queue=SimpleNamespace(retry=SimpleNamespace(min=300.0, max=3600.0), lifetime=lifetime,
-                              delayWarning=delayWarning, bounceSizeLimit=bounceSizeLimit,
-                              directory="/var/spool/relayd"),
-        delivery=SimpleNamespace(smarthosts=(NextHop(host="smtp.test", port=25, tls="none"),),
-                                 concurrency=concurrency,
-                                 destinationConcurrency=destinationConcurrency),
-        shutdownGrace=30.0,
+        queue={"lifetime": formatDuration(lifetime), "bounce_size_limit": bounceSizeLimit,
+               **({"delay_warning": formatDuration(delayWarning)} if delayWarning else {})},
+        delivery={"smarthosts": [{"host": "smtp.test", "port": 25, "tls": "none"}],
+                  "concurrency": concurrency, "destination_concurrency": destinationConcurrency},
     )
 
 
@@ -300,7 +298,7 @@ def rigFactory():
     (7200, 0, 6, 7200, 10800),         # already expired (notice failed): plain backoff
 ])
 def test_next_attempt_time_table(now, arrival, failed, lifetime, expected):
-    retry = SimpleNamespace(min=300.0, max=3600.0)
+    retry = Retry(min=300.0, max=3600.0)
     assert scheduler.nextAttemptTime(now, arrival, failed, retry, lifetime, 0.5) == expected
 
 

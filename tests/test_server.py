@@ -6,17 +6,15 @@ exact replies out, and what was or was not queued.
 from __future__ import annotations
 
 import errno
-import ipaddress
 import re
-from types import SimpleNamespace
 
 import pytest
 from twisted.internet import address, defer, task
 from twisted.internet.testing import StringTransport
 
 from relayd import server
-from relayd.config import Limits
 from relayd.envelope import isQueueId
+from tests.builders import testConfig
 from tests.dialogue import Dialogue
 
 
@@ -52,15 +50,13 @@ class MemorySpool:
 
 def makeConfig(trusted=("127.0.0.0/8", "::1/128"), messageSize=10_000_000, recipients=100,
                connections=100, connectionsPerClient=20):
-    return SimpleNamespace(
+    """A real config: these limits, every other one at its default, no free-space check."""
+    return testConfig(
         hostname="relay.test",
-        relay=SimpleNamespace(trustedNetworks=tuple(ipaddress.ip_network(n) for n in trusted)),
-        # The real Limits: every other limit at its default.
-        limits=Limits(messageSize=messageSize, recipients=recipients,
-                      connections=connections, connectionsPerClient=connectionsPerClient),
-        auth=None,
-        postmaster=None,
-        freeSpaceReserve=lambda: 0,
+        relay={"trusted_networks": list(trusted)},
+        limits={"message_size": messageSize, "recipients": recipients,
+                "connections": connections, "connections_per_client": connectionsPerClient},
+        queue={"free_space_reserve": 0},
     )
 
 
@@ -267,8 +263,7 @@ def test_bare_lf_from_trusted_client_is_normalised():
 
 
 def test_bare_lf_from_untrusted_client_is_rejected_after_end_of_data():
-    hs = Harness(peer="192.0.2.9", trusted=("192.0.2.0/24",))
-    hs.factory.config.relay.trustedNetworks = ()
+    hs = Harness(peer="192.0.2.9", trusted=())
     hs.proto.trusted = False
     # Until AUTH exists only trusted clients relay: stand in for an
     # authenticated user, who may relay but is not trusted to send bare LF.
@@ -512,3 +507,103 @@ def test_shutdown_during_a_refused_message_says_421_once():
     out = hs.send(b"x" * 200 + b"\r\n.\r\n")
     assert out == ["552 5.3.4 Message size exceeds fixed limit",
                    "421 4.3.2 relay.test Service shutting down, closing connection"]
+
+
+# The client's name: looked up before the banner, in every line after it
+
+
+class Names:
+    """Stands in for ClientNames.lookup: one pending Deferred per looked-up address."""
+
+    def __init__(self):
+        self.pending: dict[str, defer.Deferred] = {}
+
+    def __call__(self, address):
+        d = self.pending[address] = defer.Deferred()
+        return d
+
+
+def logLines():
+    from twisted.logger import formatEvent, globalLogPublisher
+
+    lines = []
+    observer = lambda e: lines.append(formatEvent(e))  # noqa: E731
+    globalLogPublisher.addObserver(observer)
+    return lines, lambda: globalLogPublisher.removeObserver(observer)
+
+
+def test_banner_waits_for_the_client_name_and_every_line_carries_it():
+    from twisted.python.failure import Failure
+    from twisted.internet.error import ConnectionDone
+
+    from relayd.resolve import ClientName
+
+    hs = Harness()
+    names = hs.factory.clientNames = Names()
+    lines, stop = logLines()
+    try:
+        assert hs.connect("192.0.2.4") == []  # no banner yet
+        assert hs.transport.producerState == "paused"  # and nothing read meanwhile
+        assert not any("connect from" in l for l in lines)
+        names.pending["192.0.2.4"].callback(ClientName("mail.example.org"))
+        assert hs.take() == ["220 relay.test ESMTP relayd"]
+        assert hs.transport.producerState == "producing"
+        # The name never buys trust: relaying is still denied by address.
+        hs.send(b"EHLO x\r\nMAIL FROM:<x@example.org>\r\n")
+        assert hs.send(b"RCPT TO:<c@example.com>\r\n") == [
+            "554 5.7.1 <c@example.com>: Relay access denied"]
+        hs.proto.connectionLost(Failure(ConnectionDone()))
+    finally:
+        stop()
+    assert [l for l in lines if "192.0.2.4" in l] == [
+        "connect from mail.example.org[192.0.2.4]",
+        "NOQUEUE: reject: RCPT from mail.example.org[192.0.2.4]: 554 5.7.1 <c@example.com>: "
+        "Relay access denied; from=<x@example.org> to=<c@example.com> proto=ESMTP helo=<x>",
+        "disconnect from mail.example.org[192.0.2.4]",
+    ]
+
+
+def test_unconfirmed_name_is_unknown_with_postfixs_warning():
+    from relayd.resolve import ClientName
+
+    hs = Harness()
+    names = hs.factory.clientNames = Names()
+    lines, stop = logLines()
+    try:
+        hs.connect("192.0.2.5")
+        names.pending["192.0.2.5"].callback(ClientName(
+            "unknown", "hostname liar.example does not resolve to address 192.0.2.5"))
+    finally:
+        stop()
+    assert hs.take() == ["220 relay.test ESMTP relayd"]
+    assert lines == ["warning: hostname liar.example does not resolve to address 192.0.2.5",
+                     "connect from unknown[192.0.2.5]"]
+
+
+def test_client_gone_before_its_name_is_known():
+    from twisted.python.failure import Failure
+    from twisted.internet.error import ConnectionDone
+
+    from relayd.resolve import ClientName
+
+    hs = Harness()
+    names = hs.factory.clientNames = Names()
+    lines, stop = logLines()
+    try:
+        hs.connect("192.0.2.6")
+        hs.proto.connectionLost(Failure(ConnectionDone()))
+        names.pending["192.0.2.6"].callback(ClientName("late.example"))
+    finally:
+        stop()
+    assert hs.take() == []
+    assert lines == ["connect from unknown[192.0.2.6]", "disconnect from unknown[192.0.2.6]"]
+    assert hs.proto not in hs.factory.sessions
+
+
+def test_refused_connection_costs_no_lookup():
+    hs = Harness(connectionsPerClient=1)
+    names = hs.factory.clientNames = Names()
+    hs.connect("192.0.2.7")
+    assert hs.connect("192.0.2.7") == [
+        "421 4.7.0 relay.test Error: too many connections from your address"]
+    assert list(names.pending) == ["192.0.2.7"]  # the first connection only

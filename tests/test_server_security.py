@@ -137,7 +137,7 @@ class Harness(Dialogue):
         self.pool = InlinePool()
         self.config = makeConfig(tmp_path, **configArgs)
         verifier = Verifier(PasswordFile(str(tmp_path / "passwd")), self.config.auth.cache)
-        self.portal = Portal(Realm(self.config.auth.sendersFor),
+        self.portal = Portal(Realm(self.config.auth),
                              [PasswordFileChecker(verifier, InlineReactor(), self.pool)])
         self.tls = object()  # the context factory is only handed to startTLS here
         self.factory = server.SubmissionFactory(

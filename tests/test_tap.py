@@ -70,6 +70,19 @@ def test_reload_of_a_broken_file_keeps_the_running_configuration(tmp_path):
     assert str(path) in lines[0] and "no_such_key" in lines[0]
 
 
+def test_relayctl_sees_the_sessions_throttle_and_a_reload_keeps_its_blocks(tmp_path):
+    path = tmp_path / "relayd.yaml"
+    write(path)
+    relay = tap.makeService({"loaded": config.load(str(path))}, reactor)
+    throttle = relay.factory.authThrottle
+    assert relay.namedServices["control"].throttle is throttle
+    while throttle.failed("192.0.2.4") is None:
+        pass
+    blocks = throttle.blockedClients()
+    reloadLines(relay)
+    assert relay.factory.authThrottle is throttle and throttle.blockedClients() == blocks
+
+
 @pytest.mark.parametrize("addition, problem", [
     ("relay: " + "[" * 50_000 + "]" * 50_000 + "\n", "nested at most"),
     ("limits: {connections: " + "9" * 5000 + "}\n", "a number of 5000 digits"),
@@ -166,3 +179,198 @@ def test_reload_that_needs_more_files_than_the_limit_is_refused(tmp_path, monkey
     assert len(lines) == 1
     assert lines[0].startswith(f"reload failed, keeping the running configuration: {path}: "
                                "limits.connections: 2000 connections")
+
+
+AUTH_CONFIG = """\
+hostname: relay.example
+listeners:
+  - {{endpoint: "tcp:0:interface=127.0.0.1", tls: none, auth: required, plaintext_auth: true}}
+auth:
+  password_file: {passwd}
+  senders: {{alice: ["alice@example.com"], printer: ["@example.com"]}}
+queue: {{directory: spool}}
+delivery:
+  smarthosts: [{{host: 127.0.0.1, port: 2526, tls: none}}]
+"""
+
+
+def test_start_and_reload_warn_about_unusable_entries_and_dead_senders(tmp_path):
+    passwd = tmp_path / "passwd"
+    passwd.write_text(
+        "printer:$2y$05$F9e6KRzYAKXoytB07fLqaebMseKE5q3Wl6hZeqIeR6qK5olCQybd.\n"
+        "bob:$apr1$VnCaeS6Y$9dUCrUPqfYNL8SBOnqYw./\n"
+        "alice@example.com:{SHA}GpHWL3ymc5liWkNopqtdSjuqYHM=\n")
+    path = tmp_path / "relayd.yaml"
+    path.write_text(AUTH_CONFIG.format(passwd=passwd))
+    lines = []
+    observer = lambda e: lines.append(formatEvent(e))  # noqa: E731
+    globalLogPublisher.addObserver(observer)
+    try:
+        relay = tap.makeService({"loaded": config.load(str(path))}, reactor)
+        started = list(lines)
+        del lines[:]
+        relay.reload()
+    finally:
+        globalLogPublisher.removeObserver(observer)
+    expected = [
+        f"warning: auth.password_file {passwd}: line 2: bob: apr1 (htpasswd -m) is not "
+        "supported, so bob can never log in; reset with relayd-passwd add bob",
+        f"warning: auth.password_file {passwd}: line 3: alice@example.com: {{SHA}} (htpasswd -s) "
+        "is not supported, so alice@example.com can never log in; reset with relayd-passwd add "
+        "alice@example.com",
+        f"warning: auth.senders.alice: {passwd} has no login 'alice', so this entry never applies",
+    ]
+    assert [l for l in started if "warning" in l] == expected
+    assert [l for l in lines if "warning" in l] == expected
+    assert "VnCaeS6Y" not in "".join(started + lines)
+
+
+def test_password_file_edited_while_running_is_warned_about_when_reread(tmp_path):
+    from relayd.auth import RECHECK_INTERVAL
+
+    passwd = tmp_path / "passwd"
+    passwd.write_text("printer:$2y$05$F9e6KRzYAKXoytB07fLqaebMseKE5q3Wl6hZeqIeR6qK5olCQybd.\n")
+    path = tmp_path / "relayd.yaml"
+    path.write_text(AUTH_CONFIG.format(passwd=passwd).replace(
+        'senders: {alice: ["alice@example.com"], printer: ["@example.com"]}',
+        'senders: {printer: ["@example.com"]}'))
+
+    class Reactor:
+        """Runs callFromThread at once (the test is the only thread)."""
+
+        def callFromThread(self, f, *args):
+            f(*args)
+
+        def __getattr__(self, name):
+            return getattr(reactor, name)
+
+    relay = tap.makeService({"loaded": config.load(str(path))}, Reactor())
+    # An admin adds bob with htpasswd -m while the daemon runs.
+    passwd.write_text(passwd.read_text() + "bob:$apr1$VnCaeS6Y$9dUCrUPqfYNL8SBOnqYw./\n")
+    lines = []
+    observer = lambda e: lines.append(formatEvent(e))  # noqa: E731
+    globalLogPublisher.addObserver(observer)
+    try:
+        relay.passwords._checked -= RECHECK_INTERVAL  # a second later: the next AUTH re-reads it
+        relay.passwords.lookup("bob")
+    finally:
+        globalLogPublisher.removeObserver(observer)
+    assert lines == [f"warning: auth.password_file {passwd}: line 2: bob: apr1 (htpasswd -m) is not "
+                     "supported, so bob can never log in; reset with relayd-passwd add bob"]
+
+
+# -- one reload path --------------------------------------------------------------------
+
+EVERY_COMPONENT = """\
+hostname: {hostname}
+listeners:
+  - {{endpoint: "tcp:0:interface=127.0.0.1", tls: starttls, auth: required}}
+tls: {{certificate: {cert}, key: {key}}}
+auth:
+  password_file: {passwd}
+  senders: {{printer: ["{sender}"]}}
+  cache: {cache}
+limits: {{client_name_timeout: {nameTimeout}, recipients: {recipients}}}
+queue: {{directory: spool, retry: {{min: {retryMin}, max: 1h}}}}
+delivery:
+  smarthosts: [{{host: 127.0.0.1, port: 2526, username: relay, password_file: {secret}}}]
+  timeouts: {{mail: {mailTimeout}}}
+  dns: {{servers: ["{dnsServer}"]}}
+"""
+
+
+def _reachable(root):
+    """Every relayd object reachable from ``root`` through attributes, containers and closures."""
+    seen, found, todo = set(), [], [root]
+    while todo:
+        obj = todo.pop()
+        if id(obj) in seen:
+            continue
+        seen.add(id(obj))
+        if isinstance(obj, (list, tuple, set, frozenset)):
+            todo.extend(obj)
+        elif isinstance(obj, dict):
+            todo.extend(obj.values())
+        elif hasattr(obj, "__self__") and hasattr(obj, "__func__"):  # a bound method
+            todo.append(obj.__self__)
+        elif callable(obj) and getattr(obj, "__closure__", None):
+            todo.extend(cell.cell_contents for cell in obj.__closure__)
+        elif type(obj).__module__.startswith("relayd") and hasattr(obj, "__dict__"):
+            found.append(obj)
+            todo.extend(vars(obj).values())
+    return found
+
+
+def _sections(loaded):
+    """The config and every section object in it (the listeners aside: a restart applies them)."""
+    found, todo = [], [loaded]
+    while todo:
+        obj = todo.pop()
+        if isinstance(obj, config.Listener) or obj is loaded.listeners:
+            continue
+        found.append(obj)
+        for attribute, _ in config.keysOf(type(obj)):
+            value = getattr(obj, attribute)
+            if isinstance(value, config._Schema):
+                todo.append(value)
+    return found
+
+
+def test_sighup_reaches_every_component_that_holds_settings(tmp_path):
+    """
+    Every object makeService builds that can be reconfigured is in the
+    Relay's one reload list, a reload changes what each of them uses, and
+    afterwards nothing in the daemon still holds the old configuration.
+    """
+    from tests.test_tls import writeChain
+
+    (tmp_path / "one").mkdir()
+    (tmp_path / "two").mkdir()
+    _, cert1, key1 = writeChain(tmp_path / "one")
+    _, cert2, key2 = writeChain(tmp_path / "two", name="two.example")
+    printer = "printer:$2y$05$F9e6KRzYAKXoytB07fLqaebMseKE5q3Wl6hZeqIeR6qK5olCQybd.\n"
+    (tmp_path / "passwd1").write_text(printer)
+    (tmp_path / "passwd2").write_text(printer)
+    (tmp_path / "secret1").write_text("first\n")
+    (tmp_path / "secret2").write_text("second\n")
+    path = tmp_path / "relayd.yaml"
+    one = dict(hostname="one.example", cert=cert1, key=key1, passwd=tmp_path / "passwd1",
+               sender="@one.example", cache="0s", nameTimeout="5s", recipients=100,
+               retryMin="5m", secret=tmp_path / "secret1", mailTimeout="5m",
+               dnsServer="127.0.0.1:5301")
+    two = dict(hostname="two.example", cert=cert2, key=key2, passwd=tmp_path / "passwd2",
+               sender="@two.example", cache="1m", nameTimeout="2s", recipients=7,
+               retryMin="1m", secret=tmp_path / "secret2", mailTimeout="7s",
+               dnsServer="127.0.0.1:5302")
+    path.write_text(EVERY_COMPONENT.format(**one))
+    relay = tap.makeService({"loaded": config.load(str(path))}, reactor)
+    old = relay.config
+
+    reconfigurable = [o for o in _reachable(relay) if callable(getattr(o, "reconfigure", None))]
+    assert {type(o).__name__ for o in reconfigurable} >= {
+        "SubmissionFactory", "Scheduler", "ServerTLS", "PasswordFile", "Verifier", "Realm",
+        "ConfiguredResolver", "ClientNames", "Courier"}
+    for component in reconfigurable:
+        assert any(component is r for r in relay.reloadable), type(component).__name__
+
+    path.write_text(EVERY_COMPONENT.format(**two))
+    assert reloadLines(relay) == [f"reload: configuration {path} applied"]
+
+    components = {type(c).__name__: c for c in relay.reloadable}
+    assert components["SubmissionFactory"].config.limits.recipients == 7
+    assert components["Scheduler"].settings.queue.retry.min == 60
+    assert components["ServerTLS"].certificatePath == cert2
+    assert components["PasswordFile"].path == str(tmp_path / "passwd2")
+    assert components["Verifier"].cacheSeconds == 60
+    assert components["Realm"].sendersFor("printer") == ("@two.example",)
+    assert components["ConfiguredResolver"].resolver.servers == [("127.0.0.1", 5302)]
+    assert components["ClientNames"].timeout == 2
+    courier = components["Courier"]
+    assert courier.heloName == "two.example"
+    assert courier.timeouts.mail == 7
+    assert courier.passwords[str(tmp_path / "secret2")].reveal() == "second"
+    # Nothing still reads the settings the reload replaced.
+    stale = {id(s) for s in _sections(old)}
+    holders = [type(o).__name__ for o in _reachable(relay)
+               if any(id(v) in stale for v in vars(o).values())]
+    assert holders == []

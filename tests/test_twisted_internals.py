@@ -14,6 +14,7 @@ import inspect
 from twisted.mail import smtp
 from twisted.protocols import basic, policies
 
+from relayd import server
 from relayd.server import SubmissionServer
 
 
@@ -49,3 +50,30 @@ def test_timeout_mixin_uses_overridable_calllater():
     source = inspect.getsource(policies.TimeoutMixin.setTimeout)
     assert "self.callLater" in source
     assert hasattr(policies.TimeoutMixin, "resetTimeout")
+
+
+def test_write_buffers_the_session_counts_and_bounds():
+    # The session's bounds (README "Submission security") are computed from these.
+    from twisted.internet import abstract
+    from twisted.protocols import tls
+
+    assert abstract.FileDescriptor.bufferSize == server.SOCKET_BUFFER
+    assert tls._AggregateSmallWrites.MAX_BUFFER_SIZE == server.TLS_WRITE_AGGREGATION
+    assert tls.TLSMemoryBIOFactory.protocol is tls.BufferingTLSTransport
+
+    class Reactor:
+        def addWriter(self, _):
+            pass
+
+    socket = abstract.FileDescriptor(reactor=Reactor())
+    socket.connected = True
+    socket.write(b"x" * 10)
+    socket.write(b"y" * 5)
+    assert server.unsentBytes(socket) == 15  # dataBuffer, offset, _tempDataLen
+    source = inspect.getsource(tls.TLSMemoryBIOProtocol)
+    assert "self._appSendBuffer = []" in source
+    assert "self._aggregator = _AggregateSmallWrites(" in inspect.getsource(tls.BufferingTLSTransport)
+    # With a producer registered, a TLS layer never completes a close: the
+    # session unregisters itself before loseConnection.
+    assert "if not self._appSendBuffer and self._producer is None:" in inspect.getsource(
+        tls.TLSMemoryBIOProtocol.loseConnection)

@@ -10,6 +10,9 @@ Errors an admin can fix are one line on stderr, never a traceback.
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import pwd
 import sys
 from typing import Callable, Sequence, TextIO
 
@@ -38,10 +41,83 @@ class _Parser(argparse.ArgumentParser):
         raise _UsageError(message)
 
 
+class _Refusal(Exception):
+    """One line for stderr; exit 1."""
+
+
+def _filesProblems(path: str) -> list[str]:
+    """Load the config and open every file it names, as this process's user (the daemon's words)."""
+    from relayd import tap
+
+    try:
+        loaded = config.load(path)
+    except config.ConfigError as e:
+        return [str(e)]
+    return tap.startupProblems(loaded)
+
+
+def _asUser(user: str, work: Callable[[], list[str]]) -> list[str]:
+    """
+    ``work()`` in a child process that has dropped to ``user``'s uid, gid
+    and supplementary groups, as systemd's User= does: the kernel, not an
+    access() check made as root, says what that user may open.
+    """
+    try:
+        entry = pwd.getpwnam(user)
+    except KeyError:
+        raise _Refusal(f"--user {user}: no such user") from None
+    if os.geteuid() == entry.pw_uid:
+        return work()
+    if os.geteuid() != 0:
+        raise _Refusal(f"--user {user}: only root can check as another user; "
+                       f"run check-config as root or as {user}")
+    groups = os.getgrouplist(user, entry.pw_gid)
+    # Everything the check needs is imported now, while the venv is
+    # certainly readable; the child only opens the files under test.
+    import relayd.auth, relayd.courier, relayd.tap, relayd.tls  # noqa: E401,F401
+    sys.stdout.flush()
+    sys.stderr.flush()
+    readEnd, writeEnd = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: never returns
+        status = 0
+        try:
+            os.close(readEnd)
+            os.setgroups(groups)
+            os.setgid(entry.pw_gid)
+            os.setuid(entry.pw_uid)
+            answer = {"problems": work()}
+        except BaseException as e:  # anything at all: reported, never a traceback
+            answer, status = {"error": f"{type(e).__name__}: {e}"}, 1
+        try:
+            data = json.dumps(answer).encode("utf-8")
+            while data:
+                data = data[os.write(writeEnd, data):]
+        finally:
+            os._exit(status)
+    os.close(writeEnd)
+    chunks = []
+    while True:
+        chunk = os.read(readEnd, 65536)
+        if not chunk:
+            break
+        chunks.append(chunk)
+    os.close(readEnd)
+    os.waitpid(pid, 0)
+    try:
+        answer = json.loads(b"".join(chunks))
+    except ValueError:
+        raise _Refusal(f"--user {user}: the check as {user} ended without an answer") from None
+    if "error" in answer:
+        raise _Refusal(f"--user {user}: the check as {user} failed: {answer['error']}")
+    return answer["problems"]
+
+
 def checkConfig(args: argparse.Namespace, stdout: TextIO, stderr: TextIO) -> int:
     """
-    Load a config file as the daemon would; print the effective config if
-    it is valid, the one-line reason if not.
+    Load a config file as the daemon would, then open every file it names
+    (as ``--user``, or as whoever runs this); print the effective config if
+    all is well, one line per problem if not, as the daemon words it.
     """
     try:
         loaded = config.load(args.file)
@@ -51,8 +127,54 @@ def checkConfig(args: argparse.Namespace, stdout: TextIO, stderr: TextIO) -> int
     # Warnings name risky but valid settings; they do not change the status.
     for warning in config.warnings(loaded):
         stderr.write(f"{PROG}: warning: {args.file}: {warning}\n")
+    for warning in _passwordFileWarnings(loaded):
+        stderr.write(f"{PROG}: warning: {warning}\n")
+    try:
+        if args.user:
+            problems = _asUser(args.user, lambda: _filesProblems(args.file))
+        else:
+            problems = _filesProblems(args.file)
+    except _Refusal as e:
+        stderr.write(f"{PROG}: {e}\n")
+        return FAILED
+    for problem in problems:
+        stderr.write(f"{PROG}: {problem}\n")
+    if problems:
+        return FAILED
     stdout.write(loaded.toYAML())
     return OK
+
+
+def _passwordFileWarnings(loaded: config.Config) -> list[str]:
+    """
+    What the daemon would warn about in auth.password_file: entries no
+    password can match (an unsupported hash scheme) and auth.senders
+    entries for logins it does not have. A file that cannot be read gives
+    nothing here (the daemon refuses to start on it).
+    """
+    from relayd.auth import parsePasswordFile, sendersWithoutLogin, skippedLines, unusableEntries
+
+    if loaded.auth is None:
+        return []
+    path = loaded.auth.passwordFile
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError:
+        return []
+    entries, skipped = parsePasswordFile(data)
+    found = [f"{path}: {skippedLines(skipped)}"] if skipped else []
+    found += [entry.describe(path) for entry in unusableEntries(data)]
+    found += [f"{loaded.path}: {problem}"
+              for problem in sendersWithoutLogin(loaded.auth.senders, set(entries), path)]
+    return found
+
+
+def _checkConfigArguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--user", metavar="USER",
+                        help="open the files as this user, the one the daemon runs as "
+                             "(User= in the systemd unit); needs root")
+    parser.add_argument("file", metavar="FILE", help="the YAML config file")
 
 
 # name: (function, argument synopsis, help, argument setup)
@@ -67,9 +189,9 @@ _COMMANDS: dict[
 ] = {
     "check-config": (
         checkConfig,
-        "FILE",
-        "validate a config file and print the effective configuration",
-        lambda p: p.add_argument("file", metavar="FILE", help="the YAML config file"),
+        "[--user USER] FILE",
+        "validate a config file, open every file it names, print the effective configuration",
+        _checkConfigArguments,
     ),
 }
 
@@ -81,8 +203,21 @@ def _usage() -> str:
     )
 
 
+def version() -> str:
+    """The installed package's version (its metadata), else the source tree's."""
+    from importlib import metadata
+
+    try:
+        return metadata.version("relayd")
+    except metadata.PackageNotFoundError:
+        import relayd
+
+        return relayd.__version__
+
+
 def makeParser() -> argparse.ArgumentParser:
     parser = _Parser(prog=PROG, description="relayd administration commands")
+    parser.add_argument("--version", action="store_true", help="print relayd's version and exit")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     for name, (function, _, help, setup) in _COMMANDS.items():
         sub = subparsers.add_parser(name, help=help, description=help)
@@ -98,6 +233,9 @@ def run(argv: Sequence[str], stdout: TextIO, stderr: TextIO) -> int:
     parser = makeParser()
     try:
         args = parser.parse_args(list(argv))
+        if args.version:
+            stdout.write(f"{PROG} {version()}\n")
+            return OK
         if args.command is None:
             raise _UsageError("no command given")
     except _UsageError as e:

@@ -12,9 +12,13 @@ terminal, or read one line from stdin when it is not a terminal
 (``printf '%s\\n' "$PW" | relayd-passwd add printer``).
 
 Edits are atomic: a temporary file in the same directory, fsynced, renamed
-over the old one, the directory fsynced; the file keeps its mode and owner,
-comments and lines relayd-passwd does not understand are kept as they are.
-A running relayd notices the change within a second.
+over the old one, the directory fsynced; the file keeps its mode, owner and
+group, comments and lines relayd-passwd does not understand are kept as
+they are. A running relayd notices the change within a second.
+
+A new file is made for the daemon to read: mode 0640 with group
+``relayd`` when that group exists (the daemon's user, ``useradd --system
+relayd``), else 0600 with a line saying how to give the daemon access.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from __future__ import annotations
 import argparse
 import fcntl
 import getpass
+import grp
 import os
 import sys
 import tempfile
@@ -30,11 +35,15 @@ from typing import Sequence, TextIO
 
 from relayd.auth import (
     BCRYPT_MAX_PASSWORD, SCHEMES, PasswordFile, PasswordFileError, PasswordTooLong, Verifier,
-    cryptContext, isValidLogin, parsePasswordFile, skippedLines,
+    cryptContext, isValidLogin, parsePasswordFile, schemeProblem, skippedLines,
 )
 
 PROG = "relayd-passwd"
 DEFAULT_FILE = "/etc/relayd/passwd"
+# The daemon's group (systemd/relayd.service: Group=relayd): a new file is
+# readable by it, writable by its owner only.
+DAEMON_GROUP = "relayd"
+NEW_FILE_MODE = 0o640
 
 OK = 0
 FAILED = 1
@@ -92,7 +101,46 @@ def _lineLogin(line: bytes) -> str | None:
     return next(iter(entries), None)
 
 
-def _writeAtomically(path: str, lines: list[bytes]) -> None:
+def _daemonGroup() -> int | None:
+    try:
+        return grp.getgrnam(DAEMON_GROUP).gr_gid
+    except KeyError:
+        return None
+
+
+def _setOwnership(fd: int, path: str, st: os.stat_result | None, stderr: TextIO) -> None:
+    """
+    The temporary file takes the old file's mode, owner and group (often
+    root:relayd 0640), or, for a new file, group relayd and 0640 (so the
+    daemon can read it) when that group exists and may be given.
+    """
+    if st is not None:
+        try:
+            if os.geteuid() == 0:
+                os.fchown(fd, st.st_uid, st.st_gid)
+            elif os.fstat(fd).st_gid != st.st_gid:
+                os.fchown(fd, -1, st.st_gid)
+        except PermissionError:
+            raise _Failure(f"{path}: cannot keep its group {st.st_gid} (not a member); "
+                           "run relayd-passwd as root or as the file's owner in that group; "
+                           "nothing changed") from None
+        os.fchmod(fd, st.st_mode & 0o7777)
+        return
+    gid = _daemonGroup()
+    if gid is not None:
+        try:
+            os.fchown(fd, -1, gid)
+        except PermissionError:
+            gid = None
+    if gid is not None:
+        os.fchmod(fd, NEW_FILE_MODE)
+        return
+    os.fchmod(fd, 0o600)
+    stderr.write(f"{PROG}: note: created {path} mode 0600: the daemon's user must be able to read "
+                 f"it (e.g. chgrp {DAEMON_GROUP} {path} && chmod 0640 {path})\n")
+
+
+def _writeAtomically(path: str, lines: list[bytes], stderr: TextIO | None = None) -> None:
     directory = os.path.dirname(os.path.abspath(path))
     try:
         st = os.stat(path)
@@ -104,11 +152,7 @@ def _writeAtomically(path: str, lines: list[bytes]) -> None:
         raise _Failure(f"{directory}: {e.strerror}") from None
     try:
         with os.fdopen(fd, "wb") as f:
-            # A new file is readable by its owner only; an existing one
-            # keeps its mode and owner (often root:relayd 0640).
-            os.fchmod(f.fileno(), st.st_mode & 0o7777 if st else 0o600)
-            if st is not None and os.geteuid() == 0:
-                os.fchown(f.fileno(), st.st_uid, st.st_gid)
+            _setOwnership(f.fileno(), path, st, stderr or sys.stderr)
             f.write(b"".join(line + b"\n" for line in lines))
             f.flush()
             os.fsync(f.fileno())
@@ -118,11 +162,13 @@ def _writeAtomically(path: str, lines: list[bytes]) -> None:
             os.fsync(dirfd)
         finally:
             os.close(dirfd)
-    except OSError as e:
+    except (OSError, _Failure) as e:
         try:
             os.unlink(temp)
         except OSError:
             pass
+        if isinstance(e, _Failure):
+            raise
         raise _Failure(f"{path}: {e.strerror}") from None
 
 
@@ -149,7 +195,7 @@ def add(args, stdin: TextIO, stdout: TextIO) -> int:
                 replaced = True
         if not replaced:
             lines.append(entry)
-        _writeAtomically(args.file, lines)
+        _writeAtomically(args.file, lines, getattr(args, "stderr", None))
     stdout.write(f"{'changed' if replaced else 'added'} {args.login} in {args.file}\n")
     return OK
 
@@ -160,7 +206,7 @@ def remove(args, stdin: TextIO, stdout: TextIO) -> int:
         kept = [line for line in lines if _lineLogin(line) != args.login]
         if len(kept) == len(lines):
             raise _Failure(f"{args.login!r} is not in {args.file}")
-        _writeAtomically(args.file, kept)
+        _writeAtomically(args.file, kept, getattr(args, "stderr", None))
     stdout.write(f"removed {args.login} from {args.file}\n")
     return OK
 
@@ -181,8 +227,13 @@ def list_(args, stdin: TextIO, stdout: TextIO) -> int:
     entries = _readEntries(args.file)
     context = cryptContext()
     for login, hashed in entries.items():
-        scheme = context.identify(hashed, required=False) or "unknown"
-        stdout.write(f"{login} {scheme}\n")
+        problem = schemeProblem(hashed)
+        if problem is None:
+            stdout.write(f"{login} {context.identify(hashed)}\n")
+        elif problem == "locked":
+            stdout.write(f"{login} locked\n")
+        else:
+            stdout.write(f"{login} unusable: {problem}; reset with {PROG} add {login}\n")
     return OK
 
 
@@ -231,6 +282,7 @@ def run(argv: Sequence[str], stdin: TextIO, stdout: TextIO, stderr: TextIO) -> i
     except _UsageError as e:
         stderr.write(f"{PROG}: {' '.join(str(e).split())}; usage: {USAGE_LINE}\n")
         return USAGE
+    args.stderr = stderr
     try:
         return args.function(args, stdin, stdout)
     except _Failure as e:

@@ -9,6 +9,16 @@
     relayctl [-c CONFIG] delete ID ...        remove without notice (logged)
     relayctl [-c CONFIG] bounce ID ...        give up now: return to the sender
     relayctl [-c CONFIG] requeue [ID ...]     forget the backoff and the hold, try now
+    relayctl [-c CONFIG] blocked [--json]     client addresses AUTH is blocked for, until when
+    relayctl [-c CONFIG] unblock ADDRESS ...  lift those blocks (logged)
+    relayctl [-c CONFIG] quarantine list      entries recovery could not read, and why
+    relayctl [-c CONFIG] quarantine show ID [--body]
+    relayctl [-c CONFIG] quarantine restore ID ...   check again, put back into the queue
+
+Instead of ids, each of these takes ``ALL`` (every message, as
+``postsuper -d ALL``) and/or ``--sender ADDRESS`` / ``--recipient ADDRESS``
+(an address, ``@domain``, or ``<>``): the messages are picked from the
+spool as ``list`` reads it, then changed in batches like named ids.
 
 ``list`` and ``show`` read the spool directly (envelope files are only ever
 replaced by atomic renames, so no lock is needed) and work whether or not
@@ -27,6 +37,7 @@ permission); 2 usage.
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import json
 import os
 import socket
@@ -40,7 +51,7 @@ from twisted.protocols import amp
 from relayd import config as configModule
 from relayd import control, scheduler
 from relayd.envelope import PENDING, Envelope, isQueueId
-from relayd.queue import QUEUE, Spool
+from relayd.queue import BODY_SUFFIX, QUARANTINE, QUEUE, Spool, permissionFix
 
 PROG = "relayctl"
 DEFAULT_CONFIG = "/etc/relayd/relayd.yaml"
@@ -101,7 +112,8 @@ def callDaemon(path: str, command: type[amp.Command], timeout: float = TIMEOUT, 
         except (FileNotFoundError, ConnectionRefusedError):
             raise NotRunning(
                 f"relayd is not running (nothing answers on {path}); flush, hold, release, "
-                "delete, bounce and requeue need the daemon; list and show work without it"
+                "delete, bounce, requeue, quarantine restore, blocked and unblock need the "
+                "daemon; list and show work without it"
             ) from None
         except PermissionError:
             raise Failure(f"permission denied on {path}: run relayctl as the relayd user or root") from None
@@ -255,49 +267,58 @@ def showMessage(cfg, args, out: TextIO) -> int:
     if args.json:
         out.write(json.dumps({**e.toJSON(), "queue_name": queueName(e, active)}, indent=1) + "\n")
     else:
-        rows = [
-            ("Queue ID", e.queueId),
-            ("Queue", queueName(e, active)),
-            ("Sender", f"<{e.sender}>"),
-            ("Arrival", _when(e.arrival)),
-            ("Size", f"{_size(e, cfg.queue.directory)} bytes"),
-            ("Client", f"{e.clientName}[{e.clientAddress}], helo={e.helo}"
-                       + (f", sasl_username={e.authIdentity}" if e.authIdentity else "")),
-            ("Attempts", str(e.attempts)),
-            ("Next attempt", "on hold" if e.hold else _when(e.nextAttempt)),
-        ]
-        if e.lastError:
-            rows.append(("Last error", e.lastError))
-        if e.notice:
-            rows.append(("Notice", f"{e.notice} (written by relayd)"))
-        for name, value in rows:
-            out.write(f"{name + ':':<14}{value}\n")
-        out.write("Recipients:\n")
-        for r in e.recipients:
-            detail = f"  dsn={r.dsn}" if r.dsn else ""
-            detail += f"  last attempt {_when(r.lastAttempt)}" if r.lastAttempt else ""
-            detail += f"  ({r.reply})" if r.reply else ""
-            out.write(f"  {r.address}  {r.state}{detail}\n")
-        if e.history:
-            out.write("History:\n")
-            for h in e.history:
-                out.write(f"  {_when(h.get('time'))}  to=<{h.get('recipient')}>, relay={h.get('relay')}, "
-                          f"dsn={h.get('dsn')}, status={h.get('status')} ({h.get('reply')})\n")
+        _describe(e, queueName(e, active), cfg.queue.directory, out)
     if args.body:
-        out.write("\n")
-        out.flush()
-        try:
-            with spool.openBody(queueId) as f:
-                data = f.read()
-        except OSError as error:
-            raise Failure(f"{queueId}: cannot read the body: {error.strerror or error}") from None
-        buffer = getattr(out, "buffer", None)
-        if buffer is not None:
-            buffer.write(data)
-            buffer.flush()
-        else:
-            out.write(data.decode("utf-8", "replace"))
+        _writeBody(spool, QUEUE, queueId, out)
     return OK
+
+
+def _writeBody(spool: Spool, where: str, queueId: str, out: TextIO) -> None:
+    out.write("\n")
+    out.flush()
+    try:
+        with open(os.path.join(spool.directory, where, queueId + BODY_SUFFIX), "rb") as f:
+            data = f.read()
+    except OSError as error:
+        raise Failure(f"{queueId}: cannot read the body: {error.strerror or error}") from None
+    buffer = getattr(out, "buffer", None)
+    if buffer is not None:
+        buffer.write(data)
+        buffer.flush()
+    else:
+        out.write(data.decode("utf-8", "replace"))
+
+
+def _describe(e: Envelope, queue: str, directory: str, out: TextIO) -> None:
+    """``show``'s rows for one envelope."""
+    rows = [
+        ("Queue ID", e.queueId),
+        ("Queue", queue),
+        ("Sender", f"<{e.sender}>"),
+        ("Arrival", _when(e.arrival)),
+        ("Size", f"{_size(e, directory)} bytes"),
+        ("Client", f"{e.clientName}[{e.clientAddress}], helo={e.helo}"
+                   + (f", sasl_username={e.authIdentity}" if e.authIdentity else "")),
+        ("Attempts", str(e.attempts)),
+        ("Next attempt", "on hold" if e.hold else _when(e.nextAttempt)),
+    ]
+    if e.lastError:
+        rows.append(("Last error", e.lastError))
+    if e.notice:
+        rows.append(("Notice", f"{e.notice} (written by relayd)"))
+    for name, value in rows:
+        out.write(f"{name + ':':<14}{value}\n")
+    out.write("Recipients:\n")
+    for r in e.recipients:
+        detail = f"  dsn={r.dsn}" if r.dsn else ""
+        detail += f"  last attempt {_when(r.lastAttempt)}" if r.lastAttempt else ""
+        detail += f"  ({r.reply})" if r.reply else ""
+        out.write(f"  {r.address}  {r.state}{detail}\n")
+    if e.history:
+        out.write("History:\n")
+        for h in e.history:
+            out.write(f"  {_when(h.get('time'))}  to=<{h.get('recipient')}>, relay={h.get('relay')}, "
+                      f"dsn={h.get('dsn')}, status={h.get('status')} ({h.get('reply')})\n")
 
 
 def _queueId(text: str) -> str:
@@ -312,14 +333,80 @@ def _batches(ids: list[str]):
         yield ids[i : i + control.MAX_IDS_PER_CALL]
 
 
+# The queue-id argument that selects every message (postsuper -d ALL).
+ALL = "ALL"
+
+
+def addressMatches(address: str, wanted: str) -> bool:
+    """
+    ``wanted`` is an address (any case), ``@domain`` (that domain only, not
+    its subdomains) or ``<>``/empty for the null sender.
+    """
+    wanted = wanted.strip()
+    if wanted.startswith("<") and wanted.endswith(">"):
+        wanted = wanted[1:-1]
+    if not wanted:
+        return address == ""
+    address, wanted = address.lower(), wanted.lower()
+    if wanted.startswith("@"):
+        return "@" in address and "@" + address.rpartition("@")[2].rstrip(".") == wanted.rstrip(".")
+    return address == wanted
+
+
+def selected(envelope: Envelope, verb: str, sender: str | None, recipient: str | None) -> bool:
+    """
+    Whether a selection (ALL, --sender, --recipient: every given one must
+    match) takes this message: recipients are those still pending; release
+    takes only held messages, hold and flush only the others (as flush of
+    the whole queue).
+    """
+    if verb == "release" and not envelope.hold:
+        return False
+    if verb in ("hold", "flush") and envelope.hold:
+        return False
+    if sender is not None and not addressMatches(envelope.sender, sender):
+        return False
+    if recipient is not None and not any(
+            r.state == PENDING and addressMatches(r.address, recipient) for r in envelope.recipients):
+        return False
+    return True
+
+
+def _selection(cfg, args) -> list[str]:
+    """The queue ids that ALL/--sender/--recipient select, from the spool as list reads it."""
+    envelopes, _ = loadQueue(cfg.queue.directory)
+    return [e.queueId for e in envelopes if selected(e, args.verb, args.sender, args.recipient)]
+
+
+def _selecting(args) -> bool:
+    """Whether the command selects messages (ALL, --sender, --recipient) instead of naming them."""
+    return args.sender is not None or args.recipient is not None or ALL in args.ids
+
+
+def _checkSelection(args) -> None:
+    """Usage errors of a per-message verb's arguments, before anything is read."""
+    if _selecting(args) and any(i != ALL for i in args.ids):
+        raise _UsageError("give queue ids, or ALL / --sender / --recipient, not both")
+    if not _selecting(args) and not args.ids and args.verb not in ("flush", "requeue"):
+        raise _UsageError(f"{args.verb} needs queue ids, ALL, --sender or --recipient")
+
+
 def changeQueue(cfg, args, out: TextIO, err: TextIO) -> int:
     command = {
         "flush": control.Flush, "hold": control.Hold, "release": control.Release,
         "delete": control.Delete, "bounce": control.Bounce, "requeue": control.Requeue,
     }[args.verb]
-    ids = [_queueId(i) for i in args.ids]
+    selecting = _selecting(args)
+    everything = selecting and args.sender is None and args.recipient is None
+    if everything and args.verb in ("flush", "requeue"):
+        args.ids = []  # the daemon's own "every message", answered with a count
+        selecting = False
+    ids = _selection(cfg, args) if selecting else [_queueId(i) for i in args.ids]
     path = cfg.queue.controlSocketPath
     status = OK
+    if selecting and not ids:
+        out.write("no message in the queue matches\n")
+        return OK
     if not ids:
         answer = callDaemon(path, command, ids=[])
         count = answer["count"]
@@ -337,6 +424,124 @@ def changeQueue(cfg, args, out: TextIO, err: TextIO) -> int:
         return status
     for batch in _batches(ids):
         answer = callDaemon(path, command, ids=batch)
+        for outcome in answer["outcomes"]:
+            if outcome["ok"]:
+                out.write(f"{outcome['id']}: {outcome['outcome']}\n")
+            elif selecting and outcome["outcome"] == control.UNKNOWN:
+                # Delivered or removed between the listing and the request.
+                out.write(f"{outcome['id']}: gone from the queue meanwhile\n")
+            else:
+                err.write(f"{PROG}: {outcome['id']}: {outcome['outcome']}\n")
+                status = FAILED_STATUS
+    return status
+
+
+def listBlocked(cfg, args, out: TextIO) -> int:
+    """Every client address AUTH is blocked for, and until when."""
+    path = cfg.queue.controlSocketPath
+    clients: list[dict] = []
+    total = None
+    while total is None or len(clients) < total:
+        answer = callDaemon(path, control.Blocked, start=len(clients))
+        total = answer["total"]
+        if not answer["clients"]:
+            break  # blocks ended while paging
+        clients += answer["clients"]
+    if args.json:
+        for c in clients:
+            out.write(json.dumps({"address": c["address"], "blocked_until": int(c["until"])}) + "\n")
+        return OK
+    if not clients:
+        out.write("No client is blocked\n")
+        return OK
+    width = max(len(c["address"]) for c in clients)
+    for c in clients:
+        out.write(f"{c['address']:<{width}}  AUTH blocked until {_when(c['until'])}\n")
+    return OK
+
+
+def unblock(cfg, args, out: TextIO, err: TextIO) -> int:
+    status = OK
+    for text in args.addresses:
+        try:
+            ipaddress.ip_address(text)
+        except ValueError:
+            raise Failure(f"{text!r} is not an IP address") from None
+    for text in args.addresses:
+        answer = callDaemon(cfg.queue.controlSocketPath, control.Unblock, address=text)
+        if answer["wasBlocked"]:
+            out.write(f"{answer['address']}: unblocked\n")
+        else:
+            err.write(f"{PROG}: {answer['address']}: not blocked\n")
+            status = FAILED_STATUS
+    return status
+
+
+# The quarantine: entries start-up recovery could not read, kept for a human
+
+
+def _examine(spool: Spool, queueId: str) -> tuple[Envelope | None, str]:
+    """The quarantined envelope if it reads, and what a restore would find."""
+    try:
+        return spool.examineQuarantined(queueId), "restorable: it reads correctly now"
+    except FileNotFoundError:
+        raise Failure(f"{queueId}: not in quarantine") from None
+    except PermissionError as e:
+        return None, f"cannot read {e.filename}: {e.strerror}; {permissionFix(spool.directory)}"
+    except ValueError as e:
+        return None, f"broken: {e}"
+
+
+def _quarantineSpool(cfg) -> Spool:
+    spool = Spool(cfg.queue.directory)
+    if not os.path.isdir(os.path.join(spool.directory, QUARANTINE)):
+        raise Failure(f"{os.path.join(spool.directory, QUARANTINE)} does not exist "
+                      "(relayd creates it at its first start)")
+    return spool
+
+
+def quarantineList(cfg, args, out: TextIO) -> int:
+    spool = _quarantineSpool(cfg)
+    try:
+        ids = spool.quarantinedIds()
+    except PermissionError:
+        raise Failure(f"cannot read {os.path.join(spool.directory, QUARANTINE)}: permission denied "
+                      "(run relayctl as the relayd user or root)") from None
+    if not ids:
+        out.write("Quarantine is empty\n")
+        return OK
+    for queueId in ids:
+        envelope, verdict = _examine(spool, queueId)
+        if envelope is not None:
+            out.write(f"{queueId}  {_arrival(envelope.arrival)}  "
+                      f"{envelope.sender or 'MAILER-DAEMON'}  ({len(envelope.pending())} pending)\n")
+        else:
+            out.write(f"{queueId}\n")
+        out.write(f"    {verdict}\n")
+    out.write(f"-- {len(ids)} quarantined entr{'ies' if len(ids) != 1 else 'y'} in "
+              f"{os.path.join(spool.directory, QUARANTINE)}; "
+              f"relayctl quarantine restore ID puts one back\n")
+    return OK
+
+
+def quarantineShow(cfg, args, out: TextIO) -> int:
+    spool = _quarantineSpool(cfg)
+    queueId = _queueId(args.id)
+    envelope, verdict = _examine(spool, queueId)
+    out.write(f"{'Quarantine:':<14}{verdict}\n")
+    out.write(f"{'Files:':<14}{', '.join(spool.quarantineFiles(queueId))}\n")
+    if envelope is not None:
+        _describe(envelope, "quarantine", cfg.queue.directory, out)
+    if args.body:
+        _writeBody(spool, QUARANTINE, queueId, out)
+    return OK
+
+
+def quarantineRestore(cfg, args, out: TextIO, err: TextIO) -> int:
+    ids = [_queueId(i) for i in args.ids]
+    status = OK
+    for batch in _batches(ids):
+        answer = callDaemon(cfg.queue.controlSocketPath, control.QuarantineRestore, ids=batch)
         for outcome in answer["outcomes"]:
             if outcome["ok"]:
                 out.write(f"{outcome['id']}: {outcome['outcome']}\n")
@@ -367,7 +572,25 @@ def _parser() -> _Parser:
         ("requeue", False, "forget backoff and hold, try now (every message when no id is given)"),
     ):
         p = verbs.add_parser(verb, help=text)
-        p.add_argument("ids", nargs="+" if needsIds else "*", metavar="ID")
+        p.add_argument("ids", nargs="*", metavar="ID",
+                       help=f"queue ids, or {ALL} for every message" + (
+                           "" if needsIds else " (the default)"))
+        p.add_argument("--sender", metavar="ADDRESS",
+                       help="only messages from this address (@domain: that domain; <> the null sender)")
+        p.add_argument("--recipient", metavar="ADDRESS",
+                       help="only messages with this pending recipient (@domain: that domain)")
+    p = verbs.add_parser("blocked", help="client addresses AUTH is blocked for (auth.failure_limit), and until when")
+    p.add_argument("--json", action="store_true", help="one JSON object per address and line")
+    p = verbs.add_parser("unblock", help="lift the AUTH block on client addresses")
+    p.add_argument("addresses", nargs="+", metavar="ADDRESS")
+    p = verbs.add_parser("quarantine", help="queue entries recovery could not read: list, show, restore")
+    actions = p.add_subparsers(dest="action", metavar="ACTION", parser_class=_Parser)
+    actions.add_parser("list", help="every quarantined entry and what is wrong with it")
+    q = actions.add_parser("show", help="one quarantined entry")
+    q.add_argument("id")
+    q.add_argument("--body", action="store_true", help="also print the message")
+    q = actions.add_parser("restore", help="check again and put back into the queue (needs the daemon)")
+    q.add_argument("ids", nargs="+", metavar="ID")
     return parser
 
 
@@ -376,7 +599,12 @@ def run(argv: list[str], out: TextIO, err: TextIO) -> int:
     try:
         args = parser.parse_args(argv)
         if not args.verb:
-            raise _UsageError("a verb is required: list, show, flush, hold, release, delete, bounce, requeue")
+            raise _UsageError("a verb is required: list, show, flush, hold, release, delete, bounce, "
+                              "requeue, blocked, unblock, quarantine")
+        if args.verb == "quarantine" and not args.action:
+            raise _UsageError("quarantine needs an action: list, show ID, restore ID...")
+        if args.verb in ("flush", "hold", "release", "delete", "bounce", "requeue"):
+            _checkSelection(args)
     except _UsageError as e:
         err.write(f"{PROG}: {e}; see {PROG} --help\n")
         return USAGE
@@ -389,6 +617,16 @@ def run(argv: list[str], out: TextIO, err: TextIO) -> int:
             return listQueue(cfg, args, out)
         if args.verb == "show":
             return showMessage(cfg, args, out)
+        if args.verb == "blocked":
+            return listBlocked(cfg, args, out)
+        if args.verb == "unblock":
+            return unblock(cfg, args, out, err)
+        if args.verb == "quarantine":
+            if args.action == "list":
+                return quarantineList(cfg, args, out)
+            if args.action == "show":
+                return quarantineShow(cfg, args, out)
+            return quarantineRestore(cfg, args, out, err)
         return changeQueue(cfg, args, out, err)
     except Failure as e:
         out.flush()

@@ -155,6 +155,49 @@ def test_every_verb_against_a_running_daemon_then_stopped(tmp_path, processes, t
     assert result.stderr == "relayctl: 'not-an-id' is not a queue id (16 characters, as `relayctl list` shows)\n"
 
 
+def test_bulk_verbs_select_by_sender_and_all(tmp_path, processes, twistd):
+    # The smarthost is down: everything stays queued.
+    sink = Sink(tmp_path / "sink")
+    daemon = Relayd(tmp_path / "relayd", sink.port)
+    processes.append(daemon)
+    daemon.start()
+    spam = [daemon.submit(makeMessage(f"spam {i}", ["x"], sender="spam@bad.test"),
+                          sender="spam@bad.test") for i in range(2)]
+    good = daemon.submit(makeMessage("good", ["y"]), sender="alice@client.test")
+    for qid in spam + [good]:
+        daemon.waitForLog(rf"{qid}: to=<bob@remote\.test>.*status=deferred")
+
+    # (A retry may be under way at that moment: the outcome then says so after these words.)
+    out = ok(daemon, "hold", "--sender", "@bad.test")
+    assert sorted(line[:len("0123456789ABCDEF: placed on hold")] for line in out.splitlines()) == sorted(
+        f"{qid}: placed on hold" for qid in spam), out
+    held = {json.loads(line)["queue_id"] for line in ok(daemon, "list", "--json").splitlines()
+            if json.loads(line)["queue_name"] == "hold"}
+    assert held == set(spam)
+
+    out = ok(daemon, "delete", "ALL")
+    assert sorted(line[:len("0123456789ABCDEF: removed")] for line in out.splitlines()) == sorted(
+        f"{qid}: removed" for qid in spam + [good]), out
+    assert ok(daemon, "list") == "Mail queue is empty\n"
+    for qid in spam + [good]:
+        daemon.waitForLog(rf"{qid}: removed by admin")
+
+
+def test_readme_quick_start_relayctl_line_works_from_the_checkout(twistd):
+    # The quick start runs relayd with etc/relayd.local.yaml; relayctl's
+    # default (/etc/relayd/relayd.yaml) is not that file.
+    readme = (ROOT / "README.rst").read_text()
+    quickStart = readme.split("Quick start\n===========", 1)[1].split("\n====", 1)[0]
+    lines = [l.strip() for l in quickStart.splitlines() if l.strip().startswith(".venv/bin/relayctl ")]
+    assert lines, "the README's quick start shows no .venv/bin/relayctl command"
+    args = lines[0].split()[1:]
+    assert args[:2] == ["-c", "etc/relayd.local.yaml"]
+    result = subprocess.run([str(twistdPath().parent / "relayctl"), *args], capture_output=True,
+                            text=True, timeout=60, env=childEnvironment(), cwd=ROOT)
+    assert (result.returncode, result.stderr) == (0, ""), result.stderr
+    assert result.stdout == "Mail queue is empty\n" or result.stdout.startswith("-Queue ID-")
+
+
 def test_raw_client_with_thousands_of_ids_gets_an_error_not_a_dropped_connection(
         tmp_path, processes, twistd):
     """
@@ -191,3 +234,47 @@ def test_raw_client_with_thousands_of_ids_gets_an_error_not_a_dropped_connection
     ok(daemon, "list")
     log = daemon.log(before)
     assert "Traceback" not in log and "Unhandled" not in log, log
+
+
+def test_quarantine_list_show_and_restore_put_a_message_back_into_delivery(tmp_path, processes, twistd):
+    sink = Sink(tmp_path / "sink")  # down at first: the message stays queued
+    processes.append(sink)
+    daemon = Relayd(tmp_path / "relayd", sink.port)
+    processes.append(daemon)
+    daemon.start()
+    assert ok(daemon, "quarantine", "list") == "Quarantine is empty\n"
+    qid = daemon.submit(makeMessage("quarantine", ["back from quarantine"]))
+    daemon.waitForLog(rf"{qid}: to=<bob@remote\.test>.*status=deferred")
+    assert daemon.terminate() == 0
+
+    envelopePath = daemon.spool / "queue" / f"{qid}.env"
+    good = envelopePath.read_bytes()
+    envelopePath.write_bytes(b"{broken")
+    before = daemon.logOffset()
+    daemon.start()
+    daemon.waitForLog(rf"{qid}: quarantined: envelope is not JSON", since=before)
+    assert ok(daemon, "list") == "Mail queue is empty\n"
+
+    listing = ok(daemon, "quarantine", "list")
+    assert listing.startswith(f"{qid}\n    broken: envelope is not JSON"), listing
+    assert "1 quarantined entry" in listing
+    shown = ok(daemon, "quarantine", "show", qid)
+    assert shown.startswith("Quarantine:   broken: envelope is not JSON"), shown
+    assert f"{qid}.env" in shown and f"{qid}.eml" in shown
+    refused = relayctl(daemon, "quarantine", "restore", qid)
+    assert refused.returncode == 1 and refused.stderr.startswith(
+        f"relayctl: {qid}: not restored: envelope is not JSON"), refused
+
+    # Repaired by hand: the check passes, the daemon takes it back and delivers it.
+    (daemon.spool / "quarantine" / f"{qid}.env").write_bytes(good)
+    listing = ok(daemon, "quarantine", "list")
+    assert re.match(rf"{qid}  .*  alice@client\.test  \(1 pending\)\n    restorable", listing), listing
+    assert "Subject: quarantine" in ok(daemon, "quarantine", "show", qid, "--body")
+    sink.start()
+    assert ok(daemon, "quarantine", "restore", qid) == f"{qid}: restored from quarantine\n"
+    daemon.waitForLog(rf"{qid}: restored from quarantine", since=before)
+    [delivered] = sink.waitForMessages(1, daemon.describe)
+    assert b"back from quarantine" in delivered.content
+    assert ok(daemon, "quarantine", "list") == "Quarantine is empty\n"
+    again = relayctl(daemon, "quarantine", "restore", qid)
+    assert again.returncode == 1 and "not in quarantine" in again.stderr

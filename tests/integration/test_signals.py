@@ -117,3 +117,86 @@ def test_sigterm_closes_open_transactions_with_421_and_exits_0(sink, startRelayd
 
     code = daemon.waitForExit()
     assert code == 0, f"after SIGTERM: {exitStatusHint(code)}\n{daemon.describe()}"
+
+
+# Start-up: a signal at any moment of it stops the daemon cleanly. Each point
+# is the log line after which the signal is sent (polled closely, so it lands
+# in the start-up step that follows the line).
+STARTUP_POINTS = (
+    "starting up.",               # twistd: options parsed, config loaded, service made
+    "reactor class:",             # before the listeners are bound
+    "listening on tcp:",          # listeners bound, spool not yet recovered
+    "control socket listening",   # services started, reactor not yet running
+    "daemon started",             # just before the reactor runs
+)
+
+
+def startAndSignal(daemon, marker: str, signum: int) -> tuple[int, str]:
+    """Start ``daemon``, send ``signum`` as soon as ``marker`` is logged; (exit status, log)."""
+    offset = daemon.logOffset()
+    startAndSignalOnly(daemon, marker, signum)
+    code = daemon.waitForExit()
+    return code, daemon.log(offset)
+
+
+def startAndSignalOnly(daemon, marker: str, signum: int) -> None:
+    """Start ``daemon`` and send ``signum`` as soon as ``marker`` is logged."""
+    import subprocess
+
+    from tests.integration.harness import childEnvironment
+
+    offset = daemon.logOffset()
+    with open(daemon.logPath, "ab") as log:
+        daemon.process = subprocess.Popen(
+            daemon.command(), cwd=daemon.directory, stdout=log, stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL, env=childEnvironment())
+
+    def markerSeen():
+        if daemon.process.poll() is not None:
+            return "exited"
+        return marker in daemon.log(offset) or None
+
+    end = time.monotonic() + 20
+    while markerSeen() is None:  # a close poll: the signal must land inside start-up
+        assert time.monotonic() < end, f"no {marker!r} in the log\n{daemon.describe()}"
+        time.sleep(0.002)
+    assert daemon.process.poll() is None, f"relayd exited before {marker!r}\n{daemon.describe()}"
+    daemon.process.send_signal(signum)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_a_signal_at_any_moment_of_start_up_stops_the_daemon_cleanly(
+        signum, tmp_path, processes, twistd):
+    from tests.integration.harness import Relayd, portAcceptsConnections
+
+    daemon = Relayd(tmp_path / "relayd", freePort())
+    processes.append(daemon)
+    for marker in STARTUP_POINTS:
+        code, log = startAndSignal(daemon, marker, signum)
+        assert code == 0, (f"{signal.Signals(signum).name} after {marker!r}: "
+                           f"{exitStatusHint(code)}\n{daemon.describe()}")
+        assert "Traceback" not in log and "KeyboardInterrupt" not in log, (
+            f"{signal.Signals(signum).name} after {marker!r}: a traceback\n{log}")
+        assert not portAcceptsConnections(daemon.port), f"port still open after {marker!r}"
+        assert not (daemon.spool / "control.sock").exists(), (
+            f"control socket left behind after {marker!r}")
+
+
+def test_sighup_during_start_up_reloads_once_started_instead_of_killing(tmp_path, processes, twistd):
+    """systemctl reload right after start (Type=simple: the unit is active at once)."""
+    from tests.integration.harness import Relayd, waitUntil
+
+    daemon = Relayd(tmp_path / "relayd", freePort())
+    processes.append(daemon)
+    for marker in STARTUP_POINTS:
+        offset = daemon.logOffset()
+        startAndSignalOnly(daemon, marker, signal.SIGHUP)
+        waitUntil(lambda: daemon.process.poll() is not None or "reload: configuration" in daemon.log(offset),
+                  20, f"no reload after SIGHUP after {marker!r}", daemon.describe)
+        assert daemon.process.poll() is None, (
+            f"SIGHUP after {marker!r} ended the daemon: {exitStatusHint(daemon.process.returncode)}"
+            f"\n{daemon.describe()}")
+        assert "daemon started" in daemon.log(offset)
+        code = daemon.terminate()
+        assert code == 0, f"{exitStatusHint(code)}\n{daemon.describe()}"
+        assert "Traceback" not in daemon.log(offset), daemon.describe()

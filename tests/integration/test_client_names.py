@@ -1,0 +1,93 @@
+"""
+Client names in the real daemon's log, as Postfix writes them: the client's
+PTR name confirmed by its A record (from a DNS server under the test's
+control, tests/dnsserver.py), else ``unknown``; and after SIGHUP, a new
+DNS server and timeout apply, without "resolv.conf changed" lines.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.integration.harness import HOST, Relayd, freePort, makeMessage
+
+pytestmark = pytest.mark.integration
+
+ROOT = Path(__file__).resolve().parents[2]
+REVERSE = "1.0.0.127.in-addr.arpa"
+
+
+@pytest.fixture
+def dnsServer():
+    """Factory: tests/dnsserver.py serving a zone on 127.0.0.1; returns its port."""
+    procs = []
+
+    def start(zone):
+        port = freePort()
+        proc = subprocess.Popen(
+            [sys.executable, str(ROOT / "tests" / "dnsserver.py"), "--port", str(port),
+             "--zone", json.dumps(zone)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        procs.append(proc)
+        assert b"listening" in proc.stdout.readline()
+        return port
+
+    yield start
+    for proc in procs:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+def withDNS(daemon: Relayd, sinkPort: int, dnsPort: int, timeout: str) -> str:
+    return daemon.configText(sinkPort, extra=(
+        f"limits: {{client_name_timeout: {timeout}}}\n")).replace(
+        "      tls: none\n", f"      tls: none\n  dns: {{servers: [\"{HOST}:{dnsPort}\"]}}\n", 1)
+
+
+def test_daemon_logs_confirmed_client_names_and_reload_applies_new_dns(
+        tmp_path, processes, sink, dnsServer):
+    named = dnsServer({REVERSE: {"PTR": ["laptop.client.test"]},
+                       "laptop.client.test": {"A": ["127.0.0.1"]}})
+    daemon = Relayd(tmp_path / "relayd", sink.port)
+    daemon.configPath.write_text(withDNS(daemon, sink.port, named, "5s"))
+    processes.append(daemon)
+    daemon.start()
+    queueId = daemon.submit(makeMessage("named", ["hello"]))
+    daemon.waitForLog(rf"{queueId}: removed")
+    log = daemon.log()
+    assert "connect from laptop.client.test[127.0.0.1]" in log, daemon.describe()
+    assert f"{queueId}: client=laptop.client.test[127.0.0.1]" in log, daemon.describe()
+    daemon.waitForLog(r"disconnect from laptop\.client\.test\[127\.0\.0\.1\]")
+
+    # A DNS server that never answers, and a short timeout: after SIGHUP
+    # the banner still comes, and the name is "unknown".
+    silent = dnsServer({REVERSE: "TIMEOUT"})
+    offset = daemon.logOffset()
+    daemon.configPath.write_text(withDNS(daemon, sink.port, silent, "1s"))
+    daemon.signal(signal.SIGHUP)
+    daemon.waitForLog(r"reload: configuration .* applied", since=offset)
+    with daemon.connect() as client:
+        assert client.noop()[0] == 250
+    daemon.waitForLog(r"disconnect from unknown\[127\.0\.0\.1\]", since=offset)
+    assert "connect from unknown[127.0.0.1]" in daemon.log(offset)
+    assert daemon.terminate() == 0
+
+
+def test_start_and_reload_with_resolv_conf_say_nothing_about_it(tmp_path, processes, sink):
+    # No delivery.dns.servers: the name servers of /etc/resolv.conf. Twisted's
+    # own reading of it logged "/etc/resolv.conf changed, reparsing" and
+    # "Resolver added ..." at every start and SIGHUP, smarthosts only or not.
+    daemon = Relayd(tmp_path / "relayd", sink.port)
+    processes.append(daemon)
+    daemon.start()
+    offset = daemon.logOffset()
+    daemon.signal(signal.SIGHUP)
+    daemon.waitForLog(r"reload: configuration .* applied", since=offset)
+    log = daemon.log()
+    assert "resolv.conf" not in log and "Resolver added" not in log, daemon.describe()
+    assert daemon.terminate() == 0
