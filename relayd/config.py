@@ -48,6 +48,7 @@ __all__ = [
     "TLS",
     "Auth",
     "isLoopbackEndpoint",
+    "isProxyEndpoint",
     "warnings",
 ]
 
@@ -762,6 +763,28 @@ def _network(value: object, path: str) -> Network:
 # Scalars ---------------------------------------------------------------------
 
 
+def isProxyEndpoint(description: str) -> bool:
+    """A haproxy:<endpoint> listener: every connection starts with a PROXY header."""
+    return _splitEndpoint(description)[0] == "haproxy"
+
+
+def _proxyNetwork(value: object, path: str) -> Network:
+    expected = 'a network like "192.0.2.10/32" or "2001:db8::10/128" (your balancers)'
+    if not isinstance(value, str):
+        raise _expected(path, expected, value)
+    try:
+        network = ipaddress.ip_network(value, strict=True)
+    except ValueError:
+        raise _expected(path, expected + " without host bits", value) from None
+    if network.prefixlen == 0:
+        raise _Problem(
+            path,
+            f"expected your balancers' addresses, got {_quote(value)}, which lets anyone "
+            "claim any client address (and relay as a trusted network)",
+        )
+    return network
+
+
 def isLoopbackEndpoint(description: str) -> bool:
     """
     Whether only this machine can reach a listener: tcp/tcp6 bound to a
@@ -1022,6 +1045,11 @@ def _networks(value: object, path: str) -> tuple[Network, ...]:
     return tuple(_network(item, f"{path}[{i}]") for i, item in enumerate(items))
 
 
+def _proxyNetworks(value: object, path: str) -> tuple[Network, ...]:
+    items = _list(value, path, "a list of the balancers' networks", allowEmpty=False)
+    return tuple(_proxyNetwork(item, f"{path}[{i}]") for i, item in enumerate(items))
+
+
 def _clientNameTimeout(value: object, path: str) -> float:
     seconds = _duration(0)(value, path)
     if seconds > MAX_CLIENT_NAME_TIMEOUT:
@@ -1165,12 +1193,35 @@ class Listener(_Schema):
     # AUTH without TLS; only allowed on loopback-only listeners.
     plaintextAuth: bool = setting("plaintext_auth", _boolean, False,
                                   shown=lambda l: l.plaintextAuth)
+    # haproxy: endpoints only (required there): who may send the PROXY header.
+    proxyFrom: tuple[Network, ...] = setting(
+        "proxy_from", _proxyNetworks, (), show=lambda networks: [str(n) for n in networks],
+        shown=lambda l: l.proxied)
 
     @property
     def loopback(self) -> bool:
         return isLoopbackEndpoint(self.endpoint)
 
+    @property
+    def proxied(self) -> bool:
+        """Behind a PROXY-protocol balancer (a haproxy:<endpoint> listener)."""
+        return isProxyEndpoint(self.endpoint)
+
+    @property
+    def innerEndpoint(self) -> str:
+        """The endpoint relayd itself listens on: without the haproxy: prefix."""
+        return self.endpoint.partition(":")[2] if self.proxied else self.endpoint
+
     def check(self, section: _Section) -> None:
+        if self.proxied and "proxy_from" not in section:
+            raise _missing(section.at("proxy_from"),
+                           "a list of the balancers' networks (who may send the PROXY header)")
+        if not self.proxied and "proxy_from" in section:
+            raise _Problem(
+                section.at("proxy_from"),
+                f"expected no proxy_from on a listener without the PROXY protocol, got one "
+                f"({_quote(self.endpoint)} is not a haproxy:<endpoint>)",
+            )
         if self.plaintextAuth and not self.loopback:
             raise _Problem(
                 section.at("plaintext_auth"),

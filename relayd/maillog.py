@@ -166,6 +166,16 @@ def smtpdWarning(text: str) -> None:
     _emit("smtpd", None, f"warning: {text}", level=LogLevel.warn)
 
 
+def proxyDropped(peerAddress: str, reason: str) -> None:
+    """
+    ``warning: dropped connection from unknown[ip]: not in proxy_from`` on a
+    PROXY-protocol listener: the connection (from ``peerAddress``, the
+    balancer or whoever connected) never became a session.
+    """
+    _emit("smtpd", None, f"warning: dropped connection from {hostAddr('unknown', peerAddress)}: "
+          f"{printable(reason)}", level=LogLevel.warn, client_address=peerAddress, reason=reason)
+
+
 # qmgr
 
 

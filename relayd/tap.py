@@ -179,8 +179,10 @@ class Listener(service.Service):
     running on without it.
     """
 
-    def __init__(self, description: str, factory, reactor):
+    def __init__(self, description: str, factory, reactor, label: str | None = None):
         self.description = description
+        # As the admin wrote it (haproxy:tcp:25 listens on tcp:25).
+        self.label = label or description
         self.factory = factory
         self.reactor = reactor
         self.port = None
@@ -191,13 +193,13 @@ class Listener(service.Service):
         result: list = []
         endpoint.listen(self.factory).addBoth(result.append)
         if not result:
-            fail(f"listener {self.description}: did not start listening at once")
+            fail(f"listener {self.label}: did not start listening at once")
         outcome = result[0]
         if isinstance(outcome, Failure):
-            fail(f"cannot listen on {self.description}: {outcome.getErrorMessage()}")
+            fail(f"cannot listen on {self.label}: {outcome.getErrorMessage()}")
         self.port = outcome
         host = outcome.getHost()
-        maillog.daemonEvent(f"listening on {self.description} ({getattr(host, 'host', host)}:{getattr(host, 'port', '')})")
+        maillog.daemonEvent(f"listening on {self.label} ({getattr(host, 'host', host)}:{getattr(host, 'port', '')})")
 
     def startService(self) -> None:
         if self.port is None:
@@ -427,7 +429,15 @@ def makeService(options, reactor=None) -> Relay:
             from relayd.tls import wrapImplicit
 
             listenerFactory = wrapImplicit(tls, listenerFactory)
-        listeners.append(Listener(l.endpoint, listenerFactory, reactor))
+        if l.proxied:
+            # The PROXY header comes before everything, TLS included; the
+            # session is built once it is read (relayd.proxy).
+            from relayd.proxy import ProxyFactory
+
+            listenerFactory = ProxyFactory(
+                listenerFactory, l.proxyFrom, lambda: factory.config.hostname,
+                lambda: factory.config.limits.commandTimeout, reactor)
+        listeners.append(Listener(l.innerEndpoint, listenerFactory, reactor, label=l.endpoint))
     # What SIGHUP reconfigures, in this order; restart-only settings (the
     # listeners, the spool and its control socket) are in none of them.
     reloadable = [factory, scheduler, tls, passwords, verifier,

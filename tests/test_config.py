@@ -66,7 +66,9 @@ class TestGoodConfig:
                 Listener("tcp:2525:interface=127.0.0.1", "none", "none"),
                 Listener("tcp6:2525:interface=\\:\\:1", "none", "none"),
                 Listener("systemd:domain=INET:name=relayd-smtp", "none", "none"),
-                Listener("haproxy:tcp:2600:interface=127.0.0.1", "none", "none"),
+                Listener("haproxy:tcp:2600:interface=127.0.0.1", "none", "none",
+                         proxyFrom=(ipaddress.ip_network("10.0.0.5/32"),
+                                    ipaddress.ip_network("2001:db8::/64"))),
                 Listener("unix:/run/relayd/smtp.sock", "none", "none"),
             ),
             relay=Relay(

@@ -281,6 +281,36 @@ class PostfixSink:
         shutil.rmtree(self.directory, ignore_errors=True)
 
 
+# Certificates and passwords
+
+
+def writeChain(directory: Path) -> "trustme.CA":
+    """
+    A trustme CA whose leaf (for HOSTNAME and HOST) is issued by an
+    intermediate: cert.pem (leaf first, then the intermediate) and key.pem
+    in ``directory``. A client that trusts only the root proves the whole
+    chain is served.
+    """
+    import trustme
+
+    ca = trustme.CA()
+    leaf = ca.create_child_ca().issue_cert(HOSTNAME, HOST)
+    (directory / "cert.pem").write_bytes(b"".join(b.bytes() for b in leaf.cert_chain_pems))
+    leaf.private_key_pem.write_to_path(str(directory / "key.pem"))
+    return ca
+
+
+def relaydPasswd() -> Path:
+    return Path(sys.executable).parent / "relayd-passwd"
+
+
+def addUser(path: Path, user: str, password: str) -> None:
+    """Add a login to a relayd password file with the installed relayd-passwd."""
+    result = subprocess.run([str(relaydPasswd()), "-f", str(path), "add", user],
+                            input=password + "\n", capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+
+
 # The daemon
 
 

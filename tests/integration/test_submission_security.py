@@ -16,7 +16,6 @@ import smtplib
 import socket
 import ssl
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -31,26 +30,16 @@ from tests.integration.harness import (
     SHUTDOWN_GRACE,
     SMTP_TIMEOUT,
     Relayd,
+    addUser,
     freePort,
     makeMessage,
+    writeChain,
 )
 
 pytestmark = pytest.mark.integration
 
 PASSWORD = "correct horse battery"
 USER = "alice@client.test"
-
-
-def relaydPasswd() -> Path:
-    return Path(sys.executable).parent / "relayd-passwd"
-
-
-def writeChain(directory: Path) -> trustme.CA:
-    ca = trustme.CA()
-    leaf = ca.create_child_ca().issue_cert(HOSTNAME, HOST)
-    (directory / "cert.pem").write_bytes(b"".join(b.bytes() for b in leaf.cert_chain_pems))
-    leaf.private_key_pem.write_to_path(str(directory / "key.pem"))
-    return ca
 
 
 class SecureRelayd(Relayd):
@@ -89,12 +78,6 @@ class SecureRelayd(Relayd):
         context = ssl.create_default_context()
         (ca or self.ca).configure_trust(context)
         return context
-
-
-def addUser(path: Path, user: str, password: str) -> None:
-    result = subprocess.run([str(relaydPasswd()), "-f", str(path), "add", user],
-                            input=password + "\n", capture_output=True, text=True, timeout=60)
-    assert result.returncode == 0, result.stderr
 
 
 @pytest.fixture
