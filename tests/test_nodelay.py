@@ -1,7 +1,7 @@
 """
 TCP_NODELAY on every TCP connection relayd accepts or makes, read back with
 getsockopt on real loopback sockets: the daemon's own listeners as tap.py
-wires them (plain and implicit TLS), and the courier's connections (plain
+wires them (plain, implicit TLS, PROXY protocol), and the courier's connections (plain
 and implicit TLS). The real reactor runs in a subprocess, so the test
 process never runs the global reactor.
 """
@@ -44,6 +44,7 @@ def scenarioMain(configPath: str, bodyPath: str) -> None:
 
     from relayd import config, tap
     from relayd.courier import Courier, OutboundSession, Target
+    from relayd.proxy import ProxyFactory
 
     made = []
     connectionMade = OutboundSession.connectionMade
@@ -59,7 +60,9 @@ def scenarioMain(configPath: str, bodyPath: str) -> None:
         reactor.callLater(DEADLINE / 2, reactor.stop)
         relay = tap.makeService({"loaded": config.load(configPath)}, reactor)
         relay.startService()
-        ports = {l.description: l.port.getHost().port for l in relay.listeners}
+        # (port, PROXY header first, implicit TLS) of every listener.
+        listening = [(l.port.getHost().port, isinstance(l.factory, ProxyFactory),
+                      l.description in IMPLICIT) for l in relay.listeners]
         accepted = []
         factory = relay.factory
         seen = set()
@@ -70,23 +73,32 @@ def scenarioMain(configPath: str, bodyPath: str) -> None:
                     if session not in seen:
                         seen.add(session)
                         accepted.append({"tls": session.listener.tls,
+                                         "proxied": session.listener.endpoint.startswith("haproxy:"),
                                          "nodelay": noDelay(session.transport)})
                 if len(seen) >= count:
                     return
                 await task.deferLater(reactor, 0.05, lambda: None)
 
         # A plain client socket to every listener (TLS or not: the server
-        # side is checked as soon as the session exists).
-        clients = [socket.create_connection(("127.0.0.1", port)) for port in ports.values()]
+        # side is checked as soon as the session exists; behind a PROXY
+        # header, once the header is read).
+        clients = []
+        for port, proxied, _ in listening:
+            client = socket.create_connection(("127.0.0.1", port))
+            if proxied:
+                client.sendall(b"PROXY TCP4 192.0.2.7 127.0.0.1 40000 25\r\n")
+            clients.append(client)
         await collect(len(clients))
 
         courier = Courier(reactor, "client.test")
-        for description, port in ports.items():
-            tls = "implicit" if description in IMPLICIT else "none"
+        for port, proxied, implicit in listening:
+            if proxied:
+                continue  # the courier sends no PROXY header
+            tls = "implicit" if implicit else "none"
             await courier.deliver([Target("127.0.0.1", port, tls=tls, verify=False)],
                                   "sender@example.com", {}, ["rcpt@example.org"],
                                   lambda: open(bodyPath, "rb"), 30)
-        await collect(len(clients) + len(ports))
+        await collect(len(clients) + len(listening) - 1)
         await courier.closeIdle()
         for c in clients:
             c.close()
@@ -102,8 +114,10 @@ hostname: relay.test
 listeners:
   - {{endpoint: "tcp:0:interface=127.0.0.1", tls: none, auth: none}}
   - {{endpoint: "tcp:0:interface=127.0.0.1:backlog=50", tls: implicit, auth: none}}
+  - {{endpoint: "haproxy:tcp:0:interface=127.0.0.1", tls: none, auth: none, proxy_from: ["127.0.0.1/32"]}}
 tls: {{certificate: {cert}, key: {key}}}
 relay: {{trusted_networks: ["127.0.0.0/8"]}}
+limits: {{client_name_timeout: 0s}}  # no DNS: the tests stay on loopback
 queue: {{directory: {spool}}}
 delivery:
   smarthosts: [{{host: 127.0.0.1, port: 9, tls: none}}]
@@ -127,8 +141,9 @@ def test_every_connection_accepted_and_made_sets_tcp_nodelay(tmp_path):
     assert proc.returncode == 0, proc.stderr.decode()
     result = json.loads(proc.stdout.decode().strip().splitlines()[-1])
 
-    # Two plain sockets and two courier connections, one of each per listener.
-    accepted = sorted((a["tls"], bool(a["nodelay"])) for a in result["accepted"])
-    assert accepted == [("implicit", True)] * 2 + [("none", True)] * 2
+    # A plain socket to each listener, a courier connection to each but the PROXY one.
+    accepted = sorted((a["tls"], a["proxied"], bool(a["nodelay"])) for a in result["accepted"])
+    assert accepted == ([("implicit", False, True)] * 2 + [("none", False, True)] * 2
+                        + [("none", True, True)])
     made = sorted((m["tls"], bool(m["nodelay"])) for m in result["made"])
     assert made == [("implicit", True), ("none", True)]

@@ -210,6 +210,7 @@ hostname: relay.test
 listeners:
   - {{endpoint: "tcp:0:interface=127.0.0.1", tls: none, auth: none}}
 relay: {{trusted_networks: ["127.0.0.0/8"]}}
+limits: {{client_name_timeout: 0s}}  # no DNS: the tests stay on loopback
 queue: {{directory: {spool}}}
 delivery:
   smarthosts: [{{host: 127.0.0.1, port: {sinkPort}, tls: none}}]
