@@ -1296,6 +1296,10 @@ class Limits(_Schema):
     # name is "unknown" (0: no lookup).
     clientNameTimeout: float = setting("client_name_timeout", _clientNameTimeout, 5.0,
                                        show=formatDuration)
+    # Received: headers, relayd's own counted, at which a message is refused
+    # as a mail loop (554 5.4.6); Postfix's hopcount_limit. At least 2, so a
+    # message that has not been relayed before always passes.
+    hopCount: int = setting("hop_count", _integer(2), 50)
 
 
 @dataclass(frozen=True)

@@ -162,6 +162,23 @@ def tlsHandshakeFailed(clientName: str, clientAddress: str, reason: str) -> None
           level=LogLevel.warn, client_name=clientName, client_address=clientAddress)
 
 
+# At most this much of a non-SMTP command is logged, as Postfix does (%.100s).
+NON_SMTP_LOGGED = 100
+
+
+def nonSmtpCommand(clientName: str, clientAddress: str, line: str) -> None:
+    """
+    ``warning: non-SMTP command from host[ip]: GET / HTTP/1.1``, in Postfix's
+    words, which log tools and ban rules written for Postfix look for; at
+    most NON_SMTP_LOGGED characters of the line, escaped.
+    """
+    shown = printable(line[:NON_SMTP_LOGGED])
+    _emit("smtpd", None,
+          f"warning: non-SMTP command from {hostAddr(clientName, clientAddress)}: {shown}",
+          level=LogLevel.warn, client_name=clientName, client_address=clientAddress,
+          command=shown)
+
+
 def smtpdWarning(text: str) -> None:
     _emit("smtpd", None, f"warning: {text}", level=LogLevel.warn)
 

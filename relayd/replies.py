@@ -51,6 +51,12 @@ HELO_OK = Reply(250, None, "{hostname}")
 VRFY_CANNOT = Reply(252, "2.0.0", "Cannot VRFY user, but will accept message and attempt delivery")
 HELP_TEXT = Reply(214, "2.0.0", "See RFC 5321")
 COMMAND_UNRECOGNIZED = Reply(500, "5.5.2", "Error: command not recognized")
+# EXPN, ETRN and BDAT: known verbs relayd does not offer (RFC 5321 section 4.2.4).
+COMMAND_NOT_IMPLEMENTED = Reply(502, "5.5.1", "Error: command not implemented")
+# An HTTP or proxy request line, or a header line, sent as a command: the
+# client is not speaking SMTP (or sends a body as commands), so it gets one
+# closing reply in Postfix's words, without echoing anything it sent.
+NON_SMTP_COMMAND = Reply(221, "2.7.0", "Error: I can break rules, too. Goodbye.")
 LINE_TOO_LONG = Reply(500, "5.5.2", "Error: line too long")
 BAD_CHARACTERS = Reply(500, "5.5.2", "Error: bad characters in command")
 BARE_NEWLINE_COMMAND = Reply(500, "5.5.2", "Error: bare <CR> or <LF> in command")
@@ -85,6 +91,10 @@ MESSAGE_TOO_BIG = Reply(552, "5.3.4", "Message size exceeds fixed limit")
 BARE_NEWLINE_DATA = Reply(550, "5.5.2", "Error: bare <CR> or <LF> in message; see RFC 5321 section 2.3.8")
 DATA_LINE_TOO_LONG = Reply(550, "5.5.2", "Error: line longer than 998 characters in message")
 COMMIT_FAILED = Reply(451, "4.3.0", "Error: queue file write error")
+# Received: headers (relayd's own counted) reached limits.hop_count: a mail
+# loop. RFC 3463's "routing loop detected" (Postfix answers 5.4.0).
+TOO_MANY_HOPS = Reply(554, "5.4.6", "Error: too many hops")
+NUL_IN_MESSAGE = Reply(550, "5.6.0", "Error: NUL character in message")
 
 # Not offered on this listener
 STARTTLS_NOT_OFFERED = Reply(502, "5.5.1", "Error: command not implemented")

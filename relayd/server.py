@@ -115,6 +115,18 @@ _CONTROL_BYTES = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
 _HEADER_NAME = re.compile(rb"[\x21-\x39\x3b-\x7e]+:")
 _HAS_MESSAGE_ID = re.compile(rb"(?im)^message-id[ \t]*:")
 _HAS_DATE = re.compile(rb"(?im)^date[ \t]*:")
+_RECEIVED = re.compile(rb"(?im)^received[ \t]*:")
+# Verbs of other protocols sent to an SMTP port: HTTP request lines and the
+# proxy CONNECT (Postfix's smtpd_forbidden_commands default is CONNECT GET
+# POST; the other HTTP methods are no likelier to be SMTP), and POP3/FTP
+# logins. A client sending one is not speaking SMTP (a browser or a proxy
+# scanner, or a cross-protocol attack through one): one reply, then closed.
+_NON_SMTP_VERBS = frozenset({
+    b"CONNECT", b"GET", b"POST", b"HEAD", b"PUT", b"DELETE", b"OPTIONS", b"PATCH", b"TRACE",
+    b"USER", b"PASS",
+})
+# Logged as the verb alone: what follows may be a password.
+_SECRET_ARGUMENT_VERBS = frozenset({b"PASS"})
 
 
 class CommandSyntaxError(Exception):
@@ -599,6 +611,10 @@ class SubmissionServer(smtp.ESMTP):
     def _commandLine(self, raw: bytes) -> None:
         if self._sasl is not None:
             return self._saslLine(raw)
+        # Before any other check, so a long or LF-only request line is caught too.
+        words = raw[:maillog.NON_SMTP_LOGGED].split(None, 1)
+        if words and words[0].upper() not in self._commands and _isNonSmtpVerb(words[0]):
+            return self._nonSmtpCommand(raw, words[0])
         # An AUTH initial response may be longer than a command.
         isAuth = raw[:5].upper() == b"AUTH "
         if len(raw) > (MAX_AUTH_LINE if isAuth else MAX_COMMAND_LINE):
@@ -619,6 +635,16 @@ class SubmissionServer(smtp.ESMTP):
         except UnicodeDecodeError:
             return self._error(replies.BAD_CHARACTERS)
         handler(self, text)
+
+    def _nonSmtpCommand(self, raw: bytes, verb: bytes) -> None:
+        """Postfix's answer to smtpd_forbidden_commands and header lines: log, one reply, close."""
+        # A header line is logged by its name only (Authorization: ...).
+        whole = verb.upper() in _NON_SMTP_VERBS and verb.upper() not in _SECRET_ARGUMENT_VERBS
+        shown = raw[:maillog.NON_SMTP_LOGGED] if whole else verb
+        maillog.nonSmtpCommand(self.clientName, self.clientAddress,
+                               shown.rstrip(b"\r\n").decode("latin-1"))
+        self.reply(replies.NON_SMTP_COMMAND)
+        self._close()
 
     def _withoutLineEnding(self, raw: bytes) -> bytes | None:
         """The line without its CRLF; None when a bare CR or LF makes it unacceptable."""
@@ -794,6 +820,7 @@ class SubmissionServer(smtp.ESMTP):
             receivedHeader=self.receivedHeaderFor(txn).encode("ascii", "replace"),
             hostname=self.factory.hostname,
             now=self.factory.clock.seconds(),
+            hopLimit=self.factory.config.limits.hopCount,
         )
         self.setTimeout(self.factory.config.limits.dataTimeout)
         self.reply(replies.START_DATA)
@@ -907,6 +934,23 @@ class SubmissionServer(smtp.ESMTP):
 
     def do_HELP(self, rest: str) -> None:
         self.reply(replies.HELP_TEXT)
+
+    def do_EXPN(self, rest: str) -> None:
+        # Mailing lists are not relayd's to expand, nor to reveal.
+        self._error(replies.COMMAND_NOT_IMPLEMENTED)
+
+    def do_ETRN(self, rest: str) -> None:
+        # RFC 1985 queue runs are for a site's own backup MX, not a submission relay.
+        self._error(replies.COMMAND_NOT_IMPLEMENTED)
+
+    def do_BDAT(self, rest: str) -> None:
+        # CHUNKING is never offered. A BDAT's chunk follows it at once,
+        # without waiting for this reply (RFC 3030), and cannot be told
+        # from commands: reading on would run a message body as commands.
+        maillog.smtpdWarning(f"{maillog.hostAddr(self.clientName, self.clientAddress)}: "
+                             "BDAT without CHUNKING offered; connection closed")
+        self.reply(replies.COMMAND_NOT_IMPLEMENTED)
+        self._close()
 
     def do_QUIT(self, rest: str) -> None:
         self.reply(replies.CLOSING)
@@ -1097,6 +1141,9 @@ class SubmissionServer(smtp.ESMTP):
         b"NOOP": do_NOOP,
         b"VRFY": do_VRFY,
         b"HELP": do_HELP,
+        b"EXPN": do_EXPN,
+        b"ETRN": do_ETRN,
+        b"BDAT": do_BDAT,
         b"QUIT": do_QUIT,
         b"STARTTLS": do_STARTTLS,
         b"AUTH": do_AUTH,
@@ -1132,6 +1179,11 @@ def unsentBytes(transport) -> int:
             return total
         transport = inner
     return total
+
+
+def _isNonSmtpVerb(verb: bytes) -> bool:
+    """An HTTP, proxy or POP3 verb, or a header name (``Host:``, ``Subject:``) sent as a command."""
+    return verb.upper() in _NON_SMTP_VERBS or _HEADER_NAME.match(verb) is not None
 
 
 def _headerSafe(text: str) -> str:
@@ -1171,9 +1223,10 @@ def _storageReply(error: BaseException) -> Reply:
 class _DataReader:
     """
     Reads one message body: finds CRLF.CRLF in raw chunks, undoes
-    dot-stuffing, applies the CR/LF policy and the line and size limits,
-    and writes the canonical CRLF body (Received header first, Message-ID
-    and Date added at the end of the header block only where missing).
+    dot-stuffing, applies the CR/LF policy, the line and size limits, the
+    hop limit and the NUL ban, and writes the canonical CRLF body (Received
+    header first, Message-ID and Date added at the end of the header block
+    only where missing).
 
     ``feed`` returns None while the body goes on, or the bytes after the
     terminator (the next pipelined commands) once it has ended.
@@ -1182,10 +1235,12 @@ class _DataReader:
     """
 
     def __init__(self, writer, maxSize: int, normalizeNewlines: bool,
-                 receivedHeader: bytes, hostname: str, now: float):
+                 receivedHeader: bytes, hostname: str, now: float, hopLimit: int):
         self.writer = writer
         self.now = now
         self.maxSize = maxSize
+        # Received: headers, relayd's own counted, at which a message is a loop.
+        self.hopLimit = hopLimit
         self.normalizeNewlines = normalizeNewlines
         self.hostname = hostname
         self.problem: Reply | None = None
@@ -1238,6 +1293,12 @@ class _DataReader:
         self.clientBytes += len(region)
         if self.clientBytes > self.maxSize:
             return self._fail(replies.MESSAGE_TOO_BIG)
+        if b"\0" in region:
+            # Never relayed (some MTAs end a line or a string at a NUL, so
+            # the next hops would not all see the same message), and refused
+            # rather than removed: removing would change a body that may be
+            # signed, behind the sender's back.
+            return self._fail(replies.NUL_IN_MESSAGE)
         crlf = region.count(b"\r\n")
         if region.count(b"\n") != crlf or region.count(b"\r") != crlf:
             if not self.normalizeNewlines:
@@ -1265,6 +1326,9 @@ class _DataReader:
             return
         headerEnd = _headerBlockEnd(head)
         header = bytes(head[:headerEnd])
+        # Bounded: the header block held is at most MAX_HEADER_BLOCK plus a line.
+        if len(_RECEIVED.findall(header)) + 1 >= self.hopLimit:
+            return self._fail(replies.TOO_MANY_HOPS)
         added = b""
         if headerEnd == len(head) and len(head) > MAX_HEADER_BLOCK:
             # A header block too big to hold: pass it on unchanged rather

@@ -173,7 +173,13 @@ def test_relayd_fail2ban_filter_bans_password_guesses_relay_probes_and_pregreeti
     with socket.create_connection((HOST, relay.port), timeout=SMTP_TIMEOUT) as bot:
         bot.sendall(b"EHLO bot\r\n")
         assert bot.recv(1024).startswith(b"554 5.5.1")
+    # A web scanner: waits for the banner, then speaks HTTP.
+    with socket.create_connection((HOST, relay.port), timeout=SMTP_TIMEOUT) as scanner:
+        assert scanner.recv(1024).startswith(b"220 ")
+        scanner.sendall(b"GET / HTTP/1.1\r\nHost: relay\r\n\r\n")
+        assert scanner.recv(1024).startswith(b"221 2.7.0")
     relay.waitForLog(r"NOQUEUE: reject: CONNECT from ")
+    relay.waitForLog(r"warning: non-SMTP command from ")
     sink.waitForMessages(1, relay.describe)
     relay.waitForLog(r"relayd/qmgr\[\d+\]: [0-9A-Z]{16}: removed")
     log = tmp_path / "mail.log"
@@ -192,12 +198,13 @@ def test_relayd_fail2ban_filter_bans_password_guesses_relay_probes_and_pregreeti
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     out = result.stdout
-    assert re.search(r"Lines: \d+ lines, 0 ignored, 4 matched", out), out
+    assert re.search(r"Lines: \d+ lines, 0 ignored, 5 matched", out), out
     matched = out.split("Matched line(s):", 1)[1].split("`-", 1)[0]
     for mechanism in ("PLAIN", "LOGIN"):
         assert len(re.findall(rf"SASL {mechanism} authentication failed: authentication "
                               r"failure, sasl_username=alice", matched)) == 1, out
     assert "Relay access denied" in matched and "SMTP protocol synchronization" in matched, out
+    assert "non-SMTP command from unknown[127.0.0.1]: GET / HTTP/1.1" in matched, out
     assert "[127.0.0.1]" in matched
 
     # Debian's stock SASL jail (postfix[mode=auth]) sees none of it: why relayd ships a filter.
