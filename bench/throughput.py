@@ -40,6 +40,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 # Not under /tmp (Postfix refuses world-writable parents), and under /var:
 # Postfix writes maillog_file only below maillog_file_prefixes (/var).
+# --workdir changes it, so two benches on one machine do not share it.
 BASE = Path("/var/lib/relayd-bench")
 
 
@@ -180,7 +181,10 @@ class Relayd:
         twistd = Path(sys.executable).parent / "twistd"
         self.log = open(self.dir / "relayd.log", "wb")
         self.proc = subprocess.Popen(
-            [str(twistd), "-n", "--pidfile=", "relayd", "--config", str(config)],
+            # Logging as in production (systemd/relayd.service logs through
+            # relayd.logformat), to a file here, as Postfix's maillog_file.
+            [str(twistd), "-n", "--pidfile=", "--logger", "relayd.logformat.syslogStdout",
+             "relayd", "--config", str(config)],
             cwd=self.dir, stdout=self.log, stderr=subprocess.STDOUT)
         waitListening(self.port)
 
@@ -277,20 +281,25 @@ def runOnce(relayClass, args) -> dict:
 
 
 def main() -> None:
+    global BASE
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--messages", type=int, default=2000)
     parser.add_argument("--sessions", type=int, default=10)
     parser.add_argument("--size", type=int, default=1024, help="message size in bytes (smtp-source -l)")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--deadline", type=float, default=300.0, help="seconds per phase before giving up")
+    parser.add_argument("--workdir", type=Path, default=BASE,
+                        help=f"spools, configs and logs of both relays, under /var (default {BASE})")
     args = parser.parse_args()
     if os.geteuid() != 0:
         raise SystemExit("bench: run as root (it starts a Postfix instance)")
     for tool in ("smtp-source", "smtp-sink", "postfix"):
         if shutil.which(tool) is None:
             raise SystemExit(f"bench: {tool} not found (apt-get install postfix)")
+    BASE = args.workdir.resolve()
     BASE.mkdir(parents=True, exist_ok=True)
     os.chmod(BASE, 0o755)
+    loadBefore = os.getloadavg()
     results: dict[str, list[dict]] = {"relayd": [], "postfix": []}
     for round_ in range(args.rounds):
         for relayClass in (Relayd, Postfix) if round_ % 2 == 0 else (Postfix, Relayd):
@@ -304,8 +313,10 @@ def main() -> None:
         return statistics.median(r[key] for r in results[name])
 
     print()
+    # The machine may be shared: the load says how much the figures can be trusted.
     print(f"{args.messages} messages of {args.size} bytes, {args.sessions} sessions, "
-          f"{args.rounds} rounds, medians; {os.cpu_count()} CPUs")
+          f"{args.rounds} rounds, medians; {os.cpu_count()} CPUs; load average "
+          f"{loadBefore[0]:.2f} before, {os.getloadavg()[0]:.2f} after")
     print(f"{'':22s}{'relayd':>12s}{'postfix':>12s}{'relayd/postfix':>16s}")
     for key, label, unit in (("accept", "accept rate", "msg/s"), ("endToEnd", "end-to-end rate", "msg/s"),
                              ("peak", "peak memory", "MB")):

@@ -22,14 +22,21 @@ events in the two forms tools do read:
     and the event's own fields (``queue_id``, ``to``, ``status``, ...).
 
 Use: ``twistd -n --pidfile= --logger relayd.logformat.syslogStdout relayd --config FILE``.
+
+Each of them formats an event on the thread that logs it and hands the
+finished lines to a ``LineWriter``: one thread of its own writes them, in
+order, so the reactor thread never waits for a pipe, a file or the syslog
+socket. Its queue is bounded; what happens when it is full is said there.
 """
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import socket
 import sys
+import threading
 import time
 from typing import IO, Callable
 
@@ -96,7 +103,7 @@ DEFAULT_SYSLOG_SOCKET = "/dev/log"
 
 def syslogSocketObserver(path: str = DEFAULT_SYSLOG_SOCKET, pid: int | None = None,
                          localtime: Callable[[float], time.struct_time] = time.localtime,
-                         fallback: IO[str] | None = None) -> ILogObserver:
+                         fallback: IO[str] | None = None, threaded: bool = False) -> ILogObserver:
     """
     Datagrams to the local syslog socket, one per line of an event.
 
@@ -106,6 +113,9 @@ def syslogSocketObserver(path: str = DEFAULT_SYSLOG_SOCKET, pid: int | None = No
     once the socket takes a datagram again, another line says so. Not
     ``sys.stderr``: twistd points that at the log itself, so lines written
     there would come back to this observer and be lost.
+
+    ``threaded``: sent by a LineWriter's thread (``observe.writer``), as a
+    full socket buffer blocks the sender.
     """
     processId = os.getpid() if pid is None else pid
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
@@ -115,14 +125,16 @@ def syslogSocketObserver(path: str = DEFAULT_SYSLOG_SOCKET, pid: int | None = No
     def warn(text: str) -> None:
         out.write(f"relayd: warning: {text}\n")
 
-    @provider(ILogObserver)
-    def observe(event: dict) -> None:
-        nonlocal failing
+    def datagrams(event: dict) -> list[tuple[bytes, str]]:
         severity = _SEVERITY.get(event.get("log_level"), 6)
         stamp = time.strftime("%b %e %H:%M:%S", localtime(event.get("log_time", time.time())))
         head = f"<{_FACILITY_MAIL * 8 + severity}>{stamp} relayd/{_service(event)}[{processId}]: "
-        for line in _text(event).split("\n"):
-            data = (head + line).encode("utf-8", "backslashreplace")
+        return [((head + line).encode("utf-8", "backslashreplace"), head + line)
+                for line in _text(event).split("\n")]
+
+    def send(lines: list[tuple[bytes, str]]) -> None:
+        nonlocal failing
+        for data, text in lines:
             try:
                 sock.sendto(data, path)
             except OSError as e:
@@ -130,7 +142,7 @@ def syslogSocketObserver(path: str = DEFAULT_SYSLOG_SOCKET, pid: int | None = No
                     failing = True
                     warn(f"syslog socket {path}: {e.strerror or e}; logging to stderr until it "
                          "takes lines again")
-                out.write(head + line + "\n")
+                out.write(text + "\n")
                 out.flush()
             else:
                 if failing:
@@ -138,16 +150,200 @@ def syslogSocketObserver(path: str = DEFAULT_SYSLOG_SOCKET, pid: int | None = No
                     warn(f"syslog socket {path} takes lines again; logging there")
                     out.flush()
 
+    deliver: Callable[[list[tuple[bytes, str]]], None] = send
+    writer = None
+    if threaded:
+        writer = LineWriter(lambda batch: [send(lines) for lines in batch],
+                            lambda count: datagrams(_droppedEvent(count)), name="relayd-syslog")
+        deliver = writer
+
+    @provider(ILogObserver)
+    def observe(event: dict) -> None:
+        deliver(datagrams(event))
+
+    observe.writer = writer
+    return observe
+
+
+# Events waiting for the writer thread (a few MB of log at most).
+MAX_PENDING_EVENTS = 10_000
+# How long a thread that logs waits for room in a full queue before events
+# are dropped (and counted): once per stall of the writer, not per event.
+FULL_QUEUE_PATIENCE = 1.0
+# How long the writer lets a batch gather once woken: one wake-up (and one
+# write) per batch instead of a thread switch per event.
+BATCH_LINGER = 0.01
+# At exit (and before a fork), how long the remaining events may take.
+FLUSH_DEADLINE = 5.0
+
+
+class LineWriter:
+    """
+    Log events written by one thread of its own, in the order they were
+    handed in, in batches: ``write(items)`` gets a list of them.
+
+    When the queue is full (the log is slower than the mail, or stuck), the
+    thread that logs waits up to ``patience`` seconds for room: slowing down
+    is better than losing lines. If there is still no room, events are
+    dropped and counted, at once and without waiting again, until the
+    writer takes the queue; ``droppedNotice(count)`` is then written where
+    the gap is, so nothing is ever lost silently.
+    """
+
+    def __init__(self, write: Callable[[list], None], droppedNotice: Callable[[int], object],
+                 maxPending: int = MAX_PENDING_EVENTS, patience: float = FULL_QUEUE_PATIENCE,
+                 linger: float = BATCH_LINGER, name: str = "relayd-log"):
+        self._write = write
+        self._droppedNotice = droppedNotice
+        self._maxPending = maxPending
+        self._patience = patience
+        self._linger = linger
+        self._name = name
+        self._pending: list = []
+        self._dropped = 0
+        self._writing = False
+        self._stopping = False
+        self._start()
+        atexit.register(self.close)
+        # twistd forks to daemonize after it made the observers: the child
+        # needs a writer thread of its own, and nothing pending twice.
+        os.register_at_fork(before=self.flush, after_in_child=self._start)
+
+    def _start(self) -> None:
+        self._changed = threading.Condition()
+        self._writing = False
+        self._thread = threading.Thread(target=self._run, name=self._name, daemon=True)
+        self._thread.start()
+
+    def __call__(self, item: object) -> None:
+        with self._changed:
+            if not self._dropped:
+                if len(self._pending) >= self._maxPending:
+                    self._changed.wait_for(lambda: len(self._pending) < self._maxPending,
+                                           self._patience)
+                if len(self._pending) < self._maxPending:
+                    self._pending.append(item)
+                    if len(self._pending) == 1:
+                        self._changed.notify_all()  # the writer waits for this one
+                    return
+            self._dropped += 1
+
+    def _run(self) -> None:
+        changed = self._changed
+        while True:
+            with changed:
+                changed.wait_for(lambda: self._pending or self._stopping)
+                stopping = self._stopping
+            if not stopping:
+                time.sleep(self._linger)
+            with changed:
+                batch, self._pending = self._pending, []
+                dropped, self._dropped = self._dropped, 0
+                self._writing = True
+                changed.notify_all()  # room for a thread waiting to log
+            if dropped:
+                batch.append(self._droppedNotice(dropped))
+            if batch:
+                try:
+                    self._write(batch)
+                except Exception as e:  # a closed stdout: say so where it can still be seen
+                    try:
+                        sys.__stderr__.write(f"relayd: cannot write to the log: {e}\n")
+                    except Exception:
+                        pass
+            with changed:
+                self._writing = False
+                changed.notify_all()  # for flush()
+                if stopping and not self._pending:
+                    return
+
+    def flush(self, timeout: float = FLUSH_DEADLINE) -> bool:
+        """Wait until everything handed in so far is written; False after ``timeout``."""
+        with self._changed:
+            return self._changed.wait_for(lambda: not self._pending and not self._writing, timeout)
+
+    def close(self, timeout: float = FLUSH_DEADLINE) -> None:
+        """Write what is pending (within ``timeout``) and end the thread."""
+        with self._changed:
+            self._stopping = True
+            self._changed.notify_all()
+        self._thread.join(timeout)
+
+
+def _droppedEvent(count: int) -> dict:
+    return {"log_format": "warning: {count} log events dropped: the log writer fell behind",
+            "count": count, "log_level": LogLevel.warn, "log_time": time.time(),
+            "log_namespace": "relayd/daemon"}
+
+
+class _StreamWrites:
+    """Writes text to a stream and flushes it, for a LineWriter."""
+
+    def __init__(self, out: IO[str]):
+        self.out = out
+
+    def __call__(self, texts: list[str]) -> None:
+        self.out.write("".join(texts))
+        self.out.flush()
+
+
+class _PerThreadBuffer:
+    """A stream that keeps what each thread writes apart until that thread takes it."""
+
+    def __init__(self):
+        self._local = threading.local()
+
+    def write(self, text: str) -> None:
+        parts = getattr(self._local, "parts", None)
+        if parts is None:
+            parts = self._local.parts = []
+        parts.append(text)
+
+    def flush(self) -> None:
+        pass
+
+    def take(self) -> str:
+        parts = getattr(self._local, "parts", None)
+        if not parts:
+            return ""
+        self._local.parts = []
+        return "".join(parts)
+
+
+def threadedObserver(makeObserver: Callable[[IO[str]], ILogObserver], out: IO[str],
+                     name: str = "relayd-log") -> ILogObserver:
+    """
+    ``makeObserver(stream)``'s lines, formatted on the thread that logs and
+    written to ``out`` by a LineWriter's thread (``observe.writer``).
+    """
+    buffer = _PerThreadBuffer()
+    inner = makeObserver(buffer)
+
+    def formatted(event: dict) -> str:
+        inner(event)
+        return buffer.take()
+
+    writer = LineWriter(_StreamWrites(out), lambda count: formatted(_droppedEvent(count)),
+                        name=name)
+
+    @provider(ILogObserver)
+    def observe(event: dict) -> None:
+        text = formatted(event)
+        if text:
+            writer(text)
+
+    observe.writer = writer
     return observe
 
 
 def syslogSocket() -> ILogObserver:
-    return syslogSocketObserver(os.environ.get("RELAYD_SYSLOG_SOCKET") or DEFAULT_SYSLOG_SOCKET)
+    return syslogSocketObserver(os.environ.get("RELAYD_SYSLOG_SOCKET") or DEFAULT_SYSLOG_SOCKET,
+                                threaded=True)
 
 
 def syslogStdout() -> ILogObserver:
-    return syslogObserver(sys.stdout)
+    return threadedObserver(syslogObserver, sys.stdout)
 
 
 def jsonStdout() -> ILogObserver:
-    return jsonObserver(sys.stdout)
+    return threadedObserver(jsonObserver, sys.stdout)

@@ -28,8 +28,10 @@ are atomic renames without fsync: a crash may bring back an older state and
 repeat a delivery, but never loses a message.
 
 Everything here is synchronous and blocking; the caller decides which thread
-runs it (commit belongs in a thread, ``SpoolWriter.write`` is cheap enough
-for the reactor thread). Filesystem failures surface as plain ``OSError``
+runs it. relayd runs whatever touches the file system (begin, commit,
+abort, remove) in the spool's threads; ``SpoolWriter.write`` only fills a
+buffer and runs on the reactor thread (a body over the buffer's size
+writes from there). Filesystem failures surface as plain ``OSError``
 so the server can map ENOSPC/EDQUOT to 452 and anything else to 451; a
 malformed queue id is a ``ValueError``.
 """

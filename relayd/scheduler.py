@@ -295,11 +295,14 @@ class Scheduler(service.Service):
         now = self.clock.seconds()
         if envelope.isFinished():
             try:
-                self.spool.remove(queueId)
+                # Unlinking waits for the file system journal: in a thread.
+                yield self.runInThread(self.spool.remove, queueId)
             except OSError as e:
                 # Still queued on disk: kept in memory too, and the removal is
                 # tried again at the next attempt (which finds nobody to send to).
                 maillog.queueFileFailed(queueId, "remove", e.strerror or str(e))
+                if self.envelopes.get(queueId) is not envelope:
+                    return  # deleted by the admin meanwhile
                 envelope.nextAttempt = nextAttemptTime(
                     now, envelope.arrival, envelope.attempts, queue.retry, queue.lifetime,
                     self.random())

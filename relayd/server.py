@@ -40,6 +40,7 @@ from relayd.config import DEFAULT_AUTH_FAILURE_LIMIT, DEFAULT_AUTH_FAILURE_WINDO
 from relayd.tls import sessionDescription
 from relayd.envelope import Envelope, Recipient, newQueueId
 from relayd.replies import Reply
+from relayd.tcp import setNoDelay
 
 log = Logger()
 
@@ -286,6 +287,7 @@ class SubmissionServer(smtp.ESMTP):
     # Connection
 
     def connectionMade(self) -> None:
+        setNoDelay(self.transport)
         peer = self.transport.getPeer()
         self.clientAddress = normalizeAddress(getattr(peer, "host", str(peer)))
         # Until the name is confirmed, and for good when it is not: Postfix's "unknown".
@@ -470,7 +472,7 @@ class SubmissionServer(smtp.ESMTP):
             maillog.lostConnection(self.lastVerb, self.clientName, self.clientAddress)
         self.setTimeout(None)
         if self._data is not None:
-            self._data.abort()
+            self._discard(self._data.writer)
             self._data = None
         self.factory.sessionEnded(self)
         maillog.disconnected(self.clientName, self.clientAddress)
@@ -798,11 +800,19 @@ class SubmissionServer(smtp.ESMTP):
             return self._error(replies.NEED_MAIL)
         if not txn.recipients:
             return self._error(replies.NEED_RCPT)
-        try:
-            writer = self.factory.spool.begin(txn.queueId)
-        except OSError as e:
-            maillog.queueWarning(txn.queueId, f"cannot create queue file: {e.strerror}")
-            return self.reply(_storageReply(e))
+        # Creating the body's file waits for the file system journal: in a
+        # thread, while later input waits in the inbox.
+        self._busy = True
+        d = self.factory.runInThread(self.factory.spool.begin, txn.queueId)
+        d.addCallbacks(self._dataBegun, self._dataNotBegun, callbackArgs=(txn,),
+                       errbackArgs=(txn,))
+        d.addErrback(lambda f: log.failure("DATA", f))
+
+    def _dataBegun(self, writer, txn: Transaction) -> None:
+        if self._lost or self._closing:
+            # The session ended (timeout, shutdown) while the file was created.
+            self._discard(writer)
+            return
         self._data = _DataReader(
             writer=writer,
             maxSize=self.factory.config.limits.messageSize,
@@ -814,6 +824,22 @@ class SubmissionServer(smtp.ESMTP):
         )
         self.setTimeout(self.factory.config.limits.dataTimeout)
         self.reply(replies.START_DATA)
+        self._resume()
+
+    def _dataNotBegun(self, failure: Failure, txn: Transaction) -> None:
+        error = failure.value
+        maillog.queueWarning(txn.queueId, "cannot create queue file: "
+                             f"{getattr(error, 'strerror', None) or error}")
+        if self._lost:
+            return
+        if not self._closing:
+            self.reply(_storageReply(error))
+        self._resume()
+
+    def _discard(self, writer) -> None:
+        """Forget a body that will not be committed: removing its file waits too, so in a thread."""
+        self.factory.runInThread(writer.abort).addErrback(
+            lambda f: log.failure("discarding a message body", f))
 
     def receivedHeaderFor(self, txn: Transaction) -> str:
         """
@@ -847,7 +873,7 @@ class SubmissionServer(smtp.ESMTP):
         txn = self.transaction
         self.transaction = None
         if reader.problem is not None:
-            reader.abort()
+            self._discard(reader.writer)
             self._reject("END-OF-MESSAGE", reader.problem, sender=txn.sender, recipient=None,
                          queueId=txn.queueId)
             return self._afterData()
@@ -1320,9 +1346,6 @@ class _DataReader:
             added += b"\r\n"
         self.writer.write(header + added + rest)
 
-    def abort(self) -> None:
-        self.writer.abort()
-
 
 def _headerBlockEnd(head: bytes) -> int:
     """Offset of the end of the header block: the first line that is neither a field nor a continuation."""
@@ -1359,16 +1382,20 @@ class SubmissionFactory(protocol.ServerFactory):
     the connection limits and for shutdown. ``commit(writer, envelope)``
     makes a message durable (a Deferred, run in a thread by tap.py);
     ``messageQueued(envelope)`` hands it to the scheduler.
+    ``runInThread(f, *args)`` runs the other blocking spool calls (creating
+    and removing a body's file) off the reactor thread and returns a
+    Deferred; tests run them inline.
     """
 
     def __init__(self, config, spool, commit, messageQueued, clock, portal=None, tls=None,
-                 clientNames=None):
+                 clientNames=None, runInThread=None):
         self.config = config
         # address -> Deferred[ClientName] (relayd.resolve.ClientNames.lookup),
         # firing within limits.client_name_timeout; None: every client "unknown".
         self.clientNames = clientNames
         self.spool = spool
         self.commit = commit
+        self.runInThread = runInThread or defer.maybeDeferred
         self.messageQueued = messageQueued
         self.clock = clock
         # twisted.cred portal for AUTH (None: AUTH is off everywhere) and
@@ -1381,6 +1408,10 @@ class SubmissionFactory(protocol.ServerFactory):
         self.refused: set[SubmissionServer] = set()  # told 421, closing
         self._perClient: dict[str, int] = {}
         self._drained: list[defer.Deferred] = []
+        # Free bytes on the spool's file system as last measured (None:
+        # not yet, or the measurement failed) and whether one is running.
+        self._freeSpace: int | None = None
+        self._measuring = False
 
     @property
     def hostname(self) -> str:
@@ -1390,18 +1421,42 @@ class SubmissionFactory(protocol.ServerFactory):
     freeBytes = staticmethod(spoolFreeBytes)
 
     def lowOnSpace(self) -> bool:
-        """Below queue.free_space_reserve: MAIL gets 452 4.3.1 so no message fills the disk midway."""
+        """
+        Below queue.free_space_reserve: MAIL gets 452 4.3.1 so no message
+        fills the disk midway. statvfs runs in a thread: the answer goes by
+        the latest measurement, and each MAIL starts the next one.
+        """
         reserve = self.config.freeSpaceReserve()
         if reserve <= 0:
             return False
-        try:
-            free = self.freeBytes(self.spool.directory)
-        except OSError:
-            return False  # cannot tell; the commit still answers 452 on ENOSPC
+        self._measureFreeSpace()
+        free = self._freeSpace
+        if free is None:
+            return False  # cannot tell (yet); the commit still answers 452 on ENOSPC
         if free < reserve:
             maillog.notEnoughSpace(free, reserve)
             return True
         return False
+
+    def _measureFreeSpace(self) -> None:
+        if self._measuring:
+            return
+        self._measuring = True
+
+        def measured(free: int) -> None:
+            self._freeSpace = free
+
+        def failed(failure: Failure) -> None:
+            failure.trap(OSError)
+            self._freeSpace = None
+
+        def done(result):
+            self._measuring = False
+            return result
+
+        d = self.runInThread(self.freeBytes, self.spool.directory)
+        d.addCallbacks(measured, failed).addBoth(done)
+        d.addErrback(lambda f: log.failure("measuring the spool's free space", f))
 
     def buildProtocol(self, addr) -> SubmissionServer:
         return SubmissionServer(self)

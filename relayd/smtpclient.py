@@ -47,6 +47,7 @@ from relayd.config import DeliveryTimeouts
 from relayd.delivery import RecipientResult, TLSInfo, classify
 from relayd.envelope import Status
 from relayd.secret import Secret
+from relayd.tcp import setNoDelay
 from relayd.tls import tlsFailureText, tlsInfo
 
 
@@ -429,6 +430,7 @@ class OutboundSession(LineReceiver):
     # -- connection events -------------------------------------------------
 
     def connectionMade(self) -> None:
+        setNoDelay(self.transport)
         self._connected = True
         peer = self.transport.getPeer()
         if isinstance(peer, (IPv4Address, IPv6Address)):

@@ -404,9 +404,14 @@ def makeService(options, reactor=None) -> Relay:
     # One resolver for MX delivery and client names.
     resolver = ConfiguredResolver(reactor, config)
     courier = _courier(config, reactor, listenerServices, resolver)
+
+    def runInThread(f, *args):
+        # Every file system call of the spool (create, fsync, rename,
+        # unlink) waits for the disk: never on the reactor thread.
+        return deferToThreadPool(reactor, pool, f, *args)
+
     # Notices (bounces) are written and fsynced in the spool's threads too.
-    scheduler = Scheduler(spool, courier, config, reactor,
-                          runInThread=lambda f, *a: deferToThreadPool(reactor, pool, f, *a))
+    scheduler = Scheduler(spool, courier, config, reactor, runInThread=runInThread)
 
     def commit(writer, envelope):
         # fsync never runs on the reactor thread.
@@ -415,7 +420,8 @@ def makeService(options, reactor=None) -> Relay:
     tls, passwords, verifier, authPool, credPortal = _security(config, reactor)
     clientNames = ClientNames(resolver, config.limits.clientNameTimeout, reactor)
     factory = SubmissionFactory(config, spool, commit, scheduler.add, reactor,
-                                portal=credPortal, tls=tls, clientNames=clientNames.lookup)
+                                portal=credPortal, tls=tls, clientNames=clientNames.lookup,
+                                runInThread=runInThread)
     listeners = []
     for l in config.listeners:
         listenerFactory = factory.forListener(l)

@@ -5,8 +5,11 @@ from __future__ import annotations
 import io
 import json
 import socket
+import sys
+import threading
 import time
 
+import pytest
 from twisted.logger import Logger, globalLogPublisher
 
 from relayd import logformat, maillog
@@ -135,3 +138,111 @@ def test_json_lines_carry_the_event_fields():
     assert record["status"] == "deferred"
     assert record["dsn"] == "4.4.1"
     assert record["text"].startswith("K1EXDXNM43F1XEF6: to=<b@example.org>, relay=none, delay=30,")
+
+
+# -- the writer thread: the logging thread never writes -----------------------------
+
+
+class RecordingStream:
+    """A stream that records each write with the thread that made it."""
+
+    def __init__(self):
+        self.writes: list[tuple[str, threading.Thread]] = []
+
+    def write(self, text):
+        self.writes.append((text, threading.current_thread()))
+
+    def flush(self):
+        pass
+
+    def text(self):
+        return "".join(text for text, _ in self.writes)
+
+
+@pytest.mark.parametrize("entryPoint", ["syslogStdout", "jsonStdout"])
+def test_twistd_observers_write_in_a_thread_of_their_own_in_order(monkeypatch, entryPoint):
+    out = RecordingStream()
+    monkeypatch.setattr(sys, "stdout", out)
+    observer = getattr(logformat, entryPoint)()
+    try:
+        emitThrough(observer, lambda: [maillog.removed(f"K1EXDXNM43F1XE{i:02d}") for i in range(50)])
+        assert observer.writer.flush()
+    finally:
+        observer.writer.close()
+    lines = out.text().splitlines()
+    assert [("K1EXDXNM43F1XE%02d: removed" % i) in line for i, line in enumerate(lines)] == [True] * 50
+    assert threading.current_thread() not in {thread for _, thread in out.writes}
+
+
+def test_syslog_socket_observer_for_twistd_sends_in_a_thread(tmp_path, monkeypatch):
+    path = str(tmp_path / "log")
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    server.bind(path)
+    server.settimeout(5)
+    senders = []
+    realSendto = socket.socket.sendto
+
+    class Recording(socket.socket):
+        def sendto(self, *args):
+            senders.append(threading.current_thread())
+            return realSendto(self, *args)
+
+    monkeypatch.setattr(logformat.socket, "socket", Recording)
+    observer = logformat.syslogSocketObserver(path, pid=7, localtime=utc, threaded=True)
+    try:
+        emitThrough(fixedTime(observer), lambda: maillog.removed("K1EXDXNM43F1XEF6"))
+        assert server.recv(4096).decode() == "<22>Nov 30 04:27:10 relayd/qmgr[7]: K1EXDXNM43F1XEF6: removed"
+    finally:
+        observer.writer.close()
+        server.close()
+    assert senders and threading.current_thread() not in senders
+
+
+def test_a_stuck_log_drops_counted_events_and_says_so_where_the_gap_is():
+    unblock = threading.Event()
+    written = []
+
+    def write(batch):
+        unblock.wait(10)
+        written.extend(batch)
+
+    writer = logformat.LineWriter(write, lambda count: f"dropped {count}", maxPending=3, patience=0.01)
+    try:
+        for i in range(10):  # 1 being written, 3 queued, then a short wait, then counted drops
+            writer(f"line {i}")
+        unblock.set()
+        assert writer.flush()
+        writer("line 10")
+        assert writer.flush()
+    finally:
+        writer.close()
+    # Never more than one wait per stall, never a silent loss, and the order kept.
+    kept = [w for w in written if w.startswith("line")]
+    assert kept == sorted(kept, key=lambda w: int(w.split()[1]))
+    notices = [w for w in written if w.startswith("dropped")]
+    assert notices and sum(int(n.split()[1]) for n in notices) + len(kept) == 11
+    # Each notice stands where its gap is: the lines around it are in order
+    # and some line numbers are missing right there.
+    for notice in notices:
+        at = written.index(notice)
+        before = int(written[at - 1].split()[1])
+        after = int(written[at + 1].split()[1])
+        assert after > before + 1
+    assert written[-1] == "line 10"
+
+
+def test_close_writes_what_is_pending():
+    written = []
+    writer = logformat.LineWriter(written.extend, lambda count: f"dropped {count}")
+    for i in range(100):
+        writer(i)
+    writer.close()
+    assert written == list(range(100))
+
+
+def test_the_syslog_socket_observer_twistd_gets_is_the_threaded_one():
+    observer = logformat.syslogSocket()
+    try:
+        assert isinstance(observer.writer, logformat.LineWriter)
+    finally:
+        observer.writer.close()

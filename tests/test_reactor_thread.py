@@ -1,0 +1,240 @@
+"""
+The reactor thread never waits on the disk: every file system call on a
+message's way through relayd (creating its body file, committing it,
+removing it after delivery or after a rejection, measuring free space)
+runs in the spool's threads.
+
+The first tests drive a session whose thread runner the test controls;
+the last runs the daemon's service as tap.py wires it, with the real
+reactor in a subprocess, and records the thread of every file system call
+while one message is accepted and delivered and one is refused.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from twisted.internet import address, defer, task
+from twisted.internet.testing import StringTransport
+
+from relayd import server
+from relayd.queue import Spool
+from tests.dialogue import Dialogue
+from tests.test_durability import makeConfig
+
+ROOT = Path(__file__).resolve().parent.parent
+DEADLINE = 60
+
+
+class HeldThreads:
+    """A thread runner whose jobs run only when the test says so, in order."""
+
+    def __init__(self):
+        self.jobs: list[tuple] = []
+
+    def __call__(self, f, *args):
+        d = defer.Deferred()
+        self.jobs.append((f, args, d))
+        return d
+
+    def names(self) -> list[str]:
+        return [f.__name__ for f, _, _ in self.jobs]
+
+    def runNext(self) -> None:
+        f, args, d = self.jobs.pop(0)
+        try:
+            result = f(*args)
+        except Exception:
+            d.errback()
+        else:
+            d.callback(result)
+
+    def runAll(self) -> None:
+        while self.jobs:
+            self.runNext()
+
+
+class Session(Dialogue):
+    def __init__(self, tmp_path):
+        self.threads = HeldThreads()
+        self.spool = Spool(str(tmp_path / "spool"))
+        self.spool.recover()
+        self.queued = []
+        self.factory = server.SubmissionFactory(
+            config=makeConfig(tmp_path), spool=self.spool,
+            commit=lambda writer, envelope: self.threads(writer.commit, envelope),
+            messageQueued=self.queued.append, clock=task.Clock(), runInThread=self.threads)
+        self.transport = StringTransport(
+            peerAddress=address.IPv4Address("TCP", "127.0.0.1", 40000),
+            hostAddress=address.IPv4Address("TCP", "127.0.0.1", 2525))
+        self.proto = self.factory.buildProtocol(None)
+        self.proto.makeConnection(self.transport)
+        self.take()
+        assert self.send(b"EHLO client.test\r\n")[-1].startswith("250 ")
+
+    def tmpFiles(self) -> list[str]:
+        return os.listdir(os.path.join(self.spool.directory, "tmp"))
+
+
+def test_data_waits_for_the_body_file_made_in_a_thread_then_reads_pipelined_input(tmp_path):
+    s = Session(tmp_path)
+    assert s.send(b"MAIL FROM:<alice@example.com>\r\n") == ["250 2.1.0 Ok"]
+    assert s.threads.names() == ["spoolFreeBytes"]  # statvfs, not on the reactor thread
+    s.threads.runAll()
+    assert s.send(b"RCPT TO:<bob@example.org>\r\n") == ["250 2.1.5 Ok"]
+    # A client that does not wait for the 354: the body must not run as commands.
+    assert s.send(b"DATA\r\nSubject: x\r\n\r\nRSET\r\n.\r\nNOOP\r\n") == []
+    assert s.threads.names() == ["begin"] and s.tmpFiles() == []
+    s.threads.runNext()
+    assert s.tmpFiles() != [] and s.threads.names() == ["commit"]
+    assert [r[:3] for r in s.take()] == ["354"]
+    s.threads.runNext()
+    assert [r[:3] for r in s.take()] == ["250", "250"]
+    [envelope] = s.queued
+    with s.spool.openBody(envelope.queueId) as f:
+        body = f.read()
+    assert b"Subject: x\r\n" in body and body.endswith(b"\r\n\r\nRSET\r\n")
+
+
+def test_a_refused_body_is_removed_in_a_thread(tmp_path):
+    s = Session(tmp_path)
+    s.send(b"MAIL FROM:<alice@example.com>\r\nRCPT TO:<bob@example.org>\r\nDATA\r\n")
+    s.threads.runAll()
+    s.take()
+    # A line over 998 characters: refused at the end of data, nothing kept.
+    assert s.send(b"Subject: x\r\n\r\n" + b"x" * 1200 + b"\r\n.\r\n")[0].startswith("550 5.5.2")
+    assert s.threads.names() == ["abort"] and s.tmpFiles() != []
+    s.threads.runAll()
+    assert s.tmpFiles() == [] and s.queued == []
+
+
+@pytest.mark.parametrize("ending", ["lost", "timeout"])
+def test_a_session_gone_while_its_body_file_is_made_leaves_no_file(tmp_path, ending):
+    s = Session(tmp_path)
+    s.send(b"MAIL FROM:<alice@example.com>\r\nRCPT TO:<bob@example.org>\r\nDATA\r\n")
+    assert s.threads.names() == ["spoolFreeBytes", "begin"]
+    if ending == "lost":
+        s.proto.connectionLost(None)
+    else:
+        s.factory.clock.advance(s.factory.config.limits.commandTimeout + 1)
+        assert s.take()[0].startswith("421 ")
+    s.threads.runAll()  # the file is made, then removed (abort, in a thread too)
+    assert s.tmpFiles() == []
+    assert s.take() == []
+
+
+# -- the daemon as wired by tap.py, real reactor in a subprocess -------------------
+
+# Every os function relayd's file system work goes through.
+WATCHED = ("open", "unlink", "rename", "replace", "fsync", "stat", "lstat", "statvfs", "mkdir",
+           "scandir", "listdir")
+
+
+def scenarioMain(configPath: str, sinkPort: int) -> None:
+    """
+    Start relayd's service, send it one message to deliver and one it
+    refuses (a line too long), wait until the first reached the sink and
+    left the queue, and print every watched os call as [function, thread
+    is the reactor's, path].
+    """
+    import smtplib
+    import threading
+
+    from aiosmtpd.controller import Controller
+    from twisted.internet import threads
+
+    from relayd import config, tap
+
+    calls = []
+    watching = threading.Event()
+    reactorThread = threading.current_thread()
+
+    def watched(name, original):
+        def call(*args, **kwargs):
+            if watching.is_set():
+                calls.append([name, threading.current_thread() is reactorThread,
+                              str(args[0]) if args else ""])
+            return original(*args, **kwargs)
+        return call
+
+    for name in WATCHED:
+        setattr(os, name, watched(name, getattr(os, name)))
+
+    class Sink:
+        received = 0
+
+        async def handle_DATA(self, server, session, envelope):
+            Sink.received += 1
+            return "250 2.0.0 Ok"
+
+    sink = Controller(Sink(), hostname="127.0.0.1", port=sinkPort)
+    sink.start()
+
+    def submit(port):
+        with smtplib.SMTP("127.0.0.1", port, timeout=10) as client:
+            client.sendmail("alice@example.com", ["bob@example.org"],
+                            b"Subject: one\r\n\r\nhello\r\n")
+            try:
+                client.sendmail("alice@example.com", ["bob@example.org"],
+                                b"Subject: two\r\n\r\n" + b"x" * 1200 + b"\r\n")
+            except smtplib.SMTPDataError as e:
+                assert e.smtp_code == 550, e
+
+    async def main(reactor):
+        reactor.callLater(DEADLINE / 2, reactor.stop)  # a hang ends with no output
+        relay = tap.makeService({"loaded": config.load(configPath)}, reactor)
+        relay.startService()
+        port = relay.listeners[0].port.getHost().port
+        watching.set()  # start-up (recovery, the lock) may use the reactor thread
+        await threads.deferToThread(submit, port)
+        while Sink.received < 1 or relay.scheduler.queueLength():
+            await task.deferLater(reactor, 0.05, lambda: None)
+        await task.deferLater(reactor, 0.2, lambda: None)  # the refused body's removal
+        watching.clear()
+        print(json.dumps(calls))
+        await relay.stopService()
+
+    try:
+        task.react(lambda reactor: defer.ensureDeferred(main(reactor)))
+    finally:
+        sink.stop()
+
+
+CONFIG = """\
+hostname: relay.test
+listeners:
+  - {{endpoint: "tcp:0:interface=127.0.0.1", tls: none, auth: none}}
+relay: {{trusted_networks: ["127.0.0.0/8"]}}
+limits: {{client_name_timeout: 0s}}  # no DNS: the tests stay on loopback
+queue: {{directory: {spool}}}
+delivery:
+  smarthosts: [{{host: 127.0.0.1, port: {sinkPort}, tls: none}}]
+"""
+
+
+def test_no_file_system_call_on_the_reactor_thread_while_a_message_is_accepted_and_delivered(tmp_path):
+    pytest.importorskip("aiosmtpd.controller")
+    from tests.test_courier import freePort
+
+    sinkPort = freePort()
+    configPath = tmp_path / "relayd.yaml"
+    configPath.write_text(CONFIG.format(spool=tmp_path / "spool", sinkPort=sinkPort))
+    code = ("import sys; from tests.test_reactor_thread import scenarioMain; "
+            "scenarioMain(sys.argv[1], int(sys.argv[2]))")
+    proc = subprocess.run([sys.executable, "-c", code, str(configPath), str(sinkPort)],
+                          cwd=ROOT, capture_output=True, timeout=DEADLINE)
+    assert proc.returncode == 0, proc.stderr.decode()
+    calls = json.loads(proc.stdout.decode().strip().splitlines()[-1])
+    spool = str(tmp_path / "spool")
+    # The test watches what it should: both bodies created, one committed
+    # (fsync takes a descriptor), both removed...
+    inThreads = {name for name, onReactor, path in calls
+                 if not onReactor and (path.startswith(spool) or name == "fsync")}
+    assert inThreads >= {"fsync", "lstat", "open", "rename", "statvfs", "unlink"}
+    # ...and none of it on the reactor thread.
+    assert [c for c in calls if c[1]] == []
