@@ -2,7 +2,7 @@
 MX delivery's name service: where mail for a domain goes, through
 ``twisted.names`` (never ``MXCalculator``, which breaks on equal
 preferences and null MX, and never ``getHostByName``, which sends ANY
-queries: TWISTED-NOTES.md section 4).
+queries: docs/twisted-traps.rst, "4. MX lookup").
 
 ``mailTargets`` turns a domain into the ordered addresses to try:
 

@@ -1,10 +1,11 @@
 """
 The SMTP submission server: a hardened subclass of Twisted's ESMTP.
 
-relayd owns the input path (TWISTED-NOTES.md §1.7-1.9): one reader takes the
-raw bytes, splits commands itself and, while a step is asynchronous (the
-queue commit after DATA), keeps later pipelined input queued, so replies go
-out in order and a body is never read as commands (Twisted #8126). The DATA
+relayd owns the input path (docs/twisted-traps.rst, "1. The ESMTP server's
+input path"): one reader takes the raw bytes, splits commands itself and,
+while a step is asynchronous (the queue commit after DATA), keeps later
+pipelined input queued, so replies go out in order and a body is never read
+as commands (Twisted #8126). The DATA
 reader scans raw chunks for CRLF.CRLF, the only end of data, and works on
 whole chunks with bytes methods so its cost grows with bytes, not lines.
 
@@ -676,7 +677,8 @@ class SubmissionServer(smtp.ESMTP):
 
     def _hello(self, rest: str, verb: str, esmtp: bool) -> None:
         # Only printable ASCII without spaces: nothing can reach the Received
-        # header or a log line through the HELO name (TWISTED-NOTES §1.4).
+        # header or a log line through the HELO name (docs/twisted-traps.rst,
+        # "1. The ESMTP server's input path").
         if not _HELO_NAME.fullmatch(rest.encode("utf-8", "replace")):
             return self._error(replies.SYNTAX_HELO.format(verb=verb))
         self.heloName = rest

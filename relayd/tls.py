@@ -8,7 +8,7 @@ verified or opportunistic, and what a handshake gave for the log line.
 (STARTTLS or implicit), so swapping the context in ``reload`` gives new
 sessions the new certificate while running ones keep theirs. A certificate
 that does not load, or a key that does not match it, leaves the running one
-in place (TWISTED-NOTES §2).
+in place (docs/twisted-traps.rst, "2. STARTTLS and implicit TLS").
 
 The certificate file may hold the whole chain, leaf first; every
 certificate in it is served (Twisted's ``ssl:`` endpoint would serve only
@@ -150,7 +150,8 @@ def sessionDescription(transport) -> tuple[str, str, int] | None:
     """
     (protocol version, cipher name, cipher bits) of the TLS session on
     ``transport``, or None when there is none. Works behind the haproxy
-    wrapper too, where ISSLTransport is not provided (TWISTED-NOTES §8).
+    wrapper too, where ISSLTransport is not provided (docs/twisted-traps.rst,
+    "2. STARTTLS and implicit TLS").
     """
     try:
         handle = transport.getHandle()

@@ -2,7 +2,7 @@
 Fails when the Twisted internals relayd's server relies on move.
 
 relayd subclasses twisted.mail.smtp.ESMTP but replaces its input path and
-its replies (TWISTED-NOTES.md §1). These tests pin what is still used from
+its replies (docs/twisted-traps.rst, "1. The ESMTP server's input path"). These tests pin what is still used from
 the base classes, so a Twisted upgrade outside the pinned range that
 changes them is caught here rather than on a live relay.
 """
