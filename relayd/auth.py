@@ -463,7 +463,7 @@ class Realm:
 
 # Policy (pure functions)
 
-_MAILBOX = re.compile(r"[^@\s]+@[^@\s]+")
+_LOGIN_MAILBOX = re.compile(r"[^@\s]+@[^@\s]+")
 
 
 def hasRoutingTricks(address: str) -> bool:
@@ -488,11 +488,11 @@ def senderAllowed(sender: str, login: str, entries: tuple[str, ...] | None) -> b
     """
     if sender == "":
         return True
-    if hasRoutingTricks(sender) or not _MAILBOX.fullmatch(sender):
+    if hasRoutingTricks(sender) or not _LOGIN_MAILBOX.fullmatch(sender):
         return False
     wanted = sender.lower()
     if entries is None:
-        return _MAILBOX.fullmatch(login) is not None and login.lower() == wanted
+        return _LOGIN_MAILBOX.fullmatch(login) is not None and login.lower() == wanted
     domain = "@" + wanted.rpartition("@")[2].rstrip(".")
     for entry in entries:
         entry = entry.lower()

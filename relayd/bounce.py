@@ -53,7 +53,7 @@ ADMIN_BOUNCE_STATUS = "5.0.0"
 ADMIN_BOUNCE_TEXT = "delivery cancelled by the administrator"
 
 # Longest header block looked for when the original is too big to return whole.
-MAX_HEADER_BLOCK = 1024 * 1024
+MAX_RETURNED_HEADER_BLOCK = 1024 * 1024
 
 # Generating with compat32 and no line length keeps the original's header
 # fields as they were (no refolding); CRLF is the spool's canonical form.
@@ -259,13 +259,13 @@ def readOriginal(openBody: Callable[[], BinaryIO], limit: int) -> tuple[bytes, b
         data = f.read(limit + 1)
         if len(data) <= limit:
             return data, True
-        while b"\r\n\r\n" not in data and len(data) < MAX_HEADER_BLOCK:
+        while b"\r\n\r\n" not in data and len(data) < MAX_RETURNED_HEADER_BLOCK:
             more = f.read(64 * 1024)
             if not more:
                 break
             data += more
     end = data.find(b"\r\n\r\n")
-    return (data[: end + 2] if end >= 0 else data[:MAX_HEADER_BLOCK]), False
+    return (data[: end + 2] if end >= 0 else data[:MAX_RETURNED_HEADER_BLOCK]), False
 
 
 def noticeEnvelope(kind: str, to: str, hostname: str, size: int, now: float) -> Envelope:

@@ -53,7 +53,7 @@ MAX_OUTCOME_BYTES = 160
 # ("id", "ok": "False" at most, "outcome"), then a 2-byte end mark.
 ENTRY_BYTES = (4 + len(b"id") + MAX_ECHOED_ID_BYTES + 4 + len(b"ok") + len(b"False")
                + 4 + len(b"outcome") + MAX_OUTCOME_BYTES + 2)
-# The ids Status lists as being delivered (each a 2-byte length and 16
+# The ids DaemonStatus lists as being delivered (each a 2-byte length and 16
 # bytes); delivery.concurrency is far below it in practice.
 MAX_ACTIVE_LISTED = 3000
 
@@ -122,7 +122,7 @@ class Requeue(_PerMessage):
                 (b"unlisted", amp.Integer(optional=True))]
 
 
-class Status(amp.Command):
+class DaemonStatus(amp.Command):
     """What only the daemon knows: which messages are being delivered right now."""
 
     commandName = b"status"
@@ -315,7 +315,7 @@ class ControlProtocol(amp.AMP):
                 outcomes.append(_entry(queueId, True, outcome))
         return {"outcomes": outcomes}
 
-    @Status.responder
+    @DaemonStatus.responder
     def status(self):
         import relayd
 

@@ -44,8 +44,8 @@ ADDRESS_LIMIT = 5
 
 # A host name as Postfix's valid_hostname takes it: ASCII letters, digits,
 # "-" and "_" in labels of 1 to 63 octets, no hyphen at either end.
-_LABEL = rb"[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?"
-_HOSTNAME = re.compile(rb"(?:" + _LABEL + rb"\.)*" + _LABEL + rb"\.?\Z")
+_DNS_LABEL = rb"[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?"
+_HOSTNAME = re.compile(rb"(?:" + _DNS_LABEL + rb"\.)*" + _DNS_LABEL + rb"\.?\Z")
 
 
 @dataclass(frozen=True)

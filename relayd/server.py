@@ -108,9 +108,9 @@ _PARAM_KEYWORD = re.compile(r"[A-Za-z0-9][A-Za-z0-9-]*")
 _XTEXT = re.compile(r"(?:[\x21-\x2a\x2c-\x3c\x3e-\x7e]|\+[0-9A-F]{2})+")
 _ATOM = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
 _LOCAL = rf'(?:{_ATOM}(?:\.{_ATOM})*|"(?:[\x20\x21\x23-\x5b\x5d-\x7e]|\\[\x20-\x7e])*")'
-_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
-_DOMAIN = rf"(?:{_LABEL}(?:\.{_LABEL})*\.?|\[[\x21-\x5a\x5e-\x7e]+\])"
-_MAILBOX = re.compile(rf"{_LOCAL}@{_DOMAIN}")
+_HOSTNAME_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+_DOMAIN = rf"(?:{_HOSTNAME_LABEL}(?:\.{_HOSTNAME_LABEL})*\.?|\[[\x21-\x5a\x5e-\x7e]+\])"
+_PATH_MAILBOX = re.compile(rf"{_LOCAL}@{_DOMAIN}")
 _DIGITS = re.compile(r"[0-9]{1,20}")  # str.isdigit() also takes "²" and other scripts' digits
 _CONTROL_BYTES = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
 _HEADER_NAME = re.compile(rb"[\x21-\x39\x3b-\x7e]+:")
@@ -203,7 +203,7 @@ def parsePath(text: str, keyword: str) -> tuple[str, dict[str, str | None]]:
     address = rest[1:end]
     if not address.isascii():
         raise CommandSyntaxError(replies.NON_ASCII_ADDRESS)
-    if address and not _MAILBOX.fullmatch(address) and not (
+    if address and not _PATH_MAILBOX.fullmatch(address) and not (
             keyword == "TO" and address.lower() == "postmaster"):
         raise CommandSyntaxError(badAddress)
     params: dict[str, str | None] = {}

@@ -50,14 +50,14 @@ class StopSignals:
     The SIGINT and SIGTERM handler, from the first step of start-up to the
     exit. A signal that arrives before the daemon has started is recorded
     and acted on as soon as start-up reaches a point where it can stop
-    cleanly (``Relay.startService``); once started, it stops the reactor
-    (``Relay.stopOnSignal``) and the daemon exits 0.
+    cleanly (``RelayService.startService``); once started, it stops the reactor
+    (``RelayService.stopOnSignal``) and the daemon exits 0.
     """
 
     def __init__(self) -> None:
         self.received: int | None = None
-        self.relay: Relay | None = None
-        # SIGHUP before the Relay has its own handler (whose default would
+        self.relay: RelayService | None = None
+        # SIGHUP before the RelayService has its own handler (whose default would
         # kill the process): the config is re-read once start-up is done.
         self.reloadRequested = False
 
@@ -79,7 +79,7 @@ class StopSignals:
             self.relay.stopOnSignal(signum)
 
 
-# One per process: the handler twistd's start-up and the Relay share.
+# One per process: the handler twistd's start-up and the RelayService share.
 stopSignals = StopSignals()
 
 
@@ -172,7 +172,7 @@ class Options(usage.Options):
             fail(str(e))
 
 
-class Listener(service.Service):
+class ListenerService(service.Service):
     """
     One listening endpoint. Unlike StreamServerEndpointService, a port that
     cannot be bound stops the start-up with one line, instead of a daemon
@@ -213,7 +213,7 @@ class Listener(service.Service):
             return defer.maybeDeferred(port.stopListening)
 
 
-class Relay(service.MultiService):
+class RelayService(service.MultiService):
     """
     The whole daemon. Children start in order; stopService is sequential
     in reverse (MultiService would stop them all at once).
@@ -244,7 +244,7 @@ class Relay(service.MultiService):
             listener.setServiceParent(self)
         self._previousHup = None
         self._stopping = False
-        # The process's StopSignals when this Relay runs on the global reactor.
+        # The process's StopSignals when this RelayService runs on the global reactor.
         self.stopSignals: StopSignals | None = None
 
     def startService(self) -> None:
@@ -385,7 +385,7 @@ def _globalReactor():
     return reactor
 
 
-def makeService(options, reactor=None) -> Relay:
+def makeService(options, reactor=None) -> RelayService:
     if reactor is None:
         reactor = _globalReactor()
     # Imported here, not at module level: twistd imports every plugin
@@ -437,13 +437,13 @@ def makeService(options, reactor=None) -> Relay:
             listenerFactory = ProxyFactory(
                 listenerFactory, l.proxyFrom, lambda: factory.config.hostname,
                 lambda: factory.config.limits.commandTimeout, reactor)
-        listeners.append(Listener(l.innerEndpoint, listenerFactory, reactor, label=l.endpoint))
+        listeners.append(ListenerService(l.innerEndpoint, listenerFactory, reactor, label=l.endpoint))
     # What SIGHUP reconfigures, in this order; restart-only settings (the
     # listeners, the spool and its control socket) are in none of them.
     reloadable = [factory, scheduler, tls, passwords, verifier,
                   credPortal.realm if credPortal is not None else None,
                   resolver, clientNames, courier]
-    relay = Relay(config, reactor, spool, pool, scheduler, factory, listeners,
+    relay = RelayService(config, reactor, spool, pool, scheduler, factory, listeners,
                   [c for c in reloadable if c is not None], courier=courier,
                   passwords=passwords, authPool=authPool)
     if passwords is not None:

@@ -68,7 +68,7 @@ def test_verbs_over_the_wire(rig):
     assert answer["count"] == 1  # b only: a is on hold
     assert len(courier.calls) == 3
 
-    answer = ask(proto, transport, control.Status)
+    answer = ask(proto, transport, control.DaemonStatus)
     assert answer["messages"] == 2 and answer["active"] == []
 
     courier.script = [[250]]
@@ -79,7 +79,7 @@ def test_verbs_over_the_wire(rig):
     answer = ask(proto, transport, control.Requeue, ids=[b.queueId])
     assert answer["outcomes"][0]["outcome"] == "requeued"
     # The requeued attempt is now in flight (no script left): Status shows it.
-    assert ask(proto, transport, control.Status)["active"] == [b.queueId]
+    assert ask(proto, transport, control.DaemonStatus)["active"] == [b.queueId]
     answer = ask(proto, transport, control.Bounce, ids=[b.queueId])
     assert answer["outcomes"][0] == {
         "id": b.queueId, "ok": False,
@@ -131,7 +131,7 @@ def test_service_listens_0600_and_replaces_a_stale_socket(tmp_path):
 
 def test_not_running(tmp_path):
     with pytest.raises(relayctl.NotRunning) as info:
-        relayctl.callDaemon(str(tmp_path / "control.sock"), control.Status)
+        relayctl.callDaemon(str(tmp_path / "control.sock"), control.DaemonStatus)
     assert "relayd is not running" in str(info.value)
 
 
@@ -281,7 +281,7 @@ def test_request_with_too_many_ids_is_refused_with_a_clear_error(rig, items, com
     assert not transport.disconnecting
     assert spool.updated == [] and spool.removed == []
     assert not any("Traceback" in l or "Unhandled" in l for l in lines)
-    assert ask(proto, transport, control.Status)["messages"] == 0
+    assert ask(proto, transport, control.DaemonStatus)["messages"] == 0
 
 
 def test_longest_possible_answer_fits_in_one_amp_value(rig):
@@ -332,7 +332,7 @@ def test_status_lists_a_bounded_number_of_active_ids(rig):
     for _ in range(control.MAX_ACTIVE_LISTED + 10):
         sched.add(envelope(clock, "a@example.org"))
     assert len(sched.activeIds()) == control.MAX_ACTIVE_LISTED + 10
-    answer = ask(proto, transport, control.Status)
+    answer = ask(proto, transport, control.DaemonStatus)
     assert len(answer["active"]) == control.MAX_ACTIVE_LISTED
 
 

@@ -17,33 +17,9 @@ import sys
 from typing import Callable, Sequence, TextIO
 
 from relayd import config
+from relayd.cli.common import FAILED, OK, USAGE, OneLineParser, Refusal, UsageError
 
 PROG = "relayd"
-
-# Exit statuses.
-OK = 0
-FAILED = 1
-USAGE = 2
-
-
-class _UsageError(Exception):
-    pass
-
-
-class _Parser(argparse.ArgumentParser):
-    """
-    An ArgumentParser whose usage errors are one line ("relayd: ...; usage:
-    ...") instead of argparse's usage block, so scripts and humans see the
-    problem at a glance.
-    """
-
-    def error(self, message: str) -> None:  # type: ignore[override]
-        raise _UsageError(message)
-
-
-class _Refusal(Exception):
-    """One line for stderr; exit 1."""
-
 
 def _filesProblems(path: str) -> list[str]:
     """Load the config and open every file it names, as this process's user (the daemon's words)."""
@@ -65,11 +41,11 @@ def _asUser(user: str, work: Callable[[], list[str]]) -> list[str]:
     try:
         entry = pwd.getpwnam(user)
     except KeyError:
-        raise _Refusal(f"--user {user}: no such user") from None
+        raise Refusal(f"--user {user}: no such user") from None
     if os.geteuid() == entry.pw_uid:
         return work()
     if os.geteuid() != 0:
-        raise _Refusal(f"--user {user}: only root can check as another user; "
+        raise Refusal(f"--user {user}: only root can check as another user; "
                        f"run check-config as root or as {user}")
     groups = os.getgrouplist(user, entry.pw_gid)
     # Everything the check needs is imported now, while the venv is
@@ -107,9 +83,9 @@ def _asUser(user: str, work: Callable[[], list[str]]) -> list[str]:
     try:
         answer = json.loads(b"".join(chunks))
     except ValueError:
-        raise _Refusal(f"--user {user}: the check as {user} ended without an answer") from None
+        raise Refusal(f"--user {user}: the check as {user} ended without an answer") from None
     if "error" in answer:
-        raise _Refusal(f"--user {user}: the check as {user} failed: {answer['error']}")
+        raise Refusal(f"--user {user}: the check as {user} failed: {answer['error']}")
     return answer["problems"]
 
 
@@ -134,7 +110,7 @@ def checkConfig(args: argparse.Namespace, stdout: TextIO, stderr: TextIO) -> int
             problems = _asUser(args.user, lambda: _filesProblems(args.file))
         else:
             problems = _filesProblems(args.file)
-    except _Refusal as e:
+    except Refusal as e:
         stderr.write(f"{PROG}: {e}\n")
         return FAILED
     for problem in problems:
@@ -216,9 +192,9 @@ def version() -> str:
 
 
 def makeParser() -> argparse.ArgumentParser:
-    parser = _Parser(prog=PROG, description="relayd administration commands")
+    parser = OneLineParser(prog=PROG, description="relayd administration commands")
     parser.add_argument("--version", action="store_true", help="print relayd's version and exit")
-    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=OneLineParser)
     for name, (function, _, help, setup) in _COMMANDS.items():
         sub = subparsers.add_parser(name, help=help, description=help)
         setup(sub)
@@ -237,8 +213,8 @@ def run(argv: Sequence[str], stdout: TextIO, stderr: TextIO) -> int:
             stdout.write(f"{PROG} {version()}\n")
             return OK
         if args.command is None:
-            raise _UsageError("no command given")
-    except _UsageError as e:
+            raise UsageError("no command given")
+    except UsageError as e:
         stderr.write(f"{PROG}: {' '.join(str(e).split())}; usage: {_usage()}\n")
         return USAGE
     return args.function(args, stdout, stderr)

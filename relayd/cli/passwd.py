@@ -37,6 +37,7 @@ from relayd.auth import (
     BCRYPT_MAX_PASSWORD, SCHEMES, PasswordFile, PasswordFileError, PasswordTooLong, Verifier,
     cryptContext, isValidLogin, parsePasswordFile, schemeProblem, skippedLines,
 )
+from relayd.cli.common import FAILED, OK, USAGE, OneLineParser, Refusal, UsageError
 
 PROG = "relayd-passwd"
 DEFAULT_FILE = "/etc/relayd/passwd"
@@ -45,30 +46,12 @@ DEFAULT_FILE = "/etc/relayd/passwd"
 DAEMON_GROUP = "relayd"
 NEW_FILE_MODE = 0o640
 
-OK = 0
-FAILED = 1
-USAGE = 2
-
-
-class _UsageError(Exception):
-    pass
-
-
-class _Failure(Exception):
-    pass
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # type: ignore[override]
-        raise _UsageError(message)
-
-
 def readPassword(stdin: TextIO, prompt: str, confirm: bool) -> str:
     """From the terminal (twice when ``confirm``), else one line of stdin."""
     if stdin.isatty():
         first = getpass.getpass(prompt)
         if confirm and getpass.getpass("Again: ") != first:
-            raise _Failure("the passwords differ; nothing changed")
+            raise Refusal("the passwords differ; nothing changed")
         return first
     line = stdin.readline()
     return line[:-1] if line.endswith("\n") else line
@@ -93,7 +76,7 @@ def _readLines(path: str) -> list[bytes]:
     except FileNotFoundError:
         return []
     except OSError as e:
-        raise _Failure(f"{path}: {e.strerror}") from None
+        raise Refusal(f"{path}: {e.strerror}") from None
 
 
 def _lineLogin(line: bytes) -> str | None:
@@ -121,7 +104,7 @@ def _setOwnership(fd: int, path: str, st: os.stat_result | None, stderr: TextIO)
             elif os.fstat(fd).st_gid != st.st_gid:
                 os.fchown(fd, -1, st.st_gid)
         except PermissionError:
-            raise _Failure(f"{path}: cannot keep its group {st.st_gid} (not a member); "
+            raise Refusal(f"{path}: cannot keep its group {st.st_gid} (not a member); "
                            "run relayd-passwd as root or as the file's owner in that group; "
                            "nothing changed") from None
         os.fchmod(fd, st.st_mode & 0o7777)
@@ -149,7 +132,7 @@ def _writeAtomically(path: str, lines: list[bytes], stderr: TextIO | None = None
     try:
         fd, temp = tempfile.mkstemp(prefix=".relayd-passwd.", dir=directory)
     except OSError as e:
-        raise _Failure(f"{directory}: {e.strerror}") from None
+        raise Refusal(f"{directory}: {e.strerror}") from None
     try:
         with os.fdopen(fd, "wb") as f:
             _setOwnership(f.fileno(), path, st, stderr or sys.stderr)
@@ -162,29 +145,29 @@ def _writeAtomically(path: str, lines: list[bytes], stderr: TextIO | None = None
             os.fsync(dirfd)
         finally:
             os.close(dirfd)
-    except (OSError, _Failure) as e:
+    except (OSError, Refusal) as e:
         try:
             os.unlink(temp)
         except OSError:
             pass
-        if isinstance(e, _Failure):
+        if isinstance(e, Refusal):
             raise
-        raise _Failure(f"{path}: {e.strerror}") from None
+        raise Refusal(f"{path}: {e.strerror}") from None
 
 
 def add(args, stdin: TextIO, stdout: TextIO) -> int:
     if not isValidLogin(args.login):
-        raise _Failure(f"{args.login!r} is not a valid login (no spaces, colons or control characters)")
+        raise Refusal(f"{args.login!r} is not a valid login (no spaces, colons or control characters)")
     password = readPassword(stdin, f"Password for {args.login}: ", confirm=True)
     if not password:
-        raise _Failure("an empty password is refused; nothing changed")
+        raise Refusal("an empty password is refused; nothing changed")
     if args.scheme == "bcrypt" and len(password.encode("utf-8")) > BCRYPT_MAX_PASSWORD:
-        raise _Failure("bcrypt checks at most 72 bytes of a password; use a shorter one "
+        raise Refusal("bcrypt checks at most 72 bytes of a password; use a shorter one "
                        "or --scheme argon2; nothing changed")
     try:
         hashed = cryptContext().handler(args.scheme).hash(password)
     except Exception as e:  # e.g. argon2-cffi missing
-        raise _Failure(f"cannot hash with {args.scheme}: {e}") from None
+        raise Refusal(f"cannot hash with {args.scheme}: {e}") from None
     entry = f"{args.login}:{hashed}".encode("utf-8")
     with _locked(args.file):
         lines = _readLines(args.file)
@@ -205,7 +188,7 @@ def remove(args, stdin: TextIO, stdout: TextIO) -> int:
         lines = _readLines(args.file)
         kept = [line for line in lines if _lineLogin(line) != args.login]
         if len(kept) == len(lines):
-            raise _Failure(f"{args.login!r} is not in {args.file}")
+            raise Refusal(f"{args.login!r} is not in {args.file}")
         _writeAtomically(args.file, kept, getattr(args, "stderr", None))
     stdout.write(f"removed {args.login} from {args.file}\n")
     return OK
@@ -217,7 +200,7 @@ def _readEntries(path: str) -> dict[str, str]:
         with open(path, "rb") as f:
             entries, skipped = parsePasswordFile(f.read())
     except OSError as e:
-        raise _Failure(f"{path}: {e.strerror}") from None
+        raise Refusal(f"{path}: {e.strerror}") from None
     if skipped:
         sys.stderr.write(f"{PROG}: warning: {path}: {skippedLines(skipped)}\n")
     return entries
@@ -244,18 +227,18 @@ def check(args, stdin: TextIO, stdout: TextIO) -> int:
     try:
         ok = bool(password) and Verifier(PasswordFile(args.file)).verify(args.login, password)
     except PasswordTooLong:
-        raise _Failure("the password is longer than bcrypt's 72 bytes: it never matches") from None
+        raise Refusal("the password is longer than bcrypt's 72 bytes: it never matches") from None
     except PasswordFileError as e:
-        raise _Failure(str(e)) from None
+        raise Refusal(str(e)) from None
     stdout.write("ok\n" if ok else "wrong login or password\n")
     return OK if ok else FAILED
 
 
 def makeParser() -> argparse.ArgumentParser:
-    parser = _Parser(prog=PROG, description="manage relayd's password file")
+    parser = OneLineParser(prog=PROG, description="manage relayd's password file")
     parser.add_argument("-f", "--file", default=DEFAULT_FILE,
                         help=f"the password file (default {DEFAULT_FILE})")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=OneLineParser)
     p = sub.add_parser("add", help="add a login or change its password (prompted, or from stdin)")
     p.add_argument("--scheme", choices=SCHEMES, default=SCHEMES[0])
     p.add_argument("login")
@@ -278,14 +261,14 @@ def run(argv: Sequence[str], stdin: TextIO, stdout: TextIO, stderr: TextIO) -> i
     try:
         args = makeParser().parse_args(list(argv))
         if args.command is None:
-            raise _UsageError("no command given")
-    except _UsageError as e:
+            raise UsageError("no command given")
+    except UsageError as e:
         stderr.write(f"{PROG}: {' '.join(str(e).split())}; usage: {USAGE_LINE}\n")
         return USAGE
     args.stderr = stderr
     try:
         return args.function(args, stdin, stdout)
-    except _Failure as e:
+    except Refusal as e:
         stderr.write(f"{PROG}: {e}\n")
         return FAILED
     except (KeyboardInterrupt, EOFError):

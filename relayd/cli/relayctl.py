@@ -50,6 +50,7 @@ from twisted.protocols import amp
 
 from relayd import config as configModule
 from relayd import control, scheduler
+from relayd.cli.common import FAILED, OK, USAGE, OneLineParser, Refusal, UsageError
 from relayd.envelope import STORED_STATES, Envelope, Status, isQueueId
 from relayd.queue import BODY_SUFFIX, QUARANTINE, QUEUE, Spool, permissionFix
 
@@ -58,26 +59,10 @@ DEFAULT_CONFIG = "/etc/relayd/relayd.yaml"
 # How long to wait for the daemon: connect and answer (a local socket).
 TIMEOUT = 10.0
 
-OK, FAILED_STATUS, USAGE = 0, 1, 2
-
-
-class Failure(Exception):
-    """One line for stderr; exit 1."""
-
-
-class _UsageError(Exception):
-    pass
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # type: ignore[override]
-        raise _UsageError(message)
-
-
 # The daemon, over AMP on a blocking socket
 
 
-class NotRunning(Failure):
+class NotRunning(Refusal):
     pass
 
 
@@ -86,7 +71,7 @@ def _recvExactly(sock: socket.socket, count: int) -> bytes:
     while len(data) < count:
         chunk = sock.recv(count - len(data))
         if not chunk:
-            raise Failure("relayd closed the control connection without answering")
+            raise Refusal("relayd closed the control connection without answering")
         data += chunk
     return data
 
@@ -116,13 +101,13 @@ def callDaemon(path: str, command: type[amp.Command], timeout: float = TIMEOUT, 
                 "daemon; list and show work without it"
             ) from None
         except PermissionError:
-            raise Failure(f"permission denied on {path}: run relayctl as the relayd user or root") from None
+            raise Refusal(f"permission denied on {path}: run relayctl as the relayd user or root") from None
         except socket.timeout:
-            raise Failure(f"relayd does not answer on {path} (timed out after {timeout:g} s)") from None
+            raise Refusal(f"relayd does not answer on {path} (timed out after {timeout:g} s)") from None
         except OSError as e:
             # A path component that is a file, a path too long for AF_UNIX...:
             # one line like the others, and list/show carry on without the daemon.
-            raise Failure(f"cannot connect to relayd on {path}: {e.strerror or e}") from None
+            raise Refusal(f"cannot connect to relayd on {path}: {e.strerror or e}") from None
         box = command.makeArguments(arguments, None)
         box[b"_command"] = command.commandName
         box[b"_ask"] = b"1"
@@ -130,14 +115,14 @@ def callDaemon(path: str, command: type[amp.Command], timeout: float = TIMEOUT, 
             sock.sendall(box.serialize())
             answer = _readBox(sock)
         except socket.timeout:
-            raise Failure(f"relayd did not answer on {path} within {timeout:g} s") from None
+            raise Refusal(f"relayd did not answer on {path} within {timeout:g} s") from None
         except OSError as e:
-            raise Failure(f"control connection to {path} failed: {e.strerror or e}") from None
+            raise Refusal(f"control connection to {path} failed: {e.strerror or e}") from None
     finally:
         sock.close()
     if b"_error" in answer:
         description = answer.get(b"_error_description", b"").decode("utf-8", "replace")
-        raise Failure(f"relayd refused the request: {description or 'unknown error'}")
+        raise Refusal(f"relayd refused the request: {description or 'unknown error'}")
     return command.parseResponse(answer, None)
 
 
@@ -150,7 +135,7 @@ def loadQueue(directory: str) -> tuple[list[Envelope], list[str]]:
     try:
         ids = spool.ids()
     except PermissionError:
-        raise Failure(f"cannot read the queue {os.path.join(directory, QUEUE)}: permission denied "
+        raise Refusal(f"cannot read the queue {os.path.join(directory, QUEUE)}: permission denied "
                       "(run relayctl as the relayd user or root)") from None
     except FileNotFoundError:
         return [], []
@@ -161,7 +146,7 @@ def loadQueue(directory: str) -> tuple[list[Envelope], list[str]]:
         except FileNotFoundError:
             continue  # delivered or removed since the listing
         except PermissionError:
-            raise Failure(f"cannot read {queueId}: permission denied "
+            raise Refusal(f"cannot read {queueId}: permission denied "
                           "(run relayctl as the relayd user or root)") from None
         except (ValueError, OSError):
             unreadable.append(queueId)
@@ -172,8 +157,8 @@ def loadQueue(directory: str) -> tuple[list[Envelope], list[str]]:
 def activeIds(path: str) -> set[str] | None:
     """What the daemon is delivering now; None when it is not running."""
     try:
-        return set(callDaemon(path, control.Status, timeout=3.0)["active"])
-    except Failure:
+        return set(callDaemon(path, control.DaemonStatus, timeout=3.0)["active"])
+    except Refusal:
         return None
 
 
@@ -258,11 +243,11 @@ def showMessage(cfg, args, out: TextIO) -> int:
     try:
         e = spool.load(queueId)
     except FileNotFoundError:
-        raise Failure(f"{queueId}: no such message in the queue") from None
+        raise Refusal(f"{queueId}: no such message in the queue") from None
     except PermissionError:
-        raise Failure(f"cannot read {queueId}: permission denied (run relayctl as the relayd user or root)") from None
+        raise Refusal(f"cannot read {queueId}: permission denied (run relayctl as the relayd user or root)") from None
     except ValueError as error:
-        raise Failure(f"{queueId}: envelope cannot be read: {error}") from None
+        raise Refusal(f"{queueId}: envelope cannot be read: {error}") from None
     active = activeIds(cfg.queue.controlSocketPath) or set()
     if args.json:
         out.write(json.dumps({**e.toJSON(), "queue_name": queueName(e, active)}, indent=1) + "\n")
@@ -280,7 +265,7 @@ def _writeBody(spool: Spool, where: str, queueId: str, out: TextIO) -> None:
         with open(os.path.join(spool.directory, where, queueId + BODY_SUFFIX), "rb") as f:
             data = f.read()
     except OSError as error:
-        raise Failure(f"{queueId}: cannot read the body: {error.strerror or error}") from None
+        raise Refusal(f"{queueId}: cannot read the body: {error.strerror or error}") from None
     buffer = getattr(out, "buffer", None)
     if buffer is not None:
         buffer.write(data)
@@ -324,7 +309,7 @@ def _describe(e: Envelope, queue: str, directory: str, out: TextIO) -> None:
 def _queueId(text: str) -> str:
     queueId = text.upper()
     if not isQueueId(queueId):
-        raise Failure(f"{text!r} is not a queue id (16 characters, as `relayctl list` shows)")
+        raise Refusal(f"{text!r} is not a queue id (16 characters, as `relayctl list` shows)")
     return queueId
 
 
@@ -386,9 +371,9 @@ def _selecting(args) -> bool:
 def _checkSelection(args) -> None:
     """Usage errors of a per-message verb's arguments, before anything is read."""
     if _selecting(args) and any(i != ALL for i in args.ids):
-        raise _UsageError("give queue ids, or ALL / --sender / --recipient, not both")
+        raise UsageError("give queue ids, or ALL / --sender / --recipient, not both")
     if not _selecting(args) and not args.ids and args.verb not in ("flush", "requeue"):
-        raise _UsageError(f"{args.verb} needs queue ids, ALL, --sender or --recipient")
+        raise UsageError(f"{args.verb} needs queue ids, ALL, --sender or --recipient")
 
 
 def changeQueue(cfg, args, out: TextIO, err: TextIO) -> int:
@@ -415,12 +400,12 @@ def changeQueue(cfg, args, out: TextIO, err: TextIO) -> int:
         # The whole queue is answered with a count and the messages that failed.
         for outcome in answer["outcomes"]:
             err.write(f"{PROG}: {outcome['id']}: {outcome['outcome']}\n")
-            status = FAILED_STATUS
+            status = FAILED
         unlisted = answer.get("unlisted") or 0
         if unlisted:
             err.write(f"{PROG}: and {unlisted} more message{'s' if unlisted != 1 else ''} "
                       "whose envelope could not be written\n")
-            status = FAILED_STATUS
+            status = FAILED
         return status
     for batch in _batches(ids):
         answer = callDaemon(path, command, ids=batch)
@@ -432,7 +417,7 @@ def changeQueue(cfg, args, out: TextIO, err: TextIO) -> int:
                 out.write(f"{outcome['id']}: gone from the queue meanwhile\n")
             else:
                 err.write(f"{PROG}: {outcome['id']}: {outcome['outcome']}\n")
-                status = FAILED_STATUS
+                status = FAILED
     return status
 
 
@@ -466,14 +451,14 @@ def unblock(cfg, args, out: TextIO, err: TextIO) -> int:
         try:
             ipaddress.ip_address(text)
         except ValueError:
-            raise Failure(f"{text!r} is not an IP address") from None
+            raise Refusal(f"{text!r} is not an IP address") from None
     for text in args.addresses:
         answer = callDaemon(cfg.queue.controlSocketPath, control.Unblock, address=text)
         if answer["wasBlocked"]:
             out.write(f"{answer['address']}: unblocked\n")
         else:
             err.write(f"{PROG}: {answer['address']}: not blocked\n")
-            status = FAILED_STATUS
+            status = FAILED
     return status
 
 
@@ -485,7 +470,7 @@ def _examine(spool: Spool, queueId: str) -> tuple[Envelope | None, str]:
     try:
         return spool.examineQuarantined(queueId), "restorable: it reads correctly now"
     except FileNotFoundError:
-        raise Failure(f"{queueId}: not in quarantine") from None
+        raise Refusal(f"{queueId}: not in quarantine") from None
     except PermissionError as e:
         return None, f"cannot read {e.filename}: {e.strerror}; {permissionFix(spool.directory)}"
     except ValueError as e:
@@ -495,7 +480,7 @@ def _examine(spool: Spool, queueId: str) -> tuple[Envelope | None, str]:
 def _quarantineSpool(cfg) -> Spool:
     spool = Spool(cfg.queue.directory)
     if not os.path.isdir(os.path.join(spool.directory, QUARANTINE)):
-        raise Failure(f"{os.path.join(spool.directory, QUARANTINE)} does not exist "
+        raise Refusal(f"{os.path.join(spool.directory, QUARANTINE)} does not exist "
                       "(relayd creates it at its first start)")
     return spool
 
@@ -505,7 +490,7 @@ def quarantineList(cfg, args, out: TextIO) -> int:
     try:
         ids = spool.quarantinedIds()
     except PermissionError:
-        raise Failure(f"cannot read {os.path.join(spool.directory, QUARANTINE)}: permission denied "
+        raise Refusal(f"cannot read {os.path.join(spool.directory, QUARANTINE)}: permission denied "
                       "(run relayctl as the relayd user or root)") from None
     if not ids:
         out.write("Quarantine is empty\n")
@@ -547,16 +532,16 @@ def quarantineRestore(cfg, args, out: TextIO, err: TextIO) -> int:
                 out.write(f"{outcome['id']}: {outcome['outcome']}\n")
             else:
                 err.write(f"{PROG}: {outcome['id']}: {outcome['outcome']}\n")
-                status = FAILED_STATUS
+                status = FAILED
     return status
 
 
-def _parser() -> _Parser:
-    parser = _Parser(prog=PROG, add_help=True,
+def _parser() -> OneLineParser:
+    parser = OneLineParser(prog=PROG, add_help=True,
                      description="See and steer relayd's queue (Postfix's verbs).")
     parser.add_argument("-c", "--config", default=os.environ.get("RELAYD_CONFIG", DEFAULT_CONFIG),
                         help=f"relayd's configuration file (default $RELAYD_CONFIG or {DEFAULT_CONFIG})")
-    verbs = parser.add_subparsers(dest="verb", metavar="VERB", parser_class=_Parser)
+    verbs = parser.add_subparsers(dest="verb", metavar="VERB", parser_class=OneLineParser)
     p = verbs.add_parser("list", help="the queue, like mailq")
     p.add_argument("--json", action="store_true", help="one JSON object per message and line")
     p = verbs.add_parser("show", help="one message: envelope, recipients, delivery history")
@@ -584,7 +569,7 @@ def _parser() -> _Parser:
     p = verbs.add_parser("unblock", help="lift the AUTH block on client addresses")
     p.add_argument("addresses", nargs="+", metavar="ADDRESS")
     p = verbs.add_parser("quarantine", help="queue entries recovery could not read: list, show, restore")
-    actions = p.add_subparsers(dest="action", metavar="ACTION", parser_class=_Parser)
+    actions = p.add_subparsers(dest="action", metavar="ACTION", parser_class=OneLineParser)
     actions.add_parser("list", help="every quarantined entry and what is wrong with it")
     q = actions.add_parser("show", help="one quarantined entry")
     q.add_argument("id")
@@ -599,20 +584,20 @@ def run(argv: list[str], out: TextIO, err: TextIO) -> int:
     try:
         args = parser.parse_args(argv)
         if not args.verb:
-            raise _UsageError("a verb is required: list, show, flush, hold, release, delete, bounce, "
+            raise UsageError("a verb is required: list, show, flush, hold, release, delete, bounce, "
                               "requeue, blocked, unblock, quarantine")
         if args.verb == "quarantine" and not args.action:
-            raise _UsageError("quarantine needs an action: list, show ID, restore ID...")
+            raise UsageError("quarantine needs an action: list, show ID, restore ID...")
         if args.verb in ("flush", "hold", "release", "delete", "bounce", "requeue"):
             _checkSelection(args)
-    except _UsageError as e:
+    except UsageError as e:
         err.write(f"{PROG}: {e}; see {PROG} --help\n")
         return USAGE
     try:
         try:
             cfg = configModule.load(args.config)
         except configModule.ConfigError as e:
-            raise Failure(str(e)) from None
+            raise Refusal(str(e)) from None
         if args.verb == "list":
             return listQueue(cfg, args, out)
         if args.verb == "show":
@@ -628,12 +613,12 @@ def run(argv: list[str], out: TextIO, err: TextIO) -> int:
                 return quarantineShow(cfg, args, out)
             return quarantineRestore(cfg, args, out, err)
         return changeQueue(cfg, args, out, err)
-    except Failure as e:
+    except Refusal as e:
         out.flush()
         err.write(f"{PROG}: {e}\n")
-        return FAILED_STATUS
+        return FAILED
     except BrokenPipeError:
-        return FAILED_STATUS
+        return FAILED
 
 
 def main(argv: list[str] | None = None) -> None:
