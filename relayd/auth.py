@@ -30,6 +30,7 @@ from dataclasses import dataclass
 
 from passlib.context import CryptContext
 from twisted.cred import checkers, credentials, error, portal
+from twisted.internet import defer
 from twisted.internet.threads import deferToThreadPool
 from zope.interface import Attribute, Interface, implementer
 
@@ -409,8 +410,6 @@ class PasswordFileChecker:
 
 
 def _failed(exc):
-    from twisted.internet import defer
-
     return defer.fail(exc)
 
 

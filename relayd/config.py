@@ -24,6 +24,7 @@ from dataclasses import MISSING, dataclass, field, fields
 from typing import Any, Callable, ClassVar, Iterable, Union
 
 import yaml
+from twisted.internet.endpoints import serverFromString
 from yaml.nodes import MappingNode, Node, SequenceNode
 
 __all__ = [
@@ -711,8 +712,6 @@ def _endpointDetail(description: str, nested: bool = False) -> str | None:
         return None
     if "backlog" in values and not values["backlog"].isdigit():
         return f"backlog {_quote(values['backlog'])} is not a number"
-
-    from twisted.internet.endpoints import serverFromString
 
     try:
         serverFromString(_StandInReactor(), description)

@@ -37,8 +37,10 @@ from twisted.internet import defer, endpoints, protocol
 from twisted.protocols import amp
 from twisted.python.failure import Failure
 
+import relayd
 from relayd import maillog
 from relayd.envelope import isQueueId
+from relayd.queue import permissionFix
 from relayd.scheduler import FLUSHED, REQUEUED, AdminRefusal, UnknownMessage
 
 # Ids per AMP call. Each answers with one entry of at most ENTRY_BYTES, and
@@ -276,6 +278,8 @@ class ControlProtocol(amp.AMP):
 
     @Unblock.responder
     def unblock(self, address):
+        # Imported here: relayd.server installs the global reactor (through
+        # twisted.mail.smtp) and relayctl, which uses none, imports this module.
         from relayd.server import normalizeAddress
 
         try:
@@ -290,8 +294,6 @@ class ControlProtocol(amp.AMP):
     @QuarantineRestore.responder
     @defer.inlineCallbacks
     def restoreFromQuarantine(self, ids):
-        from relayd.queue import permissionFix
-
         _checkCount(ids)
         outcomes = []
         for queueId in ids:
@@ -317,8 +319,6 @@ class ControlProtocol(amp.AMP):
 
     @DaemonStatus.responder
     def status(self):
-        import relayd
-
         return {"version": relayd.__version__, "messages": self.scheduler.queueLength(),
                 "active": self.scheduler.activeIds()[:MAX_ACTIVE_LISTED]}
 

@@ -25,6 +25,7 @@ import signal
 import sys
 
 from twisted.application import service
+from twisted.cred.portal import Portal
 from twisted.internet import defer, endpoints
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
@@ -33,6 +34,16 @@ from twisted.python.failure import Failure
 
 from relayd import config as configModule
 from relayd import maillog
+from relayd.auth import (
+    PasswordFile, PasswordFileChecker, PasswordFileError, Realm, Verifier, warnPasswordFile,
+)
+from relayd.courier import Courier
+from relayd.proxy import ProxyFactory
+from relayd.queue import Spool, ownershipProblem, permissionFix, spoolProblems
+from relayd.resolve import ClientNames, ConfiguredResolver
+from relayd.scheduler import Scheduler
+from relayd.secret import deliverySecrets
+from relayd.tls import ServerTLS, TLSSetupError, wrapImplicit
 
 log = Logger()
 
@@ -259,7 +270,6 @@ class RelayService(service.MultiService):
         # Every check that can refuse the start comes before the thread
         # pools: a started pool's threads would keep a refused process alive.
         directory = self.config.queue.directory
-        from relayd.queue import ownershipProblem
 
         problem = ownershipProblem(directory)
         if problem is not None:
@@ -371,7 +381,6 @@ class RelayService(service.MultiService):
 
 def _withFix(error: OSError, directory: str) -> str:
     """An OSError on the spool, with what to do when it is a permission problem."""
-    from relayd.queue import permissionFix
 
     text = error.strerror or str(error)
     if isinstance(error, PermissionError):
@@ -380,6 +389,9 @@ def _withFix(error: OSError, directory: str) -> str:
 
 
 def _globalReactor():
+    # Imported when called: importing twisted.internet.reactor installs the
+    # default reactor, and twistd installs the one the admin chose after it
+    # has imported this module to parse the command line.
     from twisted.internet import reactor
 
     return reactor
@@ -388,14 +400,11 @@ def _globalReactor():
 def makeService(options, reactor=None) -> RelayService:
     if reactor is None:
         reactor = _globalReactor()
-    # Imported here, not at module level: twistd imports every plugin
-    # whenever it scans them, before a reactor is chosen.
-    from relayd.auth import warnPasswordFile
-    from relayd.queue import Spool
-    from relayd.resolve import ClientNames, ConfiguredResolver
-    from relayd.scheduler import Scheduler
+    # Imported here: relayd.server (also behind relayd.control) imports
+    # twisted.mail.smtp, which installs the global reactor; importing this
+    # module (twistd's option parsing, relayd check-config) must not.
+    from relayd.control import ControlService
     from relayd.server import SubmissionFactory
-
     config = options["loaded"]
     raiseFileLimit(config)
     spool = Spool(config.queue.directory)
@@ -426,14 +435,10 @@ def makeService(options, reactor=None) -> RelayService:
     for l in config.listeners:
         listenerFactory = factory.forListener(l)
         if l.tls == "implicit":
-            from relayd.tls import wrapImplicit
-
             listenerFactory = wrapImplicit(tls, listenerFactory)
         if l.proxied:
             # The PROXY header comes before everything, TLS included; the
             # session is built once it is read (relayd.proxy).
-            from relayd.proxy import ProxyFactory
-
             listenerFactory = ProxyFactory(
                 listenerFactory, l.proxyFrom, lambda: factory.config.hostname,
                 lambda: factory.config.limits.commandTimeout, reactor)
@@ -452,8 +457,6 @@ def makeService(options, reactor=None) -> RelayService:
         passwords.changed = lambda: reactor.callFromThread(
             lambda: warnPasswordFile(passwords, relay.config.auth))
     # relayctl's channel; a child service, so it starts after the spool lock.
-    from relayd.control import ControlService
-
     ControlService(config.queue.controlSocketPath, scheduler, reactor,
                    throttle=factory.authThrottle).setServiceParent(relay)
     listenerServices.extend(listeners)
@@ -481,10 +484,6 @@ def startupProblems(config) -> list[str]:
     read as the daemon reads it, and the spool checked. For ``relayd
     check-config``; changes nothing.
     """
-    from relayd.auth import PasswordFile, PasswordFileError
-    from relayd.secret import deliverySecrets
-    from relayd.queue import spoolProblems
-    from relayd.tls import ServerTLS, TLSSetupError
 
     problems = [f"{config.path}: {p}" for p in deliverySecrets(config)[2]]
     if _needsTLS(config):
@@ -503,8 +502,6 @@ def startupProblems(config) -> list[str]:
 
 def _courier(config, reactor, listeners, resolver):
     """The courier; ``listeners`` (filled in later) tell it relayd's own addresses."""
-    from relayd.courier import Courier
-    from relayd.secret import deliverySecrets
 
     passwords, _, problems = deliverySecrets(config)
     if problems:
@@ -525,11 +522,6 @@ def _courier(config, reactor, listeners, resolver):
 
 def _security(config, reactor):
     """The TLS context and the AUTH machinery the listeners need; start-up errors end the start."""
-    from twisted.cred.portal import Portal
-
-    from relayd.auth import (PasswordFile, PasswordFileChecker, PasswordFileError, Realm, Verifier,
-                             warnPasswordFile)
-    from relayd.tls import ServerTLS, TLSSetupError
 
     tls = passwords = verifier = authPool = credPortal = None
     if _needsTLS(config):

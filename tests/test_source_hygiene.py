@@ -1,11 +1,14 @@
 """
 Rules about relayd's own source text that a reviewer would otherwise have to
-check by eye: comments point only inside the repository.
+check by eye: comments point only inside the repository, and importing the
+modules twistd and the command-line tools load installs no reactor.
 """
 
 from __future__ import annotations
 
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -39,3 +42,13 @@ def test_no_reference_to_files_outside_the_repository(path: Path) -> None:
         if OUTSIDE_REFERENCES.search(line)
     ]
     assert not found, "cite docs/twisted-traps.rst instead:\n" + "\n".join(found)
+
+
+@pytest.mark.parametrize("module", ["relayd.tap", "relayd.cli.main", "relayd.cli.relayctl", "relayd.control"])
+def test_importing_installs_no_reactor(module: str) -> None:
+    # twistd imports relayd.tap to parse its command line, before it installs
+    # the reactor the admin chose; the command-line tools use none.
+    code = f"import sys, {module}; print('twisted.internet.reactor' in sys.modules)"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            cwd=ROOT, timeout=60, check=True)
+    assert result.stdout.strip() == "False"

@@ -14,17 +14,18 @@ import json
 import os
 import pwd
 import sys
+from importlib import metadata
 from typing import Callable, Sequence, TextIO
 
-from relayd import config
+import relayd
+from relayd import config, tap
+from relayd.auth import parsePasswordFile, sendersWithoutLogin, skippedLines, unusableEntries
 from relayd.cli.common import FAILED, OK, USAGE, OneLineParser, Refusal, UsageError
 
 PROG = "relayd"
 
 def _filesProblems(path: str) -> list[str]:
     """Load the config and open every file it names, as this process's user (the daemon's words)."""
-    from relayd import tap
-
     try:
         loaded = config.load(path)
     except config.ConfigError as e:
@@ -48,9 +49,9 @@ def _asUser(user: str, work: Callable[[], list[str]]) -> list[str]:
         raise Refusal(f"--user {user}: only root can check as another user; "
                        f"run check-config as root or as {user}")
     groups = os.getgrouplist(user, entry.pw_gid)
-    # Everything the check needs is imported now, while the venv is
-    # certainly readable; the child only opens the files under test.
-    import relayd.auth, relayd.courier, relayd.tap, relayd.tls  # noqa: E401,F401
+    # Everything the check needs was imported with this module (relayd.tap
+    # imports the rest) while the venv is certainly readable; the child only
+    # opens the files under test.
     sys.stdout.flush()
     sys.stderr.flush()
     readEnd, writeEnd = os.pipe()
@@ -128,8 +129,6 @@ def _passwordFileWarnings(loaded: config.Config) -> list[str]:
     entries for logins it does not have. A file that cannot be read gives
     nothing here (the daemon refuses to start on it).
     """
-    from relayd.auth import parsePasswordFile, sendersWithoutLogin, skippedLines, unusableEntries
-
     if loaded.auth is None:
         return []
     path = loaded.auth.passwordFile
@@ -181,13 +180,9 @@ def _usage() -> str:
 
 def version() -> str:
     """The installed package's version (its metadata), else the source tree's."""
-    from importlib import metadata
-
     try:
         return metadata.version("relayd")
     except metadata.PackageNotFoundError:
-        import relayd
-
         return relayd.__version__
 
 
