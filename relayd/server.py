@@ -254,6 +254,7 @@ class SubmissionServer(smtp.ESMTP):
         self._readingPaused = False  # transport.pauseProducing() is in force
         self._producing = False  # registered as the transport's producer
         self._writeBlocked = False  # the transport paused us: replies are backed up
+        self._writtenWhileBlocked = 0  # reply bytes written since the transport paused us
         self._stallTimer = None  # drops a client that does not read its replies
         self._closeTimer = None  # aborts a session whose close does not complete
         self._savedTimeout: float | None = None
@@ -391,6 +392,7 @@ class SubmissionServer(smtp.ESMTP):
         if not self._writeBlocked:
             return
         self._writeBlocked = False
+        self._writtenWhileBlocked = 0
         self._cancelTimer("_stallTimer")
         if self._lost or self._closing:
             return
@@ -429,8 +431,17 @@ class SubmissionServer(smtp.ESMTP):
 
     @property
     def unsentReplyBytes(self) -> int:
-        """Replies written and not yet handed to the kernel (in Twisted's and TLS's buffers)."""
+        """Replies written and not yet handed to the kernel, as the socket's public buffer shows (unsentBytes)."""
         return unsentBytes(self.transport) if self.transport is not None else 0
+
+    @property
+    def repliesWrittenWhileBlocked(self) -> int:
+        """
+        Reply bytes written since the transport said its buffer was full
+        (pauseProducing): the few a step already under way may still write,
+        at most MAX_UNSENT - SOCKET_BUFFER.
+        """
+        return self._writtenWhileBlocked
 
     @property
     def pendingInputBytes(self) -> int:
@@ -487,7 +498,10 @@ class SubmissionServer(smtp.ESMTP):
         self._close()
 
     def reply(self, reply: Reply) -> None:
-        self.transport.write(reply.toBytes())
+        data = reply.toBytes()
+        if self._writeBlocked:
+            self._writtenWhileBlocked += len(data)
+        self.transport.write(data)
 
     def sendCode(self, code, message=b""):
         # Twisted's own code paths must not reach the wire unnoticed: every
@@ -1154,33 +1168,23 @@ class SubmissionServer(smtp.ESMTP):
 
 def unsentBytes(transport) -> int:
     """
-    Bytes written to ``transport`` that have not reached the kernel yet: a
-    TLS layer's small-write aggregation and its buffer of writes it cannot
-    encrypt yet (before the handshake), then the socket's own buffer
-    (FileDescriptor's dataBuffer). Read for the session's counters only;
-    backpressure itself goes through the producer interface.
-    tests/test_twisted_internals.py pins the attributes read here.
+    Bytes the socket under ``transport`` (through the haproxy and TLS
+    wrappers) holds and has not handed to the kernel yet, as far as its
+    public attributes show: FileDescriptor's ``dataBuffer`` past ``offset``.
+    A lower bound: the latest writes and a TLS layer's own buffers are not
+    visible without Twisted's private attributes, which relayd does not read.
+    For the log line and the tests only; backpressure itself goes through
+    the producer interface.
     """
-    total = 0
     for _ in range(8):  # wrappers: haproxy, TLS; never a cycle in practice
-        tls = transport if isinstance(transport, TLSMemoryBIOProtocol) else None
-        if tls is None and getattr(transport, "TLS", False):
-            # STARTTLS: the TLS layer sits in the socket's protocol slot.
-            tls = getattr(transport, "protocol", None)
-            if not isinstance(tls, TLSMemoryBIOProtocol):
-                tls = None
-        if tls is not None:
-            aggregator = getattr(tls, "_aggregator", None)
-            total += sum(map(len, getattr(aggregator, "_buffer", ())))
-            total += sum(map(len, getattr(tls, "_appSendBuffer", ())))
-        if hasattr(transport, "dataBuffer"):
-            return total + (len(transport.dataBuffer) - getattr(transport, "offset", 0)
-                            + getattr(transport, "_tempDataLen", 0))
-        inner = getattr(transport, "transport", None)
-        if inner is None:
-            return total
-        transport = inner
-    return total
+        if isinstance(transport, TLSMemoryBIOProtocol) or not hasattr(transport, "dataBuffer"):
+            inner = getattr(transport, "transport", None)
+            if inner is None:
+                return 0
+            transport = inner
+            continue
+        return max(0, len(transport.dataBuffer) - getattr(transport, "offset", 0))
+    return 0
 
 
 def _isNonSmtpVerb(verb: bytes) -> bool:

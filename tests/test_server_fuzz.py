@@ -119,6 +119,7 @@ def loggedFailures():
 def checkBounds(session) -> None:
     tls = session.listener.tls == "implicit"
     assert session.unsentReplyBytes <= (server.MAX_UNSENT_TLS if tls else server.MAX_UNSENT)
+    assert session.repliesWrittenWhileBlocked <= server.MAX_UNSENT - server.SOCKET_BUFFER
     assert session.pendingInputBytes <= server.MAX_HELD_INPUT
     assert session.dataBufferBytes <= server.MAX_DATA_HELD
     if not (session._busy or session._writeBlocked or session._closing):

@@ -105,6 +105,8 @@ def test_a_client_that_never_reads_is_no_longer_read(hs):
     hs.proto.dataReceived(b"NOOP\r\n" * 20_000)
     assert hs.transport.producerState == "paused"  # the session stopped reading
     assert hs.proto.unsentReplyBytes <= SocketModel.bufferSize + len(replies.NOOP_OK.toBytes())
+    # Once paused, the session wrote no further reply.
+    assert hs.proto.repliesWrittenWhileBlocked == 0
     assert hs.proto.pendingInputBytes > 0  # the rest waits, unanswered
     # As the client reads, the session carries on, in order, to the end.
     answered = 0
@@ -293,7 +295,7 @@ def test_tls_session_stops_reading_when_its_replies_back_up(tmp_path):
     pair.pump()
     assert pair.client.received == b"220 relay.test ESMTP relayd\r\n"
     # Registered once the handshake was done (through the TLS layer's membrane).
-    assert pair.serverTLS._producer is not None
+    assert pair.socket.producer is not None
     # The client pipelines NOOPs and stops reading.
     for _ in range(6):
         pair.send(b"NOOP\r\n" * 5_000)
@@ -302,6 +304,7 @@ def test_tls_session_stops_reading_when_its_replies_back_up(tmp_path):
     assert pair.socket.producerState == "paused"
     # Bounded: the socket's buffer, plus TLS's aggregation, plus records' overhead.
     assert server.SOCKET_BUFFER < pair.session.unsentReplyBytes <= server.MAX_UNSENT_TLS
+    assert pair.session.repliesWrittenWhileBlocked <= server.MAX_UNSENT - server.SOCKET_BUFFER
     # The client reads everything: every NOOP is answered, in order.
     pair.pump()
     assert pair.client.received.count(b"250 2.0.0 Ok\r\n") == 30_000

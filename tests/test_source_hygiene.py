@@ -52,3 +52,82 @@ def test_importing_installs_no_reactor(module: str) -> None:
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                             cwd=ROOT, timeout=60, check=True)
     assert result.stdout.strip() == "False"
+
+
+# Private names of Twisted that relayd reads, each with why no public API does.
+ALLOWED_TWISTED_PRIVATE_NAMES = {
+    # RelayService.stopService: a stop begun by the reactor's own SIGTERM
+    # handler exits 0 (tests/test_twisted_internals.py pins it).
+    "_exitSignal",
+}
+# Private-looking names that are public API outside Twisted.
+PUBLIC_ELSEWHERE = {"_exit"}  # os._exit
+
+_PRIVATE_ACCESS = re.compile(
+    r"(?P<owner>[A-Za-z_]\w*|\))\.(?P<attribute>_[a-zA-Z]\w*)"
+    r"|(?:getattr|hasattr|setattr)\((?P<object>[^,()]+),\s*[\"'](?P<name>_[a-zA-Z]\w*)[\"']")
+_DEFINITIONS = (
+    re.compile(r"(?<![\w.])(?:self|cls)\.(_\w+)\s*(?::[^=\n]*)?=(?!=)"),
+    re.compile(r"^\s*(?:async\s+)?(?:def|class)\s+(_\w+)", re.M),
+    re.compile(r"^\s*(_\w+)\s*(?::[^=\n]*)?=", re.M),
+)
+
+
+def _twistedPrivateNames() -> set[str]:
+    """Every underscore attribute or function name Twisted's own modules define."""
+    import twisted
+
+    names = set()
+    for path in Path(twisted.__file__).parent.rglob("*.py"):
+        if "test" in path.relative_to(Path(twisted.__file__).parent).parts:
+            continue
+        text = path.read_text(encoding="utf-8", errors="replace")
+        names.update(re.findall(r"self\.(_[a-zA-Z]\w*)\s*=", text))
+        names.update(re.findall(r"^\s*(?:def|class)\s+(_[a-zA-Z]\w*)", text, re.M))
+        names.update(re.findall(r"^\s+(_[a-zA-Z]\w*)\s*=", text, re.M))
+    return names
+
+
+def twistedPrivateNamesUsed(root: Path = ROOT) -> list[str]:
+    """
+    relayd's uses of a private name it does not define itself (inherited
+    from a Twisted base class or read on a Twisted object), or of an
+    attribute Twisted defines read on an object other than self.
+    """
+    files = sorted((root / "relayd").rglob("*.py"))
+    texts = {path: path.read_text(encoding="utf-8") for path in files}
+    ours = {name for text in texts.values() for pattern in _DEFINITIONS
+            for name in pattern.findall(text)}
+    # relayd's own private methods called on its own objects (spool._path).
+    ourMethods = {name for text in texts.values() for name in _DEFINITIONS[1].findall(text)}
+    twisted = _twistedPrivateNames()
+    found = []
+    for path, text in texts.items():
+        for number, line in enumerate(text.splitlines(), 1):
+            for m in _PRIVATE_ACCESS.finditer(line):
+                name = m.group("attribute") or m.group("name")
+                owner = (m.group("owner") or m.group("object") or "").strip()
+                if name in ALLOWED_TWISTED_PRIVATE_NAMES or name in PUBLIC_ELSEWHERE:
+                    continue
+                onSelf = owner in ("self", "cls")
+                if name not in ours or (not onSelf and name in twisted and name not in ourMethods):
+                    found.append(f"{path.relative_to(root)}:{number}: {name}")
+    return found
+
+
+def test_relayd_uses_no_private_name_of_twisted() -> None:
+    found = twistedPrivateNamesUsed()
+    assert not found, "use Twisted's public API:\n" + "\n".join(found)
+
+
+def test_the_private_name_check_finds_a_twisted_private_name(tmp_path: Path) -> None:
+    (tmp_path / "relayd").mkdir()
+    (tmp_path / "relayd" / "x.py").write_text(
+        "class Session:\n"
+        "    def __init__(self):\n"
+        "        self._count = 0\n"
+        "    def unsent(self, transport):\n"
+        "        self._count += 1\n"
+        "        return getattr(transport, '_tempDataLen', 0) + len(transport._appSendBuffer)\n")
+    assert twistedPrivateNamesUsed(tmp_path) == [
+        "relayd/x.py:6: _tempDataLen", "relayd/x.py:6: _appSendBuffer"]
