@@ -5,7 +5,7 @@ The YAML keys are the public contract admins rely on, so loading is strict:
 unknown keys, duplicate keys, YAML 1.1 surprises (``no`` meaning false,
 ``010`` meaning 8, ``1:30`` meaning 90) and keys whose feature is not built
 yet are all refused, never ignored. Every problem becomes one
-L{ConfigError} whose text is a single line naming the file and the key path:
+``ConfigError`` whose text is a single line naming the file and the key path:
 
     /etc/relayd/relayd.yaml: queue.lifetime: expected a duration like "5d", got "5 days"
 
@@ -128,7 +128,7 @@ _SIZE_RE = re.compile(r"([0-9]+)(B|kB|MB|GB|KiB|MiB|GiB)\Z")
 def parseDuration(text: str) -> float | None:
     """
     Seconds for a duration like "30s", "5m", "4h", "5d" or "1h30m" (units
-    in decreasing order, each at most once), or None if C{text} is not one.
+    in decreasing order, each at most once), or None if ``text`` is not one.
     A bare number is refused: "30" could mean seconds or minutes.
     """
     if not isinstance(text, str) or not _DURATION_RE.match(text):
@@ -157,7 +157,7 @@ def _wholeNumber(digits: str) -> int:
 
 def formatDuration(seconds: float) -> str:
     """
-    The shortest L{parseDuration} form of a whole number of seconds.
+    The shortest ``parseDuration`` form of a whole number of seconds.
     """
     remaining = int(seconds)
     if remaining == 0:
@@ -188,7 +188,7 @@ def parseSize(value: object) -> int | None:
 
 def formatSize(size: int) -> int | str:
     """
-    The largest unit that expresses C{size} exactly, preferring decimal
+    The largest unit that expresses ``size`` exactly, preferring decimal
     units (what Postfix admins think in); plain bytes otherwise.
     """
     if size > 0:
@@ -205,10 +205,10 @@ def formatSize(size: int) -> int | str:
 
 class StrictLoader(yaml.SafeLoader):
     """
-    A SafeLoader with a YAML 1.2-like core schema: only C{true}/C{false} are
+    A SafeLoader with a YAML 1.2-like core schema: only ``true``/``false`` are
     booleans, integers are plain decimal, no timestamps, no sexagesimal
     numbers, no merge keys. Everything else stays a string, so
-    C{tls: no} reaches validation as the string "no" and is refused there
+    ``tls: no`` reaches validation as the string "no" and is refused there
     with a useful message instead of silently becoming False.
     """
 
@@ -648,7 +648,7 @@ class _StandInReactor:
 
 def _endpointDetail(description: str, nested: bool = False) -> str | None:
     """
-    Why C{description} is not a server endpoint string relayd can listen
+    Why ``description`` is not a server endpoint string relayd can listen
     on, or None if it is.
     """
     kind, args, kwargs = _splitEndpoint(description)
@@ -887,7 +887,7 @@ class Key:
 
 def setting(name: str, convert: Callable[..., Any] | None = None, default: Any = MISSING, *,
             factory: Any = MISSING, compare: bool = True, **described: Any) -> Any:
-    """The dataclass field for YAML key C{name} (see L{Key})."""
+    """The dataclass field for YAML key ``name`` (see ``Key``)."""
     section = described.get("section")
     required = default is MISSING and factory is MISSING and section is None
     if section is not None and not described.get("optional") and factory is MISSING:
@@ -925,7 +925,7 @@ def _relativePath(value: object, path: str, baseDirectory: str) -> str:
 
 
 class _Schema:
-    """A section of the config; C{check} holds the rules that tie its keys together."""
+    """A section of the config; ``check`` holds the rules that tie its keys together."""
 
     what: ClassVar[str] = "a mapping"
 
@@ -935,7 +935,7 @@ class _Schema:
 
 @functools.cache
 def keysOf(cls: type) -> tuple[tuple[str, Key], ...]:
-    """(attribute, L{Key}) of each key of section C{cls}, in the order they are known and printed."""
+    """(attribute, ``Key``) of each key of section ``cls``, in the order they are known and printed."""
     return tuple((f.name, f.metadata["key"]) for f in fields(cls) if "key" in f.metadata)
 
 
@@ -962,7 +962,7 @@ def _convert(k: Key, value: object, path: str, baseDirectory: str) -> Any:
 
 def _parseSection(cls: type, value: object, path: str, baseDirectory: str,
                   leaveOut: tuple[str, ...] = (), given: dict | None = None) -> Any:
-    """Read the mapping C{value} at key path C{path} into section C{cls}."""
+    """Read the mapping ``value`` at key path ``path`` into section ``cls``."""
     keys = [(a, k) for a, k in keysOf(cls) if k.name not in leaveOut]
     section = _Section(value, path, [k.name for _, k in keys], cls.what)
     for _, k in keys:
@@ -1480,7 +1480,7 @@ class Config(_Schema):
         """
         The effective configuration: every key with its value, defaults
         filled in, durations and sizes in human form, secrets masked. The
-        result loads back into an equal L{Config}, so C{relayd check-config}
+        result loads back into an equal ``Config``, so ``relayd check-config``
         output can serve as a config file. Computed defaults and unset
         optional keys are comments, with what they mean.
         """
@@ -1508,7 +1508,7 @@ class Config(_Schema):
 def maskSecrets(tree: Any) -> Any:
     """
     A copy of a plain YAML tree with the value of every key in
-    L{SECRET_KEYS} replaced by a mask, at any depth.
+    ``SECRET_KEYS`` replaced by a mask, at any depth.
     """
     if isinstance(tree, dict):
         return {
@@ -1534,7 +1534,7 @@ def _config(tree: object, path: str) -> Config:
 
 def parse(text: str, path: str) -> Config:
     """
-    Validate configuration C{text}; C{path} names it in errors and anchors
+    Validate configuration ``text``; ``path`` names it in errors and anchors
     relative paths (the queue directory) at its directory.
     """
     tree = _readYAML(text, path)
@@ -1567,7 +1567,7 @@ def warnings(loaded: Config) -> list[str]:
 
 def load(path: str) -> Config:
     """
-    Read, parse and validate the configuration file at C{path}.
+    Read, parse and validate the configuration file at ``path``.
     """
     try:
         with open(path, "rb") as f:

@@ -1,5 +1,5 @@
 """
-``testConfig``: a real L{relayd.config.Config}, read by the real parser, for
+``testConfig``: a real ``relayd.config.Config``, read by the real parser, for
 unit tests. Give only what a test is about; the rest is a small valid config.
 """
 
@@ -23,7 +23,7 @@ BASE: dict[str, Any] = {
 
 def testConfig(path: str = "/etc/relayd/relayd.yaml", **sections: Any) -> config.Config:
     """
-    The config C{BASE} with C{sections} given as YAML values (durations as
+    The config ``BASE`` with ``sections`` given as YAML values (durations as
     "5m", sizes as "10MB"): a mapping is merged over the base section of
     that name, anything else replaces it, and None leaves the key out.
     """

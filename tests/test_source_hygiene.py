@@ -131,3 +131,13 @@ def test_the_private_name_check_finds_a_twisted_private_name(tmp_path: Path) -> 
         "        return getattr(transport, '_tempDataLen', 0) + len(transport._appSendBuffer)\n")
     assert twistedPrivateNamesUsed(tmp_path) == [
         "relayd/x.py:6: _tempDataLen", "relayd/x.py:6: _appSendBuffer"]
+
+
+# One docstring style: reStructuredText (``name``), not Twisted's epytext.
+_EPYTEXT = re.compile(r"\b[CLIB]\{[^}\n]+\}|^\s*@(?:param|type|return|rtype|ivar|raise)\b", re.M)
+
+
+@pytest.mark.parametrize("path", sourceFiles(), ids=lambda p: p.relative_to(ROOT).as_posix())
+def test_docstrings_use_restructuredtext_not_epytext(path: Path) -> None:
+    found = [m.group(0).strip() for m in _EPYTEXT.finditer(path.read_text(encoding="utf-8"))]
+    assert not found, f"{path.relative_to(ROOT)}: write ``name``, not {found[:3]}"

@@ -1,9 +1,9 @@
 """
-The C{relayd} command: administrative subcommands beside the daemon
-(which runs as C{twistd relayd}).
+The ``relayd`` command: administrative subcommands beside the daemon
+(which runs as ``twistd relayd``).
 
 Each subcommand is a function taking the parsed arguments and returning an
-exit status; add one by writing it and registering it in L{_COMMANDS}.
+exit status; add one by writing it and registering it in ``_COMMANDS``.
 Errors an admin can fix are one line on stderr, never a traceback.
 """
 
