@@ -141,3 +141,21 @@ _EPYTEXT = re.compile(r"\b[CLIB]\{[^}\n]+\}|^\s*@(?:param|type|return|rtype|ivar
 def test_docstrings_use_restructuredtext_not_epytext(path: Path) -> None:
     found = [m.group(0).strip() for m in _EPYTEXT.finditer(path.read_text(encoding="utf-8"))]
     assert not found, f"{path.relative_to(ROOT)}: write ``name``, not {found[:3]}"
+
+
+# A class or constant defined in two modules of relayd reads as one thing
+# and is two; each program's own name is the one exception.
+SHARED_NAMES = {"PROG"}
+_MODULE_LEVEL_NAME = re.compile(r"^(?:class ([A-Za-z_]\w*)|([A-Z_][A-Z0-9_]*)\s*[:=])", re.M)
+
+
+def test_no_class_or_constant_is_defined_in_two_modules() -> None:
+    where: dict[str, set[str]] = {}
+    for path in sorted((ROOT / "relayd").rglob("*.py")):
+        for m in _MODULE_LEVEL_NAME.finditer(path.read_text(encoding="utf-8")):
+            where.setdefault(m.group(1) or m.group(2), set()).add(path.relative_to(ROOT).as_posix())
+    twice = {name: sorted(paths) for name, paths in where.items()
+             if len(paths) > 1 and name not in SHARED_NAMES}
+    assert not twice, twice
+    # Nor does relayd reuse the name of Twisted's Failure for an exception of its own.
+    assert "Failure" not in where
