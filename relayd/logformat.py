@@ -34,6 +34,7 @@ from __future__ import annotations
 import atexit
 import json
 import os
+import re
 import socket
 import sys
 import threading
@@ -336,14 +337,38 @@ def threadedObserver(makeObserver: Callable[[IO[str]], ILogObserver], out: IO[st
     return observe
 
 
+# Twisted's UDP port logs its start and stop unconditionally, and every DNS
+# query (client names, MX lookups) uses a port of its own: two lines per
+# query that say nothing to an admin.
+_UDP_PORT_CHATTER = re.compile(r"(?:DNSDatagramProtocol starting on \d+|\(UDP Port \d+ Closed\))")
+
+
+def isChatter(event: dict) -> bool:
+    """Whether ``event`` is Twisted's per-query UDP port start/stop line."""
+    return (event.get("log_namespace") == "log_legacy"
+            and _UDP_PORT_CHATTER.fullmatch(event.get("log_text", "")) is not None)
+
+
+def withoutChatter(observer: ILogObserver) -> ILogObserver:
+    """``observer`` without Twisted's per-query UDP port lines."""
+
+    @provider(ILogObserver)
+    def observe(event: dict) -> None:
+        if not isChatter(event):
+            observer(event)
+
+    observe.writer = observer.writer
+    return observe
+
+
 def syslogSocket() -> ILogObserver:
-    return syslogSocketObserver(os.environ.get("RELAYD_SYSLOG_SOCKET") or DEFAULT_SYSLOG_SOCKET,
-                                threaded=True)
+    return withoutChatter(syslogSocketObserver(
+        os.environ.get("RELAYD_SYSLOG_SOCKET") or DEFAULT_SYSLOG_SOCKET, threaded=True))
 
 
 def syslogStdout() -> ILogObserver:
-    return threadedObserver(syslogObserver, sys.stdout)
+    return withoutChatter(threadedObserver(syslogObserver, sys.stdout))
 
 
 def jsonStdout() -> ILogObserver:
-    return threadedObserver(jsonObserver, sys.stdout)
+    return withoutChatter(threadedObserver(jsonObserver, sys.stdout))

@@ -10,7 +10,8 @@ import threading
 import time
 
 import pytest
-from twisted.logger import Logger, globalLogPublisher
+from twisted.logger import ILogObserver, Logger, globalLogPublisher
+from zope.interface import provider
 
 from relayd import logformat, maillog
 
@@ -246,3 +247,32 @@ def test_the_syslog_socket_observer_twistd_gets_is_the_threaded_one():
         assert isinstance(observer.writer, logformat.LineWriter)
     finally:
         observer.writer.close()
+
+
+def test_twisted_udp_port_chatter_of_dns_queries_is_left_out_of_the_log():
+    # Every DNS query (client names, MX) opens and closes a UDP port, which
+    # Twisted logs through its legacy log whatever the protocol's noisy flag.
+    from twisted.logger import globalLogPublisher
+    from twisted.python import log as legacyLog
+
+    seen = []
+
+    @provider(ILogObserver)
+    def record(event):
+        seen.append(event)
+
+    record.writer = None
+    observer = logformat.withoutChatter(record)
+    globalLogPublisher.addObserver(observer)
+    try:
+        legacyLog.msg("DNSDatagramProtocol starting on 4242")
+        legacyLog.msg("(UDP Port 4242 Closed)")
+        legacyLog.msg("ListenerFactory starting on 2525")
+        legacyLog.msg("something else happened")
+    finally:
+        globalLogPublisher.removeObserver(observer)
+    texts = [e.get("log_text") for e in seen]
+    assert "DNSDatagramProtocol starting on 4242" not in texts
+    assert "(UDP Port 4242 Closed)" not in texts
+    assert "something else happened" in texts
+    assert "ListenerFactory starting on 2525" in texts  # a listener starts once: kept
