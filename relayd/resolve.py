@@ -348,25 +348,75 @@ async def clientName(resolver: IResolver, address: str, timeout: float) -> Clien
     return ClientName(UNKNOWN_CLIENT, f"hostname {name} does not resolve to address {address}")
 
 
+HOSTS_FILE = "/etc/hosts"
+
+
+def parseHostsFile(text: str) -> dict[str, str]:
+    """
+    Address -> name from a hosts file: the first name of the first line that
+    lists the address, as the system's resolver answers a reverse lookup
+    from it (and that name leads back to the address on the same line).
+    Lines that are not an address followed by valid names are skipped.
+    """
+    names: dict[str, str] = {}
+    for line in text.splitlines():
+        fields = line.split("#", 1)[0].split()
+        if len(fields) < 2:
+            continue
+        try:
+            address = ipaddress.ip_address(fields[0].split("%", 1)[0]).compressed
+        except ValueError:
+            continue
+        name = fields[1].rstrip(".").lower()
+        if address not in names and _HOSTNAME.match(name.encode("ascii", "replace")) \
+                and not _numeric(name):
+            names[address] = name
+    return names
+
+
+def readHostsFile(path: str | None) -> dict[str, str]:
+    """parseHostsFile of ``path``; none (and no error) when it cannot be read, as for the system's resolver."""
+    if path is None:
+        return {}
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            return parseHostsFile(f.read(1 << 20))
+    except OSError:
+        return {}
+
+
 class ClientNames:
     """
     Client names for the SMTP server, within ``timeout`` seconds whatever
     the DNS does (0: no lookups, every client ``unknown``).
+
+    ``hostsFile`` (read at start and on reload) is asked first, as Postfix's
+    lookups through the system's resolver do: a client listed there (the
+    loopback address, hosts of a small office) is named without a query.
     """
 
-    def __init__(self, resolver: Any, timeout: float, clock: Any):
+    def __init__(self, resolver: Any, timeout: float, clock: Any, hostsFile: str | None = None):
         self.resolver = resolver
         self.timeout = timeout
         self.clock = clock
+        self.hostsFile = hostsFile
+        self.hosts = readHostsFile(hostsFile)
 
     def reconfigure(self, config: Any) -> None:
-        """A reload: limits.client_name_timeout for the sessions that start after it."""
+        """A reload: limits.client_name_timeout for the sessions that start after it; the hosts file again."""
         self.timeout = config.limits.clientNameTimeout
+        self.hosts = readHostsFile(self.hostsFile)
 
     def lookup(self, address: str) -> defer.Deferred:
         """A Deferred that fires with a ClientName within ``timeout`` seconds, never fails."""
         if self.timeout <= 0 or self.resolver is None:
             return defer.succeed(ClientName(UNKNOWN_CLIENT))
+        try:
+            listed = self.hosts.get(ipaddress.ip_address(address).compressed)
+        except ValueError:
+            listed = None
+        if listed is not None:
+            return defer.succeed(ClientName(listed))
         result: defer.Deferred = defer.Deferred()
 
         def settle(value) -> None:

@@ -40,7 +40,7 @@ from relayd.auth import (
 from relayd.courier import Courier
 from relayd.proxy import ProxyFactory
 from relayd.queue import Spool, ownershipProblem, permissionFix, spoolProblems
-from relayd.resolve import ClientNames, ConfiguredResolver
+from relayd.resolve import HOSTS_FILE, ClientNames, ConfiguredResolver
 from relayd.scheduler import Scheduler
 from relayd.secret import deliverySecrets
 from relayd.tls import ServerTLS, TLSSetupError, wrapImplicit
@@ -431,7 +431,9 @@ def makeService(options, reactor=None) -> RelayService:
         return deferToThreadPool(reactor, pool, writer.commit, envelope)
 
     tls, passwords, verifier, authPool, credPortal = _security(config, reactor)
-    clientNames = ClientNames(resolver, config.limits.clientNameTimeout, reactor)
+    # RELAYD_HOSTS_FILE: another hosts file (the tests' own).
+    clientNames = ClientNames(resolver, config.limits.clientNameTimeout, reactor,
+                              hostsFile=os.environ.get("RELAYD_HOSTS_FILE") or HOSTS_FILE)
     factory = SubmissionFactory(config, spool, commit, scheduler.add, reactor,
                                 portal=credPortal, tls=tls, clientNames=clientNames.lookup,
                                 runInThread=runInThread)

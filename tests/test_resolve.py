@@ -266,3 +266,50 @@ def test_client_names_never_wait_past_the_timeout_whatever_the_resolver():
     assert d.result == ClientName("unknown")
     # Off: no lookup at all.
     assert ClientNames(Silent(), 0.0, clock).lookup("192.0.2.4").result == ClientName("unknown")
+
+
+def test_hosts_file_names_each_address_by_the_first_name_of_its_first_line():
+    from relayd.resolve import parseHostsFile
+
+    text = ("# comment\n"
+            "127.0.0.1 localhost\n"
+            "127.0.0.1 runsc vm\n"
+            "192.0.2.10\tprinter.office.test printer  # the printer\n"
+            "::1 ip6-localhost ip6-loopback\n"
+            "fe80::1%eth0 linklocal\n"
+            "2001:DB8:0:0::7 Mail.Example.\n"
+            "not-an-address name\n"
+            "192.0.2.11\n"
+            "192.0.2.12 bad_name!\n"
+            "192.0.2.13 192.0.2.14\n")
+    assert parseHostsFile(text) == {
+        "127.0.0.1": "localhost",
+        "192.0.2.10": "printer.office.test",
+        "::1": "ip6-localhost",
+        "fe80::1": "linklocal",
+        "2001:db8::7": "mail.example",
+    }
+
+
+def test_client_names_answer_from_the_hosts_file_without_a_query(tmp_path):
+    from twisted.internet import task
+
+    from relayd.resolve import ClientName, ClientNames
+    from tests.builders import testConfig
+
+    class Refusing:
+        def lookupPointer(self, *a, **k):
+            raise AssertionError("the DNS was asked")
+
+    hosts = tmp_path / "hosts"
+    hosts.write_text("192.0.2.10 printer.office.test\n")
+    names = ClientNames(Refusing(), 5.0, task.Clock(), hostsFile=str(hosts))
+    assert names.lookup("192.0.2.10").result == ClientName("printer.office.test")
+    # Off means off: no name, not even from the hosts file.
+    assert ClientNames(Refusing(), 0.0, task.Clock(), hostsFile=str(hosts)).lookup(
+        "192.0.2.10").result == ClientName("unknown")
+    # Re-read on reload; a missing file names nobody.
+    hosts.write_text("192.0.2.10 scanner.office.test\n")
+    names.reconfigure(testConfig(limits={"client_name_timeout": "5s"}))
+    assert names.lookup("192.0.2.10").result == ClientName("scanner.office.test")
+    assert ClientNames(Refusing(), 5.0, task.Clock(), hostsFile=str(tmp_path / "none")).hosts == {}

@@ -63,11 +63,25 @@ def twistdPath() -> Path:
     return Path(sys.executable).parent / "twistd"
 
 
+# The hosts file relayd's client-name lookups read first: the tests' own,
+# so that what the daemons log does not depend on this machine's /etc/hosts
+# and no test client's name is asked of this machine's DNS.
+TEST_HOSTS = "127.0.0.1 localhost\n::1 localhost\n"
+
+
+def testHostsFile() -> str:
+    path = Path(tempfile.gettempdir()) / f"relayd-test-hosts-{os.getpid()}"
+    if not path.exists():
+        path.write_text(TEST_HOSTS)
+    return str(path)
+
+
 def childEnvironment() -> dict[str, str]:
-    """The environment for child processes: unbuffered, no source-tree imports."""
+    """The environment for child processes: unbuffered, no source-tree imports, the tests' hosts file."""
     env = dict(os.environ)
     env.pop("PYTHONPATH", None)
     env["PYTHONUNBUFFERED"] = "1"
+    env.setdefault("RELAYD_HOSTS_FILE", testHostsFile())
     return env
 
 

@@ -50,7 +50,10 @@ def withDNS(daemon: Relayd, sinkPort: int, dnsPort: int, timeout: str) -> str:
 
 
 def test_daemon_logs_confirmed_client_names_and_reload_applies_new_dns(
-        tmp_path, processes, sink, dnsServer):
+        tmp_path, processes, sink, dnsServer, monkeypatch):
+    # No hosts file entry for 127.0.0.1: the name comes from the DNS.
+    (tmp_path / "hosts").write_text("")
+    monkeypatch.setenv("RELAYD_HOSTS_FILE", str(tmp_path / "hosts"))
     named = dnsServer({REVERSE: {"PTR": ["laptop.client.test"]},
                        "laptop.client.test": {"A": ["127.0.0.1"]}})
     daemon = Relayd(tmp_path / "relayd", sink.port)
@@ -90,4 +93,23 @@ def test_start_and_reload_with_resolv_conf_say_nothing_about_it(tmp_path, proces
     daemon.waitForLog(r"reload: configuration .* applied", since=offset)
     log = daemon.log()
     assert "resolv.conf" not in log and "Resolver added" not in log, daemon.describe()
+    assert daemon.terminate() == 0
+
+
+def test_a_client_in_the_hosts_file_is_named_from_it_without_asking_the_dns(
+        tmp_path, processes, sink, dnsServer, monkeypatch):
+    # As Postfix through the system's resolver: the hosts file first.
+    (tmp_path / "hosts").write_text("# the office\n127.0.0.1   printer.office.test printer\n")
+    monkeypatch.setenv("RELAYD_HOSTS_FILE", str(tmp_path / "hosts"))
+    named = dnsServer({REVERSE: {"PTR": ["laptop.client.test"]},
+                       "laptop.client.test": {"A": ["127.0.0.1"]}})
+    daemon = Relayd(tmp_path / "relayd", sink.port)
+    daemon.configPath.write_text(withDNS(daemon, sink.port, named, "5s"))
+    processes.append(daemon)
+    daemon.start()
+    queueId = daemon.submit(makeMessage("from the hosts file", ["hello"]))
+    daemon.waitForLog(rf"{queueId}: removed")
+    log = daemon.log()
+    assert f"{queueId}: client=printer.office.test[127.0.0.1]" in log, daemon.describe()
+    assert "laptop.client.test" not in log, daemon.describe()
     assert daemon.terminate() == 0
