@@ -508,15 +508,23 @@ class SubmissionServer(smtp.ESMTP):
         # reply of relayd goes through reply(). Kept only as a loud guard.
         raise RuntimeError("relayd sends replies through SubmissionServer.reply")
 
-    def _close(self) -> None:
-        """Close after the replies written so far; abort if that takes longer than CLOSE_GRACE."""
+    def _stopSession(self) -> bool:
+        """Stop reading, answering and timing the session; False if it is already gone."""
         if self._lost:
-            return
+            return False
         self._closing = True
         self._inbox.clear()
         self.setTimeout(None)
         self._cancelTimer("_stallTimer")
+        # With a producer registered, neither a socket nor a TLS layer ever
+        # completes a close.
         self._unregisterProducer()
+        return True
+
+    def _close(self) -> None:
+        """Close after the replies written so far; abort if that takes longer than CLOSE_GRACE."""
+        if not self._stopSession():
+            return
         self.transport.loseConnection()
         if self._closeTimer is None:
             self._closeTimer = self.callLater(CLOSE_GRACE, self._closeOverdue)
@@ -528,14 +536,8 @@ class SubmissionServer(smtp.ESMTP):
 
     def _abort(self) -> None:
         """Drop the connection now, without a word (a client that cannot be answered)."""
-        if self._lost:
-            return
-        self._closing = True
-        self._inbox.clear()
-        self.setTimeout(None)
-        self._cancelTimer("_stallTimer")
-        self._unregisterProducer()
-        self.transport.abortConnection()
+        if self._stopSession():
+            self.transport.abortConnection()
 
     def shutdown(self) -> None:
         """The daemon is stopping: say 421 now, or right after the data/commit in progress."""
