@@ -204,7 +204,7 @@ def test_relayd_fail2ban_filter_bans_password_guesses_relay_probes_and_pregreeti
         assert len(re.findall(rf"SASL {mechanism} authentication failed: authentication "
                               r"failure, sasl_username=alice", matched)) == 1, out
     assert "Relay access denied" in matched and "SMTP protocol synchronization" in matched, out
-    assert "non-SMTP command from localhost[127.0.0.1]: GET / HTTP/1.1" in matched, out
+    assert "non-SMTP command from unknown[127.0.0.1]: GET / HTTP/1.1" in matched, out
     assert "[127.0.0.1]" in matched
 
     # Debian's stock SASL jail (postfix[mode=auth]) sees none of it: why relayd ships a filter.
