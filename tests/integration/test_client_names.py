@@ -49,10 +49,12 @@ def withDNS(daemon: Relayd, sinkPort: int, dnsPort: int, timeout: str) -> str:
         "      tls: none\n", f"      tls: none\n  dns: {{servers: [\"{HOST}:{dnsPort}\"]}}\n", 1)
 
 
-def test_daemon_logs_confirmed_client_names_and_reload_applies_new_dns(
-        tmp_path, processes, sink, dnsServer, monkeypatch):
-    # No hosts file entry for 127.0.0.1: the name comes from the DNS.
-    (tmp_path / "hosts").write_text("")
+def relayWithNamedClient(tmp_path, processes, sink, dnsServer, monkeypatch, hosts: str):
+    """
+    A daemon whose DNS names 127.0.0.1 laptop.client.test (confirmed), with
+    ``hosts`` as its hosts file, after one message; (daemon, queue id, log).
+    """
+    (tmp_path / "hosts").write_text(hosts)
     monkeypatch.setenv("RELAYD_HOSTS_FILE", str(tmp_path / "hosts"))
     named = dnsServer({REVERSE: {"PTR": ["laptop.client.test"]},
                        "laptop.client.test": {"A": ["127.0.0.1"]}})
@@ -62,7 +64,14 @@ def test_daemon_logs_confirmed_client_names_and_reload_applies_new_dns(
     daemon.start()
     queueId = daemon.submit(makeMessage("named", ["hello"]))
     daemon.waitForLog(rf"{queueId}: removed")
-    log = daemon.log()
+    return daemon, queueId, daemon.log()
+
+
+def test_daemon_logs_confirmed_client_names_and_reload_applies_new_dns(
+        tmp_path, processes, sink, dnsServer, monkeypatch):
+    # No hosts file entry for 127.0.0.1: the name comes from the DNS.
+    daemon, queueId, log = relayWithNamedClient(tmp_path, processes, sink, dnsServer,
+                                                monkeypatch, hosts="")
     assert "connect from laptop.client.test[127.0.0.1]" in log, daemon.describe()
     assert f"{queueId}: client=laptop.client.test[127.0.0.1]" in log, daemon.describe()
     daemon.waitForLog(r"disconnect from laptop\.client\.test\[127\.0\.0\.1\]")
@@ -99,17 +108,9 @@ def test_start_and_reload_with_resolv_conf_say_nothing_about_it(tmp_path, proces
 def test_a_client_in_the_hosts_file_is_named_from_it_without_asking_the_dns(
         tmp_path, processes, sink, dnsServer, monkeypatch):
     # As Postfix through the system's resolver: the hosts file first.
-    (tmp_path / "hosts").write_text("# the office\n127.0.0.1   printer.office.test printer\n")
-    monkeypatch.setenv("RELAYD_HOSTS_FILE", str(tmp_path / "hosts"))
-    named = dnsServer({REVERSE: {"PTR": ["laptop.client.test"]},
-                       "laptop.client.test": {"A": ["127.0.0.1"]}})
-    daemon = Relayd(tmp_path / "relayd", sink.port)
-    daemon.configPath.write_text(withDNS(daemon, sink.port, named, "5s"))
-    processes.append(daemon)
-    daemon.start()
-    queueId = daemon.submit(makeMessage("from the hosts file", ["hello"]))
-    daemon.waitForLog(rf"{queueId}: removed")
-    log = daemon.log()
+    daemon, queueId, log = relayWithNamedClient(
+        tmp_path, processes, sink, dnsServer, monkeypatch,
+        hosts="# the office\n127.0.0.1   printer.office.test printer\n")
     assert f"{queueId}: client=printer.office.test[127.0.0.1]" in log, daemon.describe()
     assert "laptop.client.test" not in log, daemon.describe()
     assert daemon.terminate() == 0
