@@ -83,7 +83,24 @@ def missing(*paths: str) -> list[str]:
     return [p for p in paths if not os.access(p, os.X_OK)]
 
 
-class Postfix:
+class LoggingPeer:
+    """A peer that writes its own log file (``logPath``), named ``label`` in failures."""
+
+    label = "peer"
+
+    def log(self) -> str:
+        try:
+            return self.logPath.read_text("utf-8", "replace")
+        except FileNotFoundError:
+            return ""
+
+    def waitForLog(self, pattern: str, deadline: float = DELIVERY_DEADLINE) -> re.Match:
+        regex = re.compile(pattern, re.MULTILINE)
+        return waitUntil(lambda: regex.search(self.log()), deadline,
+                         f"no {self.label} log line matching {pattern!r}", self.describe)
+
+
+class Postfix(LoggingPeer):
     """
     A Postfix instance of its own: ``main.cf`` and ``master.cf`` in a fresh
     directory under /tmp (world-traversable: Postfix's daemons drop to
@@ -198,16 +215,9 @@ class Postfix:
         self.stop()
         shutil.rmtree(self.directory, ignore_errors=True)
 
-    def log(self) -> str:
-        try:
-            return self.logPath.read_text("utf-8", "replace")
-        except FileNotFoundError:
-            return ""
-
-    def waitForLog(self, pattern: str, deadline: float = DELIVERY_DEADLINE) -> re.Match:
-        regex = re.compile(pattern, re.MULTILINE)
-        return waitUntil(lambda: regex.search(self.log()), deadline,
-                         f"no postfix {self.name} log line matching {pattern!r}", self.describe)
+    @property
+    def label(self) -> str:
+        return f"postfix {self.name}"
 
     def describe(self) -> str:
         state = "running" if self.running else "stopped"
@@ -241,7 +251,7 @@ class Postfix:
                        smtpd_sasl_path="smtpd", cyrus_sasl_config_path=str(configDirectory))
 
 
-class HAProxy:
+class HAProxy(LoggingPeer):
     """
     Debian's haproxy in the foreground (``-db``), TCP mode, one frontend on
     a loopback port balancing round-robin over ``servers`` (host, port),
@@ -321,16 +331,7 @@ class HAProxy:
             os.killpg(self.process.pid, signal.SIGKILL)
             self.process.wait(10)
 
-    def log(self) -> str:
-        try:
-            return self.logPath.read_text("utf-8", "replace")
-        except FileNotFoundError:
-            return ""
-
-    def waitForLog(self, pattern: str, deadline: float = DELIVERY_DEADLINE) -> re.Match:
-        regex = re.compile(pattern, re.MULTILINE)
-        return waitUntil(lambda: regex.search(self.log()), deadline,
-                         f"no haproxy log line matching {pattern!r}", self.describe)
+    label = "haproxy"
 
     def describe(self) -> str:
         return f"--- haproxy; tail of {self.logPath}:\n{tail(self.logPath)}"
