@@ -27,6 +27,8 @@ import yaml
 from twisted.internet.endpoints import serverFromString
 from yaml.nodes import MappingNode, Node, SequenceNode
 
+from relayd import idn
+
 __all__ = [
     "ConfigError",
     "Config",
@@ -564,6 +566,26 @@ def _isDNSName(value: str) -> bool:
     return all(_LABEL_RE.match(label) for label in value.split("."))
 
 
+def _domainName(value: object, path: str, expected: str, written: str | None = None) -> str:
+    """
+    A DNS name written in ASCII (kept as written) or with U-labels (turned
+    into A-labels, IDNA2008): what is looked up and compared is A-labels.
+    An invalid U- or A-label is refused with the idna package's reason;
+    ``written`` is the whole value as the error shows it, when ``value`` is
+    only its domain.
+    """
+    if not isinstance(value, str) or not value:
+        raise _expected(path, expected, value)
+    try:
+        name = idn.toAscii(value)
+    except idn.IDNError as e:
+        raise _Problem(path, f"expected {expected}, got {_quote(written or value)}, which is not a valid "
+                             f"international domain name (IDNA2008: {e})") from None
+    if not _isDNSName(name):
+        raise _expected(path, expected, value)
+    return value if value.isascii() else name
+
+
 def _hostname(value: object, path: str) -> str:
     # Top-level domains begin with a letter: a last label that does not is
     # an IP address or a date ("2001-01-01"), not a name for HELO.
@@ -574,14 +596,13 @@ def _hostname(value: object, path: str) -> str:
 
 
 def _host(value: object, path: str) -> str:
+    expected = 'a host name or IP address like "smtp.example.net"'
     if isinstance(value, str):
-        if _isDNSName(value):
-            return value
         try:
             return str(ipaddress.ip_address(value))
         except ValueError:
             pass
-    raise _expected(path, 'a host name or IP address like "smtp.example.net"', value)
+    return _domainName(value, path, expected)
 
 
 def _string(value: object, path: str) -> str:
@@ -819,11 +840,11 @@ def _address(value: object, path: str) -> str:
     if not isinstance(value, str):
         raise _expected(path, expected, value)
     local, at, domain = value.rpartition("@")
-    if not at or not local or not _isDNSName(domain) or not local.isascii() or any(
+    if not at or not local or not local.isascii() or any(
         c.isspace() or c in '<>()[]\\,;:"' or not c.isprintable() for c in local
     ):
         raise _expected(path, expected, value)
-    return value
+    return f"{local}@{_domainName(domain, path, expected, written=value)}"
 
 
 def _server(value: object, path: str) -> tuple[str, int]:
@@ -1070,12 +1091,12 @@ _SENDER_ENTRY_EXAMPLE = 'an address like "alice@example.com" or a domain like "@
 
 def _senderEntry(value: object, path: str) -> str:
     if isinstance(value, str) and value.startswith("@"):
-        if not _isDNSName(value[1:]):
-            raise _expected(path, _SENDER_ENTRY_EXAMPLE, value)
-        return value.lower()
+        return "@" + _domainName(value[1:], path, _SENDER_ENTRY_EXAMPLE, written=value).lower()
     try:
         return _address(value, path)
-    except _Problem:
+    except _Problem as e:
+        if "IDNA2008" in e.message:
+            raise
         raise _expected(path, _SENDER_ENTRY_EXAMPLE, value) from None
 
 
@@ -1106,12 +1127,18 @@ def _routes(value: object, path: str, baseDirectory: str) -> dict[str, tuple[Nex
     if not isinstance(value, dict):
         raise _expected(path, 'a mapping of recipient domain (or "*") to a list of next hops', value)
     routes: dict[str, tuple[NextHop, ...]] = {}
-    for domain, hops in value.items():
-        keyPath = _join(path, domain)
-        if not isinstance(domain, str) or not (domain == "*" or _isDNSName(domain)):
-            raise _expected(keyPath, 'a recipient domain like "example.org", or "*"', domain)
-        if domain.lower() in routes:
-            raise _Problem(keyPath, f"expected each domain once, got {_quote(domain)} again")
+    written: dict[str, str] = {}
+    for key, hops in value.items():
+        keyPath = _join(path, key)
+        expected = 'a recipient domain like "example.org", or "*"'
+        domain = key
+        if key != "*":
+            # Keyed by A-labels, as relayd.route looks recipient domains up.
+            domain = _domainName(key, keyPath, expected).lower()
+        if domain in routes:
+            same = "" if written[domain] == key else f" (the same domain as {_quote(written[domain])})"
+            raise _Problem(keyPath, f"expected each domain once, got {_quote(key)} again{same}")
+        written[domain] = key
         items = _list(hops, keyPath, "a list of at least one next hop", allowEmpty=False)
         parsed = tuple(
             _nextHop(item, f"{keyPath}[{i}]", baseDirectory, inRoute=True)
@@ -1119,7 +1146,7 @@ def _routes(value: object, path: str, baseDirectory: str) -> dict[str, tuple[Nex
         )
         if any(h.mx for h in parsed) and len(parsed) > 1:
             raise _Problem(keyPath, "expected an mx entry alone in its list, got it with other hops")
-        routes[domain.lower()] = parsed
+        routes[domain] = parsed
     return routes
 
 

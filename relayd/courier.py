@@ -120,6 +120,8 @@ class _Message:
     recipients: list[str]
     openBody: Callable[[], BinaryIO]
     size: int
+    # Needs SMTPUTF8 (RFC 6531): only for a next hop that offers it.
+    smtputf8: bool = False
     _eightBit: bool | None = None
     # For the scheduler's log: the TLS sessions this attempt opened,
     # (relay, TLSInfo), and the bugs its sessions met.
@@ -220,12 +222,12 @@ class Courier:
         recipients: Sequence[str],
         openBody: Callable[[], BinaryIO],
         size: int,
+        smtputf8: bool = False,
     ) -> defer.Deferred[AttemptResult]:
         started = self._reactor.seconds()
         recipients = list(recipients)
-        d = defer.ensureDeferred(
-            self._deliver(list(destination.hops), sender, mailParams, recipients, openBody, size, started)
-        )
+        message = _Message(sender, mailParams, recipients, openBody, size, smtputf8=smtputf8)
+        d = defer.ensureDeferred(self._deliver(list(destination.hops), message, started))
 
         def localFailure(failure: Failure) -> AttemptResult:
             # A bug, not an outcome: keep the message queued (the
@@ -241,7 +243,8 @@ class Courier:
 
         return d.addErrback(localFailure)
 
-    async def _deliver(self, hops, sender, mailParams, recipients, openBody, size, started):
+    async def _deliver(self, hops, message: "_Message", started):
+        recipients = message.recipients
         if not hops:
             return AttemptResult(
                 "none",
@@ -249,7 +252,6 @@ class Courier:
                 0.0,
                 0.0,
             )
-        message = _Message(sender, mailParams, recipients, openBody, size)
         outcome = None
         for hop in self._order(hops):
             if hop.mx:
@@ -453,7 +455,8 @@ class Courier:
 
         transactionStarted = seconds()
         outcome = await session.sendMessage(message.sender, message.mailParams, recipients,
-                                            message.openBody, message.size)
+                                            message.openBody, message.size,
+                                            smtputf8=message.smtputf8)
         if reused and not outcome.mailAccepted:
             # The idle connection may have been closed (or timed out) by the
             # peer meanwhile: the answer counts only from a fresh one.
@@ -471,6 +474,11 @@ class Courier:
         Why this message must not be sent to this peer at all (a bounce), or
         None. Raises ``OSError`` when the body had to be read and cannot be.
         """
+        if message.smtputf8 and "SMTPUTF8" not in session.capabilities:
+            # RFC 6531 section 3.2: a UTF-8 local part or header cannot be
+            # downgraded; Postfix's words.
+            return (553, "5.6.7",
+                    f"SMTPUTF8 is required, but was not offered by host {session.peerName}")
         size = message.size
         limit = session.sizeLimit()
         if limit is not None and size > limit:

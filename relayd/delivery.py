@@ -95,7 +95,11 @@ class AttemptResult:
 
 
 class Transport(Protocol):
-    """What the scheduler calls to deliver; fires with an ``AttemptResult``, never fails."""
+    """
+    What the scheduler calls to deliver; fires with an ``AttemptResult``,
+    never fails. ``smtputf8``: the message needs SMTPUTF8 (the envelope's
+    flag), so a next hop without it must not get it.
+    """
 
     def deliver(
         self,
@@ -105,4 +109,5 @@ class Transport(Protocol):
         recipients: Sequence[str],
         openBody: Callable[[], BinaryIO],
         size: int,
+        smtputf8: bool = False,
     ) -> defer.Deferred[AttemptResult]: ...

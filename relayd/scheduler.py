@@ -251,6 +251,7 @@ class Scheduler(service.Service):
             result: AttemptResult = yield self.transport.deliver(
                 destination, envelope.sender, envelope.mailParams, addresses,
                 lambda: self.spool.openBody(envelope.queueId), envelope.size,
+                smtputf8=envelope.smtputf8,
             )
             failed += self._record(envelope, byAddress, result, started)
         envelope.attempts += 1
