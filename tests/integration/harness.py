@@ -210,9 +210,10 @@ class Delivered:
 class Sink:
     """tests/integration/sink.py as a subprocess: records each message's DATA bytes."""
 
-    def __init__(self, directory: Path, port: int | None = None) -> None:
+    def __init__(self, directory: Path, port: int | None = None, smtputf8: bool = True) -> None:
         self.directory = directory
         self.port = port or freePort()
+        self.smtputf8 = smtputf8  # offer SMTPUTF8
         self.logPath = directory.with_name(directory.name + ".log")
         self.process: subprocess.Popen | None = None
         directory.mkdir(parents=True, exist_ok=True)
@@ -222,7 +223,7 @@ class Sink:
         log = open(self.logPath, "ab")
         self.process = subprocess.Popen(
             [sys.executable, str(SINK_SCRIPT), "--port", str(self.port),
-             "--directory", str(self.directory)],
+             "--directory", str(self.directory)] + ([] if self.smtputf8 else ["--no-smtputf8"]),
             stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
             env=childEnvironment(),
         )

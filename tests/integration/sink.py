@@ -9,7 +9,11 @@ its envelope in ``<dir>/<n>.json`` beside it. Both are written to a
 temporary name and renamed, and the ``.json`` comes last, so a reader that
 sees ``<n>.json`` sees the whole message.
 
-Usage: python sink.py --port PORT --directory DIR [--host 127.0.0.1]
+Usage: python sink.py --port PORT --directory DIR [--host 127.0.0.1] [--no-smtputf8]
+
+It offers SMTPUTF8 (RFC 6531), as aiosmtpd's Controller does by default,
+unless --no-smtputf8 is given; the envelope's ``mail_options`` show
+whether MAIL carried it.
 
 Numbering continues from the files already in DIR, so a restarted sink does
 not overwrite what an earlier one received. Stops cleanly on SIGTERM/SIGINT.
@@ -87,6 +91,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--directory", required=True)
+    parser.add_argument("--no-smtputf8", dest="smtputf8", action="store_false",
+                        help="do not offer SMTPUTF8")
     args = parser.parse_args(argv)
 
     os.makedirs(args.directory, exist_ok=True)
@@ -100,6 +106,7 @@ def main(argv: list[str] | None = None) -> int:
         port=args.port,
         server_hostname="sink.test",
         ready_timeout=10.0,
+        enable_SMTPUTF8=args.smtputf8,
     )
     controller.start()
     print(f"sink: listening on {args.host}:{args.port}, writing to {args.directory}", flush=True)
