@@ -91,6 +91,19 @@ def test_show(setup):
     assert json.loads(out)["queue_id"] == "0000000000000001"
 
 
+def test_show_says_when_a_message_needs_smtputf8(setup):
+    spool, configPath = setup
+    put(spool, "0000000000000001", sender="jörg@example.com", smtputf8=True)
+    put(spool, "0000000000000002")
+    _, out, _ = run(configPath, "show", "0000000000000001")
+    assert "SMTPUTF8:     required (UTF-8 in a local part or the header)\n" in out
+    assert "Sender:       <jörg@example.com>\n" in out
+    _, out, _ = run(configPath, "show", "0000000000000002")
+    assert "SMTPUTF8" not in out
+    _, out, _ = run(configPath, "show", "0000000000000001", "--json")
+    assert json.loads(out)["smtputf8"] is True
+
+
 def test_show_unknown_and_bad_id(setup):
     spool, configPath = setup
     assert run(configPath, "show", "0000000000000009") == (

@@ -291,6 +291,8 @@ def _describe(e: Envelope, queue: str, directory: str, out: TextIO) -> None:
         rows.append(("Last error", e.lastError))
     if e.notice:
         rows.append(("Notice", f"{e.notice} (written by relayd)"))
+    if e.smtputf8:
+        rows.append(("SMTPUTF8", "required (UTF-8 in a local part or the header)"))
     for name, value in rows:
         out.write(f"{name + ':':<14}{value}\n")
     out.write("Recipients:\n")
