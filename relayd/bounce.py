@@ -154,7 +154,7 @@ def _typedAddress(address: str, international: bool) -> str:
 
 
 def _humanText(kind: str, hostname: str, statuses: Sequence[ReportLine],
-               lifetime: float | None) -> str:
+               lifetime: float | None, international: bool = False) -> str:
     lines = [f"This is the mail system at host {hostname}.", ""]
     if kind == NOTICE_DELAY:
         lines += [
@@ -179,7 +179,8 @@ def _humanText(kind: str, hostname: str, statuses: Sequence[ReportLine],
     lines += ["", "The mail system", ""]
     for s in statuses:
         reason = _field(s.diagnostic) if s.diagnostic else s.status
-        lines.append(f"<{s.address}>: {reason}")
+        address = s.address if international else _asciiAddress(s.address)
+        lines.append(f"<{address}>: {reason}")
     return "\n".join(lines) + "\n"
 
 
@@ -295,7 +296,7 @@ def report(kind: str, *, hostname: str, envelope: Envelope, to: str,
         policy=_OUTPUT_POLICY)
     _headers(message, kind, hostname, to, now, "auto-replied")
     message.preamble = "This is a MIME-encapsulated message."
-    text = _humanText(kind, hostname, statuses, lifetime)
+    text = _humanText(kind, hostname, statuses, lifetime, international)
     human = MIMEText(text, "plain", "us-ascii" if text.isascii() else _UTF8_8BIT)
     human["Content-Description"] = "Notification"
     del human["MIME-Version"]
