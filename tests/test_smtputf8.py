@@ -15,7 +15,7 @@ import json
 import pytest
 from twisted.internet import defer
 
-from relayd import bounce, idn
+from relayd import bounce, idn, server
 from relayd.auth import senderAllowed
 from relayd.delivery import Destination
 from relayd.envelope import Envelope, Recipient, Status
@@ -96,6 +96,20 @@ def test_whether_a_message_needs_smtputf8_is_recorded(sender, recipient, header,
     if not needs:
         # relayd's own Received: does not make the message need it either.
         assert stored.split(b"\r\n\r\n")[0].isascii()
+
+
+def test_a_header_block_too_big_to_check_counts_as_needing_smtputf8():
+    hs = Harness()
+    header = b"".join(b"X-Filler-%d: %s\r\n" % (i, b"x" * 80) for i in range(3000))
+    assert len(header) > server.MAX_HEADER_BLOCK and header.isascii()
+    hs.send(b"EHLO client.test\r\nMAIL FROM:<a@example.com> SMTPUTF8\r\n"
+            b"RCPT TO:<b@example.org>\r\nDATA\r\n")
+    # Read by the line, as from a socket: the held block passes its bound.
+    for i in range(0, len(header), 4096):
+        hs.send(header[i:i + 4096])
+    assert codes(hs.send(b"\r\nbody\r\n.\r\n")) == ["250"]
+    envelope, _ = storedBody(hs)
+    assert envelope.smtputf8 is True  # cannot tell without holding it all: the safe answer
 
 
 def test_undeclared_utf8_header_passes_through_and_needs_nothing():
