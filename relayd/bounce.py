@@ -222,9 +222,17 @@ def _statusPart(hostname: str, envelope: Envelope, statuses: Sequence[ReportLine
         if s.action == DELAYED_ACTION and lifetime:
             block["Will-Retry-Until"] = formatdate(envelope.arrival + lifetime, localtime=True)
         blocks.append(block)
-    if international and not (envelope.sender.isascii() and all(s.address.isascii() for s in statuses)):
+    if not international:
+        part.set_payload(blocks)
+        return part
+    if not (envelope.sender.isascii() and all(s.address.isascii() for s in statuses)):
         part["Content-Transfer-Encoding"] = "8bit"
-    part.set_payload(blocks)
+    # The email package writes a message/* part other than
+    # message/delivery-status as one message: here the first block is its
+    # header and the recipients' blocks its body, which is the same text.
+    perRecipient = b"".join(_bytes(block) for block in blocks[1:])
+    perMessage.set_payload(perRecipient[:-2].decode("ascii", "surrogateescape"))
+    part.set_payload([perMessage])
     return part
 
 
@@ -232,13 +240,8 @@ def _originalPart(original: bytes, whole: bool, international: bool = False) -> 
     if international:
         # RFC 6532 section 3.7, RFC 6533 section 6.3: the original as it
         # was, UTF-8 header fields included.
-        if whole:
-            part = MIMEMessage(email.parser.BytesParser(policy=_INPUT_POLICY).parsebytes(original),
-                               "global")
-        else:
-            part = Message(policy=_OUTPUT_POLICY)
-            part.set_type("message/global-headers")
-            part.set_payload(original.decode("ascii", "surrogateescape"))
+        parsed = email.parser.BytesParser(policy=_INPUT_POLICY).parsebytes(original)
+        part = MIMEMessage(parsed, "global" if whole else "global-headers")
         if not original.isascii():
             part["Content-Transfer-Encoding"] = "8bit"
         del part["MIME-Version"]
@@ -265,21 +268,9 @@ def _headers(message: Message, kind: str, hostname: str, to: str, now: float,
     message["Auto-Submitted"] = autoSubmitted
 
 
-class _ReportGenerator(BytesGenerator):
-    """
-    The email package's generator, taught RFC 6533's types (it finds a
-    ``_handle_<maintype>_<subtype>`` method per content type): the global
-    report is written as the ASCII one is, block by block, and the
-    returned global header block as text, its UTF-8 bytes unchanged.
-    """
-
-    _handle_message_global_delivery_status = BytesGenerator._handle_message_delivery_status
-    _handle_message_global_headers = BytesGenerator._handle_text
-
-
 def _bytes(message: Message) -> bytes:
     out = BytesIO()
-    _ReportGenerator(out, mangle_from_=False, policy=_OUTPUT_POLICY).flatten(message)
+    BytesGenerator(out, mangle_from_=False, policy=_OUTPUT_POLICY).flatten(message)
     return out.getvalue()
 
 
