@@ -47,6 +47,13 @@ log = Logger()
 
 # RFC 5321 §4.5.3.1.4: a command line is at most 512 octets with its CRLF.
 MAX_COMMAND_LINE = 512
+# Extensions lengthen MAIL and RCPT lines (RFC 5321 §4.5.3.1.4): DSN by
+# 100 octets for RET and ENVID, by 500 for NOTIFY and ORCPT (RFC 3461 §4).
+# The address and the parameter keywords still fit a line of 512, so a
+# reply that echoes one stays within MAX_REPLY.
+EXTENDED_LINE = {b"MAIL ": 100, b"RCPT ": 500}
+MAX_PATH = {"FROM": MAX_COMMAND_LINE - len("MAIL FROM:<>\r\n"),
+            "TO": MAX_COMMAND_LINE - len("RCPT TO:<>\r\n")}
 # An unterminated command line past this closes the session (bounded memory).
 MAX_UNTERMINATED = 4096
 # RFC 5322 §2.1.1: at most 998 characters before the CRLF.
@@ -200,6 +207,9 @@ def parsePath(text: str, keyword: str) -> tuple[str, dict[str, str | None]]:
     if end < 0:
         raise CommandSyntaxError(syntax)
     address = rest[1:end]
+    if len(address) > MAX_PATH[keyword]:
+        # As long as the line would be without extension parameters.
+        raise CommandSyntaxError(replies.LINE_TOO_LONG)
     if not address.isascii():
         raise CommandSyntaxError(replies.NON_ASCII_ADDRESS)
     if address and not _PATH_MAILBOX.fullmatch(address) and not (
@@ -208,7 +218,7 @@ def parsePath(text: str, keyword: str) -> tuple[str, dict[str, str | None]]:
     params: dict[str, str | None] = {}
     for token in rest[end + 1 :].split():
         key, eq, value = token.partition("=")
-        if not _PARAM_KEYWORD.fullmatch(key):
+        if not _PARAM_KEYWORD.fullmatch(key) or len(key) > MAX_PATH[keyword]:
             raise CommandSyntaxError(syntax)
         if key.upper() in params:
             raise CommandSyntaxError(replies.DUPLICATE_PARAMETER.format(name=key.upper()))
@@ -638,7 +648,8 @@ class SubmissionServer(smtp.ESMTP):
             return self._nonSmtpCommand(raw, words[0])
         # An AUTH initial response may be longer than a command.
         isAuth = raw[:5].upper() == b"AUTH "
-        if len(raw) > (MAX_AUTH_LINE if isAuth else MAX_COMMAND_LINE):
+        limit = MAX_AUTH_LINE if isAuth else MAX_COMMAND_LINE + EXTENDED_LINE.get(raw[:5].upper(), 0)
+        if len(raw) > limit:
             return self._error(replies.AUTH_LINE_TOO_LONG if isAuth else replies.LINE_TOO_LONG)
         line = self._withoutLineEnding(raw)
         if line is None:
