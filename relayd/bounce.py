@@ -1,7 +1,8 @@
 """
 Delivery status notifications (RFC 3464) and the other notices relayd writes
-itself: non-delivery reports ("bounces"), "delayed" warnings, double bounces
-to the postmaster and quarantine reports.
+itself: non-delivery reports ("bounces"), "delayed" warnings, "relayed"
+reports (NOTIFY=SUCCESS and a next hop without DSN), double bounces to the
+postmaster and quarantine reports.
 
 A notice is an ordinary message in the spool, sent from the null sender
 ``<>`` so that it can never cause another bounce to a sender (RFC 5321
@@ -9,7 +10,9 @@ A notice is an ordinary message in the spool, sent from the null sender
 message with Python's email package: a human-readable part, the
 ``message/delivery-status`` part and the original message (whole as
 ``message/rfc822`` up to ``queue.bounce_size_limit``, else its header as
-``text/rfc822-headers``). ``writeNotice`` reads the original and commits the
+``text/rfc822-headers``; the header only for RET=HDRS and in a "relayed"
+report). ENVID and ORCPT (relayd.dsn) become Original-Envelope-Id and
+Original-Recipient. ``writeNotice`` reads the original and commits the
 notice to the spool; it blocks and belongs in a thread.
 
 Nothing here decides *whether* to send a notice: that is the scheduler's.
