@@ -777,9 +777,10 @@ class SubmissionServer(smtp.ESMTP):
                 if value is None or not (value == "<>" or dsn.isXtext(value)):
                     return replies.BAD_PARAMETER_VALUE.format(name=key)
             elif key == "RET":
-                if dsn.parseRet(value) is None:
+                ret = dsn.parseRet(value)
+                if ret is None:
                     return replies.BAD_PARAMETER_VALUE.format(name=key)
-                params[key] = dsn.parseRet(value)
+                params[key] = ret
             elif key == "ENVID":
                 if value is not None and len(value) > dsn.ENVID_LIMIT:
                     return replies.PARAMETER_TOO_LONG.format(name=key)
@@ -799,23 +800,9 @@ class SubmissionServer(smtp.ESMTP):
             return self._reject("RCPT", e.reply, sender=txn.sender, recipient=None)
         if not address:
             return self._reject("RCPT", replies.BAD_RECIPIENT_ADDRESS, sender=txn.sender, recipient="")
-        notify = orcpt = None
-        for key, value in params.items():
-            problem = None
-            if key == "NOTIFY":
-                notify = dsn.parseNotify(value)
-                if notify is None:
-                    problem = replies.BAD_PARAMETER_VALUE.format(name=key)
-            elif key == "ORCPT":
-                orcpt = dsn.parseOrcpt(value)
-                if value is not None and len(value) > dsn.ORCPT_LIMIT:
-                    problem = replies.PARAMETER_TOO_LONG.format(name=key)
-                elif orcpt is None:
-                    problem = replies.BAD_PARAMETER_VALUE.format(name=key)
-            else:
-                problem = replies.UNKNOWN_PARAMETER.format(name=key)
-            if problem is not None:
-                return self._reject("RCPT", problem, sender=txn.sender, recipient=address)
+        problem, notify, orcpt = self._checkRcptParams(params)
+        if problem is not None:
+            return self._reject("RCPT", problem, sender=txn.sender, recipient=address)
         if isPostmaster(address, self.factory.hostname):
             # RFC 5321 section 4.5.1: accepted from anyone, for the configured address.
             postmaster = self.factory.config.postmaster
@@ -837,6 +824,25 @@ class SubmissionServer(smtp.ESMTP):
                                    self.authMethod, self.authLogin)
         txn.recipients.append(Recipient(address=address, notify=notify, orcpt=orcpt))
         self.reply(replies.RECIPIENT_OK)
+
+    def _checkRcptParams(self, params: dict[str, str | None]
+                         ) -> tuple[Reply | None, tuple[str, ...] | None, str | None]:
+        """The reply to the first bad or unknown parameter, else None; NOTIFY's words; ORCPT."""
+        notify = orcpt = None
+        for key, value in params.items():
+            if key == "NOTIFY":
+                notify = dsn.parseNotify(value)
+                if notify is None:
+                    return replies.BAD_PARAMETER_VALUE.format(name=key), None, None
+            elif key == "ORCPT":
+                if value is not None and len(value) > dsn.ORCPT_LIMIT:
+                    return replies.PARAMETER_TOO_LONG.format(name=key), None, None
+                orcpt = dsn.parseOrcpt(value)
+                if orcpt is None:
+                    return replies.BAD_PARAMETER_VALUE.format(name=key), None, None
+            else:
+                return replies.UNKNOWN_PARAMETER.format(name=key), None, None
+        return None, notify, orcpt
 
     def _reject(self, stage: str, reply: Reply, sender: str | None, recipient: str | None,
                 queueId: str | None = None) -> None:
