@@ -180,3 +180,27 @@ def test_only_the_recipients_that_asked_are_named():
 def test_relayed_notice_for_mail_from_the_null_sender_goes_nowhere():
     rig = run(("SUCCESS",), sender="")
     assert rig.spool.notices == []
+
+
+@pytest.mark.parametrize("words, returned", [(("NEVER",), False), (("DELAY",), False),
+                                             (("FAILURE",), True), (None, True)],
+                         ids=["NEVER", "DELAY", "FAILURE", "absent"])
+def test_expiry_and_an_admin_bounce_follow_notify(words, returned):
+    """Failure is failure however it comes: expiry (4.4.7) and relayctl bounce (5.0.0) too."""
+    for giveUp in ("expiry", "admin"):
+        rig = rigWith(lifetime=7200.0)
+        rig.courier = rig.sched.transport = DSNCourier(rig.clock, [451], False)
+        env = Envelope(queueId=newQueueId(), sender="a@example.com", arrival=rig.clock.seconds(),
+                       nextAttempt=rig.clock.seconds(), size=len(ORIGINAL),
+                       recipients=[Recipient("b@example.org", notify=words)])
+        rig.sched.add(env)
+        if giveUp == "expiry":
+            rig.clock.pump([60] * 130)
+        else:
+            assert rig.sched.bounce(env.queueId) == "returned to sender"
+        rig.close()
+        assert env.recipients[0].state is Status.BOUNCED
+        assert env.queueId in rig.spool.removed, giveUp
+        statuses = [parseNotice(content)[3][0]["Status"] for _, content in rig.spool.notices]
+        expected = {"expiry": "4.4.7", "admin": "5.0.0"}[giveUp]
+        assert statuses == ([expected] if returned else []), giveUp
