@@ -23,7 +23,7 @@ from __future__ import annotations
 import ipaddress
 import random as _random
 from dataclasses import dataclass, field, replace
-from typing import BinaryIO, Callable, Sequence
+from typing import BinaryIO, Callable, Mapping, Sequence
 
 from twisted.internet import defer, error
 from twisted.internet.endpoints import (
@@ -120,6 +120,7 @@ class _Message:
     recipients: list[str]
     openBody: Callable[[], BinaryIO]
     size: int
+    recipientParams: Mapping[str, Mapping[str, str]] | None = None
     # Needs SMTPUTF8 (RFC 6531): only for a next hop that offers it.
     smtputf8: bool = False
     _eightBit: bool | None = None
@@ -222,11 +223,13 @@ class Courier:
         recipients: Sequence[str],
         openBody: Callable[[], BinaryIO],
         size: int,
+        recipientParams: Mapping[str, Mapping[str, str]] | None = None,
         smtputf8: bool = False,
     ) -> defer.Deferred[AttemptResult]:
         started = self._reactor.seconds()
         recipients = list(recipients)
-        message = _Message(sender, mailParams, recipients, openBody, size, smtputf8=smtputf8)
+        message = _Message(sender, mailParams, recipients, openBody, size, recipientParams,
+                           smtputf8=smtputf8)
         d = defer.ensureDeferred(self._deliver(list(destination.hops), message, started))
 
         def localFailure(failure: Failure) -> AttemptResult:
@@ -243,7 +246,7 @@ class Courier:
 
         return d.addErrback(localFailure)
 
-    async def _deliver(self, hops, message: "_Message", started):
+    async def _deliver(self, hops, message: _Message, started):
         recipients = message.recipients
         if not hops:
             return AttemptResult(
@@ -456,6 +459,7 @@ class Courier:
         transactionStarted = seconds()
         outcome = await session.sendMessage(message.sender, message.mailParams, recipients,
                                             message.openBody, message.size,
+                                            recipientParams=message.recipientParams,
                                             smtputf8=message.smtputf8)
         if reused and not outcome.mailAccepted:
             # The idle connection may have been closed (or timed out) by the

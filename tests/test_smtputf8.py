@@ -155,11 +155,15 @@ def test_utf8_recipient_validation_and_invalid_utf8_bytes():
     assert hs.send(lines("RCPT TO:<用户@例子.example>\r\n")) == ["250 2.1.5 Ok"]
 
 
-def test_ascii_addresses_get_the_octet_limits_too():
+def test_orcpt_utf8_with_non_ascii_needs_a_smtputf8_transaction():
+    """RFC 6533: an ORCPT of type utf-8 may carry UTF-8 only where SMTPUTF8 is in use."""
+    orcpt = "RCPT TO:<bob@example.org> ORCPT=utf-8;用户@例子.example\r\n"
     hs = Harness()
-    hs.send(b"EHLO client.test\r\n")
-    assert hs.send(b"MAIL FROM:<" + b"a" * 65 + b"@example.com>\r\n") == [BAD_SENDER]
-    assert hs.send(b"MAIL FROM:<" + b"a" * 64 + b"@example.com>\r\n") == ["250 2.1.0 Ok"]
+    hs.send(b"EHLO client.test\r\nMAIL FROM:<a@example.com> SMTPUTF8\r\n")
+    assert hs.send(lines(orcpt)) == ["250 2.1.5 Ok"]
+    hs = Harness()
+    hs.send(b"EHLO client.test\r\nMAIL FROM:<a@example.com>\r\n")
+    assert hs.send(lines(orcpt)) == ["501 5.5.4 Bad parameter value: ORCPT"]
 
 
 def test_received_header_names_a_domain_only_recipient_in_a_labels():

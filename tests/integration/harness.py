@@ -210,9 +210,11 @@ class Delivered:
 class Sink:
     """tests/integration/sink.py as a subprocess: records each message's DATA bytes."""
 
-    def __init__(self, directory: Path, port: int | None = None, smtputf8: bool = True) -> None:
+    def __init__(self, directory: Path, port: int | None = None, dsn: bool = False,
+                 smtputf8: bool = True) -> None:
         self.directory = directory
         self.port = port or freePort()
+        self.dsn = dsn  # advertise and accept DSN (RFC 3461)
         self.smtputf8 = smtputf8  # offer SMTPUTF8
         self.logPath = directory.with_name(directory.name + ".log")
         self.process: subprocess.Popen | None = None
@@ -223,7 +225,8 @@ class Sink:
         log = open(self.logPath, "ab")
         self.process = subprocess.Popen(
             [sys.executable, str(SINK_SCRIPT), "--port", str(self.port),
-             "--directory", str(self.directory)] + ([] if self.smtputf8 else ["--no-smtputf8"]),
+             "--directory", str(self.directory), *(["--dsn"] if self.dsn else []),
+             *([] if self.smtputf8 else ["--no-smtputf8"])],
             stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
             env=childEnvironment(),
         )
