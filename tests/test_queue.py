@@ -685,7 +685,7 @@ def test_dsn_requests_survive_the_spool(spool):
 
 
 @pytest.mark.parametrize("path, value, reason", [
-    (("version",), 3, "unsupported envelope version 3"),
+    (("version",), FORMAT_VERSION + 1, f"unsupported envelope version {FORMAT_VERSION + 1}"),
     (("version",), 1.0, "unsupported envelope version 1.0"),
     (("ret",), "ALL", "ret is 'ALL', expected FULL, HDRS or null"),
     (("envid",), 7, "envid is 7, expected a string or null"),

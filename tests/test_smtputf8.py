@@ -184,6 +184,12 @@ def test_envelope_flag_round_trips_and_old_envelopes_load_without_it():
     assert Envelope.fromJSON(data).smtputf8 is True
     del data["smtputf8"]
     assert Envelope.fromJSON(data).smtputf8 is False
+    for older in (1, 2):  # spools written before the flag existed
+        assert Envelope.fromJSON({**data, "version": older}).smtputf8 is False
+    # Most messages need no SMTPUTF8: their envelopes do not spell it out.
+    plain = Envelope(queueId="0123456789ABCDEF", sender="a@example.com",
+                     recipients=[Recipient("b@example.org")], arrival=1.0)
+    assert "smtputf8" not in plain.toJSON()
     data["smtputf8"] = "false"
     with pytest.raises(ValueError, match="smtputf8"):
         Envelope.fromJSON(data)
