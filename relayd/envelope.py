@@ -155,6 +155,10 @@ class Envelope:
     # The latest delivery results, oldest first, at most HISTORY_LIMIT:
     # {"time", "recipient", "relay", "dsn", "status", "reply"} (relayctl show).
     history: list[dict] = field(default_factory=list)
+    # The DKIM-Signature fields (CRLF lines) sent before the message, set
+    # once before its first delivery attempt (relayd.dkim): "" means
+    # unsigned, None not decided yet.
+    dkim: str | None = None
 
     def recordHistory(self, entry: dict) -> None:
         self.history.append(entry)
@@ -187,6 +191,7 @@ class Envelope:
             "warned": self.warned,
             "notice": self.notice,
             "history": self.history,
+            "dkim": self.dkim,
         }
 
     @classmethod
@@ -227,7 +232,14 @@ class Envelope:
             warned=_flag(data, "warned"),
             notice=_notice(data.get("notice")),
             history=_history(data.get("history", [])),
+            dkim=_dkim(data.get("dkim")),
         )
+
+
+def _dkim(value) -> str | None:
+    if value is not None and not (isinstance(value, str) and value.isascii()):
+        raise ValueError(f"dkim is {_shown(value)}, expected ASCII header fields or null")
+    return value
 
 
 def _notice(value) -> str | None:

@@ -38,6 +38,7 @@ from relayd.auth import (
     PasswordFile, PasswordFileChecker, PasswordFileError, Realm, Verifier, warnPasswordFile,
 )
 from relayd.courier import Courier
+from relayd.dkim import KeyProblem, Signer, keyProblems
 from relayd.proxy import ProxyFactory
 from relayd.queue import Spool, ownershipProblem, permissionFix, spoolProblems
 from relayd.resolve import HOSTS_FILE, ClientNames, ConfiguredResolver
@@ -423,8 +424,15 @@ def makeService(options, reactor=None) -> RelayService:
         # unlink) waits for the disk: never on the reactor thread.
         return deferToThreadPool(reactor, pool, f, *args)
 
+    # DKIM keys are read now (a bad one stops the start) and on reload;
+    # messages are signed in the spool's threads.
+    try:
+        signer = Signer(config, runInThread)
+    except KeyProblem as e:
+        fail(str(e))
     # Notices (bounces) are written and fsynced in the spool's threads too.
-    scheduler = Scheduler(spool, courier, config, reactor, runInThread=runInThread)
+    scheduler = Scheduler(spool, courier, config, reactor, runInThread=runInThread,
+                          signer=signer)
 
     def commit(writer, envelope):
         # fsync never runs on the reactor thread.
@@ -453,7 +461,7 @@ def makeService(options, reactor=None) -> RelayService:
     # listeners, the spool and its control socket) are in none of them.
     reloadable = [factory, scheduler, tls, passwords, verifier,
                   credPortal.realm if credPortal is not None else None,
-                  resolver, clientNames, courier]
+                  resolver, clientNames, courier, signer]
     relay = RelayService(config, reactor, spool, pool, scheduler, factory, listeners,
                   [c for c in reloadable if c is not None], courier=courier,
                   passwords=passwords, authPool=authPool)
@@ -502,6 +510,7 @@ def startupProblems(config) -> list[str]:
             PasswordFile(config.auth.passwordFile).load()
         except PasswordFileError as e:
             problems.append(f"auth.password_file {e}")
+    problems.extend(keyProblems(config))
     problems.extend(f"queue.directory {p}" for p in spoolProblems(config.queue.directory))
     return problems
 
