@@ -567,6 +567,11 @@ def _isDNSName(value: str) -> bool:
     return all(_LABEL_RE.match(label) for label in value.split("."))
 
 
+def isDNSName(value: str) -> bool:
+    """Whether ``value`` is an ASCII DNS name (LDH labels, dots between them)."""
+    return isinstance(value, str) and _isDNSName(value)
+
+
 def _hostname(value: object, path: str) -> str:
     # Top-level domains begin with a letter: a last label that does not is
     # an IP address or a date ("2001-01-01"), not a name for HELO.
