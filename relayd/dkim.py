@@ -3,8 +3,12 @@ DKIM signing (RFC 6376; Ed25519 keys, RFC 8463) for the ``From:`` domains
 in the ``dkim:`` section, with dkimpy: relayd writes no crypto and no
 canonicalization of its own.
 
-When: just before a message's first delivery attempt, in the spool's
-threads, never before the 250. The signature covers the spooled message,
+When: just before a message's first delivery attempt, never before the
+250, and never in the daemon's own process: dkimpy canonicalizes and signs
+in pure Python, holding the interpreter lock for up to a second on a large
+message (RSA's modular exponentiation alone takes milliseconds), which
+would stall every session on the reactor thread. A spool thread hands the
+message to a small pool of worker processes and waits for the signature. The signature covers the spooled message,
 which is exactly what the courier sends (relayd's own Received: header
 first, CRLF line endings, dot-stuffing undone by the next hop, 8-bit bytes
 passed on as they are or the hop refused, never converted). The
@@ -26,6 +30,9 @@ from __future__ import annotations
 import base64
 import email.utils
 import io
+import multiprocessing
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import BinaryIO, Callable
@@ -326,16 +333,26 @@ class Signer:
     """
     The keys of the dkim section and ``sign``, which the scheduler calls
     before a message's first delivery attempt. ``runInThread(f, *args)``
-    runs reading, hashing and signing off the reactor thread. A reload
-    reads every key file again (in a thread); if one fails, the running
-    keys stay and an error line says which.
+    reads the message off the reactor thread; the signing runs in one of
+    ``workers`` processes (started at the first message, ended by
+    ``stop``), at most ``workers`` messages at a time, so no spool thread
+    waits for it and at most that many messages are held in memory; with
+    ``workers`` 0 (unit tests) the thread signs itself. ``callFromThread``
+    (the reactor's) brings a worker's answer back. A reload reads every key
+    file again (in a thread); if one fails, the running keys stay and an
+    error line says which.
     """
 
-    def __init__(self, config, runInThread: Callable[..., defer.Deferred]):
+    def __init__(self, config, runInThread: Callable[..., defer.Deferred], workers: int = 0,
+                 callFromThread: Callable[..., None] | None = None):
         self.runInThread = runInThread
+        self.callFromThread = callFromThread
         self.settings = config.dkim
         self.auth = config.auth
         self.keys = loadKeys(config)  # KeyProblem stops the start
+        self.workers = workers
+        self._limit = defer.DeferredSemaphore(max(1, workers))
+        self._executor: ProcessPoolExecutor | None = None
 
     def reconfigure(self, config) -> defer.Deferred:
         self.auth = config.auth
@@ -356,21 +373,22 @@ class Signer:
 
         return self.runInThread(loadKeys, config).addCallbacks(loaded, failed)
 
+    def stop(self) -> None:
+        """End the worker processes (at the daemon's stop)."""
+        executor, self._executor = self._executor, None
+        if executor is not None:
+            executor.shutdown(wait=False, cancel_futures=True)
+
     def sign(self, envelope, openBody: Callable[[], BinaryIO]) -> defer.Deferred:
         """
         Decide and sign ``envelope``'s message once: sets ``envelope.dkim``
         (the fields, or "" for unsigned) and logs. Fires True when the
-        envelope gained a signature to store. A failure to read the message
-        leaves ``envelope.dkim`` unset, for the next attempt.
+        envelope gained a signature to store. A failure to read or sign the
+        message leaves ``envelope.dkim`` unset, for the next attempt.
         """
         keys, settings, auth = self.keys, self.settings, self.auth
         if not keys or settings is None:
             return defer.succeed(False)
-
-        def work() -> Outcome:
-            with openBody() as f:
-                message = f.read()
-            return signQueued(message, envelope.authIdentity, auth, keys, settings)
 
         def done(outcome: Outcome) -> bool:
             envelope.dkim = outcome.fields.decode("ascii")
@@ -382,11 +400,45 @@ class Signer:
             return False
 
         def broke(failure) -> bool:
-            maillog.dkimUnsigned(envelope.queueId,
-                                 f"cannot read the message: {failure.getErrorMessage()}")
+            what = "read the message" if failure.check(OSError) else "sign"
+            maillog.dkimUnsigned(envelope.queueId, f"cannot {what} now: "
+                                 f"{failure.getErrorMessage() or failure.type.__name__}")
             return False
 
-        return self.runInThread(work).addCallbacks(done, broke)
+        args = (envelope.authIdentity, auth, keys, settings)
+        d = self._limit.run(self._signed, openBody, args)
+        return d.addCallbacks(done, broke)
+
+    def _signed(self, openBody, args) -> defer.Deferred:
+        def read() -> bytes:
+            with openBody() as f:
+                return f.read()
+
+        if not self.workers:
+            return self.runInThread(lambda: signQueued(read(), *args))
+        return self.runInThread(read).addCallback(self._inWorker, args)
+
+    def _inWorker(self, message: bytes, args) -> defer.Deferred:
+        if self._executor is None:
+            # forkserver: workers do not start as copies of the daemon
+            # (its threads, sockets and signal handlers).
+            self._executor = ProcessPoolExecutor(
+                self.workers, mp_context=multiprocessing.get_context("forkserver"))
+        executor = self._executor
+        result: defer.Deferred = defer.Deferred()
+
+        def settle(future) -> None:
+            error = future.exception()
+            if error is None:
+                result.callback(future.result())
+                return
+            if isinstance(error, BrokenProcessPool) and self._executor is executor:
+                self._executor = None  # a worker died (killed): new ones for the next message
+            result.errback(error)
+
+        future = executor.submit(signQueued, message, *args)
+        future.add_done_callback(lambda f: self.callFromThread(settle, f))
+        return result
 
 
 # Sending ------------------------------------------------------------------------
