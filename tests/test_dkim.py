@@ -480,3 +480,12 @@ def test_the_daemon_refuses_to_start_on_a_bad_key_with_one_line(tmp_path, capsys
     err = capsys.readouterr().err
     assert err == (f"relayd: {path}: dkim.domains.example.com[0].key: {tmp_path}/r1.key: "
                    "expected an RSA or Ed25519 private key in PEM, got something else\n")
+
+
+def test_check_config_names_a_bad_key_as_the_daemon_would(tmp_path):
+    from relayd import tap
+
+    loaded = dkimConfig(tmp_path, {"example.com": [{"selector": "r1",
+                                                    "key": str(tmp_path / "nope.key")}]})
+    assert f"{tmp_path}/relayd.yaml: dkim.domains.example.com[0].key: cannot read " \
+           f"{tmp_path}/nope.key: No such file or directory" in tap.startupProblems(loaded)
