@@ -25,10 +25,9 @@ import dns.resolver
 
 from relayd import config as configModule
 from relayd import dkim
-from relayd.cli.common import FAILED, OK, Refusal
+from relayd.cli.common import DEFAULT_CONFIG, FAILED, OK, Refusal
 
 PROG = "relayd"
-DEFAULT_CONFIG = "/etc/relayd/relayd.yaml"
 
 
 def keyFileName(selector: str, domain: str) -> str:
