@@ -340,10 +340,10 @@ class BodyCourier(FakeCourier):
         super().__init__(clock)
         self.sent = []
 
-    def deliver(self, hops, sender, mailParams, recipients, openBody, size):
+    def deliver(self, hops, sender, mailParams, recipients, openBody, size, **more):
         with openBody() as f:
             self.sent.append((f.read(), size))
-        return super().deliver(hops, sender, mailParams, recipients, openBody, size)
+        return super().deliver(hops, sender, mailParams, recipients, openBody, size, **more)
 
 
 def schedulerWith(loaded, spool, courier, clock, signer):
