@@ -24,7 +24,8 @@ from relayd import dsn
 FORMAT_VERSIONS = {
     1: "the first format",
     2: "DSN (RFC 3461): ret and envid; per recipient notify and orcpt",
-    3: "SMTPUTF8 (RFC 6531): smtputf8, the message needs it (written when true)",
+    3: "DKIM: the DKIM-Signature fields stored before the first delivery attempt",
+    4: "SMTPUTF8 (RFC 6531): smtputf8, the message needs it (written when true)",
 }
 FORMAT_VERSION = max(FORMAT_VERSIONS)
 
@@ -181,6 +182,10 @@ class Envelope:
     # received (xtext); None when not given.
     ret: str | None = None
     envid: str | None = None
+    # The DKIM-Signature fields (CRLF lines) sent before the message, set
+    # once before its first delivery attempt (relayd.dkim): "" means
+    # unsigned, None not decided yet.
+    dkim: str | None = None
     # The message needs SMTPUTF8 (RFC 6531): UTF-8 in a local part or in its
     # header, so it goes only to a next hop that offers it.
     smtputf8: bool = False
@@ -216,7 +221,8 @@ class Envelope:
             "warned": self.warned,
             "notice": self.notice,
             "history": self.history,
-            **_present(ret=self.ret, envid=self.envid, smtputf8=self.smtputf8 or None),
+            **_present(ret=self.ret, envid=self.envid, dkim=self.dkim,
+                       smtputf8=self.smtputf8 or None),
         }
 
     @classmethod
@@ -259,8 +265,15 @@ class Envelope:
             history=_history(data.get("history", [])),
             ret=_ret(data.get("ret")),
             envid=_optionalStr(data, "envid"),
+            dkim=_dkim(data.get("dkim")),
             smtputf8=_flag(data, "smtputf8"),
         )
+
+
+def _dkim(value) -> str | None:
+    if value is not None and not (isinstance(value, str) and value.isascii()):
+        raise ValueError(f"dkim is {_shown(value)}, expected ASCII header fields or null")
+    return value
 
 
 def _ret(value) -> str | None:

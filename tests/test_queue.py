@@ -658,7 +658,7 @@ FORMAT_1_ENVELOPE = (
 
 
 def test_a_format_1_spool_still_loads_without_dsn_requests(spool, tmp_path):
-    """A spool written before DSN recovers: no RET, ENVID, NOTIFY or ORCPT; rewritten as the current format."""
+    """A spool written before DSN recovers: no RET, ENVID, NOTIFY or ORCPT; rewritten in the current format."""
     queueDir = tmp_path / "spool" / "queue"
     (queueDir / "0000000000000001.eml").write_bytes(b"Subject: old\r\n\r\nbody\r\n")
     (queueDir / "0000000000000001.env").write_text(FORMAT_1_ENVELOPE)
@@ -685,10 +685,11 @@ def test_dsn_requests_survive_the_spool(spool):
 
 
 @pytest.mark.parametrize("path, value, reason", [
-    (("version",), FORMAT_VERSION + 1, f"unsupported envelope version {FORMAT_VERSION + 1}"),
+    (("version",), 99, "unsupported envelope version 99"),
     (("version",), 1.0, "unsupported envelope version 1.0"),
     (("ret",), "ALL", "ret is 'ALL', expected FULL, HDRS or null"),
     (("envid",), 7, "envid is 7, expected a string or null"),
+    (("dkim",), 5, "dkim is 5, expected ASCII header fields or null"),
     (("recipients", 0, "notify"), "NEVER", "notify is 'NEVER', expected a list of NEVER"),
     (("recipients", 0, "notify"), [], "notify is [], expected a list of NEVER"),
     (("recipients", 0, "notify"), ["SOMETIMES"], "notify is ['SOMETIMES'], expected a list of NEVER"),
