@@ -1438,6 +1438,25 @@ class Delivery(_Schema):
         return found
 
 
+# Where the Prometheus page listens when the metrics section gives no endpoint.
+DEFAULT_METRICS_ENDPOINT = "tcp:9125:interface=127.0.0.1"
+
+
+def _metricsEndpoint(value: object, path: str) -> str:
+    value = _endpoint(value, path)
+    if _splitEndpoint(value)[0] == "haproxy":
+        raise _Problem(path, f"expected an endpoint like {_quote(DEFAULT_METRICS_ENDPOINT)}, got "
+                       f"{_quote(value)} (the PROXY protocol is for SMTP listeners)")
+    return value
+
+
+@dataclass(frozen=True)
+class Metrics(_Schema):
+    """The Prometheus /metrics page (plain HTTP; keep it on loopback or a private network)."""
+
+    endpoint: str = setting("endpoint", _metricsEndpoint, DEFAULT_METRICS_ENDPOINT)
+
+
 @dataclass(frozen=True)
 class Config(_Schema):
     what: ClassVar[str] = "a mapping of settings"
@@ -1457,8 +1476,9 @@ class Config(_Schema):
         unset="double bounces and quarantine notices are logged and dropped; "
               "RCPT TO:<postmaster> gets 550 5.1.1")
     delivery: Delivery = setting("delivery", section=Delivery)
-    metrics: None = setting("metrics", None, None, compare=False,
-                            notSupported=("section", "metrics come later"))
+    # None: no metrics page.
+    metrics: Metrics | None = setting("metrics", None, None, section=Metrics, optional=True,
+                                      unset="no Prometheus page")
     shutdownGrace: float = duration("shutdown_grace", 0, 30.0)
 
     def check(self, section: _Section) -> None:

@@ -252,7 +252,7 @@ class Scheduler(service.Service):
                 destination, envelope.sender, envelope.mailParams, addresses,
                 lambda: self.spool.openBody(envelope.queueId), envelope.size,
             )
-            failed += self._record(envelope, byAddress, result, started)
+            failed += self._record(envelope, byAddress, result, started, destination)
         envelope.attempts += 1
         yield self._conclude(envelope, failed)
 
@@ -324,7 +324,8 @@ class Scheduler(service.Service):
         self._push(envelope)
 
     def _record(self, envelope: Envelope, byAddress, result: AttemptResult,
-                started: float) -> list[tuple[Recipient, bounce.ReportLine]]:
+                started: float, destination: Destination | None = None,
+                ) -> list[tuple[Recipient, bounce.ReportLine]]:
         """Apply one transport's result; the recipients that failed permanently, for the bounce."""
         queueId = envelope.queueId
         for failure in result.localErrors:
@@ -356,7 +357,8 @@ class Scheduler(service.Service):
             })
             maillog.delivery(queueId, outcome.address, result.relay,
                              now - envelope.arrival, delays, outcome.dsn,
-                             outcome.status.value, outcome.text)
+                             outcome.status.value, outcome.text,
+                             route=destination.name if destination is not None else None)
         return failed
 
     def _finished(self, _: object, queueId: str) -> None:
