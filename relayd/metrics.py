@@ -25,6 +25,7 @@ from typing import Callable, Iterable, Mapping
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.exposition import choose_encoder
+from twisted.application import service
 from twisted.logger import ILogObserver
 from twisted.protocols import policies
 from twisted.web import http, resource, server
@@ -261,6 +262,30 @@ class TimedTransport:
         return getattr(self.transport, name)
 
 
+class MetricsService(service.MultiService):
+    """
+    Counting and serving: the log observer on ``publisher`` while running,
+    and ``listener`` (the page's listening service) as its child.
+    """
+
+    name = "metrics"
+
+    def __init__(self, metrics: Metrics, publisher, listener: service.Service) -> None:
+        super().__init__()
+        self.metrics = metrics
+        self.publisher = publisher
+        self._observer = metrics.observer()
+        listener.setServiceParent(self)
+
+    def startService(self) -> None:
+        self.publisher.addObserver(self._observer)
+        super().startService()
+
+    def stopService(self):
+        self.publisher.removeObserver(self._observer)
+        return super().stopService()
+
+
 # The /metrics page ---------------------------------------------------------------
 
 
@@ -321,5 +346,5 @@ def metricsSite(metrics: Metrics, reactor) -> policies.LimitTotalConnectionsFact
     return limited
 
 
-__all__ = ("Metrics", "MetricsPage", "QueueCollector", "TimedTransport", "metricsSite",
+__all__ = ("Metrics", "MetricsPage", "MetricsService", "QueueCollector", "TimedTransport", "metricsSite",
            "queueSnapshot", "replyName", "updatesFor")
