@@ -334,16 +334,28 @@ class _QuietSite(server.Site):
         """No access log: a scrape every few seconds is not an event."""
 
 
-def metricsSite(metrics: Metrics, reactor) -> policies.LimitTotalConnectionsFactory:
+class _Limited(policies.WrappingFactory):
+    """At most ``limit`` connections at once; more are closed at once."""
+
+    noisy = False
+
+    def __init__(self, factory, limit: int) -> None:
+        super().__init__(factory)
+        self.limit = limit
+
+    def buildProtocol(self, addr):
+        if len(self.protocols) >= self.limit:
+            return None
+        return super().buildProtocol(addr)
+
+
+def metricsSite(metrics: Metrics, reactor) -> policies.WrappingFactory:
     """The HTTP factory for ``metrics.endpoint``: ``/metrics`` and nothing else (404)."""
     root = resource.Resource()
     root.putChild(b"metrics", MetricsPage(metrics))
     site = _QuietSite(root, timeout=HTTP_TIMEOUT, reactor=reactor)
     site.noisy = False
-    limited = policies.LimitTotalConnectionsFactory(site)
-    limited.connectionLimit = HTTP_CONNECTIONS
-    limited.noisy = False
-    return limited
+    return _Limited(site, HTTP_CONNECTIONS)
 
 
 __all__ = ("Metrics", "MetricsPage", "MetricsService", "QueueCollector", "TimedTransport", "metricsSite",
