@@ -4,11 +4,11 @@ read from the scheduler, and the ``/metrics`` page on ``metrics.endpoint``.
 
 The counters are fed by the events relayd.maillog emits (each carries its
 name in the field ``event``): ``updatesFor`` turns one event into metric
-updates, a pure function tested as a table, and ``Metrics.apply`` applies
+updates, a pure function tested as a table, and ``MetricsRegistry.apply`` applies
 them. So a line in the log and a count in the metrics come from one call
 and can never disagree. The updates are plain tuples
 ``(metric, label values, amount)``: a process that does not serve the page
-can compute them and hand them to the one that does, whose ``Metrics``
+can compute them and hand them to the one that does, whose ``MetricsRegistry``
 applies them as if they were its own.
 
 Every label value is the configuration's (a listener's endpoint, a route's
@@ -163,7 +163,7 @@ class QueueCollector:
         yield age
 
 
-class Metrics:
+class MetricsRegistry:
     """
     relayd's metrics in a registry of their own (not prometheus_client's
     global one, which would also expose the Python process's).
@@ -244,7 +244,7 @@ class Metrics:
 class TimedTransport:
     """A delivery transport that times each attempt (call to result) for the histogram."""
 
-    def __init__(self, transport, metrics: Metrics, clock) -> None:
+    def __init__(self, transport, metrics: MetricsRegistry, clock) -> None:
         self.transport = transport
         self.metrics = metrics
         self.clock = clock
@@ -270,7 +270,7 @@ class MetricsService(service.MultiService):
 
     name = "metrics"
 
-    def __init__(self, metrics: Metrics, publisher, listener: service.Service) -> None:
+    def __init__(self, metrics: MetricsRegistry, publisher, listener: service.Service) -> None:
         super().__init__()
         self.metrics = metrics
         self.publisher = publisher
@@ -300,7 +300,7 @@ class MetricsPage(resource.Resource):
 
     isLeaf = True
 
-    def __init__(self, metrics: Metrics) -> None:
+    def __init__(self, metrics: MetricsRegistry) -> None:
         super().__init__()
         self.metrics = metrics
 
@@ -349,7 +349,7 @@ class _Limited(policies.WrappingFactory):
         return super().buildProtocol(addr)
 
 
-def metricsSite(metrics: Metrics, reactor) -> policies.WrappingFactory:
+def metricsSite(metrics: MetricsRegistry, reactor) -> policies.WrappingFactory:
     """The HTTP factory for ``metrics.endpoint``: ``/metrics`` and nothing else (404)."""
     root = resource.Resource()
     root.putChild(b"metrics", MetricsPage(metrics))
@@ -358,5 +358,5 @@ def metricsSite(metrics: Metrics, reactor) -> policies.WrappingFactory:
     return _Limited(site, HTTP_CONNECTIONS)
 
 
-__all__ = ("Metrics", "MetricsPage", "MetricsService", "QueueCollector", "TimedTransport", "metricsSite",
+__all__ = ("MetricsPage", "MetricsRegistry", "MetricsService", "QueueCollector", "TimedTransport", "metricsSite",
            "queueSnapshot", "replyName", "updatesFor")

@@ -525,8 +525,8 @@ def _metrics(config):
     if config.metrics is None:
         return None
     # Imported here: prometheus_client is only needed with metrics on.
-    from relayd.metrics import Metrics
-    return Metrics()
+    from relayd.metrics import MetricsRegistry
+    return MetricsRegistry()
 
 
 def _passing(action):

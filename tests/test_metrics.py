@@ -120,7 +120,7 @@ def scrape(registry_metrics) -> dict:
 
 
 def test_observer_counts_what_the_log_says_and_the_page_shows_it():
-    m = metrics.Metrics()
+    m = metrics.MetricsRegistry()
     m.addQueue(lambda: {"deferred": (3, 42.0)})
     publisher = LogPublisher(m.observer())
     log = Logger(namespace="relayd/smtpd", observer=publisher)
@@ -141,7 +141,7 @@ def test_observer_counts_what_the_log_says_and_the_page_shows_it():
 
 def test_updates_from_another_process_apply_as_our_own():
     """What a worker computes with updatesFor can be applied by the process serving the page."""
-    here, there = metrics.Metrics(), metrics.Metrics()
+    here, there = metrics.MetricsRegistry(), metrics.MetricsRegistry()
     event = {"log_namespace": "relayd/smtpd", "event": "saslFailed"}
     here.apply(metrics.updatesFor(event))
     there.apply(metrics.updatesFor(event))
@@ -151,7 +151,7 @@ def test_updates_from_another_process_apply_as_our_own():
 
 def test_attempts_are_timed_by_route():
     clock = task.Clock()
-    m = metrics.Metrics()
+    m = metrics.MetricsRegistry()
     pending = defer.Deferred()
 
     class Courier:
@@ -178,7 +178,7 @@ def test_attempts_are_timed_by_route():
 
 
 def test_the_page_renders_on_the_calling_thread_and_negotiates_openmetrics():
-    m = metrics.Metrics()
+    m = metrics.MetricsRegistry()
     m.timedCommit(0.003)
     page = metrics.MetricsPage(m)
     request = DummyRequest([b""])
