@@ -29,10 +29,14 @@ from twisted.internet import task
 
 from relayd import maillog
 
-# How often STATUS= is refreshed (when it changed) without a watchdog.
+# How often STATUS= is refreshed (sent when it changed).
 STATUS_INTERVAL = 5.0
 # The name of this process's reactor among the heartbeats.
 THIS_REACTOR = "main"
+# What systemd tells the process it started: only that process speaks for
+# the service, so relayd takes them out of the environment that processes
+# it starts would inherit.
+ENVIRONMENT = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID")
 
 
 def notifyAddress(environ: Mapping[str, str]) -> str | bytes | None:
@@ -61,6 +65,12 @@ def watchdogInterval(environ: Mapping[str, str], pid: int) -> float | None:
     except ValueError:
         return None
     return usec / 1e6 if usec > 0 else None
+
+
+def statusLine(messages: int, connections: int) -> str:
+    """What ``systemctl status`` shows: ``3 messages in queue, 1 connection``."""
+    return (f"{messages} message{'' if messages == 1 else 's'} in queue, "
+            f"{connections} connection{'' if connections == 1 else 's'}")
 
 
 class Notifier:
@@ -143,7 +153,7 @@ class NotifyService(service.Service):
         self.watchdog = watchdog
         self.heartbeats = heartbeats if heartbeats is not None else Heartbeats(clock)
         self.monotonic = monotonic
-        self._tick: task.LoopingCall | None = None
+        self._ticks: list[task.LoopingCall] = []
         self._lastStatus: str | None = None
         self._isReady = False
         self._stopping = False
@@ -162,22 +172,28 @@ class NotifyService(service.Service):
         self._isReady = True
         self._lastStatus = self.status()
         self.notifier.send("READY=1", f"STATUS={self._lastStatus}")
-        if self.notifier.enabled:
-            interval = STATUS_INTERVAL if self.watchdog is None else min(STATUS_INTERVAL,
-                                                                         self.watchdog / 2)
-            self._tick = task.LoopingCall(self.tick)
-            self._tick.clock = self.clock
-            self._tick.start(interval, now=True)
+        if not self.notifier.enabled:
+            return
+        ticks = [(self.statusTick, STATUS_INTERVAL)]
+        if self.watchdog is not None:
+            ticks.append((self.watchdogTick, self.watchdog / 2))
+        for call, interval in ticks:
+            tick = task.LoopingCall(call)
+            tick.clock = self.clock
+            tick.start(interval, now=False)
+            self._ticks.append(tick)
 
-    def tick(self) -> None:
+    def watchdogTick(self) -> None:
         """
         Runs on the reactor, so it runs at all only while the reactor does:
-        this reactor's heartbeat, the watchdog ping if every reactor beat
-        recently, and STATUS= when it changed.
+        this reactor's heartbeat, then WATCHDOG=1 if every reactor beat
+        within WatchdogSec.
         """
         self.heartbeats.beat(THIS_REACTOR)
-        if self.watchdog is not None and not self.heartbeats.stale(self.watchdog):
+        if not self.heartbeats.stale(self.watchdog):
             self.notifier.send("WATCHDOG=1")
+
+    def statusTick(self) -> None:
         if self._stopping:
             return  # STATUS= says "stopping" until the end
         text = self.status()
@@ -201,9 +217,10 @@ class NotifyService(service.Service):
         self.notifier.send("STOPPING=1", "STATUS=stopping: finishing sessions and deliveries")
 
     def _stopTicks(self) -> None:
-        tick, self._tick = self._tick, None
-        if tick is not None and tick.running:
-            tick.stop()
+        ticks, self._ticks = self._ticks, []
+        for tick in ticks:
+            if tick.running:
+                tick.stop()
 
     def stopService(self) -> None:
         super().stopService()
@@ -211,8 +228,11 @@ class NotifyService(service.Service):
         self.notifier.close()
 
 
-def fromEnvironment(clock, status: Callable[[], str], environ: Mapping[str, str] = os.environ,
+def fromEnvironment(clock, status: Callable[[], str], environ: dict[str, str] = os.environ,
                     pid: int | None = None) -> NotifyService:
-    """The NotifyService for the environment systemd gave this process."""
-    return NotifyService(Notifier(notifyAddress(environ)), clock, status,
+    """The NotifyService for the environment systemd gave this process, which it then forgets."""
+    made = NotifyService(Notifier(notifyAddress(environ)), clock, status,
                          watchdog=watchdogInterval(environ, os.getpid() if pid is None else pid))
+    for name in ENVIRONMENT:
+        environ.pop(name, None)
+    return made

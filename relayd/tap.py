@@ -511,8 +511,8 @@ def makeService(options, reactor=None) -> RelayService:
             config.metrics.endpoint, metricsSite(metrics, reactor), reactor,
             label=f"{config.metrics.endpoint} (metrics)")).setServiceParent(relay)
     # Last: READY=1 once the listeners above accept and the queue is loaded.
-    relay.notify = notify.fromEnvironment(reactor, lambda: (
-        f"{scheduler.queueLength()} messages in queue, {len(factory.sessions)} connections"))
+    relay.notify = notify.fromEnvironment(reactor, lambda: notify.statusLine(
+        scheduler.queueLength(), len(factory.sessions)))
     relay.notify.setServiceParent(relay)
     listenerServices.extend(listeners)
     if reactor is _globalReactor():

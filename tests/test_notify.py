@@ -173,3 +173,21 @@ def test_a_full_socket_drops_the_message_instead_of_waiting(systemd):
         clock.advance(0.001)
     assert made.notifier.send("WATCHDOG=1") is False
     made.stopService()
+
+
+def test_the_environment_is_read_once_and_not_passed_on():
+    """Processes relayd starts must not speak for the service: the variables are gone."""
+    environ = {"NOTIFY_SOCKET": "/run/systemd/notify", "WATCHDOG_USEC": "30000000",
+               "WATCHDOG_PID": "7", "PATH": "/bin"}
+    made = notify.fromEnvironment(task.Clock(), lambda: "", environ=environ, pid=7)
+    assert made.notifier.address == "/run/systemd/notify" and made.watchdog == 30.0
+    assert environ == {"PATH": "/bin"}
+
+
+@pytest.mark.parametrize("messages, connections, line", [
+    (0, 0, "0 messages in queue, 0 connections"),
+    (1, 1, "1 message in queue, 1 connection"),
+    (3, 2, "3 messages in queue, 2 connections"),
+])
+def test_status_line(messages, connections, line):
+    assert notify.statusLine(messages, connections) == line
