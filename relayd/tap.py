@@ -41,6 +41,7 @@ from relayd.auth import (
     PasswordFile, PasswordFileChecker, PasswordFileError, Realm, Verifier, warnPasswordFile,
 )
 from relayd.courier import Courier
+from relayd.dkim import KeyProblem, Signer, keyProblems
 from relayd.proxy import ProxyFactory
 from relayd.queue import Spool, ownershipProblem, permissionFix, spoolProblems
 from relayd.resolve import HOSTS_FILE, ClientNames, ConfiguredResolver
@@ -110,6 +111,10 @@ stopSignals = StopSignals()
 #                                    connection kept for reuse, three DNS
 #                                    queries (MX, A, AAAA: a UDP socket each)
 FILES_BASE = 64
+
+# Processes that sign DKIM (started at the first message to sign): each
+# holds one signature at a time, one per core up to four.
+DKIM_WORKERS = max(1, min(4, os.cpu_count() or 1))
 FILES_PER_CONNECTION = 3
 FILES_PER_DELIVERY = 6
 
@@ -237,7 +242,7 @@ class RelayService(service.MultiService):
     notify = None
 
     def __init__(self, config, reactor, spool, pool, scheduler, factory, listeners,
-                 reloadable, courier=None, passwords=None, authPool=None):
+                 reloadable, courier=None, passwords=None, authPool=None, signer=None):
         super().__init__()
         self.config = config
         self.reactor = reactor
@@ -256,6 +261,8 @@ class RelayService(service.MultiService):
         # of their own, so DNS lookups never wait behind bcrypt).
         self.passwords = passwords
         self.authPool = authPool
+        # DKIM's worker processes end with the daemon.
+        self.signer = signer
         self.scheduler.setServiceParent(self)
         for listener in listeners:
             listener.setServiceParent(self)
@@ -407,6 +414,8 @@ class RelayService(service.MultiService):
         self.pool.stop()
         if self.authPool is not None:
             self.authPool.stop()
+        if self.signer is not None:
+            self.signer.stop()
         maillog.daemonEvent("daemon stopped")
 
 
@@ -451,11 +460,19 @@ def makeService(options, reactor=None) -> RelayService:
         # unlink) waits for the disk: never on the reactor thread.
         return deferToThreadPool(reactor, pool, f, *args)
 
+    # DKIM keys are read now (a bad one stops the start) and on reload;
+    # messages are signed in worker processes (relayd.dkim says why).
+    try:
+        signer = Signer(config, runInThread, workers=DKIM_WORKERS,
+                        callFromThread=lambda f, *args: reactor.callFromThread(f, *args))
+    except KeyProblem as e:
+        fail(str(e))
     metrics = _metrics(config)
     # Each delivery attempt timed for the metrics.
     transport = TimedTransport(courier, metrics, reactor) if metrics is not None else courier
     # Notices (bounces) are written and fsynced in the spool's threads too.
-    scheduler = Scheduler(spool, transport, config, reactor, runInThread=runInThread)
+    scheduler = Scheduler(spool, transport, config, reactor, runInThread=runInThread,
+                          signer=signer)
 
     def commit(writer, envelope):
         # fsync never runs on the reactor thread.
@@ -488,10 +505,10 @@ def makeService(options, reactor=None) -> RelayService:
     # listeners, the spool and its control socket) are in none of them.
     reloadable = [factory, scheduler, tls, passwords, verifier,
                   credPortal.realm if credPortal is not None else None,
-                  resolver, clientNames, courier]
+                  resolver, clientNames, courier, signer]
     relay = RelayService(config, reactor, spool, pool, scheduler, factory, listeners,
                   [c for c in reloadable if c is not None], courier=courier,
-                  passwords=passwords, authPool=authPool)
+                  passwords=passwords, authPool=authPool, signer=signer)
     if passwords is not None:
         # A file edited while running is re-read by itself, in a verification
         # thread: the same warnings as at start, from the reactor thread.
@@ -568,6 +585,7 @@ def startupProblems(config) -> list[str]:
             PasswordFile(config.auth.passwordFile).load()
         except PasswordFileError as e:
             problems.append(f"auth.password_file {e}")
+    problems.extend(keyProblems(config))
     problems.extend(f"queue.directory {p}" for p in spoolProblems(config.queue.directory))
     return problems
 
