@@ -1556,6 +1556,25 @@ class Delivery(_Schema):
         return found
 
 
+# Where the Prometheus page listens when the metrics section gives no endpoint.
+DEFAULT_METRICS_ENDPOINT = "tcp:9125:interface=127.0.0.1"
+
+
+def _metricsEndpoint(value: object, path: str) -> str:
+    value = _endpoint(value, path)
+    if _splitEndpoint(value)[0] == "haproxy":
+        raise _Problem(path, f"expected an endpoint like {_quote(DEFAULT_METRICS_ENDPOINT)}, got "
+                       f"{_quote(value)} (the PROXY protocol is for SMTP listeners)")
+    return value
+
+
+@dataclass(frozen=True)
+class Metrics(_Schema):
+    """The Prometheus /metrics page (plain HTTP; keep it on loopback or a private network)."""
+
+    endpoint: str = setting("endpoint", _metricsEndpoint, DEFAULT_METRICS_ENDPOINT)
+
+
 @dataclass(frozen=True)
 class DKIMSelector(_Schema):
     """One signing key of a From: domain: published as SELECTOR._domainkey.DOMAIN."""
@@ -1616,8 +1635,9 @@ class Config(_Schema):
     # DKIM signing; None: mail leaves unsigned.
     dkim: DKIM | None = setting("dkim", None, None, section=DKIM, optional=True,
                                 unset="mail leaves unsigned")
-    metrics: None = setting("metrics", None, None, compare=False,
-                            notSupported=("section", "metrics come later"))
+    # None: no metrics page.
+    metrics: Metrics | None = setting("metrics", None, None, section=Metrics, optional=True,
+                                      unset="no Prometheus page")
     shutdownGrace: float = duration("shutdown_grace", 0, 30.0)
 
     def check(self, section: _Section) -> None:

@@ -34,6 +34,15 @@ class Destination:
 
     hops: tuple[NextHop, ...]
 
+    @property
+    def name(self) -> str:
+        """
+        The destination as metrics label it: ``mx`` for MX delivery (one
+        value whatever the recipient's domain, which a sender chooses), else
+        the configured host of its first next hop.
+        """
+        return "mx" if not self.hops or self.hops[0].mx else self.hops[0].host
+
 
 def classify(code: int) -> Status:
     """

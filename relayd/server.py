@@ -363,7 +363,7 @@ class SubmissionServer(smtp.ESMTP):
         refusal = self.factory.sessionStarted(self)
         if refusal is not None:
             # Refused at once, without a DNS lookup: a flood costs no queries.
-            maillog.connected(self.clientName, self.clientAddress)
+            maillog.connected(self.clientName, self.clientAddress, self.listener.endpoint)
             # On an implicit-TLS port the 421 waits for a handshake that a
             # silent client never starts; _close's timer aborts the
             # connection after CLOSE_GRACE. Waiting that little (rather than
@@ -396,7 +396,7 @@ class SubmissionServer(smtp.ESMTP):
             self.clientName = found.name
             if found.warning:
                 maillog.smtpdWarning(found.warning)
-        maillog.connected(self.clientName, self.clientAddress)
+        maillog.connected(self.clientName, self.clientAddress, self.listener.endpoint)
         if paused:
             self.transport.resumeProducing()
         if self._closing:  # the daemon began stopping meanwhile: 421 sent already
@@ -413,6 +413,9 @@ class SubmissionServer(smtp.ESMTP):
 
     def handshakeCompleted(self) -> None:
         self._handshaking = False
+        session = sessionDescription(self.transport)
+        if session is not None:
+            maillog.tlsAccepted(self.clientName, self.clientAddress, *session)
         self._registerProducer()
 
     # Backpressure: the session as its transport's producer
@@ -530,7 +533,7 @@ class SubmissionServer(smtp.ESMTP):
         if self._naming is not None:
             # Gone before its name was known: still one connect line per disconnect.
             self._naming = None
-            maillog.connected(self.clientName, self.clientAddress)
+            maillog.connected(self.clientName, self.clientAddress, self.listener.endpoint)
         if self._greeting is not None and self._greeting.active():
             self._greeting.cancel()
         if self._handshaking and reason is not None and reason.check(SSL.Error):
@@ -546,7 +549,7 @@ class SubmissionServer(smtp.ESMTP):
             self._discard(self._data.writer)
             self._data = None
         self.factory.sessionEnded(self)
-        maillog.disconnected(self.clientName, self.clientAddress)
+        maillog.disconnected(self.clientName, self.clientAddress, listener=self.listener.endpoint)
 
     def timeoutConnection(self) -> None:
         if self._handshaking:
@@ -1217,6 +1220,7 @@ class SubmissionServer(smtp.ESMTP):
         self.avatar = avatar
         self.authLogin = avatar.login
         self.authMethod = mechanism
+        maillog.saslAccepted(self.clientName, self.clientAddress, mechanism, avatar.login)
         self.reply(replies.AUTH_OK)
 
     def _authFailed(self, failure: Failure, mechanism: str, login: bytes,

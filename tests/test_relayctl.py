@@ -147,7 +147,7 @@ def test_blocks_need_the_daemon(setup, args):
     status, out, err = run(setup[1], *args)
     assert (status, out) == (1, "")
     assert err.startswith("relayctl: relayd is not running (nothing answers on ")
-    assert "blocked and unblock need the daemon" in err
+    assert "unblock and reload need the daemon" in err
 
 
 def test_config_error_is_one_line(tmp_path):

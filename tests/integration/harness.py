@@ -394,7 +394,7 @@ class Relayd:
             startOffset = log.tell()
             self.process = subprocess.Popen(
                 self.command(), cwd=self.directory, stdout=log, stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL, env=childEnvironment(),
+                stdin=subprocess.DEVNULL, env=self.environment(),
             )
         waitUntil(lambda: self.process.poll() is not None or portAcceptsConnections(self.port),
                   START_DEADLINE, f"relayd did not start listening on {HOST}:{self.port}",
@@ -407,6 +407,10 @@ class Relayd:
                   or "daemon started" in self.log(startOffset),
                   START_DEADLINE, "relayd did not log 'daemon started'", self.describe)
         return self
+
+    def environment(self) -> dict[str, str]:
+        """The daemon's environment (a subclass adds systemd's variables, say)."""
+        return childEnvironment()
 
     @property
     def running(self) -> bool:
