@@ -767,6 +767,8 @@ class OutboundSession(LineReceiver):
             # Validated when the client sent them; a value that could
             # split the command (read back from a damaged spool) is dropped.
             if value and not any(c <= " " or c == "\x7f" for c in value):
+                if name == "ORCPT" and not value.isascii() and "SMTPUTF8" not in self.capabilities:
+                    value = dsn.asciiOrcpt(value)
                 found.append(f"{name}={value}".encode("utf-8"))
         return found
 
