@@ -125,6 +125,12 @@ def formatNumber(value: float | None) -> str:
     return f"{value:.2f}"
 
 
+def formatRatio(value: float | None) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.2f}" if value >= 0.1 else f"{value:.2g}"
+
+
 @dataclass
 class Line:
     """One row of the table: a label, the medians, and which way is better."""
@@ -143,7 +149,7 @@ def formatTable(lines: list[Line]) -> str:
     for line in lines:
         r = ratio(line.relayd, line.postfix)
         out.append(f"{line.label:{width}}  {formatNumber(line.relayd):>10}  "
-                   f"{formatNumber(line.postfix):>10}  {'-' if r is None else f'{r:.2f}':>14}  "
+                   f"{formatNumber(line.postfix):>10}  {formatRatio(r):>14}  "
                    f"{line.better}{'  ' + line.note if line.note else ''}")
     return "\n".join(out)
 
