@@ -448,13 +448,12 @@ class Relayd(Relay):
             self.logFile = None
 
 
-def allowConfigDirectory(etc: Path) -> None:
+def allowConfigDirectory(etc: Path, main: Path = Path("/etc/postfix/main.cf")) -> None:
     """
     ``postfix -c DIR`` and postqueue need DIR in the default main.cf's
     alternate_config_directories. One line listing every directory: each
     further line with that name would override the earlier ones.
     """
-    main = Path("/etc/postfix/main.cf")
     text = main.read_text() if main.exists() else "compatibility_level = 3.6\n"
     pattern = re.compile(r"(?m)^alternate_config_directories\s*=\s*(.*)\n?")
     listed: list[str] = []
@@ -739,7 +738,6 @@ def idleConnections(port: int, count: int, deadline: float) -> list[socket.socke
 # relayd's spool, written directly in its on-disk format
 
 def writeRelaydSpool(directory: Path, count: int, size: int) -> None:
-    sys.path.insert(0, str(ROOT))
     from relayd.envelope import Envelope, Recipient, newQueueId
     from relayd.queue import BODY_SUFFIX, ENVELOPE_SUFFIX, QUARANTINE, QUEUE, TMP
 
@@ -904,7 +902,6 @@ def idleRun(connections: int, deadline: float):
 
 def schedulerCost(count: int) -> dict:
     """relayd's scheduler with ``count`` queued: microseconds per message to load and to drain."""
-    sys.path.insert(0, str(ROOT))
     import io
 
     from twisted.internet import defer, task
