@@ -154,6 +154,29 @@ def formatTable(lines: list[Line]) -> str:
     return "\n".join(out)
 
 
+def formatConfigs(configs: dict[str, list[str]]) -> str:
+    """
+    Each relay's first configuration whole, each further one as the lines
+    it adds (+) to the first or lacks (-); ``configs`` maps "relay:\ntext"
+    to the rows that used it.
+    """
+    out: list[str] = []
+    first: dict[str, list[str]] = {}
+    for text, used in configs.items():
+        name, _, body = text.partition(":\n")
+        rows = ", ".join(dict.fromkeys(used))
+        lines = body.splitlines()
+        if name not in first:
+            first[name] = lines
+            out.append(f"--- {name}, rows {rows}:")
+            out += ["    " + line for line in lines]
+        else:
+            out.append(f"--- {name}, rows {rows}: as above, but")
+            out += ["  - " + line for line in first[name] if line not in lines]
+            out += ["  + " + line for line in lines if line not in first[name]]
+    return "\n".join(out)
+
+
 def message(size: int) -> bytes:
     """A CRLF message of about ``size`` bytes, without the final dot."""
     head = (f"From: <{SENDER}>\r\nTo: <{RECIPIENT}>\r\nSubject: bench\r\n"
@@ -1104,10 +1127,7 @@ def main(argv: list[str] | None = None) -> int:
     print(formatTable(lines))
     print()
     print("Configurations (ports and paths of this run):")
-    for text, used in configs.items():
-        name, _, body = text.partition(":\n")
-        print(f"--- {name}, rows {', '.join(dict.fromkeys(used))}")
-        print(textwrap.indent(body, "    "), end="")
+    print(formatConfigs(configs))
     return 0
 
 

@@ -153,3 +153,21 @@ def test_only_names_rows_that_exist(capsys):
     with pytest.raises(SystemExit):
         compare.main(["--only", "small20,nonsense"])
     assert "unknown row nonsense" in capsys.readouterr().err
+
+
+def test_configurations_after_the_first_are_printed_as_differences():
+    text = compare.formatConfigs({
+        "relayd:\nhostname: a\nretry: 5s\n": ["small20", "small1", "small20"],
+        "postfix:\nin_flow_delay = 0\n": ["small20"],
+        "relayd:\nhostname: a\nretry: 1h\n": ["backlog"],
+    })
+    assert text.splitlines() == [
+        "--- relayd, rows small20, small1:",
+        "    hostname: a",
+        "    retry: 5s",
+        "--- postfix, rows small20:",
+        "    in_flow_delay = 0",
+        "--- relayd, rows backlog: as above, but",
+        "  - retry: 5s",
+        "  + retry: 1h",
+    ]
