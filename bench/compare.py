@@ -61,6 +61,7 @@ import os
 import re
 import resource
 import shutil
+import signal
 import socket
 import ssl
 import statistics
@@ -680,7 +681,7 @@ async def transaction(reader, writer, body: bytes) -> float:
     return time.perf_counter() - sent
 
 
-async def quit(reader, writer) -> None:
+async def closeSession(reader, writer) -> None:
     writer.write(b"QUIT\r\n")
     try:
         await readReply(reader)
@@ -703,7 +704,7 @@ async def paced(port: int, messages: int, sessions: int, rate: float, body: byte
             if delay > 0:
                 await asyncio.sleep(delay)
             latencies.append(await transaction(reader, writer, body))
-        await quit(reader, writer)
+        await closeSession(reader, writer)
 
     counts = [messages // sessions + (1 if i < messages % sessions else 0) for i in range(sessions)]
     await asyncio.gather(*(session(i, n) for i, n in enumerate(counts)))
@@ -730,7 +731,7 @@ async def authenticated(port: int, messages: int, sessions: int, perSession: int
             await exchange(reader, writer, auth, b"235")
             for _ in range(count):
                 await transaction(reader, writer, body)
-            await quit(reader, writer)
+            await closeSession(reader, writer)
 
     await asyncio.gather(*(worker() for _ in range(sessions)))
 
@@ -1073,6 +1074,10 @@ def runRows(rows: list[Row], args, tlsFiles) -> tuple[list[Line], dict[str, list
     return lines, configs
 
 
+def stopped(signum, frame) -> None:
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true",
@@ -1083,7 +1088,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="rounds for the backlog, spool and idle rows (default 1)")
     parser.add_argument("--only", default="", help="comma-separated row names (default: all)")
     parser.add_argument("--rate", type=float, default=200.0, help="the paced row's rate (msg/s)")
-    parser.add_argument("--deadline", type=float, default=600.0, help="seconds per phase before giving up")
+    parser.add_argument("--deadline", type=float, default=1800.0, help="seconds per phase before giving up")
     parser.add_argument("--workdir", type=Path, default=BASE,
                         help=f"spools, configs and logs of both relays, under /var (default {BASE})")
     args = parser.parse_args(argv)
@@ -1109,6 +1114,8 @@ def main(argv: list[str] | None = None) -> int:
             pass
     else:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard if hard != resource.RLIM_INFINITY else 65536, hard))
+    # Stopped with SIGTERM: stop the relays and sinks of the running row too.
+    signal.signal(signal.SIGTERM, stopped)
     args.workdir = args.workdir.resolve()
     args.workdir.mkdir(parents=True, exist_ok=True)
     os.chmod(args.workdir, 0o755)
