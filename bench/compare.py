@@ -951,7 +951,7 @@ def schedulerCost(count: int) -> dict:
     delivered = [0]
 
     class Courier:
-        def deliver(self, destination, sender, mailParams, recipients, openBody, size):
+        def deliver(self, destination, sender, mailParams, recipients, openBody, size, **options):
             delivered[0] += len(recipients)
             return defer.succeed(AttemptResult(
                 relay="sink[127.0.0.1]:25", connectSeconds=0.0, transmitSeconds=0.0,
