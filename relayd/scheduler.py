@@ -32,6 +32,7 @@ from twisted.internet import defer
 from twisted.logger import Logger
 
 from relayd import bounce, dsn, maillog, route
+from relayd.dkim import withSignature
 from relayd.delivery import AttemptResult, Destination, Transport
 from relayd.envelope import (
     NOTICE_BOUNCE,
@@ -98,15 +99,17 @@ class Scheduler(service.Service):
     ``postmaster``, ``queue``, ``delivery``), replaced on reload with
     ``reconfigure``. ``runInThread(f, *args)`` runs blocking spool work
     (writing a notice) off the reactor thread and returns a Deferred; tests
-    run it inline.
+    run it inline. ``signer`` (relayd.dkim.Signer) signs a message before
+    its first delivery attempt; None: nothing is signed.
     """
 
     name = "scheduler"
 
     def __init__(self, spool, transport: Transport, settings, clock,
                  random: Callable[[], float] = _random.random,
-                 runInThread: Callable[..., defer.Deferred] | None = None):
+                 runInThread: Callable[..., defer.Deferred] | None = None, signer=None):
         self.spool = spool
+        self.signer = signer
         self.transport = transport
         self.settings = settings
         self.clock = clock
@@ -255,10 +258,24 @@ class Scheduler(service.Service):
         recipientParams = {}
         for r in pending:
             recipientParams.setdefault(r.address, dsn.rcptParameters(r.notify, r.orcpt))
+
+        def openBody():
+            return self.spool.openBody(envelope.queueId)
+
+        if envelope.dkim is None and self.signer is not None:
+            # Signed once; stored before the first byte goes out, so every
+            # attempt sends the same signature, whatever keys come later.
+            signed = yield self.signer.sign(envelope, openBody)
+            if signed:
+                try:
+                    yield self.runInThread(self.spool.update, envelope)
+                except OSError as e:
+                    maillog.queueFileFailed(envelope.queueId, "update", e.strerror or str(e))
+        openMessage = withSignature(envelope.dkim, openBody)
+        size = envelope.size + len(envelope.dkim or "")
         for destination, addresses in groups.items():
             result: AttemptResult = yield self.transport.deliver(
-                destination, envelope.sender, mailParams, addresses,
-                lambda: self.spool.openBody(envelope.queueId), envelope.size,
+                destination, envelope.sender, mailParams, addresses, openMessage, size,
                 recipientParams=recipientParams,
             )
             failed += self._record(envelope, byAddress, result, started, relayed)
