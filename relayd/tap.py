@@ -190,8 +190,11 @@ class ListenerService(service.Service):
     running on without it.
     """
 
-    def __init__(self, description: str, factory, reactor, label: str | None = None):
+    def __init__(self, description: str, factory, reactor, label: str | None = None,
+                 accept: bool = True):
         self.description = description
+        # False: the socket is only held for the intake workers, which accept on it.
+        self.accept = accept
         # As the admin wrote it (haproxy:tcp:25 listens on tcp:25).
         self.label = label or description
         self.factory = factory
@@ -209,6 +212,8 @@ class ListenerService(service.Service):
         if isinstance(outcome, Failure):
             fail(f"cannot listen on {self.label}: {outcome.getErrorMessage()}")
         self.port = outcome
+        if not self.accept:
+            outcome.stopReading()
         host = outcome.getHost()
         maillog.daemonEvent(f"listening on {self.label} ({getattr(host, 'host', host)}:{getattr(host, 'port', '')})")
 
@@ -322,33 +327,9 @@ class RelayService(service.MultiService):
 
     def reload(self) -> None:
         """Re-read the config; apply what can change live; keep the old one on error."""
-        try:
-            new = configModule.load(self.config.path)
-        except configModule.ConfigError as e:
-            maillog.daemonEvent(f"reload failed, keeping the running configuration: {e}",
-                                level=maillog.LogLevel.error)
-            return
-        old = self.config
-        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
-        if soft != resource.RLIM_INFINITY and _filesNeeded(new) > soft:
-            maillog.daemonEvent(
-                f"reload failed, keeping the running configuration: {_fileLimitProblem(new, soft)}",
-                level=maillog.LogLevel.error)
-            return
-        needRestart = [name for name, before, after in (
-            ("listeners", old.listeners, new.listeners),
-            ("queue.directory", old.queue.directory, new.queue.directory),
-            ("queue.control_socket", old.queue.controlSocketPath, new.queue.controlSocketPath),
-        ) if before != after]
-        # What only a restart applies stays as running, so the next reload
-        # still reports it and nothing reads a spool the daemon does not use.
-        new = dataclasses.replace(new, listeners=old.listeners, queue=dataclasses.replace(
-            new.queue, directory=old.queue.directory, controlSocket=old.queue.controlSocket))
-        self.config = new
-        for component in self.reloadable:
-            component.reconfigure(new)
-        note = f"; {', '.join(needRestart)} changed and need a restart" if needRestart else ""
-        maillog.daemonEvent(f"reload: configuration {new.path} applied{note}")
+        new = reloadConfig(self.config, self.reloadable)
+        if new is not None:
+            self.config = new
 
     @defer.inlineCallbacks
     def stopService(self):
@@ -383,6 +364,43 @@ class RelayService(service.MultiService):
         maillog.daemonEvent("daemon stopped")
 
 
+def reloadConfig(old, reloadable):
+    """
+    The one reload path, for every process of the daemon: re-read the
+    config file, give it to each of ``reloadable`` (``reconfigure``), and
+    return it; None (the running config stays) when it cannot be used.
+    """
+    try:
+        new = configModule.load(old.path)
+    except configModule.ConfigError as e:
+        maillog.daemonEvent(f"reload failed, keeping the running configuration: {e}",
+                            level=maillog.LogLevel.error)
+        return None
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    if soft != resource.RLIM_INFINITY and _filesNeeded(new) > soft:
+        maillog.daemonEvent(
+            f"reload failed, keeping the running configuration: {_fileLimitProblem(new, soft)}",
+            level=maillog.LogLevel.error)
+        return None
+    needRestart = [name for name, before, after in (
+        ("listeners", old.listeners, new.listeners),
+        ("queue.directory", old.queue.directory, new.queue.directory),
+        ("queue.control_socket", old.queue.controlSocketPath, new.queue.controlSocketPath),
+        ("processes", old.processes, new.processes),
+    ) if before != after]
+    # What only a restart applies stays as running, so the next reload
+    # still reports it and nothing reads a spool the daemon does not use.
+    new = dataclasses.replace(new, listeners=old.listeners, processes=old.processes,
+                              queue=dataclasses.replace(
+                                  new.queue, directory=old.queue.directory,
+                                  controlSocket=old.queue.controlSocket))
+    for component in reloadable:
+        component.reconfigure(new)
+    note = f"; {', '.join(needRestart)} changed and need a restart" if needRestart else ""
+    maillog.daemonEvent(f"reload: configuration {new.path} applied{note}")
+    return new
+
+
 def _withFix(error: OSError, directory: str) -> str:
     """An OSError on the spool, with what to do when it is a permission problem."""
 
@@ -411,6 +429,9 @@ def makeService(options, reactor=None) -> RelayService:
     from relayd.server import SubmissionFactory
     config = options["loaded"]
     raiseFileLimit(config)
+    count = configModule.processCount(config.processes, os.cpu_count())
+    if count > 1:
+        return _makeMaster(options, config, reactor, count)
     spool = Spool(config.queue.directory)
     pool = threadpool.ThreadPool(minthreads=1, maxthreads=4, name="relayd-spool")
     listenerServices: list = []
@@ -437,18 +458,8 @@ def makeService(options, reactor=None) -> RelayService:
     factory = SubmissionFactory(config, spool, commit, scheduler.add, reactor,
                                 portal=credPortal, tls=tls, clientNames=clientNames.lookup,
                                 runInThread=runInThread)
-    listeners = []
-    for l in config.listeners:
-        listenerFactory = factory.forListener(l)
-        if l.tls == "implicit":
-            listenerFactory = wrapImplicit(tls, listenerFactory)
-        if l.proxied:
-            # The PROXY header comes before everything, TLS included; the
-            # session is built once it is read (relayd.proxy).
-            listenerFactory = ProxyFactory(
-                listenerFactory, l.proxyFrom, lambda: factory.config.hostname,
-                lambda: factory.config.limits.commandTimeout, reactor)
-        listeners.append(ListenerService(l.innerEndpoint, listenerFactory, reactor, label=l.endpoint))
+    listeners = [ListenerService(l.innerEndpoint, listenerFactory, reactor, label=l.endpoint)
+                 for l, listenerFactory in _listenerFactories(config, factory, tls, reactor)]
     # What SIGHUP reconfigures, in this order; restart-only settings (the
     # listeners, the spool and its control socket) are in none of them.
     reloadable = [factory, scheduler, tls, passwords, verifier,
@@ -469,6 +480,136 @@ def makeService(options, reactor=None) -> RelayService:
     if reactor is _globalReactor():
         relay.stopSignals = stopSignals
     return relay
+
+
+def _listenerFactories(config, factory, tls, reactor) -> list:
+    """(listener, the factory its connections get) for every configured listener."""
+    found = []
+    for l in config.listeners:
+        listenerFactory = factory.forListener(l)
+        if l.tls == "implicit":
+            listenerFactory = wrapImplicit(tls, listenerFactory)
+        if l.proxied:
+            # The PROXY header comes before everything, TLS included; the
+            # session is built once it is read (relayd.proxy).
+            listenerFactory = ProxyFactory(
+                listenerFactory, l.proxyFrom, lambda: factory.config.hostname,
+                lambda: factory.config.limits.commandTimeout, reactor)
+        found.append((l, listenerFactory))
+    return found
+
+
+# More than one process: the master and its intake workers ---------------------
+
+
+def _makeMaster(options, config, reactor, count: int) -> RelayService:
+    """
+    The master (relayd.master): recovery, the listening sockets, the queue
+    manager, the limits and the block list; ``count`` intake workers
+    (relayd.worker) accept and receive on the sockets it holds.
+    """
+    from twisted.internet import protocol
+
+    from relayd.control import ControlService
+    from relayd.master import LimitsOwner, WorkerPool, workerCommand
+    from relayd.server import _throttleSettings
+
+    spool = Spool(config.queue.directory)
+    pool = threadpool.ThreadPool(minthreads=1, maxthreads=4, name="relayd-spool")
+    listenerServices: list = []
+    resolver = ConfiguredResolver(reactor, config)
+    courier = _courier(config, reactor, listenerServices, resolver)
+
+    def runInThread(f, *args):
+        return deferToThreadPool(reactor, pool, f, *args)
+
+    scheduler = Scheduler(spool, courier, config, reactor, runInThread=runInThread)
+    # The workers read the certificate and the password file; checked here
+    # too, so that a broken one stops the start with one line.
+    _security(config, reactor)
+    owner = LimitsOwner(config, reactor, _throttleSettings)
+    held = protocol.Factory()  # never builds anything: the master does not accept
+    held.noisy = False
+    listeners = [ListenerService(l.innerEndpoint, held, reactor, label=l.endpoint, accept=False)
+                 for l in config.listeners]
+    parent = getattr(options, "parent", None) or {}
+    command = workerCommand(config.path, parent.get("logger"),
+                            parent.get("logfile"))
+    workers = WorkerPool(count, command, reactor, listeners, spool.lockDescriptor, owner,
+                         scheduler, spool, runInThread)
+    relay = RelayService(config, reactor, spool, pool, scheduler, workers, listeners,
+                         [owner, scheduler, resolver, courier, workers], courier=courier)
+    relay.workers = workers
+    ControlService(config.queue.controlSocketPath, scheduler, reactor,
+                   throttle=owner).setServiceParent(relay)
+    # Started last: after recovery, the listeners and the control socket.
+    workers.setServiceParent(relay)
+    listenerServices.extend(listeners)
+    if reactor is _globalReactor():
+        relay.stopSignals = stopSignals
+    return relay
+
+
+def makeWorker(configPath: str, reactor, channelFd: int, listenerFds: list[int]):
+    """
+    An intake worker's service (relayd.worker), wired as the single
+    process's intake is, with the master's limits; None when it cannot
+    start (said on stderr).
+    """
+    import socket
+
+    from twisted.internet import protocol
+
+    from relayd.server import SubmissionFactory, _throttleSettings
+    from relayd.worker import MasterLink, RemoteLimits, WorkerService, announcedCommit
+
+    try:
+        config = configModule.load(configPath)
+    except configModule.ConfigError as e:
+        sys.stderr.write(f"relayd: {e}\n")
+        return None
+    if len(listenerFds) != len(config.listeners):
+        sys.stderr.write(f"relayd: {config.path}: listeners: changed since the daemon started; "
+                         "restart it\n")
+        return None
+    raiseFileLimit(config)
+    worker: list = []
+    link = MasterLink(reactor, lost=lambda: worker and worker[0].stopNow("lost its master"))
+    linkFactory = protocol.Factory()
+    linkFactory.noisy = False
+    linkFactory.buildProtocol = lambda addr: link
+    reactor.adoptStreamConnection(channelFd, socket.AF_UNIX, linkFactory)
+    os.close(channelFd)
+    link.limits = RemoteLimits(link, reactor, config, _throttleSettings)
+
+    spool = Spool(config.queue.directory)
+    pool = threadpool.ThreadPool(minthreads=1, maxthreads=4, name="relayd-spool")
+    resolver = ConfiguredResolver(reactor, config)
+
+    def runInThread(f, *args):
+        return deferToThreadPool(reactor, pool, f, *args)
+
+    commit = announcedCommit(link, lambda writer, envelope: deferToThreadPool(
+        reactor, pool, writer.commit, envelope))
+    tls, passwords, verifier, authPool, credPortal = _security(config, reactor)
+    clientNames = ClientNames(resolver, config.limits.clientNameTimeout, reactor,
+                              hostsFile=os.environ.get("RELAYD_HOSTS_FILE") or HOSTS_FILE)
+    factory = SubmissionFactory(config, spool, commit, link.queued, reactor,
+                                portal=credPortal, tls=tls, clientNames=clientNames.lookup,
+                                runInThread=runInThread, limits=link.limits)
+    listenerFactories = [f for _, f in _listenerFactories(config, factory, tls, reactor)]
+    reloadable = [factory, tls, passwords, verifier,
+                  credPortal.realm if credPortal is not None else None,
+                  resolver, clientNames, link.limits]
+    service = WorkerService(config, reactor, factory, listenerFactories, listenerFds, pool,
+                            authPool, [c for c in reloadable if c is not None], reloadConfig)
+    worker.append(service)
+    link.sessionCount = lambda: len(factory.sessions)
+    link.reload = service.reload
+    if passwords is not None:
+        passwords.changed = lambda: reactor.callFromThread(
+            lambda: warnPasswordFile(passwords, service.config.auth))
+    return service
 
 
 # Delivery: the courier's settings, password files and CA files ------------------
