@@ -20,7 +20,7 @@ Worker to master, on the intake path:
 Master to worker:
   ``Ping``        the heartbeat: answered by the worker's reactor thread;
   ``Reload``      re-read the configuration (the master has applied it);
-  ``Blocked`` / ``Unblocked``  the AUTH block list changed;
+  ``BlockStarted`` / ``BlockLifted``  the AUTH block list changed;
   ``RateLimited`` a login reached ``messages_per_user_per_hour`` until then.
 
 Addresses are normalized client IP addresses; times are the master's clock
@@ -33,8 +33,8 @@ from twisted.protocols import amp
 
 # Admit's answers: admitted, or which limit refused the session.
 ADMITTED = ""
-TOO_MANY_CONNECTIONS = "connections"
-TOO_MANY_FROM_CLIENT = "connections_per_client"
+REFUSED_CONNECTIONS = "connections"
+REFUSED_PER_CLIENT = "connections_per_client"
 
 
 class Admit(amp.Command):
@@ -93,13 +93,13 @@ class Reload(amp.Command):
     response = []
 
 
-class Blocked(amp.Command):
+class BlockStarted(amp.Command):
     commandName = b"blocked"
     arguments = [(b"address", amp.Unicode()), (b"until", amp.Float())]
     requiresAnswer = False
 
 
-class Unblocked(amp.Command):
+class BlockLifted(amp.Command):
     commandName = b"unblocked"
     arguments = [(b"address", amp.Unicode())]
     requiresAnswer = False

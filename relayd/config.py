@@ -1481,7 +1481,7 @@ class Config(_Schema):
                             notSupported=("section", "metrics come later"))
     shutdownGrace: float = duration("shutdown_grace", 0, 30.0)
     # Intake processes: "auto" (one per core) or a count; 1 = one process does everything.
-    processes: int | str = setting("processes", _processes, PROCESSES_AUTO)
+    processes: int | str = setting("processes", _processes, 1)
 
     def check(self, section: _Section) -> None:
         for index, listener in enumerate(self.listeners):

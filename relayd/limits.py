@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from collections import Counter
 
-from relayd.channel import ADMITTED, TOO_MANY_CONNECTIONS, TOO_MANY_FROM_CLIENT
+from relayd.channel import ADMITTED, REFUSED_CONNECTIONS, REFUSED_PER_CLIENT
 
 
 class SessionCounts:
@@ -33,9 +33,9 @@ class SessionCounts:
     def admit(self, worker: object, address: str) -> str:
         """Count a session of ``worker`` for ``address``; ADMITTED, or the limit that refused it."""
         if self.total + 1 > self.connections:
-            return TOO_MANY_CONNECTIONS
+            return REFUSED_CONNECTIONS
         if self._byClient[address] + 1 > self.perClient:
-            return TOO_MANY_FROM_CLIENT
+            return REFUSED_PER_CLIENT
         self._byWorker.setdefault(worker, Counter())[address] += 1
         self._byClient[address] += 1
         self.total += 1

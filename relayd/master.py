@@ -77,12 +77,12 @@ class LimitsOwner:
 
     def unblock(self, address: str) -> bool:
         wasBlocked = self.throttle.unblock(address)
-        self.broadcast(channel.Unblocked, address=address)
+        self.broadcast(channel.BlockLifted, address=address)
         return wasBlocked
 
     def blockStarted(self, address: str, until: float | None) -> None:
         if until is not None:
-            self.broadcast(channel.Blocked, address=address, until=until)
+            self.broadcast(channel.BlockStarted, address=address, until=until)
 
     def messageQueued(self, login: str | None) -> None:
         if not login:
@@ -267,7 +267,7 @@ class WorkerPool(service.Service):
         maillog.daemonEvent(f"{worker.describe()} started")
         # What the new worker must know already: the blocks and rate limits in force.
         for address, until in self.owner.throttle.blockedClients():
-            link.callRemote(channel.Blocked, address=address, until=until)
+            link.callRemote(channel.BlockStarted, address=address, until=until)
         for login, until in self.owner.messageRate.exceededLogins():
             link.callRemote(channel.RateLimited, login=login, until=until)
 

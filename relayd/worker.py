@@ -32,8 +32,8 @@ from relayd import channel, maillog, replies
 log = Logger()
 
 _REFUSALS = {
-    channel.TOO_MANY_CONNECTIONS: replies.TOO_MANY_CONNECTIONS,
-    channel.TOO_MANY_FROM_CLIENT: replies.TOO_MANY_CONNECTIONS_FROM_CLIENT,
+    channel.REFUSED_CONNECTIONS: replies.TOO_MANY_CONNECTIONS,
+    channel.REFUSED_PER_CLIENT: replies.TOO_MANY_CONNECTIONS_FROM_CLIENT,
 }
 
 # Blocks and rate limits this worker remembers (as FailureThrottle.MAX_TRACKED).
@@ -201,12 +201,12 @@ class MasterLink(channel.Quiet):
         self.reload()
         return {}
 
-    @channel.Blocked.responder
+    @channel.BlockStarted.responder
     def blockedNow(self, address, until):
         self.limits.throttle.block(address, until)
         return {}
 
-    @channel.Unblocked.responder
+    @channel.BlockLifted.responder
     def unblockedNow(self, address):
         self.limits.throttle.unblock(address)
         return {}
