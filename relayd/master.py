@@ -412,7 +412,8 @@ def workerCommand(configPath: str, logger: str | None, logfile: str | None):
 
     def command(number: int, listenerFds: list[int]) -> list[str]:
         argv = [sys.executable, "-m", "relayd.worker", "--config", configPath,
-                "--number", str(number), "--channel", str(CHANNEL_FD), "--lock", str(LOCK_FD)]
+                "--number", str(number), "--master", str(os.getpid()),
+                "--channel", str(CHANNEL_FD), "--lock", str(LOCK_FD)]
         for fd in listenerFds:
             argv += ["--listener", str(fd)]
         if logger:

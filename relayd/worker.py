@@ -321,10 +321,30 @@ class WorkerService(service.MultiService):
             self.authPool.stop()
 
 
+def _dieWithMaster(masterPid: int) -> None:
+    """
+    SIGKILL when the master dies (Linux's PR_SET_PDEATHSIG): a worker left
+    running would hold the spool's lock and keep a restarted daemon out.
+    Being killed is safe (what it acknowledged is in the spool), as it is
+    for the master.
+    """
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        PR_SET_PDEATHSIG = 1
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    except (OSError, AttributeError):
+        pass  # elsewhere: the lost channel stops the worker
+    if os.getppid() != masterPid:  # the master died before the line above
+        os._exit(1)
+
+
 def _arguments(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="relayd-worker")
     parser.add_argument("--config", required=True)
     parser.add_argument("--number", type=int, required=True)
+    parser.add_argument("--master", type=int, required=True)
     parser.add_argument("--channel", type=int, required=True)
     parser.add_argument("--lock", type=int, required=True)
     parser.add_argument("--listener", type=int, action="append", default=[])
@@ -358,6 +378,7 @@ def _startLogging(arguments: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     arguments = _arguments(sys.argv[1:] if argv is None else argv)
+    _dieWithMaster(arguments.master)
     # SIGINT and SIGTERM stop the worker as the daemon's stop does; until
     # the reactor runs they only say so.
     stopRequested: list[str] = []
