@@ -27,6 +27,7 @@ from twisted.application import service
 from twisted.internet import defer, protocol, task
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from twisted.python.reflect import qual
 
 from relayd import channel, maillog
 from relayd.auth import FailureThrottle, MessageRate
@@ -417,7 +418,8 @@ def workerCommand(configPath: str, logger: str | None, logfile: str | None):
         for fd in listenerFds:
             argv += ["--listener", str(fd)]
         if logger:
-            argv += ["--logger", logger]
+            # twistd's options hold the observer factory itself, not its name.
+            argv += ["--logger", logger if isinstance(logger, str) else qual(logger)]
         elif logfile and logfile != "-":
             argv += ["--logfile", logfile]
         return argv

@@ -254,3 +254,24 @@ def test_sighup_reaches_every_worker(split):
         sock, line = greet(split.port)
         sock.close()
         assert line.startswith(b"220 renamed.test.example "), line
+
+
+class SyslogSplitRelayd(SplitRelayd):
+    def command(self) -> list[str]:
+        command = super().command()
+        return command[:3] + ["--logger", "relayd.logformat.syslogStdout"] + command[3:]
+
+
+def test_workers_log_through_the_masters_logger_with_their_pid(tmp_path, processes, twistd, sink):
+    daemon = SyslogSplitRelayd(tmp_path / "relayd", sink.port, trustedNetworks=["127.0.0.0/8"])
+    processes.append(daemon)
+    daemon.start()
+    pids = waitForWorkers(daemon)
+    since = daemon.logOffset()
+    with onlyWorker(daemon, 2) as pid:
+        daemon.submit(makeMessage("syslog", ["one"]))
+    daemon.waitForLog(rf"relayd/smtp\[{daemon.process.pid}\]: \w+: to=<bob@remote\.test>",
+                      since=since)
+    log = daemon.log(since)
+    assert re.search(rf"relayd/smtpd\[{pid}\]: connect from unknown\[127\.0\.0\.1\]", log), log
+    assert pids[2] == pid
