@@ -110,6 +110,7 @@ class Worker:
         self.checks: Counter = Counter()
         self.exited = False
         self.released = False
+        self.hung = False  # killed for not answering the heartbeat
 
     def describe(self) -> str:
         return f"worker {self.number} (pid {self.pid})"
@@ -327,7 +328,11 @@ class WorkerPool(service.Service):
                     d.callback(None)
             return
         lived = self.reactor.seconds() - worker.started
-        delay = RESTART_DELAY if lived < MIN_LIFETIME else 0
+        # A clean exit is a worker stopped by a signal meant for the whole
+        # daemon (systemd's SIGTERM to every process, Ctrl-C): the master's
+        # own stop is likely on its way.
+        clean = getattr(status, "exitCode", None) == 0
+        delay = RESTART_DELAY if lived < MIN_LIFETIME or clean else 0
         maillog.daemonEvent(f"{worker.describe()} {exitDescription(status)}; starting it again",
                             level=maillog.LogLevel.warn)
         self.reactor.callLater(delay, self.spawn, worker.number)
@@ -345,6 +350,7 @@ class WorkerPool(service.Service):
                                     f"{now - worker.lastAnswer:.0f}s; killing it",
                                     level=maillog.LogLevel.error)
                 worker.lastAnswer = now
+                worker.hung = True
                 try:
                     worker.process.signalProcess("KILL")
                 except Exception:
@@ -358,7 +364,8 @@ class WorkerPool(service.Service):
         """Whether every worker runs and its reactor answered within HANG_LIMIT."""
         now = self.reactor.seconds()
         return (len(self.workers) == self.count
-                and all(now - w.lastAnswer <= HANG_LIMIT for w in self.workers.values()))
+                and all(now - w.lastAnswer <= HANG_LIMIT and not w.hung
+                        for w in self.workers.values()))
 
     # Reload and stop
 

@@ -309,3 +309,78 @@ def test_the_default_is_one_process():
     cfg = config.parse('hostname: relay.test.example\nlisteners: [{endpoint: "tcp:25", '
                        'tls: none, auth: none}]\nqueue: {directory: /s}\n', "x.yaml")
     assert cfg.processes == 1
+
+
+class FakeProcess:
+    def __init__(self, pid):
+        self.pid = pid
+        self.signals = []
+
+    def closeStdin(self):
+        pass
+
+    def signalProcess(self, name):
+        self.signals.append(name)
+
+
+class SpawningReactor(task.Clock):
+    """A clock that records spawned workers and adopted channels."""
+
+    def __init__(self):
+        super().__init__()
+        self.spawned = []
+        self.adopted = []
+
+    def spawnProcess(self, processProtocol, executable, args, env, childFDs):
+        process = FakeProcess(1000 + len(self.spawned))
+        self.spawned.append((processProtocol, args, childFDs, process))
+        return process
+
+    def adoptStreamConnection(self, fd, family, factory):
+        self.adopted.append(factory.buildProtocol(None))
+
+
+def startedPool(tmp_path, logged=None):
+    reactor = SpawningReactor()
+    reactor.advance(1_800_000_000)
+    cfg = SecurityHarness(tmp_path).config
+    owner = LimitsOwner(cfg, reactor, server._throttleSettings)
+    pool = WorkerPool(2, lambda number, fds: ["python", "-m", "relayd.worker", str(number)],
+                      reactor, [], lambda: 7, owner, FakeScheduler(), FakeSpool(),
+                      defer.maybeDeferred)
+    pool.startService()
+    return reactor, pool
+
+
+def test_a_dead_worker_is_started_again_and_a_stopping_daemon_drains_them(tmp_path):
+    from twisted.internet.error import ProcessDone, ProcessTerminated
+
+    reactor, pool = startedPool(tmp_path)
+    assert [args[-1] for _, args, _, _ in reactor.spawned] == ["1", "2"]
+    # The channel and the spool's lock are inherited at fixed descriptors.
+    assert reactor.spawned[0][2][4] == 7
+    reactor.advance(60)
+    first = reactor.spawned[0][0]
+    first.processEnded(Failure(ProcessTerminated(signal=9)))
+    reactor.advance(0)
+    assert [args[-1] for _, args, _, _ in reactor.spawned] == ["1", "2", "1"]
+    assert sorted(pool.workers) == [1, 2]
+    stopped = []
+    pool.shutdown(30).addCallback(stopped.append)
+    assert [p.signals for _, _, _, p in reactor.spawned[1:]] == [["TERM"], ["TERM"]]
+    for protocol_, _, _, _ in reactor.spawned[1:]:
+        protocol_.processEnded(Failure(ProcessDone(0)))
+    assert stopped == [None]
+    reactor.advance(60)
+    assert len(reactor.spawned) == 3  # none started during the stop
+
+
+def test_a_worker_whose_reactor_stops_answering_is_killed(tmp_path):
+    reactor, pool = startedPool(tmp_path)
+    for link in reactor.adopted:
+        link.transport = object()
+        link.callRemote = lambda command, **kw: defer.Deferred()  # never answered
+    assert pool.alive()
+    reactor.pump([2.0] * 16)
+    assert [p.signals for _, _, _, p in reactor.spawned] == [["KILL"], ["KILL"]]
+    assert not pool.alive()
