@@ -9,7 +9,7 @@ path of the server runs as it does across real processes.
 from __future__ import annotations
 
 import pytest
-from twisted.internet import address, defer, task
+from twisted.internet import defer, task
 from twisted.python.failure import Failure
 
 from relayd import channel, config, server
@@ -17,7 +17,7 @@ from relayd.envelope import Envelope, Recipient
 from relayd.limits import SessionCounts
 from relayd.master import LimitsOwner, Worker, WorkerLink, WorkerPool
 from relayd.worker import MasterLink, RemoteLimits, announcedCommit
-from tests.test_server_security import Harness as SecurityHarness, plain, makeConfig
+from tests.test_server_security import Harness as SecurityHarness, plain
 
 
 class Channel:
