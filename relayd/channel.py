@@ -17,9 +17,13 @@ Worker to master, on the intake path:
   ``Queued``      the message is committed: the master loads its envelope
                   from the spool and schedules it.
 
+  ``RunningConfig``  the master's running configuration, as YAML, a page
+                  at a time: what a worker runs with, at its start and at
+                  each reload, whatever the file says by then.
+
 Master to worker:
   ``Ping``        the heartbeat: answered by the worker's reactor thread;
-  ``Reload``      re-read the configuration (the master has applied it);
+  ``Reload``      the master has applied a new configuration: fetch it;
   ``BlockStarted`` / ``BlockLifted``  the AUTH block list changed;
   ``RateLimited`` a login reached ``messages_per_user_per_hour`` until then.
 
@@ -79,6 +83,17 @@ class Queued(amp.Command):
     commandName = b"queued"
     arguments = [(b"queueId", amp.Unicode()), (b"login", amp.Unicode(optional=True))]
     requiresAnswer = False
+
+
+# Characters per RunningConfig page: at most 4 bytes of UTF-8 each, within one AMP value.
+CONFIG_PAGE = 16_000
+assert CONFIG_PAGE * 4 < amp.MAX_VALUE_LENGTH
+
+
+class RunningConfig(amp.Command):
+    commandName = b"running-config"
+    arguments = [(b"offset", amp.Integer())]
+    response = [(b"text", amp.Unicode()), (b"total", amp.Integer()), (b"path", amp.Unicode())]
 
 
 class Ping(amp.Command):

@@ -159,6 +159,13 @@ class WorkerLink(channel.Quiet):
         owner.blockStarted(address, until)
         return {} if until is None else {"blockedUntil": until}
 
+    @channel.RunningConfig.responder
+    def runningConfig(self, offset):
+        text = self.pool.configText()
+        start = max(0, offset)
+        return {"text": text[start:start + channel.CONFIG_PAGE], "total": len(text),
+                "path": self.pool.config.path}
+
     @channel.Committing.responder
     def committing(self, queueId):
         self.worker.committing.add(queueId)
@@ -206,8 +213,11 @@ class WorkerPool(service.Service):
     name = "workers"
 
     def __init__(self, count: int, command, reactor, listeners, lockFd, owner: LimitsOwner,
-                 scheduler, spool, runInThread) -> None:
+                 scheduler, spool, runInThread, config=None) -> None:
         self.count = count
+        # The running configuration, which the workers fetch (RunningConfig).
+        self.config = config
+        self._configText: str | None = None
         self.command = command
         self.reactor = reactor
         self.listeners = listeners
@@ -377,8 +387,15 @@ class WorkerPool(service.Service):
                 if d is not None:
                     d.addErrback(lambda f: None)
 
+    def configText(self) -> str:
+        if self._configText is None:
+            self._configText = self.config.toYAML()
+        return self._configText
+
     def reconfigure(self, config) -> None:
-        """The master has applied a reloaded config: every worker re-reads it."""
+        """The master has applied a reloaded config: every worker fetches it."""
+        self.config = config
+        self._configText = None
         self.broadcast(channel.Reload)
 
     def shutdown(self, grace: float) -> defer.Deferred:

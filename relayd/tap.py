@@ -364,18 +364,20 @@ class RelayService(service.MultiService):
         maillog.daemonEvent("daemon stopped")
 
 
-def reloadConfig(old, reloadable):
+def reloadConfig(old, reloadable, new=None):
     """
     The one reload path, for every process of the daemon: re-read the
-    config file, give it to each of ``reloadable`` (``reconfigure``), and
+    config file (an intake worker is given the master's ``new`` one
+    instead), give it to each of ``reloadable`` (``reconfigure``), and
     return it; None (the running config stays) when it cannot be used.
     """
-    try:
-        new = configModule.load(old.path)
-    except configModule.ConfigError as e:
-        maillog.daemonEvent(f"reload failed, keeping the running configuration: {e}",
-                            level=maillog.LogLevel.error)
-        return None
+    if new is None:
+        try:
+            new = configModule.load(old.path)
+        except configModule.ConfigError as e:
+            maillog.daemonEvent(f"reload failed, keeping the running configuration: {e}",
+                                level=maillog.LogLevel.error)
+            return None
     soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
     if soft != resource.RLIM_INFINITY and _filesNeeded(new) > soft:
         maillog.daemonEvent(
@@ -536,7 +538,7 @@ def _makeMaster(options, config, reactor, count: int) -> RelayService:
     command = workerCommand(config.path, parent.get("logger"),
                             parent.get("logfile"))
     workers = WorkerPool(count, command, reactor, listeners, spool.lockDescriptor, owner,
-                         scheduler, spool, runInThread)
+                         scheduler, spool, runInThread, config=config)
     relay = RelayService(config, reactor, spool, pool, scheduler, workers, listeners,
                          [owner, scheduler, resolver, courier, workers], courier=courier)
     relay.workers = workers
@@ -550,36 +552,16 @@ def _makeMaster(options, config, reactor, count: int) -> RelayService:
     return relay
 
 
-def makeWorker(configPath: str, reactor, channelFd: int, listenerFds: list[int]):
+def makeWorker(config, reactor, link, listenerFds: list[int]):
     """
-    An intake worker's service (relayd.worker), wired as the single
-    process's intake is, with the master's limits; None when it cannot
-    start (said on stderr).
+    An intake worker's service (relayd.worker) for the master's running
+    ``config``, wired as the single process's intake is, with the
+    master's limits through ``link`` (a relayd.worker.MasterLink).
     """
-    import socket
-
-    from twisted.internet import protocol
-
     from relayd.server import SubmissionFactory, _throttleSettings
-    from relayd.worker import MasterLink, RemoteLimits, WorkerService, announcedCommit
+    from relayd.worker import RemoteLimits, WorkerService, announcedCommit
 
-    try:
-        config = configModule.load(configPath)
-    except configModule.ConfigError as e:
-        sys.stderr.write(f"relayd: {e}\n")
-        return None
-    if len(listenerFds) != len(config.listeners):
-        sys.stderr.write(f"relayd: {config.path}: listeners: changed since the daemon started; "
-                         "restart it\n")
-        return None
     raiseFileLimit(config)
-    worker: list = []
-    link = MasterLink(reactor, lost=lambda: worker and worker[0].stopNow("lost its master"))
-    linkFactory = protocol.Factory()
-    linkFactory.noisy = False
-    linkFactory.buildProtocol = lambda addr: link
-    reactor.adoptStreamConnection(channelFd, socket.AF_UNIX, linkFactory)
-    os.close(channelFd)
     link.limits = RemoteLimits(link, reactor, config, _throttleSettings)
 
     spool = Spool(config.queue.directory)
@@ -603,9 +585,7 @@ def makeWorker(configPath: str, reactor, channelFd: int, listenerFds: list[int])
                   resolver, clientNames, link.limits]
     service = WorkerService(config, reactor, factory, listenerFactories, listenerFds, pool,
                             authPool, [c for c in reloadable if c is not None], reloadConfig)
-    worker.append(service)
     link.sessionCount = lambda: len(factory.sessions)
-    link.reload = service.reload
     if passwords is not None:
         passwords.changed = lambda: reactor.callFromThread(
             lambda: warnPasswordFile(passwords, service.config.auth))

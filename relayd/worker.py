@@ -12,7 +12,11 @@ holds the spool's lock descriptor (inherited), so no second daemon can
 start on the spool while any worker of this one runs.
 
 Run by the master as ``python -m relayd.worker --config FILE --number N
---channel FD --lock FD --listener FD ...``; not a command for admins.
+--channel FD --lock FD --listener FD ...``; not a command for admins. The
+file is named for ``ps``: a worker runs with the master's running
+configuration, fetched over the channel at its start and at each reload,
+so a worker started after the file was edited (or broken) runs as the
+others do.
 """
 
 from __future__ import annotations
@@ -184,13 +188,26 @@ class RemoteLimits:
 class MasterLink(channel.Quiet):
     """A worker's side of its channel. ``lost()`` is called when the master has gone."""
 
-    def __init__(self, clock, lost) -> None:
+    def __init__(self, clock, lost, parse) -> None:
         super().__init__()
         self.clock = clock
         self.lost = lost
+        self.parse = parse  # (YAML text, path) -> Config
         self.limits: RemoteLimits | None = None
         self.sessionCount = lambda: 0
-        self.reload = lambda: None
+        self.reload = lambda config: None
+
+    @defer.inlineCallbacks
+    def runningConfig(self):
+        """The master's running configuration (a Deferred)."""
+        parts: list[str] = []
+        offset = 0
+        while True:
+            answer = yield _call(self, channel.RunningConfig, offset=offset)
+            parts.append(answer["text"])
+            offset += len(answer["text"])
+            if offset >= answer["total"] or not answer["text"]:
+                return self.parse("".join(parts), answer["path"])
 
     @channel.Ping.responder
     def ping(self):
@@ -198,7 +215,9 @@ class MasterLink(channel.Quiet):
 
     @channel.Reload.responder
     def reloadNow(self):
-        self.reload()
+        d = self.runningConfig()
+        d.addCallback(self.reload)
+        d.addErrback(lambda f: log.failure("fetching the master's configuration", f))
         return {}
 
     @channel.BlockStarted.responder
@@ -295,10 +314,11 @@ class WorkerService(service.MultiService):
             os.close(fd)
         super().startService()
 
-    def reload(self) -> None:
-        new = self._reloadConfig(self.config, self.reloadable)
-        if new is not None:
-            self.config = new
+    def reload(self, new) -> None:
+        """The master's running configuration ``new``, through the daemon's one reload path."""
+        applied = self._reloadConfig(self.config, self.reloadable, new)
+        if applied is not None:
+            self.config = applied
 
     def stopNow(self, why: str) -> None:
         if self._stopping:
@@ -380,35 +400,58 @@ def main(argv: list[str] | None = None) -> None:
     arguments = _arguments(sys.argv[1:] if argv is None else argv)
     _dieWithMaster(arguments.master)
     # SIGINT and SIGTERM stop the worker as the daemon's stop does; until
-    # the reactor runs they only say so.
+    # it has started they only say so. SIGHUP is the master's to handle.
     stopRequested: list[str] = []
     signal.signal(signal.SIGTERM, lambda s, f: stopRequested.append("SIGTERM"))
     signal.signal(signal.SIGINT, lambda s, f: stopRequested.append("SIGINT"))
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     _startLogging(arguments)
 
-    from twisted.internet import reactor
+    from twisted.internet import protocol, reactor
 
+    from relayd import config as configModule
     from relayd import tap
 
-    worker = tap.makeWorker(arguments.config, reactor, arguments.channel, arguments.listener)
-    if worker is None:
-        raise SystemExit(1)
+    started: list[WorkerService] = []
 
-    def onSignal(signum, frame) -> None:
-        worker.stopNow(f"received {signal.Signals(signum).name}")
+    def stop(why: str) -> None:
+        if started:
+            started[0].stopNow(why)
+        elif reactor.running:
+            reactor.stop()
 
-    def installSignals() -> None:
+    link = MasterLink(reactor, lost=lambda: stop("lost its master"), parse=configModule.parse)
+    linkFactory = protocol.Factory()
+    linkFactory.noisy = False
+    linkFactory.buildProtocol = lambda addr: link
+    reactor.adoptStreamConnection(arguments.channel, socket.AF_UNIX, linkFactory)
+    os.close(arguments.channel)
+
+    def start(config) -> None:
+        # The configuration the master runs with, whatever the file says now.
+        worker = tap.makeWorker(config, reactor, link, arguments.listener)
+        worker.startService()
+        started.append(worker)
+        maillog.daemonEvent(f"worker {arguments.number} accepting connections")
+        link.reload = worker.reload
+        reactor.addSystemEventTrigger("before", "shutdown", worker.stopService)
+
+        def onSignal(signum, frame) -> None:
+            worker.stopNow(f"received {signal.Signals(signum).name}")
+
         signal.signal(signal.SIGTERM, onSignal)
         signal.signal(signal.SIGINT, onSignal)
-        signal.signal(signal.SIGHUP, lambda s, f: reactor.callFromThread(worker.reload))
         if stopRequested:
             worker.stopNow(f"received {stopRequested[0]}")
 
-    worker.startService()
-    reactor.addSystemEventTrigger("before", "shutdown", worker.stopService)
-    reactor.callWhenRunning(installSignals)
+    def failed(failure) -> None:
+        log.failure("worker start-up", failure)
+        reactor.stop()
+
+    reactor.callWhenRunning(lambda: link.runningConfig().addCallback(start).addErrback(failed))
     reactor.run(installSignalHandlers=False)
+    if not started:
+        raise SystemExit(1)
 
 
 if __name__ == "__main__":

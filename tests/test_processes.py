@@ -270,7 +270,7 @@ def test_a_failed_commit_is_reported_even_when_the_master_knows_the_id():
 
 def test_a_worker_whose_master_is_gone_refuses_and_stops():
     stopped = []
-    link = MasterLink(task.Clock(), lost=lambda: stopped.append(True))
+    link = MasterLink(task.Clock(), lost=lambda: stopped.append(True), parse=config.parse)
     cfg = config.parse('hostname: relay.test.example\nlisteners: [{endpoint: "tcp:25", '
                        'tls: none, auth: none}]\nqueue: {directory: /s}\n', "x.yaml")
     link.limits = RemoteLimits(link, task.Clock(), cfg, server._throttleSettings)
@@ -384,3 +384,36 @@ def test_a_worker_whose_reactor_stops_answering_is_killed(tmp_path):
     reactor.pump([2.0] * 16)
     assert [p.signals for _, _, _, p in reactor.spawned] == [["KILL"], ["KILL"]]
     assert not pool.alive()
+
+
+def test_a_worker_runs_with_the_masters_running_config_not_the_file(tmp_path):
+    """A worker started after the file was broken still gets what the master runs."""
+    split = Split(tmp_path)
+    running = split.harnesses[0].config
+    split.pool.config = running
+    worker = split.workers[0]
+    got = []
+    link = MasterLink(task.Clock(), lost=lambda: None, parse=config.parse)
+    link.transport = object()
+    pages = []
+
+    def callRemote(command, **arguments):
+        assert command is channel.RunningConfig
+        pages.append(arguments["offset"])
+        return defer.succeed(worker.link.runningConfig(**arguments))
+
+    link.callRemote = callRemote
+    (tmp_path / "relayd.yaml").write_text("no_such_key: 1\n")
+    link.runningConfig().addCallback(got.append)
+    assert got[0].limits == running.limits and got[0].listeners == running.listeners
+    assert got[0].auth == running.auth and got[0].hostname == running.hostname
+
+
+def test_running_config_comes_in_pages(tmp_path):
+    split = Split(tmp_path)
+    split.pool.config = split.harnesses[0].config
+    split.pool._configText = "x" * (channel.CONFIG_PAGE * 2 + 5)
+    link = split.workers[0].link
+    answers = [link.runningConfig(offset=o) for o in (0, channel.CONFIG_PAGE, 2 * channel.CONFIG_PAGE)]
+    assert [len(a["text"]) for a in answers] == [channel.CONFIG_PAGE, channel.CONFIG_PAGE, 5]
+    assert {a["total"] for a in answers} == {channel.CONFIG_PAGE * 2 + 5}

@@ -61,9 +61,16 @@ def workers(daemon: Relayd) -> dict[int, int]:
 
 
 def waitForWorkers(daemon: Relayd) -> dict[int, int]:
-    """Both workers started and answering on the port (each has logged its start)."""
-    waitUntil(lambda: len(workers(daemon)) == 2 or None, 30, "two workers did not start",
-              daemon.describe)
+    """Both workers started and accepting on the port (each has said so)."""
+    def ready():
+        found = workers(daemon)
+        log = daemon.log()
+        return len(found) == 2 and all(
+            re.search(rf"pid {pid}\]:? worker {n} accepting connections|"
+                      rf"\[{pid}\]: worker {n} accepting connections", log)
+            for n, pid in found.items()) or None
+
+    waitUntil(ready, 30, "two workers did not start accepting", daemon.describe)
     return workers(daemon)
 
 
