@@ -256,6 +256,9 @@ def announcedCommit(link, commitInThread):
     The worker's commit: the master hears of the queue id before the
     commit ends, and the 250 waits for both, so a message acknowledged to
     a client is one the master can find in the spool if this worker dies.
+    A master that is gone cannot be told, and need not be: the message is
+    committed, and the next master's recovery finds it (a 4xx here would
+    make the client send it twice).
     """
 
     def commit(writer, envelope) -> defer.Deferred:
@@ -264,7 +267,7 @@ def announcedCommit(link, commitInThread):
         result = defer.Deferred()
 
         def committed(_):
-            announced.addCallbacks(result.callback, result.errback)
+            announced.addBoth(lambda _: result.callback(None))
 
         def failed(failure):
             announced.addErrback(lambda f: None)

@@ -417,3 +417,15 @@ def test_running_config_comes_in_pages(tmp_path):
     answers = [link.runningConfig(offset=o) for o in (0, channel.CONFIG_PAGE, 2 * channel.CONFIG_PAGE)]
     assert [len(a["text"]) for a in answers] == [channel.CONFIG_PAGE, channel.CONFIG_PAGE, 5]
     assert {a["total"] for a in answers} == {channel.CONFIG_PAGE * 2 + 5}
+
+
+def test_a_written_message_gets_its_250_when_the_master_is_gone():
+    """The next master's recovery schedules it: a 4xx would have the client send it twice."""
+    written = defer.Deferred()
+    gone = type("L", (), {"committing": lambda self, q: defer.fail(ConnectionError("gone"))})()
+    result = announcedCommit(gone, lambda w, e: written)(
+        None, Envelope(queueId="K1JT6AZ8TFHT9N14", sender="", recipients=[], arrival=0.0))
+    outcomes = []
+    result.addBoth(outcomes.append)
+    written.callback(None)
+    assert outcomes == [None]
