@@ -542,7 +542,14 @@ def _makeMaster(options, config, reactor, count: int) -> RelayService:
     def runInThread(f, *args):
         return deferToThreadPool(reactor, pool, f, *args)
 
-    scheduler = Scheduler(spool, courier, config, reactor, runInThread=runInThread)
+    # DKIM signs in the master, where the scheduler is (before the first attempt).
+    try:
+        signer = Signer(config, runInThread, workers=DKIM_WORKERS,
+                        callFromThread=lambda f, *args: reactor.callFromThread(f, *args))
+    except KeyProblem as e:
+        fail(str(e))
+    scheduler = Scheduler(spool, courier, config, reactor, runInThread=runInThread,
+                          signer=signer)
     # The workers read the certificate and the password file; checked here
     # too, so that a broken one stops the start with one line.
     _security(config, reactor)
@@ -557,7 +564,8 @@ def _makeMaster(options, config, reactor, count: int) -> RelayService:
     workers = WorkerPool(count, command, reactor, listeners, spool.lockDescriptor, owner,
                          scheduler, spool, runInThread, config=config)
     relay = RelayService(config, reactor, spool, pool, scheduler, workers, listeners,
-                         [owner, scheduler, resolver, courier, workers], courier=courier)
+                         [owner, scheduler, resolver, courier, signer, workers], courier=courier,
+                         signer=signer)
     relay.workers = workers
     ControlService(config.queue.controlSocketPath, scheduler, reactor,
                    throttle=owner).setServiceParent(relay)
