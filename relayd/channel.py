@@ -23,7 +23,7 @@ Worker to master, on the intake path:
 
 Master to worker:
   ``Ping``        the heartbeat: answered by the worker's reactor thread;
-  ``Reload``      the master has applied a new configuration: fetch it;
+  ``ConfigChanged`` the master has applied a new configuration: fetch it;
   ``BlockStarted`` / ``BlockLifted``  the AUTH block list changed;
   ``RateLimited`` a login reached ``messages_per_user_per_hour`` until then.
 
@@ -102,8 +102,8 @@ class Ping(amp.Command):
     response = [(b"sessions", amp.Integer())]
 
 
-class Reload(amp.Command):
-    commandName = b"reload"
+class ConfigChanged(amp.Command):
+    commandName = b"config-changed"
     arguments = []
     response = []
 

@@ -396,7 +396,7 @@ class WorkerPool(service.Service):
         """The master has applied a reloaded config: every worker fetches it."""
         self.config = config
         self._configText = None
-        self.broadcast(channel.Reload)
+        self.broadcast(channel.ConfigChanged)
 
     def shutdown(self, grace: float) -> defer.Deferred:
         """SIGTERM to every worker (each drains for ``grace``); fires when all have exited."""

@@ -213,7 +213,7 @@ class MasterLink(channel.Quiet):
     def ping(self):
         return {"sessions": self.sessionCount()}
 
-    @channel.Reload.responder
+    @channel.ConfigChanged.responder
     def reloadNow(self):
         d = self.runningConfig()
         d.addCallback(self.reload)
