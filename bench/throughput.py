@@ -11,9 +11,9 @@ smtp-sink on loopback:
 and measures
   * accept rate: messages per second until smtp-source has its last 250;
   * end-to-end rate: messages per second until the sink has them all;
-  * peak memory: relayd's resident set; Postfix's proportional set size
-    (PSS) summed over all processes of its instance (master, smtpd,
-    cleanup, qmgr, smtp, ...), sampled every 0.1 s.
+  * peak memory: the proportional set size (PSS) summed over all
+    processes of each instance (relayd's master and intake workers;
+    Postfix's master, smtpd, cleanup, qmgr, smtp, ...), sampled every 0.1 s.
 It prints medians per relay and the ratios relayd/Postfix.
 
 Needs root (Postfix), Debian's postfix package (smtp-source, smtp-sink)
@@ -42,6 +42,8 @@ ROOT = Path(__file__).resolve().parent.parent
 # Postfix writes maillog_file only below maillog_file_prefixes (/var).
 # --workdir changes it, so two benches on one machine do not share it.
 BASE = Path("/var/lib/relayd-bench")
+# relayd's processes setting (--processes).
+PROCESSES = "1"
 
 
 def freePort() -> int:
@@ -97,14 +99,6 @@ class Sink:
         self.proc.wait(10)
 
 
-def rss(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    return 0
-
-
 def pss(pid: int) -> int:
     try:
         with open(f"/proc/{pid}/smaps_rollup") as f:
@@ -114,6 +108,15 @@ def pss(pid: int) -> int:
     except OSError:
         pass
     return 0
+
+
+def children(pid: int) -> list[int]:
+    """The child processes of ``pid`` (relayd's intake workers)."""
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            return [int(p) for p in f.read().split()]
+    except OSError:
+        return []
 
 
 def postfixPids(queueDir: Path) -> list[int]:
@@ -173,6 +176,7 @@ class Relayd:
             listeners:
               - {{endpoint: "tcp:{self.port}:interface=127.0.0.1:backlog=256", tls: none, auth: none}}
             limits: {{connections: 1000, connections_per_client: 1000}}
+            processes: {PROCESSES}
             queue: {{directory: {self.dir / 'spool'}, retry: {{min: 5s, max: 1m}}}}
             delivery:
               concurrency: 20
@@ -189,7 +193,7 @@ class Relayd:
         waitListening(self.port)
 
     def memory(self) -> int:
-        return rss(self.proc.pid)
+        return sum(pss(p) for p in [self.proc.pid, *children(self.proc.pid)])
 
     def stop(self) -> None:
         self.proc.terminate()
@@ -290,7 +294,11 @@ def main() -> None:
     parser.add_argument("--deadline", type=float, default=300.0, help="seconds per phase before giving up")
     parser.add_argument("--workdir", type=Path, default=BASE,
                         help=f"spools, configs and logs of both relays, under /var (default {BASE})")
+    parser.add_argument("--processes", default="1",
+                        help='relayd\'s processes setting: "auto" or a number (default 1)')
     args = parser.parse_args()
+    global PROCESSES
+    PROCESSES = args.processes
     if os.geteuid() != 0:
         raise SystemExit("bench: run as root (it starts a Postfix instance)")
     for tool in ("smtp-source", "smtp-sink", "postfix"):
@@ -315,7 +323,8 @@ def main() -> None:
     print()
     # The machine may be shared: the load says how much the figures can be trusted.
     print(f"{args.messages} messages of {args.size} bytes, {args.sessions} sessions, "
-          f"{args.rounds} rounds, medians; {os.cpu_count()} CPUs; load average "
+          f"{args.rounds} rounds, medians; relayd processes: {PROCESSES}; {os.cpu_count()} CPUs; "
+          f"load average "
           f"{loadBefore[0]:.2f} before, {os.getloadavg()[0]:.2f} after")
     print(f"{'':22s}{'relayd':>12s}{'postfix':>12s}{'relayd/postfix':>16s}")
     for key, label, unit in (("accept", "accept rate", "msg/s"), ("endToEnd", "end-to-end rate", "msg/s"),

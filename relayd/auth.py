@@ -641,3 +641,19 @@ class MessageRate:
     def queued(self, login: str) -> None:
         self._recent(login).append(self.clock.seconds())
 
+    def exceededUntil(self, login: str) -> float | None:
+        """While ``login`` is over the limit: when it will be under it again; else None."""
+        times = self._recent(login)
+        if len(times) < self.limit:
+            return None
+        return times[-self.limit] + self.WINDOW
+
+    def exceededLogins(self) -> list[tuple[str, float]]:
+        """Every login over the limit now, with when it will be under it again."""
+        found = []
+        for login in list(self._sent):
+            until = self.exceededUntil(login)
+            if until is not None:
+                found.append((login, until))
+        return found
+

@@ -514,6 +514,26 @@ def _integer(low: int, high: int | None = None) -> Callable[[object, str], int]:
 
 _port = _integer(1, 65535)
 
+# processes: "auto" (one per core) or a count; 1 is a single process.
+PROCESSES_AUTO = "auto"
+MAX_PROCESSES = 64
+
+
+def _processes(value: object, path: str) -> int | str:
+    if value == PROCESSES_AUTO:
+        return PROCESSES_AUTO
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_PROCESSES:
+        raise _expected(path, f'"{PROCESSES_AUTO}" or a whole number from 1 to {MAX_PROCESSES}',
+                        value)
+    return value
+
+
+def processCount(processes: int | str, cores: int | None) -> int:
+    """How many intake processes ``processes`` means on a machine with ``cores`` cores."""
+    if processes == PROCESSES_AUTO:
+        return max(1, min(cores or 1, MAX_PROCESSES))
+    return processes
+
 
 def _duration(minimum: float) -> Callable[[object, str], float]:
     def parse(value: object, path: str) -> float:
@@ -1639,6 +1659,8 @@ class Config(_Schema):
     metrics: Metrics | None = setting("metrics", None, None, section=Metrics, optional=True,
                                       unset="no Prometheus page")
     shutdownGrace: float = duration("shutdown_grace", 0, 30.0)
+    # Intake processes: "auto" (one per core) or a count; 1 = one process does everything.
+    processes: int | str = setting("processes", _processes, 1)
 
     def check(self, section: _Section) -> None:
         for index, listener in enumerate(self.listeners):

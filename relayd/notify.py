@@ -146,13 +146,17 @@ class NotifyService(service.Service):
 
     def __init__(self, notifier: Notifier, clock, status: Callable[[], str],
                  watchdog: float | None = None, heartbeats: Heartbeats | None = None,
-                 monotonic: Callable[[], float] = time.monotonic) -> None:
+                 monotonic: Callable[[], float] = time.monotonic,
+                 alive: Callable[[], bool] = lambda: True) -> None:
         self.notifier = notifier
         self.clock = clock
         self.status = status
         self.watchdog = watchdog
         self.heartbeats = heartbeats if heartbeats is not None else Heartbeats(clock)
         self.monotonic = monotonic
+        # With intake workers: whether each answered the master's pings
+        # recently (relayd.master.WorkerPool.alive).
+        self.alive = alive
         self._ticks: list[task.LoopingCall] = []
         self._lastStatus: str | None = None
         self._isReady = False
@@ -187,10 +191,10 @@ class NotifyService(service.Service):
         """
         Runs on the reactor, so it runs at all only while the reactor does:
         this reactor's heartbeat, then WATCHDOG=1 if every reactor beat
-        within WatchdogSec.
+        within WatchdogSec and every intake worker's reactor answers.
         """
         self.heartbeats.beat(THIS_REACTOR)
-        if not self.heartbeats.stale(self.watchdog):
+        if not self.heartbeats.stale(self.watchdog) and self.alive():
             self.notifier.send("WATCHDOG=1")
 
     def statusTick(self) -> None:
@@ -229,10 +233,12 @@ class NotifyService(service.Service):
 
 
 def fromEnvironment(clock, status: Callable[[], str], environ: dict[str, str] = os.environ,
-                    pid: int | None = None) -> NotifyService:
+                    pid: int | None = None, alive: Callable[[], bool] = lambda: True,
+                    ) -> NotifyService:
     """The NotifyService for the environment systemd gave this process, which it then forgets."""
     made = NotifyService(Notifier(notifyAddress(environ)), clock, status,
-                         watchdog=watchdogInterval(environ, os.getpid() if pid is None else pid))
+                         watchdog=watchdogInterval(environ, os.getpid() if pid is None else pid),
+                         alive=alive)
     for name in ENVIRONMENT:
         environ.pop(name, None)
     return made

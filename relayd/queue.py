@@ -342,6 +342,13 @@ class Spool:
         os.write(fd, f"{os.getpid()}\n".encode("ascii"))
         self._lockFile = fd
 
+    def lockDescriptor(self) -> int | None:
+        """
+        The descriptor that holds the lock: the intake workers inherit it,
+        so the spool stays locked while any process of this daemon runs.
+        """
+        return self._lockFile
+
     def _path(self, *parts: str) -> str:
         return os.path.join(self.directory, *parts)
 

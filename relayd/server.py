@@ -343,6 +343,7 @@ class SubmissionServer(smtp.ESMTP):
         self._sasl: tuple[str, bytes | None] | None = None
         self._greeting = None  # the delayed greeting's call, while it waits
         self._naming = None  # the client name lookup, while the banner waits for it
+        self._admitting = None  # the admission's answer, when another process counts sessions
         self._lost = False
 
     # Connection
@@ -361,6 +362,23 @@ class SubmissionServer(smtp.ESMTP):
         if self.listener.tls == "implicit":
             self.secure = self._handshaking = True
         refusal = self.factory.sessionStarted(self)
+        if isinstance(refusal, defer.Deferred):
+            # The master process counts the sessions of every process:
+            # nothing is read from the client until it has answered.
+            self._admitting = refusal
+            self.transport.pauseProducing()
+            refusal.addCallback(self._admitted)
+            refusal.addErrback(lambda f: log.failure("admitting a client", f))
+            return
+        self._admitted(refusal)
+
+    def _admitted(self, refusal: Reply | None) -> None:
+        """The session may go on (``refusal`` None), or says why not and closes."""
+        if self._admitting is not None:
+            self._admitting = None
+            if self._lost:
+                return
+            self.transport.resumeProducing()
         if refusal is not None:
             # Refused at once, without a DNS lookup: a flood costs no queries.
             maillog.connected(self.clientName, self.clientAddress, self.listener.endpoint)
@@ -530,8 +548,9 @@ class SubmissionServer(smtp.ESMTP):
             self._check.abandon()
         self._cancelTimer("_stallTimer")
         self._cancelTimer("_closeTimer")
-        if self._naming is not None:
-            # Gone before its name was known: still one connect line per disconnect.
+        if self._naming is not None or self._admitting is not None:
+            # Gone before its name was known (or before it was admitted):
+            # still one connect line per disconnect.
             self._naming = None
             maillog.connected(self.clientName, self.clientAddress, self.listener.endpoint)
         if self._greeting is not None and self._greeting.active():
@@ -1182,14 +1201,29 @@ class SubmissionServer(smtp.ESMTP):
     def _verify(self, mechanism: str, login: bytes, password: bytes) -> None:
         if self._lost or self._closing:
             return  # never a password check for a client that is gone
-        throttle = self.factory.authThrottle
-        # Counted in flight from here, so parallel guesses from many
-        # connections cannot get past auth.failure_limit.
-        if not throttle.startCheck(self.clientAddress):
-            return self._throttled()
-        self._busy = True
-        self._check = creds = ClientCredentials(login, password)
+        creds = ClientCredentials(login, password)
         del password
+        # Counted in flight from here, so parallel guesses from many
+        # connections cannot get past auth.failure_limit. The throttle may
+        # live in the master process: then its answer comes later.
+        self._busy = True
+        d = defer.maybeDeferred(self.factory.authThrottle.startCheck, self.clientAddress)
+        d.addCallback(self._checkAllowed, mechanism, login, creds)
+        d.addErrback(lambda f: log.failure("AUTH", f))
+
+    def _checkAllowed(self, allowed: bool, mechanism: str, login: bytes,
+                      creds: ClientCredentials) -> None:
+        if not allowed:
+            self._busy = False
+            if not self._lost:
+                self._throttled()
+            return
+        if self._lost or self._closing:
+            # Gone while the master answered: end the check it counted.
+            self._busy = False
+            self.factory.authThrottle.checkEnded(self.clientAddress, failed=False)
+            return
+        self._check = creds
         d = self.factory.portal.login(creds, None, IRelayClient)
         d.addBoth(self._checked, mechanism, login)
         d.addErrback(lambda f: log.failure("AUTH", f))
@@ -1197,18 +1231,22 @@ class SubmissionServer(smtp.ESMTP):
     def _checked(self, result, mechanism: str, login: bytes) -> None:
         """The verdict of a password check: counted and logged even when the client has gone."""
         self._check = None
-        throttle = self.factory.authThrottle
-        if isinstance(result, Failure) and result.check(CheckAbandoned):
-            throttle.checkEnded(self.clientAddress, failed=False)
+        abandoned = isinstance(result, Failure) and result.check(CheckAbandoned) is not None
+        failed = (not abandoned and isinstance(result, Failure)
+                  and result.check(credError.UnauthorizedLogin) is not None)
+        d = defer.maybeDeferred(self.factory.authThrottle.checkEnded, self.clientAddress,
+                                failed=failed)
+        d.addCallback(self._checkCounted, result, mechanism, login, abandoned)
+        d.addErrback(lambda f: log.failure("AUTH", f))
+
+    def _checkCounted(self, until: float | None, result, mechanism: str, login: bytes,
+                      abandoned: bool) -> None:
+        """The throttle has counted the check's verdict (``until``: the block it started)."""
+        if abandoned:
+            pass
         elif isinstance(result, Failure):
-            if result.check(credError.UnauthorizedLogin):
-                until = throttle.checkEnded(self.clientAddress, failed=True)
-            else:
-                throttle.checkEnded(self.clientAddress, failed=False)
-                until = None
             self._authFailed(result, mechanism, login, blockedUntil=until)
         else:
-            throttle.checkEnded(self.clientAddress, failed=False)
             self._authenticated(result, mechanism)
         if not self._lost:
             self._resume()
@@ -1245,9 +1283,18 @@ class SubmissionServer(smtp.ESMTP):
             reply, reason = replies.AUTH_PASSWORD_TOO_LONG, "password longer than 72 bytes"
         maillog.saslFailed(self.clientName, self.clientAddress, mechanism, reason,
                            login.decode("utf-8", "replace"))
-        throttle = self.factory.authThrottle
         if not checked:
-            blockedUntil = throttle.failed(self.clientAddress)
+            counted = defer.maybeDeferred(self.factory.authThrottle.failed, self.clientAddress)
+            # Counted in the master process: input waits for its answer.
+            later = not counted.called
+            self._busy = self._busy or later
+            counted.addCallback(self._failureCounted, reply, later)
+            counted.addErrback(lambda f: log.failure("AUTH", f))
+            return
+        self._failureCounted(blockedUntil, reply, False)
+
+    def _failureCounted(self, blockedUntil: float | None, reply: Reply, resume: bool) -> None:
+        throttle = self.factory.authThrottle
         if blockedUntil is not None:
             maillog.authBlocked(self.clientName, self.clientAddress, throttle.limit,
                                 throttle.window, blockedUntil)
@@ -1256,6 +1303,8 @@ class SubmissionServer(smtp.ESMTP):
         self._error(reply)
         if throttle.blocked(self.clientAddress) and not self._closing:
             self._throttled()
+        if resume:
+            self._resume()
 
     def _throttled(self) -> None:
         self.reply(replies.AUTH_THROTTLED.format(hostname=self.factory.hostname))
@@ -1512,7 +1561,7 @@ class SubmissionFactory(protocol.ServerFactory):
     """
 
     def __init__(self, config, spool, commit, messageQueued, clock, portal=None, tls=None,
-                 clientNames=None, runInThread=None):
+                 clientNames=None, runInThread=None, limits=None):
         self.config = config
         # address -> Deferred[ClientName] (relayd.resolve.ClientNames.lookup),
         # firing within limits.client_name_timeout; None: every client "unknown".
@@ -1526,8 +1575,15 @@ class SubmissionFactory(protocol.ServerFactory):
         # the server's TLS context factory (None: no TLS listener).
         self.portal = portal
         self.tls = tls
-        self.authThrottle = FailureThrottle(clock, *_throttleSettings(config))
-        self.messageRate = MessageRate(clock, config.limits.messagesPerUserPerHour)
+        # ``limits``: the counters of another process (an intake worker's
+        # view of the master's); None: this process counts everything.
+        self.admission = getattr(limits, "admission", None)
+        self.authThrottle = (limits.throttle if limits is not None
+                             else FailureThrottle(clock, *_throttleSettings(config)))
+        self.messageRate = (limits.messageRate if limits is not None
+                            else MessageRate(clock, config.limits.messagesPerUserPerHour))
+        # Sessions waiting for the admission's answer: True while the client is there.
+        self._admitting: dict[SubmissionServer, bool] = {}
         self.sessions: set[SubmissionServer] = set()
         self.refused: set[SubmissionServer] = set()  # told 421, closing
         self._perClient: dict[str, int] = {}
@@ -1601,6 +1657,8 @@ class SubmissionFactory(protocol.ServerFactory):
         refused session is not counted: it only says 421 and closes (within
         CLOSE_GRACE), and must not keep others out meanwhile.
         """
+        if self.admission is not None:
+            return self._admit(session)
         limits = self.config.limits
         count = self._perClient.get(session.clientAddress, 0)
         if len(self.sessions) + 1 > limits.connections:
@@ -1613,20 +1671,48 @@ class SubmissionFactory(protocol.ServerFactory):
         self._perClient[session.clientAddress] = count + 1
         return None
 
+    def _admit(self, session: SubmissionServer) -> defer.Deferred:
+        """Ask the process that counts every session; the refusal to send, or None."""
+        self._admitting[session] = True
+
+        def answered(refusal):
+            present = self._admitting.pop(session, False)
+            if refusal is None:
+                if not present:  # gone meanwhile: it never started
+                    self.admission.left(session.clientAddress)
+                    return None
+                self.sessions.add(session)
+                return None
+            self.refused.add(session)
+            return refusal.format(hostname=self.hostname)
+
+        return self.admission.admit(session.clientAddress).addCallback(answered)
+
     def sessionEnded(self, session: SubmissionServer) -> None:
         self.refused.discard(session)
+        if session in self._admitting:
+            self._admitting[session] = False
+            return
         if session not in self.sessions:
             return
         self.sessions.discard(session)
+        if self.admission is not None:
+            self.admission.left(session.clientAddress)
+            if not self.sessions:
+                self._drainedNow()
+            return
         count = self._perClient.get(session.clientAddress, 1) - 1
         if count > 0:
             self._perClient[session.clientAddress] = count
         else:
             self._perClient.pop(session.clientAddress, None)
         if not self.sessions:
-            drained, self._drained = self._drained, []
-            for d in drained:
-                d.callback(None)
+            self._drainedNow()
+
+    def _drainedNow(self) -> None:
+        drained, self._drained = self._drained, []
+        for d in drained:
+            d.callback(None)
 
     def shutdown(self, grace: float) -> defer.Deferred:
         """

@@ -198,8 +198,11 @@ class ListenerService(service.Service):
     running on without it.
     """
 
-    def __init__(self, description: str, factory, reactor, label: str | None = None):
+    def __init__(self, description: str, factory, reactor, label: str | None = None,
+                 accept: bool = True):
         self.description = description
+        # False: the socket is only held for the intake workers, which accept on it.
+        self.accept = accept
         # As the admin wrote it (haproxy:tcp:25 listens on tcp:25).
         self.label = label or description
         self.factory = factory
@@ -217,6 +220,8 @@ class ListenerService(service.Service):
         if isinstance(outcome, Failure):
             fail(f"cannot listen on {self.label}: {outcome.getErrorMessage()}")
         self.port = outcome
+        if not self.accept:
+            outcome.stopReading()
         host = outcome.getHost()
         maillog.daemonEvent(f"listening on {self.label} ({getattr(host, 'host', host)}:{getattr(host, 'port', '')})")
 
@@ -341,42 +346,13 @@ class RelayService(service.MultiService):
         if self.notify is not None:
             self.notify.reloading()
         try:
-            return self._reload()
+            new, text = reloadConfig(self.config, self.reloadable)
+            if new is not None:
+                self.config = new
+            return new is not None, text
         finally:
             if self.notify is not None:
                 self.notify.reloaded()
-
-    def _reload(self) -> tuple[bool, str]:
-        try:
-            new = configModule.load(self.config.path)
-        except configModule.ConfigError as e:
-            text = f"reload failed, keeping the running configuration: {e}"
-            maillog.daemonEvent(text, level=maillog.LogLevel.error)
-            return False, text
-        old = self.config
-        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
-        if soft != resource.RLIM_INFINITY and _filesNeeded(new) > soft:
-            text = f"reload failed, keeping the running configuration: {_fileLimitProblem(new, soft)}"
-            maillog.daemonEvent(text, level=maillog.LogLevel.error)
-            return False, text
-        needRestart = [name for name, before, after in (
-            ("listeners", old.listeners, new.listeners),
-            ("queue.directory", old.queue.directory, new.queue.directory),
-            ("queue.control_socket", old.queue.controlSocketPath, new.queue.controlSocketPath),
-            ("metrics", old.metrics, new.metrics),
-        ) if before != after]
-        # What only a restart applies stays as running, so the next reload
-        # still reports it and nothing reads a spool the daemon does not use.
-        new = dataclasses.replace(new, listeners=old.listeners, metrics=old.metrics,
-                                  queue=dataclasses.replace(
-            new.queue, directory=old.queue.directory, controlSocket=old.queue.controlSocket))
-        self.config = new
-        for component in self.reloadable:
-            component.reconfigure(new)
-        note = f"; {', '.join(needRestart)} changed and need a restart" if needRestart else ""
-        text = f"reload: configuration {new.path} applied{note}"
-        maillog.daemonEvent(text)
-        return True, text
 
     @defer.inlineCallbacks
     def stopService(self):
@@ -419,6 +395,48 @@ class RelayService(service.MultiService):
         maillog.daemonEvent("daemon stopped")
 
 
+def reloadConfig(old, reloadable, new=None):
+    """
+    The one reload path, for every process of the daemon: re-read the
+    config file (an intake worker is given the master's ``new`` one
+    instead), give it to each of ``reloadable`` (``reconfigure``), and
+    return it with the line logged; None (the running config stays) when
+    it cannot be used.
+    """
+    if new is None:
+        try:
+            new = configModule.load(old.path)
+        except configModule.ConfigError as e:
+            text = f"reload failed, keeping the running configuration: {e}"
+            maillog.daemonEvent(text, level=maillog.LogLevel.error)
+            return None, text
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    if soft != resource.RLIM_INFINITY and _filesNeeded(new) > soft:
+        text = f"reload failed, keeping the running configuration: {_fileLimitProblem(new, soft)}"
+        maillog.daemonEvent(text, level=maillog.LogLevel.error)
+        return None, text
+    needRestart = [name for name, before, after in (
+        ("listeners", old.listeners, new.listeners),
+        ("queue.directory", old.queue.directory, new.queue.directory),
+        ("queue.control_socket", old.queue.controlSocketPath, new.queue.controlSocketPath),
+        ("processes", old.processes, new.processes),
+        ("metrics", old.metrics, new.metrics),
+    ) if before != after]
+    # What only a restart applies stays as running, so the next reload
+    # still reports it and nothing reads a spool the daemon does not use.
+    new = dataclasses.replace(new, listeners=old.listeners, processes=old.processes,
+                              metrics=old.metrics,
+                              queue=dataclasses.replace(
+                                  new.queue, directory=old.queue.directory,
+                                  controlSocket=old.queue.controlSocket))
+    for component in reloadable:
+        component.reconfigure(new)
+    note = f"; {', '.join(needRestart)} changed and need a restart" if needRestart else ""
+    text = f"reload: configuration {new.path} applied{note}"
+    maillog.daemonEvent(text)
+    return new, text
+
+
 def _withFix(error: OSError, directory: str) -> str:
     """An OSError on the spool, with what to do when it is a permission problem."""
 
@@ -448,6 +466,9 @@ def makeService(options, reactor=None) -> RelayService:
     from relayd.server import SubmissionFactory
     config = options["loaded"]
     raiseFileLimit(config)
+    count = configModule.processCount(config.processes, os.cpu_count())
+    if count > 1:
+        return _makeMaster(options, config, reactor, count)
     spool = Spool(config.queue.directory)
     pool = threadpool.ThreadPool(minthreads=1, maxthreads=4, name="relayd-spool")
     listenerServices: list = []
@@ -489,18 +510,8 @@ def makeService(options, reactor=None) -> RelayService:
     factory = SubmissionFactory(config, spool, commit, scheduler.add, reactor,
                                 portal=credPortal, tls=tls, clientNames=clientNames.lookup,
                                 runInThread=runInThread)
-    listeners = []
-    for l in config.listeners:
-        listenerFactory = factory.forListener(l)
-        if l.tls == "implicit":
-            listenerFactory = wrapImplicit(tls, listenerFactory)
-        if l.proxied:
-            # The PROXY header comes before everything, TLS included; the
-            # session is built once it is read (relayd.proxy).
-            listenerFactory = ProxyFactory(
-                listenerFactory, l.proxyFrom, lambda: factory.config.hostname,
-                lambda: factory.config.limits.commandTimeout, reactor)
-        listeners.append(ListenerService(l.innerEndpoint, listenerFactory, reactor, label=l.endpoint))
+    listeners = [ListenerService(l.innerEndpoint, listenerFactory, reactor, label=l.endpoint)
+                 for l, listenerFactory in _listenerFactories(config, factory, tls, reactor)]
     # What SIGHUP reconfigures, in this order; restart-only settings (the
     # listeners, the spool and its control socket) are in none of them.
     reloadable = [factory, scheduler, tls, passwords, verifier,
@@ -552,6 +563,129 @@ def _passing(action):
         action()
         return result
     return callback
+
+
+def _listenerFactories(config, factory, tls, reactor) -> list:
+    """(listener, the factory its connections get) for every configured listener."""
+    found = []
+    for l in config.listeners:
+        listenerFactory = factory.forListener(l)
+        if l.tls == "implicit":
+            listenerFactory = wrapImplicit(tls, listenerFactory)
+        if l.proxied:
+            # The PROXY header comes before everything, TLS included; the
+            # session is built once it is read (relayd.proxy).
+            listenerFactory = ProxyFactory(
+                listenerFactory, l.proxyFrom, lambda: factory.config.hostname,
+                lambda: factory.config.limits.commandTimeout, reactor)
+        found.append((l, listenerFactory))
+    return found
+
+
+# More than one process: the master and its intake workers ---------------------
+
+
+def _makeMaster(options, config, reactor, count: int) -> RelayService:
+    """
+    The master (relayd.master): recovery, the listening sockets, the queue
+    manager, the limits and the block list; ``count`` intake workers
+    (relayd.worker) accept and receive on the sockets it holds.
+    """
+    from twisted.internet import protocol
+
+    from relayd.control import ControlService
+    from relayd.master import LimitsOwner, WorkerPool, workerCommand
+    from relayd.server import _throttleSettings
+
+    spool = Spool(config.queue.directory)
+    pool = threadpool.ThreadPool(minthreads=1, maxthreads=4, name="relayd-spool")
+    listenerServices: list = []
+    resolver = ConfiguredResolver(reactor, config)
+    courier = _courier(config, reactor, listenerServices, resolver)
+
+    def runInThread(f, *args):
+        return deferToThreadPool(reactor, pool, f, *args)
+
+    # DKIM signs in the master, where the scheduler is (before the first attempt).
+    try:
+        signer = Signer(config, runInThread, workers=DKIM_WORKERS,
+                        callFromThread=lambda f, *args: reactor.callFromThread(f, *args))
+    except KeyProblem as e:
+        fail(str(e))
+    scheduler = Scheduler(spool, courier, config, reactor, runInThread=runInThread,
+                          signer=signer)
+    # The workers read the certificate and the password file; checked here
+    # too, so that a broken one stops the start with one line.
+    _security(config, reactor)
+    owner = LimitsOwner(config, reactor, _throttleSettings)
+    held = protocol.Factory()  # never builds anything: the master does not accept
+    held.noisy = False
+    listeners = [ListenerService(l.innerEndpoint, held, reactor, label=l.endpoint, accept=False)
+                 for l in config.listeners]
+    parent = getattr(options, "parent", None) or {}
+    command = workerCommand(config.path, parent.get("logger"),
+                            parent.get("logfile"))
+    workers = WorkerPool(count, command, reactor, listeners, spool.lockDescriptor, owner,
+                         scheduler, spool, runInThread, config=config)
+    relay = RelayService(config, reactor, spool, pool, scheduler, workers, listeners,
+                         [owner, scheduler, resolver, courier, signer, workers], courier=courier,
+                         signer=signer)
+    relay.workers = workers
+    ControlService(config.queue.controlSocketPath, scheduler, reactor,
+                   throttle=owner, reload=relay.reload).setServiceParent(relay)
+    # Read (and removed from the environment) before any worker is spawned,
+    # so only the master speaks for the unit.
+    relay.notify = notify.fromEnvironment(
+        reactor, lambda: notify.statusLine(scheduler.queueLength(), owner.sessions.total),
+        alive=workers.alive)
+    # Started last: after recovery, the listeners and the control socket.
+    workers.setServiceParent(relay)
+    # After the workers: READY=1 at the first reactor turn once they are spawned.
+    relay.notify.setServiceParent(relay)
+    listenerServices.extend(listeners)
+    if reactor is _globalReactor():
+        relay.stopSignals = stopSignals
+    return relay
+
+
+def makeWorker(config, reactor, link, listenerFds: list[int]):
+    """
+    An intake worker's service (relayd.worker) for the master's running
+    ``config``, wired as the single process's intake is, with the
+    master's limits through ``link`` (a relayd.worker.MasterLink).
+    """
+    from relayd.server import SubmissionFactory, _throttleSettings
+    from relayd.worker import RemoteLimits, WorkerService, announcedCommit
+
+    raiseFileLimit(config)
+    link.limits = RemoteLimits(link, reactor, config, _throttleSettings)
+
+    spool = Spool(config.queue.directory)
+    pool = threadpool.ThreadPool(minthreads=1, maxthreads=4, name="relayd-spool")
+    resolver = ConfiguredResolver(reactor, config)
+
+    def runInThread(f, *args):
+        return deferToThreadPool(reactor, pool, f, *args)
+
+    commit = announcedCommit(link, lambda writer, envelope: deferToThreadPool(
+        reactor, pool, writer.commit, envelope))
+    tls, passwords, verifier, authPool, credPortal = _security(config, reactor)
+    clientNames = ClientNames(resolver, config.limits.clientNameTimeout, reactor,
+                              hostsFile=os.environ.get("RELAYD_HOSTS_FILE") or HOSTS_FILE)
+    factory = SubmissionFactory(config, spool, commit, link.queued, reactor,
+                                portal=credPortal, tls=tls, clientNames=clientNames.lookup,
+                                runInThread=runInThread, limits=link.limits)
+    listenerFactories = [f for _, f in _listenerFactories(config, factory, tls, reactor)]
+    reloadable = [factory, tls, passwords, verifier,
+                  credPortal.realm if credPortal is not None else None,
+                  resolver, clientNames, link.limits]
+    service = WorkerService(config, reactor, factory, listenerFactories, listenerFds, pool,
+                            authPool, [c for c in reloadable if c is not None], reloadConfig)
+    link.sessionCount = lambda: len(factory.sessions)
+    if passwords is not None:
+        passwords.changed = lambda: reactor.callFromThread(
+            lambda: warnPasswordFile(passwords, service.config.auth))
+    return service
 
 
 # Delivery: the courier's settings, password files and CA files ------------------

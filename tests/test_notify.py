@@ -109,6 +109,22 @@ def test_watchdog_pings_at_half_the_interval_only_while_every_reactor_beats(syst
     made.heartbeats.forget("intake-1")
 
 
+def test_no_ping_while_an_intake_worker_is_not_alive(systemd):
+    workersAlive = [True]
+    clock = task.Clock()
+    made = notify.NotifyService(notify.Notifier(systemd.path), clock, lambda: "", watchdog=4.0,
+                                alive=lambda: workersAlive[0])
+    made.startService()
+    clock.advance(0)
+    systemd.messages()
+    clock.advance(2.0)
+    workersAlive[0] = False
+    clock.advance(2.0)
+    workersAlive[0] = True
+    clock.advance(2.0)
+    assert systemd.messages() == [["WATCHDOG=1"], ["WATCHDOG=1"]]
+
+
 def test_no_ping_while_the_reactor_does_not_turn(systemd):
     """The ping runs on the reactor: a reactor that does not run its timers sends none."""
     clock, made = service(systemd, watchdog=4.0)

@@ -332,8 +332,15 @@ def addUser(path: Path, user: str, password: str) -> None:
 # The daemon
 
 
+# RELAYD_TEST_PROCESSES=N: every test daemon runs with "processes: N" (one
+# that sets processes itself keeps its own).
+TEST_PROCESSES = os.environ.get("RELAYD_TEST_PROCESSES")
+
+
 def relaydConfig(*, port: int, spool: Path, smarthostPort: int,
                  trustedNetworks: list[str] | None = None, extra: str = "") -> str:
+    if TEST_PROCESSES and not re.search(r"(?m)^processes:", extra):
+        extra += f"processes: {TEST_PROCESSES}\n"
     relay = ""
     if trustedNetworks is not None:
         relay = "relay:\n  trusted_networks: [" + ", ".join(f'"{n}"' for n in trustedNetworks) + "]\n"

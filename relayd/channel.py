@@ -1,0 +1,137 @@
+"""
+The local channel between the master process and its intake workers: AMP
+commands over a socketpair the master creates for each worker (no path in
+the file system, so nothing but the two processes can reach it).
+
+Worker to master, on the intake path:
+  ``Admit``       may this client address have a session (after its PROXY
+                  header)? the master counts ``limits.connections`` and
+                  ``connections_per_client`` over every process;
+  ``Left``        a session admitted by ``Admit`` has ended;
+  ``StartCheck``  may a password check for this address start now (the
+                  AUTH failure throttle, with checks in flight counted)?
+  ``CheckEnded``  a check started by ``StartCheck`` has ended (failed or not);
+  ``Failed``      an AUTH failure that needed no check (authzid mismatch);
+  ``Committing``  a message is about to be committed: if the worker dies
+                  from here on, the master looks for it in the spool;
+  ``Queued``      the message is committed: the master loads its envelope
+                  from the spool and schedules it.
+
+  ``RunningConfig``  the master's running configuration, as YAML, a page
+                  at a time: what a worker runs with, at its start and at
+                  each reload, whatever the file says by then.
+
+Master to worker:
+  ``Ping``        the heartbeat: answered by the worker's reactor thread;
+  ``ConfigChanged`` the master has applied a new configuration: fetch it;
+  ``BlockStarted`` / ``BlockLifted``  the AUTH block list changed;
+  ``RateLimited`` a login reached ``messages_per_user_per_hour`` until then.
+
+Addresses are normalized client IP addresses; times are the master's clock
+seconds (every process reads the same wall clock).
+"""
+
+from __future__ import annotations
+
+from twisted.protocols import amp
+
+# Admit's answers: admitted, or which limit refused the session.
+ADMITTED = ""
+REFUSED_CONNECTIONS = "connections"
+REFUSED_PER_CLIENT = "connections_per_client"
+
+
+class Admit(amp.Command):
+    commandName = b"admit"
+    arguments = [(b"address", amp.Unicode())]
+    response = [(b"refusal", amp.Unicode())]
+
+
+class Left(amp.Command):
+    commandName = b"left"
+    arguments = [(b"address", amp.Unicode())]
+    requiresAnswer = False
+
+
+class StartCheck(amp.Command):
+    commandName = b"start-check"
+    arguments = [(b"address", amp.Unicode())]
+    response = [(b"allowed", amp.Boolean())]
+
+
+class CheckEnded(amp.Command):
+    """The answer: when the block this failure started ends (absent: no new block)."""
+
+    commandName = b"check-ended"
+    arguments = [(b"address", amp.Unicode()), (b"failed", amp.Boolean())]
+    response = [(b"blockedUntil", amp.Float(optional=True))]
+
+
+class Failed(amp.Command):
+    commandName = b"failed"
+    arguments = [(b"address", amp.Unicode())]
+    response = [(b"blockedUntil", amp.Float(optional=True))]
+
+
+class Committing(amp.Command):
+    commandName = b"committing"
+    arguments = [(b"queueId", amp.Unicode())]
+    response = []
+
+
+class Queued(amp.Command):
+    commandName = b"queued"
+    arguments = [(b"queueId", amp.Unicode()), (b"login", amp.Unicode(optional=True))]
+    requiresAnswer = False
+
+
+# Characters per RunningConfig page: at most 4 bytes of UTF-8 each, within one AMP value.
+CONFIG_PAGE = 16_000
+assert CONFIG_PAGE * 4 < amp.MAX_VALUE_LENGTH
+
+
+class RunningConfig(amp.Command):
+    commandName = b"running-config"
+    arguments = [(b"offset", amp.Integer())]
+    response = [(b"text", amp.Unicode()), (b"total", amp.Integer()), (b"path", amp.Unicode())]
+
+
+class Ping(amp.Command):
+    commandName = b"ping"
+    arguments = []
+    response = [(b"sessions", amp.Integer())]
+
+
+class ConfigChanged(amp.Command):
+    commandName = b"config-changed"
+    arguments = []
+    response = []
+
+
+class BlockStarted(amp.Command):
+    commandName = b"blocked"
+    arguments = [(b"address", amp.Unicode()), (b"until", amp.Float())]
+    requiresAnswer = False
+
+
+class BlockLifted(amp.Command):
+    commandName = b"unblocked"
+    arguments = [(b"address", amp.Unicode())]
+    requiresAnswer = False
+
+
+class RateLimited(amp.Command):
+    commandName = b"rate-limited"
+    arguments = [(b"login", amp.Unicode()), (b"until", amp.Float())]
+    requiresAnswer = False
+
+
+class Quiet(amp.AMP):
+    """AMP without its log lines for every connection made and lost."""
+
+    def makeConnection(self, transport) -> None:
+        amp.BinaryBoxProtocol.makeConnection(self, transport)
+
+    def connectionLost(self, reason) -> None:
+        amp.BinaryBoxProtocol.connectionLost(self, reason)
+        self.transport = None

@@ -1,0 +1,451 @@
+"""
+The master process of a daemon with ``processes`` above 1: what ``twistd
+relayd`` starts. It runs start-up recovery once, creates the listening
+sockets, runs the queue manager (scheduler and courier: the schedule and
+every outbound connection) and owns every limit counter and the AUTH block
+list. It starts the intake workers (relayd.worker), each running relayd's
+SMTP server on the same listening sockets, passed to it as inherited file
+descriptors, and talks to each over its own socketpair (relayd.channel).
+
+A worker that dies is started again, with a log line; what it had
+committed but not yet reported is looked up in the spool and scheduled.
+The master asks every worker for a heartbeat (``Ping``), answered by the
+worker's reactor thread: ``alive()`` tells whether each one answered
+recently, and a worker whose reactor stops answering for ``HANG_LIMIT``
+seconds is killed and started again.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import sys
+from collections import Counter
+
+from twisted.application import service
+from twisted.internet import defer, protocol, task
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.python.reflect import qual
+
+from relayd import channel, maillog
+from relayd.auth import FailureThrottle, MessageRate
+from relayd.limits import SessionCounts
+
+log = Logger()
+
+# Seconds between heartbeats, and without an answer before a worker is killed.
+HEARTBEAT = 2.0
+HANG_LIMIT = 30.0
+# A worker that dies within MIN_LIFETIME of its start waits RESTART_DELAY
+# before the next start: a worker that cannot start must not spin.
+MIN_LIFETIME = 5.0
+RESTART_DELAY = 1.0
+# After the drain's grace, how long workers get to exit before SIGKILL.
+EXIT_GRACE = 10.0
+# The first inherited descriptors of a worker: the channel and the spool lock.
+CHANNEL_FD = 3
+LOCK_FD = 4
+FIRST_LISTENER_FD = 5
+
+
+class LimitsOwner:
+    """
+    Every counter the intake processes share: sessions per client and in
+    all, the AUTH failure throttle (with checks in flight) and the message
+    rate per login. ``broadcast(command, **arguments)`` tells every worker
+    of a change to the block list or the rate limit.
+    """
+
+    def __init__(self, config, clock, throttleSettings) -> None:
+        self.clock = clock
+        self._throttleSettings = throttleSettings
+        self.sessions = SessionCounts(config.limits.connections, config.limits.connectionsPerClient)
+        self.throttle = FailureThrottle(clock, *throttleSettings(config))
+        self.messageRate = MessageRate(clock, config.limits.messagesPerUserPerHour)
+        self.broadcast = lambda command, **arguments: None
+
+    def reconfigure(self, config) -> None:
+        self.sessions.reconfigure(config)
+        self.throttle.limit, self.throttle.window = self._throttleSettings(config)
+        self.messageRate.limit = config.limits.messagesPerUserPerHour
+
+    # relayctl blocked / unblock (relayd.control)
+
+    def blockedClients(self) -> list[tuple[str, float]]:
+        return self.throttle.blockedClients()
+
+    def unblock(self, address: str) -> bool:
+        wasBlocked = self.throttle.unblock(address)
+        self.broadcast(channel.BlockLifted, address=address)
+        return wasBlocked
+
+    def blockStarted(self, address: str, until: float | None) -> None:
+        if until is not None:
+            self.broadcast(channel.BlockStarted, address=address, until=until)
+
+    def messageQueued(self, login: str | None) -> None:
+        if not login:
+            return
+        self.messageRate.queued(login)
+        until = self.messageRate.exceededUntil(login)
+        if until is not None:
+            self.broadcast(channel.RateLimited, login=login, until=until)
+
+
+class Worker:
+    """What the master knows of one intake worker."""
+
+    def __init__(self, number: int, started: float) -> None:
+        self.number = number
+        self.started = started
+        self.pid: int | None = None
+        self.process = None  # the IProcessTransport
+        self.link: WorkerLink | None = None
+        self.lastAnswer = started
+        # Queue ids announced by Committing and not yet Queued.
+        self.committing: set[str] = set()
+        # Password checks in flight, per client address.
+        self.checks: Counter = Counter()
+        self.exited = False
+        self.released = False
+        self.hung = False  # killed for not answering the heartbeat
+
+    def describe(self) -> str:
+        return f"worker {self.number} (pid {self.pid})"
+
+
+class WorkerLink(channel.Quiet):
+    """The master's side of one worker's channel."""
+
+    def __init__(self, pool: "WorkerPool", worker: Worker) -> None:
+        super().__init__()
+        self.pool = pool
+        self.worker = worker
+
+    @channel.Admit.responder
+    def admit(self, address):
+        return {"refusal": self.pool.owner.sessions.admit(self.worker, address)}
+
+    @channel.Left.responder
+    def left(self, address):
+        self.pool.owner.sessions.left(self.worker, address)
+        return {}
+
+    @channel.StartCheck.responder
+    def startCheck(self, address):
+        allowed = self.pool.owner.throttle.startCheck(address)
+        if allowed:
+            self.worker.checks[address] += 1
+        return {"allowed": allowed}
+
+    @channel.CheckEnded.responder
+    def checkEnded(self, address, failed):
+        owner = self.pool.owner
+        if self.worker.checks[address] <= 0:
+            return {}  # not counted here (a check from before a restart of this link)
+        self.worker.checks[address] -= 1
+        if self.worker.checks[address] <= 0:
+            del self.worker.checks[address]
+        until = owner.throttle.checkEnded(address, failed)
+        owner.blockStarted(address, until)
+        return {} if until is None else {"blockedUntil": until}
+
+    @channel.Failed.responder
+    def failed(self, address):
+        owner = self.pool.owner
+        until = owner.throttle.failed(address)
+        owner.blockStarted(address, until)
+        return {} if until is None else {"blockedUntil": until}
+
+    @channel.RunningConfig.responder
+    def runningConfig(self, offset):
+        text = self.pool.configText()
+        start = max(0, offset)
+        return {"text": text[start:start + channel.CONFIG_PAGE], "total": len(text),
+                "path": self.pool.config.path}
+
+    @channel.Committing.responder
+    def committing(self, queueId):
+        self.worker.committing.add(queueId)
+        return {}
+
+    @channel.Queued.responder
+    def queued(self, queueId, login=None):
+        self.worker.committing.discard(queueId)
+        self.pool.owner.messageQueued(login)
+        self.pool.schedule(queueId)
+        return {}
+
+    def connectionLost(self, reason) -> None:
+        super().connectionLost(reason)
+        self.pool.release(self.worker)
+
+
+class WorkerProcess(protocol.ProcessProtocol):
+    def __init__(self, pool: "WorkerPool", worker: Worker) -> None:
+        self.pool = pool
+        self.worker = worker
+
+    def processEnded(self, reason: Failure) -> None:
+        self.pool.exited(self.worker, reason.value)
+
+
+def exitDescription(status) -> str:
+    """``exited with status 1`` or ``killed by SIGKILL``, from a ProcessDone/ProcessTerminated."""
+    sig = getattr(status, "signal", None)
+    if sig:
+        try:
+            return f"killed by {signal.Signals(sig).name}"
+        except ValueError:
+            return f"killed by signal {sig}"
+    return f"exited with status {getattr(status, 'exitCode', None)}"
+
+
+class WorkerPool(service.Service):
+    """
+    Starts ``count`` intake workers on the listeners' sockets and keeps them
+    running; ``shutdown(grace)`` drains them (SIGTERM) for the daemon's stop.
+    ``command(number, listenerFds)`` is a worker's argv.
+    """
+
+    name = "workers"
+
+    def __init__(self, count: int, command, reactor, listeners, lockFd, owner: LimitsOwner,
+                 scheduler, spool, runInThread, config=None) -> None:
+        self.count = count
+        # The running configuration, which the workers fetch (RunningConfig).
+        self.config = config
+        self._configText: str | None = None
+        self.command = command
+        self.reactor = reactor
+        self.listeners = listeners
+        self.lockFd = lockFd
+        self.owner = owner
+        owner.broadcast = self.broadcast
+        self.scheduler = scheduler
+        self.spool = spool
+        self.runInThread = runInThread
+        self.workers: dict[int, Worker] = {}
+        self._stopping = False
+        self._exits: list[defer.Deferred] = []
+        self._heartbeat = None
+
+    def startService(self) -> None:
+        super().startService()
+        for number in range(1, self.count + 1):
+            self.spawn(number)
+        self._heartbeat = task.LoopingCall(self._beat)
+        self._heartbeat.clock = self.reactor
+        self._heartbeat.start(HEARTBEAT, now=False)
+
+    # Starting
+
+    def spawn(self, number: int) -> None:
+        if self._stopping:
+            return
+        worker = Worker(number, self.reactor.seconds())
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        fds = {0: "w", 1: 1, 2: 2, CHANNEL_FD: theirs.fileno(), LOCK_FD: self.lockFd()}
+        listenerFds = []
+        for index, listener in enumerate(self.listeners):
+            fd = FIRST_LISTENER_FD + index
+            fds[fd] = listener.port.fileno()
+            listenerFds.append(fd)
+        argv = self.command(number, listenerFds)
+        try:
+            process = self.reactor.spawnProcess(
+                WorkerProcess(self, worker), argv[0], argv, env=dict(os.environ), childFDs=fds)
+        except OSError as e:
+            ours.close()
+            theirs.close()
+            maillog.daemonEvent(f"worker {number}: cannot start: {e.strerror or e}",
+                                level=maillog.LogLevel.error)
+            self.reactor.callLater(RESTART_DELAY, self.spawn, number)
+            return
+        finally:
+            theirs.close()
+        process.closeStdin()
+        worker.process = process
+        worker.pid = process.pid
+        self.workers[number] = worker
+        worker.link = link = WorkerLink(self, worker)
+        factory = protocol.Factory()
+        factory.noisy = False
+        factory.buildProtocol = lambda addr: link
+        self.reactor.adoptStreamConnection(ours.fileno(), socket.AF_UNIX, factory)
+        ours.close()
+        maillog.daemonEvent(f"{worker.describe()} started")
+        # What the new worker must know already: the blocks and rate limits in force.
+        for address, until in self.owner.throttle.blockedClients():
+            link.callRemote(channel.BlockStarted, address=address, until=until)
+        for login, until in self.owner.messageRate.exceededLogins():
+            link.callRemote(channel.RateLimited, login=login, until=until)
+
+    # Messages
+
+    def schedule(self, queueId: str) -> defer.Deferred:
+        """A worker committed ``queueId``: load its envelope and schedule it (once)."""
+        d = self.runInThread(self.spool.load, queueId)
+
+        def loaded(envelope) -> None:
+            if envelope.queueId not in self.scheduler.envelopes:
+                self.scheduler.add(envelope)
+
+        def failed(failure: Failure) -> None:
+            failure.trap(OSError, ValueError)
+            maillog.queueWarning(queueId, f"cannot read the envelope a worker committed: "
+                                 f"{getattr(failure.value, 'strerror', None) or failure.value}")
+
+        d.addCallbacks(loaded, failed)
+        d.addErrback(lambda f: log.failure("scheduling a message from a worker", f))
+        return d
+
+    # A worker's end
+
+    def release(self, worker: Worker) -> None:
+        """Give back what a gone worker held: its sessions, checks, and committed messages."""
+        if worker.released:
+            return
+        worker.released = True
+        self.owner.sessions.forget(worker)
+        for address, count in worker.checks.items():
+            for _ in range(count):
+                self.owner.throttle.checkEnded(address, failed=False)
+        worker.checks.clear()
+        # Committed (or not) as it died: the spool says which.
+        for queueId in sorted(worker.committing):
+            self.schedule(queueId).addErrback(lambda f: None)
+        worker.committing.clear()
+        if worker.process is not None and not worker.exited and not self._stopping:
+            # A worker without its channel cannot be asked anything: end it.
+            try:
+                worker.process.signalProcess("KILL")
+            except Exception:
+                pass
+
+    def exited(self, worker: Worker, status) -> None:
+        worker.exited = True
+        self.release(worker)
+        if self.workers.get(worker.number) is worker:
+            del self.workers[worker.number]
+        if self._stopping:
+            maillog.daemonEvent(f"{worker.describe()} {exitDescription(status)}")
+            if not self.workers:
+                exits, self._exits = self._exits, []
+                for d in exits:
+                    d.callback(None)
+            return
+        lived = self.reactor.seconds() - worker.started
+        # A clean exit is a worker stopped by a signal meant for the whole
+        # daemon (systemd's SIGTERM to every process, Ctrl-C): the master's
+        # own stop is likely on its way.
+        clean = getattr(status, "exitCode", None) == 0
+        delay = RESTART_DELAY if lived < MIN_LIFETIME or clean else 0
+        maillog.daemonEvent(f"{worker.describe()} {exitDescription(status)}; starting it again",
+                            level=maillog.LogLevel.warn)
+        self.reactor.callLater(delay, self.spawn, worker.number)
+
+    # Heartbeat
+
+    def _beat(self) -> None:
+        now = self.reactor.seconds()
+        for worker in list(self.workers.values()):
+            link = worker.link
+            if link is None or link.transport is None:
+                continue
+            if now - worker.lastAnswer > HANG_LIMIT:
+                maillog.daemonEvent(f"{worker.describe()} has not answered for "
+                                    f"{now - worker.lastAnswer:.0f}s; killing it",
+                                    level=maillog.LogLevel.error)
+                worker.lastAnswer = now
+                worker.hung = True
+                try:
+                    worker.process.signalProcess("KILL")
+                except Exception:
+                    pass
+                continue
+            d = link.callRemote(channel.Ping)
+            d.addCallback(lambda _, w=worker: setattr(w, "lastAnswer", self.reactor.seconds()))
+            d.addErrback(lambda f: None)
+
+    def alive(self) -> bool:
+        """Whether every worker runs and its reactor answered within HANG_LIMIT."""
+        now = self.reactor.seconds()
+        return (len(self.workers) == self.count
+                and all(now - w.lastAnswer <= HANG_LIMIT and not w.hung
+                        for w in self.workers.values()))
+
+    # Reload and stop
+
+    def broadcast(self, command, **arguments) -> None:
+        for worker in self.workers.values():
+            link = worker.link
+            if link is not None and link.transport is not None:
+                d = link.callRemote(command, **arguments)
+                if d is not None:
+                    d.addErrback(lambda f: None)
+
+    def configText(self) -> str:
+        if self._configText is None:
+            self._configText = self.config.toYAML()
+        return self._configText
+
+    def reconfigure(self, config) -> None:
+        """The master has applied a reloaded config: every worker fetches it."""
+        self.config = config
+        self._configText = None
+        self.broadcast(channel.ConfigChanged)
+
+    def shutdown(self, grace: float) -> defer.Deferred:
+        """SIGTERM to every worker (each drains for ``grace``); fires when all have exited."""
+        self._stopping = True
+        if self._heartbeat is not None and self._heartbeat.running:
+            self._heartbeat.stop()
+        if not self.workers:
+            return defer.succeed(None)
+        for worker in self.workers.values():
+            try:
+                worker.process.signalProcess("TERM")
+            except Exception:
+                pass
+        d = defer.Deferred()
+        self._exits.append(d)
+
+        def killLeft() -> None:
+            for worker in list(self.workers.values()):
+                maillog.daemonEvent(f"{worker.describe()} did not exit; killing it",
+                                    level=maillog.LogLevel.warn)
+                try:
+                    worker.process.signalProcess("KILL")
+                except Exception:
+                    pass
+
+        timer = self.reactor.callLater(grace + EXIT_GRACE, killLeft)
+        d.addBoth(lambda r: (timer.cancel() if timer.active() else None, r)[1])
+        return d
+
+    def stopService(self):
+        super().stopService()
+        if self._heartbeat is not None and self._heartbeat.running:
+            self._heartbeat.stop()
+
+
+def workerCommand(configPath: str, logger: str | None, logfile: str | None):
+    """The argv builder for WorkerPool: ``python -m relayd.worker`` with this daemon's settings."""
+
+    def command(number: int, listenerFds: list[int]) -> list[str]:
+        argv = [sys.executable, "-m", "relayd.worker", "--config", configPath,
+                "--number", str(number), "--master", str(os.getpid()),
+                "--channel", str(CHANNEL_FD), "--lock", str(LOCK_FD)]
+        for fd in listenerFds:
+            argv += ["--listener", str(fd)]
+        if logger:
+            # twistd's options hold the observer factory itself, not its name.
+            argv += ["--logger", logger if isinstance(logger, str) else qual(logger)]
+        elif logfile and logfile != "-":
+            argv += ["--logfile", logfile]
+        return argv
+
+    return command

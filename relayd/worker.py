@@ -1,0 +1,461 @@
+"""
+An intake worker: one of the ``processes`` that run relayd's SMTP server
+when there is more than one (relayd.master starts them). It adopts the
+listening sockets the master created, receives and commits messages to the
+spool as a single-process relayd does, and asks the master, over its
+channel (relayd.channel), before admitting a client and before each
+password check; committed messages are handed to the master's scheduler.
+
+A worker never recovers, deletes or moves what is in the spool at its
+start: another worker may be between the two renames of a commit. It
+holds the spool's lock descriptor (inherited), so no second daemon can
+start on the spool while any worker of this one runs.
+
+Run by the master as ``python -m relayd.worker --config FILE --number N
+--channel FD --lock FD --listener FD ...``; not a command for admins. The
+file is named for ``ps``: a worker runs with the master's running
+configuration, fetched over the channel at its start and at each reload,
+so a worker started after the file was edited (or broken) runs as the
+others do.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import socket
+import sys
+
+from twisted.application import service
+from twisted.internet import defer
+from twisted.logger import Logger
+
+from relayd import channel, maillog, replies
+
+log = Logger()
+
+_REFUSALS = {
+    channel.REFUSED_CONNECTIONS: replies.TOO_MANY_CONNECTIONS,
+    channel.REFUSED_PER_CLIENT: replies.TOO_MANY_CONNECTIONS_FROM_CLIENT,
+}
+
+# Blocks and rate limits this worker remembers (as FailureThrottle.MAX_TRACKED).
+MAX_TRACKED = 100_000
+
+
+def _call(link, command, **arguments) -> defer.Deferred:
+    """``callRemote``, as a Deferred that fails (never raises) once the master is gone."""
+    if link.transport is None:
+        return defer.fail(ConnectionError("the master process is gone"))
+    try:
+        return link.callRemote(command, **arguments)
+    except Exception:
+        return defer.fail()
+
+
+def _send(link, command, **arguments) -> None:
+    """A command that needs no answer; nothing when the master is gone."""
+    if link.transport is not None:
+        try:
+            link.callRemote(command, **arguments)
+        except Exception:
+            pass
+
+
+def _expiring(table: dict, key: str, clock) -> float | None:
+    until = table.get(key)
+    if until is not None and until <= clock.seconds():
+        del table[key]
+        return None
+    return until
+
+
+def _remember(table: dict, key: str, until: float, clock) -> None:
+    if key not in table and len(table) >= MAX_TRACKED:
+        now = clock.seconds()
+        for old in [k for k, t in table.items() if t <= now]:
+            del table[old]
+        if len(table) >= MAX_TRACKED:
+            table.pop(next(iter(table)))
+    table[key] = until
+
+
+class RemoteAdmission:
+    """``limits.connections`` and ``connections_per_client``, counted by the master."""
+
+    def __init__(self, link) -> None:
+        self.link = link
+
+    def admit(self, address: str) -> defer.Deferred:
+        """Deferred: None (admitted) or the reply that refuses the session."""
+        d = _call(self.link, channel.Admit, address=address)
+        d.addCallback(lambda answer: _REFUSALS.get(answer["refusal"]))
+        # The master is gone: this worker is stopping.
+        d.addErrback(lambda f: replies.SHUTTING_DOWN)
+        return d
+
+    def left(self, address: str) -> None:
+        _send(self.link, channel.Left, address=address)
+
+
+class RemoteThrottle:
+    """
+    The AUTH failure throttle of relayd.auth.FailureThrottle, kept by the
+    master: the checks ask it; the blocks it announces are remembered here
+    so that AUTH from a blocked address is refused without asking.
+    """
+
+    def __init__(self, link, clock, limit: int, window: float) -> None:
+        self.link = link
+        self.clock = clock
+        self.limit = limit
+        self.window = window
+        self._blocked: dict[str, float] = {}
+
+    def blockedUntil(self, address: str) -> float | None:
+        return _expiring(self._blocked, address, self.clock)
+
+    def blocked(self, address: str) -> bool:
+        return self.blockedUntil(address) is not None
+
+    def mayCheck(self, address: str) -> bool:
+        return not self.blocked(address)
+
+    def block(self, address: str, until: float) -> None:
+        _remember(self._blocked, address, until, self.clock)
+
+    def unblock(self, address: str) -> bool:
+        return self._blocked.pop(address, None) is not None
+
+    def startCheck(self, address: str) -> defer.Deferred:
+        d = _call(self.link, channel.StartCheck, address=address)
+        d.addCallback(lambda answer: answer["allowed"])
+        d.addErrback(lambda f: False)
+        return d
+
+    def _until(self, address: str, answer: dict) -> float | None:
+        until = answer.get("blockedUntil")
+        if until is not None:
+            self.block(address, until)
+        return until
+
+    def checkEnded(self, address: str, failed: bool) -> defer.Deferred:
+        d = _call(self.link, channel.CheckEnded, address=address, failed=failed)
+        d.addCallback(lambda answer: self._until(address, answer))
+        d.addErrback(lambda f: None)
+        return d
+
+    def failed(self, address: str) -> defer.Deferred:
+        d = _call(self.link, channel.Failed, address=address)
+        d.addCallback(lambda answer: self._until(address, answer))
+        d.addErrback(lambda f: None)
+        return d
+
+
+class RemoteMessageRate:
+    """``messages_per_user_per_hour``, counted by the master; logins over it are announced."""
+
+    def __init__(self, clock, limit: int) -> None:
+        self.clock = clock
+        self.limit = limit
+        self._limited: dict[str, float] = {}
+
+    def exceeded(self, login: str) -> bool:
+        return _expiring(self._limited, login, self.clock) is not None
+
+    def queued(self, login: str) -> None:
+        """Counted by the master, from the Queued notice."""
+
+    def limited(self, login: str, until: float) -> None:
+        _remember(self._limited, login, until, self.clock)
+
+
+class RemoteLimits:
+    """What a worker's SubmissionFactory takes as ``limits``."""
+
+    def __init__(self, link, clock, config, throttleSettings) -> None:
+        self._throttleSettings = throttleSettings
+        self.admission = RemoteAdmission(link)
+        self.throttle = RemoteThrottle(link, clock, *throttleSettings(config))
+        self.messageRate = RemoteMessageRate(clock, config.limits.messagesPerUserPerHour)
+
+    def reconfigure(self, config) -> None:
+        self.throttle.limit, self.throttle.window = self._throttleSettings(config)
+        self.messageRate.limit = config.limits.messagesPerUserPerHour
+
+
+class MasterLink(channel.Quiet):
+    """A worker's side of its channel. ``lost()`` is called when the master has gone."""
+
+    def __init__(self, clock, lost, parse) -> None:
+        super().__init__()
+        self.clock = clock
+        self.lost = lost
+        self.parse = parse  # (YAML text, path) -> Config
+        self.limits: RemoteLimits | None = None
+        self.sessionCount = lambda: 0
+        self.reload = lambda config: None
+
+    @defer.inlineCallbacks
+    def runningConfig(self):
+        """The master's running configuration (a Deferred)."""
+        parts: list[str] = []
+        offset = 0
+        while True:
+            answer = yield _call(self, channel.RunningConfig, offset=offset)
+            parts.append(answer["text"])
+            offset += len(answer["text"])
+            if offset >= answer["total"] or not answer["text"]:
+                return self.parse("".join(parts), answer["path"])
+
+    @channel.Ping.responder
+    def ping(self):
+        return {"sessions": self.sessionCount()}
+
+    @channel.ConfigChanged.responder
+    def reloadNow(self):
+        d = self.runningConfig()
+        d.addCallback(self.reload)
+        d.addErrback(lambda f: log.failure("fetching the master's configuration", f))
+        return {}
+
+    @channel.BlockStarted.responder
+    def blockedNow(self, address, until):
+        self.limits.throttle.block(address, until)
+        return {}
+
+    @channel.BlockLifted.responder
+    def unblockedNow(self, address):
+        self.limits.throttle.unblock(address)
+        return {}
+
+    @channel.RateLimited.responder
+    def rateLimited(self, login, until):
+        self.limits.messageRate.limited(login, until)
+        return {}
+
+    # Intake notices
+
+    def committing(self, queueId: str) -> defer.Deferred:
+        return _call(self, channel.Committing, queueId=queueId)
+
+    def queued(self, envelope) -> None:
+        arguments = {"queueId": envelope.queueId}
+        if envelope.authIdentity:
+            arguments["login"] = envelope.authIdentity
+        _send(self, channel.Queued, **arguments)
+
+    def connectionLost(self, reason) -> None:
+        super().connectionLost(reason)
+        self.lost()
+
+
+def announcedCommit(link, commitInThread):
+    """
+    The worker's commit: the master hears of the queue id before the
+    commit ends, and the 250 waits for both, so a message acknowledged to
+    a client is one the master can find in the spool if this worker dies.
+    A master that is gone cannot be told, and need not be: the message is
+    committed, and the next master's recovery finds it (a 4xx here would
+    make the client send it twice).
+    """
+
+    def commit(writer, envelope) -> defer.Deferred:
+        announced = link.committing(envelope.queueId)
+        written = commitInThread(writer, envelope)
+        result = defer.Deferred()
+
+        def committed(_):
+            announced.addBoth(lambda _: result.callback(None))
+
+        def failed(failure):
+            announced.addErrback(lambda f: None)
+            result.errback(failure)
+
+        written.addCallbacks(committed, failed)
+        return result
+
+    return commit
+
+
+class WorkerService(service.MultiService):
+    """
+    One worker: its listeners (adopted sockets), sessions and thread pools.
+    Stops as the daemon does (listeners, then sessions within
+    ``shutdown_grace``, then the pools) on SIGTERM, SIGINT, or when the
+    master has gone.
+    """
+
+    def __init__(self, config, reactor, factory, listenerFactories, listenerFds, pool,
+                 authPool, reloadable, reloadConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.reactor = reactor
+        self.factory = factory
+        self.listenerFactories = listenerFactories
+        self.listenerFds = listenerFds
+        self.pool = pool
+        self.authPool = authPool
+        self.reloadable = list(reloadable)
+        self._reloadConfig = reloadConfig
+        self.ports: list = []
+        self._stopping = False
+
+    def startService(self) -> None:
+        self.pool.start()
+        if self.authPool is not None:
+            self.authPool.start()
+        for fd, factory in zip(self.listenerFds, self.listenerFactories):
+            family = socket.socket(fileno=os.dup(fd))
+            try:
+                addressFamily = family.family
+            finally:
+                family.close()
+            # adoptStreamPort duplicates the descriptor; the inherited one is closed.
+            self.ports.append(self.reactor.adoptStreamPort(fd, addressFamily, factory))
+            os.close(fd)
+        super().startService()
+
+    def reload(self, new) -> None:
+        """The master's running configuration ``new``, through the daemon's one reload path."""
+        applied, _ = self._reloadConfig(self.config, self.reloadable, new)
+        if applied is not None:
+            self.config = applied
+
+    def stopNow(self, why: str) -> None:
+        if self._stopping:
+            return
+        self._stopping = True
+        maillog.daemonEvent(f"worker {why}, shutting down")
+        self.reactor.callFromThread(self.reactor.stop)
+
+    @defer.inlineCallbacks
+    def stopService(self):
+        self._stopping = True
+        super().stopService()
+        deadline = self.reactor.seconds() + self.config.shutdownGrace
+        ports, self.ports = self.ports, []
+        yield defer.DeferredList([defer.maybeDeferred(p.stopListening) for p in ports],
+                                 consumeErrors=True)
+        yield self.factory.shutdown(max(0.0, deadline - self.reactor.seconds()))
+        self.pool.stop()
+        if self.authPool is not None:
+            self.authPool.stop()
+
+
+def _dieWithMaster(masterPid: int) -> None:
+    """
+    SIGKILL when the master dies (Linux's PR_SET_PDEATHSIG): a worker left
+    running would hold the spool's lock and keep a restarted daemon out.
+    Being killed is safe (what it acknowledged is in the spool), as it is
+    for the master.
+    """
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        PR_SET_PDEATHSIG = 1
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    except (OSError, AttributeError):
+        pass  # elsewhere: the lost channel stops the worker
+    if os.getppid() != masterPid:  # the master died before the line above
+        os._exit(1)
+
+
+def _arguments(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="relayd-worker")
+    parser.add_argument("--config", required=True)
+    parser.add_argument("--number", type=int, required=True)
+    parser.add_argument("--master", type=int, required=True)
+    parser.add_argument("--channel", type=int, required=True)
+    parser.add_argument("--lock", type=int, required=True)
+    parser.add_argument("--listener", type=int, action="append", default=[])
+    parser.add_argument("--logger")
+    parser.add_argument("--logfile")
+    return parser.parse_args(argv)
+
+
+def _startLogging(arguments: argparse.Namespace) -> None:
+    """The master's log destination, in its format; this process's pid in every line."""
+    from twisted.logger import globalLogBeginner, textFileLogObserver
+    from twisted.python.reflect import namedAny
+
+    if arguments.logger:
+        observer = namedAny(arguments.logger)()
+    else:
+        stream = open(arguments.logfile, "a") if arguments.logfile else sys.stdout
+        text = textFileLogObserver(stream)
+        pid = os.getpid()
+
+        def observer(event: dict) -> None:
+            # twistd's own format shows no pid: the worker's lines say theirs.
+            if "log_system" not in event:
+                level = event.get("log_level")
+                event = dict(event, log_system=f"{event.get('log_namespace', '-')}#"
+                             f"{getattr(level, 'name', level)} pid {pid}")
+            text(event)
+
+    globalLogBeginner.beginLoggingTo([observer], redirectStandardIO=False)
+
+
+def main(argv: list[str] | None = None) -> None:
+    arguments = _arguments(sys.argv[1:] if argv is None else argv)
+    _dieWithMaster(arguments.master)
+    # SIGINT and SIGTERM stop the worker as the daemon's stop does; until
+    # it has started they only say so. SIGHUP is the master's to handle.
+    stopRequested: list[str] = []
+    signal.signal(signal.SIGTERM, lambda s, f: stopRequested.append("SIGTERM"))
+    signal.signal(signal.SIGINT, lambda s, f: stopRequested.append("SIGINT"))
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    _startLogging(arguments)
+
+    from twisted.internet import protocol, reactor
+
+    from relayd import config as configModule
+    from relayd import tap
+
+    started: list[WorkerService] = []
+
+    def stop(why: str) -> None:
+        if started:
+            started[0].stopNow(why)
+        elif reactor.running:
+            reactor.stop()
+
+    link = MasterLink(reactor, lost=lambda: stop("lost its master"), parse=configModule.parse)
+    linkFactory = protocol.Factory()
+    linkFactory.noisy = False
+    linkFactory.buildProtocol = lambda addr: link
+    reactor.adoptStreamConnection(arguments.channel, socket.AF_UNIX, linkFactory)
+    os.close(arguments.channel)
+
+    def start(config) -> None:
+        # The configuration the master runs with, whatever the file says now.
+        worker = tap.makeWorker(config, reactor, link, arguments.listener)
+        worker.startService()
+        started.append(worker)
+        maillog.daemonEvent(f"worker {arguments.number} accepting connections")
+        link.reload = worker.reload
+        reactor.addSystemEventTrigger("before", "shutdown", worker.stopService)
+
+        def onSignal(signum, frame) -> None:
+            worker.stopNow(f"received {signal.Signals(signum).name}")
+
+        signal.signal(signal.SIGTERM, onSignal)
+        signal.signal(signal.SIGINT, onSignal)
+        if stopRequested:
+            worker.stopNow(f"received {stopRequested[0]}")
+
+    def failed(failure) -> None:
+        log.failure("worker start-up", failure)
+        reactor.stop()
+
+    reactor.callWhenRunning(lambda: link.runningConfig().addCallback(start).addErrback(failed))
+    reactor.run(installSignalHandlers=False)
+    if not started:
+        raise SystemExit(1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,285 @@
+"""
+The daemon with ``processes: 2``: a master and two intake workers sharing
+the listening sockets. What an admin checks: mail is accepted and
+delivered; killing one worker loses no acknowledged message and the
+worker comes back; the connection and AUTH limits count across both
+workers; SIGHUP reaches the workers; SIGTERM stops every process.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import os
+import re
+import signal
+import smtplib
+import socket
+import threading
+import time
+from collections import Counter
+
+import pytest
+
+from tests.integration.harness import (
+    DELIVERY_DEADLINE,
+    HOST,
+    SMTP_TIMEOUT,
+    Relayd,
+    makeMessage,
+    waitUntil,
+)
+from tests.integration.test_crash import SUBJECT, Client
+from tests.integration.test_submission_security import SecureRelayd
+
+pytestmark = pytest.mark.integration
+
+WORKER_STARTED = re.compile(r"worker (\d+) \(pid (\d+)\) started")
+
+
+class SplitRelayd(Relayd):
+    """relayd with ``processes: 2`` (and any further settings in ``extra``)."""
+
+    extra = ""
+
+    def configText(self, smarthostPort, trustedNetworks=None, extra=""):
+        return super().configText(smarthostPort, trustedNetworks,
+                                  extra=extra + self.extra + "processes: 2\n")
+
+
+class SecureSplitRelayd(SecureRelayd):
+    def configText(self, smarthostPort, trustedNetworks=None, extra=""):
+        return super().configText(smarthostPort, trustedNetworks) + "processes: 2\n"
+
+
+def workers(daemon: Relayd) -> dict[int, int]:
+    """Worker number -> pid of the latest start of each, from the log."""
+    found: dict[int, int] = {}
+    for number, pid in WORKER_STARTED.findall(daemon.log()):
+        found[int(number)] = int(pid)
+    return found
+
+
+def waitForWorkers(daemon: Relayd) -> dict[int, int]:
+    """Both workers started and accepting on the port (each has said so)."""
+    def ready():
+        found = workers(daemon)
+        log = daemon.log()
+        return len(found) == 2 and all(
+            re.search(rf"pid {pid}\]:? worker {n} accepting connections|"
+                      rf"\[{pid}\]: worker {n} accepting connections", log)
+            for n, pid in found.items()) or None
+
+    waitUntil(ready, 30, "two workers did not start accepting", daemon.describe)
+    return workers(daemon)
+
+
+def isRunning(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(") ", 1)[1][0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def parentOf(pid: int) -> int:
+    with open(f"/proc/{pid}/stat") as f:
+        return int(f.read().split(") ", 1)[1].split()[1])
+
+
+def greet(port: int) -> tuple[socket.socket, bytes]:
+    """A connection held open, and its first reply line."""
+    sock = socket.create_connection((HOST, port), timeout=SMTP_TIMEOUT)
+    data = b""
+    while not data.endswith(b"\r\n"):
+        chunk = sock.recv(4096)
+        if not chunk:
+            break
+        data += chunk
+    return sock, data
+
+
+@contextlib.contextmanager
+def onlyWorker(daemon: Relayd, number: int):
+    """Every other worker stopped (SIGSTOP), so worker ``number`` accepts every new connection."""
+    others = [pid for n, pid in workers(daemon).items() if n != number]
+    for pid in others:
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        yield workers(daemon)[number]
+    finally:
+        for pid in others:
+            os.kill(pid, signal.SIGCONT)
+
+
+def servingPids(daemon: Relayd, since: int) -> Counter:
+    """How many "connect from" lines each process wrote after ``since``."""
+    return Counter(re.findall(r"pid (\d+)\] connect from", daemon.log(since)))
+
+
+@pytest.fixture
+def split(tmp_path, processes, twistd, sink):
+    daemon = SplitRelayd(tmp_path / "relayd", sink.port, trustedNetworks=["127.0.0.0/8"])
+    processes.append(daemon)
+    return daemon
+
+
+def test_two_processes_accept_and_deliver(split, sink):
+    split.start()
+    pids = waitForWorkers(split)
+    master = split.process.pid
+    for pid in pids.values():
+        assert isRunning(pid) and parentOf(pid) == master
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            assert b"relayd.worker" in f.read()
+    for n in range(6):
+        split.submit(makeMessage(f"split {n}", [f"line {n}"]))
+    delivered = sink.waitForMessages(6, split.describe)
+    assert sorted(SUBJECT_OF(d.content) for d in delivered) == [f"split {n}" for n in range(6)]
+    assert split.terminate() == 0
+    for pid in pids.values():
+        waitUntil(lambda: not isRunning(pid) or None, 10, f"worker {pid} still runs")
+
+
+def SUBJECT_OF(content: bytes) -> str:
+    return re.search(rb"^Subject: (.*)\r$", content, re.M).group(1).decode()
+
+
+def test_sigkill_of_one_worker_loses_nothing_acknowledged_and_it_comes_back(split, sink):
+    split.start()
+    waitForWorkers(split)
+    stop = threading.Event()
+    clients = [Client(n, split.port, stop) for n in range(4)]
+    for c in clients:
+        c.start()
+    kills = 0
+    try:
+        for round in range(3):
+            time.sleep(1.0)
+            number, pid = sorted(workers(split).items())[round % 2]
+            os.kill(pid, signal.SIGKILL)
+            kills += 1
+            split.waitForLog(rf"worker {number} \(pid {pid}\) killed by SIGKILL; starting it again",
+                             deadline=20)
+            waitUntil(lambda: workers(split).get(number) != pid or None, 20,
+                      f"worker {number} was not started again", split.describe)
+        time.sleep(1.0)
+    finally:
+        stop.set()
+        for c in clients:
+            c.join(30)
+    assert split.running, "the master died with a worker"
+    queueDir = split.spool / "queue"
+    waitUntil(lambda: not list(queueDir.glob("*.env")) or None, DELIVERY_DEADLINE,
+              "the queue did not drain", split.describe)
+    outcomes: dict[str, str] = {}
+    for c in clients:
+        outcomes.update(c.outcomes)
+    arrived = Counter()
+    for delivered in sink.messages():
+        arrived[SUBJECT.search(delivered.content).group(1).decode()] += 1
+    got250 = {t for t, o in outcomes.items() if o == "250"}
+    missing = got250 - set(arrived)
+    print(f"\nworker kills: {kills}; sessions {len(outcomes)}, 250s {len(got250)}, "
+          f"arrivals {sum(arrived.values())}")
+    assert got250 and not missing, f"{len(missing)} acknowledged message(s) never arrived"
+    assert set(arrived) <= set(outcomes)
+
+
+def test_connections_per_client_counts_across_workers(split):
+    split.extra = "limits: {connections_per_client: 11}\n"
+    split.configPath.write_text(split.configText(split.smarthostPort, ["127.0.0.0/8"]))
+    split.start()
+    waitForWorkers(split)
+    since = split.logOffset()
+    held = []
+    try:
+        # Six sessions in worker 1, five in worker 2: eleven in all, the limit.
+        for number, count in ((1, 6), (2, 5)):
+            with onlyWorker(split, number):
+                for _ in range(count):
+                    sock, line = greet(split.port)
+                    held.append(sock)
+                    assert line.startswith(b"220 "), line
+        for number in (1, 2):
+            with onlyWorker(split, number):
+                sock, line = greet(split.port)
+                held.append(sock)
+                assert line == (b"421 4.7.0 relay.test.example Error: too many connections "
+                                b"from your address\r\n"), (number, line)
+        assert len(servingPids(split, since)) == 2, split.log(since)
+    finally:
+        for sock in held:
+            sock.close()
+    # Closed sessions are given back: a new one is admitted.
+    waitUntil(lambda: greet(split.port)[1].startswith(b"220 ") or None, 10,
+              "no session admitted after the others closed", split.describe)
+
+
+def test_auth_failures_count_across_workers(tmp_path, processes, twistd, sink):
+    daemon = SecureSplitRelayd(tmp_path / "relayd", sink.port)  # auth.failure_limit: 3
+    processes.append(daemon)
+    daemon.start()
+    waitForWorkers(daemon)
+    since = daemon.logOffset()
+    guess = "PLAIN " + base64.b64encode(b"\0mallory\0guess").decode()
+
+    def oneGuess() -> int:
+        client = smtplib.SMTP_SSL(HOST, daemon.implicitPort, timeout=SMTP_TIMEOUT,
+                                  context=daemon.clientContext())
+        try:
+            client.ehlo()
+            return client.docmd("AUTH", guess)[0]
+        finally:
+            client.close()
+
+    # Two failures through worker 1, the third through worker 2 (auth.failure_limit: 3).
+    with onlyWorker(daemon, 1):
+        assert [oneGuess(), oneGuess()] == [535, 535]
+    with onlyWorker(daemon, 2):
+        assert oneGuess() == 535
+        daemon.waitForLog(r"warning: SASL authentication failure limit exceeded: 3 in \S+ "
+                          r"from unknown\[127\.0\.0\.1\]; AUTH blocked until", since=since,
+                          deadline=10)
+        assert oneGuess() == 421
+    # The block holds in the other worker too.
+    with onlyWorker(daemon, 1):
+        assert oneGuess() == 421
+    assert len(servingPids(daemon, since)) == 2, daemon.log(since)
+
+
+def test_sighup_reaches_every_worker(split):
+    split.start()
+    pids = waitForWorkers(split)
+    since = split.logOffset()
+    split.configPath.write_text(split.configPath.read_text().replace(
+        "hostname: relay.test.example", "hostname: renamed.test.example"))
+    split.signal(signal.SIGHUP)
+    for pid in pids.values():
+        split.waitForLog(rf"pid {pid}\] reload: configuration .* applied", since=since, deadline=20)
+    for number in (1, 2):
+        with onlyWorker(split, number):
+            sock, line = greet(split.port)
+            sock.close()
+        assert line.startswith(b"220 renamed.test.example "), (number, line)
+
+
+class SyslogSplitRelayd(SplitRelayd):
+    def command(self) -> list[str]:
+        command = super().command()
+        return command[:3] + ["--logger", "relayd.logformat.syslogStdout"] + command[3:]
+
+
+def test_workers_log_through_the_masters_logger_with_their_pid(tmp_path, processes, twistd, sink):
+    daemon = SyslogSplitRelayd(tmp_path / "relayd", sink.port, trustedNetworks=["127.0.0.0/8"])
+    processes.append(daemon)
+    daemon.start()
+    pids = waitForWorkers(daemon)
+    since = daemon.logOffset()
+    with onlyWorker(daemon, 2) as pid:
+        daemon.submit(makeMessage("syslog", ["one"]))
+    daemon.waitForLog(rf"relayd/smtp\[{daemon.process.pid}\]: \w+: to=<bob@remote\.test>",
+                      since=since)
+    log = daemon.log(since)
+    assert re.search(rf"relayd/smtpd\[{pid}\]: connect from unknown\[127\.0\.0\.1\]", log), log
+    assert pids[2] == pid

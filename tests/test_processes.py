@@ -1,0 +1,431 @@
+"""
+The process split without processes: two intake workers' sessions
+(SubmissionFactory with relayd.worker's RemoteLimits) asking one master
+(relayd.master's LimitsOwner behind WorkerLink) over a channel whose
+answers arrive only when the test delivers them, so every asynchronous
+path of the server runs as it does across real processes.
+"""
+
+from __future__ import annotations
+
+import pytest
+from twisted.internet import defer, task
+from twisted.python.failure import Failure
+
+from relayd import channel, config, server
+from relayd.envelope import Envelope, Recipient
+from relayd.limits import SessionCounts
+from relayd.master import LimitsOwner, Worker, WorkerLink, WorkerPool
+from relayd.worker import MasterLink, RemoteLimits, announcedCommit
+from tests.test_server_security import Harness as SecurityHarness, plain
+
+
+class Channel:
+    """A worker's link to the master: commands are answered when ``deliver()`` runs."""
+
+    def __init__(self, masterSide: WorkerLink) -> None:
+        self.master = masterSide
+        self.transport = object()
+        self.pending: list = []
+        self.sent: list = []
+
+    def callRemote(self, command, **arguments):
+        self.sent.append((command, arguments))
+        responder = {
+            channel.Admit: self.master.admit, channel.Left: self.master.left,
+            channel.StartCheck: self.master.startCheck,
+            channel.CheckEnded: self.master.checkEnded, channel.Failed: self.master.failed,
+            channel.Committing: self.master.committing, channel.Queued: self.master.queued,
+        }[command]
+        if not command.requiresAnswer:
+            self.pending.append((responder, arguments, None))
+            return None
+        d = defer.Deferred()
+        self.pending.append((responder, arguments, d))
+        return d
+
+    def deliver(self) -> None:
+        while self.pending:
+            responder, arguments, d = self.pending.pop(0)
+            answer = responder(**arguments)
+            if d is not None:
+                d.callback(answer)
+
+
+class FakeScheduler:
+    def __init__(self):
+        self.envelopes = {}
+
+    def add(self, envelope):
+        self.envelopes[envelope.queueId] = envelope
+
+
+class FakeSpool:
+    def __init__(self):
+        self.stored = {}
+
+    def load(self, queueId):
+        if queueId not in self.stored:
+            raise FileNotFoundError(queueId)
+        return self.stored[queueId]
+
+
+class Split:
+    """One master and two workers' factories built on SecurityHarness (auth.failure_limit: 3)."""
+
+    def __init__(self, tmp_path, limits=""):
+        self.clock = task.Clock()
+        self.clock.advance(1_800_000_000)
+        self.harnesses = [SecurityHarness(tmp_path, limits=limits) for _ in range(2)]
+        cfg = self.harnesses[0].config
+        self.owner = LimitsOwner(cfg, self.clock, server._throttleSettings)
+        self.broadcasts = []
+        self.scheduler = FakeScheduler()
+        self.spool = FakeSpool()
+        self.pool = WorkerPool(2, None, self.clock, [], lambda: None, self.owner,
+                               self.scheduler, self.spool, defer.maybeDeferred)
+        self.workers = []
+        self.channels = []
+        for number, hs in enumerate(self.harnesses, 1):
+            worker = Worker(number, self.clock.seconds())
+            masterSide = WorkerLink(self.pool, worker)
+            worker.link = masterSide
+            self.pool.workers[number] = worker
+            link = Channel(masterSide)
+            limits = RemoteLimits(link, hs.clock, cfg, server._throttleSettings)
+            hs.factory = server.SubmissionFactory(
+                hs.config, hs.spool, lambda w, e: w.commit(e), hs.queued.append, hs.clock,
+                portal=hs.portal, tls=hs.tls, limits=limits)
+            self.workers.append(worker)
+            self.channels.append(link)
+        # Blocks announced by the master reach every worker.
+        self.pool.broadcast = self._broadcast
+        self.owner.broadcast = self._broadcast
+
+    def _broadcast(self, command, **arguments):
+        self.broadcasts.append((command, arguments))
+        for hs in self.harnesses:
+            throttle = hs.factory.authThrottle
+            if command is channel.BlockStarted:
+                throttle.block(arguments["address"], arguments["until"])
+            elif command is channel.BlockLifted:
+                throttle.unblock(arguments["address"])
+
+    def deliver(self):
+        for link in self.channels:
+            link.deliver()
+
+
+def connect(hs, peer="192.0.2.50"):
+    """A session on ``hs``, connected; its first replies (none until the master answers)."""
+    return hs.connect(tls="none", plaintextAuth=True, peer=peer)
+
+
+@pytest.mark.parametrize("events, total, perClient", [
+    # (worker, address, +1 admit / -1 left / 0 worker gone; expected answer)
+    ([("a", "x", 1, ""), ("b", "x", 1, ""), ("a", "x", 1, "connections_per_client")], 3, 2),
+    ([("a", "x", 1, ""), ("b", "y", 1, ""), ("b", "z", 1, "connections")], 2, 5),
+    ([("a", "x", 1, ""), ("a", "x", -1, None), ("b", "x", 1, ""), ("b", "x", 1, "")], 3, 2),
+    ([("a", "x", 1, ""), ("a", "y", 1, ""), ("a", None, 0, None), ("b", "x", 1, ""),
+      ("b", "y", 1, "")], 2, 1),
+    # A left() for a session this worker never had is ignored.
+    ([("a", "x", 1, ""), ("b", "x", -1, None), ("b", "x", 1, "connections_per_client")], 5, 1),
+])
+def test_session_counts(events, total, perClient):
+    counts = SessionCounts(total, perClient)
+    for worker, addr, change, expected in events:
+        if change == 1:
+            assert counts.admit(worker, addr) == expected
+        elif change == -1:
+            counts.left(worker, addr)
+        else:
+            counts.forget(worker)
+
+
+def test_connections_per_client_count_across_workers_and_wait_for_the_master(tmp_path):
+    split = Split(tmp_path, limits=", connections_per_client: 2")
+    first, second = split.harnesses
+    assert connect(first) == []  # no banner before the master has answered
+    assert first.transport.producerState == "paused"
+    split.deliver()
+    assert first.take() == ["220 relay.test ESMTP relayd"]
+    connect(second)
+    split.deliver()
+    assert second.take() == ["220 relay.test ESMTP relayd"]
+    connect(first)
+    split.deliver()
+    assert first.take() == ["421 4.7.0 relay.test Error: too many connections "
+                            "from your address"]
+    assert split.owner.sessions.total == 2
+
+
+def test_a_session_gone_before_its_admission_is_given_back(tmp_path):
+    split = Split(tmp_path)
+    hs = split.harnesses[0]
+    connect(hs)
+    hs.proto.connectionLost(Failure(Exception("gone")))
+    split.deliver()  # the answer: admitted; the worker says at once that it has left
+    split.deliver()
+    assert split.owner.sessions.total == 0
+    assert hs.factory.sessions == set()
+
+
+def test_auth_failures_count_across_workers_and_the_block_reaches_both(tmp_path):
+    split = Split(tmp_path)
+    first, second = split.harnesses
+    for hs, guesses in ((first, 2), (second, 1)):
+        for _ in range(guesses):
+            connect(hs)
+            split.deliver()
+            hs.take()
+            hs.send(b"EHLO client.test\r\n")
+            # Nothing is answered (nor read) until the master has counted the check.
+            assert hs.send(b"AUTH PLAIN " + plain("alice@example.com", "wrong") + b"\r\nNOOP\r\n") == []
+            split.deliver()  # StartCheck; the password check runs inline
+            split.deliver()  # CheckEnded
+            out = hs.take()
+            assert out[0] == "535 5.7.8 Error: authentication failed: authentication failure"
+    # The third failure started the block: 421 after its 535, and in the other worker too.
+    assert out[1:] == ["421 4.7.0 relay.test Error: too many failed authentications; "
+                       "try again later"]
+    assert [c for c, _ in split.broadcasts] == [channel.BlockStarted]
+    connect(first)
+    split.deliver()
+    first.take()
+    first.send(b"EHLO client.test\r\n")
+    assert first.send(b"AUTH PLAIN " + plain("alice@example.com", "alice-secret") + b"\r\n") == [
+        "421 4.7.0 relay.test Error: too many failed authentications; try again later"]
+    # relayctl unblock, in the master, lifts it in the workers.
+    assert split.owner.unblock("192.0.2.50") is True
+    assert not first.factory.authThrottle.blocked("192.0.2.50")
+
+
+def test_checks_in_flight_of_a_dead_worker_are_given_back(tmp_path):
+    split = Split(tmp_path)
+    owner = split.owner
+    worker = split.workers[0]
+    link = worker.link
+    assert link.admit(address="192.0.2.9") == {"refusal": ""}
+    for _ in range(3):  # failure_limit 3: three checks may be in flight at once
+        assert link.startCheck(address="192.0.2.9") == {"allowed": True}
+    assert split.workers[1].link.startCheck(address="192.0.2.9") == {"allowed": False}
+    split.pool.release(worker)
+    assert owner.sessions.total == 0
+    assert split.workers[1].link.startCheck(address="192.0.2.9") == {"allowed": True}
+
+
+def test_what_a_dead_worker_was_committing_is_scheduled_if_it_reached_the_spool(tmp_path):
+    split = Split(tmp_path)
+    worker = split.workers[0]
+    committed = Envelope(queueId="K1JT6AX430N2XCS8", sender="a@example.com",
+                         recipients=[Recipient(address="b@example.org")], arrival=0.0)
+    split.spool.stored[committed.queueId] = committed
+    worker.link.committing(queueId=committed.queueId)
+    worker.link.committing(queueId="K1JT6AXKM7N3763A")  # died before its commit ended
+    split.pool.release(worker)
+    assert list(split.scheduler.envelopes) == [committed.queueId]
+
+
+def test_queued_schedules_once_and_counts_the_login(tmp_path):
+    split = Split(tmp_path)
+    link = split.workers[1].link
+    envelope = Envelope(queueId="K1JT6AY8Y4J9ZVR8", sender="a@example.com",
+                        recipients=[Recipient(address="b@example.org")], arrival=0.0)
+    split.spool.stored[envelope.queueId] = envelope
+    link.queued(queueId=envelope.queueId, login="alice@example.com")
+    link.queued(queueId=envelope.queueId, login="alice@example.com")
+    assert list(split.scheduler.envelopes) == [envelope.queueId]
+    assert len(split.owner.messageRate._recent("alice@example.com")) == 2
+
+
+def test_the_250_waits_for_the_master_to_know_the_queue_id():
+    order = []
+    announced = defer.Deferred()
+    written = defer.Deferred()
+
+    class Link:
+        def committing(self, queueId):
+            order.append(("committing", queueId))
+            return announced
+
+    commit = announcedCommit(Link(), lambda w, e: written)
+    result = commit(None, Envelope(queueId="K1JT6AZ8TFHT9N14", sender="", recipients=[], arrival=0.0))
+    result.addCallback(lambda _: order.append("done"))
+    written.callback(None)
+    assert order == [("committing", "K1JT6AZ8TFHT9N14")]
+    announced.callback({})
+    assert order[-1] == "done"
+
+
+def test_a_failed_commit_is_reported_even_when_the_master_knows_the_id():
+    written = defer.Deferred()
+    commit = announcedCommit(type("L", (), {"committing": lambda self, q: defer.succeed({})})(),
+                             lambda w, e: written)
+    result = commit(None, Envelope(queueId="K1JT6AZ8TFHT9N14", sender="", recipients=[], arrival=0.0))
+    failures = []
+    result.addErrback(failures.append)
+    written.errback(OSError(28, "No space left on device"))
+    assert failures and failures[0].check(OSError)
+
+
+def test_a_worker_whose_master_is_gone_refuses_and_stops():
+    stopped = []
+    link = MasterLink(task.Clock(), lost=lambda: stopped.append(True), parse=config.parse)
+    cfg = config.parse('hostname: relay.test.example\nlisteners: [{endpoint: "tcp:25", '
+                       'tls: none, auth: none}]\nqueue: {directory: /s}\n', "x.yaml")
+    link.limits = RemoteLimits(link, task.Clock(), cfg, server._throttleSettings)
+    results = []
+    link.limits.admission.admit("192.0.2.1").addCallback(results.append)
+    link.limits.throttle.startCheck("192.0.2.1").addCallback(results.append)
+    assert results == [server.replies.SHUTTING_DOWN, False]
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("auto", "auto"), ("1", 1), ("4", 4),
+])
+def test_processes_setting(text, expected):
+    cfg = config.parse('hostname: relay.test.example\nlisteners: [{endpoint: "tcp:25", '
+                       f'tls: none, auth: none}}]\nqueue: {{directory: /s}}\nprocesses: {text}\n', "x.yaml")
+    assert cfg.processes == expected
+
+
+@pytest.mark.parametrize("text", ["0", "65", "two", "1.5", "true"])
+def test_processes_setting_refuses(text):
+    with pytest.raises(config.ConfigError) as info:
+        config.parse('hostname: relay.test.example\nlisteners: [{endpoint: "tcp:25", '
+                     f'tls: none, auth: none}}]\nqueue: {{directory: /s}}\nprocesses: {text}\n', "x.yaml")
+    assert str(info.value).startswith(
+        'x.yaml: processes: expected "auto" or a whole number from 1 to 64, got ')
+
+
+@pytest.mark.parametrize("processes, cores, expected", [
+    ("auto", 2, 2), ("auto", None, 1), ("auto", 256, 64), (1, 8, 1), (3, 1, 3),
+])
+def test_process_count(processes, cores, expected):
+    assert config.processCount(processes, cores) == expected
+
+
+def test_the_default_is_one_process():
+    cfg = config.parse('hostname: relay.test.example\nlisteners: [{endpoint: "tcp:25", '
+                       'tls: none, auth: none}]\nqueue: {directory: /s}\n', "x.yaml")
+    assert cfg.processes == 1
+
+
+class FakeProcess:
+    def __init__(self, pid):
+        self.pid = pid
+        self.signals = []
+
+    def closeStdin(self):
+        pass
+
+    def signalProcess(self, name):
+        self.signals.append(name)
+
+
+class SpawningReactor(task.Clock):
+    """A clock that records spawned workers and adopted channels."""
+
+    def __init__(self):
+        super().__init__()
+        self.spawned = []
+        self.adopted = []
+
+    def spawnProcess(self, processProtocol, executable, args, env, childFDs):
+        process = FakeProcess(1000 + len(self.spawned))
+        self.spawned.append((processProtocol, args, childFDs, process))
+        return process
+
+    def adoptStreamConnection(self, fd, family, factory):
+        self.adopted.append(factory.buildProtocol(None))
+
+
+def startedPool(tmp_path, logged=None):
+    reactor = SpawningReactor()
+    reactor.advance(1_800_000_000)
+    cfg = SecurityHarness(tmp_path).config
+    owner = LimitsOwner(cfg, reactor, server._throttleSettings)
+    pool = WorkerPool(2, lambda number, fds: ["python", "-m", "relayd.worker", str(number)],
+                      reactor, [], lambda: 7, owner, FakeScheduler(), FakeSpool(),
+                      defer.maybeDeferred)
+    pool.startService()
+    return reactor, pool
+
+
+def test_a_dead_worker_is_started_again_and_a_stopping_daemon_drains_them(tmp_path):
+    from twisted.internet.error import ProcessDone, ProcessTerminated
+
+    reactor, pool = startedPool(tmp_path)
+    assert [args[-1] for _, args, _, _ in reactor.spawned] == ["1", "2"]
+    # The channel and the spool's lock are inherited at fixed descriptors.
+    assert reactor.spawned[0][2][4] == 7
+    reactor.advance(60)
+    first = reactor.spawned[0][0]
+    first.processEnded(Failure(ProcessTerminated(signal=9)))
+    reactor.advance(0)
+    assert [args[-1] for _, args, _, _ in reactor.spawned] == ["1", "2", "1"]
+    assert sorted(pool.workers) == [1, 2]
+    stopped = []
+    pool.shutdown(30).addCallback(stopped.append)
+    assert [p.signals for _, _, _, p in reactor.spawned[1:]] == [["TERM"], ["TERM"]]
+    for protocol_, _, _, _ in reactor.spawned[1:]:
+        protocol_.processEnded(Failure(ProcessDone(0)))
+    assert stopped == [None]
+    reactor.advance(60)
+    assert len(reactor.spawned) == 3  # none started during the stop
+
+
+def test_a_worker_whose_reactor_stops_answering_is_killed(tmp_path):
+    reactor, pool = startedPool(tmp_path)
+    for link in reactor.adopted:
+        link.transport = object()
+        link.callRemote = lambda command, **kw: defer.Deferred()  # never answered
+    assert pool.alive()
+    reactor.pump([2.0] * 16)
+    assert [p.signals for _, _, _, p in reactor.spawned] == [["KILL"], ["KILL"]]
+    assert not pool.alive()
+
+
+def test_a_worker_runs_with_the_masters_running_config_not_the_file(tmp_path):
+    """A worker started after the file was broken still gets what the master runs."""
+    split = Split(tmp_path)
+    running = split.harnesses[0].config
+    split.pool.config = running
+    worker = split.workers[0]
+    got = []
+    link = MasterLink(task.Clock(), lost=lambda: None, parse=config.parse)
+    link.transport = object()
+    pages = []
+
+    def callRemote(command, **arguments):
+        assert command is channel.RunningConfig
+        pages.append(arguments["offset"])
+        return defer.succeed(worker.link.runningConfig(**arguments))
+
+    link.callRemote = callRemote
+    (tmp_path / "relayd.yaml").write_text("no_such_key: 1\n")
+    link.runningConfig().addCallback(got.append)
+    assert got[0].limits == running.limits and got[0].listeners == running.listeners
+    assert got[0].auth == running.auth and got[0].hostname == running.hostname
+
+
+def test_running_config_comes_in_pages(tmp_path):
+    split = Split(tmp_path)
+    split.pool.config = split.harnesses[0].config
+    split.pool._configText = "x" * (channel.CONFIG_PAGE * 2 + 5)
+    link = split.workers[0].link
+    answers = [link.runningConfig(offset=o) for o in (0, channel.CONFIG_PAGE, 2 * channel.CONFIG_PAGE)]
+    assert [len(a["text"]) for a in answers] == [channel.CONFIG_PAGE, channel.CONFIG_PAGE, 5]
+    assert {a["total"] for a in answers} == {channel.CONFIG_PAGE * 2 + 5}
+
+
+def test_a_written_message_gets_its_250_when_the_master_is_gone():
+    """The next master's recovery schedules it: a 4xx would have the client send it twice."""
+    written = defer.Deferred()
+    gone = type("L", (), {"committing": lambda self, q: defer.fail(ConnectionError("gone"))})()
+    result = announcedCommit(gone, lambda w, e: written)(
+        None, Envelope(queueId="K1JT6AZ8TFHT9N14", sender="", recipients=[], arrival=0.0))
+    outcomes = []
+    result.addBoth(outcomes.append)
+    written.callback(None)
+    assert outcomes == [None]
