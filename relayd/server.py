@@ -40,6 +40,7 @@ from relayd.auth import (CheckAbandoned, ClientCredentials, FailureThrottle, IRe
 from relayd.config import DEFAULT_AUTH_FAILURE_LIMIT, DEFAULT_AUTH_FAILURE_WINDOW, Listener
 from relayd.tls import sessionDescription
 from relayd.envelope import Envelope, Recipient, newQueueId
+from relayd.queue import MessageLanes
 from relayd.replies import Reply
 from relayd.tcp import setNoDelay
 
@@ -94,6 +95,13 @@ MAX_UNSENT = SOCKET_BUFFER + 4 * MAX_REPLY
 # collection; 1 KiB covers the records' overhead.
 TLS_WRITE_AGGREGATION = 64_000
 MAX_UNSENT_TLS = MAX_UNSENT + TLS_WRITE_AGGREGATION + 1024
+# A body goes to its file in pieces of about this size, each written in a
+# spool thread; a smaller message is written whole by its commit.
+BODY_WRITE_CHUNK = 64 * 1024
+# Pieces of one body queued for the file at most: past this, reading from
+# the client pauses until the disk has caught up (a fast client cannot make
+# a session hold more than MAX_BODY_WRITES * (BODY_WRITE_CHUNK + MAX_READ)).
+MAX_BODY_WRITES = 4
 # Header block held in memory to look for Message-ID/Date before writing.
 MAX_HEADER_BLOCK = 256 * 1024
 # What the DATA reader holds between reads: the header block and a partial
@@ -264,6 +272,7 @@ class SubmissionServer(smtp.ESMTP):
         self._closing = False  # reply sent that ends the session; ignore input
         self._shutdownRequested = False
         self._data: _DataReader | None = None
+        self._bodyWrites = 0  # pieces of the body queued for its file or being written
         self.heloName: str | None = None
         self.esmtp = False
         self.transaction: Transaction | None = None
@@ -413,7 +422,8 @@ class SubmissionServer(smtp.ESMTP):
         """Read from the client unless replies are backed up or too much input waits for a pending step."""
         if self._lost or self._closing:
             return
-        pause = self._writeBlocked or (self._busy and len(self._inbox) > MAX_QUEUED_INPUT)
+        pause = (self._writeBlocked or self._bodyWrites >= MAX_BODY_WRITES
+                 or (self._busy and len(self._inbox) > MAX_QUEUED_INPUT))
         if pause and not self._readingPaused:
             self._readingPaused = True
             self.transport.pauseProducing()
@@ -597,11 +607,14 @@ class SubmissionServer(smtp.ESMTP):
         inbox = self._inbox
         while inbox and not self._busy and not self._closing and not self._writeBlocked:
             if self._data is not None:
+                if self._bodyWrites >= MAX_BODY_WRITES:
+                    break  # the disk is behind: wait for a piece to be written
                 chunk = bytes(inbox)
                 inbox.clear()
                 rest = self._data.feed(chunk)
                 if rest is None:
-                    return
+                    self._writeBodyOut()
+                    continue
                 inbox += rest
                 self._endOfData()
                 continue
@@ -854,9 +867,29 @@ class SubmissionServer(smtp.ESMTP):
             self.reply(_storageReply(error))
         self._resume()
 
+    def _writeBodyOut(self) -> None:
+        """Hand the body's buffered bytes to a spool thread once there are enough of them."""
+        writer = self._data.writer
+        if writer.buffered < BODY_WRITE_CHUNK:
+            return
+        self._bodyWrites += 1
+        d = self.factory.lanes.run(writer.queueId, writer.writeOut, writer.takeBuffered())
+        d.addErrback(lambda f: log.failure("writing a message body", f))
+        d.addBoth(self._bodyWritten)
+
+    def _bodyWritten(self, _: object) -> None:
+        self._bodyWrites -= 1
+        if self._lost or self._closing:
+            return
+        self._updateReading()
+        self._process()
+
     def _discard(self, writer) -> None:
-        """Forget a body that will not be committed: removing its file waits too, so in a thread."""
-        self.factory.runInThread(writer.abort).addErrback(
+        """
+        Forget a body that will not be committed: removing its file waits
+        too, so in a thread, after the pieces of it still being written.
+        """
+        self.factory.lanes.run(writer.queueId, writer.abort).addErrback(
             lambda f: log.failure("discarding a message body", f))
 
     def receivedHeaderFor(self, txn: Transaction) -> str:
@@ -1391,12 +1424,14 @@ class SubmissionFactory(protocol.ServerFactory):
     makes a message durable (a Deferred, run in a thread by tap.py);
     ``messageQueued(envelope)`` hands it to the scheduler.
     ``runInThread(f, *args)`` runs the other blocking spool calls (creating
-    and removing a body's file) off the reactor thread and returns a
-    Deferred; tests run them inline.
+    a body's file, measuring free space) off the reactor thread and returns
+    a Deferred; tests run them inline. ``lanes`` (relayd.queue.MessageLanes
+    over the same threads) runs a body's writes and its removal in order;
+    ``commit`` must use the same lanes.
     """
 
     def __init__(self, config, spool, commit, messageQueued, clock, portal=None, tls=None,
-                 clientNames=None, runInThread=None):
+                 clientNames=None, runInThread=None, lanes=None):
         self.config = config
         # address -> Deferred[ClientName] (relayd.resolve.ClientNames.lookup),
         # firing within limits.client_name_timeout; None: every client "unknown".
@@ -1404,6 +1439,7 @@ class SubmissionFactory(protocol.ServerFactory):
         self.spool = spool
         self.commit = commit
         self.runInThread = runInThread or defer.maybeDeferred
+        self.lanes = lanes or MessageLanes(self.runInThread)
         self.messageQueued = messageQueued
         self.clock = clock
         # twisted.cred portal for AUTH (None: AUTH is off everywhere) and

@@ -39,7 +39,7 @@ from relayd.auth import (
 )
 from relayd.courier import Courier
 from relayd.proxy import ProxyFactory
-from relayd.queue import Spool, ownershipProblem, permissionFix, spoolProblems
+from relayd.queue import MessageLanes, Spool, ownershipProblem, permissionFix, spoolProblems
 from relayd.resolve import HOSTS_FILE, ClientNames, ConfiguredResolver
 from relayd.scheduler import Scheduler
 from relayd.secret import deliverySecrets
@@ -423,12 +423,14 @@ def makeService(options, reactor=None) -> RelayService:
         # unlink) waits for the disk: never on the reactor thread.
         return deferToThreadPool(reactor, pool, f, *args)
 
+    # A message's writes, commit, updates and removal, in order, in those threads.
+    lanes = MessageLanes(runInThread)
     # Notices (bounces) are written and fsynced in the spool's threads too.
     scheduler = Scheduler(spool, courier, config, reactor, runInThread=runInThread)
 
     def commit(writer, envelope):
-        # fsync never runs on the reactor thread.
-        return deferToThreadPool(reactor, pool, writer.commit, envelope)
+        # fsync never runs on the reactor thread; after the body's last piece.
+        return lanes.run(writer.queueId, writer.commit, envelope)
 
     tls, passwords, verifier, authPool, credPortal = _security(config, reactor)
     # RELAYD_HOSTS_FILE: another hosts file (the tests' own).
@@ -436,7 +438,7 @@ def makeService(options, reactor=None) -> RelayService:
                               hostsFile=os.environ.get("RELAYD_HOSTS_FILE") or HOSTS_FILE)
     factory = SubmissionFactory(config, spool, commit, scheduler.add, reactor,
                                 portal=credPortal, tls=tls, clientNames=clientNames.lookup,
-                                runInThread=runInThread)
+                                runInThread=runInThread, lanes=lanes)
     listeners = []
     for l in config.listeners:
         listenerFactory = factory.forListener(l)

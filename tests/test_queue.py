@@ -122,7 +122,7 @@ def test_uncommittedWriteRemovedAtRecovery(spool, tmp_path):
     """A writer that neither committed nor aborted (the process died) leaves nothing after recovery."""
     writer = spool.begin(newQueueId())
     writer.write(BODY)
-    writer._file.flush()
+    writer.writeOut(writer.takeBuffered())
     assert listing(tmp_path / "spool")["tmp"] != []
     assert Spool(str(tmp_path / "spool")).recover() == []
     assert listing(tmp_path / "spool") == {"tmp": [], "queue": [], "quarantine": []}
@@ -398,7 +398,7 @@ def test_directoryFsyncFailureRemovesCommittedFiles(spool, tmp_path, monkeypatch
     assert listing(tmp_path / "spool") == {"tmp": [], "queue": [], "quarantine": []}
 
 
-def test_writeFailureReportedAtCommit(spool, tmp_path):
+def test_writeFailureReportedAtCommit(spool, tmp_path, monkeypatch):
     """
     A write error while the client is still sending is kept for commit,
     the moment the server can answer.
@@ -406,21 +406,18 @@ def test_writeFailureReportedAtCommit(spool, tmp_path):
     envelope = makeEnvelope()
     writer = spool.begin(envelope.queueId)
 
-    class FullFile:
-        def write(self, data):
-            raise OSError(errno.EDQUOT, os.strerror(errno.EDQUOT))
+    def full(*args):
+        raise OSError(errno.EDQUOT, os.strerror(errno.EDQUOT))
 
-        def close(self):
-            raise OSError(errno.EDQUOT, os.strerror(errno.EDQUOT))
-
-    real = writer._file
-    writer._file = FullFile()
     writer.write(BODY)
+    with monkeypatch.context() as patch:
+        patch.setattr(os, "write", full)
+        writer.writeOut(writer.takeBuffered())
     writer.write(BODY)
-    assert writer.size == 2 * len(BODY)
+    writer.writeOut(writer.takeBuffered())
+    assert writer.size == 2 * len(BODY) and writer.buffered == 0
     with pytest.raises(OSError) as info:
         writer.commit(envelope)
-    real.close()
     assert info.value.errno == errno.EDQUOT
     assert listing(tmp_path / "spool") == {"tmp": [], "queue": [], "quarantine": []}
 

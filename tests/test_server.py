@@ -19,6 +19,8 @@ from tests.dialogue import Dialogue
 
 
 class MemoryWriter:
+    buffered = 0  # nothing is ever handed to writeOut: the body stays in chunks
+
     def __init__(self, spool, queueId):
         self.spool = spool
         self.queueId = queueId
