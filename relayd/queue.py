@@ -76,7 +76,8 @@ def _checkId(queueId: str) -> str:
     return queueId
 
 
-def _encodeEnvelope(envelope: Envelope) -> bytes:
+def encodeEnvelope(envelope: Envelope) -> bytes:
+    """The envelope file's content; cheap, so callers may take it on the reactor thread."""
     return json.dumps(envelope.toJSON(), separators=(",", ":")).encode("ascii")
 
 
@@ -374,7 +375,7 @@ class SpoolWriter:
             fd = os.open(self._tmpEnvelope, _CREATE_FLAGS, _FILE_MODE)
             self._created.append(self._tmpEnvelope)
             try:
-                _writeAll(fd, _encodeEnvelope(envelope))
+                _writeAll(fd, encodeEnvelope(envelope))
                 os.fsync(fd)
             finally:
                 os.close(fd)
@@ -651,7 +652,11 @@ class Spool:
         crash the previous state may come back and a delivery be repeated.
         FileNotFoundError if the message is not (or no longer) in the queue.
         """
-        queueId = _checkId(envelope.queueId)
+        self.writeEnvelope(envelope.queueId, encodeEnvelope(envelope))
+
+    def writeEnvelope(self, queueId: str, raw: bytes) -> None:
+        """``update`` with the envelope already encoded (``encodeEnvelope``): a snapshot taken earlier."""
+        _checkId(queueId)
         target = self._path(QUEUE, queueId + ENVELOPE_SUFFIX)
         if not os.path.exists(target):
             raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), target)
@@ -659,7 +664,7 @@ class Spool:
         fd = os.open(temporary, _CREATE_FLAGS, _FILE_MODE)
         try:
             try:
-                _writeAll(fd, _encodeEnvelope(envelope))
+                _writeAll(fd, raw)
             finally:
                 os.close(fd)
             os.replace(temporary, target)

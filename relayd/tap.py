@@ -416,17 +416,18 @@ def makeService(options, reactor=None) -> RelayService:
     listenerServices: list = []
     # One resolver for MX delivery and client names.
     resolver = ConfiguredResolver(reactor, config)
-    courier = _courier(config, reactor, listenerServices, resolver)
 
     def runInThread(f, *args):
         # Every file system call of the spool (create, fsync, rename,
-        # unlink) waits for the disk: never on the reactor thread.
+        # unlink, reading a body) waits for the disk: never on the reactor thread.
         return deferToThreadPool(reactor, pool, f, *args)
+
+    courier = _courier(config, reactor, listenerServices, resolver, runInThread)
 
     # A message's writes, commit, updates and removal, in order, in those threads.
     lanes = MessageLanes(runInThread)
     # Notices (bounces) are written and fsynced in the spool's threads too.
-    scheduler = Scheduler(spool, courier, config, reactor, runInThread=runInThread)
+    scheduler = Scheduler(spool, courier, config, reactor, runInThread=runInThread, lanes=lanes)
 
     def commit(writer, envelope):
         # fsync never runs on the reactor thread; after the body's last piece.
@@ -508,7 +509,7 @@ def startupProblems(config) -> list[str]:
     return problems
 
 
-def _courier(config, reactor, listeners, resolver):
+def _courier(config, reactor, listeners, resolver, runInThread):
     """The courier; ``listeners`` (filled in later) tell it relayd's own addresses."""
 
     passwords, _, problems = deliverySecrets(config)
@@ -525,7 +526,7 @@ def _courier(config, reactor, listeners, resolver):
 
     return Courier(reactor, config.hostname, config.delivery.timeouts,
                    resolver=resolver, passwords=passwords,
-                   localAddresses=localAddresses)
+                   localAddresses=localAddresses, runInThread=runInThread)
 
 
 def _security(config, reactor):
