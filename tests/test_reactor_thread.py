@@ -23,7 +23,8 @@ from twisted.internet import address, defer, task
 from twisted.internet.testing import StringTransport
 
 from relayd import server
-from relayd.queue import Spool
+from relayd import queue
+from relayd.queue import MessageLanes, Spool
 from tests.dialogue import Dialogue
 from tests.test_durability import makeConfig
 
@@ -60,15 +61,20 @@ class HeldThreads:
 
 
 class Session(Dialogue):
-    def __init__(self, tmp_path):
-        self.threads = HeldThreads()
-        self.spool = Spool(str(tmp_path / "spool"))
-        self.spool.recover()
+    def __init__(self, tmp_path, threads=None, spool=None):
+        self.threads = threads or HeldThreads()
+        if spool is None:
+            spool = Spool(str(tmp_path / "spool"))
+            spool.recover()
+        self.spool = spool
         self.queued = []
+        # As tap.py wires it: the commit follows the body's writes in its lane.
+        lanes = MessageLanes(self.threads)
         self.factory = server.SubmissionFactory(
             config=makeConfig(tmp_path), spool=self.spool,
-            commit=lambda writer, envelope: self.threads(writer.commit, envelope),
-            messageQueued=self.queued.append, clock=task.Clock(), runInThread=self.threads)
+            commit=lambda writer, envelope: lanes.run(writer.queueId, writer.commit, envelope),
+            messageQueued=self.queued.append, clock=task.Clock(), runInThread=self.threads,
+            lanes=lanes)
         self.transport = StringTransport(
             peerAddress=address.IPv4Address("TCP", "127.0.0.1", 40000),
             hostAddress=address.IPv4Address("TCP", "127.0.0.1", 2525))
@@ -76,6 +82,11 @@ class Session(Dialogue):
         self.proto.makeConnection(self.transport)
         self.take()
         assert self.send(b"EHLO client.test\r\n")[-1].startswith("250 ")
+
+    def queuedId(self) -> str:
+        """The queue id of the body being received (its file in tmp/)."""
+        [name] = self.tmpFiles()
+        return name.split(".")[0]
 
     def tmpFiles(self) -> list[str]:
         return os.listdir(os.path.join(self.spool.directory, "tmp"))
@@ -126,6 +137,145 @@ def test_a_session_gone_while_its_body_file_is_made_leaves_no_file(tmp_path, end
     s.threads.runAll()  # the file is made, then removed (abort, in a thread too)
     assert s.tmpFiles() == []
     assert s.take() == []
+
+
+def test_a_large_body_is_written_in_threads_in_order_and_a_fast_client_is_paused(tmp_path):
+    s = Session(tmp_path)
+    s.send(b"MAIL FROM:<alice@example.com>\r\nRCPT TO:<bob@example.org>\r\nDATA\r\n")
+    s.threads.runAll()
+    s.take()
+    line = b"x" * 78 + b"\r\n"
+    piece = line * (server.BODY_WRITE_CHUNK // len(line) + 1)
+    body = b"Subject: big\r\n\r\n"
+    # The client sends faster than the disk writes: nothing is written on
+    # the reactor thread, and past MAX_BODY_WRITES pieces reading pauses.
+    while s.transport.producerState != "paused":
+        s.proto.dataReceived(body if len(body) < len(piece) else piece)
+        body += b"" if len(body) < len(piece) else piece
+        assert len(body) < 20 * server.BODY_WRITE_CHUNK, "reading never paused"
+    assert len(body) <= (server.MAX_BODY_WRITES + 1) * (server.BODY_WRITE_CHUNK + server.MAX_READ)
+    # One write in a thread, the others queued behind it in the message's lane.
+    assert s.threads.names() == ["writeOut"] and s.factory.lanes.busy(s.queuedId())
+    assert os.path.getsize(os.path.join(s.spool.directory, "tmp", s.tmpFiles()[0])) == 0
+    assert s.proto.pendingInputBytes == 0  # held in the writes, not in the inbox
+    s.proto.dataReceived(b"Subject: still\r\n")  # a read under way when paused: kept
+    assert s.proto.pendingInputBytes > 0
+    s.threads.runNext()
+    assert s.transport.producerState == "producing"
+    s.proto.dataReceived(b".\r\n")
+    # The commit waits in the message's lane behind the writes queued before it.
+    assert s.threads.names() == ["writeOut"] and s.take() == []
+    ran = []
+    while s.threads.jobs:
+        ran.append(s.threads.names()[0])
+        s.threads.runNext()
+    assert ran == ["writeOut"] * (server.MAX_BODY_WRITES - 1) + ["commit"]
+    assert [r[:3] for r in s.take()] == ["250"]
+    [envelope] = s.queued
+    with s.spool.openBody(envelope.queueId) as f:
+        stored = f.read()
+    assert stored.endswith(body[len(b"Subject: big\r\n"):] + b"Subject: still\r\n")
+
+
+class RealThreads(HeldThreads):
+    """Held jobs, then run side by side in real threads; their Deferreds fire here, in job order."""
+
+    def runTogether(self) -> None:
+        import threading
+
+        jobs, self.jobs = self.jobs, []
+        outcomes: list = [None] * len(jobs)
+
+        def work(i, f, args):
+            try:
+                outcomes[i] = (True, f(*args))
+            except Exception as e:
+                outcomes[i] = (False, e)
+
+        running = [threading.Thread(target=work, args=(i, f, args)) for i, (f, args, _) in enumerate(jobs)]
+        for t in running:
+            t.start()
+        for t in running:
+            t.join(DEADLINE)
+        for (ok, value), (_, _, d) in zip(outcomes, jobs):
+            d.callback(value) if ok else d.errback(value)
+
+
+def test_every_250_follows_the_fsyncs_of_its_body_envelope_and_directory(tmp_path, monkeypatch):
+    """
+    Group commit: commits ready together share a directory fsync, but each
+    250 is written only after its body and envelope were fsynced, renamed,
+    and a directory fsync that started after its envelope's rename ended.
+    """
+    import threading
+
+    events: list[tuple] = []
+    lock = threading.Lock()
+    realFsync, realRename = os.fsync, os.rename
+    realSyncDirectory = queue._fsyncDirectory
+    sessions: list[Session] = []
+    directoryFsyncs = 0
+    everyoneRenamed = threading.Event()
+
+    def record(*event):
+        with lock:
+            events.append(event)
+
+    def fsync(fd):
+        realFsync(fd)
+        record("fsync", os.path.basename(os.readlink(f"/proc/self/fd/{fd}")))
+
+    def rename(source, target):
+        realRename(source, target)
+        record("rename", os.path.basename(str(target)))
+        if sum(1 for e in events if e[0] == "rename" and e[1].endswith(".env")) == 3:
+            everyoneRenamed.set()
+
+    def syncDirectory(path):
+        nonlocal directoryFsyncs
+        directoryFsyncs += 1
+        if directoryFsyncs == 1:
+            # The first commit's fsync of queue/ waits until the other two
+            # renamed their envelopes: they must wait for another fsync.
+            assert everyoneRenamed.wait(DEADLINE)
+        record("directory fsync start", directoryFsyncs)
+        realSyncDirectory(path)
+        record("directory fsync end", directoryFsyncs)
+
+    threads = RealThreads()
+    spool = Spool(str(tmp_path / "spool"))
+    spool.recover()
+    for _ in range(3):
+        s = Session(tmp_path, threads=threads, spool=spool)
+        s.send(b"MAIL FROM:<alice@example.com>\r\nRCPT TO:<bob@example.org>\r\nDATA\r\n")
+        threads.runAll()
+        s.take()
+        sessions.append(s)
+    for i, s in enumerate(sessions):
+        s.proto.dataReceived(b"Subject: %d\r\n\r\nhello\r\n.\r\n" % i)
+    assert threads.names() == ["commit"] * 3
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "rename", rename)
+    monkeypatch.setattr(queue, "_fsyncDirectory", syncDirectory)
+    for s in sessions:
+        s.transport.write = (lambda s: lambda data: (record("reply", s.proto, bytes(data)),
+                                                     StringTransport.write(s.transport, data)))(s)
+    threads.runTogether()
+    monkeypatch.undo()
+
+    assert directoryFsyncs == 2  # three commits, one directory fsync for the last two
+    for s in sessions:
+        [envelope] = s.queued
+        queueId = envelope.queueId
+        position = {e: i for i, e in enumerate(events)}
+        [reply] = [e for e in events if e[0] == "reply" and e[1] is s.proto]
+        assert reply[2].startswith(b"250 ") and queueId.encode() in reply[2]
+        order = [position[("fsync", queueId + ".eml")], position[("rename", queueId + ".eml")],
+                 position[("fsync", queueId + ".env")], position[("rename", queueId + ".env")]]
+        assert order == sorted(order)
+        covering = [e for e in events[order[-1]:position[reply]] if e[0] == "directory fsync start"]
+        assert covering, f"{queueId}: 250 without a directory fsync after its rename"
+        assert ("directory fsync end", covering[0][1]) in events[order[-1]:position[reply]]
 
 
 # -- the daemon as wired by tap.py, real reactor in a subprocess -------------------
