@@ -280,19 +280,26 @@ def test_every_250_follows_the_fsyncs_of_its_body_envelope_and_directory(tmp_pat
 
 # -- the daemon as wired by tap.py, real reactor in a subprocess -------------------
 
-# Every os function relayd's file system work goes through.
+# Every os function relayd's file system work goes through; read and write
+# count on regular files only (the reactor's own waker is a pipe).
 WATCHED = ("open", "unlink", "rename", "replace", "fsync", "stat", "lstat", "statvfs", "mkdir",
-           "scandir", "listdir")
+           "scandir", "listdir", "read", "write")
+LATER = "later@example.org"  # the sink defers this recipient
 
 
 def scenarioMain(configPath: str, sinkPort: int) -> None:
     """
-    Start relayd's service, send it one message to deliver and one it
-    refuses (a line too long), wait until the first reached the sink and
-    left the queue, and print every watched os call as [function, thread
-    is the reactor's, path].
+    Start relayd's service, send it one message to deliver, one it refuses
+    (a line too long), one large one (its body written in pieces during
+    DATA) and one the sink defers (its envelope rewritten); wait until the
+    first and third reached the sink and left the queue; hold, release,
+    then delete the deferred one as relayctl would; print every watched os
+    call (and every builtin open) as [function, thread is the reactor's, path].
     """
+    import builtins
+    import io
     import smtplib
+    import stat
     import threading
 
     from aiosmtpd.controller import Controller
@@ -303,10 +310,17 @@ def scenarioMain(configPath: str, sinkPort: int) -> None:
     calls = []
     watching = threading.Event()
     reactorThread = threading.current_thread()
+    realFstat = os.fstat
+
+    def regular(fd) -> bool:
+        try:
+            return stat.S_ISREG(realFstat(fd).st_mode)
+        except OSError:
+            return False
 
     def watched(name, original):
         def call(*args, **kwargs):
-            if watching.is_set():
+            if watching.is_set() and (name not in ("read", "write") or regular(args[0])):
                 calls.append([name, threading.current_thread() is reactorThread,
                               str(args[0]) if args else ""])
             return original(*args, **kwargs)
@@ -314,9 +328,16 @@ def scenarioMain(configPath: str, sinkPort: int) -> None:
 
     for name in WATCHED:
         setattr(os, name, watched(name, getattr(os, name)))
+    builtins.open = io.open = watched("builtins.open", builtins.open)
 
     class Sink:
         received = 0
+
+        async def handle_RCPT(self, server, session, envelope, address, options):
+            if address == LATER:
+                return "451 4.3.0 try later"
+            envelope.rcpt_tos.append(address)
+            return "250 2.1.5 Ok"
 
         async def handle_DATA(self, server, session, envelope):
             Sink.received += 1
@@ -324,6 +345,7 @@ def scenarioMain(configPath: str, sinkPort: int) -> None:
 
     sink = Controller(Sink(), hostname="127.0.0.1", port=sinkPort)
     sink.start()
+    large = b"Subject: large\r\n\r\n" + (b"x" * 78 + b"\r\n") * 5000
 
     def submit(port):
         with smtplib.SMTP("127.0.0.1", port, timeout=10) as client:
@@ -334,6 +356,8 @@ def scenarioMain(configPath: str, sinkPort: int) -> None:
                                 b"Subject: two\r\n\r\n" + b"x" * 1200 + b"\r\n")
             except smtplib.SMTPDataError as e:
                 assert e.smtp_code == 550, e
+            client.sendmail("alice@example.com", ["bob@example.org"], large)
+            client.sendmail("alice@example.com", [LATER], b"Subject: four\r\n\r\nlater\r\n")
 
     async def main(reactor):
         reactor.callLater(DEADLINE / 2, reactor.stop)  # a hang ends with no output
@@ -342,8 +366,13 @@ def scenarioMain(configPath: str, sinkPort: int) -> None:
         port = relay.listeners[0].port.getHost().port
         watching.set()  # start-up (recovery, the lock) may use the reactor thread
         await threads.deferToThread(submit, port)
-        while Sink.received < 1 or relay.scheduler.queueLength():
+        scheduler = relay.scheduler
+        while (Sink.received < 2 or scheduler.queueLength() != 1
+               or scheduler.activeIds() or not any(e.attempts for e in scheduler.envelopes.values())):
             await task.deferLater(reactor, 0.05, lambda: None)
+        [deferred] = scheduler.envelopes
+        for request in (scheduler.hold, scheduler.release, scheduler.hold, scheduler.delete):
+            await request(deferred)
         await task.deferLater(reactor, 0.2, lambda: None)  # the refused body's removal
         watching.clear()
         print(json.dumps(calls))
@@ -381,10 +410,17 @@ def test_no_file_system_call_on_the_reactor_thread_while_a_message_is_accepted_a
     assert proc.returncode == 0, proc.stderr.decode()
     calls = json.loads(proc.stdout.decode().strip().splitlines()[-1])
     spool = str(tmp_path / "spool")
-    # The test watches what it should: both bodies created, one committed
-    # (fsync takes a descriptor), both removed...
+    # The test watches what it should: the bodies created, written during
+    # DATA and committed (fsync, read and write take a descriptor), the
+    # delivered ones read and removed, the deferred one's envelope rewritten
+    # (after its attempt, hold, release) and removed by the admin...
     inThreads = {name for name, onReactor, path in calls
-                 if not onReactor and (path.startswith(spool) or name == "fsync")}
-    assert inThreads >= {"fsync", "lstat", "open", "rename", "statvfs", "unlink"}
+                 if not onReactor and (path.startswith(spool) or name in ("fsync", "read", "write"))}
+    assert inThreads >= {"fsync", "lstat", "open", "rename", "statvfs", "unlink", "write",
+                         "replace", "builtins.open"}
+    bodyWrites = [c for c in calls if c[0] == "write"]
+    assert len(bodyWrites) > 4  # the large body went out in pieces, not only at its commit
+    replaced = [c for c in calls if c[0] == "replace"]
+    assert len(replaced) >= 4  # after the attempt, hold, release, hold
     # ...and none of it on the reactor thread.
     assert [c for c in calls if c[1]] == []
