@@ -914,7 +914,7 @@ class SubmissionServer(smtp.ESMTP):
         return (
             f"Received: from {self.heloName} ({self.clientName} [{self.clientAddress}]){extra}\r\n"
             f"\tby {self.factory.hostname} (relayd) with {proto} id {txn.queueId}{forClause};\r\n"
-            f"\t{formatdate(self.factory.clock.seconds(), localtime=True)}\r\n"
+            f"\t{headerDate(self.factory.clock.seconds())}\r\n"
         )
 
     def _endOfData(self) -> None:
@@ -1249,6 +1249,24 @@ def isPostmaster(address: str, hostname: str) -> bool:
     return local.lower() == "postmaster" and domain.rstrip(".").lower() == hostname.lower()
 
 
+# (second, its RFC 5322 date): the last one formatted.
+_lastHeaderDate: list[tuple[int, str]] = [(-1, "")]
+
+
+def headerDate(seconds: float) -> str:
+    """
+    ``formatdate(seconds, localtime=True)``, formatted once per second: the
+    Received and Date headers of every message of that second share it.
+    """
+    second = int(seconds)
+    cached = _lastHeaderDate[0]  # one read: another thread may replace it
+    if cached[0] == second:
+        return cached[1]
+    text = formatdate(second, localtime=True)
+    _lastHeaderDate[0] = (second, text)
+    return text
+
+
 def spoolFreeBytes(path: str) -> int:
     """Bytes an unprivileged writer may still use on the file system holding ``path``."""
     stat = os.statvfs(path)
@@ -1379,7 +1397,7 @@ class _DataReader:
         if not _HAS_MESSAGE_ID.search(header):
             added += f"Message-ID: {make_msgid(domain=self.hostname)}\r\n".encode("ascii")
         if not _HAS_DATE.search(header):
-            added += f"Date: {formatdate(self.now, localtime=True)}\r\n".encode("ascii")
+            added += f"Date: {headerDate(self.now)}\r\n".encode("ascii")
         rest = bytes(head[headerEnd:])
         if added and rest and not rest.startswith(b"\r\n"):
             # The body had no blank line after its headers (or no headers):
