@@ -102,6 +102,9 @@ BODY_WRITE_CHUNK = 64 * 1024
 # the client pauses until the disk has caught up (a fast client cannot make
 # a session hold more than MAX_BODY_WRITES * (BODY_WRITE_CHUNK + MAX_READ)).
 MAX_BODY_WRITES = 4
+# How old the spool's free space measurement may be before a MAIL starts a
+# new one (a measurement below the reserve is always repeated).
+FREE_SPACE_INTERVAL = 1.0
 # Header block held in memory to look for Message-ID/Date before writing.
 MAX_HEADER_BLOCK = 256 * 1024
 # What the DATA reader holds between reads: the header block and a partial
@@ -1473,6 +1476,7 @@ class SubmissionFactory(protocol.ServerFactory):
         # Free bytes on the spool's file system as last measured (None:
         # not yet, or the measurement failed) and whether one is running.
         self._freeSpace: int | None = None
+        self._measuredAt = 0.0
         self._measuring = False
 
     @property
@@ -1486,12 +1490,16 @@ class SubmissionFactory(protocol.ServerFactory):
         """
         Below queue.free_space_reserve: MAIL gets 452 4.3.1 so no message
         fills the disk midway. statvfs runs in a thread: the answer goes by
-        the latest measurement, and each MAIL starts the next one.
+        the latest measurement, and a MAIL starts the next one when that is
+        older than FREE_SPACE_INTERVAL or was below the reserve (not one
+        per message under load).
         """
         reserve = self.config.freeSpaceReserve()
         if reserve <= 0:
             return False
-        self._measureFreeSpace()
+        if (self._freeSpace is None or self._freeSpace < reserve
+                or self.clock.seconds() - self._measuredAt >= FREE_SPACE_INTERVAL):
+            self._measureFreeSpace()
         free = self._freeSpace
         if free is None:
             return False  # cannot tell (yet); the commit still answers 452 on ENOSPC
@@ -1504,6 +1512,7 @@ class SubmissionFactory(protocol.ServerFactory):
         if self._measuring:
             return
         self._measuring = True
+        self._measuredAt = self.clock.seconds()
 
         def measured(free: int) -> None:
             self._freeSpace = free
