@@ -612,9 +612,8 @@ class SubmissionServer(smtp.ESMTP):
             if self._data is not None:
                 if self._bodyWrites >= MAX_BODY_WRITES:
                     break  # the disk is behind: wait for a piece to be written
-                chunk = bytes(inbox)
+                rest = self._data.feed(inbox)  # copies what it keeps
                 inbox.clear()
-                rest = self._data.feed(chunk)
                 if rest is None:
                     self._writeBodyOut()
                     continue
@@ -1320,19 +1319,23 @@ class _DataReader:
         """Bytes held between reads: the current partial line and the header block so far."""
         return len(self._buf) + (len(self._head) if self._head is not None else 0)
 
-    def feed(self, chunk: bytes) -> bytes | None:
+    def feed(self, chunk: bytes | bytearray) -> bytes | None:
         buf = self._buf
         buf += chunk
         end = buf.find(b"\r\n.\r\n", self._scanFrom)
         if end >= 0:
-            rest = bytes(buf[end + 5 :])
-            self._lines(bytes(buf[2 : end + 2]))
+            with memoryview(buf) as view:  # one copy per piece, not two
+                rest = bytes(view[end + 5 :])
+                lines = bytes(view[2 : end + 2])
+            self._lines(lines)
             self._finishHead()
             self._buf = bytearray()
             return rest
         last = buf.rfind(b"\n")
         if last >= 2:
-            self._lines(bytes(buf[2 : last + 1]))
+            with memoryview(buf) as view:
+                lines = bytes(view[2 : last + 1])
+            self._lines(lines)
             del buf[: last - 1]
         if len(buf) > MAX_DATA_LINE + 4:
             # One line longer than the limit and still going: keep only
