@@ -342,9 +342,7 @@ class SpoolWriter:
         try:
             _writeAll(self._fd, data)
         except OSError as e:
-            self._error = e
-            self._buffer = []
-            self.buffered = 0
+            self._error = e  # write() stops buffering; commit raises it
 
     def commit(self, envelope: Envelope) -> None:
         """
