@@ -303,7 +303,7 @@ class SpoolWriter:
     is when the server can answer anyway.
     """
 
-    def __init__(self, spool: Spool, queueId: str) -> None:
+    def __init__(self, spool: Spool, queueId: str, create: bool = True) -> None:
         self.queueId = queueId
         self.size = 0
         self.buffered = 0
@@ -317,8 +317,17 @@ class SpoolWriter:
         self._created: list[str] = []
         self._error: OSError | None = None
         self._finished = False
-        self._fd: int | None = os.open(self._tmpBody, _CREATE_FLAGS, _FILE_MODE)
-        self._created.append(self._tmpBody)
+        self._fd: int | None = None
+        if create:
+            self._file()
+
+    def _file(self) -> int:
+        """The body file's descriptor, creating the file first if need be (blocking)."""
+        if self._fd is None:
+            self._spool._checkUnused(self.queueId)
+            self._fd = os.open(self._tmpBody, _CREATE_FLAGS, _FILE_MODE)
+            self._created.append(self._tmpBody)
+        return self._fd
 
     def write(self, data: bytes) -> None:
         """Add ``data`` to the body: memory only, never a system call."""
@@ -337,10 +346,10 @@ class SpoolWriter:
 
     def writeOut(self, data: bytes) -> None:
         """Write ``data`` (from ``takeBuffered``) to the body file; blocking."""
-        if self._error is not None or self._fd is None or not data:
+        if self._error is not None or self._finished or not data:
             return
         try:
-            _writeAll(self._fd, data)
+            _writeAll(self._file(), data)
         except OSError as e:
             self._error = e  # write() stops buffering; commit raises it
 
@@ -360,6 +369,7 @@ class SpoolWriter:
             self.writeOut(self.takeBuffered())
             if self._error is not None:
                 raise self._error
+            self._file()
             fd, self._fd = self._fd, None
             try:
                 os.fsync(fd)
@@ -634,13 +644,25 @@ class Spool:
         in ``tmp/`` or in the queue: the caller retries with a new id.
         """
         _checkId(queueId)
+        return SpoolWriter(self, queueId)
+
+    def receive(self, queueId: str) -> SpoolWriter:
+        """
+        ``begin`` without a system call: the body's file is created by the
+        writer's first ``writeOut`` or by its ``commit`` (FileExistsError
+        there), so a message that fits the writer's buffer costs its commit
+        alone.
+        """
+        _checkId(queueId)
+        return SpoolWriter(self, queueId, create=False)
+
+    def _checkUnused(self, queueId: str) -> None:
         if not self._prepared:
             self._prepare()
         for suffix in (ENVELOPE_SUFFIX, BODY_SUFFIX):
             path = self._path(QUEUE, queueId + suffix)
             if os.path.lexists(path):
                 raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), path)
-        return SpoolWriter(self, queueId)
 
     # -- delivery
 

@@ -833,19 +833,9 @@ class SubmissionServer(smtp.ESMTP):
             return self._error(replies.NEED_MAIL)
         if not txn.recipients:
             return self._error(replies.NEED_RCPT)
-        # Creating the body's file waits for the file system journal: in a
-        # thread, while later input waits in the inbox.
-        self._busy = True
-        d = self.factory.runInThread(self.factory.spool.begin, txn.queueId)
-        d.addCallbacks(self._dataBegun, self._dataNotBegun, callbackArgs=(txn,),
-                       errbackArgs=(txn,))
-        d.addErrback(lambda f: log.failure("DATA", f))
-
-    def _dataBegun(self, writer, txn: Transaction) -> None:
-        if self._lost or self._closing:
-            # The session ended (timeout, shutdown) while the file was created.
-            self._discard(writer)
-            return
+        # No system call here: the body's file is made by its first piece
+        # written out or by the commit, in a spool thread.
+        writer = self.factory.spool.receive(txn.queueId)
         self._data = _DataReader(
             writer=writer,
             maxSize=self.factory.config.limits.messageSize,
@@ -857,17 +847,6 @@ class SubmissionServer(smtp.ESMTP):
         )
         self.setTimeout(self.factory.config.limits.dataTimeout)
         self.reply(replies.START_DATA)
-        self._resume()
-
-    def _dataNotBegun(self, failure: Failure, txn: Transaction) -> None:
-        error = failure.value
-        maillog.queueWarning(txn.queueId, "cannot create queue file: "
-                             f"{getattr(error, 'strerror', None) or error}")
-        if self._lost:
-            return
-        if not self._closing:
-            self.reply(_storageReply(error))
-        self._resume()
 
     def _writeBodyOut(self) -> None:
         """Hand the body's buffered bytes to a spool thread once there are enough of them."""

@@ -83,27 +83,22 @@ class Session(Dialogue):
         self.take()
         assert self.send(b"EHLO client.test\r\n")[-1].startswith("250 ")
 
-    def queuedId(self) -> str:
-        """The queue id of the body being received (its file in tmp/)."""
-        [name] = self.tmpFiles()
-        return name.split(".")[0]
-
     def tmpFiles(self) -> list[str]:
         return os.listdir(os.path.join(self.spool.directory, "tmp"))
 
 
-def test_data_waits_for_the_body_file_made_in_a_thread_then_reads_pipelined_input(tmp_path):
+def test_a_small_body_stays_in_memory_until_its_commit_makes_the_file_in_a_thread(tmp_path):
     s = Session(tmp_path)
     assert s.send(b"MAIL FROM:<alice@example.com>\r\n") == ["250 2.1.0 Ok"]
     assert s.threads.names() == ["spoolFreeBytes"]  # statvfs, not on the reactor thread
     s.threads.runAll()
     assert s.send(b"RCPT TO:<bob@example.org>\r\n") == ["250 2.1.5 Ok"]
-    # A client that does not wait for the 354: the body must not run as commands.
-    assert s.send(b"DATA\r\nSubject: x\r\n\r\nRSET\r\n.\r\nNOOP\r\n") == []
-    assert s.threads.names() == ["begin"] and s.tmpFiles() == []
-    s.threads.runNext()
-    assert s.tmpFiles() != [] and s.threads.names() == ["commit"]
-    assert [r[:3] for r in s.take()] == ["354"]
+    # A client that does not wait for the 354: the body must not run as
+    # commands, and the pipelined command waits for the 250.
+    replies = s.send(b"DATA\r\nSubject: x\r\n\r\nRSET\r\n.\r\nNOOP\r\n")
+    assert [r[:3] for r in replies] == ["354"]
+    # One thread call for the whole message: create, write, fsync, rename.
+    assert s.threads.names() == ["commit"] and s.tmpFiles() == []
     s.threads.runNext()
     assert [r[:3] for r in s.take()] == ["250", "250"]
     [envelope] = s.queued
@@ -117,24 +112,34 @@ def test_a_refused_body_is_removed_in_a_thread(tmp_path):
     s.send(b"MAIL FROM:<alice@example.com>\r\nRCPT TO:<bob@example.org>\r\nDATA\r\n")
     s.threads.runAll()
     s.take()
-    # A line over 998 characters: refused at the end of data, nothing kept.
-    assert s.send(b"Subject: x\r\n\r\n" + b"x" * 1200 + b"\r\n.\r\n")[0].startswith("550 5.5.2")
+    # A line over 998 characters, after a first piece written out: refused
+    # at the end of data, nothing kept.
+    piece = (b"y" * 78 + b"\r\n") * (server.BODY_WRITE_CHUNK // 80 + 1)
+    s.send(b"Subject: x\r\n\r\n" + piece)
+    assert s.threads.names() == ["writeOut"]
+    s.threads.runAll()
+    assert s.tmpFiles() != []
+    assert s.send(b"x" * 1200 + b"\r\n.\r\n")[0].startswith("550 5.5.2")
     assert s.threads.names() == ["abort"] and s.tmpFiles() != []
     s.threads.runAll()
     assert s.tmpFiles() == [] and s.queued == []
 
 
 @pytest.mark.parametrize("ending", ["lost", "timeout"])
-def test_a_session_gone_while_its_body_file_is_made_leaves_no_file(tmp_path, ending):
+def test_a_session_gone_while_its_body_is_written_leaves_no_file(tmp_path, ending):
     s = Session(tmp_path)
     s.send(b"MAIL FROM:<alice@example.com>\r\nRCPT TO:<bob@example.org>\r\nDATA\r\n")
-    assert s.threads.names() == ["spoolFreeBytes", "begin"]
+    s.threads.runAll()
+    s.take()
+    s.send(b"Subject: x\r\n\r\n" + (b"y" * 78 + b"\r\n") * (2 * server.BODY_WRITE_CHUNK // 80 + 1))
+    assert s.threads.names() == ["writeOut"]
     if ending == "lost":
         s.proto.connectionLost(None)
     else:
-        s.factory.clock.advance(s.factory.config.limits.commandTimeout + 1)
-        assert s.take()[0].startswith("421 ")
-    s.threads.runAll()  # the file is made, then removed (abort, in a thread too)
+        s.factory.clock.advance(s.factory.config.limits.dataTimeout + 1)
+        assert s.take()[0].startswith("421 ") and s.transport.disconnecting
+        s.proto.connectionLost(None)
+    s.threads.runAll()  # the pieces are written, then removed (abort, in its lane)
     assert s.tmpFiles() == []
     assert s.take() == []
 
@@ -144,19 +149,21 @@ def test_a_large_body_is_written_in_threads_in_order_and_a_fast_client_is_paused
     s.send(b"MAIL FROM:<alice@example.com>\r\nRCPT TO:<bob@example.org>\r\nDATA\r\n")
     s.threads.runAll()
     s.take()
+    s.proto.dataReceived(b"Subject: big\r\n\r\n" + b"x" * 78 + b"\r\n")
+    assert s.tmpFiles() == []  # nothing written yet: no file
     line = b"x" * 78 + b"\r\n"
     piece = line * (server.BODY_WRITE_CHUNK // len(line) + 1)
-    body = b"Subject: big\r\n\r\n"
+    body = b"Subject: big\r\n\r\n" + line
     # The client sends faster than the disk writes: nothing is written on
     # the reactor thread, and past MAX_BODY_WRITES pieces reading pauses.
     while s.transport.producerState != "paused":
-        s.proto.dataReceived(body if len(body) < len(piece) else piece)
-        body += b"" if len(body) < len(piece) else piece
+        s.proto.dataReceived(piece)
+        body += piece
         assert len(body) < 20 * server.BODY_WRITE_CHUNK, "reading never paused"
     assert len(body) <= (server.MAX_BODY_WRITES + 1) * (server.BODY_WRITE_CHUNK + server.MAX_READ)
     # One write in a thread, the others queued behind it in the message's lane.
-    assert s.threads.names() == ["writeOut"] and s.factory.lanes.busy(s.queuedId())
-    assert os.path.getsize(os.path.join(s.spool.directory, "tmp", s.tmpFiles()[0])) == 0
+    assert s.threads.names() == ["writeOut"] and len(s.factory.lanes._tails) == 1
+    assert s.tmpFiles() == []  # the first write (in a thread) makes the file
     assert s.proto.pendingInputBytes == 0  # held in the writes, not in the inbox
     s.proto.dataReceived(b"Subject: still\r\n")  # a read under way when paused: kept
     assert s.proto.pendingInputBytes > 0
@@ -248,7 +255,7 @@ def test_every_250_follows_the_fsyncs_of_its_body_envelope_and_directory(tmp_pat
     for _ in range(3):
         s = Session(tmp_path, threads=threads, spool=spool)
         s.send(b"MAIL FROM:<alice@example.com>\r\nRCPT TO:<bob@example.org>\r\nDATA\r\n")
-        threads.runAll()
+        threads.runAll()  # the free space measurement
         s.take()
         sessions.append(s)
     for i, s in enumerate(sessions):

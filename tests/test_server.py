@@ -49,6 +49,8 @@ class MemorySpool:
         self.writers.append(w)
         return w
 
+    receive = begin
+
 
 def makeConfig(trusted=("127.0.0.0/8", "::1/128"), messageSize=10_000_000, recipients=100,
                connections=100, connectionsPerClient=20):
