@@ -137,6 +137,8 @@ class _Message:
         Raises ``OSError`` when the spooled body cannot be read.
         """
         if self._eightBit is None:
+            if getattr(self.openBody, "inMemory", False):  # no file: no thread
+                runInThread = defer.maybeDeferred
             self._eightBit = await runInThread(_hasEightBit, self.openBody, chunkSize)
         return self._eightBit
 

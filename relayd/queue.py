@@ -308,6 +308,11 @@ class SpoolWriter:
         self.size = 0
         self.buffered = 0
         self._buffer: list[bytes] = []
+        # After a commit: the whole body, if it was still all in memory then
+        # (nothing written out in pieces); the first delivery may send it
+        # from there instead of reading the file back.
+        self.body: bytes | None = None
+        self._wroteOut = False
         self._spool = spool
         self._tmpBody = spool._path(TMP, queueId + BODY_SUFFIX)
         self._tmpEnvelope = spool._path(TMP, queueId + ENVELOPE_SUFFIX)
@@ -348,6 +353,7 @@ class SpoolWriter:
         """Write ``data`` (from ``takeBuffered``) to the body file; blocking."""
         if self._error is not None or self._finished or not data:
             return
+        self._wroteOut = True
         try:
             _writeAll(self._file(), data)
         except OSError as e:
@@ -366,7 +372,9 @@ class SpoolWriter:
                 raise ValueError(
                     f"{self.queueId}: envelope belongs to queue id {envelope.queueId}"
                 )
-            self.writeOut(self.takeBuffered())
+            whole = not self._wroteOut
+            rest = self.takeBuffered()
+            self.writeOut(rest)
             if self._error is not None:
                 raise self._error
             self._file()
@@ -400,6 +408,8 @@ class SpoolWriter:
             raise
         self._created = []
         self._finished = True
+        if whole:
+            self.body = rest
 
     def abort(self) -> None:
         """Forget the message: remove whatever was written. Safe to call twice."""

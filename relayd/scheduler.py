@@ -27,6 +27,7 @@ crash in between sends the notice twice at worst, never not at all.
 from __future__ import annotations
 
 import heapq
+import io
 import random as _random
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
@@ -87,6 +88,23 @@ BEING_DELIVERED = "being delivered now"
 WAITING_FOR_SLOT = "waiting for a free slot at its destination"
 
 
+# Bodies of new messages kept in memory for their first attempt, in all
+# (bytes): a burst of mail beyond it is read back from the spool instead.
+KEPT_BODIES_LIMIT = 16 * 1024 * 1024
+
+
+class InMemoryBody:
+    """A body opener for a body held in memory: opening it needs no thread."""
+
+    inMemory = True
+
+    def __init__(self, body: bytes) -> None:
+        self.body = body
+
+    def __call__(self) -> io.BytesIO:
+        return io.BytesIO(self.body)
+
+
 class UnknownMessage(KeyError):
     """No message with this queue id is in the queue."""
 
@@ -134,6 +152,9 @@ class Scheduler(service.Service):
         # Due messages waiting for a slot at a full destination, in order.
         self._blocked: dict[Destination, deque[str]] = {}
         self._waiting: set[str] = set()
+        # queue id -> body, for the first attempt (keepBody), KEPT_BODIES_LIMIT in all.
+        self._keptBodies: dict[str, bytes] = {}
+        self._keptBytes = 0
 
     # Feeding the schedule
 
@@ -142,6 +163,18 @@ class Scheduler(service.Service):
         self.envelopes[envelope.queueId] = envelope
         self._push(envelope)
         self._wake()
+
+    def keepBody(self, queueId: str, body: bytes) -> None:
+        """A new message's body, just committed: its first attempt sends it from memory."""
+        if self._keptBytes + len(body) <= KEPT_BODIES_LIMIT:
+            self._keptBodies[queueId] = body
+            self._keptBytes += len(body)
+
+    def _takeBody(self, queueId: str) -> bytes | None:
+        body = self._keptBodies.pop(queueId, None)
+        if body is not None:
+            self._keptBytes -= len(body)
+        return body
 
     def reconfigure(self, settings) -> None:
         self.settings = settings
@@ -265,10 +298,13 @@ class Scheduler(service.Service):
         for r in pending:
             byAddress.setdefault(r.address, []).append(r)
         failed: list[tuple[Recipient, bounce.ReportLine]] = []
+        kept = self._takeBody(envelope.queueId)
+        openBody = (InMemoryBody(kept) if kept is not None
+                    else lambda: self.spool.openBody(envelope.queueId))
         for destination, addresses in groups.items():
             result: AttemptResult = yield self.transport.deliver(
                 destination, envelope.sender, envelope.mailParams, addresses,
-                lambda: self.spool.openBody(envelope.queueId), envelope.size,
+                openBody, envelope.size,
             )
             failed += self._record(envelope, byAddress, result, started)
         envelope.attempts += 1
@@ -532,6 +568,7 @@ class Scheduler(service.Service):
         active = self.isActive(queueId)
         self.envelopes.pop(queueId)
         self._waiting.discard(queueId)
+        self._takeBody(queueId)
 
         def removed(_) -> str:
             maillog.adminAction(queueId, "removed")
@@ -642,6 +679,7 @@ class Scheduler(service.Service):
 
     @defer.inlineCallbacks
     def _cancel(self, envelope: Envelope, started: float, groups: dict):
+        self._takeBody(envelope.queueId)
         failed = []
         for r in envelope.pending():
             r.state = Status.BOUNCED

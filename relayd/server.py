@@ -924,16 +924,19 @@ class SubmissionServer(smtp.ESMTP):
         envelope.nextAttempt = envelope.arrival
         self._busy = True
         d = defer.maybeDeferred(self.factory.commit, reader.writer, envelope)
-        d.addCallbacks(self._committed, self._commitFailed, callbackArgs=(envelope,),
+        d.addCallbacks(self._committed, self._commitFailed, callbackArgs=(envelope, reader.writer),
                        errbackArgs=(envelope,))
         d.addErrback(lambda f: log.failure("end of data", f))
 
-    def _committed(self, _: object, envelope: Envelope) -> None:
+    def _committed(self, _: object, envelope: Envelope, writer) -> None:
         maillog.messageQueued(envelope.queueId, envelope.sender, envelope.size, len(envelope.recipients))
         if envelope.authIdentity:
             self.factory.messageRate.queued(envelope.authIdentity)
         if not self._closing:
             self.reply(replies.QUEUED.format(queueId=envelope.queueId))
+        body = getattr(writer, "body", None)
+        if body is not None:
+            self.factory.bodyKept(envelope.queueId, body)
         self.factory.messageQueued(envelope)
         self._afterData()
 
@@ -1425,7 +1428,9 @@ class SubmissionFactory(protocol.ServerFactory):
     Builds sessions for every listener and keeps the set of live ones, for
     the connection limits and for shutdown. ``commit(writer, envelope)``
     makes a message durable (a Deferred, run in a thread by tap.py);
-    ``messageQueued(envelope)`` hands it to the scheduler.
+    ``messageQueued(envelope)`` hands it to the scheduler, after
+    ``bodyKept(queueId, body)`` for a body the commit wrote in one piece
+    (the scheduler may send it from memory; by default it is dropped).
     ``runInThread(f, *args)`` runs the other blocking spool calls (creating
     a body's file, measuring free space) off the reactor thread and returns
     a Deferred; tests run them inline. ``lanes`` (relayd.queue.MessageLanes
@@ -1434,7 +1439,7 @@ class SubmissionFactory(protocol.ServerFactory):
     """
 
     def __init__(self, config, spool, commit, messageQueued, clock, portal=None, tls=None,
-                 clientNames=None, runInThread=None, lanes=None):
+                 clientNames=None, runInThread=None, lanes=None, bodyKept=None):
         self.config = config
         # address -> Deferred[ClientName] (relayd.resolve.ClientNames.lookup),
         # firing within limits.client_name_timeout; None: every client "unknown".
@@ -1444,6 +1449,7 @@ class SubmissionFactory(protocol.ServerFactory):
         self.runInThread = runInThread or defer.maybeDeferred
         self.lanes = lanes or MessageLanes(self.runInThread)
         self.messageQueued = messageQueued
+        self.bodyKept = bodyKept or (lambda queueId, body: None)
         self.clock = clock
         # twisted.cred portal for AUTH (None: AUTH is off everywhere) and
         # the server's TLS context factory (None: no TLS listener).

@@ -333,7 +333,9 @@ class _BodyProducer:
         self._openBody = openBody
         self._body: BinaryIO | None = None
         self._chunkSize = chunkSize
-        self._runInThread = runInThread
+        # A body held in memory (relayd.scheduler.InMemoryBody) needs no thread.
+        self._runInThread = (defer.maybeDeferred if getattr(openBody, "inMemory", False)
+                             else runInThread)
         self._stuffer = DotStuffer(MAX_LINE)
         self.done: defer.Deferred = defer.Deferred()
         self._finished = False

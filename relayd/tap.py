@@ -439,7 +439,7 @@ def makeService(options, reactor=None) -> RelayService:
                               hostsFile=os.environ.get("RELAYD_HOSTS_FILE") or HOSTS_FILE)
     factory = SubmissionFactory(config, spool, commit, scheduler.add, reactor,
                                 portal=credPortal, tls=tls, clientNames=clientNames.lookup,
-                                runInThread=runInThread, lanes=lanes)
+                                runInThread=runInThread, lanes=lanes, bodyKept=scheduler.keepBody)
     listeners = []
     for l in config.listeners:
         listenerFactory = factory.forListener(l)

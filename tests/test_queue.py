@@ -735,3 +735,21 @@ def test_a_failing_call_does_not_stop_its_lane():
     lanes.run("A", lambda: 1 / 0).addErrback(failures.append)
     assert lanes.run("A", lambda: "next").result == "next"
     assert failures[0].check(ZeroDivisionError)
+
+
+def test_a_body_committed_in_one_piece_is_kept_for_the_first_delivery(spool):
+    small = makeEnvelope()
+    writer = spool.begin(small.queueId)
+    writer.write(BODY[:10])
+    writer.write(BODY[10:])
+    writer.commit(small)
+    assert writer.body == BODY
+    pieces = makeEnvelope()
+    writer = spool.begin(pieces.queueId)
+    writer.write(BODY)
+    writer.writeOut(writer.takeBuffered())
+    writer.write(BODY)
+    writer.commit(pieces)
+    assert writer.body is None  # part of it is only on disk
+    with spool.openBody(pieces.queueId) as f:
+        assert f.read() == BODY + BODY

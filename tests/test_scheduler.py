@@ -126,6 +126,7 @@ class FakeCourier:
             self.noticeCalls.append((self.clock.seconds(), tuple(recipients)))
             return defer.succeed(result(recipients, [250] * len(recipients)))
         self.calls.append((self.clock.seconds(), tuple(recipients)))
+        self.bodies = getattr(self, "bodies", []) + [(openBody().read(), getattr(openBody, "inMemory", False))]
         if not self.script:
             d = defer.Deferred()
             self.pending.append((d, recipients))
@@ -724,3 +725,27 @@ def test_scheduler_logs_a_transport_local_error_and_keeps_the_recipient(rig):
     rig.sched.add(env)
     assert [r.state for r in env.recipients] == [Status.DEFERRED]
     assert any(f"delivery attempt of {env.queueId} failed locally" in l for l in rig.lines)
+
+
+def test_a_new_message_is_sent_from_memory_once_then_read_from_the_spool(rig, monkeypatch):
+    """The body just committed is not read back for the first attempt; later ones read the spool."""
+    rig.courier.script = [[451], [250]]
+    env = envelope(rig.clock, "b@example.org")
+    rig.spool.bodies[env.queueId] = b"on disk"
+    rig.sched.keepBody(env.queueId, b"on disk")
+    rig.sched.add(env)
+    rig.clock.advance(300)
+    assert rig.courier.bodies == [(b"on disk", True), (b"on disk", False)]
+    assert rig.sched._keptBytes == 0
+
+
+def test_kept_bodies_are_bounded_and_freed_when_their_message_goes(rig, monkeypatch):
+    monkeypatch.setattr(scheduler, "KEPT_BODIES_LIMIT", 10)
+    a, b = envelope(rig.clock, "a@example.org"), envelope(rig.clock, "b@example.org")
+    rig.sched.keepBody(a.queueId, b"x" * 6)
+    rig.sched.keepBody(b.queueId, b"y" * 6)  # over the limit: read from the spool later
+    assert list(rig.sched._keptBodies) == [a.queueId] and rig.sched._keptBytes == 6
+    a.hold = True
+    rig.sched.add(a)
+    answer(rig.sched.delete(a.queueId))
+    assert rig.sched._keptBodies == {} and rig.sched._keptBytes == 0
