@@ -1,7 +1,8 @@
 """
 Delivery status notifications (RFC 3464) and the other notices relayd writes
-itself: non-delivery reports ("bounces"), "delayed" warnings, double bounces
-to the postmaster and quarantine reports.
+itself: non-delivery reports ("bounces"), "delayed" warnings, "relayed"
+reports (NOTIFY=SUCCESS and a next hop without DSN), double bounces to the
+postmaster and quarantine reports.
 
 A notice is an ordinary message in the spool, sent from the null sender
 ``<>`` so that it can never cause another bounce to a sender (RFC 5321
@@ -9,7 +10,9 @@ A notice is an ordinary message in the spool, sent from the null sender
 message with Python's email package: a human-readable part, the
 ``message/delivery-status`` part and the original message (whole as
 ``message/rfc822`` up to ``queue.bounce_size_limit``, else its header as
-``text/rfc822-headers``). ``writeNotice`` reads the original and commits the
+``text/rfc822-headers``; the header only for RET=HDRS and in a "relayed"
+report). ENVID and ORCPT (relayd.dsn) become Original-Envelope-Id and
+Original-Recipient. ``writeNotice`` reads the original and commits the
 notice to the spool; it blocks and belongs in a thread.
 
 Nothing here decides *whether* to send a notice: that is the scheduler's.
@@ -31,11 +34,13 @@ from email.utils import formatdate, make_msgid
 from io import BytesIO
 from typing import BinaryIO
 
+from relayd import dsn
 from relayd.envelope import (
     NOTICE_BOUNCE,
     NOTICE_DELAY,
     NOTICE_DOUBLE_BOUNCE,
     NOTICE_QUARANTINE,
+    NOTICE_RELAYED,
     Envelope,
     Recipient,
     Status,
@@ -44,6 +49,10 @@ from relayd.envelope import (
 
 FAILED_ACTION = "failed"
 DELAYED_ACTION = "delayed"
+# Delivered to a next hop that does not speak DSN: the sender who asked
+# for NOTIFY=SUCCESS hears no more from down the line (RFC 3464 2.3.3).
+RELAYED_ACTION = "relayed"
+RELAYED_TEXT = "relayed to a next hop without DSN support"
 
 # The status of a recipient that ran out of queue.lifetime (RFC 3463 X.4.7,
 # "delivery time expired"); the class stays 4 as the last error was
@@ -65,6 +74,7 @@ _SUBJECTS = {
     NOTICE_DELAY: "Delayed Mail (still being retried)",
     NOTICE_DOUBLE_BOUNCE: "Postmaster Copy: Undelivered Mail",
     NOTICE_QUARANTINE: "Postmaster Warning: unreadable queue entries quarantined",
+    NOTICE_RELAYED: "Successful Mail Delivery Report",
 }
 
 
@@ -73,11 +83,12 @@ class ReportLine:
     """One recipient's line of the report, snapshotted on the reactor thread."""
 
     address: str
-    action: str  # FAILED_ACTION or DELAYED_ACTION
+    action: str  # FAILED_ACTION, DELAYED_ACTION or RELAYED_ACTION
     status: str  # enhanced status code, e.g. 5.1.1
     diagnostic: str | None  # the remote reply ("550 5.1.1 no such user") or our reason
     remoteMta: str | None  # "host[ip]:port" as logged, or None
     lastAttempt: float | None
+    orcpt: str | None = None  # the client's ORCPT as received (relayd.dsn)
 
 
 # The Action of a recipient in a notice (RFC 3464), by its status.
@@ -98,6 +109,7 @@ def statusFor(recipient: Recipient, action: str | None = None, status: str | Non
         diagnostic=diagnostic if diagnostic is not None else recipient.reply,
         remoteMta=recipient.relay,
         lastAttempt=recipient.lastAttempt,
+        orcpt=recipient.orcpt,
     )
 
 
@@ -125,6 +137,13 @@ def _humanText(kind: str, hostname: str, statuses: Sequence[ReportLine],
             "Your message could not be delivered yet to the recipients below;",
             "the mail system will keep trying"
             + (f" for up to {_days(lifetime)} after it was sent." if lifetime else "."),
+        ]
+    elif kind == NOTICE_RELAYED:
+        lines += [
+            "Your message was successfully relayed to the destinations listed",
+            "below, which do not send delivery notifications: you will receive",
+            "no further notification from them, but you may still receive",
+            "notifications of delivery errors from other systems.",
         ]
     elif kind == NOTICE_DOUBLE_BOUNCE:
         lines += [
@@ -156,6 +175,8 @@ def _statusPart(hostname: str, envelope: Envelope, statuses: Sequence[ReportLine
     part.set_type("message/delivery-status")
     del part["MIME-Version"]
     perMessage = Message(policy=_OUTPUT_POLICY)
+    if envelope.envid is not None:
+        perMessage["Original-Envelope-Id"] = _field(dsn.originalEnvelopeId(envelope.envid))
     perMessage["Reporting-MTA"] = f"dns; {hostname}"
     perMessage["X-Relayd-Queue-ID"] = envelope.queueId
     perMessage["X-Relayd-Sender"] = f"rfc822; {envelope.sender}"
@@ -163,6 +184,8 @@ def _statusPart(hostname: str, envelope: Envelope, statuses: Sequence[ReportLine
     blocks = [perMessage]
     for s in statuses:
         block = Message(policy=_OUTPUT_POLICY)
+        if s.orcpt is not None:
+            block["Original-Recipient"] = _field(dsn.originalRecipient(s.orcpt))
         block["Final-Recipient"] = f"rfc822; {s.address}"
         block["Action"] = s.action
         block["Status"] = s.status
@@ -231,7 +254,10 @@ def report(kind: str, *, hostname: str, envelope: Envelope, to: str,
     status["Content-Description"] = "Delivery report"
     message.attach(status)
     originalPart = _originalPart(original, originalWhole)
-    originalPart["Content-Description"] = "Undelivered Message" if originalWhole else "Undelivered Message Headers"
+    if kind == NOTICE_RELAYED:
+        originalPart["Content-Description"] = "Relayed Message Headers"
+    else:
+        originalPart["Content-Description"] = "Undelivered Message" if originalWhole else "Undelivered Message Headers"
     message.attach(originalPart)
     return _bytes(message)
 
@@ -250,14 +276,16 @@ def quarantineReport(*, hostname: str, to: str, entries: Sequence[tuple[str, str
     return _bytes(message)
 
 
-def readOriginal(openBody: Callable[[], BinaryIO], limit: int) -> tuple[bytes, bool]:
+def readOriginal(openBody: Callable[[], BinaryIO], limit: int,
+                 headersOnly: bool = False) -> tuple[bytes, bool]:
     """
     The original as a notice returns it: ``(bytes, True)`` when it is at
-    most ``limit`` bytes, else ``(header block, False)``. Blocking.
+    most ``limit`` bytes and not ``headersOnly``, else ``(header block,
+    False)``. Blocking.
     """
     with openBody() as f:
-        data = f.read(limit + 1)
-        if len(data) <= limit:
+        data = f.read(64 * 1024 if headersOnly else limit + 1)
+        if not headersOnly and len(data) <= limit:
             return data, True
         while b"\r\n\r\n" not in data and len(data) < MAX_RETURNED_HEADER_BLOCK:
             more = f.read(64 * 1024)

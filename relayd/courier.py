@@ -23,7 +23,7 @@ from __future__ import annotations
 import ipaddress
 import random as _random
 from dataclasses import dataclass, field, replace
-from typing import BinaryIO, Callable, Sequence
+from typing import BinaryIO, Callable, Mapping, Sequence
 
 from twisted.internet import defer, error
 from twisted.internet.endpoints import (
@@ -120,6 +120,7 @@ class _Message:
     recipients: list[str]
     openBody: Callable[[], BinaryIO]
     size: int
+    recipientParams: Mapping[str, Mapping[str, str]] | None = None
     _eightBit: bool | None = None
     # For the scheduler's log: the TLS sessions this attempt opened,
     # (relay, TLSInfo), and the bugs its sessions met.
@@ -225,12 +226,12 @@ class Courier:
         recipients: Sequence[str],
         openBody: Callable[[], BinaryIO],
         size: int,
+        recipientParams: Mapping[str, Mapping[str, str]] | None = None,
     ) -> defer.Deferred[AttemptResult]:
         started = self._reactor.seconds()
         recipients = list(recipients)
-        d = defer.ensureDeferred(
-            self._deliver(list(destination.hops), sender, mailParams, recipients, openBody, size, started)
-        )
+        message = _Message(sender, mailParams, recipients, openBody, size, recipientParams)
+        d = defer.ensureDeferred(self._deliver(list(destination.hops), message, started))
 
         def localFailure(failure: Failure) -> AttemptResult:
             # A bug, not an outcome: keep the message queued (the
@@ -246,7 +247,8 @@ class Courier:
 
         return d.addErrback(localFailure)
 
-    async def _deliver(self, hops, sender, mailParams, recipients, openBody, size, started):
+    async def _deliver(self, hops, message: _Message, started):
+        recipients = message.recipients
         if not hops:
             return AttemptResult(
                 "none",
@@ -254,7 +256,6 @@ class Courier:
                 0.0,
                 0.0,
             )
-        message = _Message(sender, mailParams, recipients, openBody, size)
         outcome = None
         for hop in self._order(hops):
             if hop.mx:
@@ -459,7 +460,8 @@ class Courier:
 
         transactionStarted = seconds()
         outcome = await session.sendMessage(message.sender, message.mailParams, recipients,
-                                            message.openBody, message.size)
+                                            message.openBody, message.size,
+                                            recipientParams=message.recipientParams)
         if reused and not outcome.mailAccepted:
             # The idle connection may have been closed (or timed out) by the
             # peer meanwhile: the answer counts only from a fresh one.

@@ -15,7 +15,7 @@ a new module with the same ``deliver``.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import BinaryIO, Callable, Protocol, Sequence
+from typing import BinaryIO, Callable, Mapping, Protocol, Sequence
 
 from twisted.internet import defer
 from twisted.python.failure import Failure
@@ -64,6 +64,9 @@ class RecipientResult:
     dsn: str
     text: str
     status: Status
+    # Sent to a next hop that advertises DSN: it was given the recipient's
+    # NOTIFY and ORCPT and does any further notifying (RFC 3461 section 5.2).
+    notifyPassedOn: bool = False
 
 
 @dataclass(frozen=True)
@@ -95,7 +98,12 @@ class AttemptResult:
 
 
 class Transport(Protocol):
-    """What the scheduler calls to deliver; fires with an ``AttemptResult``, never fails."""
+    """
+    What the scheduler calls to deliver; fires with an ``AttemptResult``,
+    never fails. ``mailParams`` and ``recipientParams`` (by address) hold
+    the DSN parameters too (relayd.dsn): a transport passes them on only
+    to a next hop that takes them.
+    """
 
     def deliver(
         self,
@@ -105,4 +113,5 @@ class Transport(Protocol):
         recipients: Sequence[str],
         openBody: Callable[[], BinaryIO],
         size: int,
+        recipientParams: Mapping[str, Mapping[str, str]] | None = None,
     ) -> defer.Deferred[AttemptResult]: ...

@@ -13,10 +13,19 @@ import os
 import time
 from dataclasses import dataclass, field
 
-# The envelope's on-disk format version. Bump it (and teach fromJSON the old
-# one) whenever a field changes meaning.
-FORMAT_VERSION = 1
+from relayd import dsn
 
+# The envelope's on-disk formats, each with what it added. fromJSON reads
+# every one: a field an older format lacks takes its default. Adding an
+# optional field: a new version here, the field in toJSON, and in fromJSON
+# read with its default (an older relayd then quarantines the newer
+# envelope instead of dropping a field it does not know). A field that
+# changes meaning needs a conversion of the older versions in fromJSON.
+FORMAT_VERSIONS = {
+    1: "the first format",
+    2: "DSN (RFC 3461): ret and envid; per recipient notify and orcpt",
+}
+FORMAT_VERSION = max(FORMAT_VERSIONS)
 
 
 class Status(enum.StrEnum):
@@ -43,7 +52,11 @@ NOTICE_BOUNCE = "bounce"
 NOTICE_DELAY = "delay"
 NOTICE_DOUBLE_BOUNCE = "2bounce"
 NOTICE_QUARANTINE = "quarantine"
-NOTICE_KINDS = (NOTICE_BOUNCE, NOTICE_DELAY, NOTICE_DOUBLE_BOUNCE, NOTICE_QUARANTINE)
+# A "relayed" delivery status notification (NOTIFY=SUCCESS and a next hop
+# without DSN); from format 2.
+NOTICE_RELAYED = "relayed"
+NOTICE_KINDS = (NOTICE_BOUNCE, NOTICE_DELAY, NOTICE_DOUBLE_BOUNCE, NOTICE_QUARANTINE,
+                NOTICE_RELAYED)
 
 # Delivery results kept per message for relayctl show.
 HISTORY_LIMIT = 50
@@ -93,6 +106,10 @@ class Recipient:
     # The next hop that gave the last result ("host[ip]:port"), for the
     # Remote-MTA field of a delivery status notification.
     relay: str | None = None
+    # RCPT's DSN parameters (relayd.dsn): the NOTIFY words (None: not
+    # given) and ORCPT exactly as received (addr-type;xtext).
+    notify: tuple[str, ...] | None = None
+    orcpt: str | None = None
 
     def toJSON(self) -> dict:
         return {
@@ -103,6 +120,8 @@ class Recipient:
             "reply": self.reply,
             "last_attempt": self.lastAttempt,
             "relay": self.relay,
+            **_present(notify=list(self.notify) if self.notify is not None else None,
+                       orcpt=self.orcpt),
         }
 
     @classmethod
@@ -121,6 +140,8 @@ class Recipient:
             reply=_optionalStr(data, "reply"),
             lastAttempt=_time(data, "last_attempt", optional=True),
             relay=_optionalStr(data, "relay"),
+            notify=_notify(data.get("notify")),
+            orcpt=_optionalStr(data, "orcpt"),
         )
 
 
@@ -155,6 +176,10 @@ class Envelope:
     # The latest delivery results, oldest first, at most HISTORY_LIMIT:
     # {"time", "recipient", "relay", "dsn", "status", "reply"} (relayctl show).
     history: list[dict] = field(default_factory=list)
+    # MAIL's DSN parameters (relayd.dsn): RET (FULL or HDRS) and ENVID as
+    # received (xtext); None when not given.
+    ret: str | None = None
+    envid: str | None = None
 
     def recordHistory(self, entry: dict) -> None:
         self.history.append(entry)
@@ -187,6 +212,7 @@ class Envelope:
             "warned": self.warned,
             "notice": self.notice,
             "history": self.history,
+            **_present(ret=self.ret, envid=self.envid),
         }
 
     @classmethod
@@ -199,7 +225,7 @@ class Envelope:
         if not isinstance(data, dict):
             raise ValueError("envelope is not a JSON object")
         version = data.get("version")
-        if isinstance(version, bool) or version != FORMAT_VERSION:
+        if isinstance(version, bool) or not isinstance(version, int) or version not in FORMAT_VERSIONS:
             raise ValueError(f"unsupported envelope version {_shown(version)}")
         if not isinstance(data["recipients"], list):
             raise ValueError("recipients is not a list")
@@ -227,7 +253,30 @@ class Envelope:
             warned=_flag(data, "warned"),
             notice=_notice(data.get("notice")),
             history=_history(data.get("history", [])),
+            ret=_ret(data.get("ret")),
+            envid=_optionalStr(data, "envid"),
         )
+
+
+def _ret(value) -> str | None:
+    if value is not None and value not in (dsn.RET_FULL, dsn.RET_HDRS):
+        raise ValueError(f"ret is {_shown(value)}, expected FULL, HDRS or null")
+    return value
+
+
+def _notify(value) -> tuple[str, ...] | None:
+    if value is None:
+        return None
+    if (not isinstance(value, list) or not value
+            or not all(isinstance(w, str) and (w == dsn.NEVER or w in dsn.NOTIFY_WORDS) for w in value)):
+        raise ValueError(f"notify is {_shown(value)}, expected a list of NEVER, SUCCESS, FAILURE, DELAY")
+    return tuple(value)
+
+
+def _present(**fields) -> dict:
+    # Optional fields are written only when set: most envelopes carry none,
+    # and each one is rewritten after every attempt.
+    return {key: value for key, value in fields.items() if value is not None}
 
 
 def _notice(value) -> str | None:

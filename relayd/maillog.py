@@ -248,6 +248,7 @@ _NOTICE_WORDS = {
     "delay": "sender delay notification",
     "2bounce": "postmaster non-delivery notification",
     "quarantine": "postmaster quarantine notification",
+    "relayed": "sender delivery status notification",
 }
 
 
@@ -262,8 +263,9 @@ def noticeDiscarded(queueId: str, reason: str) -> None:
           level=LogLevel.warn, reason=reason)
 
 
-def noticeFailed(queueId: str, reason: str) -> None:
-    _emit("bounce", queueId, f"warning: cannot queue notification, will retry: {printable(reason)}",
+def noticeFailed(queueId: str, reason: str, retried: bool = True) -> None:
+    retry = ", will retry" if retried else ""
+    _emit("bounce", queueId, f"warning: cannot queue notification{retry}: {printable(reason)}",
           level=LogLevel.warn, reason=reason)
 
 

@@ -73,6 +73,10 @@ NEED_MAIL = Reply(503, "5.5.1", "Error: need MAIL command")
 NEED_RCPT = Reply(503, "5.5.1", "Error: need RCPT command")
 UNKNOWN_PARAMETER = Reply(555, "5.5.4", "Unsupported option: {name}")
 BAD_PARAMETER_VALUE = Reply(501, "5.5.4", "Bad parameter value: {name}")
+# RFC 3461 section 4: each DSN parameter at most once per command (and so
+# every other parameter); answered as Postfix does, a syntax error.
+DUPLICATE_PARAMETER = Reply(501, "5.5.4", "Duplicate parameter: {name}")
+PARAMETER_TOO_LONG = Reply(501, "5.5.4", "Parameter value too long: {name}")
 NON_ASCII_ADDRESS = Reply(553, "5.6.7", "Must declare SMTPUTF8 to send unicode address")
 
 # Envelope

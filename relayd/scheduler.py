@@ -36,7 +36,7 @@ from twisted.application import service
 from twisted.internet import defer
 from twisted.logger import Logger
 
-from relayd import bounce, maillog, route
+from relayd import bounce, dsn, maillog, route
 from relayd.queue import MessageLanes, encodeEnvelope
 from relayd.delivery import AttemptResult, Destination, Transport
 from relayd.envelope import (
@@ -44,6 +44,7 @@ from relayd.envelope import (
     NOTICE_DELAY,
     NOTICE_DOUBLE_BOUNCE,
     NOTICE_QUARANTINE,
+    NOTICE_RELAYED,
     Envelope,
     Recipient,
     Status,
@@ -298,24 +299,34 @@ class Scheduler(service.Service):
         for r in pending:
             byAddress.setdefault(r.address, []).append(r)
         failed: list[tuple[Recipient, bounce.ReportLine]] = []
+        relayed: list[bounce.ReportLine] = []
+        # The DSN parameters go to the transport beside the others; it
+        # passes them on only to a next hop that advertises DSN.
+        mailParams = {**envelope.mailParams, **dsn.mailParameters(envelope.ret, envelope.envid)}
+        recipientParams = {}
+        for r in pending:
+            recipientParams.setdefault(r.address, dsn.rcptParameters(r.notify, r.orcpt))
         kept = self._takeBody(envelope.queueId)
         openBody = (InMemoryBody(kept) if kept is not None
                     else lambda: self.spool.openBody(envelope.queueId))
         for destination, addresses in groups.items():
             result: AttemptResult = yield self.transport.deliver(
-                destination, envelope.sender, envelope.mailParams, addresses,
+                destination, envelope.sender, mailParams, addresses,
                 openBody, envelope.size,
+                recipientParams=recipientParams,
             )
-            failed += self._record(envelope, byAddress, result, started)
+            failed += self._record(envelope, byAddress, result, started, relayed)
         envelope.attempts += 1
-        yield self._conclude(envelope, failed)
+        yield self._conclude(envelope, failed, relayed)
 
     @defer.inlineCallbacks
-    def _conclude(self, envelope: Envelope, failed: list):
+    def _conclude(self, envelope: Envelope, failed: list, relayed: Sequence = ()):
         """
         After an attempt: return the failures to the sender, expire the
-        message at the end of its lifetime, warn about the delay, then
-        remove it or schedule the next attempt.
+        message at the end of its lifetime, warn about the delay, tell of
+        the recipients ``relayed`` without DSN, then remove it or schedule
+        the next attempt. Each notice names only the recipients whose
+        NOTIFY asked for it (relayd.dsn).
         """
         queueId = envelope.queueId
         if self.envelopes.get(queueId) is not envelope:
@@ -330,7 +341,8 @@ class Scheduler(service.Service):
                     r, status=bounce.EXPIRED_STATUS, diagnostic=r.reply or "delivery time expired")))
         noticeFailed = False
         if failed:
-            queued = yield self._notify(envelope, NOTICE_BOUNCE, [s for _, s in failed])
+            wanted = [s for r, s in failed if dsn.wantsFailure(r.notify)]
+            queued = (yield self._notify(envelope, NOTICE_BOUNCE, wanted)) if wanted else True
             if not queued:
                 # Nothing is marked done before its notice is safe on disk.
                 for r, _ in failed:
@@ -339,9 +351,13 @@ class Scheduler(service.Service):
                 noticeFailed = True
         elif (queue.delayWarning is not None and not envelope.warned and envelope.pending()
               and now - envelope.arrival >= queue.delayWarning):
-            queued = yield self._notify(envelope, NOTICE_DELAY, [
-                bounce.statusFor(r) for r in envelope.pending()])
+            wanted = [bounce.statusFor(r) for r in envelope.pending() if dsn.wantsDelay(r.notify)]
+            queued = (yield self._notify(envelope, NOTICE_DELAY, wanted)) if wanted else True
             envelope.warned = queued
+        if relayed:
+            # The recipients are delivered whatever happens to this notice:
+            # one that cannot be written is logged, not retried.
+            yield self._notify(envelope, NOTICE_RELAYED, relayed, retried=False)
         if self.envelopes.get(queueId) is not envelope:
             return
         if expiring:
@@ -381,8 +397,12 @@ class Scheduler(service.Service):
         self._push(envelope)
 
     def _record(self, envelope: Envelope, byAddress, result: AttemptResult,
-                started: float) -> list[tuple[Recipient, bounce.ReportLine]]:
-        """Apply one transport's result; the recipients that failed permanently, for the bounce."""
+                started: float, relayed: list) -> list[tuple[Recipient, bounce.ReportLine]]:
+        """
+        Apply one transport's result; the recipients that failed permanently,
+        for the bounce. Adds to ``relayed`` the recipients delivered to a
+        next hop without DSN that asked for NOTIFY=SUCCESS.
+        """
         queueId = envelope.queueId
         for failure in result.localErrors:
             log.failure("delivery attempt of {queueId} failed locally", failure, queueId=queueId)
@@ -405,6 +425,10 @@ class Scheduler(service.Service):
                 recipient.state = outcome.status
                 if outcome.status is Status.BOUNCED:
                     failed.append((recipient, bounce.statusFor(recipient)))
+                elif (outcome.status is Status.SENT and not outcome.notifyPassedOn
+                      and dsn.wantsSuccess(recipient.notify)):
+                    relayed.append(bounce.statusFor(
+                        recipient, action=bounce.RELAYED_ACTION, diagnostic=outcome.text))
                 elif outcome.status is Status.DEFERRED:
                     envelope.lastError = outcome.text
             envelope.recordHistory({
@@ -446,17 +470,19 @@ class Scheduler(service.Service):
     # Notices
 
     @defer.inlineCallbacks
-    def _notify(self, envelope: Envelope, kind: str, statuses: Sequence[bounce.ReportLine]):
+    def _notify(self, envelope: Envelope, kind: str, statuses: Sequence[bounce.ReportLine],
+                retried: bool = True):
         """
         Queue the notice about ``envelope``: to its sender, or for mail from
         <> a double bounce to the postmaster. True once it is committed (or
-        when none is due), False if it could not be written.
+        when none is due), False if it could not be written (logged as to
+        be retried when ``retried``).
         """
         queueId = envelope.queueId
         to = envelope.sender
         if not to:
-            if kind == NOTICE_DELAY:
-                return True  # nobody to warn; and never a notice about a notice's delay
+            if kind in (NOTICE_DELAY, NOTICE_RELAYED):
+                return True  # nobody to tell; and never a notice about a notice's delay
             postmaster = self.settings.postmaster
             if envelope.notice in (NOTICE_DOUBLE_BOUNCE, NOTICE_QUARANTINE):
                 maillog.noticeDiscarded(queueId, "a notice to the postmaster is never returned")
@@ -471,7 +497,7 @@ class Scheduler(service.Service):
                 self._writeNotice, envelope, kind, to, list(statuses), self.clock.seconds())
         except Exception as e:
             reason = (e.strerror if isinstance(e, OSError) else None) or str(e) or type(e).__name__
-            maillog.noticeFailed(queueId, reason)
+            maillog.noticeFailed(queueId, reason, retried)
             return False
         maillog.noticeQueued(queueId, kind, notice.queueId)
         self.add(notice)
@@ -480,8 +506,13 @@ class Scheduler(service.Service):
     def _writeNotice(self, envelope: Envelope, kind: str, to: str, statuses, now: float) -> Envelope:
         """Blocking, in a thread: read the original, build the report, commit it."""
         queue = self.settings.queue
+        # RET=HDRS asks failures to return the header only; a success
+        # notice returns it only (RFC 3461 section 4.3).
+        headersOnly = kind == NOTICE_RELAYED or (
+            kind in (NOTICE_BOUNCE, NOTICE_DOUBLE_BOUNCE) and envelope.ret == dsn.RET_HDRS)
         original, whole = bounce.readOriginal(
-            lambda: self.spool.openBody(envelope.queueId), queue.bounceSizeLimit)
+            lambda: self.spool.openBody(envelope.queueId), queue.bounceSizeLimit,
+            headersOnly=headersOnly)
         content = bounce.report(
             kind, hostname=self.settings.hostname, envelope=envelope, to=to, statuses=statuses,
             original=original, originalWhole=whole, now=now, lifetime=queue.lifetime)

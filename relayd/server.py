@@ -34,7 +34,7 @@ from twisted.protocols.tls import TLSMemoryBIOProtocol
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from relayd import maillog, replies
+from relayd import dsn, maillog, replies
 from relayd.auth import (CheckAbandoned, ClientCredentials, FailureThrottle, IRelayClient,
                          MessageRate, PasswordTooLong, hasRoutingTricks)
 from relayd.config import DEFAULT_AUTH_FAILURE_LIMIT, DEFAULT_AUTH_FAILURE_WINDOW, Listener
@@ -48,6 +48,13 @@ log = Logger()
 
 # RFC 5321 §4.5.3.1.4: a command line is at most 512 octets with its CRLF.
 MAX_COMMAND_LINE = 512
+# Extensions lengthen MAIL and RCPT lines (RFC 5321 §4.5.3.1.4): DSN by
+# 100 octets for RET and ENVID, by 500 for NOTIFY and ORCPT (RFC 3461 §4).
+# The address and the parameter keywords still fit a line of 512, so a
+# reply that echoes one stays within MAX_REPLY.
+EXTENDED_LINE = {b"MAIL ": 100, b"RCPT ": 500}
+MAX_PATH = {"FROM": MAX_COMMAND_LINE - len("MAIL FROM:<>\r\n"),
+            "TO": MAX_COMMAND_LINE - len("RCPT TO:<>\r\n")}
 # An unterminated command line past this closes the session (bounded memory).
 MAX_UNTERMINATED = 4096
 # RFC 5322 §2.1.1: at most 998 characters before the CRLF.
@@ -116,7 +123,6 @@ MAX_SESSION_MEMORY_TLS = MAX_UNSENT_TLS + MAX_HELD_INPUT + MAX_DATA_HELD
 
 _HELO_NAME = re.compile(rb"[\x21-\x7e]{1,255}")
 _PARAM_KEYWORD = re.compile(r"[A-Za-z0-9][A-Za-z0-9-]*")
-_XTEXT = re.compile(r"(?:[\x21-\x2a\x2c-\x3c\x3e-\x7e]|\+[0-9A-F]{2})+")
 _ATOM = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
 _LOCAL = rf'(?:{_ATOM}(?:\.{_ATOM})*|"(?:[\x20\x21\x23-\x5b\x5d-\x7e]|\\[\x20-\x7e])*")'
 _HOSTNAME_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
@@ -212,6 +218,9 @@ def parsePath(text: str, keyword: str) -> tuple[str, dict[str, str | None]]:
     if end < 0:
         raise CommandSyntaxError(syntax)
     address = rest[1:end]
+    if len(address) > MAX_PATH[keyword]:
+        # As long as the line would be without extension parameters.
+        raise CommandSyntaxError(replies.LINE_TOO_LONG)
     if not address.isascii():
         raise CommandSyntaxError(replies.NON_ASCII_ADDRESS)
     if address and not _PATH_MAILBOX.fullmatch(address) and not (
@@ -220,8 +229,10 @@ def parsePath(text: str, keyword: str) -> tuple[str, dict[str, str | None]]:
     params: dict[str, str | None] = {}
     for token in rest[end + 1 :].split():
         key, eq, value = token.partition("=")
-        if not _PARAM_KEYWORD.fullmatch(key):
+        if not _PARAM_KEYWORD.fullmatch(key) or len(key) > MAX_PATH[keyword]:
             raise CommandSyntaxError(syntax)
+        if key.upper() in params:
+            raise CommandSyntaxError(replies.DUPLICATE_PARAMETER.format(name=key.upper()))
         params[key.upper()] = value if eq else None
     return address, params
 
@@ -234,6 +245,9 @@ class Transaction:
     sender: str
     mailParams: dict[str, str | None]
     recipients: list[Recipient] = field(default_factory=list)
+    # MAIL's DSN parameters (relayd.dsn), validated.
+    ret: str | None = None
+    envid: str | None = None
 
 
 @implementer(IHandshakeListener, IPushProducer)
@@ -649,7 +663,8 @@ class SubmissionServer(smtp.ESMTP):
             return self._nonSmtpCommand(raw, words[0])
         # An AUTH initial response may be longer than a command.
         isAuth = raw[:5].upper() == b"AUTH "
-        if len(raw) > (MAX_AUTH_LINE if isAuth else MAX_COMMAND_LINE):
+        limit = MAX_AUTH_LINE if isAuth else MAX_COMMAND_LINE + EXTENDED_LINE.get(raw[:5].upper(), 0)
+        if len(raw) > limit:
             return self._error(replies.AUTH_LINE_TOO_LONG if isAuth else replies.LINE_TOO_LONG)
         line = self._withoutLineEnding(raw)
         if line is None:
@@ -723,7 +738,7 @@ class SubmissionServer(smtp.ESMTP):
             lines.append("STARTTLS")
         if self._offersAUTH():
             lines.append("AUTH " + " ".join(SASL_MECHANISMS))
-        lines += ["8BITMIME", "ENHANCEDSTATUSCODES"]
+        lines += ["8BITMIME", "ENHANCEDSTATUSCODES", "DSN"]
         self.reply(Reply(250, None, "\n".join(lines)))
 
     def _offersSTARTTLS(self) -> bool:
@@ -748,6 +763,7 @@ class SubmissionServer(smtp.ESMTP):
         if problem is not None:
             return self._reject("MAIL", problem, sender=sender, recipient=None)
         params.pop("AUTH", None)
+        ret, envid = params.pop("RET", None), params.pop("ENVID", None)
         if not self.avatar.maySend(sender):
             return self._reject("MAIL", replies.SENDER_NOT_OWNED.format(address=sender),
                                 sender=sender, recipient=None)
@@ -755,7 +771,8 @@ class SubmissionServer(smtp.ESMTP):
             return self._reject("MAIL", replies.USER_RATE_EXCEEDED, sender=sender, recipient=None)
         if self.factory.lowOnSpace():
             return self._reject("MAIL", replies.INSUFFICIENT_STORAGE, sender=sender, recipient=None)
-        self.transaction = Transaction(queueId=newQueueId(), sender=sender, mailParams=params)
+        self.transaction = Transaction(queueId=newQueueId(), sender=sender, mailParams=params,
+                                       ret=ret, envid=envid)
         self.reply(replies.SENDER_OK)
 
     def _checkMailParams(self, params: dict[str, str | None]) -> Reply | None:
@@ -772,7 +789,17 @@ class SubmissionServer(smtp.ESMTP):
             elif key == "AUTH":
                 # RFC 4954 §5: accepted, and not trusted: relayd records its
                 # own AUTH identity and never passes a client's claim on.
-                if value is None or not (value == "<>" or _XTEXT.fullmatch(value)):
+                if value is None or not (value == "<>" or dsn.isXtext(value)):
+                    return replies.BAD_PARAMETER_VALUE.format(name=key)
+            elif key == "RET":
+                ret = dsn.parseRet(value)
+                if ret is None:
+                    return replies.BAD_PARAMETER_VALUE.format(name=key)
+                params[key] = ret
+            elif key == "ENVID":
+                if value is not None and len(value) > dsn.ENVID_LIMIT:
+                    return replies.PARAMETER_TOO_LONG.format(name=key)
+                if dsn.parseEnvid(value) is None:
                     return replies.BAD_PARAMETER_VALUE.format(name=key)
             else:
                 return replies.UNKNOWN_PARAMETER.format(name=key)
@@ -788,9 +815,9 @@ class SubmissionServer(smtp.ESMTP):
             return self._reject("RCPT", e.reply, sender=txn.sender, recipient=None)
         if not address:
             return self._reject("RCPT", replies.BAD_RECIPIENT_ADDRESS, sender=txn.sender, recipient="")
-        if params:
-            return self._reject("RCPT", replies.UNKNOWN_PARAMETER.format(name=next(iter(params))),
-                                sender=txn.sender, recipient=address)
+        problem, notify, orcpt = self._checkRcptParams(params)
+        if problem is not None:
+            return self._reject("RCPT", problem, sender=txn.sender, recipient=address)
         if isPostmaster(address, self.factory.hostname):
             # RFC 5321 section 4.5.1: accepted from anyone, for the configured address.
             postmaster = self.factory.config.postmaster
@@ -810,8 +837,27 @@ class SubmissionServer(smtp.ESMTP):
             # must not produce one.
             maillog.clientAccepted(txn.queueId, self.clientName, self.clientAddress,
                                    self.authMethod, self.authLogin)
-        txn.recipients.append(Recipient(address=address, params=params))
+        txn.recipients.append(Recipient(address=address, notify=notify, orcpt=orcpt))
         self.reply(replies.RECIPIENT_OK)
+
+    def _checkRcptParams(self, params: dict[str, str | None]
+                         ) -> tuple[Reply | None, tuple[str, ...] | None, str | None]:
+        """The reply to the first bad or unknown parameter, else None; NOTIFY's words; ORCPT."""
+        notify = orcpt = None
+        for key, value in params.items():
+            if key == "NOTIFY":
+                notify = dsn.parseNotify(value)
+                if notify is None:
+                    return replies.BAD_PARAMETER_VALUE.format(name=key), None, None
+            elif key == "ORCPT":
+                if value is not None and len(value) > dsn.ORCPT_LIMIT:
+                    return replies.PARAMETER_TOO_LONG.format(name=key), None, None
+                orcpt = dsn.parseOrcpt(value)
+                if orcpt is None:
+                    return replies.BAD_PARAMETER_VALUE.format(name=key), None, None
+            else:
+                return replies.UNKNOWN_PARAMETER.format(name=key), None, None
+        return None, notify, orcpt
 
     def _reject(self, stage: str, reply: Reply, sender: str | None, recipient: str | None,
                 queueId: str | None = None) -> None:
@@ -920,6 +966,8 @@ class SubmissionServer(smtp.ESMTP):
             clientName=self.clientName,
             helo=self.heloName or "",
             authIdentity=self.authLogin,
+            ret=txn.ret,
+            envid=txn.envid,
         )
         envelope.nextAttempt = envelope.arrival
         self._busy = True

@@ -27,7 +27,7 @@ from __future__ import annotations
 import base64
 import re
 from dataclasses import dataclass
-from typing import BinaryIO, Callable
+from typing import BinaryIO, Callable, Mapping, Sequence
 
 from twisted.internet import defer, error
 from twisted.internet.address import IPv4Address, IPv6Address
@@ -43,6 +43,7 @@ from twisted.protocols.basic import LineReceiver
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from relayd import dsn
 from relayd.config import DeliveryTimeouts
 from relayd.delivery import RecipientResult, TLSInfo, classify
 from relayd.envelope import Status
@@ -825,7 +826,26 @@ class OutboundSession(LineReceiver):
         body = paramValue(mailParams, "BODY")
         if body is not None and body.upper() == "8BITMIME" and "8BITMIME" in self.capabilities:
             params.append(b"BODY=8BITMIME")
-        return params
+        return params + self._dsnParameters(mailParams, dsn.MAIL_PARAMETERS)
+
+    def rcptParameters(self, rcptParams: Mapping[str, str] | None) -> list[bytes]:
+        """RCPT TO parameters the peer understands: NOTIFY and ORCPT if it speaks DSN."""
+        return self._dsnParameters(rcptParams, dsn.RCPT_PARAMETERS)
+
+    def _dsnParameters(self, params, names: Sequence[str]) -> list[bytes]:
+        # RFC 3461 section 5.2: passed on unchanged to a next hop that
+        # advertises DSN, dropped for one that does not (the scheduler then
+        # sends the "relayed" notice a SUCCESS request asks for).
+        if "DSN" not in self.capabilities:
+            return []
+        found = []
+        for name in names:
+            value = paramValue(params, name)
+            # Validated when the client sent them; a value that could
+            # split the command (read back from a damaged spool) is dropped.
+            if value and not any(c <= " " or c == "\x7f" for c in value):
+                found.append(f"{name}={value}".encode("utf-8"))
+        return found
 
     # -- a transaction -------------------------------------------------------
 
@@ -836,10 +856,12 @@ class OutboundSession(LineReceiver):
         recipients: Sequence[str],
         openBody: Callable[[], BinaryIO],
         size: int,
+        recipientParams: Mapping[str, Mapping[str, str]] | None = None,
     ) -> defer.Deferred:
         """
         Send one message; fires with a ``MessageOutcome`` (never errbacks for
         an SMTP or network outcome). May be called again once it fired.
+        ``recipientParams`` are each recipient's RCPT parameters, by address.
 
         Recipients refused with "too many recipients" (452 4.5.3) go out in
         another transaction on the same connection at once, as RFC 5321
@@ -847,16 +869,18 @@ class OutboundSession(LineReceiver):
         progress.
         """
         return defer.ensureDeferred(
-            self._transactions(sender, mailParams, list(recipients), openBody, size)
+            self._transactions(sender, mailParams, list(recipients), openBody, size,
+                               recipientParams or {})
         )
 
-    async def _transactions(self, sender, mailParams, recipients, openBody, size):
+    async def _transactions(self, sender, mailParams, recipients, openBody, size, recipientParams):
         indexes = list(range(len(recipients)))
         final: dict[int, RecipientResult] = {}
         mailAccepted = False
         while True:
             subset = [recipients[i] for i in indexes]
-            outcome = await self._transaction(sender, mailParams, subset, openBody, size)
+            outcome = await self._transaction(sender, mailParams, subset, openBody, size,
+                                              recipientParams)
             mailAccepted = mailAccepted or outcome.mailAccepted
             for j, r in enumerate(outcome.results):
                 final[indexes[j]] = r
@@ -868,7 +892,7 @@ class OutboundSession(LineReceiver):
                 )
             indexes = [indexes[j] for j in outcome.overflow]
 
-    async def _transaction(self, sender, mailParams, recipients, openBody, size):
+    async def _transaction(self, sender, mailParams, recipients, openBody, size, recipientParams):
         self.transactions += 1
         outcomes: dict[int, RecipientResult] = {}
         accepted: list[int] = []
@@ -916,7 +940,9 @@ class OutboundSession(LineReceiver):
             params = self.mailParameters(mailParams, size)
             if params:
                 mail += b" " + b" ".join(params)
-            rcpts = [b"RCPT TO:<" + recipients[i].encode("utf-8") + b">" for i in wanted]
+            rcpts = [b" ".join([b"RCPT TO:<" + recipients[i].encode("utf-8") + b">",
+                                *self.rcptParameters(recipientParams.get(recipients[i]))])
+                     for i in wanted]
             if "PIPELINING" in self.capabilities:
                 self._send(mail, *rcpts)
                 mailD = self._expect("mail", self.timeouts.mail)
@@ -1012,7 +1038,8 @@ class OutboundSession(LineReceiver):
             text = reply.text()
         else:
             text = self._saidText(reply, stage)
-        return RecipientResult(address, reply.code, reply.enhancedCode(), text, status)
+        return RecipientResult(address, reply.code, reply.enhancedCode(), text, status,
+                               notifyPassedOn=status is Status.SENT and "DSN" in self.capabilities)
 
     def _sendBody(self, openBody: Callable[[], BinaryIO]) -> defer.Deferred:
         producer = _BodyProducer(self, openBody, self.chunkSize, self._runInThread)

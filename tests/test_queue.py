@@ -753,3 +753,59 @@ def test_a_body_committed_in_one_piece_is_kept_for_the_first_delivery(spool):
     assert writer.body is None  # part of it is only on disk
     with spool.openBody(pieces.queueId) as f:
         assert f.read() == BODY + BODY
+
+# An envelope exactly as the first format (version 1, before DSN) wrote it.
+FORMAT_1_ENVELOPE = (
+    '{"version": 1, "queue_id": "0000000000000001", "sender": "alice@example.com", '
+    '"mail_params": {"BODY": "8BITMIME"}, "recipients": [{"address": "a@example.org", '
+    '"params": {}, "state": "sent", "dsn": "2.0.0", "reply": "250 ok", "last_attempt": '
+    '1700000100.0, "relay": "mx[192.0.2.1]:25"}, {"address": "b@example.org", "params": {}, '
+    '"state": "pending", "dsn": null, "reply": null, "last_attempt": null, "relay": null}], '
+    '"arrival": 1700000000.0, "size": 42, "client_address": "192.0.2.9", "client_name": '
+    '"laptop.example", "helo": "laptop", "auth_identity": "alice", "attempts": 1, '
+    '"next_attempt": 1700000300.0, "last_error": "451 later", "hold": false, "warned": true, '
+    '"notice": null, "history": [{"time": 1700000100.0, "recipient": "a@example.org", '
+    '"relay": "mx[192.0.2.1]:25", "dsn": "2.0.0", "status": "sent", "reply": "250 ok"}]}'
+)
+
+
+def test_a_format_1_spool_still_loads_without_dsn_requests(spool, tmp_path):
+    """A spool written before DSN recovers: no RET, ENVID, NOTIFY or ORCPT; rewritten as format 2."""
+    queueDir = tmp_path / "spool" / "queue"
+    (queueDir / "0000000000000001.eml").write_bytes(b"Subject: old\r\n\r\nbody\r\n")
+    (queueDir / "0000000000000001.env").write_text(FORMAT_1_ENVELOPE)
+    [envelope] = spool.recover()
+    assert (envelope.queueId, envelope.sender, envelope.attempts, envelope.warned) == (
+        "0000000000000001", "alice@example.com", 1, True)
+    assert [r.state for r in envelope.recipients] == [Status.SENT, Status.DEFERRED]
+    assert (envelope.ret, envelope.envid) == (None, None)
+    assert [(r.notify, r.orcpt) for r in envelope.recipients] == [(None, None), (None, None)]
+    spool.update(envelope)
+    rewritten = json.loads((queueDir / "0000000000000001.env").read_text())
+    assert rewritten == {**json.loads(FORMAT_1_ENVELOPE), "version": 2}
+
+
+def test_dsn_requests_survive_the_spool(spool):
+    envelope = makeEnvelope()
+    envelope.ret, envelope.envid = "HDRS", "QQ+2B314"
+    envelope.recipients[0].notify = ("SUCCESS", "DELAY")
+    envelope.recipients[0].orcpt = "rfc822;a+2Bb@example.org"
+    envelope.recipients[1].notify = ("NEVER",)
+    store(spool, envelope)
+    assert spool.load(envelope.queueId) == envelope
+    assert spool.recover() == [envelope]
+
+
+@pytest.mark.parametrize("path, value, reason", [
+    (("version",), 3, "unsupported envelope version 3"),
+    (("version",), 1.0, "unsupported envelope version 1.0"),
+    (("ret",), "ALL", "ret is 'ALL', expected FULL, HDRS or null"),
+    (("envid",), 7, "envid is 7, expected a string or null"),
+    (("recipients", 0, "notify"), "NEVER", "notify is 'NEVER', expected a list of NEVER"),
+    (("recipients", 0, "notify"), [], "notify is [], expected a list of NEVER"),
+    (("recipients", 0, "notify"), ["SOMETIMES"], "notify is ['SOMETIMES'], expected a list of NEVER"),
+    (("recipients", 0, "orcpt"), ["rfc822;a@b"], "orcpt is ['rfc822;a@b'], expected a string or null"),
+])
+def test_mistyped_dsn_field_quarantined_with_reason(spool, tmp_path, logged, path, value, reason):
+    test_corruptEnvelopeQuarantined(spool, tmp_path, logged, _withField(path, value),
+                                    f"quarantined: invalid envelope: {reason}")

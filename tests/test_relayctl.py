@@ -91,6 +91,26 @@ def test_show(setup):
     assert json.loads(out)["queue_id"] == "0000000000000001"
 
 
+def test_show_dsn_parameters(setup):
+    """RET and ENVID (decoded) per message, NOTIFY and ORCPT (decoded) per recipient."""
+    spool, configPath = setup
+    env = put(spool, "0000000000000001", rcpts=("bob@example.org", "carol@example.org"),
+              ret="HDRS", envid="batch+2B7")
+    env.recipients[0].notify = ("SUCCESS", "FAILURE")
+    env.recipients[0].orcpt = "rfc822;bob+2Bx@example.org"
+    spool.update(env)
+    status, out, err = run(configPath, "show", "0000000000000001")
+    assert status == 0 and err == ""
+    assert "DSN:          ret=HDRS, envid=batch+7\n" in out
+    assert ("  bob@example.org  pending  notify=SUCCESS,FAILURE  orcpt=rfc822;bob+x@example.org\n"
+            in out)
+    assert "  carol@example.org  pending\n" in out
+    shown = json.loads(run(configPath, "show", "0000000000000001", "--json")[1])
+    assert (shown["ret"], shown["envid"]) == ("HDRS", "batch+2B7")
+    assert shown["recipients"][0]["notify"] == ["SUCCESS", "FAILURE"]
+    assert shown["recipients"][0]["orcpt"] == "rfc822;bob+2Bx@example.org"
+
+
 def test_show_unknown_and_bad_id(setup):
     spool, configPath = setup
     assert run(configPath, "show", "0000000000000009") == (

@@ -119,7 +119,7 @@ class FakeCourier:
         self.noticeCalls = []
         self.scriptNotices = False
 
-    def deliver(self, hops, sender, mailParams, recipients, openBody, size):
+    def deliver(self, hops, sender, mailParams, recipients, openBody, size, recipientParams=None):
         if sender == "" and not self.scriptNotices:
             # Notices relayd writes itself are delivered at once unless a
             # test scripts them: they must not eat the original's script.
@@ -568,7 +568,7 @@ def test_attempt_that_breaks_backs_off_and_is_held_when_its_lifetime_ends(rigFac
     calls = []
 
     class Broken:
-        def deliver(self, destination, sender, mailParams, recipients, openBody, size):
+        def deliver(self, destination, sender, mailParams, recipients, openBody, size, recipientParams=None):
             calls.append(rig.clock.seconds())
             raise RuntimeError("a bug")
     rig.sched.transport = Broken()
@@ -683,7 +683,7 @@ class RecordingTransport:
         self.answer = answer
         self.calls = []
 
-    def deliver(self, destination, sender, mailParams, recipients, openBody, size):
+    def deliver(self, destination, sender, mailParams, recipients, openBody, size, recipientParams=None):
         self.calls.append((destination, tuple(recipients)))
         return defer.succeed(self.answer(tuple(recipients)))
 

@@ -49,7 +49,7 @@ from typing import TextIO
 from twisted.protocols import amp
 
 from relayd import config as configModule
-from relayd import control, scheduler
+from relayd import control, dsn, scheduler
 from relayd.cli.common import FAILED, OK, USAGE, OneLineParser, Refusal, UsageError
 from relayd.envelope import STORED_STATES, Envelope, Status, isQueueId
 from relayd.queue import BODY_SUFFIX, QUARANTINE, QUEUE, Spool, permissionFix
@@ -291,11 +291,18 @@ def _describe(e: Envelope, queue: str, directory: str, out: TextIO) -> None:
         rows.append(("Last error", e.lastError))
     if e.notice:
         rows.append(("Notice", f"{e.notice} (written by relayd)"))
+    if e.ret is not None or e.envid is not None:
+        # ENVID decoded from xtext, as a notice's Original-Envelope-Id shows it.
+        rows.append(("DSN", ", ".join(
+            ([f"ret={e.ret}"] if e.ret is not None else [])
+            + ([f"envid={dsn.originalEnvelopeId(e.envid)}"] if e.envid is not None else []))))
     for name, value in rows:
         out.write(f"{name + ':':<14}{value}\n")
     out.write("Recipients:\n")
     for r in e.recipients:
-        detail = f"  dsn={r.dsn}" if r.dsn else ""
+        detail = f"  notify={','.join(r.notify)}" if r.notify is not None else ""
+        detail += f"  orcpt={dsn.originalRecipient(r.orcpt)}" if r.orcpt is not None else ""
+        detail += f"  dsn={r.dsn}" if r.dsn else ""
         detail += f"  last attempt {_when(r.lastAttempt)}" if r.lastAttempt else ""
         detail += f"  ({r.reply})" if r.reply else ""
         out.write(f"  {r.address}  {STORED_STATES[r.state]}{detail}\n")

@@ -210,9 +210,10 @@ class Delivered:
 class Sink:
     """tests/integration/sink.py as a subprocess: records each message's DATA bytes."""
 
-    def __init__(self, directory: Path, port: int | None = None) -> None:
+    def __init__(self, directory: Path, port: int | None = None, dsn: bool = False) -> None:
         self.directory = directory
         self.port = port or freePort()
+        self.dsn = dsn  # advertise and accept DSN (RFC 3461)
         self.logPath = directory.with_name(directory.name + ".log")
         self.process: subprocess.Popen | None = None
         directory.mkdir(parents=True, exist_ok=True)
@@ -222,7 +223,7 @@ class Sink:
         log = open(self.logPath, "ab")
         self.process = subprocess.Popen(
             [sys.executable, str(SINK_SCRIPT), "--port", str(self.port),
-             "--directory", str(self.directory)],
+             "--directory", str(self.directory), *(["--dsn"] if self.dsn else [])],
             stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
             env=childEnvironment(),
         )

@@ -9,7 +9,12 @@ its envelope in ``<dir>/<n>.json`` beside it. Both are written to a
 temporary name and renamed, and the ``.json`` comes last, so a reader that
 sees ``<n>.json`` sees the whole message.
 
-Usage: python sink.py --port PORT --directory DIR [--host 127.0.0.1]
+Usage: python sink.py --port PORT --directory DIR [--host 127.0.0.1] [--dsn]
+
+With ``--dsn`` it advertises DSN (RFC 3461) and accepts its parameters;
+either way the ``.json`` holds the MAIL and RCPT arguments exactly as sent
+(``mail_command``, ``rcpt_commands``), as aiosmtpd's option lists are
+upper-cased.
 
 Numbering continues from the files already in DIR, so a restarted sink does
 not overwrite what an earlier one received. Stops cleanly on SIGTERM/SIGINT.
@@ -37,6 +42,27 @@ class RecordingSMTP(SMTP):
     """
 
     line_length_limit = 1 << 20
+    dsn = False
+
+    def _getparams(self, params):
+        # aiosmtpd refuses every parameter it does not know (555); the DSN
+        # ones are taken here, and recorded from the raw arguments below.
+        found = super()._getparams(params)
+        if self.dsn and found is not None:
+            for name in ("RET", "ENVID", "NOTIFY", "ORCPT"):
+                found.pop(name, None)
+        return found
+
+    async def smtp_MAIL(self, arg):
+        await super().smtp_MAIL(arg)
+        if self.envelope.mail_from is not None and not hasattr(self.envelope, "mail_command"):
+            self.envelope.mail_command = arg
+
+    async def smtp_RCPT(self, arg):
+        before = len(self.envelope.rcpt_tos)
+        await super().smtp_RCPT(arg)
+        if len(self.envelope.rcpt_tos) > before:
+            self.envelope.__dict__.setdefault("rcpt_commands", []).append(arg)
 
 
 class Recorder:
@@ -68,6 +94,8 @@ class Recorder:
             "mail_options": envelope.mail_options,
             "rcpt_tos": envelope.rcpt_tos,
             "rcpt_options": envelope.rcpt_options,
+            "mail_command": getattr(envelope, "mail_command", None),
+            "rcpt_commands": getattr(envelope, "rcpt_commands", []),
             "peer": list(session.peer) if session.peer else None,
             "helo": session.host_name,
             "received_at": time.time(),
@@ -77,9 +105,25 @@ class Recorder:
         return f"250 2.0.0 Ok: stored as {number}"
 
 
+class Advertiser:
+    """Adds DSN to the EHLO reply (aiosmtpd's handle_EHLO hook)."""
+
+    async def handle_EHLO(self, server, session, envelope, hostname, responses):
+        session.host_name = hostname
+        return responses[:-1] + ["250-DSN", responses[-1]]
+
+
+class DSNRecorder(Recorder, Advertiser):
+    pass
+
+
 class SinkController(Controller):
+    dsn = False
+
     def factory(self):
-        return RecordingSMTP(self.handler, **self.SMTP_kwargs)
+        server = RecordingSMTP(self.handler, **self.SMTP_kwargs)
+        server.dsn = self.dsn
+        return server
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -87,6 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--directory", required=True)
+    parser.add_argument("--dsn", action="store_true", help="advertise and accept DSN")
     args = parser.parse_args(argv)
 
     os.makedirs(args.directory, exist_ok=True)
@@ -95,12 +140,13 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGINT, lambda *_: stop.set())
 
     controller = SinkController(
-        Recorder(args.directory),
+        (DSNRecorder if args.dsn else Recorder)(args.directory),
         hostname=args.host,
         port=args.port,
         server_hostname="sink.test",
         ready_timeout=10.0,
     )
+    controller.dsn = args.dsn
     controller.start()
     print(f"sink: listening on {args.host}:{args.port}, writing to {args.directory}", flush=True)
     try:
