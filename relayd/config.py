@@ -23,6 +23,7 @@ import re
 from dataclasses import MISSING, dataclass, field, fields
 from typing import Any, Callable, ClassVar, Iterable, Union
 
+import idna
 import yaml
 from twisted.internet.endpoints import serverFromString
 from yaml.nodes import MappingNode, Node, SequenceNode
@@ -51,6 +52,8 @@ __all__ = [
     "isLoopbackEndpoint",
     "isProxyEndpoint",
     "warnings",
+    "DKIM",
+    "DKIMSelector",
 ]
 
 Network = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
@@ -562,6 +565,11 @@ def _isDNSName(value: str) -> bool:
     if not value or len(value) > 253:
         return False
     return all(_LABEL_RE.match(label) for label in value.split("."))
+
+
+def isDNSName(value: str) -> bool:
+    """Whether ``value`` is an ASCII DNS name (LDH labels, dots between them)."""
+    return isinstance(value, str) and _isDNSName(value)
 
 
 def _hostname(value: object, path: str) -> str:
@@ -1176,6 +1184,96 @@ def _nextHop(value: object, path: str, baseDirectory: str = "", inRoute: bool = 
     return hop
 
 
+
+# DKIM -------------------------------------------------------------------------
+
+DKIM_CANONICALIZATIONS = ("relaxed/relaxed", "relaxed/simple", "simple/relaxed", "simple/simple")
+# Signed where present (RFC 6376 section 5.4.1's list, less what changes in transit).
+DKIM_SIGNED_HEADERS = (
+    "From", "Sender", "Reply-To", "Subject", "Date", "Message-ID", "To", "Cc",
+    "MIME-Version", "Content-Type", "Content-Transfer-Encoding", "Content-ID",
+    "Content-Description", "Resent-Date", "Resent-From", "Resent-Sender", "Resent-To",
+    "Resent-Cc", "Resent-Message-ID", "In-Reply-To", "References", "List-Id",
+    "List-Help", "List-Unsubscribe", "List-Unsubscribe-Post", "List-Subscribe",
+    "List-Post", "List-Owner", "List-Archive",
+)
+# Signed once more than they appear, so that none can be added on the way.
+DKIM_OVERSIGNED_HEADERS = (
+    "From", "Subject", "Date", "To", "Cc", "Message-ID", "MIME-Version", "Content-Type",
+)
+# Fields a hop adds or changes (RFC 6376 section 5.4): a signature over them breaks.
+_DKIM_UNSIGNABLE = frozenset({"received", "return-path", "dkim-signature", "bcc", "resent-bcc",
+                              "comments", "keywords"})
+_HEADER_NAME_RE = re.compile(r"[!-9;-~]+\Z")
+
+
+def domainALabel(domain: str) -> str | None:
+    """
+    A domain as relayd compares it: lower-case A-labels (IDNA 2008, UTS 46
+    mapping), without a final dot; None when it is not a domain name.
+    """
+    text = domain.rstrip(".")
+    if text.isascii():
+        text = text.lower()
+        return text if _isDNSName(text) else None
+    try:
+        converted = idna.encode(text, uts46=True).decode("ascii").lower()
+    except (idna.IDNAError, UnicodeError, ValueError):
+        return None
+    return converted if _isDNSName(converted) else None
+
+
+def _dkimSelectors(value: object, path: str, baseDirectory: str) -> tuple["DKIMSelector", ...]:
+    items = _list(value, path, "a list of at least one {selector, key}", allowEmpty=False)
+    parsed = tuple(_parseSection(DKIMSelector, item, f"{path}[{i}]", baseDirectory)
+                   for i, item in enumerate(items))
+    seen: dict[str, int] = {}
+    for i, entry in enumerate(parsed):
+        if entry.selector in seen:
+            raise _Problem(f"{path}[{i}].selector",
+                           f"expected each selector once, got {_quote(entry.selector)} again "
+                           f"(also {path}[{seen[entry.selector]}])")
+        seen[entry.selector] = i
+    return parsed
+
+
+def _dkimDomains(value: object, path: str, baseDirectory: str) -> dict[str, tuple["DKIMSelector", ...]]:
+    if not isinstance(value, dict) or not value:
+        raise _expected(path, 'a mapping of From: domain to a list of {selector, key}', value)
+    domains: dict[str, tuple[DKIMSelector, ...]] = {}
+    for domain, selectors in value.items():
+        keyPath = _join(path, domain)
+        name = domainALabel(domain) if isinstance(domain, str) else None
+        if name is None:
+            raise _expected(keyPath, 'a domain like "example.com"', domain)
+        if name in domains:
+            raise _Problem(keyPath, f"expected each domain once, got {_quote(domain)} again "
+                           f"(as {name})")
+        domains[name] = _dkimSelectors(selectors, keyPath, baseDirectory)
+    return domains
+
+
+def _dkimSelector(value: object, path: str) -> str:
+    if not isinstance(value, str) or not _isDNSName(value):
+        raise _expected(path, 'a selector like "2026a" (letters, digits, "-", dots between labels)',
+                        value)
+    return value.lower()
+
+
+def _headerNames(value: object, path: str) -> tuple[str, ...]:
+    items = _list(value, path, "a list of header field names", allowEmpty=True)
+    names: list[str] = []
+    for i, item in enumerate(items):
+        if not isinstance(item, str) or not _HEADER_NAME_RE.match(item):
+            raise _expected(f"{path}[{i}]", 'a header field name like "Subject"', item)
+        if item.lower() in _DKIM_UNSIGNABLE:
+            raise _Problem(f"{path}[{i}]", f"expected a field a signature may cover, got "
+                           f"{_quote(item)} (it is added or changed on the way)")
+        if item.lower() not in (n.lower() for n in names):
+            names.append(item)
+    return tuple(names)
+
+
 # --------------------------------------------------------------------------
 # Configuration objects
 
@@ -1439,6 +1537,44 @@ class Delivery(_Schema):
 
 
 @dataclass(frozen=True)
+class DKIMSelector(_Schema):
+    """One signing key of a From: domain: published as SELECTOR._domainkey.DOMAIN."""
+
+    what: ClassVar[str] = "a mapping with selector and key"
+
+    selector: str = setting("selector", _dkimSelector, expected='a selector like "2026a"')
+    # RSA (2048 bits or more) or Ed25519, PEM; read at start and on reload.
+    key: str = pathSetting("key", expected="the private key file (relayd dkim keygen writes one)")
+
+
+@dataclass(frozen=True)
+class DKIM(_Schema):
+    """
+    Signing: From: domain (lower-case A-labels) -> its selectors, each of
+    which adds a DKIM-Signature; the fields and canonicalization apply to all.
+    """
+
+    domains: dict[str, tuple[DKIMSelector, ...]] = setting(
+        "domains", _dkimDomains, withBase=True, items=DKIMSelector,
+        expected="a mapping of From: domain to a list of {selector, key}")
+    canonicalization: str = setting("canonicalization", _choice(DKIM_CANONICALIZATIONS),
+                                    "relaxed/relaxed")
+    headers: tuple[str, ...] = setting("headers", _headerNames, DKIM_SIGNED_HEADERS, show=list)
+    oversign: tuple[str, ...] = setting("oversign", _headerNames, DKIM_OVERSIGNED_HEADERS,
+                                        show=list)
+
+    def check(self, section: _Section) -> None:
+        if "from" not in {n.lower() for n in self.headers + self.oversign}:
+            raise _Problem(section.at("headers"), "expected a list that includes From (a "
+                           "signature must cover it, RFC 6376 section 5.4), got none")
+
+    def keyFiles(self) -> list[tuple[str, str, str, str]]:
+        """(key path, domain, selector, file) of every key, in the config's order."""
+        return [(f"dkim.domains.{domain}[{i}].key", domain, entry.selector, entry.key)
+                for domain, entries in self.domains.items() for i, entry in enumerate(entries)]
+
+
+@dataclass(frozen=True)
 class Config(_Schema):
     what: ClassVar[str] = "a mapping of settings"
 
@@ -1457,6 +1593,9 @@ class Config(_Schema):
         unset="double bounces and quarantine notices are logged and dropped; "
               "RCPT TO:<postmaster> gets 550 5.1.1")
     delivery: Delivery = setting("delivery", section=Delivery)
+    # DKIM signing; None: mail leaves unsigned.
+    dkim: DKIM | None = setting("dkim", None, None, section=DKIM, optional=True,
+                                unset="mail leaves unsigned")
     metrics: None = setting("metrics", None, None, compare=False,
                             notSupported=("section", "metrics come later"))
     shutdownGrace: float = duration("shutdown_grace", 0, 30.0)

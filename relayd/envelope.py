@@ -24,6 +24,7 @@ from relayd import dsn
 FORMAT_VERSIONS = {
     1: "the first format",
     2: "DSN (RFC 3461): ret and envid; per recipient notify and orcpt",
+    3: "DKIM: the DKIM-Signature fields stored before the first delivery attempt",
 }
 FORMAT_VERSION = max(FORMAT_VERSIONS)
 
@@ -180,6 +181,10 @@ class Envelope:
     # received (xtext); None when not given.
     ret: str | None = None
     envid: str | None = None
+    # The DKIM-Signature fields (CRLF lines) sent before the message, set
+    # once before its first delivery attempt (relayd.dkim): "" means
+    # unsigned, None not decided yet.
+    dkim: str | None = None
 
     def recordHistory(self, entry: dict) -> None:
         self.history.append(entry)
@@ -212,7 +217,7 @@ class Envelope:
             "warned": self.warned,
             "notice": self.notice,
             "history": self.history,
-            **_present(ret=self.ret, envid=self.envid),
+            **_present(ret=self.ret, envid=self.envid, dkim=self.dkim),
         }
 
     @classmethod
@@ -255,7 +260,14 @@ class Envelope:
             history=_history(data.get("history", [])),
             ret=_ret(data.get("ret")),
             envid=_optionalStr(data, "envid"),
+            dkim=_dkim(data.get("dkim")),
         )
+
+
+def _dkim(value) -> str | None:
+    if value is not None and not (isinstance(value, str) and value.isascii()):
+        raise ValueError(f"dkim is {_shown(value)}, expected ASCII header fields or null")
+    return value
 
 
 def _ret(value) -> str | None:

@@ -37,6 +37,7 @@ from twisted.internet import defer
 from twisted.logger import Logger
 
 from relayd import bounce, dsn, maillog, route
+from relayd.dkim import withSignature
 from relayd.queue import MessageLanes, encodeEnvelope
 from relayd.delivery import AttemptResult, Destination, Transport
 from relayd.envelope import (
@@ -123,6 +124,8 @@ class Scheduler(service.Service):
     (writing a notice) off the reactor thread and returns a Deferred; tests
     run it inline. ``lanes`` runs a message's envelope writes and removal
     in those threads, in order (by default over ``runInThread``).
+    ``signer`` (relayd.dkim.Signer) signs a message before its first
+    delivery attempt; None: nothing is signed.
 
     The admin requests that write (hold, release, delete, requeue) return
     Deferreds; the others answer at once.
@@ -133,8 +136,9 @@ class Scheduler(service.Service):
     def __init__(self, spool, transport: Transport, settings, clock,
                  random: Callable[[], float] = _random.random,
                  runInThread: Callable[..., defer.Deferred] | None = None,
-                 lanes: MessageLanes | None = None):
+                 lanes: MessageLanes | None = None, signer=None):
         self.spool = spool
+        self.signer = signer
         self.transport = transport
         self.settings = settings
         self.clock = clock
@@ -307,12 +311,26 @@ class Scheduler(service.Service):
         for r in pending:
             recipientParams.setdefault(r.address, dsn.rcptParameters(r.notify, r.orcpt))
         kept = self._takeBody(envelope.queueId)
-        openBody = (InMemoryBody(kept) if kept is not None
-                    else lambda: self.spool.openBody(envelope.queueId))
+        if kept is not None:
+            openBody = InMemoryBody(kept)
+        else:
+            def openBody():
+                return self.spool.openBody(envelope.queueId)
+
+        if envelope.dkim is None and self.signer is not None:
+            # Signed once; stored before the first byte goes out, so every
+            # attempt sends the same signature, whatever keys come later.
+            signed = yield self.signer.sign(envelope, openBody)
+            if signed:
+                try:
+                    yield self._writeEnvelope(envelope)
+                except OSError as e:
+                    maillog.queueFileFailed(envelope.queueId, "update", e.strerror or str(e))
+        openMessage = withSignature(envelope.dkim, openBody)
+        size = envelope.size + len(envelope.dkim or "")
         for destination, addresses in groups.items():
             result: AttemptResult = yield self.transport.deliver(
-                destination, envelope.sender, mailParams, addresses,
-                openBody, envelope.size,
+                destination, envelope.sender, mailParams, addresses, openMessage, size,
                 recipientParams=recipientParams,
             )
             failed += self._record(envelope, byAddress, result, started, relayed)

@@ -38,6 +38,7 @@ from relayd.auth import (
     PasswordFile, PasswordFileChecker, PasswordFileError, Realm, Verifier, warnPasswordFile,
 )
 from relayd.courier import Courier
+from relayd.dkim import KeyProblem, Signer, keyProblems
 from relayd.proxy import ProxyFactory
 from relayd.queue import MessageLanes, Spool, ownershipProblem, permissionFix, spoolProblems
 from relayd.resolve import HOSTS_FILE, ClientNames, ConfiguredResolver
@@ -107,6 +108,10 @@ stopSignals = StopSignals()
 #                                    connection kept for reuse, three DNS
 #                                    queries (MX, A, AAAA: a UDP socket each)
 FILES_BASE = 64
+
+# Processes that sign DKIM (started at the first message to sign): each
+# holds one signature at a time, one per core up to four.
+DKIM_WORKERS = max(1, min(4, os.cpu_count() or 1))
 FILES_PER_CONNECTION = 3
 FILES_PER_DELIVERY = 6
 
@@ -231,7 +236,7 @@ class RelayService(service.MultiService):
     """
 
     def __init__(self, config, reactor, spool, pool, scheduler, factory, listeners,
-                 reloadable, courier=None, passwords=None, authPool=None):
+                 reloadable, courier=None, passwords=None, authPool=None, signer=None):
         super().__init__()
         self.config = config
         self.reactor = reactor
@@ -250,6 +255,8 @@ class RelayService(service.MultiService):
         # of their own, so DNS lookups never wait behind bcrypt).
         self.passwords = passwords
         self.authPool = authPool
+        # DKIM's worker processes end with the daemon.
+        self.signer = signer
         self.scheduler.setServiceParent(self)
         for listener in listeners:
             listener.setServiceParent(self)
@@ -380,6 +387,8 @@ class RelayService(service.MultiService):
         self.pool.stop()
         if self.authPool is not None:
             self.authPool.stop()
+        if self.signer is not None:
+            self.signer.stop()
         maillog.daemonEvent("daemon stopped")
 
 
@@ -426,8 +435,16 @@ def makeService(options, reactor=None) -> RelayService:
 
     # A message's writes, commit, updates and removal, in order, in those threads.
     lanes = MessageLanes(runInThread)
+    # DKIM keys are read now (a bad one stops the start) and on reload;
+    # messages are signed in worker processes (relayd.dkim says why).
+    try:
+        signer = Signer(config, runInThread, workers=DKIM_WORKERS,
+                        callFromThread=lambda f, *args: reactor.callFromThread(f, *args))
+    except KeyProblem as e:
+        fail(str(e))
     # Notices (bounces) are written and fsynced in the spool's threads too.
-    scheduler = Scheduler(spool, courier, config, reactor, runInThread=runInThread, lanes=lanes)
+    scheduler = Scheduler(spool, courier, config, reactor, runInThread=runInThread,
+                          lanes=lanes, signer=signer)
 
     def commit(writer, envelope):
         # fsync never runs on the reactor thread; after the body's last piece.
@@ -456,10 +473,10 @@ def makeService(options, reactor=None) -> RelayService:
     # listeners, the spool and its control socket) are in none of them.
     reloadable = [factory, scheduler, tls, passwords, verifier,
                   credPortal.realm if credPortal is not None else None,
-                  resolver, clientNames, courier]
+                  resolver, clientNames, courier, signer]
     relay = RelayService(config, reactor, spool, pool, scheduler, factory, listeners,
                   [c for c in reloadable if c is not None], courier=courier,
-                  passwords=passwords, authPool=authPool)
+                  passwords=passwords, authPool=authPool, signer=signer)
     if passwords is not None:
         # A file edited while running is re-read by itself, in a verification
         # thread: the same warnings as at start, from the reactor thread.
@@ -505,6 +522,7 @@ def startupProblems(config) -> list[str]:
             PasswordFile(config.auth.passwordFile).load()
         except PasswordFileError as e:
             problems.append(f"auth.password_file {e}")
+    problems.extend(keyProblems(config))
     problems.extend(f"queue.directory {p}" for p in spoolProblems(config.queue.directory))
     return problems
 

@@ -5,15 +5,16 @@ delivery can be tested end to end: relayd's resolver is pointed at it with
 
 The zone is JSON: ``{name: answer}`` where answer is
 
-- ``{"MX": [[preference, host], ...], "A": [...], "AAAA": [...], "PTR": [host, ...]}``
-  (any of them; a missing type is an empty NOERROR answer; ``[[0, ""]]``
+- ``{"MX": [[preference, host], ...], "A": [...], "AAAA": [...], "PTR": [host, ...],
+  "TXT": [text, ...]}`` (any of them; a TXT text longer than 255 bytes is
+  sent as several strings of one record, as zone files split DKIM keys; a missing type is an empty NOERROR answer; ``[[0, ""]]``
   is a null MX; PTR under a reverse name like ``4.2.0.192.in-addr.arpa``);
 - ``"SERVFAIL"``: every query for the name fails with SERVFAIL;
 - ``"TIMEOUT"``: queries for the name are never answered.
 
 Any other name is NXDOMAIN.
 
-Usage: python tests/dnsserver.py --port PORT --zone JSON   (UDP, 127.0.0.1)
+Usage: python tests/dnsserver.py --port PORT --zone JSON [--interface 127.0.0.1]   (UDP)
 """
 
 from __future__ import annotations
@@ -54,6 +55,11 @@ class ZoneResolver(common.ResolverBase):
         if type in (dns.PTR, dns.ALL_RECORDS):
             for host in entry.get("PTR", []):
                 answers.append(dns.RRHeader(name, dns.PTR, payload=dns.Record_PTR(host.encode()), ttl=60))
+        if type in (dns.TXT, dns.ALL_RECORDS):
+            for text in entry.get("TXT", []):
+                data = text.encode()
+                strings = [data[i:i + 255] for i in range(0, len(data), 255)] or [b""]
+                answers.append(dns.RRHeader(name, dns.TXT, payload=dns.Record_TXT(*strings), ttl=60))
         return defer.succeed((answers, [], []))
 
 
@@ -70,11 +76,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--zone", required=True)
+    parser.add_argument("--interface", default="127.0.0.1")
     args = parser.parse_args(argv)
     from twisted.internet import reactor
 
-    listen(reactor, json.loads(args.zone), args.port)
-    print(f"dnsserver: listening on 127.0.0.1:{args.port}/udp", flush=True)
+    listen(reactor, json.loads(args.zone), args.port, args.interface)
+    print(f"dnsserver: listening on {args.interface}:{args.port}/udp", flush=True)
     reactor.run()
     return 0
 

@@ -585,7 +585,9 @@ def test_check_config_usage(args: tuple[str, ...]) -> None:
     assert result.returncode == 2
     assert result.stderr.count("\n") == 1
     assert result.stderr.startswith("relayd: ")
-    assert result.stderr.endswith("usage: relayd check-config [--user USER] FILE\n")
+    assert "; usage: relayd check-config [--user USER] FILE | relayd dkim keygen " in result.stderr
+    assert result.stderr.endswith(" | relayd dkim check [--config FILE] [--selector SELECTOR] "
+                                  "DOMAIN\n")
 
 def test_warns_about_password_entries_that_can_never_log_in(tmp_path: Path) -> None:
     passwd = tmp_path / "passwd"

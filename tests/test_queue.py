@@ -12,7 +12,7 @@ import pytest
 from twisted.logger import formatEvent, globalLogPublisher
 
 from relayd import queue
-from relayd.envelope import Envelope, Recipient, Status, newQueueId
+from relayd.envelope import FORMAT_VERSION, Envelope, Recipient, Status, newQueueId
 from relayd.queue import Spool
 
 BODY = b"Received: from x\r\nSubject: hi\r\n\r\n" + b"line with \xe9 8bit\r\n.dot\r\n" * 500
@@ -770,7 +770,7 @@ FORMAT_1_ENVELOPE = (
 
 
 def test_a_format_1_spool_still_loads_without_dsn_requests(spool, tmp_path):
-    """A spool written before DSN recovers: no RET, ENVID, NOTIFY or ORCPT; rewritten as format 2."""
+    """A spool written before DSN recovers: no RET, ENVID, NOTIFY or ORCPT; rewritten in the current format."""
     queueDir = tmp_path / "spool" / "queue"
     (queueDir / "0000000000000001.eml").write_bytes(b"Subject: old\r\n\r\nbody\r\n")
     (queueDir / "0000000000000001.env").write_text(FORMAT_1_ENVELOPE)
@@ -782,7 +782,7 @@ def test_a_format_1_spool_still_loads_without_dsn_requests(spool, tmp_path):
     assert [(r.notify, r.orcpt) for r in envelope.recipients] == [(None, None), (None, None)]
     spool.update(envelope)
     rewritten = json.loads((queueDir / "0000000000000001.env").read_text())
-    assert rewritten == {**json.loads(FORMAT_1_ENVELOPE), "version": 2}
+    assert rewritten == {**json.loads(FORMAT_1_ENVELOPE), "version": FORMAT_VERSION}
 
 
 def test_dsn_requests_survive_the_spool(spool):
@@ -797,10 +797,11 @@ def test_dsn_requests_survive_the_spool(spool):
 
 
 @pytest.mark.parametrize("path, value, reason", [
-    (("version",), 3, "unsupported envelope version 3"),
+    (("version",), 99, "unsupported envelope version 99"),
     (("version",), 1.0, "unsupported envelope version 1.0"),
     (("ret",), "ALL", "ret is 'ALL', expected FULL, HDRS or null"),
     (("envid",), 7, "envid is 7, expected a string or null"),
+    (("dkim",), 5, "dkim is 5, expected ASCII header fields or null"),
     (("recipients", 0, "notify"), "NEVER", "notify is 'NEVER', expected a list of NEVER"),
     (("recipients", 0, "notify"), [], "notify is [], expected a list of NEVER"),
     (("recipients", 0, "notify"), ["SOMETIMES"], "notify is ['SOMETIMES'], expected a list of NEVER"),

@@ -61,7 +61,7 @@ ALLOWED_TWISTED_PRIVATE_NAMES = {
     "_exitSignal",
 }
 # Private-looking names that are public API outside Twisted.
-PUBLIC_ELSEWHERE = {"_exit"}  # os._exit
+PUBLIC_ELSEWHERE = {"_exit", "_domainkey"}  # os._exit; DKIM key records (SELECTOR._domainkey.DOMAIN)
 
 _PRIVATE_ACCESS = re.compile(
     r"(?P<owner>[A-Za-z_]\w*|\))\.(?P<attribute>_[a-zA-Z]\w*)"

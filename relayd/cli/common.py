@@ -7,6 +7,9 @@ from __future__ import annotations
 
 import argparse
 
+# The config file relayctl and relayd dkim read unless told otherwise ($RELAYD_CONFIG, --config).
+DEFAULT_CONFIG = "/etc/relayd/relayd.yaml"
+
 # Exit statuses.
 OK = 0
 FAILED = 1

@@ -20,6 +20,7 @@ from typing import Callable, Sequence, TextIO
 import relayd
 from relayd import config, tap
 from relayd.auth import parsePasswordFile, sendersWithoutLogin, skippedLines, unusableEntries
+from relayd.cli import dkim as dkimCommand
 from relayd.cli.common import FAILED, OK, USAGE, OneLineParser, Refusal, UsageError
 
 PROG = "relayd"
@@ -167,6 +168,14 @@ _COMMANDS: dict[
         "[--user USER] FILE",
         "validate a config file, open every file it names, print the effective configuration",
         _checkConfigArguments,
+    ),
+    "dkim": (
+        dkimCommand.run,
+        "keygen DOMAIN SELECTOR [--type rsa|ed25519] [--out DIR] | "
+        f"{PROG} dkim check [--config FILE] [--selector SELECTOR] DOMAIN",
+        "DKIM: write a new key and its DNS record (keygen); compare the published records "
+        "with the configured keys (check)",
+        dkimCommand.setup,
     ),
 }
 

@@ -50,12 +50,13 @@ from twisted.protocols import amp
 
 from relayd import config as configModule
 from relayd import control, dsn, scheduler
-from relayd.cli.common import FAILED, OK, USAGE, OneLineParser, Refusal, UsageError
+from relayd.cli.common import (
+    DEFAULT_CONFIG, FAILED, OK, USAGE, OneLineParser, Refusal, UsageError,
+)
 from relayd.envelope import STORED_STATES, Envelope, Status, isQueueId
 from relayd.queue import BODY_SUFFIX, QUARANTINE, QUEUE, Spool, permissionFix
 
 PROG = "relayctl"
-DEFAULT_CONFIG = "/etc/relayd/relayd.yaml"
 # How long to wait for the daemon: connect and answer (a local socket).
 TIMEOUT = 10.0
 
