@@ -34,7 +34,7 @@ from twisted.internet import defer
 from twisted.internet.threads import deferToThreadPool
 from zope.interface import Attribute, Interface, implementer
 
-from relayd import maillog
+from relayd import idn, maillog
 
 
 # The schemes relayd verifies. The first is what relayd-passwd writes.
@@ -489,9 +489,10 @@ def senderAllowed(sender: str, login: str, entries: tuple[str, ...] | None) -> b
         return True
     if hasRoutingTricks(sender) or not _LOGIN_MAILBOX.fullmatch(sender):
         return False
-    wanted = sender.lower()
+    # Domains compared as A-labels: the config holds them so.
+    wanted = idn.comparable(sender)
     if entries is None:
-        return _LOGIN_MAILBOX.fullmatch(login) is not None and login.lower() == wanted
+        return _LOGIN_MAILBOX.fullmatch(login) is not None and idn.comparable(login) == wanted
     domain = "@" + wanted.rpartition("@")[2].rstrip(".")
     for entry in entries:
         entry = entry.lower()

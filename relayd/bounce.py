@@ -12,14 +12,19 @@ message with Python's email package: a human-readable part, the
 ``message/rfc822`` up to ``queue.bounce_size_limit``, else its header as
 ``text/rfc822-headers``; the header only for RET=HDRS and in a "relayed"
 report). ENVID and ORCPT (relayd.dsn) become Original-Envelope-Id and
-Original-Recipient. ``writeNotice`` reads the original and commits the
-notice to the spool; it blocks and belongs in a thread.
+Original-Recipient. About a message that needed SMTPUTF8 it is an
+internationalised report (RFC 6533): ``global-delivery-status`` with
+``utf-8;`` addresses, and the original as ``message/global`` or
+``message/global-headers``, its UTF-8 as it was. ``writeNotice`` reads the
+original and commits the notice to the spool; it blocks and belongs in a
+thread.
 
 Nothing here decides *whether* to send a notice: that is the scheduler's.
 """
 
 from __future__ import annotations
 
+import email.charset
 import email.parser
 import email.policy
 import time
@@ -34,7 +39,7 @@ from email.utils import formatdate, make_msgid
 from io import BytesIO
 from typing import BinaryIO
 
-from relayd import dsn
+from relayd import dsn, idn
 from relayd.envelope import (
     NOTICE_BOUNCE,
     NOTICE_DELAY,
@@ -60,6 +65,11 @@ RELAYED_TEXT = "relayed to a next hop without DSN support"
 EXPIRED_STATUS = "4.4.7"
 ADMIN_BOUNCE_STATUS = "5.0.0"
 ADMIN_BOUNCE_TEXT = "delivery cancelled by the administrator"
+
+# UTF-8 text parts of a report as they are (8bit), not base64: a report
+# that holds UTF-8 already goes only where 8-bit content does.
+_UTF8_8BIT = email.charset.Charset("utf-8")
+_UTF8_8BIT.body_encoding = None
 
 # Longest header block looked for when the original is too big to return whole.
 MAX_RETURNED_HEADER_BLOCK = 1024 * 1024
@@ -125,8 +135,37 @@ def _field(text: str) -> str:
     return "".join(c if " " <= c <= "~" else " " for c in text).strip()
 
 
+def _raw(text: str) -> str:
+    """
+    UTF-8 text as the email package writes it out unchanged, byte for byte
+    (surrogate-escaped), rather than as RFC 2047 encoded words, which an
+    address or a delivery-status field must never be.
+    """
+    return text.encode("utf-8").decode("ascii", "surrogateescape")
+
+
+def _asciiAddress(address: str) -> str:
+    """An address for an ASCII report: its domain in A-labels where it has U-labels."""
+    return idn.asciiAddress(address) or address
+
+
+# RFC 6533 section 3: what utf-8-addr-unitext takes as it is; any other
+# character is written \x{HEX}.
+def _unitext(address: str) -> str:
+    return "".join(
+        c if not c.isascii() or ("\x21" <= c <= "\x7e" and c not in "+=\\") else f"\\x{{{ord(c):X}}}"
+        for c in address)
+
+
+def _typedAddress(address: str, international: bool) -> str:
+    """An address field's value: ``rfc822;`` in A-labels, or RFC 6533's ``utf-8;`` in a global report."""
+    if international and not address.isascii():
+        return _raw(f"utf-8; {_unitext(address)}")
+    return f"rfc822; {_asciiAddress(address)}"
+
+
 def _humanText(kind: str, hostname: str, statuses: Sequence[ReportLine],
-               lifetime: float | None) -> str:
+               lifetime: float | None, international: bool = False) -> str:
     lines = [f"This is the mail system at host {hostname}.", ""]
     if kind == NOTICE_DELAY:
         lines += [
@@ -158,7 +197,8 @@ def _humanText(kind: str, hostname: str, statuses: Sequence[ReportLine],
     lines += ["", "The mail system", ""]
     for s in statuses:
         reason = _field(s.diagnostic) if s.diagnostic else s.status
-        lines.append(f"<{s.address}>: {reason}")
+        address = s.address if international else _asciiAddress(s.address)
+        lines.append(f"<{address}>: {reason}")
     return "\n".join(lines) + "\n"
 
 
@@ -171,22 +211,23 @@ def _days(seconds: float) -> str:
 
 def _statusPart(hostname: str, envelope: Envelope, statuses: Sequence[ReportLine],
                 lifetime: float | None) -> Message:
+    international = envelope.smtputf8
     part = Message(policy=_OUTPUT_POLICY)
-    part.set_type("message/delivery-status")
+    part.set_type("message/global-delivery-status" if international else "message/delivery-status")
     del part["MIME-Version"]
     perMessage = Message(policy=_OUTPUT_POLICY)
     if envelope.envid is not None:
         perMessage["Original-Envelope-Id"] = _field(dsn.originalEnvelopeId(envelope.envid))
     perMessage["Reporting-MTA"] = f"dns; {hostname}"
     perMessage["X-Relayd-Queue-ID"] = envelope.queueId
-    perMessage["X-Relayd-Sender"] = f"rfc822; {envelope.sender}"
+    perMessage["X-Relayd-Sender"] = _typedAddress(envelope.sender, international)
     perMessage["Arrival-Date"] = formatdate(envelope.arrival, localtime=True)
     blocks = [perMessage]
     for s in statuses:
         block = Message(policy=_OUTPUT_POLICY)
         if s.orcpt is not None:
             block["Original-Recipient"] = _field(dsn.originalRecipient(s.orcpt))
-        block["Final-Recipient"] = f"rfc822; {s.address}"
+        block["Final-Recipient"] = _typedAddress(s.address, international)
         block["Action"] = s.action
         block["Status"] = s.status
         mta = _mtaName(s.remoteMta)
@@ -203,11 +244,30 @@ def _statusPart(hostname: str, envelope: Envelope, statuses: Sequence[ReportLine
         if s.action == DELAYED_ACTION and lifetime:
             block["Will-Retry-Until"] = formatdate(envelope.arrival + lifetime, localtime=True)
         blocks.append(block)
-    part.set_payload(blocks)
+    if not international:
+        part.set_payload(blocks)
+        return part
+    if not (envelope.sender.isascii() and all(s.address.isascii() for s in statuses)):
+        part["Content-Transfer-Encoding"] = "8bit"
+    # The email package writes a message/* part other than
+    # message/delivery-status as one message: here the first block is its
+    # header and the recipients' blocks its body, which is the same text.
+    perRecipient = b"".join(_bytes(block) for block in blocks[1:])
+    perMessage.set_payload(perRecipient[:-2].decode("ascii", "surrogateescape"))
+    part.set_payload([perMessage])
     return part
 
 
-def _originalPart(original: bytes, whole: bool) -> Message:
+def _originalPart(original: bytes, whole: bool, international: bool = False) -> Message:
+    if international:
+        # RFC 6532 section 3.7, RFC 6533 section 6.3: the original as it
+        # was, UTF-8 header fields included.
+        parsed = email.parser.BytesParser(policy=_INPUT_POLICY).parsebytes(original)
+        part = MIMEMessage(parsed, "global" if whole else "global-headers")
+        if not original.isascii():
+            part["Content-Transfer-Encoding"] = "8bit"
+        del part["MIME-Version"]
+        return part
     if whole:
         parsed = email.parser.BytesParser(policy=_INPUT_POLICY).parsebytes(original)
         part = MIMEMessage(parsed)
@@ -222,7 +282,7 @@ def _headers(message: Message, kind: str, hostname: str, to: str, now: float,
              autoSubmitted: str) -> None:
     """The header fields every notice carries, in this order."""
     message["From"] = f"MAILER-DAEMON@{hostname} (Mail Delivery System)"
-    message["To"] = f"<{to}>"
+    message["To"] = _raw(f"<{_asciiAddress(to)}>")
     message["Subject"] = _SUBJECTS[kind]
     message["Date"] = formatdate(now, localtime=True)
     message["Message-ID"] = make_msgid(domain=hostname)
@@ -243,17 +303,21 @@ def report(kind: str, *, hostname: str, envelope: Envelope, to: str,
     The notice about ``envelope`` for ``to`` as CRLF bytes, ready for the
     spool: a ``multipart/report; report-type=delivery-status`` message.
     """
-    message = MIMEMultipart("report", report_type="delivery-status", policy=_OUTPUT_POLICY)
+    international = envelope.smtputf8
+    message = MIMEMultipart(
+        "report", report_type="global-delivery-status" if international else "delivery-status",
+        policy=_OUTPUT_POLICY)
     _headers(message, kind, hostname, to, now, "auto-replied")
     message.preamble = "This is a MIME-encapsulated message."
-    human = MIMEText(_humanText(kind, hostname, statuses, lifetime), "plain", "us-ascii")
+    text = _humanText(kind, hostname, statuses, lifetime, international)
+    human = MIMEText(text, "plain", "us-ascii" if text.isascii() else _UTF8_8BIT)
     human["Content-Description"] = "Notification"
     del human["MIME-Version"]
     message.attach(human)
     status = _statusPart(hostname, envelope, statuses, lifetime)
     status["Content-Description"] = "Delivery report"
     message.attach(status)
-    originalPart = _originalPart(original, originalWhole)
+    originalPart = _originalPart(original, originalWhole, international)
     if kind == NOTICE_RELAYED:
         originalPart["Content-Description"] = "Relayed Message Headers"
     else:
@@ -297,7 +361,11 @@ def readOriginal(openBody: Callable[[], BinaryIO], limit: int,
 
 
 def noticeEnvelope(kind: str, to: str, hostname: str, size: int, now: float) -> Envelope:
-    """The envelope of a new notice: from <>, to one address, due now."""
+    """
+    The envelope of a new notice: from <>, to one address, due now. It
+    needs SMTPUTF8 when that address has a UTF-8 local part; its own header
+    fields are ASCII otherwise (the To: domain in A-labels).
+    """
     return Envelope(
         queueId=newQueueId(now),
         sender="",
@@ -309,6 +377,7 @@ def noticeEnvelope(kind: str, to: str, hostname: str, size: int, now: float) -> 
         helo=hostname,
         nextAttempt=now,
         notice=kind,
+        smtputf8=idn.hasUtf8LocalPart(to),
     )
 
 

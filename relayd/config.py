@@ -23,10 +23,11 @@ import re
 from dataclasses import MISSING, dataclass, field, fields
 from typing import Any, Callable, ClassVar, Iterable, Union
 
-import idna
 import yaml
 from twisted.internet.endpoints import serverFromString
 from yaml.nodes import MappingNode, Node, SequenceNode
+
+from relayd import idn
 
 __all__ = [
     "ConfigError",
@@ -567,6 +568,24 @@ def _isDNSName(value: str) -> bool:
     return all(_LABEL_RE.match(label) for label in value.split("."))
 
 
+def _domainName(value: object, path: str, expected: str, written: str | None = None) -> str:
+    """
+    A DNS name written in ASCII (kept as written) or with U-labels (turned
+    into A-labels, IDNA2008): what is looked up and compared is A-labels.
+    An invalid U- or A-label is refused with the idna package's reason;
+    ``written`` is the whole value as the error shows it, when ``value`` is
+    only its domain.
+    """
+    if not isinstance(value, str) or not value:
+        raise _expected(path, expected, value)
+    try:
+        name = idn.toAscii(value)
+    except idn.IDNError as e:
+        raise _Problem(path, f"expected {expected}, got {_quote(written or value)}, which is not a valid "
+                             f"international domain name (IDNA2008: {e})") from None
+    if not _isDNSName(name):
+        raise _expected(path, expected, value)
+    return value if value.isascii() else name
 def isDNSName(value: str) -> bool:
     """Whether ``value`` is an ASCII DNS name (LDH labels, dots between them)."""
     return isinstance(value, str) and _isDNSName(value)
@@ -582,14 +601,13 @@ def _hostname(value: object, path: str) -> str:
 
 
 def _host(value: object, path: str) -> str:
+    expected = 'a host name or IP address like "smtp.example.net"'
     if isinstance(value, str):
-        if _isDNSName(value):
-            return value
         try:
             return str(ipaddress.ip_address(value))
         except ValueError:
             pass
-    raise _expected(path, 'a host name or IP address like "smtp.example.net"', value)
+    return _domainName(value, path, expected)
 
 
 def _string(value: object, path: str) -> str:
@@ -827,11 +845,11 @@ def _address(value: object, path: str) -> str:
     if not isinstance(value, str):
         raise _expected(path, expected, value)
     local, at, domain = value.rpartition("@")
-    if not at or not local or not _isDNSName(domain) or not local.isascii() or any(
+    if not at or not local or not local.isascii() or any(
         c.isspace() or c in '<>()[]\\,;:"' or not c.isprintable() for c in local
     ):
         raise _expected(path, expected, value)
-    return value
+    return f"{local}@{_domainName(domain, path, expected, written=value)}"
 
 
 def _server(value: object, path: str) -> tuple[str, int]:
@@ -1078,12 +1096,12 @@ _SENDER_ENTRY_EXAMPLE = 'an address like "alice@example.com" or a domain like "@
 
 def _senderEntry(value: object, path: str) -> str:
     if isinstance(value, str) and value.startswith("@"):
-        if not _isDNSName(value[1:]):
-            raise _expected(path, _SENDER_ENTRY_EXAMPLE, value)
-        return value.lower()
+        return "@" + _domainName(value[1:], path, _SENDER_ENTRY_EXAMPLE, written=value).lower()
     try:
         return _address(value, path)
-    except _Problem:
+    except _Problem as e:
+        if "IDNA2008" in e.message:
+            raise
         raise _expected(path, _SENDER_ENTRY_EXAMPLE, value) from None
 
 
@@ -1114,12 +1132,18 @@ def _routes(value: object, path: str, baseDirectory: str) -> dict[str, tuple[Nex
     if not isinstance(value, dict):
         raise _expected(path, 'a mapping of recipient domain (or "*") to a list of next hops', value)
     routes: dict[str, tuple[NextHop, ...]] = {}
-    for domain, hops in value.items():
-        keyPath = _join(path, domain)
-        if not isinstance(domain, str) or not (domain == "*" or _isDNSName(domain)):
-            raise _expected(keyPath, 'a recipient domain like "example.org", or "*"', domain)
-        if domain.lower() in routes:
-            raise _Problem(keyPath, f"expected each domain once, got {_quote(domain)} again")
+    written: dict[str, str] = {}
+    for key, hops in value.items():
+        keyPath = _join(path, key)
+        expected = 'a recipient domain like "example.org", or "*"'
+        domain = key
+        if key != "*":
+            # Keyed by A-labels, as relayd.route looks recipient domains up.
+            domain = _domainName(key, keyPath, expected).lower()
+        if domain in routes:
+            same = "" if written[domain] == key else f" (the same domain as {_quote(written[domain])})"
+            raise _Problem(keyPath, f"expected each domain once, got {_quote(key)} again{same}")
+        written[domain] = key
         items = _list(hops, keyPath, "a list of at least one next hop", allowEmpty=False)
         parsed = tuple(
             _nextHop(item, f"{keyPath}[{i}]", baseDirectory, inRoute=True)
@@ -1127,7 +1151,7 @@ def _routes(value: object, path: str, baseDirectory: str) -> dict[str, tuple[Nex
         )
         if any(h.mx for h in parsed) and len(parsed) > 1:
             raise _Problem(keyPath, "expected an mx entry alone in its list, got it with other hops")
-        routes[domain.lower()] = parsed
+        routes[domain] = parsed
     return routes
 
 
@@ -1212,13 +1236,9 @@ def domainALabel(domain: str) -> str | None:
     A domain as relayd compares it: lower-case A-labels (IDNA 2008, UTS 46
     mapping), without a final dot; None when it is not a domain name.
     """
-    text = domain.rstrip(".")
-    if text.isascii():
-        text = text.lower()
-        return text if _isDNSName(text) else None
     try:
-        converted = idna.encode(text, uts46=True).decode("ascii").lower()
-    except (idna.IDNAError, UnicodeError, ValueError):
+        converted = idn.toAscii(domain.rstrip("."))
+    except idn.IDNError:
         return None
     return converted if _isDNSName(converted) else None
 
@@ -1536,6 +1556,25 @@ class Delivery(_Schema):
         return found
 
 
+# Where the Prometheus page listens when the metrics section gives no endpoint.
+DEFAULT_METRICS_ENDPOINT = "tcp:9125:interface=127.0.0.1"
+
+
+def _metricsEndpoint(value: object, path: str) -> str:
+    value = _endpoint(value, path)
+    if _splitEndpoint(value)[0] == "haproxy":
+        raise _Problem(path, f"expected an endpoint like {_quote(DEFAULT_METRICS_ENDPOINT)}, got "
+                       f"{_quote(value)} (the PROXY protocol is for SMTP listeners)")
+    return value
+
+
+@dataclass(frozen=True)
+class Metrics(_Schema):
+    """The Prometheus /metrics page (plain HTTP; keep it on loopback or a private network)."""
+
+    endpoint: str = setting("endpoint", _metricsEndpoint, DEFAULT_METRICS_ENDPOINT)
+
+
 @dataclass(frozen=True)
 class DKIMSelector(_Schema):
     """One signing key of a From: domain: published as SELECTOR._domainkey.DOMAIN."""
@@ -1596,8 +1635,9 @@ class Config(_Schema):
     # DKIM signing; None: mail leaves unsigned.
     dkim: DKIM | None = setting("dkim", None, None, section=DKIM, optional=True,
                                 unset="mail leaves unsigned")
-    metrics: None = setting("metrics", None, None, compare=False,
-                            notSupported=("section", "metrics come later"))
+    # None: no metrics page.
+    metrics: Metrics | None = setting("metrics", None, None, section=Metrics, optional=True,
+                                      unset="no Prometheus page")
     shutdownGrace: float = duration("shutdown_grace", 0, 30.0)
 
     def check(self, section: _Section) -> None:

@@ -22,7 +22,9 @@ piece of an answer is bounded so that no answer can outgrow one AMP value
 (``answerBound`` states the arithmetic; a test checks it on the wire).
 
 Beside the queue, the channel shows and lifts the AUTH failure throttle's
-blocks (relayctl blocked / unblock): they live only in the daemon.
+blocks (relayctl blocked / unblock): they live only in the daemon. And it
+reloads the configuration (relayctl reload), answering only once the
+reload is done, with its outcome: what systemd's ExecReload= needs.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ import errno
 import ipaddress
 import os
 import socket
+import time
 
 from twisted.application import service
 from twisted.internet import defer, endpoints, protocol
@@ -157,6 +160,31 @@ class QuarantineRestore(_PerMessage):
     commandName = b"quarantine-restore"
 
 
+class Reload(amp.Command):
+    """Re-read the configuration and apply it; the answer says whether it was applied, and why not."""
+
+    commandName = b"reload"
+    arguments = []
+    response = [(b"ok", amp.Boolean()), (b"message", amp.Unicode())]
+
+
+# The longest Stall: a test's bound, not a tuning knob.
+MAX_STALL = 30.0
+
+
+class Stall(amp.Command):
+    """
+    For tests only (the daemon answers it only when started with
+    RELAYD_TEST_HOOKS=1): keep the reactor thread busy for ``seconds``, as a
+    hung file system would, to show that the watchdog notices.
+    """
+
+    commandName = b"test-stall"
+    arguments = [(b"seconds", amp.Float())]
+    response = []
+    errors = {ValueError: b"NOT_ENABLED"}
+
+
 NOT_A_QUEUE_ID = "not a queue id"
 UNKNOWN = "no such message in the queue"
 # What flush and requeue of the whole queue count as done.
@@ -189,10 +217,14 @@ def _checkCount(ids) -> None:
 
 
 class ControlProtocol(amp.AMP):
-    def __init__(self, scheduler, throttle=None) -> None:
+    def __init__(self, scheduler, throttle=None, reload=None, stall=None) -> None:
         super().__init__()
         self.scheduler = scheduler
         self.throttle = throttle  # relayd.auth.FailureThrottle
+        # () -> (applied, what was logged): the daemon's reload.
+        self.reload = reload
+        # seconds -> None, blocking the reactor thread; None unless testing.
+        self.stall = stall
 
     # AMP logs every connection and disconnection; the mail log gets one
     # line per admin action instead (from the scheduler).
@@ -321,6 +353,20 @@ class ControlProtocol(amp.AMP):
                 outcomes.append(_entry(queueId, True, outcome))
         return {"outcomes": outcomes}
 
+    @Reload.responder
+    def reloadConfiguration(self):
+        if self.reload is None:
+            return {"ok": False, "message": "this daemon cannot reload over the control socket"}
+        ok, message = self.reload()
+        return {"ok": ok, "message": message}
+
+    @Stall.responder
+    def stallReactor(self, seconds):
+        if self.stall is None:
+            raise ValueError("test hooks are not enabled in this daemon")
+        self.stall(min(max(0.0, seconds), MAX_STALL))
+        return {}
+
     @DaemonStatus.responder
     def status(self):
         return {"version": relayd.__version__, "messages": self.scheduler.queueLength(),
@@ -330,12 +376,19 @@ class ControlProtocol(amp.AMP):
 class ControlFactory(protocol.Factory):
     noisy = False
 
-    def __init__(self, scheduler, throttle=None) -> None:
+    def __init__(self, scheduler, throttle=None, reload=None, stall=None) -> None:
         self.scheduler = scheduler
         self.throttle = throttle
+        self.reload = reload
+        self.stall = stall
 
     def buildProtocol(self, addr) -> ControlProtocol:
-        return ControlProtocol(self.scheduler, self.throttle)
+        return ControlProtocol(self.scheduler, self.throttle, self.reload, self.stall)
+
+
+def stallForTests(seconds: float) -> None:
+    """What Stall does when enabled: the reactor thread waits (nothing else may)."""
+    time.sleep(seconds)
 
 
 def _inUse(path: str) -> bool:
@@ -360,11 +413,14 @@ class ControlService(service.Service):
 
     name = "control"
 
-    def __init__(self, path: str, scheduler, reactor, throttle=None) -> None:
+    def __init__(self, path: str, scheduler, reactor, throttle=None, reload=None,
+                 stall=None) -> None:
         self.path = path
         self.scheduler = scheduler
         self.reactor = reactor
         self.throttle = throttle
+        self.reload = reload
+        self.stall = stall
         self.port = None
 
     def startService(self) -> None:
@@ -384,7 +440,8 @@ class ControlService(service.Service):
             return
         endpoint = endpoints.UNIXServerEndpoint(self.reactor, path, mode=0o600, wantPID=False)
         result: list = []
-        endpoint.listen(ControlFactory(self.scheduler, self.throttle)).addBoth(result.append)
+        endpoint.listen(ControlFactory(self.scheduler, self.throttle, self.reload, self.stall)).addBoth(
+            result.append)
         outcome = result[0] if result else None
         if outcome is None or isinstance(outcome, Failure):
             reason = outcome.getErrorMessage() if isinstance(outcome, Failure) else "did not listen at once"

@@ -121,6 +121,8 @@ class _Message:
     openBody: Callable[[], BinaryIO]
     size: int
     recipientParams: Mapping[str, Mapping[str, str]] | None = None
+    # Needs SMTPUTF8 (RFC 6531): only for a next hop that offers it.
+    smtputf8: bool = False
     _eightBit: bool | None = None
     # For the scheduler's log: the TLS sessions this attempt opened,
     # (relay, TLSInfo), and the bugs its sessions met.
@@ -227,10 +229,12 @@ class Courier:
         openBody: Callable[[], BinaryIO],
         size: int,
         recipientParams: Mapping[str, Mapping[str, str]] | None = None,
+        smtputf8: bool = False,
     ) -> defer.Deferred[AttemptResult]:
         started = self._reactor.seconds()
         recipients = list(recipients)
-        message = _Message(sender, mailParams, recipients, openBody, size, recipientParams)
+        message = _Message(sender, mailParams, recipients, openBody, size, recipientParams,
+                           smtputf8=smtputf8)
         d = defer.ensureDeferred(self._deliver(list(destination.hops), message, started))
 
         def localFailure(failure: Failure) -> AttemptResult:
@@ -461,7 +465,8 @@ class Courier:
         transactionStarted = seconds()
         outcome = await session.sendMessage(message.sender, message.mailParams, recipients,
                                             message.openBody, message.size,
-                                            recipientParams=message.recipientParams)
+                                            recipientParams=message.recipientParams,
+                                            smtputf8=message.smtputf8)
         if reused and not outcome.mailAccepted:
             # The idle connection may have been closed (or timed out) by the
             # peer meanwhile: the answer counts only from a fresh one.
@@ -479,6 +484,11 @@ class Courier:
         Why this message must not be sent to this peer at all (a bounce), or
         None. Raises ``OSError`` when the body had to be read and cannot be.
         """
+        if message.smtputf8 and "SMTPUTF8" not in session.capabilities:
+            # RFC 6531 section 3.2: a UTF-8 local part or header cannot be
+            # downgraded; Postfix's words.
+            return (553, "5.6.7",
+                    f"SMTPUTF8 is required, but was not offered by host {session.peerName}")
         size = message.size
         limit = session.sizeLimit()
         if limit is not None and size > limit:

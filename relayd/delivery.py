@@ -34,6 +34,15 @@ class Destination:
 
     hops: tuple[NextHop, ...]
 
+    @property
+    def name(self) -> str:
+        """
+        The destination as metrics label it: ``mx`` for MX delivery (one
+        value whatever the recipient's domain, which a sender chooses), else
+        the configured host of its first next hop.
+        """
+        return "mx" if not self.hops or self.hops[0].mx else self.hops[0].host
+
 
 def classify(code: int) -> Status:
     """
@@ -102,7 +111,8 @@ class Transport(Protocol):
     What the scheduler calls to deliver; fires with an ``AttemptResult``,
     never fails. ``mailParams`` and ``recipientParams`` (by address) hold
     the DSN parameters too (relayd.dsn): a transport passes them on only
-    to a next hop that takes them.
+    to a next hop that takes them. ``smtputf8``: the message needs SMTPUTF8
+    (the envelope's flag), so a next hop without it must not get it.
     """
 
     def deliver(
@@ -114,4 +124,5 @@ class Transport(Protocol):
         openBody: Callable[[], BinaryIO],
         size: int,
         recipientParams: Mapping[str, Mapping[str, str]] | None = None,
+        smtputf8: bool = False,
     ) -> defer.Deferred[AttemptResult]: ...

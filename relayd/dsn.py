@@ -117,9 +117,18 @@ def originalRecipient(orcpt: str) -> str:
     """
     addressType, _, address = orcpt.partition(";")
     if addressType.lower() == "utf-8":
-        text = "".join(c if c.isascii() else f"\\x{{{ord(c):X}}}" for c in address)
-        return f"utf-8;{text}"
+        return asciiOrcpt(orcpt)
     return f"{addressType.lower()};{decodeXtext(address)}"
+
+
+def asciiOrcpt(orcpt: str) -> str:
+    """
+    ``orcpt`` with every non-ASCII character as ``\\x{HEX}``: RFC 6533's
+    utf-8-addr-xtext, the form for a next hop or a report without SMTPUTF8.
+    """
+    addressType, _, address = orcpt.partition(";")
+    text = "".join(c if c.isascii() else f"\\x{{{ord(c):X}}}" for c in address)
+    return f"{addressType.lower()};{text}"
 
 
 def originalEnvelopeId(envid: str) -> str:

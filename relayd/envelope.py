@@ -25,6 +25,7 @@ FORMAT_VERSIONS = {
     1: "the first format",
     2: "DSN (RFC 3461): ret and envid; per recipient notify and orcpt",
     3: "DKIM: the DKIM-Signature fields stored before the first delivery attempt",
+    4: "SMTPUTF8 (RFC 6531): smtputf8, the message needs it (written when true)",
 }
 FORMAT_VERSION = max(FORMAT_VERSIONS)
 
@@ -185,6 +186,9 @@ class Envelope:
     # once before its first delivery attempt (relayd.dkim): "" means
     # unsigned, None not decided yet.
     dkim: str | None = None
+    # The message needs SMTPUTF8 (RFC 6531): UTF-8 in a local part or in its
+    # header, so it goes only to a next hop that offers it.
+    smtputf8: bool = False
 
     def recordHistory(self, entry: dict) -> None:
         self.history.append(entry)
@@ -217,7 +221,8 @@ class Envelope:
             "warned": self.warned,
             "notice": self.notice,
             "history": self.history,
-            **_present(ret=self.ret, envid=self.envid, dkim=self.dkim),
+            **_present(ret=self.ret, envid=self.envid, dkim=self.dkim,
+                       smtputf8=self.smtputf8 or None),
         }
 
     @classmethod
@@ -261,6 +266,7 @@ class Envelope:
             ret=_ret(data.get("ret")),
             envid=_optionalStr(data, "envid"),
             dkim=_dkim(data.get("dkim")),
+            smtputf8=_flag(data, "smtputf8"),
         )
 
 

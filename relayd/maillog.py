@@ -8,6 +8,10 @@ go through twisted.logger with the service (``smtpd``, ``qmgr``, ``smtp``,
 fields flat on the event (``queue_id``, ``to``, ``status``, ...), so a JSON
 observer gets the same facts as the text line.
 
+Every event that relayd's metrics count (relayd.metrics) also carries its
+name as the field ``event`` (``connected``, ``delivery``, ...): the counters
+are fed from these very events, so the log and the metrics never disagree.
+
 Anything that came from a client or a peer goes through ``printable`` first:
 no log line can be forged by a CR, LF or control character in an address,
 a HELO name or a remote reply. Secrets are never passed here.
@@ -77,15 +81,19 @@ def _emit(service: str, queueId: str | None, text: str, level=LogLevel.info, **f
 # smtpd
 
 
-def connected(clientName: str, clientAddress: str) -> None:
+def connected(clientName: str, clientAddress: str, listener: str | None = None) -> None:
+    """``connect from host[ip]``; ``listener`` is the endpoint as configured (not logged in the text)."""
     _emit("smtpd", None, f"connect from {hostAddr(clientName, clientAddress)}",
-          client_name=clientName, client_address=clientAddress)
+          event="connected", client_name=clientName, client_address=clientAddress,
+          listener=listener)
 
 
-def disconnected(clientName: str, clientAddress: str, commands: str = "") -> None:
+def disconnected(clientName: str, clientAddress: str, commands: str = "",
+                 listener: str | None = None) -> None:
     tail = f" {commands}" if commands else ""
     _emit("smtpd", None, f"disconnect from {hostAddr(clientName, clientAddress)}{tail}",
-          client_name=clientName, client_address=clientAddress)
+          event="disconnected", client_name=clientName, client_address=clientAddress,
+          listener=listener)
 
 
 def clientAccepted(queueId: str, clientName: str, clientAddress: str,
@@ -109,7 +117,7 @@ def rejected(queueId: str | None, stage: str, clientName: str, clientAddress: st
     text += f" proto={proto}"
     if helo:
         text += f" helo=<{printable(helo)}>"
-    _emit("smtpd", queueId or NOQUEUE, text, stage=stage, client_name=clientName,
+    _emit("smtpd", queueId or NOQUEUE, text, event="rejected", stage=stage, client_name=clientName,
           client_address=clientAddress, reply=reply, sender=sender, recipient=recipient)
 
 
@@ -119,7 +127,16 @@ def saslFailed(clientName: str, clientAddress: str, method: str, reason: str,
     _emit("smtpd", None,
           f"warning: {hostAddr(clientName, clientAddress)}: SASL {printable(method)} authentication "
           f"failed: {printable(reason)}, sasl_username={printable(username)}",
-          level=LogLevel.warn, client_name=clientName, client_address=clientAddress,
+          level=LogLevel.warn, event="saslFailed", client_name=clientName,
+          client_address=clientAddress, sasl_method=method, sasl_username=username)
+
+
+def saslAccepted(clientName: str, clientAddress: str, method: str, username: str) -> None:
+    """``host[ip]: SASL PLAIN authentication succeeded, sasl_username=alice``: the counterpart of saslFailed."""
+    _emit("smtpd", None,
+          f"{hostAddr(clientName, clientAddress)}: SASL {printable(method)} authentication "
+          f"succeeded, sasl_username={printable(username)}",
+          event="saslAccepted", client_name=clientName, client_address=clientAddress,
           sasl_method=method, sasl_username=username)
 
 
@@ -154,6 +171,18 @@ def authBlocked(clientName: str, clientAddress: str, limit: int, window: float, 
           f"from {hostAddr(clientName, clientAddress)}; AUTH blocked until {when(until)}",
           level=LogLevel.warn, client_name=clientName, client_address=clientAddress,
           blocked_until=until)
+
+
+def tlsAccepted(clientName: str, clientAddress: str, protocol: str, cipher: str, bits: int) -> None:
+    """
+    ``Anonymous TLS connection established from host[ip]: TLSv1.3 with cipher X (256/256 bits)``,
+    Postfix's smtpd line (its smtpd_tls_loglevel 1) for a client's TLS session.
+    """
+    _emit("smtpd", None,
+          f"Anonymous TLS connection established from {hostAddr(clientName, clientAddress)}: "
+          f"{printable(protocol)} with cipher {printable(cipher)} ({bits}/{bits} bits)",
+          event="tlsAccepted", client_name=clientName, client_address=clientAddress,
+          tls_protocol=protocol, tls_cipher=cipher)
 
 
 def tlsHandshakeFailed(clientName: str, clientAddress: str, reason: str) -> None:
@@ -198,7 +227,7 @@ def proxyDropped(peerAddress: str, reason: str) -> None:
 
 def messageQueued(queueId: str, sender: str, size: int, nrcpt: int) -> None:
     _emit("qmgr", queueId, f"from=<{printable(sender)}>, size={size}, nrcpt={nrcpt} (queue active)",
-          sender=sender, size=size, nrcpt=nrcpt)
+          event="messageQueued", sender=sender, size=size, nrcpt=nrcpt)
 
 
 def removed(queueId: str) -> None:
@@ -207,7 +236,7 @@ def removed(queueId: str) -> None:
 
 def expired(queueId: str, sender: str) -> None:
     _emit("qmgr", queueId, f"from=<{printable(sender)}>, status=expired, returned to sender",
-          sender=sender, status="expired")
+          event="expired", sender=sender, status="expired")
 
 
 def quarantined(queueId: str, reason: str) -> None:
@@ -303,19 +332,21 @@ def clientUnblocked(clientAddress: str) -> None:
 
 def delivery(queueId: str, recipient: str, relay: str, delay: float,
              delays: tuple[float, float, float, float], dsn: str, status: str,
-             reply: str) -> None:
+             reply: str, route: str | None = None) -> None:
     """
     One recipient's result for one attempt:
     ``to=<b@x>, relay=host[ip]:port, delay=30, delays=0.01/0/30/0, dsn=4.4.1, status=deferred (reply)``.
-    ``status`` is ``sent``, ``deferred`` or ``bounced``.
+    ``status`` is ``sent``, ``deferred`` or ``bounced``; ``route`` names the
+    destination by configuration alone (``Destination.name``), never by a
+    recipient's domain.
     """
     text = (
         f"to=<{printable(recipient)}>, relay={printable(relay)}, delay={seconds(delay)}, "
         f"delays={'/'.join(seconds(d) for d in delays)}, dsn={dsn}, status={status} "
         f"({printable(reply)})"
     )
-    _emit("smtp", queueId, text, to=recipient, relay=relay, delay=delay,
-          dsn=dsn, status=status, reply=reply)
+    _emit("smtp", queueId, text, event="delivery", to=recipient, relay=relay, delay=delay,
+          dsn=dsn, status=status, reply=reply, route=route)
 
 
 def tlsConnection(relay: str, trust: str, protocol: str, cipher: str, bits: int) -> None:
@@ -325,7 +356,7 @@ def tlsConnection(relay: str, trust: str, protocol: str, cipher: str, bits: int)
     """
     text = (f"{trust} TLS connection established to {printable(relay)}: "
             f"{printable(protocol)} with cipher {printable(cipher)} ({bits}/{bits} bits)")
-    _emit("smtp", None, text, relay=relay, tls_trust=trust, tls_protocol=protocol,
+    _emit("smtp", None, text, event="tlsConnection", relay=relay, tls_trust=trust, tls_protocol=protocol,
           tls_cipher=cipher)
 
 

@@ -39,6 +39,8 @@ from twisted.internet import defer
 from twisted.internet.interfaces import IResolver
 from twisted.names import client, dns, error as dnsError
 
+from relayd import idn
+
 # Postfix's smtp_mx_address_limit.
 ADDRESS_LIMIT = 5
 
@@ -205,7 +207,8 @@ async def mailTargets(
     random: Callable[[list], None] = _random.shuffle,
 ) -> Targets | Unroutable:
     """The addresses to try for mail to ``domain``, in order, or why there are none."""
-    domain = domain.rstrip(".").lower()
+    # A-labels: Twisted would encode a U-label with Python's IDNA2003 codec.
+    domain = idn.toAsciiOrSame(domain.rstrip("."))
     if not domain:
         return Unroutable(True, 550, "5.1.2", "recipient address has no domain to deliver to")
     try:

@@ -6,7 +6,8 @@ Pure functions over the delivery configuration, so the scheduler can group a
 message's recipients by destination (one attempt per group) and the rules
 can be tested as a table. In order:
 
-1. ``delivery.routes[domain]`` (exact, lower-cased recipient domain);
+1. ``delivery.routes[domain]`` (exact; the recipient domain lower-cased
+   and in A-labels, as the config's keys are);
 2. ``delivery.routes["*"]``;
 3. ``delivery.smarthosts`` when there are any;
 4. the domain's MX hosts (a ``NextHop`` with ``mx``; the courier resolves it).
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 from typing import Iterable, Sequence
 
+from relayd import idn
 from relayd.config import DEFAULT_MX_PORT, DEFAULT_MX_TLS, Delivery, NextHop
 from relayd.delivery import Destination
 
@@ -35,12 +37,13 @@ def mxHop(domain: str, port: int = DEFAULT_MX_PORT, tls: str = DEFAULT_MX_TLS, v
 
 def recipientDomain(address: str) -> str:
     """
-    The domain part of an address, lower-cased (domains are case-insensitive;
-    local parts are not, so they are never touched). An address without ``@``
+    The domain part of an address, lower-cased and in A-labels (IDNA2008):
+    domains are case-insensitive and looked up in DNS as A-labels; local
+    parts are not, so they are never touched. An address without ``@``
     (e.g. ``postmaster``) has the empty domain.
     """
     _, at, domain = address.rpartition("@")
-    return domain.lower() if at else ""
+    return idn.toAsciiOrSame(domain) if at else ""
 
 
 def destinationOf(recipientDomain: str, delivery: Delivery) -> Destination:

@@ -331,9 +331,10 @@ class Scheduler(service.Service):
         for destination, addresses in groups.items():
             result: AttemptResult = yield self.transport.deliver(
                 destination, envelope.sender, mailParams, addresses, openMessage, size,
+                smtputf8=envelope.smtputf8,
                 recipientParams=recipientParams,
             )
-            failed += self._record(envelope, byAddress, result, started, relayed)
+            failed += self._record(envelope, byAddress, result, started, relayed, destination)
         envelope.attempts += 1
         yield self._conclude(envelope, failed, relayed)
 
@@ -415,7 +416,8 @@ class Scheduler(service.Service):
         self._push(envelope)
 
     def _record(self, envelope: Envelope, byAddress, result: AttemptResult,
-                started: float, relayed: list) -> list[tuple[Recipient, bounce.ReportLine]]:
+                started: float, relayed: list, destination: Destination | None = None,
+                ) -> list[tuple[Recipient, bounce.ReportLine]]:
         """
         Apply one transport's result; the recipients that failed permanently,
         for the bounce. Adds to ``relayed`` the recipients delivered to a
@@ -455,7 +457,8 @@ class Scheduler(service.Service):
             })
             maillog.delivery(queueId, outcome.address, result.relay,
                              now - envelope.arrival, delays, outcome.dsn,
-                             outcome.status.value, outcome.text)
+                             outcome.status.value, outcome.text,
+                             route=destination.name if destination is not None else None)
         return failed
 
     def _finished(self, _: object, queueId: str) -> None:

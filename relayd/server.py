@@ -34,7 +34,7 @@ from twisted.protocols.tls import TLSMemoryBIOProtocol
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from relayd import dsn, maillog, replies
+from relayd import dsn, idn, maillog, replies
 from relayd.auth import (CheckAbandoned, ClientCredentials, FailureThrottle, IRelayClient,
                          MessageRate, PasswordTooLong, hasRoutingTricks)
 from relayd.config import DEFAULT_AUTH_FAILURE_LIMIT, DEFAULT_AUTH_FAILURE_WINDOW, Listener
@@ -128,6 +128,12 @@ _LOCAL = rf'(?:{_ATOM}(?:\.{_ATOM})*|"(?:[\x20\x21\x23-\x5b\x5d-\x7e]|\\[\x20-\x
 _HOSTNAME_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
 _DOMAIN = rf"(?:{_HOSTNAME_LABEL}(?:\.{_HOSTNAME_LABEL})*\.?|\[[\x21-\x5a\x5e-\x7e]+\])"
 _PATH_MAILBOX = re.compile(rf"{_LOCAL}@{_DOMAIN}")
+# RFC 6531 section 3.3: with SMTPUTF8, atext and qtext also take any
+# non-ASCII character; the domain is then checked as its A-labels.
+_UTF8_ATOM = r"(?:[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]|[^\x00-\x7f])+"
+_UTF8_LOCAL = re.compile(
+    rf'{_UTF8_ATOM}(?:\.{_UTF8_ATOM})*|"(?:[\x20\x21\x23-\x5b\x5d-\x7e]|[^\x00-\x7f]|\\[\x20-\x7e])*"')
+_ASCII_DOMAIN = re.compile(_DOMAIN)
 _DIGITS = re.compile(r"[0-9]{1,20}")  # str.isdigit() also takes "²" and other scripts' digits
 _CONTROL_BYTES = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
 _HEADER_NAME = re.compile(rb"[\x21-\x39\x3b-\x7e]+:")
@@ -200,11 +206,12 @@ class AnonymousClient:
         return True
 
 
-def parsePath(text: str, keyword: str) -> tuple[str, dict[str, str | None]]:
+def parsePath(text: str, keyword: str, smtputf8: bool = False) -> tuple[str, dict[str, str | None]]:
     """
     Parse ``FROM:<addr> PARAM=value ...`` (or ``TO:``) into the address
-    without brackets and its parameters, upper-cased keywords.
-    Raises CommandSyntaxError with the reply to send.
+    without brackets and its parameters, upper-cased keywords. UTF-8 in the
+    address needs SMTPUTF8: on this MAIL, or (``smtputf8``) on the
+    transaction's. Raises CommandSyntaxError with the reply to send.
     """
     syntax = replies.SYNTAX_MAIL if keyword == "FROM" else replies.SYNTAX_RCPT
     badAddress = replies.BAD_SENDER_ADDRESS if keyword == "FROM" else replies.BAD_RECIPIENT_ADDRESS
@@ -222,8 +229,11 @@ def parsePath(text: str, keyword: str) -> tuple[str, dict[str, str | None]]:
         # As long as the line would be without extension parameters.
         raise CommandSyntaxError(replies.LINE_TOO_LONG)
     if not address.isascii():
-        raise CommandSyntaxError(replies.NON_ASCII_ADDRESS)
-    if address and not _PATH_MAILBOX.fullmatch(address) and not (
+        if not (smtputf8 or (keyword == "FROM" and _declaresSmtputf8(rest[end + 1:]))):
+            raise CommandSyntaxError(replies.NON_ASCII_ADDRESS)
+        if not isUtf8Mailbox(address):
+            raise CommandSyntaxError(badAddress)
+    elif address and not _PATH_MAILBOX.fullmatch(address) and not (
             keyword == "TO" and address.lower() == "postmaster"):
         raise CommandSyntaxError(badAddress)
     params: dict[str, str | None] = {}
@@ -237,6 +247,39 @@ def parsePath(text: str, keyword: str) -> tuple[str, dict[str, str | None]]:
     return address, params
 
 
+def _declaresSmtputf8(parameters: str) -> bool:
+    return any(token.partition("=")[0].upper() == "SMTPUTF8" for token in parameters.split())
+
+
+def isUtf8Mailbox(address: str) -> bool:
+    """
+    An RFC 6531 mailbox with UTF-8 in it: the extended local part grammar,
+    a domain IDNA2008 accepts (or an ASCII one), no control characters,
+    and RFC 5321's length limits counted in octets (a UTF-8 character takes
+    up to four: fewer characters than an ASCII address may have).
+    """
+    local, at, domain = address.rpartition("@")
+    if (not at or not _UTF8_LOCAL.fullmatch(local) or idn.hasRefusedCharacters(address)
+            or not idn.withinLengthLimits(address)):
+        return False
+    try:
+        asciiDomain = idn.toAscii(domain)
+    except idn.IDNError:
+        return domain.startswith("[") and _ASCII_DOMAIN.fullmatch(domain) is not None
+    return _ASCII_DOMAIN.fullmatch(asciiDomain) is not None
+
+
+def needsSmtputf8(sender: str, recipients, header: bytes | None) -> bool:
+    """
+    Whether a message of a transaction that declared SMTPUTF8 can only go to
+    a next hop that offers it: UTF-8 in a local part, or in the header
+    block (None: too big to hold, so it may have some). UTF-8 only in
+    domains is not enough: those are sent as A-labels.
+    """
+    return (header is None or not header.isascii() or idn.hasUtf8LocalPart(sender)
+            or any(idn.hasUtf8LocalPart(r.address) for r in recipients))
+
+
 @dataclass
 class Transaction:
     """One MAIL ... DATA transaction of a session."""
@@ -248,6 +291,8 @@ class Transaction:
     # MAIL's DSN parameters (relayd.dsn), validated.
     ret: str | None = None
     envid: str | None = None
+    # MAIL carried SMTPUTF8 (RFC 6531): UTF-8 addresses and headers allowed.
+    smtputf8: bool = False
 
 
 @implementer(IHandshakeListener, IPushProducer)
@@ -330,7 +375,7 @@ class SubmissionServer(smtp.ESMTP):
         refusal = self.factory.sessionStarted(self)
         if refusal is not None:
             # Refused at once, without a DNS lookup: a flood costs no queries.
-            maillog.connected(self.clientName, self.clientAddress)
+            maillog.connected(self.clientName, self.clientAddress, self.listener.endpoint)
             # On an implicit-TLS port the 421 waits for a handshake that a
             # silent client never starts; _close's timer aborts the
             # connection after CLOSE_GRACE. Waiting that little (rather than
@@ -363,7 +408,7 @@ class SubmissionServer(smtp.ESMTP):
             self.clientName = found.name
             if found.warning:
                 maillog.smtpdWarning(found.warning)
-        maillog.connected(self.clientName, self.clientAddress)
+        maillog.connected(self.clientName, self.clientAddress, self.listener.endpoint)
         if paused:
             self.transport.resumeProducing()
         if self._closing:  # the daemon began stopping meanwhile: 421 sent already
@@ -380,6 +425,9 @@ class SubmissionServer(smtp.ESMTP):
 
     def handshakeCompleted(self) -> None:
         self._handshaking = False
+        session = sessionDescription(self.transport)
+        if session is not None:
+            maillog.tlsAccepted(self.clientName, self.clientAddress, *session)
         self._registerProducer()
 
     # Backpressure: the session as its transport's producer
@@ -498,7 +546,7 @@ class SubmissionServer(smtp.ESMTP):
         if self._naming is not None:
             # Gone before its name was known: still one connect line per disconnect.
             self._naming = None
-            maillog.connected(self.clientName, self.clientAddress)
+            maillog.connected(self.clientName, self.clientAddress, self.listener.endpoint)
         if self._greeting is not None and self._greeting.active():
             self._greeting.cancel()
         if self._handshaking and reason is not None and reason.check(SSL.Error):
@@ -514,7 +562,7 @@ class SubmissionServer(smtp.ESMTP):
             self._discard(self._data.writer)
             self._data = None
         self.factory.sessionEnded(self)
-        maillog.disconnected(self.clientName, self.clientAddress)
+        maillog.disconnected(self.clientName, self.clientAddress, listener=self.listener.endpoint)
 
     def timeoutConnection(self) -> None:
         if self._handshaking:
@@ -738,7 +786,7 @@ class SubmissionServer(smtp.ESMTP):
             lines.append("STARTTLS")
         if self._offersAUTH():
             lines.append("AUTH " + " ".join(SASL_MECHANISMS))
-        lines += ["8BITMIME", "ENHANCEDSTATUSCODES", "DSN"]
+        lines += ["8BITMIME", "ENHANCEDSTATUSCODES", "SMTPUTF8", "DSN"]
         self.reply(Reply(250, None, "\n".join(lines)))
 
     def _offersSTARTTLS(self) -> bool:
@@ -764,6 +812,8 @@ class SubmissionServer(smtp.ESMTP):
             return self._reject("MAIL", problem, sender=sender, recipient=None)
         params.pop("AUTH", None)
         ret, envid = params.pop("RET", None), params.pop("ENVID", None)
+        smtputf8 = "SMTPUTF8" in params
+        params.pop("SMTPUTF8", None)
         if not self.avatar.maySend(sender):
             return self._reject("MAIL", replies.SENDER_NOT_OWNED.format(address=sender),
                                 sender=sender, recipient=None)
@@ -772,7 +822,7 @@ class SubmissionServer(smtp.ESMTP):
         if self.factory.lowOnSpace():
             return self._reject("MAIL", replies.INSUFFICIENT_STORAGE, sender=sender, recipient=None)
         self.transaction = Transaction(queueId=newQueueId(), sender=sender, mailParams=params,
-                                       ret=ret, envid=envid)
+                                       ret=ret, envid=envid, smtputf8=smtputf8)
         self.reply(replies.SENDER_OK)
 
     def _checkMailParams(self, params: dict[str, str | None]) -> Reply | None:
@@ -801,6 +851,9 @@ class SubmissionServer(smtp.ESMTP):
                     return replies.PARAMETER_TOO_LONG.format(name=key)
                 if dsn.parseEnvid(value) is None:
                     return replies.BAD_PARAMETER_VALUE.format(name=key)
+            elif key == "SMTPUTF8":
+                if value is not None:  # RFC 6531 section 3.4: a keyword without a value
+                    return replies.BAD_PARAMETER_VALUE.format(name=key)
             else:
                 return replies.UNKNOWN_PARAMETER.format(name=key)
         return None
@@ -810,12 +863,12 @@ class SubmissionServer(smtp.ESMTP):
         if txn is None:
             return self._error(replies.NEED_MAIL)
         try:
-            address, params = parsePath(rest, "TO")
+            address, params = parsePath(rest, "TO", smtputf8=txn.smtputf8)
         except CommandSyntaxError as e:
             return self._reject("RCPT", e.reply, sender=txn.sender, recipient=None)
         if not address:
             return self._reject("RCPT", replies.BAD_RECIPIENT_ADDRESS, sender=txn.sender, recipient="")
-        problem, notify, orcpt = self._checkRcptParams(params)
+        problem, notify, orcpt = self._checkRcptParams(params, txn.smtputf8)
         if problem is not None:
             return self._reject("RCPT", problem, sender=txn.sender, recipient=address)
         if isPostmaster(address, self.factory.hostname):
@@ -840,7 +893,7 @@ class SubmissionServer(smtp.ESMTP):
         txn.recipients.append(Recipient(address=address, notify=notify, orcpt=orcpt))
         self.reply(replies.RECIPIENT_OK)
 
-    def _checkRcptParams(self, params: dict[str, str | None]
+    def _checkRcptParams(self, params: dict[str, str | None], smtputf8: bool = False
                          ) -> tuple[Reply | None, tuple[str, ...] | None, str | None]:
         """The reply to the first bad or unknown parameter, else None; NOTIFY's words; ORCPT."""
         notify = orcpt = None
@@ -852,7 +905,8 @@ class SubmissionServer(smtp.ESMTP):
             elif key == "ORCPT":
                 if value is not None and len(value) > dsn.ORCPT_LIMIT:
                     return replies.PARAMETER_TOO_LONG.format(name=key), None, None
-                orcpt = dsn.parseOrcpt(value)
+                # RFC 6533: utf-8; with UTF-8 in it needs a SMTPUTF8 transaction.
+                orcpt = dsn.parseOrcpt(value, smtputf8)
                 if orcpt is None:
                     return replies.BAD_PARAMETER_VALUE.format(name=key), None, None
             else:
@@ -886,7 +940,8 @@ class SubmissionServer(smtp.ESMTP):
             writer=writer,
             maxSize=self.factory.config.limits.messageSize,
             normalizeNewlines=self.trusted,
-            receivedHeader=self.receivedHeaderFor(txn).encode("ascii", "replace"),
+            receivedHeader=self.receivedHeaderFor(txn).encode(
+                "utf-8" if txn.smtputf8 else "ascii", "replace"),
             hostname=self.factory.hostname,
             now=self.factory.clock.seconds(),
             hopLimit=self.factory.config.limits.hopCount,
@@ -928,8 +983,15 @@ class SubmissionServer(smtp.ESMTP):
         """
         proto = "SMTP"
         if self.esmtp:
-            proto = "ESMTP" + ("S" if self.secure else "") + ("A" if self.authLogin else "")
-        forClause = f"\r\n\tfor <{txn.recipients[0].address}>" if len(txn.recipients) == 1 else ""
+            # RFC 6531 section 3.7.3: UTF8SMTP, UTF8SMTPS, UTF8SMTPA, UTF8SMTPSA.
+            proto = (("UTF8SMTP" if txn.smtputf8 else "ESMTP") + ("S" if self.secure else "")
+                     + ("A" if self.authLogin else ""))
+        forClause = ""
+        if len(txn.recipients) == 1:
+            # A-labels where they suffice: relayd's own header field makes
+            # no message need SMTPUTF8 that does not already.
+            address = txn.recipients[0].address
+            forClause = f"\r\n\tfor <{idn.asciiAddress(address) or address}>"
         extra = ""
         session = sessionDescription(self.transport) if self.secure else None
         if session is not None:
@@ -968,6 +1030,7 @@ class SubmissionServer(smtp.ESMTP):
             authIdentity=self.authLogin,
             ret=txn.ret,
             envid=txn.envid,
+            smtputf8=txn.smtputf8 and needsSmtputf8(txn.sender, txn.recipients, reader.header),
         )
         envelope.nextAttempt = envelope.arrival
         self._busy = True
@@ -1174,6 +1237,7 @@ class SubmissionServer(smtp.ESMTP):
         self.avatar = avatar
         self.authLogin = avatar.login
         self.authMethod = mechanism
+        maillog.saslAccepted(self.clientName, self.clientAddress, mechanism, avatar.login)
         self.reply(replies.AUTH_OK)
 
     def _authFailed(self, failure: Failure, mechanism: str, login: bytes,
@@ -1336,6 +1400,9 @@ class _DataReader:
         self.hostname = hostname
         self.problem: Reply | None = None
         self.clientBytes = 0
+        # The client's header block once read whole; None while it is not,
+        # and for good when it is too big to hold.
+        self.header: bytes | None = None
         # buf[0:2] are the two bytes before the unprocessed part; buf[1] is
         # always the LF that ended the previous line (the DATA command's
         # CRLF at first), so a terminator at the very start is found too.
@@ -1430,6 +1497,7 @@ class _DataReader:
             # than insert fields in the middle of it.
             self.writer.write(bytes(head))
             return
+        self.header = header
         if not _HAS_MESSAGE_ID.search(header):
             added += f"Message-ID: {make_msgid(domain=self.hostname)}\r\n".encode("ascii")
         if not _HAS_DATE.search(header):

@@ -43,7 +43,7 @@ from twisted.protocols.basic import LineReceiver
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from relayd import dsn
+from relayd import dsn, idn
 from relayd.config import DeliveryTimeouts
 from relayd.delivery import RecipientResult, TLSInfo, classify
 from relayd.envelope import Status
@@ -844,6 +844,8 @@ class OutboundSession(LineReceiver):
             # Validated when the client sent them; a value that could
             # split the command (read back from a damaged spool) is dropped.
             if value and not any(c <= " " or c == "\x7f" for c in value):
+                if name == "ORCPT" and not value.isascii() and "SMTPUTF8" not in self.capabilities:
+                    value = dsn.asciiOrcpt(value)
                 found.append(f"{name}={value}".encode("utf-8"))
         return found
 
@@ -857,30 +859,38 @@ class OutboundSession(LineReceiver):
         openBody: Callable[[], BinaryIO],
         size: int,
         recipientParams: Mapping[str, Mapping[str, str]] | None = None,
+        smtputf8: bool = False,
     ) -> defer.Deferred:
         """
         Send one message; fires with a ``MessageOutcome`` (never errbacks for
         an SMTP or network outcome). May be called again once it fired.
         ``recipientParams`` are each recipient's RCPT parameters, by address.
 
+        ``smtputf8``: the message needs SMTPUTF8; with a peer that offers it,
+        MAIL carries it and the addresses go as they are; otherwise their
+        domains go as A-labels, and an address with a UTF-8 local part is
+        refused here (5.6.7).
+
         Recipients refused with "too many recipients" (452 4.5.3) go out in
         another transaction on the same connection at once, as RFC 5321
         section 4.5.3.1.10 asks, for as long as each transaction makes
         progress.
         """
+        utf8 = smtputf8 and "SMTPUTF8" in self.capabilities
         return defer.ensureDeferred(
             self._transactions(sender, mailParams, list(recipients), openBody, size,
-                               recipientParams or {})
+                               recipientParams or {}, utf8)
         )
 
-    async def _transactions(self, sender, mailParams, recipients, openBody, size, recipientParams):
+    async def _transactions(self, sender, mailParams, recipients, openBody, size, recipientParams,
+                            utf8):
         indexes = list(range(len(recipients)))
         final: dict[int, RecipientResult] = {}
         mailAccepted = False
         while True:
             subset = [recipients[i] for i in indexes]
             outcome = await self._transaction(sender, mailParams, subset, openBody, size,
-                                              recipientParams)
+                                              recipientParams, utf8)
             mailAccepted = mailAccepted or outcome.mailAccepted
             for j, r in enumerate(outcome.results):
                 final[indexes[j]] = r
@@ -892,7 +902,8 @@ class OutboundSession(LineReceiver):
                 )
             indexes = [indexes[j] for j in outcome.overflow]
 
-    async def _transaction(self, sender, mailParams, recipients, openBody, size, recipientParams):
+    async def _transaction(self, sender, mailParams, recipients, openBody, size, recipientParams,
+                           utf8=False):
         self.transactions += 1
         outcomes: dict[int, RecipientResult] = {}
         accepted: list[int] = []
@@ -922,11 +933,27 @@ class OutboundSession(LineReceiver):
                 False,
                 False,
             )
+        wireSender = wireAddress(sender, utf8)
+        if wireSender is None:
+            return MessageOutcome(
+                tuple(RecipientResult(r, 553, "5.6.7", _needsSmtputf8Text("sender", self.peerName),
+                                      Status.BOUNCED) for r in recipients),
+                False,
+                False,
+            )
+        wireRecipients: dict[int, bytes] = {}
         for i, address in enumerate(recipients):
+            wire = wireAddress(address, utf8)
             if not _safeAddress(address):
                 outcomes[i] = RecipientResult(
                     address, 553, "5.1.3", "recipient address is not valid on the wire", Status.BOUNCED
                 )
+            elif wire is None:
+                outcomes[i] = RecipientResult(
+                    address, 553, "5.6.7", _needsSmtputf8Text("recipient", self.peerName),
+                    Status.BOUNCED)
+            else:
+                wireRecipients[i] = wire
         wanted = [i for i in range(len(recipients)) if i not in outcomes]
         if not wanted:
             return MessageOutcome(self._ordered(outcomes, recipients), False, False)
@@ -936,11 +963,11 @@ class OutboundSession(LineReceiver):
                 self._send(b"RSET")
                 await self._expect("rset", self.timeouts.mail)
                 self._needsReset = False
-            mail = b"MAIL FROM:<" + sender.encode("utf-8") + b">"
-            params = self.mailParameters(mailParams, size)
+            mail = b"MAIL FROM:<" + wireSender + b">"
+            params = self.mailParameters(mailParams, size) + smtputf8Parameter(utf8)
             if params:
                 mail += b" " + b" ".join(params)
-            rcpts = [b" ".join([b"RCPT TO:<" + recipients[i].encode("utf-8") + b">",
+            rcpts = [b" ".join([b"RCPT TO:<" + wireRecipients[i] + b">",
                                 *self.rcptParameters(recipientParams.get(recipients[i]))])
                      for i in wanted]
             if "PIPELINING" in self.capabilities:
@@ -1118,6 +1145,27 @@ def parseCapabilities(reply: ServerReply) -> dict[str, str]:
         keyword, _, value = text.partition(" ")
         capabilities[keyword.upper()] = value.strip()
     return capabilities
+
+
+def wireAddress(address: str, smtputf8: bool) -> bytes | None:
+    """
+    An address as MAIL FROM or RCPT TO carries it: as it is in a SMTPUTF8
+    transaction, else with its domain in A-labels; None when it cannot be
+    written without SMTPUTF8 (UTF-8 in its local part).
+    """
+    if smtputf8:
+        return address.encode("utf-8")
+    converted = idn.asciiAddress(address)
+    return None if converted is None else converted.encode("ascii")
+
+
+def smtputf8Parameter(smtputf8: bool) -> list[bytes]:
+    """The MAIL parameter of a SMTPUTF8 transaction (RFC 6531 section 3.4)."""
+    return [b"SMTPUTF8"] if smtputf8 else []
+
+
+def _needsSmtputf8Text(which: str, peerName: str) -> str:
+    return f"{which} address needs SMTPUTF8, but host {peerName} does not offer it"
 
 
 def _safeAddress(address: str) -> bool:

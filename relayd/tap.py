@@ -6,8 +6,11 @@ Start order: thread pool, spool recovery, scheduler, then the listeners
 last. Stop order (SIGTERM) is the reverse and sequential: listeners stop
 accepting, open sessions get 421 4.3.2 (or finish the message in flight)
 within ``shutdown_grace``, deliveries in flight get the same grace, then
-the thread pool stops. SIGHUP re-reads the config (twistd's default would
-kill the process without stopping anything).
+the thread pool stops. SIGHUP (or ``relayctl reload``, which waits for the
+outcome) re-reads the config (twistd's default would kill the process
+without stopping anything). Under systemd, relayd.notify tells it when
+the daemon is ready, reloading and stopping, and feeds its watchdog; with
+a ``metrics`` section, relayd.metrics serves Prometheus's page.
 
 SIGINT and SIGTERM are relayd's from the moment its options are parsed
 (``StopSignals``): under stock twistd, SIGINT before the reactor runs is a
@@ -28,12 +31,12 @@ from twisted.application import service
 from twisted.cred.portal import Portal
 from twisted.internet import defer, endpoints
 from twisted.internet.threads import deferToThreadPool
-from twisted.logger import Logger
+from twisted.logger import Logger, globalLogPublisher
 from twisted.python import threadpool, usage
 from twisted.python.failure import Failure
 
 from relayd import config as configModule
-from relayd import maillog
+from relayd import maillog, notify
 from relayd.auth import (
     PasswordFile, PasswordFileChecker, PasswordFileError, Realm, Verifier, warnPasswordFile,
 )
@@ -235,6 +238,9 @@ class RelayService(service.MultiService):
     in reverse (MultiService would stop them all at once).
     """
 
+    # systemd's notifications (relayd.notify.NotifyService), when wired.
+    notify = None
+
     def __init__(self, config, reactor, spool, pool, scheduler, factory, listeners,
                  reloadable, courier=None, passwords=None, authPool=None, signer=None):
         super().__init__()
@@ -327,35 +333,50 @@ class RelayService(service.MultiService):
         # Before the reactor runs, this waits in its queue for the first iteration.
         self.reactor.callFromThread(self.reactor.stop)
 
-    def reload(self) -> None:
-        """Re-read the config; apply what can change live; keep the old one on error."""
+    def reload(self) -> tuple[bool, str]:
+        """
+        Re-read the config; apply what can change live; keep the old one on
+        error. Returns (applied, what was logged), for ``relayctl reload``.
+        """
+        if self.notify is not None:
+            self.notify.reloading()
+        try:
+            return self._reload()
+        finally:
+            if self.notify is not None:
+                self.notify.reloaded()
+
+    def _reload(self) -> tuple[bool, str]:
         try:
             new = configModule.load(self.config.path)
         except configModule.ConfigError as e:
-            maillog.daemonEvent(f"reload failed, keeping the running configuration: {e}",
-                                level=maillog.LogLevel.error)
-            return
+            text = f"reload failed, keeping the running configuration: {e}"
+            maillog.daemonEvent(text, level=maillog.LogLevel.error)
+            return False, text
         old = self.config
         soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
         if soft != resource.RLIM_INFINITY and _filesNeeded(new) > soft:
-            maillog.daemonEvent(
-                f"reload failed, keeping the running configuration: {_fileLimitProblem(new, soft)}",
-                level=maillog.LogLevel.error)
-            return
+            text = f"reload failed, keeping the running configuration: {_fileLimitProblem(new, soft)}"
+            maillog.daemonEvent(text, level=maillog.LogLevel.error)
+            return False, text
         needRestart = [name for name, before, after in (
             ("listeners", old.listeners, new.listeners),
             ("queue.directory", old.queue.directory, new.queue.directory),
             ("queue.control_socket", old.queue.controlSocketPath, new.queue.controlSocketPath),
+            ("metrics", old.metrics, new.metrics),
         ) if before != after]
         # What only a restart applies stays as running, so the next reload
         # still reports it and nothing reads a spool the daemon does not use.
-        new = dataclasses.replace(new, listeners=old.listeners, queue=dataclasses.replace(
+        new = dataclasses.replace(new, listeners=old.listeners, metrics=old.metrics,
+                                  queue=dataclasses.replace(
             new.queue, directory=old.queue.directory, controlSocket=old.queue.controlSocket))
         self.config = new
         for component in self.reloadable:
             component.reconfigure(new)
         note = f"; {', '.join(needRestart)} changed and need a restart" if needRestart else ""
-        maillog.daemonEvent(f"reload: configuration {new.path} applied{note}")
+        text = f"reload: configuration {new.path} applied{note}"
+        maillog.daemonEvent(text)
+        return True, text
 
     @defer.inlineCallbacks
     def stopService(self):
@@ -372,6 +393,8 @@ class RelayService(service.MultiService):
         if getattr(self.reactor, "_exitSignal", None) in (signal.SIGINT, signal.SIGTERM):
             self.reactor._exitSignal = None
         self.running = False
+        if self.notify is not None:
+            self.notify.stopping()
         # One grace for sessions and deliveries together: systemd's
         # TimeoutStopSec is set against shutdown_grace, not twice it.
         deadline = self.reactor.seconds() + self.config.shutdownGrace
@@ -384,6 +407,10 @@ class RelayService(service.MultiService):
         yield self.scheduler.stopService(max(0.0, deadline - self.reactor.seconds()))
         if self.courier is not None:  # idle upstream connections: QUIT
             yield self.courier.closeIdle()
+        # The metrics page serves until here, so the drain can be watched.
+        for name in ("metrics", "notify"):
+            if name in self.namedServices:
+                yield defer.maybeDeferred(self.namedServices[name].stopService)
         self.pool.stop()
         if self.authPool is not None:
             self.authPool.stop()
@@ -416,7 +443,8 @@ def makeService(options, reactor=None) -> RelayService:
     # Imported here: relayd.server (also behind relayd.control) imports
     # twisted.mail.smtp, which installs the global reactor; importing this
     # module (twistd's option parsing, relayd check-config) must not.
-    from relayd.control import ControlService
+    from relayd.control import ControlService, stallForTests
+    from relayd.metrics import MetricsService, TimedTransport, metricsSite, queueSnapshot
     from relayd.server import SubmissionFactory
     config = options["loaded"]
     raiseFileLimit(config)
@@ -442,13 +470,20 @@ def makeService(options, reactor=None) -> RelayService:
                         callFromThread=lambda f, *args: reactor.callFromThread(f, *args))
     except KeyProblem as e:
         fail(str(e))
+    metrics = _metrics(config)
+    # Each delivery attempt timed for the metrics.
+    transport = TimedTransport(courier, metrics, reactor) if metrics is not None else courier
     # Notices (bounces) are written and fsynced in the spool's threads too.
-    scheduler = Scheduler(spool, courier, config, reactor, runInThread=runInThread,
+    scheduler = Scheduler(spool, transport, config, reactor, runInThread=runInThread,
                           lanes=lanes, signer=signer)
 
     def commit(writer, envelope):
         # fsync never runs on the reactor thread; after the body's last piece.
-        return lanes.run(writer.queueId, writer.commit, envelope)
+        d = lanes.run(writer.queueId, writer.commit, envelope)
+        if metrics is not None:
+            started = reactor.seconds()
+            d.addCallback(_passing(lambda: metrics.timedCommit(reactor.seconds() - started)))
+        return d
 
     tls, passwords, verifier, authPool, credPortal = _security(config, reactor)
     # RELAYD_HOSTS_FILE: another hosts file (the tests' own).
@@ -483,12 +518,43 @@ def makeService(options, reactor=None) -> RelayService:
         passwords.changed = lambda: reactor.callFromThread(
             lambda: warnPasswordFile(passwords, relay.config.auth))
     # relayctl's channel; a child service, so it starts after the spool lock.
+    # RELAYD_TEST_HOOKS=1 (the integration tests) adds a command that blocks
+    # the reactor, to show the watchdog stops.
     ControlService(config.queue.controlSocketPath, scheduler, reactor,
-                   throttle=factory.authThrottle).setServiceParent(relay)
+                   throttle=factory.authThrottle, reload=relay.reload,
+                   stall=stallForTests if os.environ.get("RELAYD_TEST_HOOKS") == "1" else None,
+                   ).setServiceParent(relay)
+    if metrics is not None:
+        metrics.addQueue(lambda: queueSnapshot(scheduler.envelopes.values(), scheduler.activeIds(),
+                                               reactor.seconds()))
+        MetricsService(metrics, globalLogPublisher, ListenerService(
+            config.metrics.endpoint, metricsSite(metrics, reactor), reactor,
+            label=f"{config.metrics.endpoint} (metrics)")).setServiceParent(relay)
+    # Last: READY=1 once the listeners above accept and the queue is loaded.
+    relay.notify = notify.fromEnvironment(reactor, lambda: notify.statusLine(
+        scheduler.queueLength(), len(factory.sessions)))
+    relay.notify.setServiceParent(relay)
     listenerServices.extend(listeners)
     if reactor is _globalReactor():
         relay.stopSignals = stopSignals
     return relay
+
+
+def _metrics(config):
+    """The metrics registry, or None without a metrics section."""
+    if config.metrics is None:
+        return None
+    # Imported here: prometheus_client is only needed with metrics on.
+    from relayd.metrics import MetricsRegistry
+    return MetricsRegistry()
+
+
+def _passing(action):
+    """A callback that runs ``action()`` and passes the result on."""
+    def callback(result):
+        action()
+        return result
+    return callback
 
 
 # Delivery: the courier's settings, password files and CA files ------------------

@@ -356,3 +356,33 @@ def test_relayctl_batches_stay_within_the_limit(monkeypatch, tmp_path):
     status = relayctl.run(["-c", str(configPath), "hold", *ids], io.StringIO(), io.StringIO())
     assert status == 0
     assert calls == [control.MAX_IDS_PER_CALL, control.MAX_IDS_PER_CALL, 1]
+
+
+def test_reload_answers_with_the_reloads_outcome():
+    outcomes = [(True, "reload: configuration /etc/relayd.yaml applied"),
+                (False, "reload failed, keeping the running configuration: x: y: z")]
+    proto = control.ControlProtocol(None, reload=lambda: outcomes.pop(0))
+    transport = StringTransport()
+    proto.makeConnection(transport)
+    assert ask(proto, transport, control.Reload) == {
+        "ok": True, "message": "reload: configuration /etc/relayd.yaml applied"}
+    assert ask(proto, transport, control.Reload) == {
+        "ok": False, "message": "reload failed, keeping the running configuration: x: y: z"}
+
+
+def test_the_test_only_stall_is_refused_unless_enabled():
+    proto = control.ControlProtocol(None)
+    transport = StringTransport()
+    proto.makeConnection(transport)
+    box = control.Stall.makeArguments({"seconds": 5.0}, None)
+    box[b"_command"], box[b"_ask"] = control.Stall.commandName, b"1"
+    proto.dataReceived(box.serialize())
+    answer = relayctl._readBox(BufferSocket(transport.value()))
+    assert answer[b"_error_code"] == b"NOT_ENABLED"
+
+    stalled = []
+    proto = control.ControlProtocol(None, stall=stalled.append)
+    transport = StringTransport()
+    proto.makeConnection(transport)
+    assert ask(proto, transport, control.Stall, seconds=1e9) == {}
+    assert stalled == [control.MAX_STALL]

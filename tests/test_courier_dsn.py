@@ -101,3 +101,16 @@ def test_courier_passes_recipient_parameters_to_the_next_hop():
     converse(peer, [b"250 2.0.0 Ok\r\n"])
     [r] = result(d).results
     assert (r.status, r.notifyPassedOn) == (Status.SENT, True)
+
+
+@pytest.mark.parametrize("ehlo, expected", [
+    (EHLO_DSN, b"ORCPT=utf-8;j\\x{F6}rg@x.org"),
+    (EHLO_DSN.replace(b"250 DSN", b"250-DSN\r\n250 SMTPUTF8"), "ORCPT=utf-8;jörg@x.org".encode()),
+])
+def test_a_utf8_orcpt_is_escaped_for_a_next_hop_without_smtputf8(ehlo, expected):
+    # RFC 6533 section 3: utf-8-addr-unitext only to an SMTPUTF8 server;
+    # to others its utf-8-addr-xtext form, the non-ASCII as \x{HEX}.
+    peer = Peer()
+    peer.ready(ehlo)
+    sendThrough(peer, ("a@x.org",), {"a@x.org": {"ORCPT": "utf-8;jörg@x.org"}})
+    assert b"RCPT TO:<a@x.org> " + expected + b"\r\n" in peer.sent()

@@ -111,6 +111,19 @@ def test_show_dsn_parameters(setup):
     assert shown["recipients"][0]["orcpt"] == "rfc822;bob+2Bx@example.org"
 
 
+def test_show_says_when_a_message_needs_smtputf8(setup):
+    spool, configPath = setup
+    put(spool, "0000000000000001", sender="jörg@example.com", smtputf8=True)
+    put(spool, "0000000000000002")
+    _, out, _ = run(configPath, "show", "0000000000000001")
+    assert "SMTPUTF8:     required (UTF-8 in a local part or the header)\n" in out
+    assert "Sender:       <jörg@example.com>\n" in out
+    _, out, _ = run(configPath, "show", "0000000000000002")
+    assert "SMTPUTF8" not in out
+    _, out, _ = run(configPath, "show", "0000000000000001", "--json")
+    assert json.loads(out)["smtputf8"] is True
+
+
 def test_show_unknown_and_bad_id(setup):
     spool, configPath = setup
     assert run(configPath, "show", "0000000000000009") == (
@@ -134,7 +147,7 @@ def test_blocks_need_the_daemon(setup, args):
     status, out, err = run(setup[1], *args)
     assert (status, out) == (1, "")
     assert err.startswith("relayctl: relayd is not running (nothing answers on ")
-    assert "blocked and unblock need the daemon" in err
+    assert "unblock and reload need the daemon" in err
 
 
 def test_config_error_is_one_line(tmp_path):

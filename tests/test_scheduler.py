@@ -119,7 +119,8 @@ class FakeCourier:
         self.noticeCalls = []
         self.scriptNotices = False
 
-    def deliver(self, hops, sender, mailParams, recipients, openBody, size, recipientParams=None):
+    def deliver(self, hops, sender, mailParams, recipients, openBody, size, recipientParams=None,
+                smtputf8=False):
         if sender == "" and not self.scriptNotices:
             # Notices relayd writes itself are delivered at once unless a
             # test scripts them: they must not eat the original's script.
@@ -568,7 +569,8 @@ def test_attempt_that_breaks_backs_off_and_is_held_when_its_lifetime_ends(rigFac
     calls = []
 
     class Broken:
-        def deliver(self, destination, sender, mailParams, recipients, openBody, size, recipientParams=None):
+        def deliver(self, destination, sender, mailParams, recipients, openBody, size,
+                    recipientParams=None, smtputf8=False):
             calls.append(rig.clock.seconds())
             raise RuntimeError("a bug")
     rig.sched.transport = Broken()
@@ -683,7 +685,8 @@ class RecordingTransport:
         self.answer = answer
         self.calls = []
 
-    def deliver(self, destination, sender, mailParams, recipients, openBody, size, recipientParams=None):
+    def deliver(self, destination, sender, mailParams, recipients, openBody, size,
+                recipientParams=None, smtputf8=False):
         self.calls.append((destination, tuple(recipients)))
         return defer.succeed(self.answer(tuple(recipients)))
 

@@ -25,7 +25,8 @@ class DSNCourier:
         self.dsn = dsn
         self.calls = []
 
-    def deliver(self, destination, sender, mailParams, recipients, openBody, size, recipientParams=None):
+    def deliver(self, destination, sender, mailParams, recipients, openBody, size, recipientParams=None,
+                smtputf8=False):
         if sender == "":
             codes = [250] * len(recipients)  # notices are delivered at once
         else:

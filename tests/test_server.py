@@ -130,7 +130,7 @@ def test_greeting_and_ehlo_advertise_extensions():
     hs.connect()
     assert hs.send(b"EHLO client.test\r\n") == [
         "250-relay.test", "250-PIPELINING", "250-SIZE 10000000", "250-8BITMIME",
-        "250-ENHANCEDSTATUSCODES", "250 DSN",
+        "250-ENHANCEDSTATUSCODES", "250-SMTPUTF8", "250 DSN",
     ]
 
 

@@ -374,3 +374,49 @@ def test_sighup_reaches_every_component_that_holds_settings(tmp_path):
     holders = [type(o).__name__ for o in _reachable(relay)
                if any(id(v) in stale for v in vars(o).values())]
     assert holders == []
+
+
+def test_reload_returns_its_outcome_between_reloading_and_ready(tmp_path):
+    """What relayctl reload reports, with RELOADING=1 before and READY=1 after, failed or not."""
+    path = tmp_path / "relayd.yaml"
+    write(path)
+    relay = tap.makeService({"loaded": config.load(str(path))}, reactor)
+    sent = []
+
+    class Notify:
+        def reloading(self):
+            sent.append("RELOADING=1")
+
+        def reloaded(self):
+            sent.append("READY=1")
+
+    relay.notify = Notify()
+    write(path, hostname="two.example")
+    assert relay.reload() == (True, f"reload: configuration {path} applied")
+    path.write_text(path.read_text() + "no_such_key: 1\n")
+    ok, text = relay.reload()
+    assert not ok and text.startswith("reload failed, keeping the running configuration: ")
+    assert sent == ["RELOADING=1", "READY=1"] * 2
+
+
+def test_metrics_section_wires_the_page_and_counting(tmp_path):
+    path = tmp_path / "relayd.yaml"
+    write(path)
+    path.write_text(path.read_text() + 'metrics: {endpoint: "tcp:0:interface=127.0.0.1"}\n')
+    relay = tap.makeService({"loaded": config.load(str(path))}, reactor)
+    assert "metrics" in relay.namedServices and "notify" in relay.namedServices
+    assert type(relay.scheduler.transport).__name__ == "TimedTransport"
+    write(path)
+    plain = tap.makeService({"loaded": config.load(str(path))}, reactor)
+    assert "metrics" not in plain.namedServices
+    assert plain.scheduler.transport is plain.courier
+
+
+def test_a_metrics_endpoint_change_needs_a_restart(tmp_path):
+    path = tmp_path / "relayd.yaml"
+    write(path)
+    relay = tap.makeService({"loaded": config.load(str(path))}, reactor)
+    path.write_text(path.read_text() + "metrics: {}\n")
+    assert reloadLines(relay) == [f"reload: configuration {path} applied; metrics changed and "
+                                  "need a restart"]
+    assert relay.config.metrics is None

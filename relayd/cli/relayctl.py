@@ -14,6 +14,8 @@
     relayctl [-c CONFIG] quarantine list      entries recovery could not read, and why
     relayctl [-c CONFIG] quarantine show ID [--body]
     relayctl [-c CONFIG] quarantine restore ID ...   check again, put back into the queue
+    relayctl [-c CONFIG] reload               re-read the configuration; returns when applied
+                                              or refused, and says which (systemd's ExecReload=)
 
 Instead of ids, each of these takes ``ALL`` (every message, as
 ``postsuper -d ALL``) and/or ``--sender ADDRESS`` / ``--recipient ADDRESS``
@@ -59,6 +61,8 @@ from relayd.queue import BODY_SUFFIX, QUARANTINE, QUEUE, Spool, permissionFix
 PROG = "relayctl"
 # How long to wait for the daemon: connect and answer (a local socket).
 TIMEOUT = 10.0
+# A reload re-reads every file the config names (passwords, certificates).
+RELOAD_TIMEOUT = 60.0
 
 # The daemon, over AMP on a blocking socket
 
@@ -98,7 +102,7 @@ def callDaemon(path: str, command: type[amp.Command], timeout: float = TIMEOUT, 
         except (FileNotFoundError, ConnectionRefusedError):
             raise NotRunning(
                 f"relayd is not running (nothing answers on {path}); flush, hold, release, "
-                "delete, bounce, requeue, quarantine restore, blocked and unblock need the "
+                "delete, bounce, requeue, quarantine restore, blocked, unblock and reload need the "
                 "daemon; list and show work without it"
             ) from None
         except PermissionError:
@@ -297,6 +301,8 @@ def _describe(e: Envelope, queue: str, directory: str, out: TextIO) -> None:
         rows.append(("DSN", ", ".join(
             ([f"ret={e.ret}"] if e.ret is not None else [])
             + ([f"envid={dsn.originalEnvelopeId(e.envid)}"] if e.envid is not None else []))))
+    if e.smtputf8:
+        rows.append(("SMTPUTF8", "required (UTF-8 in a local part or the header)"))
     for name, value in rows:
         out.write(f"{name + ':':<14}{value}\n")
     out.write("Recipients:\n")
@@ -544,6 +550,16 @@ def quarantineRestore(cfg, args, out: TextIO, err: TextIO) -> int:
     return status
 
 
+def reload(cfg, args, out: TextIO, err: TextIO) -> int:
+    """Ask the daemon to reload and wait for the outcome: 0 applied, 1 refused (the old config runs on)."""
+    answer = callDaemon(cfg.queue.controlSocketPath, control.Reload, timeout=RELOAD_TIMEOUT)
+    if answer["ok"]:
+        out.write(f"{answer['message']}\n")
+        return OK
+    err.write(f"{PROG}: {answer['message']}\n")
+    return FAILED
+
+
 def _parser() -> OneLineParser:
     parser = OneLineParser(prog=PROG, add_help=True,
                      description="See and steer relayd's queue (Postfix's verbs).")
@@ -584,6 +600,7 @@ def _parser() -> OneLineParser:
     q.add_argument("--body", action="store_true", help="also print the message")
     q = actions.add_parser("restore", help="check again and put back into the queue (needs the daemon)")
     q.add_argument("ids", nargs="+", metavar="ID")
+    verbs.add_parser("reload", help="re-read the configuration; wait until it is applied or refused")
     return parser
 
 
@@ -593,7 +610,7 @@ def run(argv: list[str], out: TextIO, err: TextIO) -> int:
         args = parser.parse_args(argv)
         if not args.verb:
             raise UsageError("a verb is required: list, show, flush, hold, release, delete, bounce, "
-                              "requeue, blocked, unblock, quarantine")
+                              "requeue, blocked, unblock, quarantine, reload")
         if args.verb == "quarantine" and not args.action:
             raise UsageError("quarantine needs an action: list, show ID, restore ID...")
         if args.verb in ("flush", "hold", "release", "delete", "bounce", "requeue"):
@@ -605,7 +622,12 @@ def run(argv: list[str], out: TextIO, err: TextIO) -> int:
         try:
             cfg = configModule.load(args.config)
         except configModule.ConfigError as e:
+            if args.verb == "reload":
+                # The daemon would refuse it too; it runs on as it was.
+                raise Refusal(f"reload refused, relayd keeps its running configuration: {e}") from None
             raise Refusal(str(e)) from None
+        if args.verb == "reload":
+            return reload(cfg, args, out, err)
         if args.verb == "list":
             return listQueue(cfg, args, out)
         if args.verb == "show":

@@ -210,10 +210,12 @@ class Delivered:
 class Sink:
     """tests/integration/sink.py as a subprocess: records each message's DATA bytes."""
 
-    def __init__(self, directory: Path, port: int | None = None, dsn: bool = False) -> None:
+    def __init__(self, directory: Path, port: int | None = None, dsn: bool = False,
+                 smtputf8: bool = True) -> None:
         self.directory = directory
         self.port = port or freePort()
         self.dsn = dsn  # advertise and accept DSN (RFC 3461)
+        self.smtputf8 = smtputf8  # offer SMTPUTF8
         self.logPath = directory.with_name(directory.name + ".log")
         self.process: subprocess.Popen | None = None
         directory.mkdir(parents=True, exist_ok=True)
@@ -223,7 +225,8 @@ class Sink:
         log = open(self.logPath, "ab")
         self.process = subprocess.Popen(
             [sys.executable, str(SINK_SCRIPT), "--port", str(self.port),
-             "--directory", str(self.directory), *(["--dsn"] if self.dsn else [])],
+             "--directory", str(self.directory), *(["--dsn"] if self.dsn else []),
+             *([] if self.smtputf8 else ["--no-smtputf8"])],
             stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
             env=childEnvironment(),
         )
@@ -391,7 +394,7 @@ class Relayd:
             startOffset = log.tell()
             self.process = subprocess.Popen(
                 self.command(), cwd=self.directory, stdout=log, stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL, env=childEnvironment(),
+                stdin=subprocess.DEVNULL, env=self.environment(),
             )
         waitUntil(lambda: self.process.poll() is not None or portAcceptsConnections(self.port),
                   START_DEADLINE, f"relayd did not start listening on {HOST}:{self.port}",
@@ -404,6 +407,10 @@ class Relayd:
                   or "daemon started" in self.log(startOffset),
                   START_DEADLINE, "relayd did not log 'daemon started'", self.describe)
         return self
+
+    def environment(self) -> dict[str, str]:
+        """The daemon's environment (a subclass adds systemd's variables, say)."""
+        return childEnvironment()
 
     @property
     def running(self) -> bool:

@@ -9,12 +9,13 @@ its envelope in ``<dir>/<n>.json`` beside it. Both are written to a
 temporary name and renamed, and the ``.json`` comes last, so a reader that
 sees ``<n>.json`` sees the whole message.
 
-Usage: python sink.py --port PORT --directory DIR [--host 127.0.0.1] [--dsn]
+Usage: python sink.py --port PORT --directory DIR [--host 127.0.0.1] [--dsn] [--no-smtputf8]
 
 With ``--dsn`` it advertises DSN (RFC 3461) and accepts its parameters;
 either way the ``.json`` holds the MAIL and RCPT arguments exactly as sent
 (``mail_command``, ``rcpt_commands``), as aiosmtpd's option lists are
-upper-cased.
+upper-cased. It offers SMTPUTF8 (RFC 6531), as aiosmtpd's Controller does
+by default, unless ``--no-smtputf8`` is given.
 
 Numbering continues from the files already in DIR, so a restarted sink does
 not overwrite what an earlier one received. Stops cleanly on SIGTERM/SIGINT.
@@ -132,6 +133,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--directory", required=True)
     parser.add_argument("--dsn", action="store_true", help="advertise and accept DSN")
+    parser.add_argument("--no-smtputf8", dest="smtputf8", action="store_false",
+                        help="do not offer SMTPUTF8")
     args = parser.parse_args(argv)
 
     os.makedirs(args.directory, exist_ok=True)
@@ -145,6 +148,7 @@ def main(argv: list[str] | None = None) -> int:
         port=args.port,
         server_hostname="sink.test",
         ready_timeout=10.0,
+        enable_SMTPUTF8=args.smtputf8,
     )
     controller.dsn = args.dsn
     controller.start()

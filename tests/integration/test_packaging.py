@@ -6,6 +6,7 @@ directory cannot put a deleted module back into the package.
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 import sys
@@ -43,3 +44,40 @@ def test_pip_from_a_checkout_leaves_no_build_directory(tmp_path):
     names = zipfile.ZipFile(wheel).namelist()
     assert "relayd/server.py" in names and "twisted/plugins/relayd_plugin.py" in names
     assert "relayd/deleted_since.py" not in names
+
+
+SECURITY_EXPOSURE = 3.4  # systemd-analyze security of the unit before Type=notify; never worse
+
+
+def _analyzable(tmp_path: Path) -> Path:
+    """The unit with its programs pointed at /bin/true: verify checks that they exist."""
+    unit = (ROOT / "systemd" / "relayd.service").read_text()
+    for program in ("twistd", "relayctl"):
+        unit = unit.replace(f"/opt/relayd/venv/bin/{program}", "/bin/true")
+    path = tmp_path / "relayd.service"
+    path.write_text(unit)
+    return path
+
+
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None,
+                    reason="systemd-analyze is not installed (Debian package systemd)")
+def test_the_unit_verifies_cleanly_and_is_no_less_hardened(tmp_path):
+    unit = _analyzable(tmp_path)
+    result = subprocess.run(["systemd-analyze", "verify", str(unit)], capture_output=True,
+                            text=True, timeout=60, cwd=tmp_path)
+    assert result.returncode == 0 and result.stdout + result.stderr == "", result.stderr
+    result = subprocess.run(["systemd-analyze", "security", "--offline=true", str(unit)],
+                            capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    exposure = float(re.search(r"Overall exposure level for \S+: ([0-9.]+)", result.stdout).group(1))
+    assert exposure <= SECURITY_EXPOSURE, result.stdout
+
+
+def test_the_unit_waits_for_ready_feeds_a_watchdog_and_reloads_through_relayctl():
+    settings = {}
+    for line in (ROOT / "systemd" / "relayd.service").read_text().splitlines():
+        if "=" in line and not line.startswith("#"):
+            key, value = line.split("=", 1)
+            settings[key] = value
+    assert settings["Type"] == "notify"
+    assert settings["WatchdogSec"]
+    assert settings["ExecReload"].endswith("/bin/relayctl -c /etc/relayd/relayd.yaml reload")
