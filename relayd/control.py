@@ -235,7 +235,9 @@ class ControlProtocol(amp.AMP):
         amp.BinaryBoxProtocol.connectionLost(self, reason)
         self.transport = None
 
-    def _each(self, ids, action) -> list[dict]:
+    @defer.inlineCallbacks
+    def _each(self, ids, action):
+        """Fires with the outcome per id; ``action`` may answer at once or with a Deferred."""
         _checkCount(ids)
         outcomes = []
         for queueId in ids:
@@ -243,7 +245,7 @@ class ControlProtocol(amp.AMP):
                 outcomes.append(_entry(queueId, False, NOT_A_QUEUE_ID))
                 continue
             try:
-                outcome = action(queueId)
+                outcome = yield defer.maybeDeferred(action, queueId)
             except UnknownMessage:
                 outcomes.append(_entry(queueId, False, UNKNOWN))
             except AdminRefusal as e:
@@ -258,40 +260,42 @@ class ControlProtocol(amp.AMP):
 
     @Hold.responder
     def hold(self, ids):
-        return {"outcomes": self._each(ids, self.scheduler.hold)}
+        return self._each(ids, self.scheduler.hold).addCallback(lambda o: {"outcomes": o})
 
     @Release.responder
     def release(self, ids):
-        return {"outcomes": self._each(ids, self.scheduler.release)}
+        return self._each(ids, self.scheduler.release).addCallback(lambda o: {"outcomes": o})
 
     @Delete.responder
     def delete(self, ids):
-        return {"outcomes": self._each(ids, self.scheduler.delete)}
+        return self._each(ids, self.scheduler.delete).addCallback(lambda o: {"outcomes": o})
 
     @Bounce.responder
     def bounce(self, ids):
-        return {"outcomes": self._each(ids, self.scheduler.bounce)}
+        return self._each(ids, self.scheduler.bounce).addCallback(lambda o: {"outcomes": o})
 
-    def _many(self, ids, action) -> dict:
+    @defer.inlineCallbacks
+    def _many(self, ids, action):
         """
         Flush or requeue. The whole queue is answered with a count, plus the
         messages that could not be written; the scheduler answers those with
         the OSError instead of raising it, so the rest still gets done.
         """
         if not ids:
-            outcomes = action(None)
+            outcomes = yield defer.maybeDeferred(action, None)
             failed = [{"id": queueId, **cannotWrite(o)}
                       for queueId, o in outcomes.items() if isinstance(o, OSError)]
             return {"outcomes": failed[:MAX_IDS_PER_CALL],
                     "count": sum(1 for o in outcomes.values() if o in _SUCCESSES),
                     "unlisted": max(0, len(failed) - MAX_IDS_PER_CALL)}
 
+        @defer.inlineCallbacks
         def one(queueId):
-            outcome = action([queueId])[queueId]
+            outcome = (yield defer.maybeDeferred(action, [queueId]))[queueId]
             if isinstance(outcome, OSError):
                 raise outcome
             return outcome
-        return {"outcomes": self._each(ids, one), "count": 0}
+        return {"outcomes": (yield self._each(ids, one)), "count": 0}
 
     @Flush.responder
     def flush(self, ids):

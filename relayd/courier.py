@@ -133,14 +133,16 @@ class _Message:
         return replace(result, tlsSessions=tuple(self.tlsSessions),
                        localErrors=tuple(self.localErrors))
 
-    def hasEightBit(self, chunkSize: int) -> bool:
+    async def hasEightBit(self, chunkSize: int, runInThread: Callable[..., defer.Deferred]) -> bool:
         """
-        Whether the body has a byte over 127: read at most once per attempt,
-        and only when a hop lacks 8BITMIME. Raises ``OSError`` when the
-        spooled body cannot be read.
+        Whether the body has a byte over 127: read (through ``runInThread``)
+        at most once per attempt, and only when a hop lacks 8BITMIME.
+        Raises ``OSError`` when the spooled body cannot be read.
         """
         if self._eightBit is None:
-            self._eightBit = _hasEightBit(self.openBody, chunkSize)
+            if getattr(self.openBody, "inMemory", False):  # no file: no thread
+                runInThread = defer.maybeDeferred
+            self._eightBit = await runInThread(_hasEightBit, self.openBody, chunkSize)
         return self._eightBit
 
 
@@ -177,8 +179,11 @@ class Courier:
         addressLimit: int | None = None,
         shuffle: Callable[[list], None] | None = None,
         tlsOptions: Callable[[NextHop], IOpenSSLClientConnectionCreator] | None = None,
+        runInThread: Callable[..., defer.Deferred] | None = None,
     ):
         self._reactor = reactor
+        # Reads the spooled body off the reactor thread (tests: inline).
+        self._runInThread = runInThread or defer.maybeDeferred
         self.heloName = heloName
         self.timeouts = timeouts
         self._endpointFactory = endpointFactory or _endpointFor
@@ -373,6 +378,7 @@ class Courier:
         session = OutboundSession(
             self._reactor, self.heloName, self.timeouts, target.host, self._chunkSize,
             tls=target.tls, tlsOptions=lambda: creator, credentials=credentials,
+            runInThread=self._runInThread,
         )
         try:
             endpoint = self._endpointFactory(self._reactor, target, self.timeouts)
@@ -436,7 +442,7 @@ class Courier:
         connectSeconds = seconds() - started
 
         try:
-            refusal = self._refusal(session, message)
+            refusal = await self._refusal(session, message)
         except OSError as e:
             # As when the body cannot be read during DATA (_transaction):
             # keep the message queued; another hop could not read it either.
@@ -473,7 +479,7 @@ class Courier:
             final=outcome.mailAccepted or not outcome.broken,
         )
 
-    def _refusal(self, session: OutboundSession, message: _Message) -> tuple[int, str, str] | None:
+    async def _refusal(self, session: OutboundSession, message: _Message) -> tuple[int, str, str] | None:
         """
         Why this message must not be sent to this peer at all (a bounce), or
         None. Raises ``OSError`` when the body had to be read and cannot be.
@@ -491,7 +497,7 @@ class Courier:
         if "8BITMIME" not in session.capabilities:
             body = paramValue(message.mailParams, "BODY")
             declared = body is not None and body.upper() == "8BITMIME"
-            if declared or message.hasEightBit(self._chunkSize):
+            if declared or await message.hasEightBit(self._chunkSize, self._runInThread):
                 what = "BODY=8BITMIME" if declared else "8-bit bytes in the body"
                 return (554, "5.6.3",
                         f"message has 8-bit content ({what}), but host {session.peerName} does "

@@ -53,9 +53,35 @@ def _service(event: dict) -> str:
 
 
 def _text(event: dict) -> str:
+    if event.get("log_format") == "{log_line}" and "log_failure" not in event:
+        # relayd.maillog's events carry their finished line: no formatting.
+        line = event.get("log_line")
+        if isinstance(line, str):
+            return line.rstrip("\n")
     text = eventAsText(event, includeTraceback=True, includeTimestamp=False,
                        includeSystem=False)
     return text.rstrip("\n")
+
+
+class _SecondStamp:
+    """
+    ``time.strftime(format, localtime(t))``, formatted once per second:
+    every line logged in that second shares it.
+    """
+
+    def __init__(self, format: str, localtime: Callable[[float], time.struct_time]):
+        self._format = format
+        self._localtime = localtime
+        self._last: tuple[int, str] = (-1, "")
+
+    def __call__(self, t: float) -> str:
+        second = int(t)
+        last = self._last  # one read: observers run on every thread that logs
+        if last[0] == second:
+            return last[1]
+        text = time.strftime(self._format, self._localtime(second))
+        self._last = (second, text)
+        return text
 
 
 def syslogObserver(out: IO[str], hostname: str | None = None, pid: int | None = None,
@@ -63,10 +89,11 @@ def syslogObserver(out: IO[str], hostname: str | None = None, pid: int | None = 
     """Lines in syslog's format; a multi-line event (a traceback) repeats the prefix on each line."""
     host = (hostname or socket.gethostname()).split(".")[0]
     processId = os.getpid() if pid is None else pid
+    stamps = _SecondStamp("%b %e %H:%M:%S", localtime)
 
     @provider(ILogObserver)
     def observe(event: dict) -> None:
-        stamp = time.strftime("%b %e %H:%M:%S", localtime(event.get("log_time", time.time())))
+        stamp = stamps(event.get("log_time", time.time()))
         prefix = f"{stamp} {host} relayd/{_service(event)}[{processId}]: "
         out.write("".join(prefix + line + "\n" for line in _text(event).split("\n")))
         out.flush()
@@ -122,13 +149,14 @@ def syslogSocketObserver(path: str = DEFAULT_SYSLOG_SOCKET, pid: int | None = No
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     out = fallback if fallback is not None else sys.__stderr__
     failing = False
+    stamps = _SecondStamp("%b %e %H:%M:%S", localtime)
 
     def warn(text: str) -> None:
         out.write(f"relayd: warning: {text}\n")
 
     def datagrams(event: dict) -> list[tuple[bytes, str]]:
         severity = _SEVERITY.get(event.get("log_level"), 6)
-        stamp = time.strftime("%b %e %H:%M:%S", localtime(event.get("log_time", time.time())))
+        stamp = stamps(event.get("log_time", time.time()))
         head = f"<{_FACILITY_MAIL * 8 + severity}>{stamp} relayd/{_service(event)}[{processId}]: "
         return [((head + line).encode("utf-8", "backslashreplace"), head + line)
                 for line in _text(event).split("\n")]

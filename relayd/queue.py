@@ -27,13 +27,17 @@ rename, directory fsync), so the server may answer 250 afterwards. Updates
 are atomic renames without fsync: a crash may bring back an older state and
 repeat a delivery, but never loses a message.
 
+Commits that are ready at the same moment share one directory fsync
+(``DirectorySync``, group commit): each still returns only after an fsync
+of the directory that started after its own renames.
+
 Everything here is synchronous and blocking; the caller decides which thread
-runs it. relayd runs whatever touches the file system (begin, commit,
-abort, remove) in the spool's threads; ``SpoolWriter.write`` only fills a
-buffer and runs on the reactor thread (a body over the buffer's size
-writes from there). Filesystem failures surface as plain ``OSError``
-so the server can map ENOSPC/EDQUOT to 452 and anything else to 451; a
-malformed queue id is a ``ValueError``.
+runs it. relayd runs whatever touches the file system (begin, writing the
+body out, commit, abort, update, remove) in the spool's threads, one call
+at a time per message (``MessageLanes``); ``SpoolWriter.write`` only fills
+a buffer in memory and runs on the reactor thread. Filesystem failures
+surface as plain ``OSError`` so the server can map ENOSPC/EDQUOT to 452 and
+anything else to 451; a malformed queue id is a ``ValueError``.
 """
 
 from __future__ import annotations
@@ -44,7 +48,11 @@ import json
 import os
 import pwd
 import secrets
+import threading
+from collections.abc import Callable
 from typing import BinaryIO
+
+from twisted.internet import defer
 
 from relayd import maillog
 from relayd.envelope import Envelope, isQueueId
@@ -59,9 +67,6 @@ QUARANTINE = "quarantine"
 _DIRECTORY_MODE = 0o700
 _FILE_MODE = 0o600
 _CREATE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
-# Large enough that a DATA line rarely costs a system call, small enough
-# that hundreds of concurrent sessions do not add up to much memory.
-_WRITE_BUFFER = 64 * 1024
 
 
 def _checkId(queueId: str) -> str:
@@ -71,7 +76,8 @@ def _checkId(queueId: str) -> str:
     return queueId
 
 
-def _encodeEnvelope(envelope: Envelope) -> bytes:
+def encodeEnvelope(envelope: Envelope) -> bytes:
+    """The envelope file's content; cheap, so callers may take it on the reactor thread."""
     return json.dumps(envelope.toJSON(), separators=(",", ":")).encode("ascii")
 
 
@@ -95,6 +101,97 @@ def _fsyncDirectory(path: str) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+class DirectorySync:
+    """
+    Group commit: ``sync()`` returns once an fsync of ``path`` that started
+    after the call has succeeded (and raises its error if it failed). One
+    fsync runs at a time; every caller that arrives meanwhile waits for the
+    next one, which then covers them all.
+    """
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._changed = threading.Condition()
+        self._started = 0  # fsyncs started so far (their generation numbers)
+        self._running = False
+        # Generation -> its outcome, kept until every caller it covers has read it.
+        self._outcomes: dict[int, BaseException | None] = {}
+        self._waiting: dict[int, int] = {}
+
+    def sync(self) -> None:
+        with self._changed:
+            # The first fsync to start from now on covers this caller.
+            generation = self._started + 1
+            self._waiting[generation] = self._waiting.get(generation, 0) + 1
+            while generation not in self._outcomes:
+                if self._running:
+                    self._changed.wait()
+                    continue
+                self._running = True
+                self._started += 1  # == generation: none started since the call
+                self._changed.release()
+                try:
+                    _fsyncDirectory(self.path)
+                    outcome = None
+                except Exception as e:
+                    outcome = e
+                finally:
+                    self._changed.acquire()
+                    self._running = False
+                self._outcomes[generation] = outcome
+                self._changed.notify_all()
+            outcome = self._outcomes[generation]
+            self._waiting[generation] -= 1
+            if not self._waiting[generation]:
+                del self._waiting[generation], self._outcomes[generation]
+        if outcome is not None:
+            if isinstance(outcome, OSError):  # each caller its own exception (tracebacks)
+                raise OSError(outcome.errno, outcome.strerror, outcome.filename)
+            raise outcome
+
+
+class MessageLanes:
+    """
+    One lane per message: ``run(queueId, f, *args)`` runs the blocking call
+    ``f(*args)`` through ``runInThread`` after every call queued for the
+    same message before it has ended, and returns its Deferred. Different
+    messages run side by side. Keeps a body's writes, its commit or abort,
+    and its envelope's later updates and removal in the order they were
+    asked for, although each runs in whichever spool thread is free.
+    """
+
+    def __init__(self, runInThread: Callable[..., defer.Deferred] | None = None) -> None:
+        self._runInThread = runInThread or defer.maybeDeferred
+        # queue id -> fires when the last call queued for it has ended.
+        self._tails: dict[str, defer.Deferred] = {}
+
+    def run(self, queueId: str, f: Callable, *args) -> defer.Deferred:
+        previous = self._tails.get(queueId)
+        ended: defer.Deferred = defer.Deferred()
+        self._tails[queueId] = ended
+
+        def release(outcome):
+            if self._tails.get(queueId) is ended:
+                del self._tails[queueId]
+            ended.callback(None)
+            return outcome
+
+        if previous is None:
+            d = defer.maybeDeferred(self._runInThread, f, *args)
+        else:
+            d = defer.Deferred()
+
+            def start(_):
+                defer.maybeDeferred(self._runInThread, f, *args).chainDeferred(d)
+
+            previous.addCallback(start)
+        return d.addBoth(release)
+
+    def busy(self, queueId: str) -> bool:
+        """Whether calls for ``queueId`` are queued or running."""
+        return queueId in self._tails
 
 
 def _parseEnvelope(queueId: str, raw: bytes) -> Envelope:
@@ -198,14 +295,24 @@ class SpoolWriter:
     One message being received: the body goes to ``tmp/<id>.eml`` and
     becomes part of the queue only through ``commit``.
 
-    ``write`` runs on the reactor thread and only fills a buffer; a write
-    error (a full disk while the client is still sending) is remembered and
-    raised by ``commit``, which is when the server can answer anyway.
+    ``write`` only adds to a buffer in memory (``buffered`` bytes), so the
+    reactor thread may call it; ``takeBuffered`` hands the buffer's bytes
+    to ``writeOut``, which writes them to the file (blocking). ``commit``
+    writes what is still buffered. A write error (a full disk while the
+    client is still sending) is remembered and raised by ``commit``, which
+    is when the server can answer anyway.
     """
 
-    def __init__(self, spool: Spool, queueId: str) -> None:
+    def __init__(self, spool: Spool, queueId: str, create: bool = True) -> None:
         self.queueId = queueId
         self.size = 0
+        self.buffered = 0
+        self._buffer: list[bytes] = []
+        # After a commit: the whole body, if it was still all in memory then
+        # (nothing written out in pieces); the first delivery may send it
+        # from there instead of reading the file back.
+        self.body: bytes | None = None
+        self._wroteOut = False
         self._spool = spool
         self._tmpBody = spool._path(TMP, queueId + BODY_SUFFIX)
         self._tmpEnvelope = spool._path(TMP, queueId + ENVELOPE_SUFFIX)
@@ -215,25 +322,42 @@ class SpoolWriter:
         self._created: list[str] = []
         self._error: OSError | None = None
         self._finished = False
-        fd = os.open(self._tmpBody, _CREATE_FLAGS, _FILE_MODE)
-        self._created.append(self._tmpBody)
-        try:
-            self._file: BinaryIO | None = os.fdopen(fd, "wb", buffering=_WRITE_BUFFER)
-        except BaseException:
-            os.close(fd)
-            self._cleanUp()
-            raise
+        self._fd: int | None = None
+        if create:
+            self._file()
+
+    def _file(self) -> int:
+        """The body file's descriptor, creating the file first if need be (blocking)."""
+        if self._fd is None:
+            self._spool._checkUnused(self.queueId)
+            self._fd = os.open(self._tmpBody, _CREATE_FLAGS, _FILE_MODE)
+            self._created.append(self._tmpBody)
+        return self._fd
 
     def write(self, data: bytes) -> None:
+        """Add ``data`` to the body: memory only, never a system call."""
         if self._finished:
             raise ValueError(f"{self.queueId}: writer is already committed or aborted")
         self.size += len(data)
-        if self._error is not None:
+        if self._error is None and data:
+            self._buffer.append(data)
+            self.buffered += len(data)
+
+    def takeBuffered(self) -> bytes:
+        """The bytes written since the last take, for ``writeOut``; empties the buffer."""
+        buffer, self._buffer = self._buffer, []
+        self.buffered = 0
+        return buffer[0] if len(buffer) == 1 else b"".join(buffer)
+
+    def writeOut(self, data: bytes) -> None:
+        """Write ``data`` (from ``takeBuffered``) to the body file; blocking."""
+        if self._error is not None or self._finished or not data:
             return
+        self._wroteOut = True
         try:
-            self._file.write(data)
+            _writeAll(self._file(), data)
         except OSError as e:
-            self._error = e
+            self._error = e  # write() stops buffering; commit raises it
 
     def commit(self, envelope: Envelope) -> None:
         """
@@ -248,14 +372,17 @@ class SpoolWriter:
                 raise ValueError(
                     f"{self.queueId}: envelope belongs to queue id {envelope.queueId}"
                 )
+            whole = not self._wroteOut
+            rest = self.takeBuffered()
+            self.writeOut(rest)
             if self._error is not None:
                 raise self._error
-            file, self._file = self._file, None
+            self._file()
+            fd, self._fd = self._fd, None
             try:
-                file.flush()
-                os.fsync(file.fileno())
+                os.fsync(fd)
             finally:
-                file.close()
+                os.close(fd)
 
             os.rename(self._tmpBody, self._body)
             self._created.remove(self._tmpBody)
@@ -264,7 +391,7 @@ class SpoolWriter:
             fd = os.open(self._tmpEnvelope, _CREATE_FLAGS, _FILE_MODE)
             self._created.append(self._tmpEnvelope)
             try:
-                _writeAll(fd, _encodeEnvelope(envelope))
+                _writeAll(fd, encodeEnvelope(envelope))
                 os.fsync(fd)
             finally:
                 os.close(fd)
@@ -275,12 +402,14 @@ class SpoolWriter:
             # else a failing clean-up leaves.
             self._created.insert(0, self._envelope)
 
-            _fsyncDirectory(self._spool._path(QUEUE))
+            self._spool.queueDirectorySync.sync()
         except BaseException:
             self._finish()
             raise
         self._created = []
         self._finished = True
+        if whole:
+            self.body = rest
 
     def abort(self) -> None:
         """Forget the message: remove whatever was written. Safe to call twice."""
@@ -289,12 +418,14 @@ class SpoolWriter:
 
     def _finish(self) -> None:
         self._finished = True
-        file, self._file = self._file, None
-        if file is not None:
+        self._buffer = []
+        self.buffered = 0
+        fd, self._fd = self._fd, None
+        if fd is not None:
             try:
-                file.close()
+                os.close(fd)
             except OSError:
-                pass  # flushing the buffer failed; the file is removed anyway
+                pass  # the file is removed anyway
         self._cleanUp()
 
     def _cleanUp(self) -> None:
@@ -316,6 +447,8 @@ class Spool:
 
     def __init__(self, directory: str) -> None:
         self.directory = directory
+        # Commits ready at the same moment share one fsync of queue/.
+        self.queueDirectorySync = DirectorySync(self._path(QUEUE))
         self._prepared = False
         self._lockFile = None
         # (queue id, reason) of every entry recover() moved to quarantine/,
@@ -528,13 +661,25 @@ class Spool:
         in ``tmp/`` or in the queue: the caller retries with a new id.
         """
         _checkId(queueId)
+        return SpoolWriter(self, queueId)
+
+    def receive(self, queueId: str) -> SpoolWriter:
+        """
+        ``begin`` without a system call: the body's file is created by the
+        writer's first ``writeOut`` or by its ``commit`` (FileExistsError
+        there), so a message that fits the writer's buffer costs its commit
+        alone.
+        """
+        _checkId(queueId)
+        return SpoolWriter(self, queueId, create=False)
+
+    def _checkUnused(self, queueId: str) -> None:
         if not self._prepared:
             self._prepare()
         for suffix in (ENVELOPE_SUFFIX, BODY_SUFFIX):
             path = self._path(QUEUE, queueId + suffix)
             if os.path.lexists(path):
                 raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), path)
-        return SpoolWriter(self, queueId)
 
     # -- delivery
 
@@ -544,7 +689,11 @@ class Spool:
         crash the previous state may come back and a delivery be repeated.
         FileNotFoundError if the message is not (or no longer) in the queue.
         """
-        queueId = _checkId(envelope.queueId)
+        self.writeEnvelope(envelope.queueId, encodeEnvelope(envelope))
+
+    def writeEnvelope(self, queueId: str, raw: bytes) -> None:
+        """``update`` with the envelope already encoded (``encodeEnvelope``): a snapshot taken earlier."""
+        _checkId(queueId)
         target = self._path(QUEUE, queueId + ENVELOPE_SUFFIX)
         if not os.path.exists(target):
             raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), target)
@@ -552,7 +701,7 @@ class Spool:
         fd = os.open(temporary, _CREATE_FLAGS, _FILE_MODE)
         try:
             try:
-                _writeAll(fd, _encodeEnvelope(envelope))
+                _writeAll(fd, raw)
             finally:
                 os.close(fd)
             os.replace(temporary, target)

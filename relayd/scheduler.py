@@ -14,6 +14,10 @@ an attempt opened, and a transport's local errors.
 
 After each attempt the envelope's per-recipient state is written back with
 an atomic rename (no fsync: a crash repeats a delivery, never loses one).
+Every write of a message's envelope and its removal, the admin's included,
+runs in the spool's threads through the message's lane (relayd.queue's
+``MessageLanes``): in the order they were asked for, the envelope encoded
+on the reactor thread at that moment.
 Recipients that failed permanently in the attempt, or that are still
 pending when ``queue.lifetime`` has run out, get one notice (relayd.bounce)
 which is committed to the spool, fsynced, *before* they are marked done: a
@@ -23,6 +27,7 @@ crash in between sends the notice twice at worst, never not at all.
 from __future__ import annotations
 
 import heapq
+import io
 import random as _random
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
@@ -33,6 +38,7 @@ from twisted.logger import Logger
 
 from relayd import bounce, dsn, maillog, route
 from relayd.dkim import withSignature
+from relayd.queue import MessageLanes, encodeEnvelope
 from relayd.delivery import AttemptResult, Destination, Transport
 from relayd.envelope import (
     NOTICE_BOUNCE,
@@ -84,6 +90,23 @@ BEING_DELIVERED = "being delivered now"
 WAITING_FOR_SLOT = "waiting for a free slot at its destination"
 
 
+# Bodies of new messages kept in memory for their first attempt, in all
+# (bytes): a burst of mail beyond it is read back from the spool instead.
+KEPT_BODIES_LIMIT = 16 * 1024 * 1024
+
+
+class InMemoryBody:
+    """A body opener for a body held in memory: opening it needs no thread."""
+
+    inMemory = True
+
+    def __init__(self, body: bytes) -> None:
+        self.body = body
+
+    def __call__(self) -> io.BytesIO:
+        return io.BytesIO(self.body)
+
+
 class UnknownMessage(KeyError):
     """No message with this queue id is in the queue."""
 
@@ -99,15 +122,21 @@ class Scheduler(service.Service):
     ``postmaster``, ``queue``, ``delivery``), replaced on reload with
     ``reconfigure``. ``runInThread(f, *args)`` runs blocking spool work
     (writing a notice) off the reactor thread and returns a Deferred; tests
-    run it inline. ``signer`` (relayd.dkim.Signer) signs a message before
-    its first delivery attempt; None: nothing is signed.
+    run it inline. ``lanes`` runs a message's envelope writes and removal
+    in those threads, in order (by default over ``runInThread``).
+    ``signer`` (relayd.dkim.Signer) signs a message before its first
+    delivery attempt; None: nothing is signed.
+
+    The admin requests that write (hold, release, delete, requeue) return
+    Deferreds; the others answer at once.
     """
 
     name = "scheduler"
 
     def __init__(self, spool, transport: Transport, settings, clock,
                  random: Callable[[], float] = _random.random,
-                 runInThread: Callable[..., defer.Deferred] | None = None, signer=None):
+                 runInThread: Callable[..., defer.Deferred] | None = None,
+                 lanes: MessageLanes | None = None, signer=None):
         self.spool = spool
         self.signer = signer
         self.transport = transport
@@ -115,6 +144,7 @@ class Scheduler(service.Service):
         self.clock = clock
         self.random = random
         self.runInThread = runInThread or defer.maybeDeferred
+        self.lanes = lanes or MessageLanes(self.runInThread)
         self.envelopes: dict[str, Envelope] = {}
         self._heap: list[tuple[float, int, str]] = []
         self._sequence = 0
@@ -127,6 +157,9 @@ class Scheduler(service.Service):
         # Due messages waiting for a slot at a full destination, in order.
         self._blocked: dict[Destination, deque[str]] = {}
         self._waiting: set[str] = set()
+        # queue id -> body, for the first attempt (keepBody), KEPT_BODIES_LIMIT in all.
+        self._keptBodies: dict[str, bytes] = {}
+        self._keptBytes = 0
 
     # Feeding the schedule
 
@@ -135,6 +168,18 @@ class Scheduler(service.Service):
         self.envelopes[envelope.queueId] = envelope
         self._push(envelope)
         self._wake()
+
+    def keepBody(self, queueId: str, body: bytes) -> None:
+        """A new message's body, just committed: its first attempt sends it from memory."""
+        if self._keptBytes + len(body) <= KEPT_BODIES_LIMIT:
+            self._keptBodies[queueId] = body
+            self._keptBytes += len(body)
+
+    def _takeBody(self, queueId: str) -> bytes | None:
+        body = self._keptBodies.pop(queueId, None)
+        if body is not None:
+            self._keptBytes -= len(body)
+        return body
 
     def reconfigure(self, settings) -> None:
         self.settings = settings
@@ -212,6 +257,11 @@ class Scheduler(service.Service):
         d.addErrback(self._attemptBroke, envelope, attemptsBefore)
         d.addBoth(self._finished, envelope.queueId)
 
+    def _writeEnvelope(self, envelope: Envelope) -> defer.Deferred:
+        """Write the envelope as it is now, after the message's earlier spool calls."""
+        return self.lanes.run(envelope.queueId, self.spool.writeEnvelope, envelope.queueId,
+                              encodeEnvelope(envelope))
+
     def _attemptBroke(self, failure, envelope: Envelope, attemptsBefore: int) -> None:
         """
         A bug, not a delivery outcome: log it and try again after the usual
@@ -238,11 +288,13 @@ class Scheduler(service.Service):
             envelope.nextAttempt = nextAttemptTime(
                 now, envelope.arrival, envelope.attempts, queue.retry, queue.lifetime, self.random())
             self._push(envelope)
-        try:
-            self.spool.update(envelope)
-        except OSError as e:
+
+        def failed(failure) -> None:
             # The schedule in memory stands; the spool catches up at the next write.
-            maillog.queueWarning(queueId, f"cannot write the envelope: {e.strerror or e}")
+            e = failure.value
+            maillog.queueWarning(queueId, f"cannot write the envelope: {getattr(e, 'strerror', None) or e}")
+
+        self._writeEnvelope(envelope).addErrback(failed)
 
     @defer.inlineCallbacks
     def _attempt(self, envelope: Envelope, started: float, groups: dict[Destination, list[str]]):
@@ -258,9 +310,12 @@ class Scheduler(service.Service):
         recipientParams = {}
         for r in pending:
             recipientParams.setdefault(r.address, dsn.rcptParameters(r.notify, r.orcpt))
-
-        def openBody():
-            return self.spool.openBody(envelope.queueId)
+        kept = self._takeBody(envelope.queueId)
+        if kept is not None:
+            openBody = InMemoryBody(kept)
+        else:
+            def openBody():
+                return self.spool.openBody(envelope.queueId)
 
         if envelope.dkim is None and self.signer is not None:
             # Signed once; stored before the first byte goes out, so every
@@ -268,7 +323,7 @@ class Scheduler(service.Service):
             signed = yield self.signer.sign(envelope, openBody)
             if signed:
                 try:
-                    yield self.runInThread(self.spool.update, envelope)
+                    yield self._writeEnvelope(envelope)
                 except OSError as e:
                     maillog.queueFileFailed(envelope.queueId, "update", e.strerror or str(e))
         openMessage = withSignature(envelope.dkim, openBody)
@@ -329,8 +384,9 @@ class Scheduler(service.Service):
         now = self.clock.seconds()
         if envelope.isFinished():
             try:
-                # Unlinking waits for the file system journal: in a thread.
-                yield self.runInThread(self.spool.remove, queueId)
+                # Unlinking waits for the file system journal: in a thread,
+                # after the envelope writes still under way.
+                yield self.lanes.run(queueId, self.spool.remove, queueId)
             except OSError as e:
                 # Still queued on disk: kept in memory too, and the removal is
                 # tried again at the next attempt (which finds nobody to send to).
@@ -348,13 +404,15 @@ class Scheduler(service.Service):
         envelope.nextAttempt = nextAttemptTime(
             now, envelope.arrival, envelope.attempts, queue.retry,
             0.0 if noticeFailed else queue.lifetime, self.random())
-        try:
-            self.spool.update(envelope)
-        except OSError as e:
+
+        def failed(failure) -> None:
             # The disk keeps the previous state (a restart may repeat a
             # delivery, never lose one); the schedule in memory stands and the
             # spool catches up at the next write.
-            maillog.queueFileFailed(queueId, "update", e.strerror or str(e))
+            e = failure.value
+            maillog.queueFileFailed(queueId, "update", getattr(e, "strerror", None) or str(e))
+
+        self._writeEnvelope(envelope).addErrback(failed)
         self._push(envelope)
 
     def _record(self, envelope: Envelope, byAddress, result: AttemptResult,
@@ -519,46 +577,56 @@ class Scheduler(service.Service):
     def activeIds(self) -> list[str]:
         return sorted(self._active)
 
-    def hold(self, queueId: str) -> str:
+    def hold(self, queueId: str) -> defer.Deferred:
         envelope = self._known(queueId)
         if envelope.hold:
-            return "already on hold"
+            return defer.succeed("already on hold")
         envelope.hold = True
-        try:
-            self.spool.update(envelope)
-        except OSError:
-            envelope.hold = False  # memory stays as on disk; the caller reports the error
-            raise
-        maillog.adminAction(queueId, "placed on hold")
-        return "placed on hold" + (" (after the attempt in progress)" if self.isActive(queueId) else "")
 
-    def release(self, queueId: str) -> str:
+        def written(_) -> str:
+            maillog.adminAction(queueId, "placed on hold")
+            return "placed on hold" + (" (after the attempt in progress)" if self.isActive(queueId) else "")
+
+        def failed(failure):
+            envelope.hold = False  # memory stays as on disk; the caller reports the error
+            return failure
+
+        return self._writeEnvelope(envelope).addCallbacks(written, failed)
+
+    def release(self, queueId: str) -> defer.Deferred:
         envelope = self._known(queueId)
         if not envelope.hold:
-            return "not on hold"
+            return defer.succeed("not on hold")
         nextAttempt = envelope.nextAttempt
         envelope.hold = False
         if not self.isActive(queueId):
             envelope.nextAttempt = self.clock.seconds()
-        try:
-            self.spool.update(envelope)
-        except OSError:
-            envelope.hold, envelope.nextAttempt = True, nextAttempt  # as on disk
-            raise
-        maillog.adminAction(queueId, "released from hold")
-        if not self.isActive(queueId):
-            self._push(envelope)
-            self._wake()
-        return "released from hold"
 
-    def delete(self, queueId: str) -> str:
+        def written(_) -> str:
+            maillog.adminAction(queueId, "released from hold")
+            if not self.isActive(queueId) and self.envelopes.get(queueId) is envelope:
+                self._push(envelope)
+                self._wake()
+            return "released from hold"
+
+        def failed(failure):
+            envelope.hold, envelope.nextAttempt = True, nextAttempt  # as on disk
+            return failure
+
+        return self._writeEnvelope(envelope).addCallbacks(written, failed)
+
+    def delete(self, queueId: str) -> defer.Deferred:
         self._known(queueId)
         active = self.isActive(queueId)
         self.envelopes.pop(queueId)
         self._waiting.discard(queueId)
-        self.spool.remove(queueId)
-        maillog.adminAction(queueId, "removed")
-        return "removed" + (" (an attempt in progress may still deliver it)" if active else "")
+        self._takeBody(queueId)
+
+        def removed(_) -> str:
+            maillog.adminAction(queueId, "removed")
+            return "removed" + (" (an attempt in progress may still deliver it)" if active else "")
+
+        return self.lanes.run(queueId, self.spool.remove, queueId).addCallback(removed)
 
     def _selected(self, queueIds: Sequence[str] | None) -> list[tuple[str, Envelope]]:
         """The named messages (UnknownMessage before anything changes), or the whole queue."""
@@ -585,13 +653,15 @@ class Scheduler(service.Service):
         self._wake()
         return outcomes
 
-    def requeue(self, queueIds: Sequence[str] | None = None) -> dict[str, str | OSError]:
+    def requeue(self, queueIds: Sequence[str] | None = None) -> defer.Deferred:
         """
-        Start over: forget the backoff and the hold, try now. A message whose
-        envelope cannot be written is left as it was and answered with the
-        OSError (not raised: the rest of the batch still gets done).
+        Start over: forget the backoff and the hold, try now. Fires with the
+        outcome per message; a message whose envelope cannot be written is
+        left as it was and answered with the OSError (not raised: the rest
+        of the batch still gets done).
         """
         outcomes: dict[str, str | OSError] = {}
+        writes = []
         now = self.clock.seconds()
         for queueId, envelope in self._selected(queueIds):
             if self.isActive(queueId):
@@ -606,19 +676,30 @@ class Scheduler(service.Service):
                 # keep it held); the rest is written by the coming attempt,
                 # which spares the whole-queue requeue a write per message.
                 envelope.hold = False
-                try:
-                    self.spool.update(envelope)
-                except OSError as e:
-                    (envelope.attempts, envelope.hold, envelope.lastError,
-                     envelope.nextAttempt) = before
-                    outcomes[queueId] = e
-                    continue
-            if queueId not in self._waiting:
-                self._push(envelope)
-            maillog.adminAction(queueId, "requeued")
-            outcomes[queueId] = REQUEUED
+                outcomes[queueId] = REQUEUED
+                writes.append(self._writeEnvelope(envelope).addCallbacks(
+                    self._requeued, self._notRequeued, callbackArgs=(queueId, envelope, outcomes),
+                    errbackArgs=(queueId, envelope, before, outcomes)))
+                continue
+            self._requeued(None, queueId, envelope, outcomes, wake=False)
         self._wake()
-        return outcomes
+        return defer.gatherResults(writes).addCallback(lambda _: outcomes)
+
+    def _requeued(self, _: object, queueId: str, envelope: Envelope, outcomes: dict,
+                  wake: bool = True) -> None:
+        if queueId not in self._waiting and self.envelopes.get(queueId) is envelope:
+            self._push(envelope)
+        maillog.adminAction(queueId, "requeued")
+        outcomes[queueId] = REQUEUED
+        if wake:
+            self._wake()
+
+    def _notRequeued(self, failure, queueId: str, envelope: Envelope, before: tuple,
+                     outcomes: dict) -> None:
+        (envelope.attempts, envelope.hold, envelope.lastError, envelope.nextAttempt) = before
+        if not isinstance(failure.value, OSError):
+            log.failure("requeue of {queueId}", failure, queueId=queueId)
+        outcomes[queueId] = failure.value
 
     def bounce(self, queueId: str) -> str:
         """Give up on the pending recipients: return the message to its sender now."""
@@ -650,6 +731,7 @@ class Scheduler(service.Service):
 
     @defer.inlineCallbacks
     def _cancel(self, envelope: Envelope, started: float, groups: dict):
+        self._takeBody(envelope.queueId)
         failed = []
         for r in envelope.pending():
             r.state = Status.BOUNCED

@@ -40,6 +40,7 @@ from relayd.auth import (CheckAbandoned, ClientCredentials, FailureThrottle, IRe
 from relayd.config import DEFAULT_AUTH_FAILURE_LIMIT, DEFAULT_AUTH_FAILURE_WINDOW, Listener
 from relayd.tls import sessionDescription
 from relayd.envelope import Envelope, Recipient, newQueueId
+from relayd.queue import MessageLanes
 from relayd.replies import Reply
 from relayd.tcp import setNoDelay
 
@@ -101,6 +102,16 @@ MAX_UNSENT = SOCKET_BUFFER + 4 * MAX_REPLY
 # collection; 1 KiB covers the records' overhead.
 TLS_WRITE_AGGREGATION = 64_000
 MAX_UNSENT_TLS = MAX_UNSENT + TLS_WRITE_AGGREGATION + 1024
+# A body goes to its file in pieces of about this size, each written in a
+# spool thread; a smaller message is written whole by its commit.
+BODY_WRITE_CHUNK = 64 * 1024
+# Pieces of one body queued for the file at most: past this, reading from
+# the client pauses until the disk has caught up (a fast client cannot make
+# a session hold more than MAX_BODY_WRITES * (BODY_WRITE_CHUNK + MAX_READ)).
+MAX_BODY_WRITES = 4
+# How old the spool's free space measurement may be before a MAIL starts a
+# new one (a measurement below the reserve is always repeated).
+FREE_SPACE_INTERVAL = 1.0
 # Header block held in memory to look for Message-ID/Date before writing.
 MAX_HEADER_BLOCK = 256 * 1024
 # What the DATA reader holds between reads: the header block and a partial
@@ -323,6 +334,7 @@ class SubmissionServer(smtp.ESMTP):
         self._closing = False  # reply sent that ends the session; ignore input
         self._shutdownRequested = False
         self._data: _DataReader | None = None
+        self._bodyWrites = 0  # pieces of the body queued for its file or being written
         self.heloName: str | None = None
         self.esmtp = False
         self.transaction: Transaction | None = None
@@ -493,7 +505,8 @@ class SubmissionServer(smtp.ESMTP):
         """Read from the client unless replies are backed up or too much input waits for a pending step."""
         if self._lost or self._closing:
             return
-        pause = self._writeBlocked or (self._busy and len(self._inbox) > MAX_QUEUED_INPUT)
+        pause = (self._writeBlocked or self._bodyWrites >= MAX_BODY_WRITES
+                 or (self._busy and len(self._inbox) > MAX_QUEUED_INPUT))
         if pause and not self._readingPaused:
             self._readingPaused = True
             self.transport.pauseProducing()
@@ -678,11 +691,13 @@ class SubmissionServer(smtp.ESMTP):
         inbox = self._inbox
         while inbox and not self._busy and not self._closing and not self._writeBlocked:
             if self._data is not None:
-                chunk = bytes(inbox)
+                if self._bodyWrites >= MAX_BODY_WRITES:
+                    break  # the disk is behind: wait for a piece to be written
+                rest = self._data.feed(inbox)  # copies what it keeps
                 inbox.clear()
-                rest = self._data.feed(chunk)
                 if rest is None:
-                    return
+                    self._writeBodyOut()
+                    continue
                 inbox += rest
                 self._endOfData()
                 continue
@@ -937,19 +952,9 @@ class SubmissionServer(smtp.ESMTP):
             return self._error(replies.NEED_MAIL)
         if not txn.recipients:
             return self._error(replies.NEED_RCPT)
-        # Creating the body's file waits for the file system journal: in a
-        # thread, while later input waits in the inbox.
-        self._busy = True
-        d = self.factory.runInThread(self.factory.spool.begin, txn.queueId)
-        d.addCallbacks(self._dataBegun, self._dataNotBegun, callbackArgs=(txn,),
-                       errbackArgs=(txn,))
-        d.addErrback(lambda f: log.failure("DATA", f))
-
-    def _dataBegun(self, writer, txn: Transaction) -> None:
-        if self._lost or self._closing:
-            # The session ended (timeout, shutdown) while the file was created.
-            self._discard(writer)
-            return
+        # No system call here: the body's file is made by its first piece
+        # written out or by the commit, in a spool thread.
+        writer = self.factory.spool.receive(txn.queueId)
         self._data = _DataReader(
             writer=writer,
             maxSize=self.factory.config.limits.messageSize,
@@ -962,21 +967,30 @@ class SubmissionServer(smtp.ESMTP):
         )
         self.setTimeout(self.factory.config.limits.dataTimeout)
         self.reply(replies.START_DATA)
-        self._resume()
 
-    def _dataNotBegun(self, failure: Failure, txn: Transaction) -> None:
-        error = failure.value
-        maillog.queueWarning(txn.queueId, "cannot create queue file: "
-                             f"{getattr(error, 'strerror', None) or error}")
-        if self._lost:
+    def _writeBodyOut(self) -> None:
+        """Hand the body's buffered bytes to a spool thread once there are enough of them."""
+        writer = self._data.writer
+        if writer.buffered < BODY_WRITE_CHUNK:
             return
-        if not self._closing:
-            self.reply(_storageReply(error))
-        self._resume()
+        self._bodyWrites += 1
+        d = self.factory.lanes.run(writer.queueId, writer.writeOut, writer.takeBuffered())
+        d.addErrback(lambda f: log.failure("writing a message body", f))
+        d.addBoth(self._bodyWritten)
+
+    def _bodyWritten(self, _: object) -> None:
+        self._bodyWrites -= 1
+        if self._lost or self._closing:
+            return
+        self._updateReading()
+        self._process()
 
     def _discard(self, writer) -> None:
-        """Forget a body that will not be committed: removing its file waits too, so in a thread."""
-        self.factory.runInThread(writer.abort).addErrback(
+        """
+        Forget a body that will not be committed: removing its file waits
+        too, so in a thread, after the pieces of it still being written.
+        """
+        self.factory.lanes.run(writer.queueId, writer.abort).addErrback(
             lambda f: log.failure("discarding a message body", f))
 
     def receivedHeaderFor(self, txn: Transaction) -> str:
@@ -1008,7 +1022,7 @@ class SubmissionServer(smtp.ESMTP):
         return (
             f"Received: from {self.heloName} ({self.clientName} [{self.clientAddress}]){extra}\r\n"
             f"\tby {self.factory.hostname} (relayd) with {proto} id {txn.queueId}{forClause};\r\n"
-            f"\t{formatdate(self.factory.clock.seconds(), localtime=True)}\r\n"
+            f"\t{headerDate(self.factory.clock.seconds())}\r\n"
         )
 
     def _endOfData(self) -> None:
@@ -1040,16 +1054,19 @@ class SubmissionServer(smtp.ESMTP):
         envelope.nextAttempt = envelope.arrival
         self._busy = True
         d = defer.maybeDeferred(self.factory.commit, reader.writer, envelope)
-        d.addCallbacks(self._committed, self._commitFailed, callbackArgs=(envelope,),
+        d.addCallbacks(self._committed, self._commitFailed, callbackArgs=(envelope, reader.writer),
                        errbackArgs=(envelope,))
         d.addErrback(lambda f: log.failure("end of data", f))
 
-    def _committed(self, _: object, envelope: Envelope) -> None:
+    def _committed(self, _: object, envelope: Envelope, writer) -> None:
         maillog.messageQueued(envelope.queueId, envelope.sender, envelope.size, len(envelope.recipients))
         if envelope.authIdentity:
             self.factory.messageRate.queued(envelope.authIdentity)
         if not self._closing:
             self.reply(replies.QUEUED.format(queueId=envelope.queueId))
+        body = getattr(writer, "body", None)
+        if body is not None:
+            self.factory.bodyKept(envelope.queueId, body)
         self.factory.messageQueued(envelope)
         self._afterData()
 
@@ -1377,6 +1394,24 @@ def isPostmaster(address: str, hostname: str) -> bool:
     return local.lower() == "postmaster" and domain.rstrip(".").lower() == hostname.lower()
 
 
+# (second, its RFC 5322 date): the last one formatted.
+_lastHeaderDate: list[tuple[int, str]] = [(-1, "")]
+
+
+def headerDate(seconds: float) -> str:
+    """
+    ``formatdate(seconds, localtime=True)``, formatted once per second: the
+    Received and Date headers of every message of that second share it.
+    """
+    second = int(seconds)
+    cached = _lastHeaderDate[0]  # one read: another thread may replace it
+    if cached[0] == second:
+        return cached[1]
+    text = formatdate(second, localtime=True)
+    _lastHeaderDate[0] = (second, text)
+    return text
+
+
 def spoolFreeBytes(path: str) -> int:
     """Bytes an unprivileged writer may still use on the file system holding ``path``."""
     stat = os.statvfs(path)
@@ -1430,19 +1465,23 @@ class _DataReader:
         """Bytes held between reads: the current partial line and the header block so far."""
         return len(self._buf) + (len(self._head) if self._head is not None else 0)
 
-    def feed(self, chunk: bytes) -> bytes | None:
+    def feed(self, chunk: bytes | bytearray) -> bytes | None:
         buf = self._buf
         buf += chunk
         end = buf.find(b"\r\n.\r\n", self._scanFrom)
         if end >= 0:
-            rest = bytes(buf[end + 5 :])
-            self._lines(bytes(buf[2 : end + 2]))
+            with memoryview(buf) as view:  # one copy per piece, not two
+                rest = bytes(view[end + 5 :])
+                lines = bytes(view[2 : end + 2])
+            self._lines(lines)
             self._finishHead()
             self._buf = bytearray()
             return rest
         last = buf.rfind(b"\n")
         if last >= 2:
-            self._lines(bytes(buf[2 : last + 1]))
+            with memoryview(buf) as view:
+                lines = bytes(view[2 : last + 1])
+            self._lines(lines)
             del buf[: last - 1]
         if len(buf) > MAX_DATA_LINE + 4:
             # One line longer than the limit and still going: keep only
@@ -1511,7 +1550,7 @@ class _DataReader:
         if not _HAS_MESSAGE_ID.search(header):
             added += f"Message-ID: {make_msgid(domain=self.hostname)}\r\n".encode("ascii")
         if not _HAS_DATE.search(header):
-            added += f"Date: {formatdate(self.now, localtime=True)}\r\n".encode("ascii")
+            added += f"Date: {headerDate(self.now)}\r\n".encode("ascii")
         rest = bytes(head[headerEnd:])
         if added and rest and not rest.startswith(b"\r\n"):
             # The body had no blank line after its headers (or no headers):
@@ -1554,14 +1593,18 @@ class SubmissionFactory(protocol.ServerFactory):
     Builds sessions for every listener and keeps the set of live ones, for
     the connection limits and for shutdown. ``commit(writer, envelope)``
     makes a message durable (a Deferred, run in a thread by tap.py);
-    ``messageQueued(envelope)`` hands it to the scheduler.
+    ``messageQueued(envelope)`` hands it to the scheduler, after
+    ``bodyKept(queueId, body)`` for a body the commit wrote in one piece
+    (the scheduler may send it from memory; by default it is dropped).
     ``runInThread(f, *args)`` runs the other blocking spool calls (creating
-    and removing a body's file) off the reactor thread and returns a
-    Deferred; tests run them inline.
+    a body's file, measuring free space) off the reactor thread and returns
+    a Deferred; tests run them inline. ``lanes`` (relayd.queue.MessageLanes
+    over the same threads) runs a body's writes and its removal in order;
+    ``commit`` must use the same lanes.
     """
 
     def __init__(self, config, spool, commit, messageQueued, clock, portal=None, tls=None,
-                 clientNames=None, runInThread=None, limits=None):
+                 clientNames=None, runInThread=None, limits=None, lanes=None, bodyKept=None):
         self.config = config
         # address -> Deferred[ClientName] (relayd.resolve.ClientNames.lookup),
         # firing within limits.client_name_timeout; None: every client "unknown".
@@ -1569,7 +1612,9 @@ class SubmissionFactory(protocol.ServerFactory):
         self.spool = spool
         self.commit = commit
         self.runInThread = runInThread or defer.maybeDeferred
+        self.lanes = lanes or MessageLanes(self.runInThread)
         self.messageQueued = messageQueued
+        self.bodyKept = bodyKept or (lambda queueId, body: None)
         self.clock = clock
         # twisted.cred portal for AUTH (None: AUTH is off everywhere) and
         # the server's TLS context factory (None: no TLS listener).
@@ -1591,6 +1636,7 @@ class SubmissionFactory(protocol.ServerFactory):
         # Free bytes on the spool's file system as last measured (None:
         # not yet, or the measurement failed) and whether one is running.
         self._freeSpace: int | None = None
+        self._measuredAt = 0.0
         self._measuring = False
 
     @property
@@ -1604,12 +1650,16 @@ class SubmissionFactory(protocol.ServerFactory):
         """
         Below queue.free_space_reserve: MAIL gets 452 4.3.1 so no message
         fills the disk midway. statvfs runs in a thread: the answer goes by
-        the latest measurement, and each MAIL starts the next one.
+        the latest measurement, and a MAIL starts the next one when that is
+        older than FREE_SPACE_INTERVAL or was below the reserve (not one
+        per message under load).
         """
         reserve = self.config.freeSpaceReserve()
         if reserve <= 0:
             return False
-        self._measureFreeSpace()
+        if (self._freeSpace is None or self._freeSpace < reserve
+                or self.clock.seconds() - self._measuredAt >= FREE_SPACE_INTERVAL):
+            self._measureFreeSpace()
         free = self._freeSpace
         if free is None:
             return False  # cannot tell (yet); the commit still answers 452 on ENOSPC
@@ -1622,6 +1672,7 @@ class SubmissionFactory(protocol.ServerFactory):
         if self._measuring:
             return
         self._measuring = True
+        self._measuredAt = self.clock.seconds()
 
         def measured(free: int) -> None:
             self._freeSpace = free

@@ -35,7 +35,7 @@ from twisted.internet.interfaces import (
     IDelayedCall,
     IHandshakeListener,
     IOpenSSLClientConnectionCreator,
-    IPullProducer,
+    IPushProducer,
     IReactorTime,
 )
 from twisted.internet.protocol import Factory
@@ -291,27 +291,88 @@ class MessageOutcome:
     overflow: tuple[int, ...] = ()
 
 
-@implementer(IPullProducer)
-class _BodyProducer:
-    """Reads the spooled body chunk by chunk as the transport drains."""
+def _readFirst(openBody: Callable[[], BinaryIO], size: int) -> tuple[BinaryIO | None, bytes]:
+    """Open the body and read its first piece (blocking): see ``_readNext``."""
+    return _readNext(openBody(), size)
 
-    def __init__(self, session: "OutboundSession", body: BinaryIO, chunkSize: int):
+
+def _readNext(body: BinaryIO, size: int) -> tuple[BinaryIO | None, bytes]:
+    """
+    Up to ``size`` bytes of ``body`` (blocking), and ``body``, or None once
+    its end is reached and it is closed: a body shorter than a piece costs
+    one call.
+    """
+    try:
+        chunk = body.read(size)
+    except BaseException:
+        body.close()
+        raise
+    if len(chunk) < size:  # a spooled body is a regular file: a short read is its end
+        body.close()
+        return None, chunk
+    return body, chunk
+
+
+def _closeQuietly(body: BinaryIO) -> None:
+    try:
+        body.close()
+    except OSError:
+        pass
+
+
+@implementer(IPushProducer)
+class _BodyProducer:
+    """
+    Sends the spooled body piece by piece: each piece is read through
+    ``runInThread`` (the file system never on the reactor thread), the next
+    one only while the transport wants more.
+    """
+
+    def __init__(self, session: "OutboundSession", openBody: Callable[[], BinaryIO], chunkSize: int,
+                 runInThread: Callable[..., defer.Deferred]):
         self._session = session
-        self._body = body
+        self._openBody = openBody
+        self._body: BinaryIO | None = None
         self._chunkSize = chunkSize
+        # A body held in memory (relayd.scheduler.InMemoryBody) needs no thread.
+        self._runInThread = (defer.maybeDeferred if getattr(openBody, "inMemory", False)
+                             else runInThread)
         self._stuffer = DotStuffer(MAX_LINE)
         self.done: defer.Deferred = defer.Deferred()
         self._finished = False
+        self._paused = False
+        self._reading = False
+        self._started = False
+        self._pumping = False
 
-    def resumeProducing(self) -> None:
-        if self._finished:
+    def start(self) -> None:
+        self._pump()
+
+    def _pump(self) -> None:
+        # A read that completes at once (tests) loops here instead of nesting.
+        if self._pumping:
+            return
+        self._pumping = True
+        try:
+            while not (self._reading or self._paused or self._finished):
+                self._reading = True
+                if self._started:
+                    d = self._runInThread(_readNext, self._body, self._chunkSize)
+                else:
+                    self._started = True
+                    d = self._runInThread(_readFirst, self._openBody, self._chunkSize)
+                d.addCallbacks(self._read, self._readFailed)
+        finally:
+            self._pumping = False
+
+    def _read(self, result: tuple[BinaryIO | None, bytes]) -> None:
+        self._reading = False
+        body, chunk = result
+        self._body = body
+        if self._finished:  # stopped meanwhile
+            self._close()
             return
         self._session._bodyProgress()
-        try:
-            chunk = self._body.read(self._chunkSize)
-        except OSError as e:
-            self._fail(e)
-            return
         transport = self._session.transport
         if chunk:
             try:
@@ -320,29 +381,42 @@ class _BodyProducer:
                 self._fail(e)
                 return
             transport.write(data)
+        if body is None:
+            self._finished = True
+            transport.write(self._stuffer.finish())
+            transport.unregisterProducer()
+            self.done.callback(None)
             return
-        self._finished = True
-        self._close()
-        transport.write(self._stuffer.finish())
-        transport.unregisterProducer()
-        self.done.callback(None)
+        self._pump()
+
+    def _readFailed(self, failure: Failure) -> None:
+        self._reading = False
+        if not self._finished:
+            self._fail(failure.value)
+
+    def pauseProducing(self) -> None:
+        self._paused = True
+
+    def resumeProducing(self) -> None:
+        self._paused = False
+        self._pump()
 
     def stopProducing(self) -> None:
         if not self._finished:
             self._finished = True
             self._close()
 
-    def _fail(self, exc: Exception) -> None:
+    def _fail(self, exc: BaseException) -> None:
         self._finished = True
         self._close()
         self._session.transport.unregisterProducer()
         self.done.errback(exc)
 
     def _close(self) -> None:
-        try:
-            self._body.close()
-        except OSError:
-            pass
+        # A read in progress hands the file back to _read, which closes it.
+        body, self._body = self._body, None
+        if body is not None and not self._reading:
+            self._runInThread(_closeQuietly, body)
 
 
 @implementer(IHandshakeListener)
@@ -374,8 +448,11 @@ class OutboundSession(LineReceiver):
         tls: str = "none",
         tlsOptions: Callable[[], IOpenSSLClientConnectionCreator | None] | None = None,
         credentials: tuple[str, Secret] | None = None,
+        runInThread: Callable[..., defer.Deferred] | None = None,
     ):
         self._reactor = reactor
+        # Reads the spooled body off the reactor thread (tests: inline).
+        self._runInThread = runInThread or defer.maybeDeferred
         self.tlsMode = tls
         self._tlsOptions = tlsOptions
         self._credentials = credentials
@@ -992,8 +1069,7 @@ class OutboundSession(LineReceiver):
                                notifyPassedOn=status is Status.SENT and "DSN" in self.capabilities)
 
     def _sendBody(self, openBody: Callable[[], BinaryIO]) -> defer.Deferred:
-        body = openBody()
-        producer = _BodyProducer(self, body, self.chunkSize)
+        producer = _BodyProducer(self, openBody, self.chunkSize, self._runInThread)
         self._producer = producer
 
         def finished(result):
@@ -1002,7 +1078,8 @@ class OutboundSession(LineReceiver):
 
         producer.done.addBoth(finished)
         self._bodyProgress()
-        self.transport.registerProducer(producer, False)
+        self.transport.registerProducer(producer, True)
+        producer.start()
         return producer.done
 
     def _bodyProgress(self) -> None:

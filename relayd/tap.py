@@ -43,7 +43,7 @@ from relayd.auth import (
 from relayd.courier import Courier
 from relayd.dkim import KeyProblem, Signer, keyProblems
 from relayd.proxy import ProxyFactory
-from relayd.queue import Spool, ownershipProblem, permissionFix, spoolProblems
+from relayd.queue import MessageLanes, Spool, ownershipProblem, permissionFix, spoolProblems
 from relayd.resolve import HOSTS_FILE, ClientNames, ConfiguredResolver
 from relayd.scheduler import Scheduler
 from relayd.secret import deliverySecrets
@@ -474,13 +474,16 @@ def makeService(options, reactor=None) -> RelayService:
     listenerServices: list = []
     # One resolver for MX delivery and client names.
     resolver = ConfiguredResolver(reactor, config)
-    courier = _courier(config, reactor, listenerServices, resolver)
 
     def runInThread(f, *args):
         # Every file system call of the spool (create, fsync, rename,
-        # unlink) waits for the disk: never on the reactor thread.
+        # unlink, reading a body) waits for the disk: never on the reactor thread.
         return deferToThreadPool(reactor, pool, f, *args)
 
+    courier = _courier(config, reactor, listenerServices, resolver, runInThread)
+
+    # A message's writes, commit, updates and removal, in order, in those threads.
+    lanes = MessageLanes(runInThread)
     # DKIM keys are read now (a bad one stops the start) and on reload;
     # messages are signed in worker processes (relayd.dkim says why).
     try:
@@ -493,11 +496,11 @@ def makeService(options, reactor=None) -> RelayService:
     transport = TimedTransport(courier, metrics, reactor) if metrics is not None else courier
     # Notices (bounces) are written and fsynced in the spool's threads too.
     scheduler = Scheduler(spool, transport, config, reactor, runInThread=runInThread,
-                          signer=signer)
+                          lanes=lanes, signer=signer)
 
     def commit(writer, envelope):
-        # fsync never runs on the reactor thread.
-        d = deferToThreadPool(reactor, pool, writer.commit, envelope)
+        # fsync never runs on the reactor thread; after the body's last piece.
+        d = lanes.run(writer.queueId, writer.commit, envelope)
         if metrics is not None:
             started = reactor.seconds()
             d.addCallback(_passing(lambda: metrics.timedCommit(reactor.seconds() - started)))
@@ -509,7 +512,7 @@ def makeService(options, reactor=None) -> RelayService:
                               hostsFile=os.environ.get("RELAYD_HOSTS_FILE") or HOSTS_FILE)
     factory = SubmissionFactory(config, spool, commit, scheduler.add, reactor,
                                 portal=credPortal, tls=tls, clientNames=clientNames.lookup,
-                                runInThread=runInThread)
+                                runInThread=runInThread, lanes=lanes, bodyKept=scheduler.keepBody)
     listeners = [ListenerService(l.innerEndpoint, listenerFactory, reactor, label=l.endpoint)
                  for l, listenerFactory in _listenerFactories(config, factory, tls, reactor)]
     # What SIGHUP reconfigures, in this order; restart-only settings (the
@@ -667,14 +670,16 @@ def makeWorker(config, reactor, link, listenerFds: list[int]):
     def runInThread(f, *args):
         return deferToThreadPool(reactor, pool, f, *args)
 
-    commit = announcedCommit(link, lambda writer, envelope: deferToThreadPool(
-        reactor, pool, writer.commit, envelope))
+    # A message's body pieces and its commit, in order, in the spool threads.
+    lanes = MessageLanes(runInThread)
+    commit = announcedCommit(link, lambda writer, envelope: lanes.run(
+        writer.queueId, writer.commit, envelope))
     tls, passwords, verifier, authPool, credPortal = _security(config, reactor)
     clientNames = ClientNames(resolver, config.limits.clientNameTimeout, reactor,
                               hostsFile=os.environ.get("RELAYD_HOSTS_FILE") or HOSTS_FILE)
     factory = SubmissionFactory(config, spool, commit, link.queued, reactor,
                                 portal=credPortal, tls=tls, clientNames=clientNames.lookup,
-                                runInThread=runInThread, limits=link.limits)
+                                runInThread=runInThread, limits=link.limits, lanes=lanes)
     listenerFactories = [f for _, f in _listenerFactories(config, factory, tls, reactor)]
     reloadable = [factory, tls, passwords, verifier,
                   credPortal.realm if credPortal is not None else None,
@@ -724,7 +729,7 @@ def startupProblems(config) -> list[str]:
     return problems
 
 
-def _courier(config, reactor, listeners, resolver):
+def _courier(config, reactor, listeners, resolver, runInThread):
     """The courier; ``listeners`` (filled in later) tell it relayd's own addresses."""
 
     passwords, _, problems = deliverySecrets(config)
@@ -741,7 +746,7 @@ def _courier(config, reactor, listeners, resolver):
 
     return Courier(reactor, config.hostname, config.delivery.timeouts,
                    resolver=resolver, passwords=passwords,
-                   localAddresses=localAddresses)
+                   localAddresses=localAddresses, runInThread=runInThread)
 
 
 def _security(config, reactor):

@@ -84,9 +84,10 @@ class TLSStringTransport(StringTransport):
 class Peer:
     """
     The server side of one OutboundSession over a StringTransport: feed it
-    server bytes, read what the client wrote. The body producer is pumped
-    the way a real transport pulls (unless ``pump`` is off) and an aborted
-    or closed transport is reported to the protocol as connectionLost.
+    server bytes, read what the client wrote. The body producer is driven
+    the way a real transport does: with ``pump`` off, every write fills the
+    transport's buffer (pauseProducing) until the test resumes it. An
+    aborted or closed transport is reported to the protocol as connectionLost.
     """
 
     def __init__(self, timeouts=Timeouts(), chunkSize=CHUNK_SIZE, clock=None, **sessionArgs):
@@ -99,6 +100,14 @@ class Peer:
         )
         self.pump = True
         self.lost = False
+        write = self.transport.write
+
+        def writeFillingTheBuffer(data):
+            write(data)
+            if not self.pump and self.transport.producer is not None:
+                self.transport.producer.pauseProducing()
+
+        self.transport.write = writeFillingTheBuffer
         self.session.makeConnection(self.transport)
 
     def feed(self, data: bytes) -> None:

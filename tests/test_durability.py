@@ -144,3 +144,15 @@ def test_postmaster_without_configured_address_is_refused(tmp_path):
     assert s.send(b"MAIL FROM:<>\r\n") == ["250 2.1.0 Ok"]
     assert s.send(b"RCPT TO:<postmaster>\r\n") == [
         "550 5.1.1 <postmaster>: Recipient address rejected: no postmaster address is configured"]
+
+
+def test_free_space_is_measured_once_a_second_while_it_is_above_the_reserve(tmp_path):
+    s = Session(tmp_path)
+    measured = []
+    s.factory.freeBytes = lambda path: measured.append(path) or 10**12
+    for _ in range(3):
+        assert s.submit()[0].startswith("250 2.0.0")
+    assert len(measured) == 1  # not a statvfs per message
+    s.clock.advance(server.FREE_SPACE_INTERVAL)
+    assert s.submit()[0].startswith("250 2.0.0")
+    assert len(measured) == 2

@@ -276,3 +276,30 @@ def test_twisted_udp_port_chatter_of_dns_queries_is_left_out_of_the_log():
     assert "(UDP Port 4242 Closed)" not in texts
     assert "something else happened" in texts
     assert "ListenerFactory starting on 2525" in texts  # a listener starts once: kept
+
+
+def test_lines_of_one_second_share_one_formatted_stamp_and_mail_lines_are_not_reformatted(monkeypatch):
+    """The per-message cost of a log line: no strftime per line, no format parsing of maillog's lines."""
+    converted = []
+
+    def countingUtc(seconds):
+        converted.append(seconds)
+        return time.gmtime(seconds)
+
+    formatted = []
+    realEventAsText = logformat.eventAsText
+    monkeypatch.setattr(logformat, "eventAsText",
+                        lambda event, **kw: (formatted.append(event), realEventAsText(event, **kw))[1])
+    out = io.StringIO()
+    observer = logformat.syslogObserver(out, hostname="relay", pid=1, localtime=countingUtc)
+    emitThrough(fixedTime(observer), lambda: [
+        maillog.messageQueued("K1EXDXNM43F1XEF6", "a@example.com", 421, 1) for _ in range(3)])
+    observer({"log_format": "Twisted's {what}", "what": "own line", "log_time": STAMP + 1,
+              "log_namespace": "x"})
+    lines = out.getvalue().splitlines()
+    assert lines[0] == ("Nov 30 04:27:10 relay relayd/qmgr[1]: K1EXDXNM43F1XEF6: "
+                        "from=<a@example.com>, size=421, nrcpt=1 (queue active)")
+    assert lines[:3] == [lines[0]] * 3
+    assert lines[3] == "Nov 30 04:27:11 relay relayd/daemon[1]: Twisted's own line"
+    assert converted == [int(STAMP), int(STAMP) + 1]  # once per second
+    assert [e["log_format"] for e in formatted] == ["Twisted's {what}"]

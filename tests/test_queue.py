@@ -6,6 +6,7 @@ import errno
 import json
 import os
 import stat
+import time
 
 import pytest
 from twisted.logger import formatEvent, globalLogPublisher
@@ -122,7 +123,7 @@ def test_uncommittedWriteRemovedAtRecovery(spool, tmp_path):
     """A writer that neither committed nor aborted (the process died) leaves nothing after recovery."""
     writer = spool.begin(newQueueId())
     writer.write(BODY)
-    writer._file.flush()
+    writer.writeOut(writer.takeBuffered())
     assert listing(tmp_path / "spool")["tmp"] != []
     assert Spool(str(tmp_path / "spool")).recover() == []
     assert listing(tmp_path / "spool") == {"tmp": [], "queue": [], "quarantine": []}
@@ -398,7 +399,7 @@ def test_directoryFsyncFailureRemovesCommittedFiles(spool, tmp_path, monkeypatch
     assert listing(tmp_path / "spool") == {"tmp": [], "queue": [], "quarantine": []}
 
 
-def test_writeFailureReportedAtCommit(spool, tmp_path):
+def test_writeFailureReportedAtCommit(spool, tmp_path, monkeypatch):
     """
     A write error while the client is still sending is kept for commit,
     the moment the server can answer.
@@ -406,21 +407,18 @@ def test_writeFailureReportedAtCommit(spool, tmp_path):
     envelope = makeEnvelope()
     writer = spool.begin(envelope.queueId)
 
-    class FullFile:
-        def write(self, data):
-            raise OSError(errno.EDQUOT, os.strerror(errno.EDQUOT))
+    def full(*args):
+        raise OSError(errno.EDQUOT, os.strerror(errno.EDQUOT))
 
-        def close(self):
-            raise OSError(errno.EDQUOT, os.strerror(errno.EDQUOT))
-
-    real = writer._file
-    writer._file = FullFile()
     writer.write(BODY)
+    with monkeypatch.context() as patch:
+        patch.setattr(os, "write", full)
+        writer.writeOut(writer.takeBuffered())
     writer.write(BODY)
-    assert writer.size == 2 * len(BODY)
+    writer.writeOut(writer.takeBuffered())
+    assert writer.size == 2 * len(BODY) and writer.buffered == 0
     with pytest.raises(OSError) as info:
         writer.commit(envelope)
-    real.close()
     assert info.value.errno == errno.EDQUOT
     assert listing(tmp_path / "spool") == {"tmp": [], "queue": [], "quarantine": []}
 
@@ -641,6 +639,120 @@ def test_spool_written_before_the_status_enum_loads_and_is_written_back_alike(sp
     assert envelope.pending() == [envelope.recipients[1]]
     assert json.loads(json.dumps(envelope.toJSON())) == stored
 
+
+# -- group commit and per-message order -----------------------------------------
+
+
+def test_commits_waiting_during_a_directory_fsync_share_the_next_one(tmp_path, monkeypatch):
+    """
+    A commit never counts on an fsync of queue/ that started before its
+    renames; those that arrive during one all wait for the next, which
+    covers them together.
+    """
+    import threading
+
+    syncs: list[str] = []
+    firstStarted, releaseFirst = threading.Event(), threading.Event()
+
+    def fsyncDirectory(path):
+        syncs.append("start")
+        if len(syncs) == 1:
+            firstStarted.set()
+            assert releaseFirst.wait(10)
+        syncs.append("end")
+
+    monkeypatch.setattr(queue, "_fsyncDirectory", fsyncDirectory)
+    directory = queue.DirectorySync(str(tmp_path))
+    returned = []
+
+    def sync(name):
+        directory.sync()
+        returned.append((name, len(syncs)))
+
+    first = threading.Thread(target=sync, args=("first",))
+    first.start()
+    assert firstStarted.wait(10)
+    later = [threading.Thread(target=sync, args=(f"later{i}",)) for i in range(3)]
+    for t in later:
+        t.start()
+    deadline = time.monotonic() + 10
+    while directory._waiting.get(2, 0) < 3 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert returned == [] and syncs == ["start"]  # nobody returns on the fsync under way
+    releaseFirst.set()
+    for t in [first, *later]:
+        t.join(10)
+    # Two fsyncs for four commits; the three late ones only after the second ended.
+    assert syncs == ["start", "end", "start", "end"]
+    assert returned[0] == ("first", 2)
+    assert sorted(n for _, n in returned[1:]) == [4, 4, 4]
+
+
+def test_a_failed_directory_fsync_fails_every_commit_it_covers(tmp_path, monkeypatch):
+    monkeypatch.setattr(queue, "_fsyncDirectory",
+                        lambda path: (_ for _ in ()).throw(OSError(errno.EIO, "I/O error")))
+    directory = queue.DirectorySync(str(tmp_path))
+    for _ in range(2):
+        with pytest.raises(OSError) as info:
+            directory.sync()
+        assert info.value.errno == errno.EIO
+    assert directory._outcomes == {} and directory._waiting == {}  # nothing kept
+
+
+def test_message_lanes_run_one_call_at_a_time_per_message_in_order():
+    from twisted.internet import defer
+
+    jobs = []
+
+    def runInThread(f, *args):
+        d = defer.Deferred()
+        jobs.append((f, args, d))
+        return d
+
+    def run(index=0):
+        f, args, d = jobs.pop(index)
+        d.callback(f(*args))
+
+    lanes = queue.MessageLanes(runInThread)
+    done = []
+    a1 = lanes.run("A", done.append, "a1")
+    a2 = lanes.run("A", done.append, "a2")
+    b1 = lanes.run("B", done.append, "b1")
+    # a2 waits for a1; b1, another message, does not.
+    assert [args for _, args, _ in jobs] == [("a1",), ("b1",)]
+    run(1)
+    assert done == ["b1"] and b1.called and not lanes.busy("B")
+    run(0)
+    assert done == ["b1", "a1"] and a1.called and not a2.called
+    assert [args for _, args, _ in jobs] == [("a2",)]
+    run(0)
+    assert done == ["b1", "a1", "a2"] and a2.called and not lanes.busy("A")
+
+
+def test_a_failing_call_does_not_stop_its_lane():
+    lanes = queue.MessageLanes()
+    failures = []
+    lanes.run("A", lambda: 1 / 0).addErrback(failures.append)
+    assert lanes.run("A", lambda: "next").result == "next"
+    assert failures[0].check(ZeroDivisionError)
+
+
+def test_a_body_committed_in_one_piece_is_kept_for_the_first_delivery(spool):
+    small = makeEnvelope()
+    writer = spool.begin(small.queueId)
+    writer.write(BODY[:10])
+    writer.write(BODY[10:])
+    writer.commit(small)
+    assert writer.body == BODY
+    pieces = makeEnvelope()
+    writer = spool.begin(pieces.queueId)
+    writer.write(BODY)
+    writer.writeOut(writer.takeBuffered())
+    writer.write(BODY)
+    writer.commit(pieces)
+    assert writer.body is None  # part of it is only on disk
+    with spool.openBody(pieces.queueId) as f:
+        assert f.read() == BODY + BODY
 
 # An envelope exactly as the first format (version 1, before DSN) wrote it.
 FORMAT_1_ENVELOPE = (

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import errno
 import io
+import json
 from types import SimpleNamespace
 
 import pytest
@@ -39,6 +40,16 @@ def test_retry_delay_table(failed, jitter, expected):
     assert retryDelay(failed, 300, 3600, jitter) == pytest.approx(expected, abs=0.01)
 
 
+def answer(d: defer.Deferred):
+    """What an admin request answered: at once, its writes run inline here; raises its failure."""
+    box = []
+    d.addBoth(box.append)
+    assert box, "not answered yet"
+    if isinstance(box[0], Failure):
+        box[0].raiseException()
+    return box[0]
+
+
 class FakeSpool:
     """Records what the scheduler writes, in order; notices are kept as bytes."""
 
@@ -63,6 +74,9 @@ class FakeSpool:
             raise self.updateError
         self.updated.append((envelope.queueId, envelope.nextAttempt, [r.state for r in envelope.recipients]))
         self.events.append(("update", envelope.queueId))
+
+    def writeEnvelope(self, queueId, raw):
+        self.update(Envelope.fromJSON(json.loads(raw)))
 
     def remove(self, queueId):
         if self.removeError is not None:
@@ -113,6 +127,7 @@ class FakeCourier:
             self.noticeCalls.append((self.clock.seconds(), tuple(recipients)))
             return defer.succeed(result(recipients, [250] * len(recipients)))
         self.calls.append((self.clock.seconds(), tuple(recipients)))
+        self.bodies = getattr(self, "bodies", []) + [(openBody().read(), getattr(openBody, "inMemory", False))]
         if not self.script:
             d = defer.Deferred()
             self.pending.append((d, recipients))
@@ -481,12 +496,12 @@ def test_admin_hold_release_delete_flush_requeue_bounce(rigFactory):
     rig.sched.add(a)
     rig.sched.add(b)
     assert len(rig.courier.calls) == 2
-    assert rig.sched.hold(a.queueId) == "placed on hold"
-    assert rig.sched.hold(a.queueId) == "already on hold"
+    assert answer(rig.sched.hold(a.queueId)) == "placed on hold"
+    assert answer(rig.sched.hold(a.queueId)) == "already on hold"
     rig.clock.advance(3600)
     assert len(rig.courier.calls) == 3  # only b was retried
     rig.courier.script = [[250]]
-    assert rig.sched.release(a.queueId) == "released from hold"
+    assert answer(rig.sched.release(a.queueId)) == "released from hold"
     assert a.queueId not in rig.sched.envelopes  # tried at once and delivered
     assert rig.sched.flush([b.queueId]) == {b.queueId: "being delivered now"}
     d, rcpts = rig.courier.pending.pop()
@@ -494,7 +509,7 @@ def test_admin_hold_release_delete_flush_requeue_bounce(rigFactory):
     rig.courier.script = [[451]]
     assert rig.sched.flush([b.queueId]) == {b.queueId: "scheduled for delivery now"}
     assert b.attempts == 3
-    assert rig.sched.requeue([b.queueId]) == {b.queueId: "requeued"}
+    assert answer(rig.sched.requeue([b.queueId])) == {b.queueId: "requeued"}
     d, rcpts = rig.courier.pending.pop()
     d.callback(result(rcpts, [451]))
     assert b.attempts == 1
@@ -505,10 +520,10 @@ def test_admin_hold_release_delete_flush_requeue_bounce(rigFactory):
     c = envelope(rig.clock, "c@example.org")
     rig.courier.script = [[451]]
     rig.sched.add(c)
-    assert rig.sched.delete(c.queueId) == "removed"
+    assert answer(rig.sched.delete(c.queueId)) == "removed"
     assert c.queueId in rig.spool.removed
     with pytest.raises(scheduler.UnknownMessage):
-        rig.sched.hold(c.queueId)
+        answer(rig.sched.hold(c.queueId))
     for line in (f"{a.queueId}: placed on hold by admin", f"{a.queueId}: released from hold by admin",
                  f"{b.queueId}: requeued by admin", f"{b.queueId}: returned to sender by admin",
                  f"{c.queueId}: removed by admin"):
@@ -537,12 +552,12 @@ def test_held_message_in_a_destination_line_does_not_take_the_freed_slot(rigFact
         rig.sched.add(e)
     assert [rcpts for _, rcpts in rig.courier.calls] == [("a@example.org",)]
     assert rig.sched.flush([b.queueId]) == {b.queueId: scheduler.WAITING_FOR_SLOT}
-    assert rig.sched.hold(b.queueId) == "placed on hold"
+    assert answer(rig.sched.hold(b.queueId)) == "placed on hold"
     d, rcpts = rig.courier.pending.pop()
     d.callback(result(rcpts, [250]))
     # The slot A freed goes to C; held B drops out of the line.
     assert [rcpts for _, rcpts in rig.courier.calls] == [("a@example.org",), ("c@example.org",)]
-    assert rig.sched.release(b.queueId) == "released from hold"
+    assert answer(rig.sched.release(b.queueId)) == "released from hold"
     assert len(rig.courier.calls) == 2  # C still holds the slot: B waits again
     d, rcpts = rig.courier.pending.pop()
     d.callback(result(rcpts, [250]))
@@ -581,16 +596,16 @@ def test_admin_change_that_cannot_be_written_is_undone(rigFactory):
     rig.sched.add(b)
     rig.spool.updateError = OSError(errno.ENOSPC, "No space left on device")
     with pytest.raises(OSError):
-        rig.sched.hold(a.queueId)
+        answer(rig.sched.hold(a.queueId))
     assert not a.hold
     rig.spool.updateError = None
-    rig.sched.hold(a.queueId)
+    answer(rig.sched.hold(a.queueId))
     rig.spool.updateError = OSError(errno.ENOSPC, "No space left on device")
     nextAttempt = a.nextAttempt
     with pytest.raises(OSError):
-        rig.sched.release(a.queueId)
+        answer(rig.sched.release(a.queueId))
     assert a.hold and a.nextAttempt == nextAttempt
-    outcomes = rig.sched.requeue()
+    outcomes = answer(rig.sched.requeue())
     assert isinstance(outcomes[a.queueId], OSError) and outcomes[b.queueId] == scheduler.REQUEUED
     assert a.hold and a.attempts == 1 and a.lastError == "451 reply" and a.nextAttempt == nextAttempt
 
@@ -601,10 +616,10 @@ def test_requeue_writes_only_a_changed_hold(rigFactory):
     rig.courier.script = [[451], [451]]
     rig.sched.add(a)
     rig.sched.add(b)
-    rig.sched.hold(a.queueId)
+    answer(rig.sched.hold(a.queueId))
     written = len(rig.spool.updated)
     rig.courier.pending.clear()
-    assert rig.sched.requeue() == {a.queueId: scheduler.REQUEUED, b.queueId: scheduler.REQUEUED}
+    assert answer(rig.sched.requeue()) == {a.queueId: scheduler.REQUEUED, b.queueId: scheduler.REQUEUED}
     # a's hold was lifted on disk; b's reset is written by the attempt it gets now.
     assert [u[0] for u in rig.spool.updated[written:]] == [a.queueId]
     assert not a.hold and a.attempts == 0 and b.attempts == 0
@@ -713,3 +728,27 @@ def test_scheduler_logs_a_transport_local_error_and_keeps_the_recipient(rig):
     rig.sched.add(env)
     assert [r.state for r in env.recipients] == [Status.DEFERRED]
     assert any(f"delivery attempt of {env.queueId} failed locally" in l for l in rig.lines)
+
+
+def test_a_new_message_is_sent_from_memory_once_then_read_from_the_spool(rig, monkeypatch):
+    """The body just committed is not read back for the first attempt; later ones read the spool."""
+    rig.courier.script = [[451], [250]]
+    env = envelope(rig.clock, "b@example.org")
+    rig.spool.bodies[env.queueId] = b"on disk"
+    rig.sched.keepBody(env.queueId, b"on disk")
+    rig.sched.add(env)
+    rig.clock.advance(300)
+    assert rig.courier.bodies == [(b"on disk", True), (b"on disk", False)]
+    assert rig.sched._keptBytes == 0
+
+
+def test_kept_bodies_are_bounded_and_freed_when_their_message_goes(rig, monkeypatch):
+    monkeypatch.setattr(scheduler, "KEPT_BODIES_LIMIT", 10)
+    a, b = envelope(rig.clock, "a@example.org"), envelope(rig.clock, "b@example.org")
+    rig.sched.keepBody(a.queueId, b"x" * 6)
+    rig.sched.keepBody(b.queueId, b"y" * 6)  # over the limit: read from the spool later
+    assert list(rig.sched._keptBodies) == [a.queueId] and rig.sched._keptBytes == 6
+    a.hold = True
+    rig.sched.add(a)
+    answer(rig.sched.delete(a.queueId))
+    assert rig.sched._keptBodies == {} and rig.sched._keptBytes == 0

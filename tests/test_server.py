@@ -19,6 +19,8 @@ from tests.dialogue import Dialogue
 
 
 class MemoryWriter:
+    buffered = 0  # nothing is ever handed to writeOut: the body stays in chunks
+
     def __init__(self, spool, queueId):
         self.spool = spool
         self.queueId = queueId
@@ -46,6 +48,8 @@ class MemorySpool:
         w = MemoryWriter(self, queueId)
         self.writers.append(w)
         return w
+
+    receive = begin
 
 
 def makeConfig(trusted=("127.0.0.0/8", "::1/128"), messageSize=10_000_000, recipients=100,
@@ -608,3 +612,14 @@ def test_refused_connection_costs_no_lookup():
     assert hs.connect("192.0.2.7") == [
         "421 4.7.0 relay.test Error: too many connections from your address"]
     assert list(names.pending) == ["192.0.2.7"]  # the first connection only
+
+
+def test_header_dates_are_formatted_once_per_second(monkeypatch):
+    from email.utils import formatdate
+
+    calls = []
+    monkeypatch.setattr(server, "formatdate", lambda t, localtime: (calls.append(t), formatdate(t, localtime=localtime))[1])
+    monkeypatch.setattr(server, "_lastHeaderDate", [(-1, "")])
+    for t in (1_796_012_830.0, 1_796_012_830.25, 1_796_012_830.999, 1_796_012_831.5, 1_796_012_831.75):
+        assert server.headerDate(t) == formatdate(t, localtime=True)
+    assert calls == [1_796_012_830, 1_796_012_831]
