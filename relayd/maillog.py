@@ -269,13 +269,13 @@ def queueFileFailed(queueId: str, action: str, reason: str) -> None:
 def dkimSigned(queueId: str, domain: str, selectors: tuple[str, ...]) -> None:
     """``4F2A9C31B7: dkim=signed d=example.com s=2026r,2026e`` (one line, every selector)."""
     _emit("dkim", queueId, f"dkim=signed d={printable(domain)} s={printable(','.join(selectors))}",
-          dkim="signed", domain=domain, selectors=list(selectors))
+          event="dkim", dkim="signed", domain=domain, selectors=list(selectors))
 
 
 def dkimUnsigned(queueId: str, reason: str) -> None:
     """A message a configured domain could have signed, sent unsigned: why."""
     _emit("dkim", queueId, f"dkim=unsigned ({printable(reason)})", level=LogLevel.warn,
-          dkim="unsigned", reason=reason)
+          event="dkim", dkim="unsigned", reason=reason)
 
 
 def notEnoughSpace(freeBytes: int, reserve: int) -> None:

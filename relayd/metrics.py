@@ -42,6 +42,7 @@ Update = tuple[str, tuple[str, ...], float]
 QUEUE_STATES = ("active", "deferred", "held")
 # Recipient results, in the log's words (status=sent/deferred/bounced).
 RECIPIENT_STATUSES = ("sent", "deferred", "bounced")
+DKIM_RESULTS = ("signed", "unsigned")
 OTHER = "other"
 
 # Seconds; attempts wait for timeouts of minutes, commits for a disk.
@@ -114,6 +115,9 @@ def updatesFor(event: Mapping) -> list[Update]:
         return [("relayd_recipients_total", (status, event.get("route") or OTHER), 1)]
     if kind == "expired":
         return [("relayd_messages_expired_total", (), 1)]
+    if kind == "dkim":
+        result = event.get("dkim")
+        return [("relayd_dkim_messages_total", (result if result in DKIM_RESULTS else OTHER,), 1)]
     return []
 
 
@@ -189,6 +193,8 @@ class MetricsRegistry:
                     registry=r),
             Counter("relayd_messages_expired", "Messages returned at the end of queue.lifetime",
                     registry=r),
+            Counter("relayd_dkim_messages", "Messages of a DKIM domain, signed or sent unsigned",
+                    ["result"], registry=r),
             Counter("relayd_auth", "SMTP AUTH attempts, by result", ["result"], registry=r),
             Counter("relayd_tls_sessions", "TLS sessions, by direction and protocol version",
                     ["direction", "version"], registry=r),

@@ -62,6 +62,10 @@ L = "tcp:587"
      [("relayd_recipients_total", ("sent", "smtp.example.net"), 1)]),
     (lambda: maillog.expired("4F2A9C31B7AAAAAA", "a@b.example"),
      [("relayd_messages_expired_total", (), 1)]),
+    (lambda: maillog.dkimSigned("4F2A9C31B7AAAAAA", "example.com", ("r1", "e1")),
+     [("relayd_dkim_messages_total", ("signed",), 1)]),
+    (lambda: maillog.dkimUnsigned("4F2A9C31B7AAAAAA", "From: <a@b> is not an address login x may use"),
+     [("relayd_dkim_messages_total", ("unsigned",), 1)]),
     # Events that are logged but not counted.
     (lambda: maillog.removed("4F2A9C31B7AAAAAA"), []),
     (lambda: maillog.daemonEvent("daemon started"), []),
