@@ -604,10 +604,11 @@ def _makeMaster(options, config, reactor, count: int) -> RelayService:
     pool = threadpool.ThreadPool(minthreads=1, maxthreads=4, name="relayd-spool")
     listenerServices: list = []
     resolver = ConfiguredResolver(reactor, config)
-    courier = _courier(config, reactor, listenerServices, resolver)
 
     def runInThread(f, *args):
         return deferToThreadPool(reactor, pool, f, *args)
+
+    courier = _courier(config, reactor, listenerServices, resolver, runInThread)
 
     # DKIM signs in the master, where the scheduler is (before the first attempt).
     try:
