@@ -470,27 +470,17 @@ def makeService(options, reactor=None) -> RelayService:
     if count > 1:
         return _makeMaster(options, config, reactor, count)
     spool = Spool(config.queue.directory)
-    pool = threadpool.ThreadPool(minthreads=1, maxthreads=4, name="relayd-spool")
+    pool, runInThread = _spoolThreads(reactor)
     listenerServices: list = []
     # One resolver for MX delivery and client names.
     resolver = ConfiguredResolver(reactor, config)
-
-    def runInThread(f, *args):
-        # Every file system call of the spool (create, fsync, rename,
-        # unlink, reading a body) waits for the disk: never on the reactor thread.
-        return deferToThreadPool(reactor, pool, f, *args)
-
     courier = _courier(config, reactor, listenerServices, resolver, runInThread)
 
     # A message's writes, commit, updates and removal, in order, in those threads.
     lanes = MessageLanes(runInThread)
     # DKIM keys are read now (a bad one stops the start) and on reload;
     # messages are signed in worker processes (relayd.dkim says why).
-    try:
-        signer = Signer(config, runInThread, workers=DKIM_WORKERS,
-                        callFromThread=lambda f, *args: reactor.callFromThread(f, *args))
-    except KeyProblem as e:
-        fail(str(e))
+    signer = _signer(config, runInThread, reactor)
     metrics = _metrics(config)
     # Each delivery attempt timed for the metrics.
     transport = TimedTransport(courier, metrics, reactor) if metrics is not None else courier
@@ -551,6 +541,29 @@ def makeService(options, reactor=None) -> RelayService:
     return relay
 
 
+def _spoolThreads(reactor):
+    """
+    The spool's threads and a ``runInThread`` into them: every file system
+    call of the spool (create, fsync, rename, unlink, reading a body) waits
+    for the disk, so none runs on the reactor thread.
+    """
+    pool = threadpool.ThreadPool(minthreads=1, maxthreads=4, name="relayd-spool")
+
+    def runInThread(f, *args):
+        return deferToThreadPool(reactor, pool, f, *args)
+
+    return pool, runInThread
+
+
+def _signer(config, runInThread, reactor) -> Signer:
+    """The DKIM signer; a key that cannot be used stops the start with one line."""
+    try:
+        return Signer(config, runInThread, workers=DKIM_WORKERS,
+                      callFromThread=lambda f, *args: reactor.callFromThread(f, *args))
+    except KeyProblem as e:
+        fail(str(e))
+
+
 def _metrics(config):
     """The metrics registry, or None without a metrics section."""
     if config.metrics is None:
@@ -601,21 +614,13 @@ def _makeMaster(options, config, reactor, count: int) -> RelayService:
     from relayd.server import _throttleSettings
 
     spool = Spool(config.queue.directory)
-    pool = threadpool.ThreadPool(minthreads=1, maxthreads=4, name="relayd-spool")
+    pool, runInThread = _spoolThreads(reactor)
     listenerServices: list = []
     resolver = ConfiguredResolver(reactor, config)
-
-    def runInThread(f, *args):
-        return deferToThreadPool(reactor, pool, f, *args)
-
     courier = _courier(config, reactor, listenerServices, resolver, runInThread)
 
     # DKIM signs in the master, where the scheduler is (before the first attempt).
-    try:
-        signer = Signer(config, runInThread, workers=DKIM_WORKERS,
-                        callFromThread=lambda f, *args: reactor.callFromThread(f, *args))
-    except KeyProblem as e:
-        fail(str(e))
+    signer = _signer(config, runInThread, reactor)
     scheduler = Scheduler(spool, courier, config, reactor, runInThread=runInThread,
                           signer=signer)
     # The workers read the certificate and the password file; checked here
@@ -665,11 +670,8 @@ def makeWorker(config, reactor, link, listenerFds: list[int]):
     link.limits = RemoteLimits(link, reactor, config, _throttleSettings)
 
     spool = Spool(config.queue.directory)
-    pool = threadpool.ThreadPool(minthreads=1, maxthreads=4, name="relayd-spool")
+    pool, runInThread = _spoolThreads(reactor)
     resolver = ConfiguredResolver(reactor, config)
-
-    def runInThread(f, *args):
-        return deferToThreadPool(reactor, pool, f, *args)
 
     # A message's body pieces and its commit, in order, in the spool threads.
     lanes = MessageLanes(runInThread)
