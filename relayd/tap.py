@@ -609,7 +609,7 @@ def _makeMaster(options, config, reactor, count: int) -> RelayService:
     """
     from twisted.internet import protocol
 
-    from relayd.control import ControlService
+    from relayd.control import ControlService, stallForTests
     from relayd.master import LimitsOwner, WorkerPool, workerCommand
     from relayd.server import _throttleSettings
 
@@ -641,7 +641,9 @@ def _makeMaster(options, config, reactor, count: int) -> RelayService:
                          signer=signer)
     relay.workers = workers
     ControlService(config.queue.controlSocketPath, scheduler, reactor,
-                   throttle=owner, reload=relay.reload).setServiceParent(relay)
+                   throttle=owner, reload=relay.reload,
+                   stall=stallForTests if os.environ.get("RELAYD_TEST_HOOKS") == "1" else None,
+                   ).setServiceParent(relay)
     # Read (and removed from the environment) before any worker is spawned,
     # so only the master speaks for the unit.
     relay.notify = notify.fromEnvironment(
