@@ -468,6 +468,12 @@ def makeService(options, reactor=None) -> RelayService:
     raiseFileLimit(config)
     count = configModule.processCount(config.processes, os.cpu_count())
     if count > 1:
+        if config.metrics is not None:
+            # The master sees only delivery and the queue: a page that
+            # silently left out every intake count would mislead.
+            fail(f"{config.path}: metrics: not collected across intake processes yet "
+                 f"(processes: {config.processes} is {count} processes); "
+                 "set processes: 1 to serve the metrics page")
         return _makeMaster(options, config, reactor, count)
     spool = Spool(config.queue.directory)
     pool, runInThread = _spoolThreads(reactor)
