@@ -9,7 +9,6 @@ from __future__ import annotations
 import io
 import json
 import re
-import socket
 import stat
 import subprocess
 import sys
@@ -19,6 +18,7 @@ import pytest
 
 from relayd import dkim
 from relayd.cli.main import run
+from tests.conftest import freeUDPPort
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -101,30 +101,7 @@ def test_keygen_never_overwrites_a_key(tmp_path):
 # check -----------------------------------------------------------------------------
 
 
-def freeUDPPort() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
-
-@pytest.fixture
-def dnsServer():
-    """Factory: tests/dnsserver.py serving a zone on 127.0.0.1; returns its port."""
-    procs = []
-
-    def start(zone):
-        port = freeUDPPort()
-        proc = subprocess.Popen(
-            [sys.executable, str(ROOT / "tests" / "dnsserver.py"), "--port", str(port),
-             "--zone", json.dumps(zone)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-        procs.append(proc)
-        assert b"listening" in proc.stdout.readline()
-        return port
-
-    yield start
-    for proc in procs:
-        proc.terminate()
-        proc.wait(timeout=10)
 
 
 def keysAndConfig(tmp_path, dnsPort):

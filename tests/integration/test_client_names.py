@@ -7,11 +7,7 @@ DNS server and timeout apply, without "resolv.conf changed" lines.
 
 from __future__ import annotations
 
-import json
 import signal
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
@@ -19,28 +15,7 @@ from tests.integration.harness import HOST, Relayd, freePort, makeMessage
 
 pytestmark = pytest.mark.integration
 
-ROOT = Path(__file__).resolve().parents[2]
 REVERSE = "1.0.0.127.in-addr.arpa"
-
-
-@pytest.fixture
-def dnsServer():
-    """Factory: tests/dnsserver.py serving a zone on 127.0.0.1; returns its port."""
-    procs = []
-
-    def start(zone):
-        port = freePort()
-        proc = subprocess.Popen(
-            [sys.executable, str(ROOT / "tests" / "dnsserver.py"), "--port", str(port),
-             "--zone", json.dumps(zone)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-        procs.append(proc)
-        assert b"listening" in proc.stdout.readline()
-        return port
-
-    yield start
-    for proc in procs:
-        proc.terminate()
-        proc.wait(timeout=10)
 
 
 def withDNS(daemon: Relayd, sinkPort: int, dnsPort: int, timeout: str) -> str:

@@ -15,9 +15,7 @@ import os
 import socket
 import ssl
 import subprocess
-import sys
 import threading
-from pathlib import Path
 
 import pytest
 
@@ -26,7 +24,6 @@ from tests.test_courier import freePort, runScenario, waitForPort
 
 pytestmark = pytest.mark.integration
 
-ROOT = Path(__file__).resolve().parent.parent.parent
 SMTP_SINK = "/usr/sbin/smtp-sink"
 PASSWORD = "s3cret-pa55"
 
@@ -338,25 +335,9 @@ def test_eight_bit_body_to_peer_without_8bitmime_bounces(tmp_path):
 
 
 @pytest.fixture
-def dnsServer():
+def mxDns(dnsServer):
     """Factory: tests/dnsserver.py serving a zone; returns [host, port]."""
-    procs = []
-
-    def start(zone):
-        port = freePort()
-        proc = subprocess.Popen(
-            [sys.executable, str(ROOT / "tests" / "dnsserver.py"), "--port", str(port),
-             "--zone", json.dumps(zone)],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-        )
-        procs.append(proc)
-        assert b"listening" in proc.stdout.readline()
-        return [HOST, port]
-
-    yield start
-    for proc in procs:
-        proc.terminate()
-        proc.wait(timeout=10)
+    return lambda zone: [HOST, dnsServer(zone)]
 
 
 @pytest.fixture
@@ -377,9 +358,9 @@ def zone(sinkAddress="127.0.0.1"):
     }
 
 
-def test_mx_delivery_in_preference_order_with_failover(tmp_path, dnsServer, sinkPort):
+def test_mx_delivery_in_preference_order_with_failover(tmp_path, mxDns, sinkPort):
     handler, port = sinkPort
-    dns = dnsServer(zone())
+    dns = mxDns(zone())
     attempt = runScenario(tmp_path, [{"mx": "mx.test", "port": port, "tls": "may"}],
                           ["a@mx.test", "b@mx.test"], dns=[dns])
     assert attempt["relay"] == f"mx2.mx.test[127.0.0.1]:{port}"
@@ -388,10 +369,10 @@ def test_mx_delivery_in_preference_order_with_failover(tmp_path, dnsServer, sink
     assert handler.envelopes[0][1] is True  # opportunistic STARTTLS was used
 
 
-def test_a_record_fallback_without_mx(tmp_path, dnsServer, sinkPort):
+def test_a_record_fallback_without_mx(tmp_path, mxDns, sinkPort):
     handler, port = sinkPort
     attempt = runScenario(tmp_path, [{"mx": "afallback.test", "port": port}], ["a@afallback.test"],
-                          dns=[dnsServer(zone())])
+                          dns=[mxDns(zone())])
     assert attempt["relay"] == f"afallback.test[127.0.0.1]:{port}"
     assert attempt["results"][0]["status"] == "sent"
 
@@ -402,24 +383,24 @@ def test_a_record_fallback_without_mx(tmp_path, dnsServer, sinkPort):
     ("servfail.test", "deferred", "4.4.3"),
     ("empty.test", "bounced", "5.4.4"),
 ])
-def test_dns_outcomes(tmp_path, dnsServer, domain, status, dsn):
+def test_dns_outcomes(tmp_path, mxDns, domain, status, dsn):
     attempt = runScenario(tmp_path, [{"mx": domain, "port": 25}], [f"a@{domain}"],
-                          dns=[dnsServer(zone())])
+                          dns=[mxDns(zone())])
     [r] = attempt["results"]
     assert (attempt["relay"], r["status"], r["dsn"]) == ("none", status, dsn)
 
 
-def test_mx_pointing_at_relayd_itself_bounces(tmp_path, dnsServer, sinkPort):
+def test_mx_pointing_at_relayd_itself_bounces(tmp_path, mxDns, sinkPort):
     handler, port = sinkPort
     attempt = runScenario(tmp_path, [{"mx": "afallback.test", "port": port}], ["a@afallback.test"],
-                          dns=[dnsServer(zone())], local=[["0.0.0.0", port]])
+                          dns=[mxDns(zone())], local=[["0.0.0.0", port]])
     [r] = attempt["results"]
     assert (r["status"], r["dsn"]) == ("bounced", "5.4.6")
     assert handler.envelopes == []
 
 
 @pytest.mark.parametrize("selfPreference, status", [(20, "sent"), (10, "bounced")])
-def test_relayd_as_backup_mx(tmp_path, dnsServer, sinkPort, selfPreference, status):
+def test_relayd_as_backup_mx(tmp_path, mxDns, sinkPort, selfPreference, status):
     # relayd "listens" on 127.0.0.2 only: the sink on 127.0.0.1 is another host.
     handler, port = sinkPort
     backup = {
@@ -428,7 +409,7 @@ def test_relayd_as_backup_mx(tmp_path, dnsServer, sinkPort, selfPreference, stat
         "self.backup.test": {"A": ["127.0.0.2"]},
     }
     attempt = runScenario(tmp_path, [{"mx": "backup.test", "port": port}], ["a@backup.test"],
-                          dns=[dnsServer(backup)], local=[["127.0.0.2", port]])
+                          dns=[mxDns(backup)], local=[["127.0.0.2", port]])
     [r] = attempt["results"]
     assert r["status"] == status
     if status == "sent":
@@ -452,9 +433,9 @@ def test_two_messages_share_one_connection(tmp_path, aiosmtpd):
 # -- the daemon: MX delivery end to end -------------------------------------------------
 
 
-def test_daemon_delivers_by_mx_and_logs_the_relay(tmp_path, processes, twistd, dnsServer, sinkPort):
+def test_daemon_delivers_by_mx_and_logs_the_relay(tmp_path, processes, twistd, mxDns, sinkPort):
     handler, port = sinkPort
-    dns = dnsServer(zone())
+    dns = mxDns(zone())
     daemon = Relayd(tmp_path / "relayd", port)
     extra = (f"  mx_port: {port}\n"
              f"  dns: {{servers: [\"{dns[0]}:{dns[1]}\"], timeout: 3s}}\n")
