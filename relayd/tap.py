@@ -43,7 +43,8 @@ from relayd.auth import (
 from relayd.courier import Courier
 from relayd.dkim import KeyProblem, Signer, keyProblems
 from relayd.proxy import ProxyFactory
-from relayd.queue import MessageLanes, Spool, ownershipProblem, permissionFix, spoolProblems
+from relayd.queue import (SPOOL_THREADS, MessageLanes, Spool, ownershipProblem, permissionFix,
+                          spoolProblems)
 from relayd.resolve import HOSTS_FILE, ClientNames, ConfiguredResolver
 from relayd.scheduler import Scheduler
 from relayd.secret import deliverySecrets
@@ -553,7 +554,7 @@ def _spoolThreads(reactor):
     call of the spool (create, fsync, rename, unlink, reading a body) waits
     for the disk, so none runs on the reactor thread.
     """
-    pool = threadpool.ThreadPool(minthreads=1, maxthreads=4, name="relayd-spool")
+    pool = threadpool.ThreadPool(minthreads=1, maxthreads=SPOOL_THREADS, name="relayd-spool")
 
     def runInThread(f, *args):
         return deferToThreadPool(reactor, pool, f, *args)

@@ -432,3 +432,25 @@ def test_a_metrics_endpoint_change_needs_a_restart(tmp_path):
     assert reloadLines(relay) == [f"reload: configuration {path} applied; metrics changed and "
                                   "need a restart"]
     assert relay.config.metrics is None
+
+
+def test_eight_spool_calls_can_wait_for_the_disk_at_once():
+    """
+    A commit holds its spool thread through two waits for the disk: eight
+    of them (and removals) wait side by side instead of queueing behind four.
+    """
+    import threading
+
+    pool, _ = tap._spoolThreads(reactor)
+    pool.start()
+    try:
+        # Each call waits until eight are waiting: fewer threads never get there.
+        waiting = threading.Barrier(8, timeout=10)
+        met = []
+        for _ in range(8):
+            pool.callInThread(lambda: met.append(waiting.wait()))
+        pool.stop()  # returns once every call has ended
+    finally:
+        if pool.started:
+            pool.stop()
+    assert sorted(met) == list(range(8))
