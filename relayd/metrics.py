@@ -33,14 +33,16 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disa
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.exposition import choose_encoder
 from twisted.application import service
-from twisted.internet import defer
-from twisted.logger import ILogObserver
+from twisted.internet import defer, error
+from twisted.logger import ILogObserver, Logger
 from twisted.protocols import policies
 from twisted.web import http, resource, server
 from zope.interface import provider
 
 from relayd import replies
 from relayd.tcp import setNoDelay
+
+log = Logger()
 
 # (metric name, label values, amount): one change to one series.
 Update = tuple[str, tuple[str, ...], float]
@@ -384,15 +386,21 @@ class UpdateBatch(UpdateSink):
             if self._timer.active():
                 self._timer.cancel()
             self._timer = None
+        # A gauge whose changes added up to nothing is sent too: the series appears.
         batch = [(name, labels, amount) for (name, labels), amount in self._sums.items()
-                 if amount] + self._observations
+                 ] + self._observations
         self._sums, self._observations, self._bytes = {}, [], 0
         if not batch:
             return defer.succeed(None)
         d = defer.maybeDeferred(self.send, batch)
-        # A master that is gone cannot be told: its successor starts counting anew.
-        d.addErrback(lambda failure: None)
+        d.addErrback(self._notTaken)
         return d
+
+    @staticmethod
+    def _notTaken(failure) -> None:
+        # A master that is gone cannot be told: its successor starts counting anew.
+        if not failure.check(ConnectionError, error.ConnectionClosed):
+            log.failure("sending metric updates to the master", failure)
 
 
 class MetricsService(service.MultiService):
