@@ -374,7 +374,8 @@ class UpdateBatch(UpdateSink):
                 continue
             else:
                 self._sums[key] = amount
-            self._bytes += len(name) + sum(len(label) for label in key[1]) + 40
+            # About what AMP writes for the entry: its values and their keys and lengths.
+            self._bytes += len(name) + sum(len(label.encode()) + 2 for label in key[1]) + 64
             if len(self) >= self.limit or self._bytes >= self.limitBytes:
                 self.flush()
             elif self._timer is None:

@@ -345,3 +345,18 @@ def test_a_workers_batch_crosses_the_channel_and_reaches_the_masters_page(tmp_pa
     assert samples[("relayd_spool_commit_duration_seconds_sum", ())] == 0.25
     registry.forget(workerOne)
     assert scrape(registry)[("relayd_connections_open", (("listener", L),))] == 1
+
+
+@pytest.mark.parametrize("label", ["tcp:587", "é" * 2000])
+def test_a_full_batch_fits_in_one_amp_value(label):
+    from twisted.protocols import amp
+
+    from relayd import channel
+
+    clock, sent = task.Clock(), []
+    batch = batchTo(sent, clock)
+    while not sent:
+        batch.timedAttempt(label, 0.5)
+    updates = [{"name": n, "labels": list(ls), "amount": a} for n, ls, a in sent[0]]
+    box = channel.MetricUpdates.makeArguments({"updates": updates}, None)
+    assert len(box[b"updates"]) <= amp.MAX_VALUE_LENGTH
