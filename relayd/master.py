@@ -174,7 +174,9 @@ class WorkerLink(channel.Quiet):
 
     @channel.MetricUpdates.responder
     def metricUpdates(self, updates):
-        if self.pool.metrics is not None:
+        # Once released (its process ended before its channel was read to
+        # the end), a worker's gauge share is gone and must not come back.
+        if self.pool.metrics is not None and not self.worker.released:
             self.pool.metrics.applyFrom(self.worker, [
                 (u["name"], tuple(u["labels"]), u["amount"]) for u in updates])
         return {}

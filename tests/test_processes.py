@@ -490,3 +490,16 @@ def test_a_gone_workers_gauges_leave_the_page(tmp_path):
     pool.release(pool.workers[1])
     assert gauge() == 2
     assert registry.registry.get_sample_value("relayd_connections_total", {"listener": "tcp:25"}) == 4
+
+
+def test_a_batch_read_after_its_worker_was_released_is_not_counted(tmp_path):
+    """The process can end before its channel is read to the end: its gauge share stays gone."""
+    from relayd.metrics import MetricsRegistry
+
+    reactor, pool = startedPool(tmp_path)
+    pool.metrics = registry = MetricsRegistry()
+    link = reactor.adopted[0]
+    link.metricUpdates([{"name": "relayd_connections_open", "labels": ["tcp:25"], "amount": 1.0}])
+    pool.release(pool.workers[1])
+    link.metricUpdates([{"name": "relayd_connections_open", "labels": ["tcp:25"], "amount": 1.0}])
+    assert registry.registry.get_sample_value("relayd_connections_open", {"listener": "tcp:25"}) == 0
