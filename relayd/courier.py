@@ -55,6 +55,7 @@ from relayd.smtpclient import (
     Timeouts,
     paramValue,
 )
+from relayd.tcp import ConnectingReactor
 from relayd.tls import clientTLSOptions, isAddressLiteral
 
 # How long a session stays open after a transaction, waiting for another
@@ -560,6 +561,8 @@ def _endpointFor(reactor: IReactorTime, target: NextHop, timeouts: Timeouts) -> 
     An MX host's address as is (IPv4 or IPv6); a configured host by name,
     IPv4 and IPv6 (Happy Eyeballs).
     """
+    # Connections made through it send each write at once (relayd.tcp).
+    reactor = ConnectingReactor(reactor)
     address = target.address
     if address:
         kind = TCP6ClientEndpoint if ":" in address else TCP4ClientEndpoint

@@ -46,6 +46,7 @@ from relayd.proxy import ProxyFactory
 from relayd.queue import MessageLanes, Spool, ownershipProblem, permissionFix, spoolProblems
 from relayd.resolve import HOSTS_FILE, ClientNames, ConfiguredResolver
 from relayd.scheduler import Scheduler
+from relayd.tcp import sendAtOnceOnAccept
 from relayd.secret import deliverySecrets
 from relayd.tls import ServerTLS, TLSSetupError, wrapImplicit
 
@@ -220,6 +221,7 @@ class ListenerService(service.Service):
         if isinstance(outcome, Failure):
             fail(f"cannot listen on {self.label}: {outcome.getErrorMessage()}")
         self.port = outcome
+        sendAtOnceOnAccept(outcome)
         if not self.accept:
             outcome.stopReading()
         host = outcome.getHost()
