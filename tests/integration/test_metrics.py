@@ -73,6 +73,9 @@ class MetricsRelayd(Relayd):
             f"    {DEAD_DOMAIN}: [{{host: localhost, port: {self.deadPort}, tls: none}}]\n"
             f'metrics: {{endpoint: "tcp:{self.metricsPort}:interface={HOST}"}}\n'
             f"shutdown_grace: {SHUTDOWN_GRACE}\n"
+            # One process, whatever RELAYD_TEST_PROCESSES says: with intake
+            # workers a metrics section stops the start (not collected across them).
+            f"processes: 1\n"
         )
 
     def scrape(self) -> dict[tuple[str, tuple], float]:

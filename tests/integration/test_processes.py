@@ -188,7 +188,7 @@ def test_sigkill_of_one_worker_loses_nothing_acknowledged_and_it_comes_back(spli
 
 def test_connections_per_client_counts_across_workers(split):
     split.extra = "limits: {connections_per_client: 11}\n"
-    split.configPath.write_text(split.configText(split.smarthostPort, ["127.0.0.0/8"]))
+    split.writeConfig(split.configText(split.smarthostPort, ["127.0.0.0/8"]))
     split.start()
     waitForWorkers(split)
     since = split.logOffset()
@@ -252,7 +252,7 @@ def test_sighup_reaches_every_worker(split):
     split.start()
     pids = waitForWorkers(split)
     since = split.logOffset()
-    split.configPath.write_text(split.configPath.read_text().replace(
+    split.writeConfig(split.configPath.read_text().replace(
         "hostname: relay.test.example", "hostname: renamed.test.example"))
     split.signal(signal.SIGHUP)
     for pid in pids.values():
