@@ -123,6 +123,10 @@ class PasswordFile:
         # Called (in the reading thread) after a re-read noticed by itself,
         # not one asked for with load(): tap.py logs what is wrong in it.
         self.changed: Callable[[], None] | None = None
+        # Whether a reload logs what is wrong with the file. An intake
+        # worker's copy does not: the master reads the same file on the
+        # same reload and says it once for the daemon.
+        self.reports = True
 
     def invalidate(self) -> None:
         with self._lock:
@@ -141,9 +145,11 @@ class PasswordFile:
         try:
             self.load()
         except PasswordFileError as e:
-            maillog.daemonEvent(f"reload: auth.password_file {e}", level=maillog.LogLevel.error)
+            if self.reports:
+                maillog.daemonEvent(f"reload: auth.password_file {e}", level=maillog.LogLevel.error)
         else:
-            warnPasswordFile(self, config.auth)
+            if self.reports:
+                warnPasswordFile(self, config.auth)
 
     def logins(self) -> frozenset[str]:
         """The logins of the last read."""

@@ -382,6 +382,9 @@ def _startLogging(arguments: argparse.Namespace) -> None:
     from twisted.python.reflect import namedAny
 
     if arguments.logger:
+        from relayd import logformat
+
+        logformat.socketWarnings = False  # the master's warning speaks for the daemon
         observer = namedAny(arguments.logger)()
     else:
         stream = open(arguments.logfile, "a") if arguments.logfile else sys.stdout
@@ -432,7 +435,7 @@ def main(argv: list[str] | None = None) -> None:
 
     def start(config) -> None:
         # The configuration the master runs with, whatever the file says now.
-        worker = tap.makeWorker(config, reactor, link, arguments.listener)
+        worker = tap.makeWorker(config, reactor, link, arguments.listener, arguments.number)
         worker.startService()
         started.append(worker)
         maillog.daemonEvent(f"worker {arguments.number} accepting connections")

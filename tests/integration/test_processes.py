@@ -30,7 +30,8 @@ from tests.integration.harness import (
     waitUntil,
 )
 from tests.integration.test_crash import SUBJECT, Client
-from tests.integration.test_submission_security import SecureRelayd
+from tests.integration.test_log_tools import SyslogSocketRelayd
+from tests.integration.test_submission_security import PASSWORD, USER, SecureRelayd
 
 pytestmark = pytest.mark.integration
 
@@ -283,3 +284,77 @@ def test_workers_log_through_the_masters_logger_with_their_pid(tmp_path, process
     log = daemon.log(since)
     assert re.search(rf"relayd/smtpd\[{pid}\]: connect from unknown\[127\.0\.0\.1\]", log), log
     assert pids[2] == pid
+
+
+SKIPPED_LINES = re.compile(r"warning: auth\.password_file \S+: lines? [\d, ]+ skipped \(not login:hash\)")
+
+
+def test_password_file_problems_are_logged_once_for_the_daemon(tmp_path, processes, twistd, sink):
+    """
+    What is wrong in the password file is one line per problem for the
+    whole daemon: the master's at start and on SIGHUP; an edit noticed
+    without a reload, worker 1's (another worker notices it too, silently).
+    """
+    daemon = SecureSplitRelayd(tmp_path / "relayd", sink.port)
+    with open(daemon.passwordFile, "a") as f:
+        f.write("a line that is not login:hash\n")
+    processes.append(daemon)
+    daemon.start()
+    # Each worker has read the file by the time it accepts.
+    pids = waitForWorkers(daemon)
+    assert SKIPPED_LINES.findall(daemon.log()) == [
+        f"warning: auth.password_file {daemon.passwordFile}: line 2 skipped (not login:hash)"
+    ], daemon.log()
+
+    since = daemon.logOffset()
+    daemon.signal(signal.SIGHUP)
+    daemon.waitForLog(r"\[relayd/relayd#info\] reload: configuration .* applied", since=since)
+    for pid in pids.values():
+        daemon.waitForLog(rf"pid {pid}\] reload: configuration .* applied", since=since, deadline=20)
+    assert len(SKIPPED_LINES.findall(daemon.log(since))) == 1, daemon.log(since)
+
+    # Edited without a reload: each worker re-reads it at its next AUTH
+    # (at most once a second).
+    time.sleep(1.1)
+    since = daemon.logOffset()
+    with open(daemon.passwordFile, "a") as f:
+        f.write("another such line\n")
+
+    def logIn() -> None:
+        with smtplib.SMTP_SSL(HOST, daemon.implicitPort, timeout=SMTP_TIMEOUT,
+                              context=daemon.clientContext()) as client:
+            client.login(USER, PASSWORD)
+
+    with onlyWorker(daemon, 2):
+        logIn()
+    with onlyWorker(daemon, 1):
+        logIn()
+    daemon.waitForLog(r"lines 2, 3 skipped", since=since, deadline=10)
+    assert len(SKIPPED_LINES.findall(daemon.log(since))) == 1, daemon.log(since)
+
+
+class SyslogSocketSplitRelayd(SyslogSocketRelayd):
+    """Logging to the syslog socket as the systemd unit does, with two intake workers."""
+
+    def configText(self, smarthostPort, trustedNetworks=None, extra=""):
+        return super().configText(smarthostPort, trustedNetworks, extra + "processes: 2\n")
+
+
+def test_a_missing_syslog_socket_is_one_warning_for_the_daemon(tmp_path, processes, twistd, sink,
+                                                               monkeypatch):
+    """Every process falls back to stderr; the master alone says so."""
+    socketPath = tmp_path / "no-syslog" / "log"
+    monkeypatch.setenv("RELAYD_SYSLOG_SOCKET", str(socketPath))
+    daemon = SyslogSocketSplitRelayd(tmp_path / "relayd", sink.port)
+    processes.append(daemon)
+    daemon.start()
+    pids = waitForWorkers(daemon)
+    for number, pid in pids.items():
+        with onlyWorker(daemon, number):
+            queueId = daemon.submit(makeMessage(f"through {pid}", ["body"]))
+        daemon.waitForLog(rf"relayd/smtpd\[{pid}\]: {queueId}: client=")
+    assert daemon.terminate() == 0
+    warnings = [line for line in daemon.log().splitlines() if "syslog socket" in line]
+    assert warnings == [f"relayd: warning: syslog socket {socketPath}: No such file or directory; "
+                        "logging to stderr until it takes lines again"], daemon.log()
+
