@@ -422,6 +422,9 @@ class Relayd:
         self.spool.mkdir(exist_ok=True)
         self.configPath = directory / "relayd.yaml"
         self.logPath = directory / "relayd.log"
+        # Where the daemon's stdout and stderr go: its log, unless a test
+        # gives twistd a --logfile (and sets logPath to it).
+        self.outputPath = self.logPath
         self.smarthostPort = smarthostPort
         self.writeConfig(self.configText(smarthostPort, trustedNetworks))
         self.process: subprocess.Popen | None = None
@@ -451,10 +454,10 @@ class Relayd:
         assert self.process is None or self.process.poll() is not None, "relayd already running"
         self.checkConfigWritten()
         self.runs += 1
-        with open(self.logPath, "ab") as log:
+        with open(self.outputPath, "ab") as log:
             log.write(f"=== harness: run {self.runs}: {' '.join(self.command())}\n".encode())
             log.flush()
-            startOffset = log.tell()
+            startOffset = self.logOffset()
             self.process = subprocess.Popen(
                 self.command(), cwd=self.directory, stdout=log, stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL, env=self.environment(),

@@ -358,3 +358,56 @@ def test_a_missing_syslog_socket_is_one_warning_for_the_daemon(tmp_path, process
     assert warnings == [f"relayd: warning: syslog socket {socketPath}: No such file or directory; "
                         "logging to stderr until it takes lines again"], daemon.log()
 
+
+class LogfileSplitRelayd(SplitRelayd):
+    """Logging to a file of twistd's (``--logfile``), which twistd rotates on SIGUSR1."""
+
+    def __init__(self, directory, smarthostPort, trustedNetworks=None) -> None:
+        super().__init__(directory, smarthostPort, trustedNetworks)
+        self.logPath = directory / "twistd.log"
+
+    def command(self) -> list[str]:
+        command = super().command()
+        return command[:3] + ["--logfile", str(self.logPath)] + command[3:]
+
+
+TWISTD_LINE = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d[+-]\d{4} \[[^\]]+\] ")
+
+
+def test_with_logfile_every_workers_lines_land_whole_in_the_file_twistd_rotates(
+        tmp_path, processes, twistd, sink):
+    daemon = LogfileSplitRelayd(tmp_path / "relayd", sink.port, trustedNetworks=["127.0.0.0/8"])
+    processes.append(daemon)
+    daemon.start()
+    pids = waitForWorkers(daemon)
+
+    def submitThroughEach(subject: str) -> dict[int, str]:
+        sent = {}
+        for number, pid in pids.items():
+            others = [p for p in pids.values() if p != pid]
+            for other in others:
+                os.kill(other, signal.SIGSTOP)
+            try:
+                sent[pid] = daemon.submit(makeMessage(f"{subject} {number}", ["body"]))
+            finally:
+                for other in others:
+                    os.kill(other, signal.SIGCONT)
+        for pid, queueId in sent.items():
+            daemon.waitForLog(rf"pid {pid}\] {queueId}: client=", deadline=20)
+        return sent
+
+    before = submitThroughEach("before")
+    rotated = daemon.logPath.with_name(daemon.logPath.name + ".1")
+    daemon.signal(signal.SIGUSR1)  # twistd's rotation: the file becomes twistd.log.1
+    waitUntil(rotated.exists, 10, f"twistd did not rotate {daemon.logPath}", daemon.describe)
+    after = submitThroughEach("after")
+
+    old, new = rotated.read_text(), daemon.logPath.read_text()
+    for pid, queueId in before.items():
+        assert re.search(rf"pid {pid}\] {queueId}: client=", old), old
+    for pid, queueId in after.items():
+        assert not re.search(rf"{queueId}: client=", old)
+    # Every line whole, in twistd's format (none written over by another process).
+    for text in (old, new):
+        lines = text.splitlines()
+        assert lines and all(TWISTD_LINE.match(line) for line in lines), text
