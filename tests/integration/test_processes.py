@@ -397,6 +397,12 @@ def test_with_logfile_every_workers_lines_land_whole_in_the_file_twistd_rotates(
         return sent
 
     before = submitThroughEach("before")
+    # Lines from the master and both workers at once: none is lost.
+    many = [daemon.submit(makeMessage(f"many {n}", ["body"])) for n in range(10)]
+    sink.waitForMessages(12, daemon.describe)
+    for queueId in many:
+        daemon.waitForLog(rf"\] {queueId}: client=", deadline=20)
+        daemon.waitForLog(rf"\] {queueId}: removed", deadline=20)
     rotated = daemon.logPath.with_name(daemon.logPath.name + ".1")
     daemon.signal(signal.SIGUSR1)  # twistd's rotation: the file becomes twistd.log.1
     waitUntil(rotated.exists, 10, f"twistd did not rotate {daemon.logPath}", daemon.describe)
