@@ -123,6 +123,10 @@ class PasswordFile:
         # Called (in the reading thread) after a re-read noticed by itself,
         # not one asked for with load(): tap.py logs what is wrong in it.
         self.changed: Callable[[], None] | None = None
+        # Whether a reload logs what is wrong with the file. An intake
+        # worker's copy does not: the master reads the same file on the
+        # same reload and says it once for the daemon.
+        self.reports = True
 
     def invalidate(self) -> None:
         with self._lock:
@@ -149,7 +153,8 @@ class PasswordFile:
 
             def keep() -> None:
                 self.path = path
-                maillog.daemonEvent(problem, level=maillog.LogLevel.error)
+                if self.reports:
+                    maillog.daemonEvent(problem, level=maillog.LogLevel.error)
 
             return keep
 
@@ -157,7 +162,8 @@ class PasswordFile:
             with self._lock:
                 self.path = path
                 self._install(reading, self._now())
-            warnPasswordFile(self, config.auth)
+            if self.reports:
+                warnPasswordFile(self, config.auth)
 
         return apply
 

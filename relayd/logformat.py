@@ -128,6 +128,12 @@ _SEVERITY = {LogLevel.debug: 7, LogLevel.info: 6, LogLevel.warn: 4, LogLevel.err
 _FACILITY_MAIL = 2
 DEFAULT_SYSLOG_SOCKET = "/dev/log"
 
+# Whether this process says when the syslog socket fails and takes lines
+# again. An intake worker does not (relayd.worker sets it): the master
+# writes to the same socket and falls back to the same stderr, and says it
+# once for the daemon.
+socketWarnings = True
+
 
 def syslogSocketObserver(path: str = DEFAULT_SYSLOG_SOCKET, pid: int | None = None,
                          localtime: Callable[[float], time.struct_time] = time.localtime,
@@ -152,7 +158,8 @@ def syslogSocketObserver(path: str = DEFAULT_SYSLOG_SOCKET, pid: int | None = No
     stamps = _SecondStamp("%b %e %H:%M:%S", localtime)
 
     def warn(text: str) -> None:
-        out.write(f"relayd: warning: {text}\n")
+        if socketWarnings:
+            out.write(f"relayd: warning: {text}\n")
 
     def datagrams(event: dict) -> list[tuple[bytes, str]]:
         severity = _SEVERITY.get(event.get("log_level"), 6)

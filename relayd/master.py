@@ -29,7 +29,7 @@ from collections import Counter
 
 from twisted.application import service
 from twisted.internet import defer, protocol, task
-from twisted.logger import Logger
+from twisted.logger import Logger, eventFromJSON, globalLogPublisher
 from twisted.python.failure import Failure
 from twisted.python.reflect import qual
 
@@ -214,9 +214,41 @@ class WorkerProcess(protocol.ProcessProtocol):
     def __init__(self, pool: "WorkerPool", worker: Worker) -> None:
         self.pool = pool
         self.worker = worker
+        self._partial = b""
+        self._skipping = False  # within a line longer than MAX_EVENT_LINE
+
+    def childDataReceived(self, childFD: int, data: bytes) -> None:
+        """The worker's log events (``--log-events``: one JSON object a line), into this log."""
+        lines = data.split(b"\n")
+        lines[0] = self._partial + lines[0]
+        self._partial = lines.pop()
+        for line in lines:
+            if self._skipping:
+                self._skipping = False
+            elif line:
+                forwardEvent(line, self.worker)
+        if len(self._partial) > MAX_EVENT_LINE:
+            self._partial, self._skipping = b"", True
 
     def processEnded(self, reason: Failure) -> None:
         self.pool.exited(self.worker, reason.value)
+
+
+# The longest log event a worker may forward (JSON); longer ones are dropped.
+MAX_EVENT_LINE = 1 << 20
+
+
+def forwardEvent(line: bytes, worker: Worker) -> None:
+    """One event a worker forwarded, published here as if logged here (its time and pid kept)."""
+    try:
+        event = eventFromJSON(line.decode("utf-8"))
+    except ValueError:
+        maillog.daemonEvent(f"{worker.describe()} wrote a line that is not a log event",
+                            level=maillog.LogLevel.warn)
+        return
+    # Counted by the worker's own metrics batches, not again here.
+    event["forwarded_from"] = worker.pid
+    globalLogPublisher(event)
 
 
 def exitDescription(status) -> str:
@@ -242,6 +274,8 @@ class WorkerPool(service.Service):
     def __init__(self, count: int, command, reactor, listeners, lockFd, owner: LimitsOwner,
                  scheduler, spool, runInThread, config=None) -> None:
         self.count = count
+        # Whether the workers forward their log events (``--log-events``).
+        self.forwardsLog = getattr(command, "forwardsLog", False)
         # The running configuration, which the workers fetch (RunningConfig).
         self.config = config
         self._configText: str | None = None
@@ -281,7 +315,9 @@ class WorkerPool(service.Service):
             return
         worker = Worker(number, self.reactor.seconds())
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        fds = {0: "w", 1: 1, 2: 2, CHANNEL_FD: theirs.fileno(), LOCK_FD: self.lockFd()}
+        # Its stdout: the master's, or a pipe its log events come through.
+        fds = {0: "w", 1: "r" if self.forwardsLog else 1, 2: 2, CHANNEL_FD: theirs.fileno(),
+               LOCK_FD: self.lockFd()}
         listenerFds = []
         for index, listener in enumerate(self.listeners):
             fd = FIRST_LISTENER_FD + index
@@ -503,8 +539,10 @@ def workerCommand(configPath: str, logger: str | None, logfile: str | None):
         if logger:
             # twistd's options hold the observer factory itself, not its name.
             argv += ["--logger", logger if isinstance(logger, str) else qual(logger)]
-        elif logfile and logfile != "-":
-            argv += ["--logfile", logfile]
+        elif command.forwardsLog:
+            argv += ["--log-events"]
         return argv
 
+    # twistd --logfile: the master alone writes (and rotates) the file.
+    command.forwardsLog = bool(not logger and logfile and logfile != "-")
     return command

@@ -114,6 +114,10 @@ def updatesFor(event: Mapping) -> list[Update]:
     kind = event.get("event")
     if kind is None or not str(event.get("log_namespace", "")).startswith("relayd/"):
         return []
+    if "forwarded_from" in event:
+        # A worker's event the master writes to its log file (relayd.master):
+        # that worker counted it already, in its batches.
+        return []
     if kind == "connected":
         listener = event.get("listener") or OTHER
         return [("relayd_connections_total", (listener,), 1),

@@ -709,8 +709,10 @@ def _makeMaster(options, config, reactor, count: int) -> RelayService:
     scheduler = Scheduler(spool, transport, config, reactor, runInThread=runInThread,
                           signer=signer)
     # The workers read the certificate and the password file; checked here
-    # too, so that a broken one stops the start with one line.
-    _security(config, reactor)
+    # too, so that a broken one stops the start with one line. The master
+    # re-reads the password file on reload too: what is wrong in it is
+    # logged here, once, not by every worker.
+    masterPasswords = _security(config, reactor)[1]
     owner = LimitsOwner(config, reactor, _throttleSettings)
     held = protocol.Factory()  # never builds anything: the master does not accept
     held.noisy = False
@@ -722,8 +724,9 @@ def _makeMaster(options, config, reactor, count: int) -> RelayService:
     workers = WorkerPool(count, command, reactor, listeners, spool.lockDescriptor, owner,
                          scheduler, spool, runInThread, config=config)
     relay = RelayService(config, reactor, spool, pool, scheduler, workers, listeners,
-                         [owner, scheduler, resolver, courier, signer, workers], courier=courier,
-                         signer=signer)
+                         [c for c in (owner, scheduler, resolver, courier, signer, masterPasswords,
+                                      workers) if c is not None],
+                         courier=courier, signer=signer)
     relay.workers = workers
     workers.metrics = metrics
     ControlService(config.queue.controlSocketPath, scheduler, reactor,
@@ -747,11 +750,12 @@ def _makeMaster(options, config, reactor, count: int) -> RelayService:
     return relay
 
 
-def makeWorker(config, reactor, link, listenerFds: list[int]):
+def makeWorker(config, reactor, link, listenerFds: list[int], number: int = 1):
     """
     An intake worker's service (relayd.worker) for the master's running
     ``config``, wired as the single process's intake is, with the
     master's limits through ``link`` (a relayd.worker.MasterLink).
+    ``number`` is the worker's (1 to ``processes``).
     """
     from relayd.control import stallForTests
     from relayd.server import SubmissionFactory, _throttleSettings
@@ -780,7 +784,9 @@ def makeWorker(config, reactor, link, listenerFds: list[int]):
         return d
 
     commit = announcedCommit(link, commitInThread)
-    tls, passwords, verifier, authPool, credPortal = _security(config, reactor)
+    # What is wrong in the password file is the master's to log, at start
+    # and on reload.
+    tls, passwords, verifier, authPool, credPortal = _security(config, reactor, warn=False)
     clientNames = ClientNames(resolver, config.limits.clientNameTimeout, reactor,
                               hostsFile=os.environ.get("RELAYD_HOSTS_FILE") or HOSTS_FILE)
     factory = SubmissionFactory(config, spool, commit, link.queued, reactor,
@@ -799,8 +805,12 @@ def makeWorker(config, reactor, link, listenerFds: list[int]):
         globalLogPublisher.addObserver(metrics.observer())
         service.metrics = metrics
     if passwords is not None:
-        passwords.changed = lambda: reactor.callFromThread(
-            lambda: warnPasswordFile(passwords, service.config.auth))
+        passwords.reports = False
+        # An edit noticed without a reload (each worker notices it at its
+        # next AUTH): worker 1 alone says what is wrong, as one process does.
+        if number == 1:
+            passwords.changed = lambda: reactor.callFromThread(
+                lambda: warnPasswordFile(passwords, service.config.auth))
     return service
 
 
@@ -860,8 +870,11 @@ def _courier(config, reactor, listeners, resolver, runInThread):
                    localAddresses=localAddresses, runInThread=runInThread)
 
 
-def _security(config, reactor):
-    """The TLS context and the AUTH machinery the listeners need; start-up errors end the start."""
+def _security(config, reactor, warn: bool = True):
+    """
+    The TLS context and the AUTH machinery the listeners need; start-up
+    errors end the start. ``warn``: log what is wrong in the password file.
+    """
 
     tls = passwords = verifier = authPool = credPortal = None
     if _needsTLS(config):
@@ -875,7 +888,8 @@ def _security(config, reactor):
             passwords.load()
         except PasswordFileError as e:
             fail(f"auth.password_file {e}")
-        warnPasswordFile(passwords, config.auth)
+        if warn:
+            warnPasswordFile(passwords, config.auth)
         verifier = Verifier(passwords, config.auth.cache)
         # bcrypt and argon2 release the GIL: one thread per core verifies in parallel.
         authPool = threadpool.ThreadPool(minthreads=0, maxthreads=min(4, os.cpu_count() or 1),

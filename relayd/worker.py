@@ -399,20 +399,31 @@ def _arguments(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--lock", type=int, required=True)
     parser.add_argument("--listener", type=int, action="append", default=[])
     parser.add_argument("--logger")
-    parser.add_argument("--logfile")
+    parser.add_argument("--log-events", action="store_true")
     return parser.parse_args(argv)
 
 
 def _startLogging(arguments: argparse.Namespace) -> None:
-    """The master's log destination, in its format; this process's pid in every line."""
-    from twisted.logger import globalLogBeginner, textFileLogObserver
+    """
+    The master's log destination, in its format; this process's pid in
+    every line. ``--log-events``: the events go to the master instead, one
+    JSON object a line on stdout, and the master writes them to its
+    ``--logfile`` (twistd's log file is not opened for appending, and only
+    the master reopens it when it rotates it).
+    """
+    from twisted.logger import globalLogBeginner, jsonFileLogObserver, textFileLogObserver
     from twisted.python.reflect import namedAny
 
     if arguments.logger:
+        from relayd import logformat
+
+        logformat.socketWarnings = False  # the master's warning speaks for the daemon
         observer = namedAny(arguments.logger)()
     else:
-        stream = open(arguments.logfile, "a") if arguments.logfile else sys.stdout
-        text = textFileLogObserver(stream)
+        if arguments.log_events:
+            out = jsonFileLogObserver(sys.stdout, recordSeparator="")
+        else:
+            out = textFileLogObserver(sys.stdout)
         pid = os.getpid()
 
         def observer(event: dict) -> None:
@@ -421,7 +432,7 @@ def _startLogging(arguments: argparse.Namespace) -> None:
                 level = event.get("log_level")
                 event = dict(event, log_system=f"{event.get('log_namespace', '-')}#"
                              f"{getattr(level, 'name', level)} pid {pid}")
-            text(event)
+            out(event)
 
     globalLogBeginner.beginLoggingTo([observer], redirectStandardIO=False)
 
@@ -459,7 +470,7 @@ def main(argv: list[str] | None = None) -> None:
 
     def start(config) -> None:
         # The configuration the master runs with, whatever the file says now.
-        worker = tap.makeWorker(config, reactor, link, arguments.listener)
+        worker = tap.makeWorker(config, reactor, link, arguments.listener, arguments.number)
         worker.startService()
         started.append(worker)
         maillog.daemonEvent(f"worker {arguments.number} accepting connections")

@@ -143,6 +143,12 @@ def test_observer_counts_what_the_log_says_and_the_page_shows_it():
     assert not [n for n, _ in samples if n.endswith("_created")]
 
 
+def test_a_workers_event_forwarded_to_the_masters_log_file_is_not_counted_again():
+    event = {"log_namespace": "relayd/smtpd", "event": "saslFailed"}
+    assert metrics.updatesFor(event)
+    assert metrics.updatesFor(dict(event, forwarded_from=4242)) == []
+
+
 def test_updates_from_another_process_apply_as_our_own():
     """What a worker computes with updatesFor can be applied by the process serving the page."""
     here, there = metrics.MetricsRegistry(), metrics.MetricsRegistry()

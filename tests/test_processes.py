@@ -431,6 +431,56 @@ def test_a_written_message_gets_its_250_when_the_master_is_gone():
     assert outcomes == [None]
 
 
+def test_a_workers_forwarded_log_events_are_published_in_the_masters_log(tmp_path):
+    """
+    With twistd --logfile, workers send their events (JSON, a line each) on
+    stdout, and the master logs them into its own file: in any pieces,
+    with the worker's time and pid; a runaway line is dropped, not kept.
+    """
+    from twisted.logger import LogLevel, eventAsJSON, globalLogPublisher
+
+    from relayd import master
+
+    reactor, pool = startedPool(tmp_path)
+    process = reactor.spawned[0][0]
+    events = [{"log_format": "{log_line}", "log_line": f"line {n}", "log_time": 1234.5 + n,
+               "log_level": LogLevel.info, "log_namespace": "relayd/smtpd",
+               "log_system": "relayd/smtpd#info pid 4242"} for n in range(3)]
+    data = b"".join(eventAsJSON(e).encode() + b"\n" for e in events)
+    seen: list[dict] = []
+    globalLogPublisher.addObserver(seen.append)
+    try:
+        process.childDataReceived(1, data[:7])
+        process.childDataReceived(1, data[7:-30])
+        assert [e.get("log_line") for e in seen if "log_line" in e] == ["line 0", "line 1"]
+        process.childDataReceived(1, data[-30:])
+        process.childDataReceived(1, b"x" * (master.MAX_EVENT_LINE + 1))
+        process.childDataReceived(1, b"more of the runaway line\n" + data)
+    finally:
+        globalLogPublisher.removeObserver(seen.append)
+    forwarded = [e for e in seen if "log_line" in e]
+    assert [e["log_line"] for e in forwarded] == ["line 0", "line 1", "line 2"] * 2
+    assert {e["log_system"] for e in forwarded} == {"relayd/smtpd#info pid 4242"}
+    # Marked, so the master's metrics leave it to the worker's own batches.
+    assert {e["forwarded_from"] for e in forwarded} == {reactor.spawned[0][3].pid}
+    assert [e["log_time"] for e in forwarded[:3]] == [1234.5, 1235.5, 1236.5]
+    assert forwarded[0]["log_level"] is LogLevel.info
+    assert not [e for e in seen if "not a log event" in str(e.get("log_line", e.get("text")))]
+
+
+def test_workers_forward_their_log_only_for_twistds_logfile():
+    from relayd.master import workerCommand
+
+    assert workerCommand("/etc/relayd.yaml", None, "/var/log/relayd.log").forwardsLog
+    for logger, logfile in ((None, None), (None, "-"), ("relayd.logformat.syslogSocket", None),
+                            ("relayd.logformat.syslogSocket", "/var/log/relayd.log")):
+        command = workerCommand("/etc/relayd.yaml", logger, logfile)
+        assert not command.forwardsLog
+        assert "--log-events" not in command(1, [5])
+    argv = workerCommand("/etc/relayd.yaml", None, "/var/log/relayd.log")(1, [5])
+    assert "--log-events" in argv and "--logfile" not in argv
+
+
 def test_heartbeats_come_often_enough_for_the_watchdog():
     from relayd.master import HEARTBEAT, heartbeatInterval
 

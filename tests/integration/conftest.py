@@ -6,7 +6,16 @@ import os
 
 import pytest
 
+from tests.integration import harness
 from tests.integration.harness import SMTP_SINK, PostfixSink, Relayd, Sink, twistdPath
+
+
+def pytest_terminal_summary(terminalreporter):
+    """How the daemons the tests started ran: with intake workers (counted as children) or not."""
+    if harness.DAEMON_STARTS:
+        counts = ", ".join(f"{n} with {kind}" for kind, n in sorted(harness.DAEMON_STARTS.items()))
+        terminalreporter.write_line(
+            f"relayd starts: {counts} (RELAYD_TEST_PROCESSES={harness.TEST_PROCESSES or 'unset'})")
 
 
 @pytest.fixture

@@ -332,15 +332,58 @@ def addUser(path: Path, user: str, password: str) -> None:
 # The daemon
 
 
-# RELAYD_TEST_PROCESSES=N: every test daemon runs with "processes: N" (one
-# that sets processes itself keeps its own).
+# RELAYD_TEST_PROCESSES=N (or auto): every config the tests write gets
+# "processes: N", unless it sets processes itself (a test about one mode).
 TEST_PROCESSES = os.environ.get("RELAYD_TEST_PROCESSES")
+PROCESSES_KEY = re.compile(r"(?m)^processes:[ \t]*([^\s#]+)")
+
+
+def withTestProcesses(text: str) -> str:
+    """A config's text with RELAYD_TEST_PROCESSES's ``processes:`` added, when it has none."""
+    if TEST_PROCESSES and not PROCESSES_KEY.search(text):
+        text += ("" if text.endswith("\n") or not text else "\n") + f"processes: {TEST_PROCESSES}\n"
+    return text
+
+
+def intakeProcesses(configText: str) -> int:
+    """How many intake processes a config asks for (relayd's own rule: auto is one per core)."""
+    match = PROCESSES_KEY.search(configText)
+    value = match.group(1).strip("'\"") if match else "1"
+    if value == "auto":
+        return os.cpu_count() or 1
+    try:
+        return int(value)
+    except ValueError:
+        return 1  # a test of a bad value: the daemon refuses it
+
+
+# What the daemons started by the tests ran as, for the session's summary:
+# "intake workers" or "one process", counted per start.
+DAEMON_STARTS: dict[str, int] = {}
+
+
+def workerPids(masterPid: int) -> list[int]:
+    """The intake workers (``python -m relayd.worker``) whose parent is ``masterPid``."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            # Field 4, after the command in parentheses (which may hold spaces).
+            parent = int(stat[stat.rindex(")") + 2:].split()[1])
+            if parent != masterPid:
+                continue
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+        except (OSError, ValueError, IndexError):
+            continue  # gone meanwhile
+        if b"relayd.worker" in argv:
+            found.append(int(entry.name))
+    return sorted(found)
 
 
 def relaydConfig(*, port: int, spool: Path, smarthostPort: int,
                  trustedNetworks: list[str] | None = None, extra: str = "") -> str:
-    if TEST_PROCESSES and not re.search(r"(?m)^processes:", extra):
-        extra += f"processes: {TEST_PROCESSES}\n"
     relay = ""
     if trustedNetworks is not None:
         relay = "relay:\n  trusted_networks: [" + ", ".join(f'"{n}"' for n in trustedNetworks) + "]\n"
@@ -360,7 +403,7 @@ def relaydConfig(*, port: int, spool: Path, smarthostPort: int,
         f"      port: {smarthostPort}\n"
         f"      tls: none\n"
         f"shutdown_grace: {SHUTDOWN_GRACE}\n"
-        f"{extra}"
+        f"{withTestProcesses(extra)}"
     )
 
 
@@ -379,10 +422,25 @@ class Relayd:
         self.spool.mkdir(exist_ok=True)
         self.configPath = directory / "relayd.yaml"
         self.logPath = directory / "relayd.log"
+        # Where the daemon's stdout and stderr go: its log, unless a test
+        # gives twistd a --logfile (and sets logPath to it).
+        self.outputPath = self.logPath
         self.smarthostPort = smarthostPort
-        self.configPath.write_text(self.configText(smarthostPort, trustedNetworks))
+        self.writeConfig(self.configText(smarthostPort, trustedNetworks))
         self.process: subprocess.Popen | None = None
         self.runs = 0
+        self.workers: list[int] = []  # the intake workers' pids at the last start
+
+    def writeConfig(self, text: str) -> None:
+        """Write the config file (every test writes it here: RELAYD_TEST_PROCESSES applies)."""
+        self.configPath.write_text(withTestProcesses(text))
+
+    def checkConfigWritten(self) -> None:
+        """Fail a test that wrote its config around writeConfig, so ran without RELAYD_TEST_PROCESSES."""
+        text = self.configPath.read_text()
+        assert withTestProcesses(text) == text, (
+            f"{self.configPath} has no processes: key although RELAYD_TEST_PROCESSES="
+            f"{TEST_PROCESSES}: write it with Relayd.writeConfig")
 
     def configText(self, smarthostPort: int, trustedNetworks: list[str] | None = None,
                    extra: str = "") -> str:
@@ -394,11 +452,12 @@ class Relayd:
 
     def start(self) -> "Relayd":
         assert self.process is None or self.process.poll() is not None, "relayd already running"
+        self.checkConfigWritten()
         self.runs += 1
-        with open(self.logPath, "ab") as log:
+        with open(self.outputPath, "ab") as log:
             log.write(f"=== harness: run {self.runs}: {' '.join(self.command())}\n".encode())
             log.flush()
-            startOffset = log.tell()
+            startOffset = self.logOffset()
             self.process = subprocess.Popen(
                 self.command(), cwd=self.directory, stdout=log, stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL, env=self.environment(),
@@ -413,7 +472,29 @@ class Relayd:
         waitUntil(lambda: self.process.poll() is not None
                   or "daemon started" in self.log(startOffset),
                   START_DEADLINE, "relayd did not log 'daemon started'", self.describe)
+        self.waitForWorkers()
         return self
+
+    def waitForWorkers(self) -> list[int]:
+        """
+        With intake processes in the config, wait until that many workers
+        run as the daemon's children (their pids); fails if they do not.
+        Sessions are served by the workers alone, so a test starts with all
+        of them accepting.
+        """
+        wanted = intakeProcesses(self.configPath.read_text())
+        if wanted > 1 and self.running:
+            def started() -> bool:
+                self.workers = workerPids(self.process.pid)
+                return not self.running or len(self.workers) == wanted
+            waitUntil(started, START_DEADLINE, f"relayd did not run {wanted} intake workers "
+                      f"(its children running relayd.worker: {self.workers})", self.describe)
+            assert self.running, f"relayd exited while its workers started\n{self.describe()}"
+        else:
+            self.workers = []
+        kind = "intake workers" if self.workers else "one process"
+        DAEMON_STARTS[kind] = DAEMON_STARTS.get(kind, 0) + 1
+        return self.workers
 
     def environment(self) -> dict[str, str]:
         """The daemon's environment (a subclass adds systemd's variables, say)."""
@@ -425,6 +506,8 @@ class Relayd:
 
     def signal(self, signum: int) -> None:
         assert self.running, f"relayd is not running\n{self.describe()}"
+        if signum == signal.SIGHUP:
+            self.checkConfigWritten()
         self.process.send_signal(signum)
 
     def terminate(self) -> int:

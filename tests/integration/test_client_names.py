@@ -34,7 +34,7 @@ def relayWithNamedClient(tmp_path, processes, sink, dnsServer, monkeypatch, host
     named = dnsServer({REVERSE: {"PTR": ["laptop.client.test"]},
                        "laptop.client.test": {"A": ["127.0.0.1"]}})
     daemon = Relayd(tmp_path / "relayd", sink.port)
-    daemon.configPath.write_text(withDNS(daemon, sink.port, named, "5s"))
+    daemon.writeConfig(withDNS(daemon, sink.port, named, "5s"))
     processes.append(daemon)
     daemon.start()
     queueId = daemon.submit(makeMessage("named", ["hello"]))
@@ -55,7 +55,7 @@ def test_daemon_logs_confirmed_client_names_and_reload_applies_new_dns(
     # the banner still comes, and the name is "unknown".
     silent = dnsServer({REVERSE: "TIMEOUT"})
     offset = daemon.logOffset()
-    daemon.configPath.write_text(withDNS(daemon, sink.port, silent, "1s"))
+    daemon.writeConfig(withDNS(daemon, sink.port, silent, "1s"))
     daemon.signal(signal.SIGHUP)
     daemon.waitForLog(r"reload: configuration .* applied", since=offset)
     with daemon.connect() as client:

@@ -441,7 +441,7 @@ def test_daemon_delivers_by_mx_and_logs_the_relay(tmp_path, processes, twistd, m
              f"  dns: {{servers: [\"{dns[0]}:{dns[1]}\"], timeout: 3s}}\n")
     text = daemon.configText(port).replace(
         f"  smarthosts:\n    - host: {HOST}\n      port: {port}\n      tls: none\n", extra)
-    daemon.configPath.write_text(text)
+    daemon.writeConfig(text)
     processes.append(daemon)
     daemon.start()
     queueId = daemon.submit(makeMessage("mx", ["hello"]), recipients=("bob@mx.test", "eve@null.test"))

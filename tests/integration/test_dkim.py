@@ -325,7 +325,7 @@ def test_key_rotation_on_reload_signs_new_mail_while_queued_mail_keeps_its_signa
 
     published.update(keys(daemon.directory, ("n1", "ed25519")))
     offset = daemon.logOffset()
-    daemon.configPath.write_text(daemon.configText(sink.port).replace(
+    daemon.writeConfig(daemon.configText(sink.port).replace(
         dkimSection("r1", "e1"), dkimSection("n1")))
     daemon.signal(signal.SIGHUP)
     daemon.waitForLog(r"reload: DKIM keys read: 1 for 1 domain \(example\.com s=n1\)", since=offset)

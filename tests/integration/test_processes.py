@@ -30,7 +30,8 @@ from tests.integration.harness import (
     waitUntil,
 )
 from tests.integration.test_crash import SUBJECT, Client
-from tests.integration.test_submission_security import SecureRelayd
+from tests.integration.test_log_tools import SyslogSocketRelayd
+from tests.integration.test_submission_security import PASSWORD, USER, SecureRelayd
 
 pytestmark = pytest.mark.integration
 
@@ -188,7 +189,7 @@ def test_sigkill_of_one_worker_loses_nothing_acknowledged_and_it_comes_back(spli
 
 def test_connections_per_client_counts_across_workers(split):
     split.extra = "limits: {connections_per_client: 11}\n"
-    split.configPath.write_text(split.configText(split.smarthostPort, ["127.0.0.0/8"]))
+    split.writeConfig(split.configText(split.smarthostPort, ["127.0.0.0/8"]))
     split.start()
     waitForWorkers(split)
     since = split.logOffset()
@@ -252,7 +253,7 @@ def test_sighup_reaches_every_worker(split):
     split.start()
     pids = waitForWorkers(split)
     since = split.logOffset()
-    split.configPath.write_text(split.configPath.read_text().replace(
+    split.writeConfig(split.configPath.read_text().replace(
         "hostname: relay.test.example", "hostname: renamed.test.example"))
     split.signal(signal.SIGHUP)
     for pid in pids.values():
@@ -283,3 +284,136 @@ def test_workers_log_through_the_masters_logger_with_their_pid(tmp_path, process
     log = daemon.log(since)
     assert re.search(rf"relayd/smtpd\[{pid}\]: connect from unknown\[127\.0\.0\.1\]", log), log
     assert pids[2] == pid
+
+
+SKIPPED_LINES = re.compile(r"warning: auth\.password_file \S+: lines? [\d, ]+ skipped \(not login:hash\)")
+
+
+def test_password_file_problems_are_logged_once_for_the_daemon(tmp_path, processes, twistd, sink):
+    """
+    What is wrong in the password file is one line per problem for the
+    whole daemon: the master's at start and on SIGHUP; an edit noticed
+    without a reload, worker 1's (another worker notices it too, silently).
+    """
+    daemon = SecureSplitRelayd(tmp_path / "relayd", sink.port)
+    with open(daemon.passwordFile, "a") as f:
+        f.write("a line that is not login:hash\n")
+    processes.append(daemon)
+    daemon.start()
+    # Each worker has read the file by the time it accepts.
+    pids = waitForWorkers(daemon)
+    assert SKIPPED_LINES.findall(daemon.log()) == [
+        f"warning: auth.password_file {daemon.passwordFile}: line 2 skipped (not login:hash)"
+    ], daemon.log()
+
+    since = daemon.logOffset()
+    daemon.signal(signal.SIGHUP)
+    daemon.waitForLog(r"\[relayd/relayd#info\] reload: configuration .* applied", since=since)
+    for pid in pids.values():
+        daemon.waitForLog(rf"pid {pid}\] reload: configuration .* applied", since=since, deadline=20)
+    assert len(SKIPPED_LINES.findall(daemon.log(since))) == 1, daemon.log(since)
+
+    # Edited without a reload: each worker re-reads it at its next AUTH
+    # (at most once a second).
+    time.sleep(1.1)
+    since = daemon.logOffset()
+    with open(daemon.passwordFile, "a") as f:
+        f.write("another such line\n")
+
+    def logIn() -> None:
+        with smtplib.SMTP_SSL(HOST, daemon.implicitPort, timeout=SMTP_TIMEOUT,
+                              context=daemon.clientContext()) as client:
+            client.login(USER, PASSWORD)
+
+    with onlyWorker(daemon, 2):
+        logIn()
+    with onlyWorker(daemon, 1):
+        logIn()
+    daemon.waitForLog(r"lines 2, 3 skipped", since=since, deadline=10)
+    assert len(SKIPPED_LINES.findall(daemon.log(since))) == 1, daemon.log(since)
+
+
+class SyslogSocketSplitRelayd(SyslogSocketRelayd):
+    """Logging to the syslog socket as the systemd unit does, with two intake workers."""
+
+    def configText(self, smarthostPort, trustedNetworks=None, extra=""):
+        return super().configText(smarthostPort, trustedNetworks, extra + "processes: 2\n")
+
+
+def test_a_missing_syslog_socket_is_one_warning_for_the_daemon(tmp_path, processes, twistd, sink,
+                                                               monkeypatch):
+    """Every process falls back to stderr; the master alone says so."""
+    socketPath = tmp_path / "no-syslog" / "log"
+    monkeypatch.setenv("RELAYD_SYSLOG_SOCKET", str(socketPath))
+    daemon = SyslogSocketSplitRelayd(tmp_path / "relayd", sink.port)
+    processes.append(daemon)
+    daemon.start()
+    pids = waitForWorkers(daemon)
+    for number, pid in pids.items():
+        with onlyWorker(daemon, number):
+            queueId = daemon.submit(makeMessage(f"through {pid}", ["body"]))
+        daemon.waitForLog(rf"relayd/smtpd\[{pid}\]: {queueId}: client=")
+    assert daemon.terminate() == 0
+    warnings = [line for line in daemon.log().splitlines() if "syslog socket" in line]
+    assert warnings == [f"relayd: warning: syslog socket {socketPath}: No such file or directory; "
+                        "logging to stderr until it takes lines again"], daemon.log()
+
+
+class LogfileSplitRelayd(SplitRelayd):
+    """Logging to a file of twistd's (``--logfile``), which twistd rotates on SIGUSR1."""
+
+    def __init__(self, directory, smarthostPort, trustedNetworks=None) -> None:
+        super().__init__(directory, smarthostPort, trustedNetworks)
+        self.logPath = directory / "twistd.log"
+
+    def command(self) -> list[str]:
+        command = super().command()
+        return command[:3] + ["--logfile", str(self.logPath)] + command[3:]
+
+
+TWISTD_LINE = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d[+-]\d{4} \[[^\]]+\] ")
+
+
+def test_with_logfile_every_workers_lines_land_whole_in_the_file_twistd_rotates(
+        tmp_path, processes, twistd, sink):
+    daemon = LogfileSplitRelayd(tmp_path / "relayd", sink.port, trustedNetworks=["127.0.0.0/8"])
+    processes.append(daemon)
+    daemon.start()
+    pids = waitForWorkers(daemon)
+
+    def submitThroughEach(subject: str) -> dict[int, str]:
+        sent = {}
+        for number, pid in pids.items():
+            others = [p for p in pids.values() if p != pid]
+            for other in others:
+                os.kill(other, signal.SIGSTOP)
+            try:
+                sent[pid] = daemon.submit(makeMessage(f"{subject} {number}", ["body"]))
+            finally:
+                for other in others:
+                    os.kill(other, signal.SIGCONT)
+        for pid, queueId in sent.items():
+            daemon.waitForLog(rf"pid {pid}\] {queueId}: client=", deadline=20)
+        return sent
+
+    before = submitThroughEach("before")
+    # Lines from the master and both workers at once: none is lost.
+    many = [daemon.submit(makeMessage(f"many {n}", ["body"])) for n in range(10)]
+    sink.waitForMessages(12, daemon.describe)
+    for queueId in many:
+        daemon.waitForLog(rf"\] {queueId}: client=", deadline=20)
+        daemon.waitForLog(rf"\] {queueId}: removed", deadline=20)
+    rotated = daemon.logPath.with_name(daemon.logPath.name + ".1")
+    daemon.signal(signal.SIGUSR1)  # twistd's rotation: the file becomes twistd.log.1
+    waitUntil(rotated.exists, 10, f"twistd did not rotate {daemon.logPath}", daemon.describe)
+    after = submitThroughEach("after")
+
+    old, new = rotated.read_text(), daemon.logPath.read_text()
+    for pid, queueId in before.items():
+        assert re.search(rf"pid {pid}\] {queueId}: client=", old), old
+    for pid, queueId in after.items():
+        assert not re.search(rf"{queueId}: client=", old)
+    # Every line whole, in twistd's format (none written over by another process).
+    for text in (old, new):
+        lines = text.splitlines()
+        assert lines and all(TWISTD_LINE.match(line) for line in lines), text

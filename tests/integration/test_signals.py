@@ -39,7 +39,7 @@ def test_sighup_keeps_serving_and_survives_a_broken_config(sink, startRelayd):
     # A broken config: an unknown key, and a smarthost where nothing listens.
     # If relayd applied any of it, the next message could not reach the sink.
     configPath = str(daemon.configPath)
-    daemon.configPath.write_text(
+    daemon.writeConfig(
         daemon.configText(freePort()) + "no_such_key: 1\n")
     before = daemon.logOffset()
     daemon.signal(signal.SIGHUP)

@@ -231,7 +231,7 @@ def test_relayctl_reload_waits_and_reports_the_outcome(tmp_path, processes, twis
     good = daemon.configPath.read_text()
 
     # Applied: RELOADING=1 then READY=1 were sent before relayctl returned.
-    daemon.configPath.write_text(good + "limits: {recipients: 7}\n")
+    daemon.writeConfig(good + "limits: {recipients: 7}\n")
     result = relayctl(daemon, "reload")
     assert result.returncode == 0, result.stderr
     assert result.stdout == f"reload: configuration {daemon.configPath} applied\n"
@@ -240,7 +240,7 @@ def test_relayctl_reload_waits_and_reports_the_outcome(tmp_path, processes, twis
     assert "MONOTONIC_USEC" in [m for t, m in notifySocket.messages if "RELOADING" in m][0]
 
     # A file that does not load: refused with the key and why, the old config runs on.
-    daemon.configPath.write_text(good + "limits: {recipients: many}\n")
+    daemon.writeConfig(good + "limits: {recipients: many}\n")
     result = relayctl(daemon, "reload")
     assert result.returncode == 1
     assert result.stdout == ""
@@ -250,7 +250,7 @@ def test_relayctl_reload_waits_and_reports_the_outcome(tmp_path, processes, twis
 
     # A file that loads but that the daemon refuses (more connections than
     # its file limit holds): the daemon's answer, logged there too.
-    daemon.configPath.write_text(good + "limits: {connections: 100000000}\n")
+    daemon.writeConfig(good + "limits: {connections: 100000000}\n")
     result = relayctl(daemon, "reload")
     assert result.returncode == 1, result.stdout
     assert result.stderr.startswith("relayctl: reload failed, keeping the running configuration: ")

@@ -38,6 +38,10 @@ def cluster(tmp_path, processes, sink):
                                  proxyFrom=f"{HOST}/32", auth=f"failure_limit: {FAILURE_LIMIT}")
         processes.append(relay)
         relays.append(relay.start())
+        # The harness's "is it listening" probe sent no header: logged
+        # before a test looks (intake workers accept it once they run).
+        relay.waitForLog(r"dropped connection from unknown\[127\.0\.0\.1\]: "
+                         r"connection closed before the PROXY header")
     balancer = HAProxy(tmp_path / "haproxy", [(HOST, r.port) for r in relays])
     processes.append(balancer)
     balancer.start()
