@@ -132,11 +132,13 @@ def sequence(daemon: "MetricsRelayd") -> None:
             client.sendmail(USER, ["carol@remote.test"], makeMessage("metrics auth", ["body"]))
 
 
-def settledScrape(daemon: "MetricsRelayd", sent: int = 0) -> dict:
+def settledScrape(daemon: "MetricsRelayd", sent: int = 0, queued: int | None = None) -> dict:
     """
     A scrape once every session has closed and the counts have reached
-    the log's (and ``sent`` recipients were delivered): with intake
-    workers, a worker's counts reach the page a moment after its log lines.
+    the log's (and ``sent`` recipients were delivered, and ``queued``
+    messages are left in the queue): with intake workers, a worker's
+    counts reach the page a moment after its log lines, and a sent
+    message leaves the queue a moment after its ``status=sent`` line.
     """
     plain = f"tcp:{daemon.port}:interface={HOST}"
     submission = f"tcp:{daemon.submissionPort}:interface={HOST}"
@@ -151,7 +153,9 @@ def settledScrape(daemon: "MetricsRelayd", sent: int = 0) -> dict:
                 and not value(samples, "relayd_connections_open", listener=plain)
                 and not value(samples, "relayd_connections_open", listener=submission)
                 and (value(samples, "relayd_recipients_total", status="sent", route=HOST) or 0)
-                >= sent):
+                >= sent
+                and (queued is None or sum(value(samples, "relayd_queue_messages", state=state) or 0
+                                           for state in ("active", "deferred")) == queued)):
             return samples
         return None
 
@@ -218,7 +222,7 @@ def test_a_known_sequence_of_sessions_is_counted(tmp_path, processes, twistd, pr
     n = processCount
     sink.waitForMessages(3 * n, daemon.describe)
     daemon.waitForLog(rf"to=<bob@{re.escape(DEAD_DOMAIN)}>.*status=deferred")
-    samples = settledScrape(daemon, sent=3 * n)
+    samples = settledScrape(daemon, sent=3 * n, queued=n)
 
     def counted(name, **labels):
         return delta(before, samples, name, **labels)
