@@ -7,8 +7,24 @@ list. It starts the intake workers (relayd.worker), each running relayd's
 SMTP server on the same listening sockets, passed to it as inherited file
 descriptors, and talks to each over its own socketpair (relayd.channel).
 
-A worker that dies is started again, with a log line; what it had
-committed but not yet reported is looked up in the spool and scheduled.
+Who owns a committed message (the only process that writes, moves or
+removes its spool files, and that delivers it):
+
+- the worker that commits it, from ``Committing`` (sent before its commit
+  starts, which also asks for the slots of a first attempt) until it
+  sends ``AttemptEnded`` or ``Queued``: allowed, the worker makes the
+  first delivery attempt itself, from the body still in its memory, as a
+  single process does; not allowed, it sends ``Queued`` once committed;
+- the master from then on (retries, notices, expiry, relayctl);
+- the master, for every message a worker owned when that worker died: once
+  the process has exited (so none of its threads can still write), each is
+  looked up in the spool and scheduled. One that was being delivered may be
+  delivered twice; one that is gone (delivered and removed) is skipped.
+
+So ``delivery.concurrency`` and ``destination_concurrency`` stay global:
+the workers' attempts take their slots from the master's scheduler.
+
+A worker that dies is started again, with a log line.
 The master asks every worker for a heartbeat (``Ping``), answered by the
 worker's reactor thread: ``alive()`` tells whether each one answered
 recently, and a worker whose reactor stops answering for ``HANG_LIMIT``
@@ -104,8 +120,11 @@ class Worker:
         self.process = None  # the IProcessTransport
         self.link: WorkerLink | None = None
         self.lastAnswer = started
-        # Queue ids announced by Committing and not yet Queued.
+        # Queue ids this worker owns: announced by Committing, not yet
+        # handed over (Queued, AttemptEnded).
         self.committing: set[str] = set()
+        # Its attempts in progress: queue id -> the destinations whose slots they hold.
+        self.attempts: dict[str, tuple] = {}
         # Password checks in flight, per client address.
         self.checks: Counter = Counter()
         self.exited = False
@@ -167,15 +186,35 @@ class WorkerLink(channel.Quiet):
                 "path": self.pool.config.path}
 
     @channel.Committing.responder
-    def committing(self, queueId):
+    def committing(self, queueId, login=None, domains=None):
         self.worker.committing.add(queueId)
-        return {}
+        if domains is None:
+            return {}
+        pool = self.pool
+        # Counted at the commit's start (a commit that fails still counts).
+        pool.owner.messageQueued(login)
+        destinations = pool.scheduler.takeSlots(domains)
+        if destinations is None:
+            return {"allowed": False}
+        self.worker.attempts[queueId] = destinations
+        return {"allowed": True}
 
     @channel.Queued.responder
     def queued(self, queueId, login=None):
         self.worker.committing.discard(queueId)
         self.pool.owner.messageQueued(login)
         self.pool.schedule(queueId)
+        return {}
+
+    @channel.AttemptEnded.responder
+    def attemptEnded(self, queueId, kept):
+        destinations = self.worker.attempts.pop(queueId, None)
+        if destinations is not None:
+            self.pool.scheduler.freeSlots(destinations)
+        if queueId in self.worker.committing:
+            self.worker.committing.discard(queueId)
+            if kept:
+                self.pool.schedule(queueId)
         return {}
 
     def connectionLost(self, reason) -> None:
@@ -285,8 +324,12 @@ class WorkerPool(service.Service):
 
     # Messages
 
-    def schedule(self, queueId: str) -> defer.Deferred:
-        """A worker committed ``queueId``: load its envelope and schedule it (once)."""
+    def schedule(self, queueId: str, mayBeGone: bool = False) -> defer.Deferred:
+        """
+        A worker committed ``queueId`` and the master owns it now: load its
+        envelope and schedule it (once). ``mayBeGone``: the worker died
+        owning it, so it may never have been committed, or been delivered.
+        """
         d = self.runInThread(self.spool.load, queueId)
 
         def loaded(envelope) -> None:
@@ -295,6 +338,8 @@ class WorkerPool(service.Service):
 
         def failed(failure: Failure) -> None:
             failure.trap(OSError, ValueError)
+            if mayBeGone and failure.check(FileNotFoundError):
+                return
             maillog.queueWarning(queueId, f"cannot read the envelope a worker committed: "
                                  f"{getattr(failure.value, 'strerror', None) or failure.value}")
 
@@ -305,8 +350,10 @@ class WorkerPool(service.Service):
     # A worker's end
 
     def release(self, worker: Worker) -> None:
-        """Give back what a gone worker held: its sessions, checks, and committed messages."""
+        """Give back what a gone worker held: its sessions, checks, slots and messages."""
         if worker.released:
+            if worker.exited:
+                self._takeOver(worker)
             return
         worker.released = True
         self.owner.sessions.forget(worker)
@@ -314,16 +361,24 @@ class WorkerPool(service.Service):
             for _ in range(count):
                 self.owner.throttle.checkEnded(address, failed=False)
         worker.checks.clear()
-        # Committed (or not) as it died: the spool says which.
-        for queueId in sorted(worker.committing):
-            self.schedule(queueId).addErrback(lambda f: None)
-        worker.committing.clear()
+        if worker.process is None or worker.exited:
+            self._takeOver(worker)
+        # else: once it has exited (exited() calls here again).
         if worker.process is not None and not worker.exited and not self._stopping:
             # A worker without its channel cannot be asked anything: end it.
             try:
                 worker.process.signalProcess("KILL")
             except Exception:
                 pass
+
+    def _takeOver(self, worker: Worker) -> None:
+        """A dead worker's messages (committed or not as it died: the spool says) are the master's."""
+        attempts, worker.attempts = worker.attempts, {}
+        for destinations in attempts.values():
+            self.scheduler.freeSlots(destinations)
+        owned, worker.committing = worker.committing, set()
+        for queueId in sorted(owned):
+            self.schedule(queueId, mayBeGone=True).addErrback(lambda f: None)
 
     def exited(self, worker: Worker, status) -> None:
         worker.exited = True

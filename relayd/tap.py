@@ -672,7 +672,7 @@ def makeWorker(config, reactor, link, listenerFds: list[int]):
     master's limits through ``link`` (a relayd.worker.MasterLink).
     """
     from relayd.server import SubmissionFactory, _throttleSettings
-    from relayd.worker import RemoteLimits, WorkerService, announcedCommit
+    from relayd.worker import FirstAttempts, RemoteLimits, WorkerService
 
     raiseFileLimit(config)
     link.limits = RemoteLimits(link, reactor, config, _throttleSettings)
@@ -680,23 +680,34 @@ def makeWorker(config, reactor, link, listenerFds: list[int]):
     spool = Spool(config.queue.directory)
     pool, runInThread = _spoolThreads(reactor)
     resolver = ConfiguredResolver(reactor, config)
+    boundListeners: list = []
+    courier = _courier(config, reactor, boundListeners, resolver, runInThread)
 
-    # A message's body pieces and its commit, in order, in the spool threads.
+    # A message's body pieces, its commit, the envelope written after its
+    # first attempt and its removal, in order, in the spool threads.
     lanes = MessageLanes(runInThread)
-    commit = announcedCommit(link, lambda writer, envelope: lanes.run(
+    # The first attempt of what this worker commits, in slots the master
+    # grants; the rest is handed to the master (relayd.worker).
+    signer = _signer(config, runInThread, reactor)
+    scheduler = Scheduler(spool, courier, config, reactor, runInThread=runInThread,
+                          lanes=lanes, signer=signer, handOff=link)
+    attempts = FirstAttempts(link, scheduler, lambda writer, envelope: lanes.run(
         writer.queueId, writer.commit, envelope))
     tls, passwords, verifier, authPool, credPortal = _security(config, reactor)
     clientNames = ClientNames(resolver, config.limits.clientNameTimeout, reactor,
                               hostsFile=os.environ.get("RELAYD_HOSTS_FILE") or HOSTS_FILE)
-    factory = SubmissionFactory(config, spool, commit, link.queued, reactor,
+    factory = SubmissionFactory(config, spool, attempts.commit, attempts.queued, reactor,
                                 portal=credPortal, tls=tls, clientNames=clientNames.lookup,
-                                runInThread=runInThread, limits=link.limits, lanes=lanes)
+                                runInThread=runInThread, limits=link.limits, lanes=lanes,
+                                bodyKept=scheduler.keepBody)
     listenerFactories = [f for _, f in _listenerFactories(config, factory, tls, reactor)]
-    reloadable = [factory, tls, passwords, verifier,
+    reloadable = [factory, scheduler, tls, passwords, verifier,
                   credPortal.realm if credPortal is not None else None,
-                  resolver, clientNames, link.limits]
+                  resolver, clientNames, courier, signer, link.limits]
     service = WorkerService(config, reactor, factory, listenerFactories, listenerFds, pool,
-                            authPool, [c for c in reloadable if c is not None], reloadConfig)
+                            authPool, [c for c in reloadable if c is not None], reloadConfig,
+                            scheduler=scheduler, courier=courier, signer=signer,
+                            boundListeners=boundListeners)
     link.sessionCount = lambda: len(factory.sessions)
     if passwords is not None:
         passwords.changed = lambda: reactor.callFromThread(

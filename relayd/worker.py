@@ -4,10 +4,21 @@ when there is more than one (relayd.master starts them). It adopts the
 listening sockets the master created, receives and commits messages to the
 spool as a single-process relayd does, and asks the master, over its
 channel (relayd.channel), before admitting a client and before each
-password check; committed messages are handed to the master's scheduler.
+password check.
+
+It also makes the first delivery attempt of what it committed, with its
+own courier (its own connections to the next hops, reused as a single
+process reuses them) and the body still in its memory: so the work of a
+message, intake and delivery, runs on every core, not only the master's.
+The master grants the slots with its answer to ``Committing``, which the
+250 waits for anyway (the concurrency limits stay global, at no extra
+round trip); what is not delivered and removed by that attempt is written
+back and handed to the master (``AttemptEnded``), which owns every retry
+and notice. relayd.master says who owns a message when.
 
 A worker never recovers, deletes or moves what is in the spool at its
 start: another worker may be between the two renames of a commit. It
+writes and removes only the files of the messages it owns. It
 holds the spool's lock descriptor (inherited), so no second daemon can
 start on the spool while any worker of this one runs.
 
@@ -31,7 +42,7 @@ from twisted.application import service
 from twisted.internet import defer
 from twisted.logger import Logger
 
-from relayd import channel, maillog, replies
+from relayd import channel, maillog, replies, route
 
 log = Logger()
 
@@ -246,9 +257,95 @@ class MasterLink(channel.Quiet):
             arguments["login"] = envelope.authIdentity
         _send(self, channel.Queued, **arguments)
 
+    # First attempts (the worker's relayd.scheduler.Scheduler ``handOff``)
+
+    def committingWithSlots(self, envelope) -> defer.Deferred:
+        """
+        ``Committing``, asking for the slots of ``envelope``'s first attempt:
+        a Deferred firing with whether this worker may make it; None when
+        its recipients' domains are too many to ask about (then the master
+        schedules it after the commit, as any message it is not allowed).
+        """
+        domains = sorted({route.recipientDomain(r.address) for r in envelope.pending()})
+        if sum(len(d.encode("utf-8")) + 2 for d in domains) > channel.DOMAINS_BYTES:
+            return _call(self, channel.Committing, queueId=envelope.queueId).addCallback(
+                lambda answer: None)
+        arguments = {"queueId": envelope.queueId, "domains": domains}
+        if envelope.authIdentity:
+            arguments["login"] = envelope.authIdentity
+        return _call(self, channel.Committing, **arguments).addCallback(
+            lambda answer: bool(answer.get("allowed")))
+
+    def ended(self, queueId: str, kept: bool) -> None:
+        """The first attempt has ended: gone from the spool, or (``kept``) the master's now."""
+        _send(self, channel.AttemptEnded, queueId=queueId, kept=kept)
+
+    def notice(self, envelope) -> None:
+        """A notice this worker committed (a bounce of its first attempt): the master sends it."""
+        _send(self, channel.Queued, queueId=envelope.queueId)
+
     def connectionLost(self, reason) -> None:
         super().connectionLost(reason)
         self.lost()
+
+
+class FirstAttempts:
+    """
+    The worker's commit and ``messageQueued``: the commit asks the master
+    for the slots of the message's first attempt (relayd.channel's
+    ``Committing``); once committed, an allowed message goes into this
+    worker's scheduler, any other is handed to the master (``Queued``).
+    ``commitInThread(writer, envelope)`` is the spool's commit.
+    """
+
+    def __init__(self, link, scheduler, commitInThread) -> None:
+        self.link = link
+        self.scheduler = scheduler
+        # queue id -> may this worker attempt it (None: not asked), until queued.
+        self._allowed: dict[str, bool | None] = {}
+        self._commit = announcedCommit(self, commitInThread)
+        self._committing: dict[str, object] = {}
+
+    def committing(self, queueId: str) -> defer.Deferred:
+        """announcedCommit's announcement: the master's answer kept for ``queued``."""
+        envelope = self._committing.pop(queueId)
+
+        def answered(allowed):
+            self._allowed[queueId] = allowed
+            return allowed
+
+        return self.link.committingWithSlots(envelope).addCallback(answered)
+
+    def commit(self, writer, envelope) -> defer.Deferred:
+        queueId = envelope.queueId
+        self._committing[queueId] = envelope
+        d = self._commit(writer, envelope)
+
+        def failed(failure):
+            # Nothing was committed: the slots go back, the master forgets the id.
+            if self._allowed.pop(queueId, None):
+                self.link.ended(queueId, False)
+            self.scheduler.forgetBody(queueId)
+            return failure
+
+        d.addErrback(failed)
+        return d
+
+    def queued(self, envelope) -> None:
+        queueId = envelope.queueId
+        allowed = self._allowed.pop(queueId, None)
+        if allowed and self.scheduler.running:
+            self.scheduler.add(envelope)
+            return
+        self.scheduler.forgetBody(queueId)
+        if allowed:
+            # Stopping: the slots go back and the master has the message.
+            self.link.ended(queueId, True)
+        elif allowed is None:
+            self.link.queued(envelope)  # not asked about slots: counted now
+        else:
+            # The master counted the login when it was asked about slots.
+            self.link.notice(envelope)
 
 
 def announcedCommit(link, commitInThread):
@@ -288,8 +385,15 @@ class WorkerService(service.MultiService):
     """
 
     def __init__(self, config, reactor, factory, listenerFactories, listenerFds, pool,
-                 authPool, reloadable, reloadConfig) -> None:
+                 authPool, reloadable, reloadConfig, scheduler=None, courier=None,
+                 signer=None, boundListeners=None) -> None:
         super().__init__()
+        # The first attempts: started with the listeners, stopped after the sessions.
+        self.scheduler = scheduler
+        self.courier = courier
+        self.signer = signer
+        # Filled in at the start, for the courier's loop check (relayd's own addresses).
+        self.boundListeners = boundListeners if boundListeners is not None else []
         self.config = config
         self.reactor = reactor
         self.factory = factory
@@ -313,8 +417,12 @@ class WorkerService(service.MultiService):
             finally:
                 family.close()
             # adoptStreamPort duplicates the descriptor; the inherited one is closed.
-            self.ports.append(self.reactor.adoptStreamPort(fd, addressFamily, factory))
+            port = self.reactor.adoptStreamPort(fd, addressFamily, factory)
+            self.ports.append(port)
+            self.boundListeners.append(_Bound(port))
             os.close(fd)
+        if self.scheduler is not None:
+            self.scheduler.startService()
         super().startService()
 
     def reload(self, new) -> None:
@@ -339,9 +447,24 @@ class WorkerService(service.MultiService):
         yield defer.DeferredList([defer.maybeDeferred(p.stopListening) for p in ports],
                                  consumeErrors=True)
         yield self.factory.shutdown(max(0.0, deadline - self.reactor.seconds()))
+        if self.scheduler is not None:
+            # What is still being delivered after the grace is the master's
+            # once this process has exited (it may be delivered twice).
+            yield self.scheduler.stopService(max(0.0, deadline - self.reactor.seconds()))
+        if self.courier is not None:
+            yield self.courier.closeIdle()
         self.pool.stop()
         if self.authPool is not None:
             self.authPool.stop()
+        if self.signer is not None:
+            self.signer.stop()
+
+
+class _Bound:
+    """An adopted listening port, as the courier's loop check reads listeners."""
+
+    def __init__(self, port) -> None:
+        self.port = port
 
 
 def _dieWithMaster(masterPid: int) -> None:
