@@ -41,6 +41,7 @@ import sys
 from twisted.application import service
 from twisted.internet import defer
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from relayd import channel, maillog, replies, route
 
@@ -53,6 +54,47 @@ _REFUSALS = {
 
 # Blocks and rate limits this worker remembers (as FailureThrottle.MAX_TRACKED).
 MAX_TRACKED = 100_000
+
+# Seconds a session waits for the master's answer to Admit or StartCheck:
+# then it gets LIMITS_NOT_ANSWERING and ends, however the master is stuck
+# (the heartbeat kills a worker only when the worker hangs, not the master).
+ANSWER_TIMEOUT = 10.0
+
+
+class MasterNotAnswering(Exception):
+    """The master did not answer within ANSWER_TIMEOUT."""
+
+
+def _within(d: defer.Deferred, clock, seconds: float, late) -> defer.Deferred:
+    """
+    ``d``'s outcome, or a MasterNotAnswering failure after ``seconds``; an
+    answer that comes later goes to ``late(answer)`` (to give back what the
+    master counted for a session that has been told no).
+    """
+    result: defer.Deferred = defer.Deferred()
+
+    def timedOut() -> None:
+        maillog.daemonEvent(f"the master did not answer within {seconds:g}s; "
+                            "the session gets a temporary failure",
+                            level=maillog.LogLevel.warn)
+        result.errback(MasterNotAnswering())
+
+    timer = clock.callLater(seconds, timedOut)
+
+    def answered(outcome):
+        if result.called:
+            if not isinstance(outcome, Failure):
+                late(outcome)
+            return None
+        timer.cancel()
+        if isinstance(outcome, Failure):
+            result.errback(outcome)
+        else:
+            result.callback(outcome)
+        return None
+
+    d.addBoth(answered)
+    return result
 
 
 def _call(link, command, **arguments) -> defer.Deferred:
@@ -95,15 +137,27 @@ def _remember(table: dict, key: str, until: float, clock) -> None:
 class RemoteAdmission:
     """``limits.connections`` and ``connections_per_client``, counted by the master."""
 
-    def __init__(self, link) -> None:
+    def __init__(self, link, clock) -> None:
         self.link = link
+        self.clock = clock
 
     def admit(self, address: str) -> defer.Deferred:
         """Deferred: None (admitted) or the reply that refuses the session."""
-        d = _call(self.link, channel.Admit, address=address)
+
+        def late(answer) -> None:
+            if answer["refusal"] == channel.ADMITTED:
+                self.left(address)  # counted by the master, refused here
+
+        d = _within(_call(self.link, channel.Admit, address=address), self.clock,
+                    ANSWER_TIMEOUT, late)
         d.addCallback(lambda answer: _REFUSALS.get(answer["refusal"]))
-        # The master is gone: this worker is stopping.
-        d.addErrback(lambda f: replies.SHUTTING_DOWN)
+
+        def failed(failure):
+            if failure.check(MasterNotAnswering):
+                return replies.LIMITS_NOT_ANSWERING
+            return replies.SHUTTING_DOWN  # the master is gone: this worker is stopping
+
+        d.addErrback(failed)
         return d
 
     def left(self, address: str) -> None:
@@ -140,9 +194,21 @@ class RemoteThrottle:
         return self._blocked.pop(address, None) is not None
 
     def startCheck(self, address: str) -> defer.Deferred:
-        d = _call(self.link, channel.StartCheck, address=address)
+        """
+        Deferred: True (the check may start), False (throttled), or the
+        reply to end the session with when the master does not answer.
+        """
+
+        def late(answer) -> None:
+            if answer["allowed"]:
+                # Counted in flight by the master; never started here.
+                _send(self.link, channel.CheckEnded, address=address, failed=False)
+
+        d = _within(_call(self.link, channel.StartCheck, address=address), self.clock,
+                    ANSWER_TIMEOUT, late)
         d.addCallback(lambda answer: answer["allowed"])
-        d.addErrback(lambda f: False)
+        d.addErrback(lambda f: replies.LIMITS_NOT_ANSWERING if f.check(MasterNotAnswering)
+                     else False)
         return d
 
     def _until(self, address: str, answer: dict) -> float | None:
@@ -187,7 +253,7 @@ class RemoteLimits:
 
     def __init__(self, link, clock, config, throttleSettings) -> None:
         self._throttleSettings = throttleSettings
-        self.admission = RemoteAdmission(link)
+        self.admission = RemoteAdmission(link, clock)
         self.throttle = RemoteThrottle(link, clock, *throttleSettings(config))
         self.messageRate = RemoteMessageRate(clock, config.limits.messagesPerUserPerHour)
 
