@@ -625,7 +625,8 @@ def _makeMaster(options, config, reactor, count: int) -> RelayService:
     resolver = ConfiguredResolver(reactor, config)
     courier = _courier(config, reactor, listenerServices, resolver, runInThread)
 
-    # DKIM signs in the master, where the scheduler is (before the first attempt).
+    # DKIM signs before a message's first attempt: in the worker that makes it,
+    # or here for a message the master takes over before any attempt.
     signer = _signer(config, runInThread, reactor)
     scheduler = Scheduler(spool, courier, config, reactor, runInThread=runInThread,
                           signer=signer)
