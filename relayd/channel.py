@@ -19,8 +19,13 @@ Worker to master, on the intake path:
                   allowed, the master counts the slots it takes against
                   ``delivery.concurrency`` and ``destination_concurrency``
                   (and the message against ``messages_per_user_per_hour``,
-                  for ``login``). Not allowed, the worker sends ``Queued``
-                  once the commit is done;
+                  for ``login``). Not allowed, the worker keeps the
+                  message in its own line for a slot (``StartAttempt``)
+                  or sends ``Queued`` once the commit is done;
+  ``StartAttempt`` a message in that line asks again, when one of the
+                  worker's attempts has ended: allowed, as for
+                  ``Committing``; not allowed, it waits on (or is handed
+                  over with ``Queued`` when the worker has no attempt left);
   ``Queued``      the message is committed: the master loads its envelope
                   from the spool and schedules it (also for the notices a
                   worker writes);
@@ -102,6 +107,12 @@ class Queued(amp.Command):
     commandName = b"queued"
     arguments = [(b"queueId", amp.Unicode()), (b"login", amp.Unicode(optional=True))]
     requiresAnswer = False
+
+
+class StartAttempt(amp.Command):
+    commandName = b"start-attempt"
+    arguments = [(b"queueId", amp.Unicode()), (b"domains", amp.ListOf(amp.Unicode()))]
+    response = [(b"allowed", amp.Boolean())]
 
 
 class AttemptEnded(amp.Command):

@@ -14,7 +14,9 @@ removes its spool files, and that delivers it):
   starts, which also asks for the slots of a first attempt) until it
   sends ``AttemptEnded`` or ``Queued``: allowed, the worker makes the
   first delivery attempt itself, from the body still in its memory, as a
-  single process does; not allowed, it sends ``Queued`` once committed;
+  single process does; not allowed, it keeps the message in its own line
+  and asks again (``StartAttempt``) whenever one of its attempts ends, or
+  hands it over (``Queued``) when it has none left;
 - the master from then on (retries, notices, expiry, relayctl);
 - the master, for every message a worker owned when that worker died: once
   the process has exited (so none of its threads can still write), each is
@@ -205,6 +207,17 @@ class WorkerLink(channel.Quiet):
         self.pool.owner.messageQueued(login)
         self.pool.schedule(queueId)
         return {}
+
+    @channel.StartAttempt.responder
+    def startAttempt(self, queueId, domains):
+        # Only for a message this worker still owns (not taken over meanwhile).
+        if queueId not in self.worker.committing or queueId in self.worker.attempts:
+            return {"allowed": False}
+        destinations = self.pool.scheduler.takeSlots(domains)
+        if destinations is None:
+            return {"allowed": False}
+        self.worker.attempts[queueId] = destinations
+        return {"allowed": True}
 
     @channel.AttemptEnded.responder
     def attemptEnded(self, queueId, kept):

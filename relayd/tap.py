@@ -691,9 +691,10 @@ def makeWorker(config, reactor, link, listenerFds: list[int]):
     # grants; the rest is handed to the master (relayd.worker).
     signer = _signer(config, runInThread, reactor)
     scheduler = Scheduler(spool, courier, config, reactor, runInThread=runInThread,
-                          lanes=lanes, signer=signer, handOff=link)
+                          lanes=lanes, signer=signer)
     attempts = FirstAttempts(link, scheduler, lambda writer, envelope: lanes.run(
         writer.queueId, writer.commit, envelope))
+    scheduler.handOff = attempts  # what it does not finish goes to the master
     tls, passwords, verifier, authPool, credPortal = _security(config, reactor)
     clientNames = ClientNames(resolver, config.limits.clientNameTimeout, reactor,
                               hostsFile=os.environ.get("RELAYD_HOSTS_FILE") or HOSTS_FILE)

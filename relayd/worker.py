@@ -37,6 +37,7 @@ import os
 import signal
 import socket
 import sys
+from collections import deque
 
 from twisted.application import service
 from twisted.internet import defer
@@ -342,6 +343,12 @@ class MasterLink(channel.Quiet):
         return _call(self, channel.Committing, **arguments).addCallback(
             lambda answer: bool(answer.get("allowed")))
 
+    def startAttempt(self, envelope) -> defer.Deferred:
+        """Whether a message waiting in this worker's line may be attempted now (a Deferred)."""
+        domains = sorted({route.recipientDomain(r.address) for r in envelope.pending()})
+        d = _call(self, channel.StartAttempt, queueId=envelope.queueId, domains=domains)
+        return d.addCallback(lambda answer: answer["allowed"])
+
     def ended(self, queueId: str, kept: bool) -> None:
         """The first attempt has ended: gone from the spool, or (``kept``) the master's now."""
         _send(self, channel.AttemptEnded, queueId=queueId, kept=kept)
@@ -355,13 +362,21 @@ class MasterLink(channel.Quiet):
         self.lost()
 
 
+# Messages a worker keeps waiting for a delivery slot, at most: beyond, the
+# master takes them (their bodies are read back from the spool there).
+LINE_LIMIT = 1000
+
+
 class FirstAttempts:
     """
-    The worker's commit and ``messageQueued``: the commit asks the master
-    for the slots of the message's first attempt (relayd.channel's
-    ``Committing``); once committed, an allowed message goes into this
-    worker's scheduler, any other is handed to the master (``Queued``).
-    ``commitInThread(writer, envelope)`` is the spool's commit.
+    The worker's commit and ``messageQueued``, and its scheduler's
+    ``handOff``. The commit asks the master for the slots of the message's
+    first attempt (relayd.channel's ``Committing``); once committed, an
+    allowed message goes into this worker's scheduler. One not allowed
+    (every slot taken) waits in this worker's line, as it would in a single
+    process's, and asks again (``StartAttempt``) each time one of this
+    worker's attempts ends; when none is left to end, the line goes to the
+    master. ``commitInThread(writer, envelope)`` is the spool's commit.
     """
 
     def __init__(self, link, scheduler, commitInThread) -> None:
@@ -371,6 +386,10 @@ class FirstAttempts:
         self._allowed: dict[str, bool | None] = {}
         self._commit = announcedCommit(self, commitInThread)
         self._committing: dict[str, object] = {}
+        # Committed messages waiting for a slot, oldest first; and whether
+        # the first of them is being asked about.
+        self.line: deque = deque()
+        self._asking = False
 
     def committing(self, queueId: str) -> defer.Deferred:
         """announcedCommit's announcement: the master's answer kept for ``queued``."""
@@ -403,6 +422,10 @@ class FirstAttempts:
         if allowed and self.scheduler.running:
             self.scheduler.add(envelope)
             return
+        if allowed is False and self.scheduler.running and len(self.line) < LINE_LIMIT:
+            self.line.append(envelope)
+            self._next()
+            return
         self.scheduler.forgetBody(queueId)
         if allowed:
             # Stopping: the slots go back and the master has the message.
@@ -412,6 +435,50 @@ class FirstAttempts:
         else:
             # The master counted the login when it was asked about slots.
             self.link.notice(envelope)
+
+    # The scheduler's handOff
+
+    def ended(self, queueId: str, kept: bool) -> None:
+        self.link.ended(queueId, kept)
+        self._next()
+
+    def notice(self, envelope) -> None:
+        self.link.notice(envelope)
+
+    def _next(self) -> None:
+        """Ask for a slot for the first message in the line; hand the line over if none will free."""
+        if self._asking or not self.line:
+            return
+        if not self.scheduler.running or not self.scheduler.activeIds():
+            # No attempt of this worker's will end and ask again: the master's.
+            while self.line:
+                envelope = self.line.popleft()
+                self.scheduler.forgetBody(envelope.queueId)
+                self.link.notice(envelope)
+            return
+        envelope = self.line[0]
+        self._asking = True
+
+        def answered(allowed: bool) -> None:
+            self._asking = False
+            if not self.line or self.line[0] is not envelope:
+                return
+            if allowed and self.scheduler.running:
+                self.line.popleft()
+                self.scheduler.add(envelope)
+                self._next()
+            elif allowed:
+                self.line.popleft()
+                self.link.ended(envelope.queueId, True)
+                self._next()
+            elif not self.scheduler.activeIds():
+                self._next()  # hands the line over
+
+        def failed(failure) -> None:
+            # The master is gone (this worker is stopping): the spool keeps them.
+            self._asking = False
+
+        self.link.startAttempt(envelope).addCallbacks(answered, failed)
 
 
 def announcedCommit(link, commitInThread):

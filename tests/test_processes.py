@@ -563,15 +563,21 @@ def test_without_a_free_slot_the_worker_hands_the_message_to_the_master(tmp_path
     assert list(split.pool.scheduler.envelopes) == [second.queueId]
 
 
-def test_the_worker_attempts_what_it_was_allowed_and_hands_over_the_rest():
+def test_the_worker_attempts_what_it_was_allowed_and_keeps_the_rest_waiting_for_a_slot():
     from relayd.worker import FirstAttempts
 
     sent = []
+    refusedIds = {"K1JT6AXKM7N3763A"}
+    slotsLater = []
 
     class Link:
         def committingWithSlots(self, envelope):
             sent.append(("committing", envelope.queueId))
-            return defer.succeed(envelope.queueId != "K1JT6AXKM7N3763A")
+            return defer.succeed(envelope.queueId not in refusedIds)
+
+        def startAttempt(self, envelope):
+            sent.append(("start-attempt", envelope.queueId))
+            return defer.succeed(bool(slotsLater))
 
         def ended(self, queueId, kept):
             sent.append(("ended", queueId, kept))
@@ -583,10 +589,14 @@ def test_the_worker_attempts_what_it_was_allowed_and_hands_over_the_rest():
         running = True
 
         def __init__(self):
-            self.added, self.forgotten = [], []
+            self.added, self.forgotten, self.active = [], [], []
 
         def add(self, envelope):
             self.added.append(envelope.queueId)
+            self.active.append(envelope.queueId)
+
+        def activeIds(self):
+            return list(self.active)
 
         def forgetBody(self, queueId):
             self.forgotten.append(queueId)
@@ -603,6 +613,44 @@ def test_the_worker_attempts_what_it_was_allowed_and_hands_over_the_rest():
     written[refused.queueId].callback(None)
     written[broken.queueId].errback(OSError(28, "No space left on device"))
     assert sched.added == [allowed.queueId]
-    assert ("queued", refused.queueId) in sent
     # Nothing committed: the slots go back and the master forgets the id.
     assert ("ended", broken.queueId, False) in sent
+    # Every slot taken: the refused one waits in the worker's line (asked once, refused).
+    assert list(attempts.line) == [refused]
+    assert ("queued", refused.queueId) not in sent
+    # The worker's own attempt ends: the waiting one asks again and gets the slot.
+    # (The scheduler says so from inside the attempt, while it still counts as active.)
+    slotsLater.append(True)
+    attempts.ended(allowed.queueId, False)
+    sched.active.remove(allowed.queueId)
+    assert sent[-2:] == [("ended", allowed.queueId, False), ("start-attempt", refused.queueId)]
+    assert sched.added == [allowed.queueId, refused.queueId]
+    assert not attempts.line
+
+
+def test_a_waiting_message_goes_to_the_master_when_no_attempt_of_the_worker_will_end():
+    from relayd.worker import FirstAttempts
+
+    sent = []
+
+    class Link:
+        def committingWithSlots(self, envelope):
+            return defer.succeed(False)
+
+        def notice(self, envelope):
+            sent.append(("queued", envelope.queueId))
+
+    class Sched:
+        running = True
+
+        def activeIds(self):
+            return []
+
+        def forgetBody(self, queueId):
+            sent.append(("forgot", queueId))
+
+    attempts = FirstAttempts(Link(), Sched(), lambda w, e: defer.succeed(None))
+    envelope = envelopeFor("K1JT6AX430N2XCS8")
+    attempts.commit(None, envelope).addCallback(lambda _: attempts.queued(envelope))
+    assert sent == [("forgot", envelope.queueId), ("queued", envelope.queueId)]
+    assert not attempts.line
