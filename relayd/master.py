@@ -1,9 +1,9 @@
 """
 The master process of a daemon with ``processes`` above 1: what ``twistd
 relayd`` starts. It runs start-up recovery once, creates the listening
-sockets, runs the queue manager (scheduler and courier: the schedule and
-every outbound connection) and owns every limit counter and the AUTH block
-list. It starts the intake workers (relayd.worker), each running relayd's
+sockets, runs the queue manager (scheduler and courier: the schedule,
+retries, notices, and the delivery slots every process's attempts take)
+and owns every limit counter and the AUTH block list. It starts the intake workers (relayd.worker), each running relayd's
 SMTP server on the same listening sockets, passed to it as inherited file
 descriptors, and talks to each over its own socketpair (relayd.channel).
 
@@ -17,7 +17,12 @@ removes its spool files, and that delivers it):
   single process does; not allowed, it keeps the message in its own line
   and asks again (``StartAttempt``) whenever one of its attempts ends, or
   hands it over (``Queued``) when it has none left;
-- the master from then on (retries, notices, expiry, relayctl);
+- the master from then on (retries, notices, expiry, relayctl); a notice
+  a worker wrote after a first attempt is the master's once announced
+  (``Queued``): should the worker die in between, the failed recipients
+  are still pending on disk, so the master's attempt bounces them again
+  (the notice may go twice), and the first notice is sent after the next
+  start's recovery;
 - the master, for every message a worker owned when that worker died: once
   the process has exited (so none of its threads can still write), each is
   looked up in the spool and scheduled. One that was being delivered may be
@@ -26,8 +31,7 @@ removes its spool files, and that delivers it):
 So ``delivery.concurrency`` and ``destination_concurrency`` stay global:
 the workers' attempts take their slots from the master's scheduler.
 
-A worker that dies is started again, with a log line.
-The master asks every worker for a heartbeat (``Ping``), answered by the
+A worker that dies is started again, with a log line. The master asks every worker for a heartbeat (``Ping``), answered by the
 worker's reactor thread: ``alive()`` tells whether each one answered
 recently, and a worker whose reactor stops answering for ``HANG_LIMIT``
 seconds is killed and started again.
