@@ -208,6 +208,10 @@ class WorkerLink(channel.Quiet):
     @channel.Queued.responder
     def queued(self, queueId, login=None):
         self.worker.committing.discard(queueId)
+        destinations = self.worker.attempts.pop(queueId, None)
+        if destinations is not None:
+            # Allowed after the worker stopped waiting for the answer: not attempted there.
+            self.pool.scheduler.freeSlots(destinations)
         self.pool.owner.messageQueued(login)
         self.pool.schedule(queueId)
         return {}

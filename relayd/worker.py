@@ -59,7 +59,13 @@ MAX_TRACKED = 100_000
 # Seconds a session waits for the master's answer to Admit or StartCheck:
 # then it gets LIMITS_NOT_ANSWERING and ends, however the master is stuck
 # (the heartbeat kills a worker only when the worker hangs, not the master).
+# CheckEnded, Failed and Committing wait as long, then the session goes on
+# (a committed message gets its 250: the spool has it).
 ANSWER_TIMEOUT = 10.0
+
+
+def _ignored(answer) -> None:
+    """A late answer that needs nothing given back."""
 
 
 class MasterNotAnswering(Exception):
@@ -219,13 +225,17 @@ class RemoteThrottle:
         return until
 
     def checkEnded(self, address: str, failed: bool) -> defer.Deferred:
-        d = _call(self.link, channel.CheckEnded, address=address, failed=failed)
+        # Without an answer in time the session goes on; a block it started
+        # reaches this worker anyway (BlockStarted).
+        d = _within(_call(self.link, channel.CheckEnded, address=address, failed=failed),
+                    self.clock, ANSWER_TIMEOUT, _ignored)
         d.addCallback(lambda answer: self._until(address, answer))
         d.addErrback(lambda f: None)
         return d
 
     def failed(self, address: str) -> defer.Deferred:
-        d = _call(self.link, channel.Failed, address=address)
+        d = _within(_call(self.link, channel.Failed, address=address), self.clock,
+                    ANSWER_TIMEOUT, _ignored)
         d.addCallback(lambda answer: self._until(address, answer))
         d.addErrback(lambda f: None)
         return d
@@ -316,7 +326,8 @@ class MasterLink(channel.Quiet):
     # Intake notices
 
     def committing(self, queueId: str) -> defer.Deferred:
-        return _call(self, channel.Committing, queueId=queueId)
+        return _within(_call(self, channel.Committing, queueId=queueId), self.clock,
+                       ANSWER_TIMEOUT, _ignored)
 
     def queued(self, envelope) -> None:
         arguments = {"queueId": envelope.queueId}
@@ -335,12 +346,15 @@ class MasterLink(channel.Quiet):
         """
         domains = sorted({route.recipientDomain(r.address) for r in envelope.pending()})
         if sum(len(d.encode("utf-8")) + 2 for d in domains) > channel.DOMAINS_BYTES:
-            return _call(self, channel.Committing, queueId=envelope.queueId).addCallback(
-                lambda answer: None)
+            return _within(_call(self, channel.Committing, queueId=envelope.queueId),
+                           self.clock, ANSWER_TIMEOUT, _ignored).addCallback(lambda answer: None)
         arguments = {"queueId": envelope.queueId, "domains": domains}
         if envelope.authIdentity:
             arguments["login"] = envelope.authIdentity
-        return _call(self, channel.Committing, **arguments).addCallback(
+        # Not answered in time: the 250 goes out anyway (the message is
+        # committed) and the master schedules it (Queued frees any slot).
+        return _within(_call(self, channel.Committing, **arguments), self.clock,
+                       ANSWER_TIMEOUT, _ignored).addCallback(
             lambda answer: bool(answer.get("allowed")))
 
     def startAttempt(self, envelope) -> defer.Deferred:

@@ -654,3 +654,28 @@ def test_a_waiting_message_goes_to_the_master_when_no_attempt_of_the_worker_will
     attempts.commit(None, envelope).addCallback(lambda _: attempts.queued(envelope))
     assert sent == [("forgot", envelope.queueId), ("queued", envelope.queueId)]
     assert not attempts.line
+
+
+def test_a_commit_and_the_end_of_a_check_wait_for_the_master_in_bounded_time():
+    """The 250 of a committed message, and the answer to AUTH, come even from a stuck master."""
+    from relayd.worker import ANSWER_TIMEOUT
+
+    clock = task.Clock()
+    link = MasterLink(clock, lost=lambda: None, parse=config.parse)
+    link.transport = object()
+    asked = []
+    link.callRemote = lambda command, **kw: asked.append(command) or defer.Deferred()
+    written = defer.Deferred()
+    outcomes = []
+    announcedCommit(link, lambda w, e: written)(
+        None, Envelope(queueId="K1JT6AZ8TFHT9N14", sender="", recipients=[], arrival=0.0)
+    ).addBoth(outcomes.append)
+    cfg = config.parse('hostname: relay.test.example\nlisteners: [{endpoint: "tcp:25", '
+                       'tls: none, auth: none}]\nqueue: {directory: /s}\n', "x.yaml")
+    link.limits = RemoteLimits(link, clock, cfg, server._throttleSettings)
+    link.limits.throttle.checkEnded("192.0.2.1", failed=True).addBoth(outcomes.append)
+    written.callback(None)
+    clock.advance(ANSWER_TIMEOUT - 1)
+    assert outcomes == [] and asked == [channel.Committing, channel.CheckEnded]
+    clock.advance(1)
+    assert outcomes == [None, None]
