@@ -34,12 +34,19 @@ Worker to master, on the intake path:
                   (delivered, or its commit failed: ``kept`` false) or
                   written back and the master's from now on (``kept``).
 
+  ``MetricUpdates`` a batch of metric updates (relayd.metrics.UpdateBatch),
+                  applied by the master to the daemon's one registry;
+  ``Accepting``   the worker's listeners accept: the daemon is ready once
+                  every worker has said so.
+
   ``RunningConfig``  the master's running configuration, as YAML, a page
                   at a time: what a worker runs with, at its start and at
                   each reload, whatever the file says by then.
 
 Master to worker:
   ``Ping``        the heartbeat: answered by the worker's reactor thread;
+  ``StallWorker`` for tests only (RELAYD_TEST_HOOKS=1): block the worker's
+                  reactor thread, to show that the watchdog notices;
   ``ConfigChanged`` the master has applied a new configuration: fetch it;
   ``BlockStarted`` / ``BlockLifted``  the AUTH block list changed;
   ``RateLimited`` a login reached ``messages_per_user_per_hour`` until then.
@@ -121,6 +128,22 @@ class AttemptEnded(amp.Command):
     requiresAnswer = False
 
 
+class MetricUpdates(amp.Command):
+    """relayd.metrics updates (metric, label values, amount), one batch (bounded by UpdateBatch)."""
+
+    commandName = b"metric-updates"
+    arguments = [(b"updates", amp.AmpList([(b"name", amp.Unicode()),
+                                           (b"labels", amp.ListOf(amp.Unicode())),
+                                           (b"amount", amp.Float())]))]
+    response = []
+
+
+class Accepting(amp.Command):
+    commandName = b"accepting"
+    arguments = []
+    requiresAnswer = False
+
+
 # Characters per RunningConfig page: at most 4 bytes of UTF-8 each, within one AMP value.
 CONFIG_PAGE = 16_000
 assert CONFIG_PAGE * 4 < amp.MAX_VALUE_LENGTH
@@ -136,6 +159,15 @@ class Ping(amp.Command):
     commandName = b"ping"
     arguments = []
     response = [(b"sessions", amp.Integer())]
+
+
+class StallWorker(amp.Command):
+    """For tests only: the worker's reactor thread sleeps ``seconds`` (refused unless enabled)."""
+
+    commandName = b"test-stall"
+    arguments = [(b"seconds", amp.Float())]
+    response = []
+    errors = {ValueError: b"NOT_ENABLED"}
 
 
 class ConfigChanged(amp.Command):

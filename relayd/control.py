@@ -176,11 +176,13 @@ class Stall(amp.Command):
     """
     For tests only (the daemon answers it only when started with
     RELAYD_TEST_HOOKS=1): keep the reactor thread busy for ``seconds``, as a
-    hung file system would, to show that the watchdog notices.
+    hung file system would, to show that the watchdog notices; with
+    ``worker``, the reactor of that intake worker instead (the answer comes
+    when it is free again).
     """
 
     commandName = b"test-stall"
-    arguments = [(b"seconds", amp.Float())]
+    arguments = [(b"seconds", amp.Float()), (b"worker", amp.Integer(optional=True))]
     response = []
     errors = {ValueError: b"NOT_ENABLED"}
 
@@ -223,7 +225,8 @@ class ControlProtocol(amp.AMP):
         self.throttle = throttle  # relayd.auth.FailureThrottle
         # () -> (applied, what was logged): the daemon's reload.
         self.reload = reload
-        # seconds -> None, blocking the reactor thread; None unless testing.
+        # (seconds[, worker number]) -> None or a Deferred, blocking a
+        # reactor thread; None unless testing.
         self.stall = stall
 
     # AMP logs every connection and disconnection; the mail log gets one
@@ -361,11 +364,14 @@ class ControlProtocol(amp.AMP):
         return {"ok": ok, "message": message}
 
     @Stall.responder
-    def stallReactor(self, seconds):
+    def stallReactor(self, seconds, worker=None):
         if self.stall is None:
             raise ValueError("test hooks are not enabled in this daemon")
-        self.stall(min(max(0.0, seconds), MAX_STALL))
-        return {}
+        seconds = min(max(0.0, seconds), MAX_STALL)
+        if worker is None:
+            self.stall(seconds)
+            return {}
+        return defer.maybeDeferred(self.stall, seconds, worker).addCallback(lambda _: {})
 
     @DaemonStatus.responder
     def status(self):
@@ -386,8 +392,10 @@ class ControlFactory(protocol.Factory):
         return ControlProtocol(self.scheduler, self.throttle, self.reload, self.stall)
 
 
-def stallForTests(seconds: float) -> None:
+def stallForTests(seconds: float, worker: int | None = None) -> None:
     """What Stall does when enabled: the reactor thread waits (nothing else may)."""
+    if worker is not None:
+        raise ValueError("this daemon has no intake workers")
     time.sleep(seconds)
 
 

@@ -35,6 +35,10 @@ A worker that dies is started again, with a log line. The master asks every work
 worker's reactor thread: ``alive()`` tells whether each one answered
 recently, and a worker whose reactor stops answering for ``HANG_LIMIT``
 seconds is killed and started again.
+
+With a ``metrics`` section, each worker sends its metric updates in
+batches (``MetricUpdates``) and the master applies them to the daemon's
+one registry; a gone worker's share of the gauges is taken away.
 """
 
 from __future__ import annotations
@@ -116,6 +120,15 @@ class LimitsOwner:
             self.broadcast(channel.RateLimited, login=login, until=until)
 
 
+def heartbeatInterval(watchdog: float | None) -> float:
+    """
+    Seconds between heartbeats: HEARTBEAT, or a quarter of systemd's
+    WatchdogSec= when that is shorter, so that a worker's answer is always
+    more recent than the watchdog's window unless its reactor is blocked.
+    """
+    return HEARTBEAT if watchdog is None else min(HEARTBEAT, watchdog / 4)
+
+
 class Worker:
     """What the master knows of one intake worker."""
 
@@ -183,6 +196,20 @@ class WorkerLink(channel.Quiet):
         until = owner.throttle.failed(address)
         owner.blockStarted(address, until)
         return {} if until is None else {"blockedUntil": until}
+
+    @channel.MetricUpdates.responder
+    def metricUpdates(self, updates):
+        # Once released (its process ended before its channel was read to
+        # the end), a worker's gauge share is gone and must not come back.
+        if self.pool.metrics is not None and not self.worker.released:
+            self.pool.metrics.applyFrom(self.worker, [
+                (u["name"], tuple(u["labels"]), u["amount"]) for u in updates])
+        return {}
+
+    @channel.Accepting.responder
+    def accepting(self):
+        self.pool.accepting(self.worker)
+        return {}
 
     @channel.RunningConfig.responder
     def runningConfig(self, offset):
@@ -291,6 +318,13 @@ class WorkerPool(service.Service):
         self._stopping = False
         self._exits: list[defer.Deferred] = []
         self._heartbeat = None
+        # Seconds between pings (heartbeatInterval).
+        self.heartbeat = HEARTBEAT
+        # The daemon's relayd.metrics.MetricsRegistry, with a metrics section.
+        self.metrics = None
+        # Worker numbers that have said their listeners accept, and who waits for all.
+        self._accepting: set[int] = set()
+        self._allAccepting: list[defer.Deferred] = []
 
     def startService(self) -> None:
         super().startService()
@@ -298,7 +332,7 @@ class WorkerPool(service.Service):
             self.spawn(number)
         self._heartbeat = task.LoopingCall(self._beat)
         self._heartbeat.clock = self.reactor
-        self._heartbeat.start(HEARTBEAT, now=False)
+        self._heartbeat.start(self.heartbeat, now=False)
 
     # Starting
 
@@ -343,6 +377,21 @@ class WorkerPool(service.Service):
         for login, until in self.owner.messageRate.exceededLogins():
             link.callRemote(channel.RateLimited, login=login, until=until)
 
+    def accepting(self, worker: Worker) -> None:
+        self._accepting.add(worker.number)
+        if len(self._accepting) >= self.count:
+            waiting, self._allAccepting = self._allAccepting, []
+            for d in waiting:
+                d.callback(None)
+
+    def whenAccepting(self) -> defer.Deferred:
+        """Fires once every worker has accepted on the listeners (at its first start)."""
+        if len(self._accepting) >= self.count:
+            return defer.succeed(None)
+        d = defer.Deferred()
+        self._allAccepting.append(d)
+        return d
+
     # Messages
 
     def schedule(self, queueId: str, mayBeGone: bool = False) -> defer.Deferred:
@@ -378,6 +427,9 @@ class WorkerPool(service.Service):
             return
         worker.released = True
         self.owner.sessions.forget(worker)
+        if self.metrics is not None:
+            # Its open connections closed with it.
+            self.metrics.forget(worker)
         for address, count in worker.checks.items():
             for _ in range(count):
                 self.owner.throttle.checkEnded(address, failed=False)
@@ -446,12 +498,19 @@ class WorkerPool(service.Service):
             d.addCallback(lambda _, w=worker: setattr(w, "lastAnswer", self.reactor.seconds()))
             d.addErrback(lambda f: None)
 
-    def alive(self) -> bool:
-        """Whether every worker runs and its reactor answered within HANG_LIMIT."""
+    def alive(self, within: float = HANG_LIMIT) -> bool:
+        """Whether every worker runs and its reactor answered within ``within`` seconds."""
         now = self.reactor.seconds()
         return (len(self.workers) == self.count
-                and all(now - w.lastAnswer <= HANG_LIMIT and not w.hung
+                and all(now - w.lastAnswer <= within and not w.hung
                         for w in self.workers.values()))
+
+    def stallWorker(self, number: int, seconds: float) -> defer.Deferred:
+        """For tests only: block worker ``number``'s reactor (it refuses unless enabled)."""
+        worker = self.workers.get(number)
+        if worker is None or worker.link is None or worker.link.transport is None:
+            raise ValueError(f"no worker {number} is running")
+        return worker.link.callRemote(channel.StallWorker, seconds=seconds)
 
     # Reload and stop
 

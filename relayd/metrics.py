@@ -11,6 +11,13 @@ and can never disagree. The updates are plain tuples
 can compute them and hand them to the one that does, whose ``MetricsRegistry``
 applies them as if they were its own.
 
+With intake workers (``processes`` above 1) the master serves the one page:
+each worker counts its own events into an ``UpdateBatch``, which sends them
+to the master over the worker's channel, added up, at most every
+FLUSH_INTERVAL (or sooner when a batch is full); the master applies them
+to its registry beside its own (delivery, the queue). What a worker adds
+to a gauge (connections open) leaves with it when it is gone.
+
 Every label value is the configuration's (a listener's endpoint, a route's
 host, ``mx``) or relayd's own vocabulary (a reply's name, a status, a TLS
 version): never something a client or a peer chose, so no sender can make
@@ -26,13 +33,16 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disa
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.exposition import choose_encoder
 from twisted.application import service
-from twisted.logger import ILogObserver
+from twisted.internet import defer, error
+from twisted.logger import ILogObserver, Logger
 from twisted.protocols import policies
 from twisted.web import http, resource, server
 from zope.interface import provider
 
 from relayd import replies
 from relayd.tcp import setNoDelay
+
+log = Logger()
 
 # (metric name, label values, amount): one change to one series.
 Update = tuple[str, tuple[str, ...], float]
@@ -48,6 +58,20 @@ OTHER = "other"
 # Seconds; attempts wait for timeouts of minutes, commits for a disk.
 ATTEMPT_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
 COMMIT_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
+
+# The series that are gauges (a level, not a count): a process that ends
+# takes its share of them along (MetricsRegistry.forget).
+GAUGES = frozenset({"relayd_connections_open"})
+HISTOGRAMS = frozenset({"relayd_delivery_attempt_duration_seconds",
+                        "relayd_spool_commit_duration_seconds"})
+
+# An intake worker's updates on their way to the master (UpdateBatch): sent
+# at most this long after the first one waits, or at once when a batch has
+# MAX_BATCH entries or about MAX_BATCH_BYTES of names and labels (well
+# within one AMP value of 64 kB).
+FLUSH_INTERVAL = 0.5
+MAX_BATCH = 100
+MAX_BATCH_BYTES = 32_000
 
 # The /metrics page: a scraper's request has no body, few headers, and
 # gets its answer at once; these bound what anything else can hold.
@@ -167,10 +191,41 @@ class QueueCollector:
         yield age
 
 
-class MetricsRegistry:
+class UpdateSink:
+    """What takes updates (``apply``): the log observer and the timers built on it."""
+
+    def apply(self, updates: Iterable[Update]) -> None:
+        raise NotImplementedError
+
+    def observer(self) -> ILogObserver:
+        """A twisted.logger observer that counts the mail log's events."""
+
+        @provider(ILogObserver)
+        def observe(event: dict) -> None:
+            updates = updatesFor(event)
+            if updates:
+                self.apply(updates)
+
+        return observe
+
+    def timedAttempt(self, route: str, seconds: float) -> None:
+        self.apply([("relayd_delivery_attempt_duration_seconds", (route,), seconds)])
+
+    def timedCommit(self, seconds: float) -> None:
+        self.apply([("relayd_spool_commit_duration_seconds", (), seconds)])
+
+
+class MetricsRegistry(UpdateSink):
     """
     relayd's metrics in a registry of their own (not prometheus_client's
     global one, which would also expose the Python process's).
+
+    With intake workers, the master's registry is the daemon's: each
+    worker's batches are applied with ``applyFrom(worker, ...)``, which
+    remembers the worker's share of every gauge, and ``forget(worker)``
+    takes that share away when the worker is gone (killed, too), so its
+    open connections do not stay counted. Counters keep what every worker
+    counted.
     """
 
     def __init__(self) -> None:
@@ -211,6 +266,9 @@ class MetricsRegistry:
         for result in ("success", "failure"):
             self._metrics["relayd_auth_total"].labels(result)
 
+        # Per source (an intake worker): its net share of each gauge series.
+        self._shares: dict[object, dict[tuple[str, tuple[str, ...]], float]] = {}
+
     def apply(self, updates: Iterable[Update]) -> None:
         """Apply updates: counters and gauges move by the amount, histograms observe it."""
         for name, labels, amount in updates:
@@ -221,25 +279,34 @@ class MetricsRegistry:
             else:
                 series.inc(amount)
 
-    def observer(self) -> ILogObserver:
-        """A twisted.logger observer that counts the mail log's events."""
+    def applyFrom(self, source: object, updates: Iterable[Update]) -> None:
+        """
+        Another process's updates, as if they were this one's. An update
+        this registry has no series for (an unknown name, a wrong number
+        of labels, a counter going down) is left out.
+        """
+        shares = self._shares.setdefault(source, {})
+        for name, labels, amount in updates:
+            labels = tuple(labels)
+            if name not in self._metrics:
+                continue
+            try:
+                # prometheus_client refuses a wrong label count and a counter going down.
+                self.apply([(name, labels, amount)])
+            except ValueError:
+                continue
+            if name in GAUGES:
+                key = (name, labels)
+                shares[key] = shares.get(key, 0) + amount
 
-        @provider(ILogObserver)
-        def observe(event: dict) -> None:
-            updates = updatesFor(event)
-            if updates:
-                self.apply(updates)
-
-        return observe
+    def forget(self, source: object) -> None:
+        """``source`` is gone: its share of every gauge goes with it."""
+        for (name, labels), amount in self._shares.pop(source, {}).items():
+            if amount:
+                self.apply([(name, labels, -amount)])
 
     def addQueue(self, snapshot: Callable[[], dict[str, tuple[int, float]]]) -> None:
         self.registry.register(QueueCollector(snapshot))
-
-    def timedAttempt(self, route: str, seconds: float) -> None:
-        self.apply([("relayd_delivery_attempt_duration_seconds", (route,), seconds)])
-
-    def timedCommit(self, seconds: float) -> None:
-        self.apply([("relayd_spool_commit_duration_seconds", (), seconds)])
 
     def render(self, accept: str | None) -> tuple[bytes, str]:
         """The exposition (Prometheus text, or OpenMetrics when asked) and its content type."""
@@ -266,6 +333,75 @@ class TimedTransport:
 
     def __getattr__(self, name):
         return getattr(self.transport, name)
+
+
+class UpdateBatch(UpdateSink):
+    """
+    An intake worker's metric updates on their way to the master, which
+    serves the daemon's one page: ``send(updates)`` (a Deferred) carries a
+    batch over the worker's channel. Updates to the same counter or gauge
+    series are added up while they wait; histogram observations wait one
+    by one. A batch goes at most FLUSH_INTERVAL after its first update, or
+    at once when it reaches MAX_BATCH entries or MAX_BATCH_BYTES: what
+    waits is bounded, and the channel carries one command per batch, never
+    one per event.
+    """
+
+    def __init__(self, send: Callable[[list[Update]], defer.Deferred], clock,
+                 interval: float = FLUSH_INTERVAL, limit: int = MAX_BATCH,
+                 limitBytes: int = MAX_BATCH_BYTES) -> None:
+        self.send = send
+        self.clock = clock
+        self.interval = interval
+        self.limit = limit
+        self.limitBytes = limitBytes
+        self._sums: dict[tuple[str, tuple[str, ...]], float] = {}
+        self._observations: list[Update] = []
+        self._bytes = 0
+        self._timer = None
+
+    def __len__(self) -> int:
+        """Entries waiting: series with a sum, and observations."""
+        return len(self._sums) + len(self._observations)
+
+    def apply(self, updates: Iterable[Update]) -> None:
+        for name, labels, amount in updates:
+            key = (name, tuple(labels))
+            if name in HISTOGRAMS:
+                self._observations.append((name, key[1], amount))
+            elif key in self._sums:
+                self._sums[key] += amount
+                continue
+            else:
+                self._sums[key] = amount
+            # About what AMP writes for the entry: its values and their keys and lengths.
+            self._bytes += len(name) + sum(len(label.encode()) + 2 for label in key[1]) + 64
+            if len(self) >= self.limit or self._bytes >= self.limitBytes:
+                self.flush()
+            elif self._timer is None:
+                self._timer = self.clock.callLater(self.interval, self.flush)
+
+    def flush(self) -> defer.Deferred:
+        """Send what waits now; fires once the master has it (or could not be told)."""
+        if self._timer is not None:
+            if self._timer.active():
+                self._timer.cancel()
+            self._timer = None
+        # A gauge whose changes added up to nothing is sent too: the series appears.
+        batch = [(name, labels, amount) for (name, labels), amount in self._sums.items()
+                 ] + self._observations
+        self._sums, self._observations, self._bytes = {}, [], 0
+        if not batch:
+            return defer.succeed(None)
+        d = defer.maybeDeferred(self.send, batch)
+        d.addErrback(self._notTaken)
+        return d
+
+    @staticmethod
+    def _notTaken(failure) -> None:
+        # A master that is gone cannot be told: its successor starts counting anew.
+        if not failure.check(ConnectionError, error.ConnectionClosed):
+            log.failure("sending metric updates to the master", failure)
 
 
 class MetricsService(service.MultiService):
@@ -364,5 +500,5 @@ def metricsSite(metrics: MetricsRegistry, reactor) -> policies.WrappingFactory:
     return _Limited(site, HTTP_CONNECTIONS)
 
 
-__all__ = ("MetricsPage", "MetricsRegistry", "MetricsService", "QueueCollector", "TimedTransport", "metricsSite",
-           "queueSnapshot", "replyName", "updatesFor")
+__all__ = ("MetricsPage", "MetricsRegistry", "MetricsService", "QueueCollector", "TimedTransport",
+           "UpdateBatch", "UpdateSink", "metricsSite", "queueSnapshot", "replyName", "updatesFor")

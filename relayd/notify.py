@@ -14,7 +14,9 @@ heartbeat (``Heartbeats.beat``) and WATCHDOG=1 goes out at half of
 ``WatchdogSec=`` only when every heartbeat is recent. Today the one reactor
 is this process's, whose tick both beats and pings, so a reactor that is
 blocked (a hung file system, a runaway loop) stops the pings and systemd
-restarts the daemon; other processes' reactors add their own beats.
+restarts the daemon. With intake workers, ``alive(within)`` also asks
+whether every worker's reactor answered the master's heartbeat within
+``WatchdogSec=``: a blocked worker stops the pings too.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import time
 from typing import Callable, Mapping
 
 from twisted.application import service
-from twisted.internet import task
+from twisted.internet import defer, task
 
 from relayd import maillog
 
@@ -147,7 +149,8 @@ class NotifyService(service.Service):
     def __init__(self, notifier: Notifier, clock, status: Callable[[], str],
                  watchdog: float | None = None, heartbeats: Heartbeats | None = None,
                  monotonic: Callable[[], float] = time.monotonic,
-                 alive: Callable[[], bool] = lambda: True) -> None:
+                 alive: Callable[[float], bool] = lambda within: True,
+                 accepting: Callable[[], defer.Deferred] | None = None) -> None:
         self.notifier = notifier
         self.clock = clock
         self.status = status
@@ -155,8 +158,10 @@ class NotifyService(service.Service):
         self.heartbeats = heartbeats if heartbeats is not None else Heartbeats(clock)
         self.monotonic = monotonic
         # With intake workers: whether each answered the master's pings
-        # recently (relayd.master.WorkerPool.alive).
+        # within so many seconds (relayd.master.WorkerPool.alive), and a
+        # Deferred that fires once each accepts (WorkerPool.whenAccepting).
         self.alive = alive
+        self.accepting = accepting
         self._ticks: list[task.LoopingCall] = []
         self._lastStatus: str | None = None
         self._isReady = False
@@ -165,6 +170,10 @@ class NotifyService(service.Service):
     def startService(self) -> None:
         super().startService()
         self.notifier.open()
+        if self.accepting is not None:
+            # The master holds the sockets; its workers accept on them.
+            self.accepting().addCallback(lambda _: self.ready())
+            return
         # The first thing the running reactor does: the listeners started
         # before this service, and the queue was loaded before them.
         self.clock.callLater(0, self.ready)
@@ -194,7 +203,7 @@ class NotifyService(service.Service):
         within WatchdogSec and every intake worker's reactor answers.
         """
         self.heartbeats.beat(THIS_REACTOR)
-        if not self.heartbeats.stale(self.watchdog) and self.alive():
+        if not self.heartbeats.stale(self.watchdog) and self.alive(self.watchdog):
             self.notifier.send("WATCHDOG=1")
 
     def statusTick(self) -> None:
@@ -233,12 +242,12 @@ class NotifyService(service.Service):
 
 
 def fromEnvironment(clock, status: Callable[[], str], environ: dict[str, str] = os.environ,
-                    pid: int | None = None, alive: Callable[[], bool] = lambda: True,
-                    ) -> NotifyService:
+                    pid: int | None = None, alive: Callable[[float], bool] = lambda within: True,
+                    accepting: Callable[[], defer.Deferred] | None = None) -> NotifyService:
     """The NotifyService for the environment systemd gave this process, which it then forgets."""
     made = NotifyService(Notifier(notifyAddress(environ)), clock, status,
                          watchdog=watchdogInterval(environ, os.getpid() if pid is None else pid),
-                         alive=alive)
+                         alive=alive, accepting=accepting)
     for name in ENVIRONMENT:
         environ.pop(name, None)
     return made

@@ -461,19 +461,13 @@ def makeService(options, reactor=None) -> RelayService:
     # Imported here: relayd.server (also behind relayd.control) imports
     # twisted.mail.smtp, which installs the global reactor; importing this
     # module (twistd's option parsing, relayd check-config) must not.
-    from relayd.control import ControlService, stallForTests
-    from relayd.metrics import MetricsService, TimedTransport, metricsSite, queueSnapshot
+    from relayd.control import ControlService
+    from relayd.metrics import TimedTransport
     from relayd.server import SubmissionFactory
     config = options["loaded"]
     raiseFileLimit(config)
     count = configModule.processCount(config.processes, os.cpu_count())
     if count > 1:
-        if config.metrics is not None:
-            # The master sees only delivery and the queue: a page that
-            # silently left out every intake count would mislead.
-            fail(f"{config.path}: metrics: not collected across intake processes yet "
-                 f"(processes: {config.processes} is {count} processes); "
-                 "set processes: 1 to serve the metrics page")
         return _makeMaster(options, config, reactor, count)
     spool = Spool(config.queue.directory)
     pool, runInThread = _spoolThreads(reactor)
@@ -528,15 +522,10 @@ def makeService(options, reactor=None) -> RelayService:
     # RELAYD_TEST_HOOKS=1 (the integration tests) adds a command that blocks
     # the reactor, to show the watchdog stops.
     ControlService(config.queue.controlSocketPath, scheduler, reactor,
-                   throttle=factory.authThrottle, reload=relay.reload,
-                   stall=stallForTests if os.environ.get("RELAYD_TEST_HOOKS") == "1" else None,
+                   throttle=factory.authThrottle, reload=relay.reload, stall=_stallHook(),
                    ).setServiceParent(relay)
     if metrics is not None:
-        metrics.addQueue(lambda: queueSnapshot(scheduler.envelopes.values(), scheduler.activeIds(),
-                                               reactor.seconds()))
-        MetricsService(metrics, globalLogPublisher, ListenerService(
-            config.metrics.endpoint, metricsSite(metrics, reactor), reactor,
-            label=f"{config.metrics.endpoint} (metrics)")).setServiceParent(relay)
+        _metricsPage(config, reactor, metrics, scheduler).setServiceParent(relay)
     # Last: READY=1 once the listeners above accept and the queue is loaded.
     relay.notify = notify.fromEnvironment(reactor, lambda: notify.statusLine(
         scheduler.queueLength(), len(factory.sessions)))
@@ -579,6 +568,38 @@ def _metrics(config):
     return MetricsRegistry()
 
 
+def _metricsPage(config, reactor, metrics, scheduler):
+    """
+    The service that counts this process's log events into ``metrics`` and
+    serves the page on ``metrics.endpoint``, with the queue's gauges.
+    """
+    from relayd.metrics import MetricsService, metricsSite, queueSnapshot
+
+    metrics.addQueue(lambda: queueSnapshot(scheduler.envelopes.values(), scheduler.activeIds(),
+                                           reactor.seconds()))
+    return MetricsService(metrics, globalLogPublisher, ListenerService(
+        config.metrics.endpoint, metricsSite(metrics, reactor), reactor,
+        label=f"{config.metrics.endpoint} (metrics)"))
+
+
+def _stallHook(workers=None):
+    """
+    RELAYD_TEST_HOOKS=1 (the integration tests): the control command that
+    blocks this process's reactor, or an intake worker's, to show the
+    watchdog stops; None (refused) otherwise.
+    """
+    if os.environ.get("RELAYD_TEST_HOOKS") != "1":
+        return None
+    from relayd.control import stallForTests
+
+    def stall(seconds: float, worker: int | None = None):
+        if worker is None or workers is None:
+            return stallForTests(seconds, worker)
+        return workers.stallWorker(worker, seconds)
+
+    return stall
+
+
 def _passing(action):
     """A callback that runs ``action()`` and passes the result on."""
     def callback(result):
@@ -615,8 +636,9 @@ def _makeMaster(options, config, reactor, count: int) -> RelayService:
     """
     from twisted.internet import protocol
 
-    from relayd.control import ControlService, stallForTests
-    from relayd.master import LimitsOwner, WorkerPool, workerCommand
+    from relayd.control import ControlService
+    from relayd.master import LimitsOwner, WorkerPool, heartbeatInterval, workerCommand
+    from relayd.metrics import TimedTransport
     from relayd.server import _throttleSettings
 
     spool = Spool(config.queue.directory)
@@ -628,7 +650,10 @@ def _makeMaster(options, config, reactor, count: int) -> RelayService:
     # DKIM signs before a message's first attempt: in the worker that makes it,
     # or here for a message the master takes over before any attempt.
     signer = _signer(config, runInThread, reactor)
-    scheduler = Scheduler(spool, courier, config, reactor, runInThread=runInThread,
+    # The daemon's one registry: the master's events, and the workers' batches.
+    metrics = _metrics(config)
+    transport = TimedTransport(courier, metrics, reactor) if metrics is not None else courier
+    scheduler = Scheduler(spool, transport, config, reactor, runInThread=runInThread,
                           signer=signer)
     # The workers read the certificate and the password file; checked here
     # too, so that a broken one stops the start with one line.
@@ -647,18 +672,21 @@ def _makeMaster(options, config, reactor, count: int) -> RelayService:
                          [owner, scheduler, resolver, courier, signer, workers], courier=courier,
                          signer=signer)
     relay.workers = workers
+    workers.metrics = metrics
     ControlService(config.queue.controlSocketPath, scheduler, reactor,
-                   throttle=owner, reload=relay.reload,
-                   stall=stallForTests if os.environ.get("RELAYD_TEST_HOOKS") == "1" else None,
+                   throttle=owner, reload=relay.reload, stall=_stallHook(workers),
                    ).setServiceParent(relay)
+    if metrics is not None:
+        _metricsPage(config, reactor, metrics, scheduler).setServiceParent(relay)
     # Read (and removed from the environment) before any worker is spawned,
-    # so only the master speaks for the unit.
+    # so only the master speaks for the unit. READY=1 once every worker
+    # accepts; WATCHDOG=1 only while every worker answers the heartbeat.
     relay.notify = notify.fromEnvironment(
         reactor, lambda: notify.statusLine(scheduler.queueLength(), owner.sessions.total),
-        alive=workers.alive)
+        alive=workers.alive, accepting=workers.whenAccepting)
+    workers.heartbeat = heartbeatInterval(relay.notify.watchdog)
     # Started last: after recovery, the listeners and the control socket.
     workers.setServiceParent(relay)
-    # After the workers: READY=1 at the first reactor turn once they are spawned.
     relay.notify.setServiceParent(relay)
     listenerServices.extend(listeners)
     if reactor is _globalReactor():
@@ -672,6 +700,7 @@ def makeWorker(config, reactor, link, listenerFds: list[int]):
     ``config``, wired as the single process's intake is, with the
     master's limits through ``link`` (a relayd.worker.MasterLink).
     """
+    from relayd.control import stallForTests
     from relayd.server import SubmissionFactory, _throttleSettings
     from relayd.worker import FirstAttempts, RemoteLimits, WorkerService
 
@@ -687,13 +716,26 @@ def makeWorker(config, reactor, link, listenerFds: list[int]):
     # A message's body pieces, its commit, the envelope written after its
     # first attempt and its removal, in order, in the spool threads.
     lanes = MessageLanes(runInThread)
+    # With a metrics section, this worker's counts go to the master's page in batches.
+    metrics = None
+    if config.metrics is not None:
+        from relayd.metrics import TimedTransport, UpdateBatch
+        metrics = UpdateBatch(link.sendMetrics, reactor)
+
+    def commitInThread(writer, envelope):
+        d = lanes.run(writer.queueId, writer.commit, envelope)
+        if metrics is not None:
+            started = reactor.seconds()
+            d.addCallback(_passing(lambda: metrics.timedCommit(reactor.seconds() - started)))
+        return d
+
     # The first attempt of what this worker commits, in slots the master
     # grants; the rest is handed to the master (relayd.worker).
     signer = _signer(config, runInThread, reactor)
-    scheduler = Scheduler(spool, courier, config, reactor, runInThread=runInThread,
+    transport = TimedTransport(courier, metrics, reactor) if metrics is not None else courier
+    scheduler = Scheduler(spool, transport, config, reactor, runInThread=runInThread,
                           lanes=lanes, signer=signer)
-    attempts = FirstAttempts(link, scheduler, lambda writer, envelope: lanes.run(
-        writer.queueId, writer.commit, envelope))
+    attempts = FirstAttempts(link, scheduler, commitInThread)
     scheduler.handOff = attempts  # what it does not finish goes to the master
     tls, passwords, verifier, authPool, credPortal = _security(config, reactor)
     clientNames = ClientNames(resolver, config.limits.clientNameTimeout, reactor,
@@ -711,6 +753,11 @@ def makeWorker(config, reactor, link, listenerFds: list[int]):
                             scheduler=scheduler, courier=courier, signer=signer,
                             boundListeners=boundListeners)
     link.sessionCount = lambda: len(factory.sessions)
+    if os.environ.get("RELAYD_TEST_HOOKS") == "1":
+        link.stall = stallForTests
+    if metrics is not None:
+        globalLogPublisher.addObserver(metrics.observer())
+        service.metrics = metrics
     if passwords is not None:
         passwords.changed = lambda: reactor.callFromThread(
             lambda: warnPasswordFile(passwords, service.config.auth))

@@ -53,6 +53,9 @@ _REFUSALS = {
     channel.REFUSED_PER_CLIENT: replies.TOO_MANY_CONNECTIONS_FROM_CLIENT,
 }
 
+# How long a stopping worker waits for the master to take its last metric updates.
+LAST_METRICS_TIMEOUT = 5.0
+
 # Blocks and rate limits this worker remembers (as FailureThrottle.MAX_TRACKED).
 MAX_TRACKED = 100_000
 
@@ -284,6 +287,8 @@ class MasterLink(channel.Quiet):
         self.limits: RemoteLimits | None = None
         self.sessionCount = lambda: 0
         self.reload = lambda config: None
+        # seconds -> None, blocking the reactor thread; None unless testing.
+        self.stall = None
 
     @defer.inlineCallbacks
     def runningConfig(self):
@@ -300,6 +305,13 @@ class MasterLink(channel.Quiet):
     @channel.Ping.responder
     def ping(self):
         return {"sessions": self.sessionCount()}
+
+    @channel.StallWorker.responder
+    def stallNow(self, seconds):
+        if self.stall is None:
+            raise ValueError("test hooks are not enabled in this daemon")
+        self.stall(seconds)
+        return {}
 
     @channel.ConfigChanged.responder
     def reloadNow(self):
@@ -370,6 +382,15 @@ class MasterLink(channel.Quiet):
     def notice(self, envelope) -> None:
         """A notice this worker committed (a bounce of its first attempt): the master sends it."""
         _send(self, channel.Queued, queueId=envelope.queueId)
+
+    def accepting(self) -> None:
+        _send(self, channel.Accepting)
+
+    def sendMetrics(self, updates) -> defer.Deferred:
+        """A batch of relayd.metrics updates for the master's registry."""
+        return _call(self, channel.MetricUpdates, updates=[
+            {"name": name, "labels": list(labels), "amount": float(amount)}
+            for name, labels, amount in updates])
 
     def connectionLost(self, reason) -> None:
         super().connectionLost(reason)
@@ -552,6 +573,8 @@ class WorkerService(service.MultiService):
         self._reloadConfig = reloadConfig
         self.ports: list = []
         self._stopping = False
+        # The metric updates waiting for the master (relayd.metrics.UpdateBatch), if counted.
+        self.metrics = None
 
     def startService(self) -> None:
         self.pool.start()
@@ -600,6 +623,10 @@ class WorkerService(service.MultiService):
             yield self.scheduler.stopService(max(0.0, deadline - self.reactor.seconds()))
         if self.courier is not None:
             yield self.courier.closeIdle()
+        if self.metrics is not None:
+            # The sessions' last events (disconnections) reach the master's page.
+            yield self.metrics.flush().addTimeout(LAST_METRICS_TIMEOUT, self.reactor).addErrback(
+                lambda f: None)
         self.pool.stop()
         if self.authPool is not None:
             self.authPool.stop()
@@ -706,6 +733,7 @@ def main(argv: list[str] | None = None) -> None:
         worker.startService()
         started.append(worker)
         maillog.daemonEvent(f"worker {arguments.number} accepting connections")
+        link.accepting()
         link.reload = worker.reload
         reactor.addSystemEventTrigger("before", "shutdown", worker.stopService)
 

@@ -195,3 +195,168 @@ def test_the_page_renders_on_the_calling_thread_and_negotiates_openmetrics():
     assert request.responseHeaders.getRawHeaders(b"content-type")[0].startswith(
         b"application/openmetrics-text")
     assert body.endswith(b"# EOF\n")
+
+
+# Intake workers: batches to the master, one registry for the daemon
+
+LISTENER_UPDATES = [("relayd_connections_total", (L,), 1), ("relayd_connections_open", (L,), 1)]
+
+
+def batchTo(sent, clock, **kwargs):
+    def send(updates):
+        sent.append(updates)
+        return defer.succeed(None)
+
+    return metrics.UpdateBatch(send, clock, **kwargs)
+
+
+def test_a_batch_adds_up_each_series_and_goes_after_the_interval():
+    clock, sent = task.Clock(), []
+    batch = batchTo(sent, clock)
+    for _ in range(3):
+        batch.apply(LISTENER_UPDATES)
+    batch.apply([("relayd_connections_open", (L,), -1)])
+    batch.timedCommit(0.002)
+    batch.timedCommit(0.004)
+    clock.advance(metrics.FLUSH_INTERVAL - 0.01)
+    assert sent == []
+    clock.advance(0.01)
+    assert sent == [[("relayd_connections_total", (L,), 3), ("relayd_connections_open", (L,), 2),
+                     ("relayd_spool_commit_duration_seconds", (), 0.002),
+                     ("relayd_spool_commit_duration_seconds", (), 0.004)]]
+    # Nothing waits, nothing is sent, no timer runs.
+    clock.advance(10)
+    assert len(sent) == 1 and not clock.getDelayedCalls()
+    # A gauge whose changes add up to nothing still goes (its series appears).
+    batch.apply([("relayd_connections_open", ("tcp:25",), 1), ("relayd_connections_open", ("tcp:25",), -1)])
+    clock.advance(metrics.FLUSH_INTERVAL)
+    assert sent[1] == [("relayd_connections_open", ("tcp:25",), 0)]
+
+
+def test_what_a_batch_holds_is_bounded_it_goes_at_once_when_full():
+    clock, sent = task.Clock(), []
+    batch = batchTo(sent, clock, limit=10)
+    for i in range(25):
+        batch.timedCommit(i / 1000)
+        assert len(batch) < 10
+    assert [len(b) for b in sent] == [10, 10]
+    # The same series again and again is one entry: it never fills a batch.
+    for _ in range(1000):
+        batch.apply([("relayd_auth_total", ("failure",), 1)])
+    assert len(sent) == 2 and len(batch) == 6
+    clock.advance(metrics.FLUSH_INTERVAL)
+    assert sent[2][0] == ("relayd_auth_total", ("failure",), 1000) and len(sent[2]) == 6
+    # Long label values fill it by size too.
+    batch = batchTo(sent, clock, limitBytes=1000)
+    for i in range(10):
+        batch.apply([("relayd_connections_total", (f"tcp:{i}:" + "x" * 200,), 1)])
+    assert len(sent) == 5 and len(sent[3]) == 4 and len(sent[4]) == 4
+
+
+def test_a_batch_the_master_cannot_take_is_dropped_not_kept():
+    clock = task.Clock()
+    batch = metrics.UpdateBatch(lambda updates: defer.fail(ConnectionError("gone")), clock)
+    batch.apply(LISTENER_UPDATES)
+    done = []
+    batch.flush().addBoth(done.append)
+    assert done == [None] and len(batch) == 0
+
+
+def test_the_daemons_registry_adds_up_every_worker_and_forgets_a_gone_ones_gauges():
+    m = metrics.MetricsRegistry()
+    one, two = object(), object()
+    m.apply(metrics.updatesFor({"log_namespace": "relayd/smtp", "event": "delivery",
+                                "status": "sent", "route": "mx"}))
+    m.applyFrom(one, LISTENER_UPDATES * 3 + [("relayd_auth_total", ("failure",), 2)])
+    m.applyFrom(two, LISTENER_UPDATES + [("relayd_connections_open", (L,), -1),
+                                         ("relayd_auth_total", ("failure",), 1),
+                                         ("relayd_spool_commit_duration_seconds", (), 0.01)])
+    samples = scrape(m)
+    assert samples[("relayd_connections_total", (("listener", L),))] == 4
+    assert samples[("relayd_connections_open", (("listener", L),))] == 3
+    assert samples[("relayd_auth_total", (("result", "failure"),))] == 3
+    assert samples[("relayd_recipients_total", (("route", "mx"), ("status", "sent")))] == 1
+    assert samples[("relayd_spool_commit_duration_seconds_count", ())] == 1
+    # Worker one is killed with its three connections open: they close with it.
+    m.forget(one)
+    samples = scrape(m)
+    assert samples[("relayd_connections_open", (("listener", L),))] == 0
+    assert samples[("relayd_connections_total", (("listener", L),))] == 4
+    assert samples[("relayd_auth_total", (("result", "failure"),))] == 3
+    m.forget(one)
+    assert scrape(m)[("relayd_connections_open", (("listener", L),))] == 0
+    # Its successor starts from nothing.
+    m.applyFrom(object(), LISTENER_UPDATES)
+    assert scrape(m)[("relayd_connections_open", (("listener", L),))] == 1
+
+
+def test_updates_the_registry_has_no_series_for_are_left_out():
+    m = metrics.MetricsRegistry()
+    m.applyFrom(object(), [("no_such_metric", (), 1), ("relayd_auth_total", (), 1),
+                           ("relayd_auth_total", ("failure", "extra"), 1),
+                           ("relayd_auth_total", ("failure",), -5),
+                           ("relayd_auth_total", ("success",), 1)])
+    samples = scrape(m)
+    assert samples[("relayd_auth_total", (("result", "failure"),))] == 0
+    assert samples[("relayd_auth_total", (("result", "success"),))] == 1
+
+
+def test_a_workers_batch_crosses_the_channel_and_reaches_the_masters_page(tmp_path):
+    """Worker side (MasterLink.sendMetrics) to master side (WorkerLink) through AMP's encoding."""
+    from twisted.protocols import amp
+
+    from relayd import channel
+    from relayd.master import Worker, WorkerLink
+    from relayd.worker import MasterLink
+
+    registry = metrics.MetricsRegistry()
+    pool = type("Pool", (), {"metrics": registry})()
+    workerOne, workerTwo = Worker(1, 0.0), Worker(2, 0.0)
+    masterSides = {1: WorkerLink(pool, workerOne), 2: WorkerLink(pool, workerTwo)}
+
+    def linkFor(number):
+        link = MasterLink(task.Clock(), lost=lambda: None, parse=None)
+        link.transport = object()
+
+        def callRemote(command, **arguments):
+            assert command is channel.MetricUpdates
+            # As the bytes go: AMP's own encoding and parsing, no socket.
+            wire = command.makeArguments(arguments, None).serialize()
+            received = []
+            reader = amp.BinaryBoxProtocol(type("R", (), {
+                "ampBoxReceived": lambda self, box: received.append(box),
+                "startReceivingBoxes": lambda self, sender: None})())
+            reader.dataReceived(wire)
+            return defer.succeed(masterSides[number].metricUpdates(
+                **command.parseArguments(received[0], None)))
+
+        link.callRemote = callRemote
+        return link
+
+    clock = task.Clock()
+    batches = [metrics.UpdateBatch(linkFor(n).sendMetrics, clock) for n in (1, 2)]
+    batches[0].apply(LISTENER_UPDATES * 2)
+    batches[1].apply(LISTENER_UPDATES)
+    batches[1].timedCommit(0.25)
+    clock.advance(metrics.FLUSH_INTERVAL)
+    samples = scrape(registry)
+    assert samples[("relayd_connections_total", (("listener", L),))] == 3
+    assert samples[("relayd_connections_open", (("listener", L),))] == 3
+    assert samples[("relayd_spool_commit_duration_seconds_sum", ())] == 0.25
+    registry.forget(workerOne)
+    assert scrape(registry)[("relayd_connections_open", (("listener", L),))] == 1
+
+
+@pytest.mark.parametrize("label", ["tcp:587", "é" * 2000])
+def test_a_full_batch_fits_in_one_amp_value(label):
+    from twisted.protocols import amp
+
+    from relayd import channel
+
+    clock, sent = task.Clock(), []
+    batch = batchTo(sent, clock)
+    while not sent:
+        batch.timedAttempt(label, 0.5)
+    updates = [{"name": n, "labels": list(ls), "amount": a} for n, ls, a in sent[0]]
+    box = channel.MetricUpdates.makeArguments({"updates": updates}, None)
+    assert len(box[b"updates"]) <= amp.MAX_VALUE_LENGTH

@@ -12,7 +12,7 @@ import socket
 import tempfile
 
 import pytest
-from twisted.internet import task
+from twisted.internet import defer, task
 
 from relayd import notify
 
@@ -111,9 +111,10 @@ def test_watchdog_pings_at_half_the_interval_only_while_every_reactor_beats(syst
 
 def test_no_ping_while_an_intake_worker_is_not_alive(systemd):
     workersAlive = [True]
+    asked = []
     clock = task.Clock()
     made = notify.NotifyService(notify.Notifier(systemd.path), clock, lambda: "", watchdog=4.0,
-                                alive=lambda: workersAlive[0])
+                                alive=lambda within: asked.append(within) or workersAlive[0])
     made.startService()
     clock.advance(0)
     systemd.messages()
@@ -123,6 +124,22 @@ def test_no_ping_while_an_intake_worker_is_not_alive(systemd):
     workersAlive[0] = True
     clock.advance(2.0)
     assert systemd.messages() == [["WATCHDOG=1"], ["WATCHDOG=1"]]
+    # Alive means: answered within WatchdogSec=.
+    assert set(asked) == {4.0}
+
+
+def test_with_intake_workers_ready_waits_until_every_one_accepts(systemd):
+    accepting = defer.Deferred()
+    clock = task.Clock()
+    made = notify.NotifyService(notify.Notifier(systemd.path), clock, lambda: "0 messages",
+                                watchdog=4.0, accepting=lambda: accepting)
+    made.startService()
+    clock.advance(5)
+    assert systemd.messages() == []
+    accepting.callback(None)
+    assert systemd.messages() == [["READY=1", "STATUS=0 messages"]]
+    clock.advance(2.0)
+    assert systemd.messages() == [["WATCHDOG=1"]]
 
 
 def test_no_ping_while_the_reactor_does_not_turn(systemd):

@@ -679,3 +679,77 @@ def test_a_commit_and_the_end_of_a_check_wait_for_the_master_in_bounded_time():
     assert outcomes == [] and asked == [channel.Committing, channel.CheckEnded]
     clock.advance(1)
     assert outcomes == [None, None]
+
+
+def test_heartbeats_come_often_enough_for_the_watchdog():
+    from relayd.master import HEARTBEAT, heartbeatInterval
+
+    assert heartbeatInterval(None) == HEARTBEAT
+    assert heartbeatInterval(30.0) == HEARTBEAT
+    assert heartbeatInterval(1.0) == 0.25
+
+
+def test_a_worker_is_alive_for_the_watchdog_only_if_it_answered_within_its_window(tmp_path):
+    reactor, pool = startedPool(tmp_path)
+    answers = {}
+    for number, link in zip((1, 2), reactor.adopted):
+        link.transport = object()
+
+        def callRemote(command, number=number, **kw):
+            d = defer.Deferred()
+            answers.setdefault(number, []).append(d)
+            return d
+
+        link.callRemote = callRemote
+    reactor.advance(2.0)
+    for ds in answers.values():
+        ds.pop().callback({"sessions": 0})
+    assert pool.alive(1.0)
+    # Worker 2's reactor is blocked: its pings wait.
+    reactor.advance(2.0)
+    answers[1].pop().callback({"sessions": 0})
+    assert not pool.alive(1.0)
+    assert pool.alive()  # not yet long enough to be killed
+    answers[2].pop().callback({"sessions": 0})
+    assert pool.alive(1.0)
+
+
+def test_the_daemon_is_ready_once_every_worker_accepts(tmp_path):
+    reactor, pool = startedPool(tmp_path)
+    ready = []
+    pool.whenAccepting().addCallback(ready.append)
+    reactor.adopted[0].accepting()
+    reactor.adopted[0].accepting()
+    assert ready == []
+    reactor.adopted[1].accepting()
+    assert ready == [None]
+    assert pool.whenAccepting().called
+
+
+def test_a_gone_workers_gauges_leave_the_page(tmp_path):
+    from relayd.metrics import MetricsRegistry
+
+    reactor, pool = startedPool(tmp_path)
+    pool.metrics = registry = MetricsRegistry()
+    opened = [{"name": "relayd_connections_open", "labels": ["tcp:25"], "amount": 2.0},
+              {"name": "relayd_connections_total", "labels": ["tcp:25"], "amount": 2.0}]
+    for link in reactor.adopted:
+        link.metricUpdates(opened)
+    gauge = lambda: registry.registry.get_sample_value("relayd_connections_open", {"listener": "tcp:25"})
+    assert gauge() == 4
+    pool.release(pool.workers[1])
+    assert gauge() == 2
+    assert registry.registry.get_sample_value("relayd_connections_total", {"listener": "tcp:25"}) == 4
+
+
+def test_a_batch_read_after_its_worker_was_released_is_not_counted(tmp_path):
+    """The process can end before its channel is read to the end: its gauge share stays gone."""
+    from relayd.metrics import MetricsRegistry
+
+    reactor, pool = startedPool(tmp_path)
+    pool.metrics = registry = MetricsRegistry()
+    link = reactor.adopted[0]
+    link.metricUpdates([{"name": "relayd_connections_open", "labels": ["tcp:25"], "amount": 1.0}])
+    pool.release(pool.workers[1])
+    link.metricUpdates([{"name": "relayd_connections_open", "labels": ["tcp:25"], "amount": 1.0}])
+    assert registry.registry.get_sample_value("relayd_connections_open", {"listener": "tcp:25"}) == 0

@@ -165,16 +165,14 @@ def test_start_is_refused_when_the_hard_file_limit_is_too_low(tmp_path, capsys):
         "ulimit -n), or lower limits.connections\n")
 
 
-def test_metrics_with_several_processes_is_refused_with_one_line(tmp_path, capsys):
+def test_with_several_processes_the_master_serves_the_metrics_of_every_worker(tmp_path):
     path = tmp_path / "relayd.yaml"
     write(path)
     path.write_text(path.read_text() + "processes: 2\nmetrics: {}\n")
-    with pytest.raises(SystemExit) as info:
-        tap.makeService({"loaded": config.load(str(path))})
-    assert info.value.code == 1
-    assert capsys.readouterr().err == (
-        f"relayd: {path}: metrics: not collected across intake processes yet (processes: 2 is "
-        "2 processes); set processes: 1 to serve the metrics page\n")
+    relay = tap.makeService({"loaded": config.load(str(path))})
+    assert "metrics" in relay.namedServices
+    # The workers' batches are applied to the registry the page shows.
+    assert relay.workers.metrics is relay.namedServices["metrics"].metrics
 
 
 def test_reload_that_needs_more_files_than_the_limit_is_refused(tmp_path, monkeypatch):

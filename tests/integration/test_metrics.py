@@ -6,7 +6,9 @@ own parser: every count equals what was done, and equals what the log says.
 
 from __future__ import annotations
 
+import os
 import re
+import signal
 import smtplib
 import ssl
 import urllib.request
@@ -31,6 +33,7 @@ from tests.integration.harness import (
     waitUntil,
     writeChain,
 )
+from tests.integration.test_processes import greet, onlyWorker, servingPids, waitForWorkers, workers
 
 pytestmark = pytest.mark.integration
 
@@ -46,8 +49,9 @@ class MetricsRelayd(Relayd):
     listens on for DEAD_DOMAIN, and the metrics page on self.metricsPort.
     """
 
-    def __init__(self, directory: Path, smarthostPort: int) -> None:
+    def __init__(self, directory: Path, smarthostPort: int, processCount: int = 1) -> None:
         directory.mkdir(parents=True, exist_ok=True)
+        self.processCount = processCount
         self.submissionPort = freePort()
         self.metricsPort = freePort()
         self.deadPort = freePort()
@@ -73,6 +77,7 @@ class MetricsRelayd(Relayd):
             f"    {DEAD_DOMAIN}: [{{host: localhost, port: {self.deadPort}, tls: none}}]\n"
             f'metrics: {{endpoint: "tcp:{self.metricsPort}:interface={HOST}"}}\n'
             f"shutdown_grace: {SHUTDOWN_GRACE}\n"
+            f"processes: {self.processCount}\n"
         )
 
     def scrape(self) -> dict[tuple[str, tuple], float]:
@@ -93,32 +98,22 @@ def value(samples, name: str, **labels) -> float | None:
     return samples.get((name, tuple(sorted(labels.items()))))
 
 
-def test_a_known_sequence_of_sessions_is_counted(tmp_path, processes, twistd):
-    sink = Sink(tmp_path / "sink")
-    processes.append(sink)
-    sink.start()
-    daemon = MetricsRelayd(tmp_path / "relayd", sink.port)
-    processes.append(daemon)
-    daemon.start()
-    plain = f"tcp:{daemon.port}:interface={HOST}"
-    submission = f"tcp:{daemon.submissionPort}:interface={HOST}"
-
-    before = daemon.scrape()
-    assert value(before, "relayd_connections_total", listener=submission) is None
-    assert value(before, "relayd_auth_total", result="success") == 0
-
-    # 1-2: two messages from the trusted loopback, delivered by the smarthost.
+def sequence(daemon: "MetricsRelayd") -> None:
+    """
+    Six sessions: two messages from the trusted loopback and one to the
+    route that is down (plain listener), one with two refused recipients,
+    then over STARTTLS a failed AUTH and a good AUTH with a message
+    (submission listener). Four messages accepted, three delivered.
+    """
     for i in range(2):
         daemon.submit(makeMessage(f"metrics {i}", ["body"]))
-    # 3: one message to the route that is down (deferred).
     daemon.submit(makeMessage("metrics down", ["body"]), recipients=(f"bob@{DEAD_DOMAIN}",))
-    # 4: a session with two refused recipients (an unknown RCPT parameter, an empty address).
+    # An unknown RCPT parameter, an empty address.
     with daemon.connect() as client:
         client.ehlo()
         client.mail("alice@client.test")
         assert client.docmd("RCPT TO:<bob@remote.test> FOO=BAR")[0] == 555
         assert client.docmd("RCPT TO:<>")[0] == 501
-    # 5: STARTTLS and a failed AUTH; 6: STARTTLS and a good AUTH with a message.
     context = ssl.create_default_context()
     daemon.ca.configure_trust(context)
     for password in ("wrong", PASSWORD):
@@ -134,47 +129,168 @@ def test_a_known_sequence_of_sessions_is_counted(tmp_path, processes, twistd):
                 continue
             client.sendmail(USER, ["carol@remote.test"], makeMessage("metrics auth", ["body"]))
 
-    sink.waitForMessages(3, daemon.describe)
-    daemon.waitForLog(rf"to=<bob@{re.escape(DEAD_DOMAIN)}>.*status=deferred")
+
+def settledScrape(daemon: "MetricsRelayd", sent: int = 0) -> dict:
+    """
+    A scrape once every session has closed and the counts have reached
+    the log's (and ``sent`` recipients were delivered): with intake
+    workers, a worker's counts reach the page a moment after its log lines.
+    """
+    plain = f"tcp:{daemon.port}:interface={HOST}"
+    submission = f"tcp:{daemon.submissionPort}:interface={HOST}"
 
     def settled():
         samples = daemon.scrape()
-        if value(samples, "relayd_connections_open", listener=plain) == 0 and value(
-                samples, "relayd_connections_open", listener=submission) == 0 and value(
-                samples, "relayd_recipients_total", status="sent", route=HOST) == 3:
+        log = daemon.log()
+        connects = len(re.findall(r"\] connect from ", log))
+        total = sum(value(samples, "relayd_connections_total", listener=l) or 0
+                    for l in (plain, submission))
+        if (total == connects
+                and not value(samples, "relayd_connections_open", listener=plain)
+                and not value(samples, "relayd_connections_open", listener=submission)
+                and (value(samples, "relayd_recipients_total", status="sent", route=HOST) or 0)
+                >= sent):
             return samples
         return None
 
-    samples = waitUntil(settled, DELIVERY_DEADLINE, "every session closed and 3 recipients sent",
-                        daemon.describe)
-    # Four sessions, and the harness's probes of the port at start-up.
-    assert value(samples, "relayd_connections_total", listener=plain) >= 4
-    assert value(samples, "relayd_connections_total", listener=submission) == 2
-    assert value(samples, "relayd_messages_accepted_total") == 4
-    assert value(samples, "relayd_rejects_total", stage="RCPT", reason="unknown_parameter") == 1
-    assert value(samples, "relayd_rejects_total", stage="RCPT", reason="bad_recipient_address") == 1
-    assert value(samples, "relayd_auth_total", result="success") == 1
-    assert value(samples, "relayd_auth_total", result="failure") == 1
-    assert value(samples, "relayd_tls_sessions_total", direction="inbound", version="TLSv1.3") == 2
-    assert value(samples, "relayd_recipients_total", status="deferred", route="localhost") >= 1
+    return waitUntil(settled, DELIVERY_DEADLINE,
+                     f"every session closed and counted, and {sent} recipients sent",
+                     daemon.describe)
+
+
+def acceptedBacklog(daemon: "MetricsRelayd") -> None:
+    """
+    With intake workers, the master's socket takes connections (the
+    harness's probes) before the workers accept them: a greeting from each
+    worker, while the other is stopped, comes after whatever waited before it.
+    """
+    waitForWorkers(daemon)
+    for number in (1, 2):
+        with onlyWorker(daemon, number):
+            sock, banner = greet(daemon.port)
+            sock.close()
+            assert banner.startswith(b"220"), banner
+
+
+def delta(before, after, name, **labels) -> float:
+    return (value(after, name, **labels) or 0) - (value(before, name, **labels) or 0)
+
+
+@pytest.mark.parametrize("processCount", [1, 2])
+def test_a_known_sequence_of_sessions_is_counted(tmp_path, processes, twistd, processCount):
+    """
+    The sequence once per intake process (with two, once in each worker
+    while the other is stopped): every count is the sequence's times the
+    number of processes, on the one page the master serves.
+    """
+    sink = Sink(tmp_path / "sink")
+    processes.append(sink)
+    sink.start()
+    daemon = MetricsRelayd(tmp_path / "relayd", sink.port, processCount)
+    processes.append(daemon)
+    daemon.start()
+    plain = f"tcp:{daemon.port}:interface={HOST}"
+    submission = f"tcp:{daemon.submissionPort}:interface={HOST}"
+    # The harness's probes of the port at start-up are counted before.
+    if processCount > 1:
+        acceptedBacklog(daemon)
+    before = settledScrape(daemon)
+    assert value(before, "relayd_connections_total", listener=submission) is None
+    assert value(before, "relayd_auth_total", result="success") == 0
+    since = daemon.logOffset()
+
+    if processCount == 1:
+        sequence(daemon)
+    else:
+        for number in (1, 2):
+            with onlyWorker(daemon, number):
+                sequence(daemon)
+        # Both workers served sessions (the log's pids say which did).
+        assert set(servingPids(daemon, since)) == {str(p) for p in workers(daemon).values()}
+
+    n = processCount
+    sink.waitForMessages(3 * n, daemon.describe)
+    daemon.waitForLog(rf"to=<bob@{re.escape(DEAD_DOMAIN)}>.*status=deferred")
+    samples = settledScrape(daemon, sent=3 * n)
+
+    def counted(name, **labels):
+        return delta(before, samples, name, **labels)
+
+    assert counted("relayd_connections_total", listener=plain) == 4 * n
+    assert counted("relayd_connections_total", listener=submission) == 2 * n
+    assert value(samples, "relayd_connections_open", listener=plain) == 0
+    assert value(samples, "relayd_connections_open", listener=submission) == 0
+    assert counted("relayd_messages_accepted_total") == 4 * n
+    assert counted("relayd_rejects_total", stage="RCPT", reason="unknown_parameter") == n
+    assert counted("relayd_rejects_total", stage="RCPT", reason="bad_recipient_address") == n
+    assert counted("relayd_auth_total", result="success") == n
+    assert counted("relayd_auth_total", result="failure") == n
+    assert counted("relayd_tls_sessions_total", direction="inbound", version="TLSv1.3") == 2 * n
+    assert counted("relayd_recipients_total", status="sent", route=HOST) == 3 * n
+    assert counted("relayd_recipients_total", status="deferred", route="localhost") >= n
     assert value(samples, "relayd_recipients_total", status="bounced", route=HOST) is None
-    # The deferred message is the queue; its age grows from its arrival.
+    # The deferred messages are the queue; their age grows from their arrival.
     assert value(samples, "relayd_queue_messages", state="deferred") + value(
-        samples, "relayd_queue_messages", state="active") == 1
+        samples, "relayd_queue_messages", state="active") == n
     assert value(samples, "relayd_queue_messages", state="held") == 0
     assert value(samples, "relayd_queue_oldest_message_age_seconds", state="held") == 0
-    # Each attempt timed: 3 to the smarthost (one per message), at least one to the dead route.
-    assert value(samples, "relayd_delivery_attempt_duration_seconds_count", route=HOST) == 3
-    assert value(samples, "relayd_delivery_attempt_duration_seconds_count", route="localhost") >= 1
-    assert value(samples, "relayd_spool_commit_duration_seconds_count") == 4
+    # Each attempt timed: one per message to the smarthost, at least one per message to the
+    # dead route; each commit timed, in whichever process committed it.
+    assert counted("relayd_delivery_attempt_duration_seconds_count", route=HOST) == 3 * n
+    assert counted("relayd_delivery_attempt_duration_seconds_count", route="localhost") >= n
+    assert counted("relayd_spool_commit_duration_seconds_count") == 4 * n
     # The log says the same.
-    log = daemon.log()
-    assert len(re.findall(r"\] connect from ", log)) == value(
-        samples, "relayd_connections_total", listener=plain) + 2
-    assert len(re.findall(r": reject: RCPT from", log)) == 2
-    assert len(re.findall(r"status=sent", log)) == 3
-    assert len(re.findall(r"SASL PLAIN authentication failed", log)) == 1
-    assert len(re.findall(r"SASL PLAIN authentication succeeded", log)) == 1
+    log = daemon.log(since)
+    assert len(re.findall(r"\] connect from ", log)) == 6 * n
+    assert len(re.findall(r": reject: RCPT from", log)) == 2 * n
+    assert len(re.findall(r"status=sent", log)) == 3 * n
+    assert len(re.findall(r"SASL PLAIN authentication failed", log)) == n
+    assert len(re.findall(r"SASL PLAIN authentication succeeded", log)) == n
+
+
+def test_a_killed_worker_takes_its_open_connections_off_the_page(tmp_path, processes, twistd):
+    """
+    Connections held open in worker 1, which is then killed (SIGKILL, so
+    it says nothing): the page stops counting them, and counts the
+    connections of the worker started in its place.
+    """
+    daemon = MetricsRelayd(tmp_path / "relayd", freePort(), 2)
+    processes.append(daemon)
+    daemon.start()
+    numbers = waitForWorkers(daemon)
+    plain = f"tcp:{daemon.port}:interface={HOST}"
+
+    def openConnections(expected):
+        return waitUntil(lambda: value(daemon.scrape(), "relayd_connections_open",
+                                       listener=plain) == expected or None,
+                         DELIVERY_DEADLINE, f"{expected} connections open on the page",
+                         daemon.describe)
+
+    held = []
+    try:
+        with onlyWorker(daemon, 1) as pid:
+            for _ in range(3):
+                sock, banner = greet(daemon.port)
+                assert banner.startswith(b"220"), banner
+                held.append(sock)
+            openConnections(3)
+            os.kill(pid, signal.SIGKILL)
+            daemon.waitForLog(rf"worker 1 \(pid {pid}\) killed by SIGKILL; starting it again")
+        openConnections(0)
+        waitUntil(lambda: workers(daemon)[1] != numbers[1] or None, 30,
+                  "worker 1 was not started again", daemon.describe)
+        waitForWorkers(daemon)
+        # The worker in its place counts from nothing; the gauge is never below zero.
+        with onlyWorker(daemon, 1):
+            sock, banner = greet(daemon.port)
+            assert banner.startswith(b"220"), banner
+            held.append(sock)
+            openConnections(1)
+        assert value(daemon.scrape(), "relayd_connections_total", listener=plain) >= 4
+    finally:
+        for sock in held:
+            sock.close()
+    openConnections(0)
 
 
 def test_the_page_is_only_metrics(tmp_path, processes, twistd):

@@ -3,7 +3,8 @@ systemd's notifications from the real daemon, to a notify socket the test
 binds as systemd would ($NOTIFY_SOCKET, $WATCHDOG_USEC): READY=1 only once
 the port accepts, WATCHDOG=1 while the reactor runs and not while it is
 blocked, RELOADING=1/READY=1 around ``relayctl reload`` (which reports the
-outcome), STOPPING=1 on SIGTERM.
+outcome), STOPPING=1 on SIGTERM. Each with one process and with a master
+and two intake workers, whose reactors the watchdog covers too.
 """
 
 from __future__ import annotations
@@ -90,9 +91,15 @@ class NotifySocket:
 class NotifiedRelayd(Relayd):
     """relayd started as systemd starts a Type=notify unit with WatchdogSec=."""
 
-    def __init__(self, directory: Path, smarthostPort: int, notify: NotifySocket) -> None:
+    def __init__(self, directory: Path, smarthostPort: int, notify: NotifySocket,
+                 processCount: int = 1) -> None:
         self.notify = notify
+        self.processCount = processCount
         super().__init__(directory, smarthostPort)
+
+    def configText(self, smarthostPort, trustedNetworks=None, extra=""):
+        return super().configText(smarthostPort, trustedNetworks,
+                                  extra=extra + f"processes: {self.processCount}\n")
 
     def environment(self) -> dict[str, str]:
         env = super().environment()
@@ -115,22 +122,40 @@ def relayctl(daemon: Relayd, *args: str) -> subprocess.CompletedProcess:
                           text=True, timeout=120, env=childEnvironment(), cwd=daemon.directory)
 
 
-def stallReactor(daemon: Relayd, seconds: float) -> None:
-    """Block the daemon's reactor thread for ``seconds`` (the test-only control command)."""
+def stallReactor(daemon: Relayd, seconds: float, worker: int | None = None) -> None:
+    """
+    Block the daemon's reactor thread for ``seconds`` (the test-only control
+    command), or intake worker ``worker``'s; returns when it is free again.
+    """
     from relayd import control
     from relayd.cli.relayctl import callDaemon
 
+    arguments = {"seconds": seconds} if worker is None else {"seconds": seconds, "worker": worker}
     callDaemon(str(daemon.spool / "control.sock"), control.Stall, timeout=seconds + 30,
-               seconds=seconds)
+               **arguments)
 
 
+def greets(port: int) -> bool:
+    """Whether a connection gets relayd's 220 (a bound socket alone would take it and say nothing)."""
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=1.0) as sock:
+            return sock.recv(4).startswith(b"220")
+    except OSError:
+        return False
+
+
+processCounts = pytest.mark.parametrize("processCount", [1, 2])
+
+
+@processCounts
 def test_ready_only_once_the_port_accepts_and_the_queue_is_loaded(tmp_path, processes, twistd,
-                                                                  notifySocket):
+                                                                  notifySocket, processCount):
     """
-    READY=1 arrives after the port accepts; its STATUS= counts the queue
-    loaded from the spool (two messages left by a previous run).
+    READY=1 arrives after the port accepts (with intake workers: after
+    each of them accepts); its STATUS= counts the queue loaded from the
+    spool (two messages left by a previous run).
     """
-    daemon = NotifiedRelayd(tmp_path / "relayd", freePort(), notifySocket)
+    daemon = NotifiedRelayd(tmp_path / "relayd", freePort(), notifySocket, processCount)
     processes.append(daemon)
     daemon.start()
     for i in range(2):
@@ -145,6 +170,7 @@ def test_ready_only_once_the_port_accepts_and_the_queue_is_loaded(tmp_path, proc
                                           stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                           env=daemon.environment())
     deadline = time.monotonic() + START_DEADLINE
+    since = daemon.logOffset()
     while not notifySocket.received("READY") and time.monotonic() < deadline:
         assert daemon.process.poll() is None, daemon.describe()
         if not accepted and portAcceptsConnections(daemon.port):
@@ -153,22 +179,30 @@ def test_ready_only_once_the_port_accepts_and_the_queue_is_loaded(tmp_path, proc
     [ready] = notifySocket.waitFor("READY", "1", describe=daemon.describe)
     # Whenever READY=1 came, the port accepted then (whether or not the
     # polling above saw it accept first).
-    assert portAcceptsConnections(daemon.port)
+    log = daemon.log(since)
+    if processCount > 1:
+        # Each worker had said it accepts before READY=1 (it writes the
+        # line, then tells the master).
+        for number in range(1, processCount + 1):
+            assert f"worker {number} accepting connections" in log, log
+    assert greets(daemon.port)
     if accepted:
         assert accepted[0] <= ready
     statuses = [m["STATUS"] for t, m in notifySocket.messages if "READY" in m]
     assert statuses and statuses[0].startswith("2 messages in queue"), notifySocket.messages
 
 
-def test_watchdog_pings_stop_while_the_reactor_is_blocked_and_stopping_on_sigterm(
-        tmp_path, processes, twistd, notifySocket):
-    daemon = NotifiedRelayd(tmp_path / "relayd", freePort(), notifySocket)
+@pytest.mark.parametrize("processCount, blocked", [(1, None), (2, None), (2, 1)],
+                         ids=["one process", "master of two workers", "worker 1 of two"])
+def test_watchdog_pings_stop_while_a_reactor_is_blocked_and_stopping_on_sigterm(
+        tmp_path, processes, twistd, notifySocket, processCount, blocked):
+    daemon = NotifiedRelayd(tmp_path / "relayd", freePort(), notifySocket, processCount)
     processes.append(daemon)
     daemon.start()
     notifySocket.waitFor("READY", "1", describe=daemon.describe)
     notifySocket.waitFor("WATCHDOG", "1", count=3, describe=daemon.describe)
 
-    stallReactor(daemon, STALL_SECONDS)
+    stallReactor(daemon, STALL_SECONDS, worker=blocked)
     answered = time.monotonic()
     notifySocket.waitFor("WATCHDOG", "1", count=len(notifySocket.received("WATCHDOG")) + 2,
                          describe=daemon.describe)
@@ -179,13 +213,18 @@ def test_watchdog_pings_stop_while_the_reactor_is_blocked_and_stopping_on_sigter
     gaps = [later - earlier for earlier, later in zip(pings, pings[1:])]
     assert max(gaps) >= STALL_SECONDS * 0.8, gaps
     assert [t for t in pings if t > answered]
+    if blocked is not None:
+        # Not killed: the stall was shorter than the master's hang limit.
+        assert daemon.running and "killing it" not in daemon.log()
 
     assert daemon.terminate() == 0
     notifySocket.waitFor("STOPPING", "1", describe=daemon.describe)
 
 
-def test_relayctl_reload_waits_and_reports_the_outcome(tmp_path, processes, twistd, notifySocket):
-    daemon = NotifiedRelayd(tmp_path / "relayd", freePort(), notifySocket)
+@processCounts
+def test_relayctl_reload_waits_and_reports_the_outcome(tmp_path, processes, twistd, notifySocket,
+                                                       processCount):
+    daemon = NotifiedRelayd(tmp_path / "relayd", freePort(), notifySocket, processCount)
     processes.append(daemon)
     daemon.start()
     notifySocket.waitFor("READY", "1", describe=daemon.describe)
