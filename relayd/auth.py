@@ -133,17 +133,37 @@ class PasswordFile:
         with self._lock:
             self._refresh(force=True)
 
-    def reconfigure(self, config) -> None:
-        """A reload: read auth.password_file again (a new path too); a broken one keeps the last read."""
+    def prepareReload(self, config) -> Callable[[], None]:
+        """
+        A reload's reading (in a thread): auth.password_file again (a new
+        path too). Returns what applies it on the reactor thread; a broken
+        file keeps the last read.
+        """
         if config.auth is None:
-            return
-        self.path = config.auth.passwordFile
+            return lambda: None
+        path = config.auth.passwordFile
         try:
-            self.load()
+            reading = readPasswordFile(path)
         except PasswordFileError as e:
-            maillog.daemonEvent(f"reload: auth.password_file {e}", level=maillog.LogLevel.error)
-        else:
+            problem = f"reload: auth.password_file {e}"
+
+            def keep() -> None:
+                self.path = path
+                maillog.daemonEvent(problem, level=maillog.LogLevel.error)
+
+            return keep
+
+        def apply() -> None:
+            with self._lock:
+                self.path = path
+                self._install(reading, self._now())
             warnPasswordFile(self, config.auth)
+
+        return apply
+
+    def reconfigure(self, config) -> None:
+        """A reload read and applied at once."""
+        self.prepareReload(config)()
 
     def logins(self) -> frozenset[str]:
         """The logins of the last read."""
@@ -164,29 +184,54 @@ class PasswordFile:
         now = self._now()
         if not force and self._identity is not None and now - self._checked < RECHECK_INTERVAL:
             return False
-        try:
-            st = os.stat(self.path)
-        except OSError as e:
-            raise PasswordFileError(f"{self.path}: {e.strerror}") from None
-        identity = FileIdentity(st.st_ino, st.st_size, st.st_mtime_ns)
+        identity = _fileIdentity(self.path)
         self._checked = now
         if identity == self._identity and not force:
             return False
-        try:
-            with open(self.path, "rb") as f:
-                data = f.read()
-        except OSError as e:
-            raise PasswordFileError(f"{self.path}: {e.strerror}") from None
-        self._entries, self.skipped = parsePasswordFile(data)
-        self.unusable = unusableEntries(data)
-        # The stand-in for unknown logins must cost what a real check costs:
-        # a locked ("!") or broken entry fails at once and would tell an
-        # attacker which logins exist.
-        context = cryptContext()
-        self._dummy = next((h for h in self._entries.values()
-                            if context.identify(h, required=False)), None)
-        self._identity = identity
+        self._install(readPasswordFile(self.path, identity), now)
         return True
+
+    def _install(self, reading: "PasswordReading", now: float) -> None:
+        self._entries, self.skipped, self.unusable = reading.entries, reading.skipped, reading.unusable
+        self._dummy, self._identity, self._checked = reading.dummy, reading.identity, now
+
+
+@dataclass(frozen=True)
+class PasswordReading:
+    """One read of a password file."""
+
+    identity: FileIdentity
+    entries: dict[str, str]
+    skipped: list[int]
+    unusable: list["UnusableEntry"]
+    # A real hash of the file, verified against for unknown logins.
+    dummy: str | None
+
+
+def _fileIdentity(path: str) -> FileIdentity:
+    try:
+        st = os.stat(path)
+    except OSError as e:
+        raise PasswordFileError(f"{path}: {e.strerror}") from None
+    return FileIdentity(st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+def readPasswordFile(path: str, identity: FileIdentity | None = None) -> PasswordReading:
+    """Read and parse ``path`` (``identity``: its stat, when already taken); raises PasswordFileError."""
+    if identity is None:
+        identity = _fileIdentity(path)
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as e:
+        raise PasswordFileError(f"{path}: {e.strerror}") from None
+    entries, skipped = parsePasswordFile(data)
+    # The stand-in for unknown logins must cost what a real check costs:
+    # a locked ("!") or broken entry fails at once and would tell an
+    # attacker which logins exist.
+    context = cryptContext()
+    dummy = next((h for h in entries.values() if context.identify(h, required=False)), None)
+    return PasswordReading(identity, entries, skipped, unusableEntries(data), dummy)
 
 
 def warnPasswordFile(passwords: "PasswordFile", auth=None) -> None:

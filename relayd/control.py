@@ -360,8 +360,9 @@ class ControlProtocol(amp.AMP):
     def reloadConfiguration(self):
         if self.reload is None:
             return {"ok": False, "message": "this daemon cannot reload over the control socket"}
-        ok, message = self.reload()
-        return {"ok": ok, "message": message}
+        # The reload reads its files in a thread: the answer comes when it is applied.
+        return defer.maybeDeferred(self.reload).addCallback(
+            lambda outcome: {"ok": outcome[0], "message": outcome[1]})
 
     @Stall.responder
     def stallReactor(self, seconds, worker=None):

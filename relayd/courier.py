@@ -55,6 +55,7 @@ from relayd.smtpclient import (
     Timeouts,
     paramValue,
 )
+from relayd.tcp import ConnectingReactor
 from relayd.tls import clientTLSOptions, isAddressLiteral
 
 # How long a session stays open after a transaction, waiting for another
@@ -202,14 +203,23 @@ class Courier:
         # Next hop -> until when it is tried after the others.
         self._failedUntil: dict[NextHop, float] = {}
 
+    def prepareReload(self, config: Config) -> Callable[[], None]:
+        """A reload's reading (in a thread): the delivery password and CA files; returns what applies them."""
+        secrets = deliverySecrets(config)
+        return lambda: self._reconfigure(config, *secrets)
+
     def reconfigure(self, config: Config) -> None:
+        """A reload read and applied at once."""
+        self.prepareReload(config)()
+
+    def _reconfigure(self, config: Config, passwords: dict[str, Secret], brokenCaFiles: set[str],
+                     problems: list[str]) -> None:
         """
         A reload: the new HELO name, timeouts and delivery passwords for new
         connections; idle ones are closed. A password_file or ca_file that
         cannot be read now keeps what was loaded before (one error line
         each). The resolver reconfigures itself.
         """
-        passwords, brokenCaFiles, problems = deliverySecrets(config)
         for problem in problems:
             maillog.daemonEvent(f"reload: {problem}; keeping what was loaded before",
                                 level=maillog.LogLevel.error)
@@ -560,6 +570,8 @@ def _endpointFor(reactor: IReactorTime, target: NextHop, timeouts: Timeouts) -> 
     An MX host's address as is (IPv4 or IPv6); a configured host by name,
     IPv4 and IPv6 (Happy Eyeballs).
     """
+    # Connections made through it send each write at once (relayd.tcp).
+    reactor = ConnectingReactor(reactor)
     address = target.address
     if address:
         kind = TCP6ClientEndpoint if ":" in address else TCP4ClientEndpoint

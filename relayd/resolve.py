@@ -123,13 +123,25 @@ class ConfiguredResolver:
     start after it.
     """
 
+    # Read for the nameservers when delivery.dns names none.
+    resolvConf = "/etc/resolv.conf"
+
     def __init__(self, reactor: Any, config: Any):
         self.reactor = reactor
         self.reconfigure(config)
 
-    def reconfigure(self, config: Any) -> None:
+    def prepareReload(self, config: Any) -> Callable[[], None]:
+        """A reload's reading (in a thread): resolv.conf when no servers are configured."""
         dnsConfig = config.delivery.dns
-        self.resolver = makeResolver(self.reactor, dnsConfig.servers, dnsConfig.timeout)
+        servers = tuple(dnsConfig.servers) or tuple(nameServers(self.resolvConf))
+
+        def apply() -> None:
+            self.resolver = makeResolver(self.reactor, servers, dnsConfig.timeout)
+
+        return apply
+
+    def reconfigure(self, config: Any) -> None:
+        self.prepareReload(config)()
 
     def lookupAddress(self, name: str, timeout: Any = None) -> defer.Deferred:
         return self.resolver.lookupAddress(name, timeout)
@@ -405,10 +417,19 @@ class ClientNames:
         self.hostsFile = hostsFile
         self.hosts = readHostsFile(hostsFile)
 
+    def prepareReload(self, config: Any) -> Callable[[], None]:
+        """A reload's reading (in a thread): the hosts file; returns what applies it."""
+        hosts = readHostsFile(self.hostsFile)
+
+        def apply() -> None:
+            self.timeout = config.limits.clientNameTimeout
+            self.hosts = hosts
+
+        return apply
+
     def reconfigure(self, config: Any) -> None:
         """A reload: limits.client_name_timeout for the sessions that start after it; the hosts file again."""
-        self.timeout = config.limits.clientNameTimeout
-        self.hosts = readHostsFile(self.hostsFile)
+        self.prepareReload(config)()
 
     def lookup(self, address: str) -> defer.Deferred:
         """A Deferred that fires with a ClientName within ``timeout`` seconds, never fails."""

@@ -374,19 +374,22 @@ class _BodyProducer:
             return
         self._session._bodyProgress()
         transport = self._session.transport
+        data = b""
         if chunk:
             try:
                 data = self._stuffer.transform(chunk)
             except LineTooLong as e:
                 self._fail(e)
                 return
-            transport.write(data)
         if body is None:
             self._finished = True
-            transport.write(self._stuffer.finish())
+            # The last chunk and the final dot in one send.
+            transport.write(data + self._stuffer.finish())
             transport.unregisterProducer()
             self.done.callback(None)
             return
+        if data:
+            transport.write(data)
         self._pump()
 
     def _readFailed(self, failure: Failure) -> None:

@@ -8,7 +8,9 @@ accepting, open sessions get 421 4.3.2 (or finish the message in flight)
 within ``shutdown_grace``, deliveries in flight get the same grace, then
 the thread pool stops. SIGHUP (or ``relayctl reload``, which waits for the
 outcome) re-reads the config (twistd's default would kill the process
-without stopping anything). Under systemd, relayd.notify tells it when
+without stopping anything): every file it reads (the config, certificates,
+password, CA and hosts files) in a thread, then applied on the reactor
+thread. Under systemd, relayd.notify tells it when
 the daemon is ready, reloading and stopping, and feeds its watchdog; with
 a ``metrics`` section, relayd.metrics serves Prometheus's page.
 
@@ -43,9 +45,11 @@ from relayd.auth import (
 from relayd.courier import Courier
 from relayd.dkim import KeyProblem, Signer, keyProblems
 from relayd.proxy import ProxyFactory
-from relayd.queue import MessageLanes, Spool, ownershipProblem, permissionFix, spoolProblems
+from relayd.queue import (SPOOL_THREADS, MessageLanes, Spool, ownershipProblem, permissionFix,
+                          spoolProblems)
 from relayd.resolve import HOSTS_FILE, ClientNames, ConfiguredResolver
 from relayd.scheduler import Scheduler
+from relayd.tcp import sendAtOnceOnAccept
 from relayd.secret import deliverySecrets
 from relayd.tls import ServerTLS, TLSSetupError, wrapImplicit
 
@@ -220,6 +224,7 @@ class ListenerService(service.Service):
         if isinstance(outcome, Failure):
             fail(f"cannot listen on {self.label}: {outcome.getErrorMessage()}")
         self.port = outcome
+        sendAtOnceOnAccept(outcome)
         if not self.accept:
             outcome.stopReading()
         host = outcome.getHost()
@@ -273,6 +278,11 @@ class RelayService(service.MultiService):
             listener.setServiceParent(self)
         self._previousHup = None
         self._stopping = False
+        # A reload reads its files (the config, certificates, password and
+        # hosts files) in the spool's threads: the reactor thread never waits
+        # on the disk. One reload at a time, so they apply in order.
+        self.readInThread = lambda f, *args: deferToThreadPool(reactor, pool, f, *args)
+        self._reloading = defer.DeferredLock()
         # The process's StopSignals when this RelayService runs on the global reactor.
         self.stopSignals: StopSignals | None = None
 
@@ -338,21 +348,30 @@ class RelayService(service.MultiService):
         # Before the reactor runs, this waits in its queue for the first iteration.
         self.reactor.callFromThread(self.reactor.stop)
 
-    def reload(self) -> tuple[bool, str]:
+    def reload(self) -> defer.Deferred:
         """
         Re-read the config; apply what can change live; keep the old one on
-        error. Returns (applied, what was logged), for ``relayctl reload``.
+        error. Fires with (applied, what was logged), for ``relayctl reload``.
         """
+        return self._reloading.run(self._reload)
+
+    def _reload(self) -> defer.Deferred:
         if self.notify is not None:
             self.notify.reloading()
-        try:
-            new, text = reloadConfig(self.config, self.reloadable)
+        d = self.readInThread(readReload, self.config, self.reloadable)
+
+        def apply(reading):
+            new, text = reloadConfig(self.config, self.reloadable, reading=reading)
             if new is not None:
                 self.config = new
             return new is not None, text
-        finally:
+
+        def done(result):
             if self.notify is not None:
                 self.notify.reloaded()
+            return result
+
+        return d.addCallback(apply).addBoth(done)
 
     @defer.inlineCallbacks
     def stopService(self):
@@ -395,33 +414,44 @@ class RelayService(service.MultiService):
         maillog.daemonEvent("daemon stopped")
 
 
-def reloadConfig(old, reloadable, new=None):
+@dataclasses.dataclass(frozen=True)
+class ReloadReading:
+    """What a reload read (``readReload``), to be applied on the reactor thread (``reloadConfig``)."""
+
+    # The configuration to apply, or None with ``problem`` (the line logged).
+    config: object | None
+    problem: str = ""
+    # The settings that changed but only a restart applies.
+    needRestart: tuple[str, ...] = ()
+    # One function per component, in the order of ``reloadable``.
+    apply: tuple = ()
+
+
+def readReload(old, reloadable, new=None) -> ReloadReading:
     """
-    The one reload path, for every process of the daemon: re-read the
-    config file (an intake worker is given the master's ``new`` one
-    instead), give it to each of ``reloadable`` (``reconfigure``), and
-    return it with the line logged; None (the running config stays) when
-    it cannot be used.
+    The reading half of a reload, which may wait on the disk (run in a
+    thread): the config file (an intake worker is given the master's
+    ``new`` one instead) and whatever each of ``reloadable`` reads for it
+    (``prepareReload(config)``, which returns the function that applies
+    it; a component without one is simply given the config,
+    ``reconfigure(config)``). Nothing is applied here.
     """
     if new is None:
         try:
             new = configModule.load(old.path)
         except configModule.ConfigError as e:
-            text = f"reload failed, keeping the running configuration: {e}"
-            maillog.daemonEvent(text, level=maillog.LogLevel.error)
-            return None, text
+            return ReloadReading(None, f"reload failed, keeping the running configuration: {e}")
     soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
     if soft != resource.RLIM_INFINITY and _filesNeeded(new) > soft:
-        text = f"reload failed, keeping the running configuration: {_fileLimitProblem(new, soft)}"
-        maillog.daemonEvent(text, level=maillog.LogLevel.error)
-        return None, text
-    needRestart = [name for name, before, after in (
+        return ReloadReading(None, "reload failed, keeping the running configuration: "
+                                   f"{_fileLimitProblem(new, soft)}")
+    needRestart = tuple(name for name, before, after in (
         ("listeners", old.listeners, new.listeners),
         ("queue.directory", old.queue.directory, new.queue.directory),
         ("queue.control_socket", old.queue.controlSocketPath, new.queue.controlSocketPath),
         ("processes", old.processes, new.processes),
         ("metrics", old.metrics, new.metrics),
-    ) if before != after]
+    ) if before != after)
     # What only a restart applies stays as running, so the next reload
     # still reports it and nothing reads a spool the daemon does not use.
     new = dataclasses.replace(new, listeners=old.listeners, processes=old.processes,
@@ -429,9 +459,33 @@ def reloadConfig(old, reloadable, new=None):
                               queue=dataclasses.replace(
                                   new.queue, directory=old.queue.directory,
                                   controlSocket=old.queue.controlSocket))
-    for component in reloadable:
-        component.reconfigure(new)
-    note = f"; {', '.join(needRestart)} changed and need a restart" if needRestart else ""
+    return ReloadReading(new, needRestart=needRestart,
+                         apply=tuple(_prepared(component, new) for component in reloadable))
+
+
+def _prepared(component, config):
+    prepare = getattr(component, "prepareReload", None)
+    if prepare is not None:
+        return prepare(config)
+    return lambda: component.reconfigure(config)
+
+
+def reloadConfig(old, reloadable, new=None, reading: ReloadReading | None = None):
+    """
+    The one reload path, for every process of the daemon: apply what
+    ``readReload`` read (read here when ``reading`` is not given) to each of
+    ``reloadable``, and return the new config with the line logged; None
+    (the running config stays) when it cannot be used.
+    """
+    if reading is None:
+        reading = readReload(old, reloadable, new)
+    if reading.config is None:
+        maillog.daemonEvent(reading.problem, level=maillog.LogLevel.error)
+        return None, reading.problem
+    for apply in reading.apply:
+        apply()
+    new = reading.config
+    note = f"; {', '.join(reading.needRestart)} changed and need a restart" if reading.needRestart else ""
     text = f"reload: configuration {new.path} applied{note}"
     maillog.daemonEvent(text)
     return new, text
@@ -542,7 +596,7 @@ def _spoolThreads(reactor):
     call of the spool (create, fsync, rename, unlink, reading a body) waits
     for the disk, so none runs on the reactor thread.
     """
-    pool = threadpool.ThreadPool(minthreads=1, maxthreads=4, name="relayd-spool")
+    pool = threadpool.ThreadPool(minthreads=1, maxthreads=SPOOL_THREADS, name="relayd-spool")
 
     def runInThread(f, *args):
         return deferToThreadPool(reactor, pool, f, *args)

@@ -20,6 +20,7 @@ from __future__ import annotations
 import ipaddress
 import re
 import weakref
+from typing import Callable
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
@@ -130,15 +131,31 @@ class ServerTLS:
         self._options = options
         self.certificatePath, self.keyPath, self.minVersion = certificatePath, keyPath, minVersion
 
-    def reconfigure(self, config) -> None:
-        """A reload: the tls section's files read again; a broken one keeps the running certificate."""
-        if config.tls is None:
-            return
+    def prepareReload(self, config) -> Callable[[], None]:
+        """
+        A reload's reading (in a thread): the tls section's files. Returns
+        what applies it on the reactor thread: new sessions get the new
+        certificate; a broken one keeps the running certificate.
+        """
+        tlsConfig = config.tls
+        if tlsConfig is None:
+            return lambda: None
         try:
-            self.reload(config.tls)
+            options = certificateOptions(tlsConfig.certificate, tlsConfig.key, tlsConfig.minVersion)
         except TLSSetupError as e:
-            maillog.daemonEvent(f"reload: keeping the running TLS certificate: {e}",
-                                level=maillog.LogLevel.error)
+            problem = f"reload: keeping the running TLS certificate: {e}"
+            return lambda: maillog.daemonEvent(problem, level=maillog.LogLevel.error)
+
+        def apply() -> None:
+            self._options = options
+            self.certificatePath, self.keyPath = tlsConfig.certificate, tlsConfig.key
+            self.minVersion = tlsConfig.minVersion
+
+        return apply
+
+    def reconfigure(self, config) -> None:
+        """A reload read and applied at once."""
+        self.prepareReload(config)()
 
 
 def wrapImplicit(tls: ServerTLS, factory):

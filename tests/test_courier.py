@@ -713,6 +713,28 @@ def test_session_writes_stuffed_body(chunkSize):
     assert result(d).results[0].status == Status.SENT
 
 
+def test_a_body_of_one_chunk_and_its_final_dot_go_out_in_one_write():
+    # One send for the body of a small message: the transport sends each
+    # write at once (relayd.tcp), so two writes would be two segments.
+    peer = Peer()
+    writes = []
+    write = peer.transport.write
+
+    def recording(data):
+        writes.append(data)
+        write(data)
+
+    peer.transport.write = recording
+    peer.ready()
+    d = send(peer, ["a@x.org"], body=b"Subject: hi\r\n\r\nhello\r\n")
+    peer.feed(b"250 Ok\r\n250 Ok\r\n")
+    del writes[:]
+    peer.feed(b"354 go\r\n")
+    assert writes == [b"Subject: hi\r\n\r\nhello\r\n.\r\n"]
+    peer.feed(b"250 Ok\r\n")
+    assert result(d).results[0].status == Status.SENT
+
+
 def test_body_is_read_in_chunks():
     reads = []
 

@@ -2,8 +2,9 @@
 TCP_NODELAY on every TCP connection relayd accepts or makes, read back with
 getsockopt on real loopback sockets: the daemon's own listeners as tap.py
 wires them (plain, implicit TLS, PROXY protocol), and the courier's connections (plain
-and implicit TLS). The real reactor runs in a subprocess, so the test
-process never runs the global reactor.
+and implicit TLS); and that each of them has relayd.tcp's transport,
+which sends a write at once. The real reactor runs in a subprocess, so
+the test process never runs the global reactor.
 """
 
 from __future__ import annotations
@@ -34,6 +35,17 @@ def noDelay(transport) -> int:
     return socketOf(transport).getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
 
 
+def sendsAtOnce(transport) -> bool:
+    """Whether the TCP transport under ``transport`` is relayd.tcp's (a write goes out at once)."""
+    from relayd.tcp import SendAtOnce
+
+    for _ in range(5):
+        if isinstance(transport, SendAtOnce):
+            return True
+        transport = getattr(transport, "transport", None)
+    return False
+
+
 def scenarioMain(configPath: str, bodyPath: str) -> None:
     """
     Start the daemon's service from ``configPath``; connect to every
@@ -54,7 +66,8 @@ def scenarioMain(configPath: str, bodyPath: str) -> None:
 
     def recordingConnectionMade(self):
         connectionMade(self)
-        made.append({"tls": self.tlsMode, "nodelay": noDelay(self.transport)})
+        made.append({"tls": self.tlsMode, "nodelay": noDelay(self.transport),
+                     "atOnce": sendsAtOnce(self.transport)})
 
     OutboundSession.connectionMade = recordingConnectionMade
 
@@ -77,7 +90,8 @@ def scenarioMain(configPath: str, bodyPath: str) -> None:
                         seen.add(session)
                         accepted.append({"tls": session.listener.tls,
                                          "proxied": session.listener.endpoint.startswith("haproxy:"),
-                                         "nodelay": noDelay(session.transport)})
+                                         "nodelay": noDelay(session.transport),
+                                         "atOnce": sendsAtOnce(session.transport)})
                 if len(seen) >= count:
                     return
                 await task.deferLater(reactor, 0.05, lambda: None)
@@ -150,3 +164,5 @@ def test_every_connection_accepted_and_made_sets_tcp_nodelay(tmp_path):
                         + [("none", True, True)])
     made = sorted((m["tls"], bool(m["nodelay"])) for m in result["made"])
     assert made == [("implicit", True), ("none", True)]
+    # And each is relayd.tcp's transport, which sends a write at once.
+    assert all(c["atOnce"] for c in result["accepted"] + result["made"]), result

@@ -375,7 +375,7 @@ def test_commitOutOfSpace(spool, tmp_path, monkeypatch, failing):
     if failing == "fsync":
         monkeypatch.setattr(os, "fsync", full)
     else:
-        # The envelope write, after the body is already renamed into queue/.
+        # The envelope write, after the body is written out.
         monkeypatch.setattr(os, "write", full)
     with pytest.raises(OSError) as info:
         writer.commit(envelope)
@@ -483,11 +483,80 @@ def test_commitFsyncsBodyEnvelopeAndDirectory(spool, tmp_path, monkeypatch):
     writer.commit(envelope)
 
     root = tmp_path / "spool"
-    assert synced == [
+    # Body and envelope at once (either may come first), then the directory.
+    assert sorted(synced[:2]) == [
         (str(root / "tmp" / (envelope.queueId + ".eml")), len(BODY)),
         (str(root / "tmp" / (envelope.queueId + ".env")), len(json.dumps(envelope.toJSON(), separators=(",", ":")))),
-        (str(root / "queue"), None),
     ]
+    assert synced[2:] == [(str(root / "queue"), None)]
+
+
+def test_commit_fsyncs_body_and_envelope_at_once_and_names_them_only_then(spool, tmp_path, monkeypatch):
+    """
+    Both files are written before either fsync, the two fsyncs run at the
+    same time (one journal commit can cover both), nothing is renamed into
+    queue/ before both have ended, and queue/ is fsynced after the renames.
+    """
+    import threading
+
+    envelope = makeEnvelope()
+    writer = spool.begin(envelope.queueId)
+    writer.write(BODY)
+    events: list[tuple[str, str]] = []
+    # Each file fsync waits here for the other: one after the other never meet.
+    bothSyncing = threading.Barrier(2, timeout=10)
+    real = {name: getattr(os, name) for name in ("write", "fsync", "rename")}
+
+    def name(fd):
+        return os.path.basename(os.readlink(f"/proc/self/fd/{fd}"))
+
+    def write(fd, data):
+        events.append(("write", name(fd)))
+        return real["write"](fd, data)
+
+    def fsync(fd):
+        events.append(("fsync", name(fd)))
+        bothSyncing.wait()
+        real["fsync"](fd)
+        events.append(("synced", name(fd)))
+
+    def rename(source, target):
+        events.append(("rename", os.path.basename(target)))
+        real["rename"](source, target)
+
+    for call, f in (("write", write), ("fsync", fsync), ("rename", rename)):
+        monkeypatch.setattr(os, call, f)
+    monkeypatch.setattr(queue, "_fsyncDirectory", lambda path: events.append(("fsync directory", os.path.basename(path))))
+    writer.commit(envelope)
+    monkeypatch.undo()
+
+    body, env = envelope.queueId + ".eml", envelope.queueId + ".env"
+    position = {event: index for index, event in enumerate(events)}
+    firstFsync = min(position[("fsync", body)], position[("fsync", env)])
+    assert position[("write", body)] < firstFsync and position[("write", env)] < firstFsync
+    lastSynced = max(position[("synced", body)], position[("synced", env)])
+    assert events[lastSynced + 1:] == [("rename", body), ("rename", env), ("fsync directory", "queue")]
+    assert [e.queueId for e in Spool(str(tmp_path / "spool")).recover()] == [envelope.queueId]
+
+
+def test_a_failed_body_fsync_beside_the_envelope_fails_the_commit_and_leaves_nothing(spool, tmp_path, monkeypatch):
+    """The body's fsync runs in another thread: its error still reaches the committer."""
+    envelope = makeEnvelope()
+    writer = spool.begin(envelope.queueId)
+    writer.write(BODY)
+    realFsync = os.fsync
+
+    def fsync(fd):
+        if os.readlink(f"/proc/self/fd/{fd}").endswith(".eml"):
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+        realFsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    with pytest.raises(OSError) as info:
+        writer.commit(envelope)
+    monkeypatch.undo()
+    assert info.value.errno == errno.EIO
+    assert listing(tmp_path / "spool") == {"tmp": [], "queue": [], "quarantine": []}
 
 
 def test_updateDoesNotFsync(spool, monkeypatch):

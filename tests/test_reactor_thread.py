@@ -7,7 +7,9 @@ runs in the spool's threads.
 The first tests drive a session whose thread runner the test controls;
 the last runs the daemon's service as tap.py wires it, with the real
 reactor in a subprocess, and records the thread of every file system call
-while one message is accepted and delivered and one is refused.
+while one message is accepted and delivered and one is refused; another
+does the same during a reload (the config, certificate, password, CA and
+hosts files it reads).
 """
 
 from __future__ import annotations
@@ -277,8 +279,10 @@ def test_every_250_follows_the_fsyncs_of_its_body_envelope_and_directory(tmp_pat
         position = {e: i for i, e in enumerate(events)}
         [reply] = [e for e in events if e[0] == "reply" and e[1] is s.proto]
         assert reply[2].startswith(b"250 ") and queueId.encode() in reply[2]
-        order = [position[("fsync", queueId + ".eml")], position[("rename", queueId + ".eml")],
-                 position[("fsync", queueId + ".env")], position[("rename", queueId + ".env")]]
+        # Body and envelope fsynced (at once, either first) before either is
+        # named in queue/; the envelope, which makes the message, renamed last.
+        synced = max(position[("fsync", queueId + ".eml")], position[("fsync", queueId + ".env")])
+        order = [synced, position[("rename", queueId + ".eml")], position[("rename", queueId + ".env")]]
         assert order == sorted(order)
         covering = [e for e in events[order[-1]:position[reply]] if e[0] == "directory fsync start"]
         assert covering, f"{queueId}: 250 without a directory fsync after its rename"
@@ -429,5 +433,92 @@ def test_no_file_system_call_on_the_reactor_thread_while_a_message_is_accepted_a
     assert len(bodyWrites) > 4  # the large body went out in pieces, not only at its commit
     replaced = [c for c in calls if c[0] == "replace"]
     assert len(replaced) >= 4  # after the attempt, hold, release, hold
+    # ...and none of it on the reactor thread.
+    assert [c for c in calls if c[1]] == []
+
+
+def reloadScenarioMain(configPath: str, watchedDir: str) -> None:
+    """
+    Start the daemon's service from ``configPath``, then reload it with
+    every file system call watched; print each as [function, thread is the
+    reactor's, path], and the reload's outcome.
+    """
+    import builtins
+    import io
+    import threading
+
+    from relayd import config, tap
+
+    calls = []
+    watching = threading.Event()
+    reactorThread = threading.current_thread()
+
+    def watched(name, original):
+        def call(*args, **kwargs):
+            if watching.is_set():
+                calls.append([name, threading.current_thread() is reactorThread,
+                              str(args[0]) if args else ""])
+            return original(*args, **kwargs)
+        return call
+
+    for name in ("open", "stat", "lstat", "scandir", "listdir"):
+        setattr(os, name, watched(name, getattr(os, name)))
+    builtins.open = io.open = watched("builtins.open", builtins.open)
+
+    async def main(reactor):
+        reactor.callLater(DEADLINE / 2, reactor.stop)  # a hang ends with no output
+        relay = tap.makeService({"loaded": config.load(configPath)}, reactor)
+        relay.startService()
+        watching.set()
+        outcome = await relay.reload()
+        watching.clear()
+        print(json.dumps({"calls": calls, "outcome": list(outcome)}))
+        await relay.stopService()
+
+    task.react(lambda reactor: defer.ensureDeferred(main(reactor)))
+
+
+RELOAD_CONFIG = """\
+hostname: relay.test
+listeners:
+  - {{endpoint: "tcp:0:interface=127.0.0.1", tls: starttls, auth: required}}
+tls: {{certificate: {dir}/cert.pem, key: {dir}/key.pem}}
+auth: {{password_file: {dir}/passwd}}
+relay: {{trusted_networks: ["127.0.0.0/8"]}}
+limits: {{client_name_timeout: 0s}}  # no DNS: the tests stay on loopback
+queue: {{directory: {dir}/spool}}
+delivery:
+  smarthosts: [{{host: 127.0.0.1, port: 9, tls: starttls, ca_file: {dir}/ca.pem, username: relay, password_file: {dir}/secret}}]
+"""
+
+
+def test_a_reload_reads_its_files_in_a_thread_not_on_the_reactor_thread(tmp_path):
+    trustme = pytest.importorskip("trustme")
+    from passlib.hash import bcrypt
+
+    ca = trustme.CA()
+    ca.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
+    cert = ca.issue_cert("relay.test")
+    cert.cert_chain_pems[0].write_to_path(str(tmp_path / "cert.pem"))
+    cert.private_key_pem.write_to_path(str(tmp_path / "key.pem"))
+    (tmp_path / "passwd").write_text(f"alice:{bcrypt.using(rounds=4).hash('pw')}\n")
+    (tmp_path / "secret").write_text("upstream\n")
+    (tmp_path / "hosts").write_text("127.0.0.1 localhost\n")
+    configPath = tmp_path / "relayd.yaml"
+    configPath.write_text(RELOAD_CONFIG.format(dir=tmp_path))
+    code = ("import sys; from tests.test_reactor_thread import reloadScenarioMain; "
+            "reloadScenarioMain(sys.argv[1], sys.argv[2])")
+    proc = subprocess.run([sys.executable, "-c", code, str(configPath), str(tmp_path)],
+                          cwd=ROOT, capture_output=True, timeout=DEADLINE,
+                          env={**os.environ, "RELAYD_HOSTS_FILE": str(tmp_path / "hosts")})
+    assert proc.returncode == 0, proc.stderr.decode()
+    result = json.loads(proc.stdout.decode().strip().splitlines()[-1])
+    assert result["outcome"] == [True, f"reload: configuration {configPath} applied"]
+    calls = result["calls"]
+    # The test watches what it should: the reload read the config, the
+    # certificate and its key, the password file, the delivery secret and
+    # CA file, and the hosts file...
+    read = {Path(path).name for name, onReactor, path in calls if name == "builtins.open"}
+    assert read >= {"relayd.yaml", "cert.pem", "key.pem", "passwd", "secret", "ca.pem", "hosts"}
     # ...and none of it on the reactor thread.
     assert [c for c in calls if c[1]] == []

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import pytest
-from twisted.internet import reactor
+from twisted.internet import defer, reactor
 from twisted.logger import formatEvent, globalLogPublisher
+from twisted.python.failure import Failure
 
 from relayd import config, tap
 
@@ -23,12 +24,23 @@ def write(path, **values):
     path.write_text(CONFIG.format(**{**defaults, **values}))
 
 
+def reloadNow(relay):
+    """relay.reload() with its reading done inline (no thread pool runs here); its outcome."""
+    relay.readInThread = lambda f, *args: defer.maybeDeferred(f, *args)
+    outcomes = []
+    relay.reload().addBoth(outcomes.append)
+    [outcome] = outcomes
+    if isinstance(outcome, Failure):
+        outcome.raiseException()
+    return outcome
+
+
 def reloadLines(relay):
     lines = []
     observer = lambda e: lines.append(formatEvent(e))  # noqa: E731
     globalLogPublisher.addObserver(observer)
     try:
-        relay.reload()
+        reloadNow(relay)
     finally:
         globalLogPublisher.removeObserver(observer)
     return [l for l in lines if "reload" in l]
@@ -102,7 +114,7 @@ def test_reload_of_a_hostile_file_is_one_line(tmp_path, addition, problem):
     observer = lambda e: lines.append(formatEvent(e))  # noqa: E731
     globalLogPublisher.addObserver(observer)
     try:
-        relay.reload()
+        reloadNow(relay)
     finally:
         globalLogPublisher.removeObserver(observer)
     assert relay.config is running
@@ -219,7 +231,7 @@ def test_start_and_reload_warn_about_unusable_entries_and_dead_senders(tmp_path)
         relay = tap.makeService({"loaded": config.load(str(path))}, reactor)
         started = list(lines)
         del lines[:]
-        relay.reload()
+        reloadNow(relay)
     finally:
         globalLogPublisher.removeObserver(observer)
     expected = [
@@ -402,9 +414,9 @@ def test_reload_returns_its_outcome_between_reloading_and_ready(tmp_path):
 
     relay.notify = Notify()
     write(path, hostname="two.example")
-    assert relay.reload() == (True, f"reload: configuration {path} applied")
+    assert reloadNow(relay) == (True, f"reload: configuration {path} applied")
     path.write_text(path.read_text() + "no_such_key: 1\n")
-    ok, text = relay.reload()
+    ok, text = reloadNow(relay)
     assert not ok and text.startswith("reload failed, keeping the running configuration: ")
     assert sent == ["RELOADING=1", "READY=1"] * 2
 
@@ -430,3 +442,25 @@ def test_a_metrics_endpoint_change_needs_a_restart(tmp_path):
     assert reloadLines(relay) == [f"reload: configuration {path} applied; metrics changed and "
                                   "need a restart"]
     assert relay.config.metrics is None
+
+
+def test_eight_spool_calls_can_wait_for_the_disk_at_once():
+    """
+    A commit holds its spool thread through two waits for the disk: eight
+    of them (and removals) wait side by side instead of queueing behind four.
+    """
+    import threading
+
+    pool, _ = tap._spoolThreads(reactor)
+    pool.start()
+    try:
+        # Each call waits until eight are waiting: fewer threads never get there.
+        waiting = threading.Barrier(8, timeout=10)
+        met = []
+        for _ in range(8):
+            pool.callInThread(lambda: met.append(waiting.wait()))
+        pool.stop()  # returns once every call has ended
+    finally:
+        if pool.started:
+            pool.stop()
+    assert sorted(met) == list(range(8))

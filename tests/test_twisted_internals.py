@@ -90,3 +90,21 @@ def test_reactor_records_the_signal_twistd_reraises():
     assert base.ReactorBase._exitSignal is None
     assert "self._exitSignal = number" in inspect.getsource(base.ReactorBase.sigTerm)
     assert "reactor._exitSignal" in inspect.getsource(app.ApplicationRunner.startReactor)
+
+
+def test_the_hooks_relayd_tcp_chooses_its_transport_class_with():
+    # relayd.tcp: accepted connections through Port.transport, made ones
+    # through Connector._makeTransport, STARTTLS's raw writes through the
+    # class given to _newtls.startTLS, which its bypass calls unbound.
+    from twisted.internet import _newtls, abstract, base, tcp
+
+    assert tcp.Port.transport is tcp.Server
+    assert "self.transport(" in inspect.getsource(tcp.Port.doRead)
+    assert "self._makeTransport()" in inspect.getsource(base.BaseConnector.connect)
+    assert "_makeTransport" in vars(tcp.Connector)
+    assert list(inspect.signature(_newtls.startTLS).parameters) == [
+        "transport", "contextFactory", "normal", "bypass"]
+    assert "self._base.write(self._connection" in inspect.getsource(_newtls._BypassTLS.write)
+    # Twisted's buffer: registered for writing from the first byte until it is empty.
+    assert "self.startWriting()" in inspect.getsource(abstract.FileDescriptor.write)
+    assert "self.stopWriting()" in inspect.getsource(abstract.FileDescriptor.doWrite)
