@@ -42,8 +42,6 @@ ROOT = Path(__file__).resolve().parent.parent
 # Postfix writes maillog_file only below maillog_file_prefixes (/var).
 # --workdir changes it, so two benches on one machine do not share it.
 BASE = Path("/var/lib/relayd-bench")
-# relayd's processes setting (--processes).
-PROCESSES = "1"
 
 
 def freePort() -> int:
@@ -164,6 +162,8 @@ class PeakSampler:
 
 class Relayd:
     name = "relayd"
+    # relayd's processes setting (--processes).
+    processes = "1"
 
     def __init__(self, sinkPort: int, sessions: int):
         self.port = freePort()
@@ -176,7 +176,7 @@ class Relayd:
             listeners:
               - {{endpoint: "tcp:{self.port}:interface=127.0.0.1:backlog=256", tls: none, auth: none}}
             limits: {{connections: 1000, connections_per_client: 1000}}
-            processes: {PROCESSES}
+            processes: {self.processes}
             queue: {{directory: {self.dir / 'spool'}, retry: {{min: 5s, max: 1m}}}}
             delivery:
               concurrency: 20
@@ -198,7 +198,26 @@ class Relayd:
     def stop(self) -> None:
         self.proc.terminate()
         self.proc.wait(30)
+        self.log.flush()
+        spread = connectionSpread((self.dir / "relayd.log").read_text(errors="replace"))
+        if len(spread) > 1:
+            print(f"  {self.name}: connections per intake process: "
+                  + ", ".join(str(n) for n in sorted(spread.values(), reverse=True)), flush=True)
         self.log.close()
+
+
+def connectionSpread(log: str) -> dict[str, int]:
+    """The SMTP connections each relayd process accepted, by pid, from its log."""
+    counts: dict[str, int] = {}
+    for pid in re.findall(r"relayd/smtpd\[(\d+)\]: connect from", log):
+        counts[pid] = counts.get(pid, 0) + 1
+    return counts
+
+
+def relaydWith(processes: str, several: bool) -> type:
+    """The Relayd to run with this processes setting (named for it when several are compared)."""
+    return type("Relayd", (Relayd,), {"processes": processes,
+                                      "name": f"relayd-{processes}" if several else "relayd"})
 
 
 class Postfix:
@@ -295,10 +314,11 @@ def main() -> None:
     parser.add_argument("--workdir", type=Path, default=BASE,
                         help=f"spools, configs and logs of both relays, under /var (default {BASE})")
     parser.add_argument("--processes", default="1",
-                        help='relayd\'s processes setting: "auto" or a number (default 1)')
+                        help='relayd\'s processes setting: "auto" or a number, or several '
+                             'separated by commas, compared in the same run (default 1)')
     args = parser.parse_args()
-    global PROCESSES
-    PROCESSES = args.processes
+    settings = [p.strip() for p in args.processes.split(",") if p.strip()]
+    relays = [relaydWith(p, len(settings) > 1) for p in settings]
     if os.geteuid() != 0:
         raise SystemExit("bench: run as root (it starts a Postfix instance)")
     for tool in ("smtp-source", "smtp-sink", "postfix"):
@@ -308,14 +328,18 @@ def main() -> None:
     BASE.mkdir(parents=True, exist_ok=True)
     os.chmod(BASE, 0o755)
     loadBefore = os.getloadavg()
-    results: dict[str, list[dict]] = {"relayd": [], "postfix": []}
+    names = [r.name for r in relays] + [Postfix.name]
+    results: dict[str, list[dict]] = {name: [] for name in names}
     for round_ in range(args.rounds):
-        for relayClass in (Relayd, Postfix) if round_ % 2 == 0 else (Postfix, Relayd):
+        order = [*relays, Postfix]
+        if round_ % 2:
+            order.reverse()
+        for relayClass in order:
             r = runOnce(relayClass, args)
             results[relayClass.name].append(r)
-            print(f"round {round_ + 1} {relayClass.name:8s} accept {r['accept']:8.1f} msg/s  "
-                  f"end-to-end {r['endToEnd']:8.1f} msg/s  peak memory {r['peak'] / 1e6:7.1f} MB",
-                  flush=True)
+            print(f"round {round_ + 1} {relayClass.name:10s} accept {r['accept']:8.1f} msg/s  "
+                  f"end-to-end {r['endToEnd']:8.1f} msg/s  peak memory {r['peak'] / 1e6:7.1f} MB  "
+                  f"load {os.getloadavg()[0]:.2f}", flush=True)
 
     def med(name, key):
         return statistics.median(r[key] for r in results[name])
@@ -323,15 +347,21 @@ def main() -> None:
     print()
     # The machine may be shared: the load says how much the figures can be trusted.
     print(f"{args.messages} messages of {args.size} bytes, {args.sessions} sessions, "
-          f"{args.rounds} rounds, medians; relayd processes: {PROCESSES}; {os.cpu_count()} CPUs; "
-          f"load average "
+          f"{args.rounds} rounds, medians; relayd processes: {', '.join(settings)}; "
+          f"{os.cpu_count()} CPUs; load average "
           f"{loadBefore[0]:.2f} before, {os.getloadavg()[0]:.2f} after")
-    print(f"{'':22s}{'relayd':>12s}{'postfix':>12s}{'relayd/postfix':>16s}")
+    header = "".join(f"{n:>12s}" for n in names)
+    ratios = "".join(f"{r.name + '/postfix':>18s}" for r in relays)
+    versusOne = f"{relays[-1].name + '/' + relays[0].name:>20s}" if len(relays) > 1 else ""
+    print(f"{'':22s}{header}{ratios}{versusOne}")
     for key, label, unit in (("accept", "accept rate", "msg/s"), ("endToEnd", "end-to-end rate", "msg/s"),
                              ("peak", "peak memory", "MB")):
-        a, b = med("relayd", key), med("postfix", key)
         scale = 1e6 if key == "peak" else 1
-        print(f"{label + ' (' + unit + ')':22s}{a / scale:12.1f}{b / scale:12.1f}{a / b:16.2f}")
+        values = "".join(f"{med(n, key) / scale:12.1f}" for n in names)
+        line = "".join(f"{med(r.name, key) / med(Postfix.name, key):18.2f}" for r in relays)
+        if len(relays) > 1:
+            line += f"{med(relays[-1].name, key) / med(relays[0].name, key):20.2f}"
+        print(f"{label + ' (' + unit + ')':22s}{values}{line}")
 
 
 if __name__ == "__main__":

@@ -13,9 +13,26 @@ Worker to master, on the intake path:
   ``CheckEnded``  a check started by ``StartCheck`` has ended (failed or not);
   ``Failed``      an AUTH failure that needed no check (authzid mismatch);
   ``Committing``  a message is about to be committed: if the worker dies
-                  from here on, the master looks for it in the spool;
+                  from here on, the master looks for it in the spool. With
+                  the recipients' ``domains``, it also asks whether the
+                  worker may make the first delivery attempt itself:
+                  allowed, the master counts the slots it takes against
+                  ``delivery.concurrency`` and ``destination_concurrency``
+                  (and the message against ``messages_per_user_per_hour``,
+                  for ``login``). Not allowed, the worker keeps the
+                  message in its own line for a slot (``StartAttempt``)
+                  or sends ``Queued`` once the commit is done;
+  ``StartAttempt`` a message in that line asks again, when one of the
+                  worker's attempts has ended: allowed, as for
+                  ``Committing``; not allowed, it waits on (or is handed
+                  over with ``Queued`` when the worker has no attempt left);
   ``Queued``      the message is committed: the master loads its envelope
-                  from the spool and schedules it.
+                  from the spool and schedules it (also for the notices a
+                  worker writes);
+  ``AttemptEnded`` a message the worker was allowed to attempt is done
+                  with: its slots are free, and it is gone from the spool
+                  (delivered, or its commit failed: ``kept`` false) or
+                  written back and the master's from now on (``kept``).
 
   ``MetricUpdates`` a batch of metric updates (relayd.metrics.UpdateBatch),
                   applied by the master to the daemon's one registry;
@@ -82,13 +99,32 @@ class Failed(amp.Command):
 
 class Committing(amp.Command):
     commandName = b"committing"
-    arguments = [(b"queueId", amp.Unicode())]
-    response = []
+    arguments = [(b"queueId", amp.Unicode()), (b"login", amp.Unicode(optional=True)),
+                 (b"domains", amp.ListOf(amp.Unicode(), optional=True))]
+    response = [(b"allowed", amp.Boolean(optional=True))]
+
+
+# The most bytes of recipient domains a Committing carries (within one
+# AMP value); a message with more is handed to the master after its commit.
+DOMAINS_BYTES = 60_000
+assert DOMAINS_BYTES < amp.MAX_VALUE_LENGTH
 
 
 class Queued(amp.Command):
     commandName = b"queued"
     arguments = [(b"queueId", amp.Unicode()), (b"login", amp.Unicode(optional=True))]
+    requiresAnswer = False
+
+
+class StartAttempt(amp.Command):
+    commandName = b"start-attempt"
+    arguments = [(b"queueId", amp.Unicode()), (b"domains", amp.ListOf(amp.Unicode()))]
+    response = [(b"allowed", amp.Boolean())]
+
+
+class AttemptEnded(amp.Command):
+    commandName = b"attempt-ended"
+    arguments = [(b"queueId", amp.Unicode()), (b"kept", amp.Boolean())]
     requiresAnswer = False
 
 

@@ -1,15 +1,37 @@
 """
 The master process of a daemon with ``processes`` above 1: what ``twistd
 relayd`` starts. It runs start-up recovery once, creates the listening
-sockets, runs the queue manager (scheduler and courier: the schedule and
-every outbound connection) and owns every limit counter and the AUTH block
-list. It starts the intake workers (relayd.worker), each running relayd's
+sockets, runs the queue manager (scheduler and courier: the schedule,
+retries, notices, and the delivery slots every process's attempts take)
+and owns every limit counter and the AUTH block list. It starts the intake workers (relayd.worker), each running relayd's
 SMTP server on the same listening sockets, passed to it as inherited file
 descriptors, and talks to each over its own socketpair (relayd.channel).
 
-A worker that dies is started again, with a log line; what it had
-committed but not yet reported is looked up in the spool and scheduled.
-The master asks every worker for a heartbeat (``Ping``), answered by the
+Who owns a committed message (the only process that writes, moves or
+removes its spool files, and that delivers it):
+
+- the worker that commits it, from ``Committing`` (sent before its commit
+  starts, which also asks for the slots of a first attempt) until it
+  sends ``AttemptEnded`` or ``Queued``: allowed, the worker makes the
+  first delivery attempt itself, from the body still in its memory, as a
+  single process does; not allowed, it keeps the message in its own line
+  and asks again (``StartAttempt``) whenever one of its attempts ends, or
+  hands it over (``Queued``) when it has none left;
+- the master from then on (retries, notices, expiry, relayctl); a notice
+  a worker wrote after a first attempt is the master's once announced
+  (``Queued``): should the worker die in between, the failed recipients
+  are still pending on disk, so the master's attempt bounces them again
+  (the notice may go twice), and the first notice is sent after the next
+  start's recovery;
+- the master, for every message a worker owned when that worker died: once
+  the process has exited (so none of its threads can still write), each is
+  looked up in the spool and scheduled. One that was being delivered may be
+  delivered twice; one that is gone (delivered and removed) is skipped.
+
+So ``delivery.concurrency`` and ``destination_concurrency`` stay global:
+the workers' attempts take their slots from the master's scheduler.
+
+A worker that dies is started again, with a log line. The master asks every worker for a heartbeat (``Ping``), answered by the
 worker's reactor thread: ``alive()`` tells whether each one answered
 recently, and a worker whose reactor stops answering for ``HANG_LIMIT``
 seconds is killed and started again.
@@ -117,8 +139,11 @@ class Worker:
         self.process = None  # the IProcessTransport
         self.link: WorkerLink | None = None
         self.lastAnswer = started
-        # Queue ids announced by Committing and not yet Queued.
+        # Queue ids this worker owns: announced by Committing, not yet
+        # handed over (Queued, AttemptEnded).
         self.committing: set[str] = set()
+        # Its attempts in progress: queue id -> the destinations whose slots they hold.
+        self.attempts: dict[str, tuple] = {}
         # Password checks in flight, per client address.
         self.checks: Counter = Counter()
         self.exited = False
@@ -194,15 +219,50 @@ class WorkerLink(channel.Quiet):
                 "path": self.pool.config.path}
 
     @channel.Committing.responder
-    def committing(self, queueId):
+    def committing(self, queueId, login=None, domains=None):
         self.worker.committing.add(queueId)
-        return {}
+        if domains is None:
+            return {}
+        pool = self.pool
+        # Counted at the commit's start (a commit that fails still counts).
+        pool.owner.messageQueued(login)
+        destinations = pool.scheduler.takeSlots(domains)
+        if destinations is None:
+            return {"allowed": False}
+        self.worker.attempts[queueId] = destinations
+        return {"allowed": True}
 
     @channel.Queued.responder
     def queued(self, queueId, login=None):
         self.worker.committing.discard(queueId)
+        destinations = self.worker.attempts.pop(queueId, None)
+        if destinations is not None:
+            # Allowed after the worker stopped waiting for the answer: not attempted there.
+            self.pool.scheduler.freeSlots(destinations)
         self.pool.owner.messageQueued(login)
         self.pool.schedule(queueId)
+        return {}
+
+    @channel.StartAttempt.responder
+    def startAttempt(self, queueId, domains):
+        # Only for a message this worker still owns (not taken over meanwhile).
+        if queueId not in self.worker.committing or queueId in self.worker.attempts:
+            return {"allowed": False}
+        destinations = self.pool.scheduler.takeSlots(domains)
+        if destinations is None:
+            return {"allowed": False}
+        self.worker.attempts[queueId] = destinations
+        return {"allowed": True}
+
+    @channel.AttemptEnded.responder
+    def attemptEnded(self, queueId, kept):
+        destinations = self.worker.attempts.pop(queueId, None)
+        if destinations is not None:
+            self.pool.scheduler.freeSlots(destinations)
+        if queueId in self.worker.committing:
+            self.worker.committing.discard(queueId)
+            if kept:
+                self.pool.schedule(queueId)
         return {}
 
     def connectionLost(self, reason) -> None:
@@ -370,8 +430,12 @@ class WorkerPool(service.Service):
 
     # Messages
 
-    def schedule(self, queueId: str) -> defer.Deferred:
-        """A worker committed ``queueId``: load its envelope and schedule it (once)."""
+    def schedule(self, queueId: str, mayBeGone: bool = False) -> defer.Deferred:
+        """
+        A worker committed ``queueId`` and the master owns it now: load its
+        envelope and schedule it (once). ``mayBeGone``: the worker died
+        owning it, so it may never have been committed, or been delivered.
+        """
         d = self.runInThread(self.spool.load, queueId)
 
         def loaded(envelope) -> None:
@@ -380,6 +444,8 @@ class WorkerPool(service.Service):
 
         def failed(failure: Failure) -> None:
             failure.trap(OSError, ValueError)
+            if mayBeGone and failure.check(FileNotFoundError):
+                return
             maillog.queueWarning(queueId, f"cannot read the envelope a worker committed: "
                                  f"{getattr(failure.value, 'strerror', None) or failure.value}")
 
@@ -390,8 +456,10 @@ class WorkerPool(service.Service):
     # A worker's end
 
     def release(self, worker: Worker) -> None:
-        """Give back what a gone worker held: its sessions, checks, and committed messages."""
+        """Give back what a gone worker held: its sessions, checks, slots and messages."""
         if worker.released:
+            if worker.exited:
+                self._takeOver(worker)
             return
         worker.released = True
         self.owner.sessions.forget(worker)
@@ -402,16 +470,24 @@ class WorkerPool(service.Service):
             for _ in range(count):
                 self.owner.throttle.checkEnded(address, failed=False)
         worker.checks.clear()
-        # Committed (or not) as it died: the spool says which.
-        for queueId in sorted(worker.committing):
-            self.schedule(queueId).addErrback(lambda f: None)
-        worker.committing.clear()
+        if worker.process is None or worker.exited:
+            self._takeOver(worker)
+        # else: once it has exited (exited() calls here again).
         if worker.process is not None and not worker.exited and not self._stopping:
             # A worker without its channel cannot be asked anything: end it.
             try:
                 worker.process.signalProcess("KILL")
             except Exception:
                 pass
+
+    def _takeOver(self, worker: Worker) -> None:
+        """A dead worker's messages (committed or not as it died: the spool says) are the master's."""
+        attempts, worker.attempts = worker.attempts, {}
+        for destinations in attempts.values():
+            self.scheduler.freeSlots(destinations)
+        owned, worker.committing = worker.committing, set()
+        for queueId in sorted(owned):
+            self.schedule(queueId, mayBeGone=True).addErrback(lambda f: None)
 
     def exited(self, worker: Worker, status) -> None:
         worker.exited = True

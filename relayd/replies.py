@@ -135,3 +135,5 @@ USER_RATE_EXCEEDED = Reply(450, "4.7.1", "Error: too many messages from you in t
 # Connection limits
 TOO_MANY_CONNECTIONS = Reply(421, "4.7.0", "{hostname} Error: too many connections")
 TOO_MANY_CONNECTIONS_FROM_CLIENT = Reply(421, "4.7.0", "{hostname} Error: too many connections from your address")
+# An intake process asked the process that keeps the limits, which did not answer in time.
+LIMITS_NOT_ANSWERING = Reply(421, "4.3.0", "{hostname} Error: temporary failure, try again later")

@@ -22,6 +22,15 @@ Recipients that failed permanently in the attempt, or that are still
 pending when ``queue.lifetime`` has run out, get one notice (relayd.bounce)
 which is committed to the spool, fsynced, *before* they are marked done: a
 crash in between sends the notice twice at worst, never not at all.
+
+With intake workers (relayd.worker) there are two kinds of scheduler. A
+worker's makes only the first attempt of the messages that worker
+committed, from memory, in slots the master's scheduler granted
+(``takeSlots``/``freeSlots``), so ``delivery.concurrency`` and
+``destination_concurrency`` stay limits over every process. Whatever
+needs a later step (a retry, a notice to send, a removal that failed) it
+writes to the spool and hands to the master (``handOff``), and forgets.
+The master's is the one described above, for everything else.
 """
 
 from __future__ import annotations
@@ -136,8 +145,12 @@ class Scheduler(service.Service):
     def __init__(self, spool, transport: Transport, settings, clock,
                  random: Callable[[], float] = _random.random,
                  runInThread: Callable[..., defer.Deferred] | None = None,
-                 lanes: MessageLanes | None = None, signer=None):
+                 lanes: MessageLanes | None = None, signer=None, handOff=None):
         self.spool = spool
+        # In an intake worker: where a message goes after its first attempt
+        # (``ended(queueId, kept)``) and the notices it queued
+        # (``notice(envelope)``); None: this scheduler keeps everything.
+        self.handOff = handOff
         self.signer = signer
         self.transport = transport
         self.settings = settings
@@ -154,6 +167,8 @@ class Scheduler(service.Service):
         # queue id -> (attempt Deferred, destinations it occupies)
         self._active: dict[str, tuple[defer.Deferred, tuple[Destination, ...]]] = {}
         self._perDestination: dict[Destination, int] = {}
+        # Attempts other processes make in slots taken here (takeSlots).
+        self._remote = 0
         # Due messages waiting for a slot at a full destination, in order.
         self._blocked: dict[Destination, deque[str]] = {}
         self._waiting: set[str] = set()
@@ -174,6 +189,10 @@ class Scheduler(service.Service):
         if self._keptBytes + len(body) <= KEPT_BODIES_LIMIT:
             self._keptBodies[queueId] = body
             self._keptBytes += len(body)
+
+    def forgetBody(self, queueId: str) -> None:
+        """A kept body whose message this scheduler will not attempt after all."""
+        self._takeBody(queueId)
 
     def _takeBody(self, queueId: str) -> bytes | None:
         body = self._keptBodies.pop(queueId, None)
@@ -213,7 +232,7 @@ class Scheduler(service.Service):
         self._timer = None
         now = self.clock.seconds()
         limit = self.settings.delivery.concurrency
-        while self._heap and len(self._active) < limit:
+        while self._heap and len(self._active) + self._remote < limit:
             due, _, queueId = self._heap[0]
             envelope = self.envelopes.get(queueId)
             if (envelope is None or envelope.nextAttempt != due or queueId in self._active
@@ -233,7 +252,7 @@ class Scheduler(service.Service):
                 self._blocked.setdefault(full, deque()).append(queueId)
                 continue
             self._start(envelope, groups, self._attempt)
-        if self._heap and len(self._active) < limit:
+        if self._heap and len(self._active) + self._remote < limit:
             self._timer = self.clock.callLater(max(0.0, self._heap[0][0] - now), self._wake)
 
     def _fullDestination(self, destinations: Iterable[Destination]) -> Destination | None:
@@ -242,6 +261,32 @@ class Scheduler(service.Service):
             if self._perDestination.get(destination, 0) >= limit:
                 return destination
         return None
+
+    def takeSlots(self, domains: Sequence[str]) -> tuple[Destination, ...] | None:
+        """
+        Slots for an attempt an intake worker makes itself (to recipients at
+        ``domains``, as route.recipientDomain gives them),
+        counted with this scheduler's own: the destinations taken, or None
+        when the daemon's concurrency or a destination's is used up (the
+        caller then hands the message over).
+        """
+        if not self.running:
+            return None
+        delivery = self.settings.delivery
+        groups = dict.fromkeys(route.destinationOf(domain, delivery) for domain in domains)
+        if (len(self._active) + self._remote >= delivery.concurrency
+                or self._fullDestination(groups) is not None):
+            return None
+        for destination in groups:
+            self._perDestination[destination] = self._perDestination.get(destination, 0) + 1
+        self._remote += 1
+        return tuple(groups)
+
+    def freeSlots(self, destinations: Sequence[Destination]) -> None:
+        """The attempt ``takeSlots`` counted has ended."""
+        self._remote = max(0, self._remote - 1)
+        self._freeDestinations(destinations)
+        self._wake()
 
     # One attempt
 
@@ -287,7 +332,11 @@ class Scheduler(service.Service):
         else:
             envelope.nextAttempt = nextAttemptTime(
                 now, envelope.arrival, envelope.attempts, queue.retry, queue.lifetime, self.random())
-            self._push(envelope)
+            if self.handOff is None:
+                self._push(envelope)
+        if self.handOff is not None:
+            self._handOver(envelope)
+            return
 
         def failed(failure) -> None:
             # The schedule in memory stands; the spool catches up at the next write.
@@ -295,6 +344,25 @@ class Scheduler(service.Service):
             maillog.queueWarning(queueId, f"cannot write the envelope: {getattr(e, 'strerror', None) or e}")
 
         self._writeEnvelope(envelope).addErrback(failed)
+
+    def _handOver(self, envelope: Envelope) -> None:
+        """
+        An intake worker lets go of a message after its first attempt: its
+        envelope written as it is now, then the master takes it (``handOff``).
+        """
+        queueId = envelope.queueId
+        self.envelopes.pop(queueId, None)
+        self._takeBody(queueId)
+
+        def failed(failure) -> None:
+            # The master reads the state before this attempt: a delivery may
+            # be repeated, none is lost.
+            e = failure.value
+            maillog.queueFileFailed(queueId, "update", getattr(e, "strerror", None) or str(e))
+
+        d = self._writeEnvelope(envelope)
+        d.addErrback(failed)
+        d.addBoth(lambda _: self.handOff.ended(queueId, True))
 
     @defer.inlineCallbacks
     def _attempt(self, envelope: Envelope, started: float, groups: dict[Destination, list[str]]):
@@ -393,6 +461,9 @@ class Scheduler(service.Service):
                 maillog.queueFileFailed(queueId, "remove", e.strerror or str(e))
                 if self.envelopes.get(queueId) is not envelope:
                     return  # deleted by the admin meanwhile
+                if self.handOff is not None:
+                    self._handOver(envelope)  # the master tries the removal again
+                    return
                 envelope.nextAttempt = nextAttemptTime(
                     now, envelope.arrival, envelope.attempts, queue.retry, queue.lifetime,
                     self.random())
@@ -400,10 +471,15 @@ class Scheduler(service.Service):
                 return
             self.envelopes.pop(queueId, None)
             maillog.removed(queueId)
+            if self.handOff is not None:
+                self.handOff.ended(queueId, False)
             return
         envelope.nextAttempt = nextAttemptTime(
             now, envelope.arrival, envelope.attempts, queue.retry,
             0.0 if noticeFailed else queue.lifetime, self.random())
+        if self.handOff is not None:
+            self._handOver(envelope)
+            return
 
         def failed(failure) -> None:
             # The disk keeps the previous state (a restart may repeat a
@@ -463,6 +539,11 @@ class Scheduler(service.Service):
 
     def _finished(self, _: object, queueId: str) -> None:
         _, destinations = self._active.pop(queueId, (None, ()))
+        self._freeDestinations(destinations)
+        self._wake()
+
+    def _freeDestinations(self, destinations) -> None:
+        """Give back a slot at each of ``destinations``: the next waiting message moves up."""
         limit = self.settings.delivery.destinationConcurrency
         for destination in destinations:
             count = self._perDestination.get(destination, 1) - 1
@@ -486,7 +567,6 @@ class Scheduler(service.Service):
                 free -= 1
             if line is not None and not line:
                 del self._blocked[destination]
-        self._wake()
 
     # Notices
 
@@ -521,7 +601,10 @@ class Scheduler(service.Service):
             maillog.noticeFailed(queueId, reason, retried)
             return False
         maillog.noticeQueued(queueId, kind, notice.queueId)
-        self.add(notice)
+        if self.handOff is not None:
+            self.handOff.notice(notice)  # sent by the master
+        else:
+            self.add(notice)
         return True
 
     def _writeNotice(self, envelope: Envelope, kind: str, to: str, statuses, now: float) -> Envelope:

@@ -1228,8 +1228,15 @@ class SubmissionServer(smtp.ESMTP):
         d.addCallback(self._checkAllowed, mechanism, login, creds)
         d.addErrback(lambda f: log.failure("AUTH", f))
 
-    def _checkAllowed(self, allowed: bool, mechanism: str, login: bytes,
+    def _checkAllowed(self, allowed: bool | Reply, mechanism: str, login: bytes,
                       creds: ClientCredentials) -> None:
+        if isinstance(allowed, Reply):
+            # The process that counts the checks did not answer in time.
+            self._busy = False
+            if not self._lost:
+                self.reply(allowed.format(hostname=self.factory.hostname))
+                self._close()
+            return
         if not allowed:
             self._busy = False
             if not self._lost:

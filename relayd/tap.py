@@ -701,7 +701,8 @@ def _makeMaster(options, config, reactor, count: int) -> RelayService:
     resolver = ConfiguredResolver(reactor, config)
     courier = _courier(config, reactor, listenerServices, resolver, runInThread)
 
-    # DKIM signs in the master, where the scheduler is (before the first attempt).
+    # DKIM signs before a message's first attempt: in the worker that makes it,
+    # or here for a message the master takes over before any attempt.
     signer = _signer(config, runInThread, reactor)
     # The daemon's one registry: the master's events, and the workers' batches.
     metrics = _metrics(config)
@@ -759,7 +760,7 @@ def makeWorker(config, reactor, link, listenerFds: list[int], number: int = 1):
     """
     from relayd.control import stallForTests
     from relayd.server import SubmissionFactory, _throttleSettings
-    from relayd.worker import RemoteLimits, WorkerService, announcedCommit
+    from relayd.worker import FirstAttempts, RemoteLimits, WorkerService
 
     raiseFileLimit(config)
     link.limits = RemoteLimits(link, reactor, config, _throttleSettings)
@@ -767,13 +768,16 @@ def makeWorker(config, reactor, link, listenerFds: list[int], number: int = 1):
     spool = Spool(config.queue.directory)
     pool, runInThread = _spoolThreads(reactor)
     resolver = ConfiguredResolver(reactor, config)
+    boundListeners: list = []
+    courier = _courier(config, reactor, boundListeners, resolver, runInThread)
 
-    # A message's body pieces and its commit, in order, in the spool threads.
+    # A message's body pieces, its commit, the envelope written after its
+    # first attempt and its removal, in order, in the spool threads.
     lanes = MessageLanes(runInThread)
     # With a metrics section, this worker's counts go to the master's page in batches.
     metrics = None
     if config.metrics is not None:
-        from relayd.metrics import UpdateBatch
+        from relayd.metrics import TimedTransport, UpdateBatch
         metrics = UpdateBatch(link.sendMetrics, reactor)
 
     def commitInThread(writer, envelope):
@@ -783,21 +787,31 @@ def makeWorker(config, reactor, link, listenerFds: list[int], number: int = 1):
             d.addCallback(_passing(lambda: metrics.timedCommit(reactor.seconds() - started)))
         return d
 
-    commit = announcedCommit(link, commitInThread)
+    # The first attempt of what this worker commits, in slots the master
+    # grants; the rest is handed to the master (relayd.worker).
+    signer = _signer(config, runInThread, reactor)
+    transport = TimedTransport(courier, metrics, reactor) if metrics is not None else courier
+    scheduler = Scheduler(spool, transport, config, reactor, runInThread=runInThread,
+                          lanes=lanes, signer=signer)
+    attempts = FirstAttempts(link, scheduler, commitInThread)
+    scheduler.handOff = attempts  # what it does not finish goes to the master
     # What is wrong in the password file is the master's to log, at start
     # and on reload.
     tls, passwords, verifier, authPool, credPortal = _security(config, reactor, warn=False)
     clientNames = ClientNames(resolver, config.limits.clientNameTimeout, reactor,
                               hostsFile=os.environ.get("RELAYD_HOSTS_FILE") or HOSTS_FILE)
-    factory = SubmissionFactory(config, spool, commit, link.queued, reactor,
+    factory = SubmissionFactory(config, spool, attempts.commit, attempts.queued, reactor,
                                 portal=credPortal, tls=tls, clientNames=clientNames.lookup,
-                                runInThread=runInThread, limits=link.limits, lanes=lanes)
+                                runInThread=runInThread, limits=link.limits, lanes=lanes,
+                                bodyKept=scheduler.keepBody)
     listenerFactories = [f for _, f in _listenerFactories(config, factory, tls, reactor)]
-    reloadable = [factory, tls, passwords, verifier,
+    reloadable = [factory, scheduler, tls, passwords, verifier,
                   credPortal.realm if credPortal is not None else None,
-                  resolver, clientNames, link.limits]
+                  resolver, clientNames, courier, signer, link.limits]
     service = WorkerService(config, reactor, factory, listenerFactories, listenerFds, pool,
-                            authPool, [c for c in reloadable if c is not None], reloadConfig)
+                            authPool, [c for c in reloadable if c is not None], reloadConfig,
+                            scheduler=scheduler, courier=courier, signer=signer,
+                            boundListeners=boundListeners)
     link.sessionCount = lambda: len(factory.sessions)
     if os.environ.get("RELAYD_TEST_HOOKS") == "1":
         link.stall = stallForTests

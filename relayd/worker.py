@@ -4,10 +4,21 @@ when there is more than one (relayd.master starts them). It adopts the
 listening sockets the master created, receives and commits messages to the
 spool as a single-process relayd does, and asks the master, over its
 channel (relayd.channel), before admitting a client and before each
-password check; committed messages are handed to the master's scheduler.
+password check.
+
+It also makes the first delivery attempt of what it committed, with its
+own courier (its own connections to the next hops, reused as a single
+process reuses them) and the body still in its memory: so the work of a
+message, intake and delivery, runs on every core, not only the master's.
+The master grants the slots with its answer to ``Committing``, which the
+250 waits for anyway (the concurrency limits stay global, at no extra
+round trip); what is not delivered and removed by that attempt is written
+back and handed to the master (``AttemptEnded``), which owns every retry
+and notice. relayd.master says who owns a message when.
 
 A worker never recovers, deletes or moves what is in the spool at its
 start: another worker may be between the two renames of a commit. It
+writes and removes only the files of the messages it owns. It
 holds the spool's lock descriptor (inherited), so no second daemon can
 start on the spool while any worker of this one runs.
 
@@ -26,12 +37,14 @@ import os
 import signal
 import socket
 import sys
+from collections import deque
 
 from twisted.application import service
 from twisted.internet import defer
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
-from relayd import channel, maillog, replies
+from relayd import channel, maillog, replies, route
 
 log = Logger()
 
@@ -45,6 +58,53 @@ LAST_METRICS_TIMEOUT = 5.0
 
 # Blocks and rate limits this worker remembers (as FailureThrottle.MAX_TRACKED).
 MAX_TRACKED = 100_000
+
+# Seconds a session waits for the master's answer to Admit or StartCheck:
+# then it gets LIMITS_NOT_ANSWERING and ends, however the master is stuck
+# (the heartbeat kills a worker only when the worker hangs, not the master).
+# CheckEnded, Failed and Committing wait as long, then the session goes on
+# (a committed message gets its 250: the spool has it).
+ANSWER_TIMEOUT = 10.0
+
+
+def _ignored(answer) -> None:
+    """A late answer that needs nothing given back."""
+
+
+class MasterNotAnswering(Exception):
+    """The master did not answer within ANSWER_TIMEOUT."""
+
+
+def _within(d: defer.Deferred, clock, seconds: float, late) -> defer.Deferred:
+    """
+    ``d``'s outcome, or a MasterNotAnswering failure after ``seconds``; an
+    answer that comes later goes to ``late(answer)`` (to give back what the
+    master counted for a session that has been told no).
+    """
+    result: defer.Deferred = defer.Deferred()
+
+    def timedOut() -> None:
+        maillog.daemonEvent(f"the master did not answer within {seconds:g}s; "
+                            "the session gets a temporary failure",
+                            level=maillog.LogLevel.warn)
+        result.errback(MasterNotAnswering())
+
+    timer = clock.callLater(seconds, timedOut)
+
+    def answered(outcome):
+        if result.called:
+            if not isinstance(outcome, Failure):
+                late(outcome)
+            return None
+        timer.cancel()
+        if isinstance(outcome, Failure):
+            result.errback(outcome)
+        else:
+            result.callback(outcome)
+        return None
+
+    d.addBoth(answered)
+    return result
 
 
 def _call(link, command, **arguments) -> defer.Deferred:
@@ -87,15 +147,27 @@ def _remember(table: dict, key: str, until: float, clock) -> None:
 class RemoteAdmission:
     """``limits.connections`` and ``connections_per_client``, counted by the master."""
 
-    def __init__(self, link) -> None:
+    def __init__(self, link, clock) -> None:
         self.link = link
+        self.clock = clock
 
     def admit(self, address: str) -> defer.Deferred:
         """Deferred: None (admitted) or the reply that refuses the session."""
-        d = _call(self.link, channel.Admit, address=address)
+
+        def late(answer) -> None:
+            if answer["refusal"] == channel.ADMITTED:
+                self.left(address)  # counted by the master, refused here
+
+        d = _within(_call(self.link, channel.Admit, address=address), self.clock,
+                    ANSWER_TIMEOUT, late)
         d.addCallback(lambda answer: _REFUSALS.get(answer["refusal"]))
-        # The master is gone: this worker is stopping.
-        d.addErrback(lambda f: replies.SHUTTING_DOWN)
+
+        def failed(failure):
+            if failure.check(MasterNotAnswering):
+                return replies.LIMITS_NOT_ANSWERING
+            return replies.SHUTTING_DOWN  # the master is gone: this worker is stopping
+
+        d.addErrback(failed)
         return d
 
     def left(self, address: str) -> None:
@@ -132,9 +204,21 @@ class RemoteThrottle:
         return self._blocked.pop(address, None) is not None
 
     def startCheck(self, address: str) -> defer.Deferred:
-        d = _call(self.link, channel.StartCheck, address=address)
+        """
+        Deferred: True (the check may start), False (throttled), or the
+        reply to end the session with when the master does not answer.
+        """
+
+        def late(answer) -> None:
+            if answer["allowed"]:
+                # Counted in flight by the master; never started here.
+                _send(self.link, channel.CheckEnded, address=address, failed=False)
+
+        d = _within(_call(self.link, channel.StartCheck, address=address), self.clock,
+                    ANSWER_TIMEOUT, late)
         d.addCallback(lambda answer: answer["allowed"])
-        d.addErrback(lambda f: False)
+        d.addErrback(lambda f: replies.LIMITS_NOT_ANSWERING if f.check(MasterNotAnswering)
+                     else False)
         return d
 
     def _until(self, address: str, answer: dict) -> float | None:
@@ -144,13 +228,17 @@ class RemoteThrottle:
         return until
 
     def checkEnded(self, address: str, failed: bool) -> defer.Deferred:
-        d = _call(self.link, channel.CheckEnded, address=address, failed=failed)
+        # Without an answer in time the session goes on; a block it started
+        # reaches this worker anyway (BlockStarted).
+        d = _within(_call(self.link, channel.CheckEnded, address=address, failed=failed),
+                    self.clock, ANSWER_TIMEOUT, _ignored)
         d.addCallback(lambda answer: self._until(address, answer))
         d.addErrback(lambda f: None)
         return d
 
     def failed(self, address: str) -> defer.Deferred:
-        d = _call(self.link, channel.Failed, address=address)
+        d = _within(_call(self.link, channel.Failed, address=address), self.clock,
+                    ANSWER_TIMEOUT, _ignored)
         d.addCallback(lambda answer: self._until(address, answer))
         d.addErrback(lambda f: None)
         return d
@@ -179,7 +267,7 @@ class RemoteLimits:
 
     def __init__(self, link, clock, config, throttleSettings) -> None:
         self._throttleSettings = throttleSettings
-        self.admission = RemoteAdmission(link)
+        self.admission = RemoteAdmission(link, clock)
         self.throttle = RemoteThrottle(link, clock, *throttleSettings(config))
         self.messageRate = RemoteMessageRate(clock, config.limits.messagesPerUserPerHour)
 
@@ -250,13 +338,50 @@ class MasterLink(channel.Quiet):
     # Intake notices
 
     def committing(self, queueId: str) -> defer.Deferred:
-        return _call(self, channel.Committing, queueId=queueId)
+        return _within(_call(self, channel.Committing, queueId=queueId), self.clock,
+                       ANSWER_TIMEOUT, _ignored)
 
     def queued(self, envelope) -> None:
         arguments = {"queueId": envelope.queueId}
         if envelope.authIdentity:
             arguments["login"] = envelope.authIdentity
         _send(self, channel.Queued, **arguments)
+
+    # First attempts (the worker's relayd.scheduler.Scheduler ``handOff``)
+
+    def committingWithSlots(self, envelope) -> defer.Deferred:
+        """
+        ``Committing``, asking for the slots of ``envelope``'s first attempt:
+        a Deferred firing with whether this worker may make it; None when
+        its recipients' domains are too many to ask about (then the master
+        schedules it after the commit, as any message it is not allowed).
+        """
+        domains = sorted({route.recipientDomain(r.address) for r in envelope.pending()})
+        if sum(len(d.encode("utf-8")) + 2 for d in domains) > channel.DOMAINS_BYTES:
+            return _within(_call(self, channel.Committing, queueId=envelope.queueId),
+                           self.clock, ANSWER_TIMEOUT, _ignored).addCallback(lambda answer: None)
+        arguments = {"queueId": envelope.queueId, "domains": domains}
+        if envelope.authIdentity:
+            arguments["login"] = envelope.authIdentity
+        # Not answered in time: the 250 goes out anyway (the message is
+        # committed) and the master schedules it (Queued frees any slot).
+        return _within(_call(self, channel.Committing, **arguments), self.clock,
+                       ANSWER_TIMEOUT, _ignored).addCallback(
+            lambda answer: bool(answer.get("allowed")))
+
+    def startAttempt(self, envelope) -> defer.Deferred:
+        """Whether a message waiting in this worker's line may be attempted now (a Deferred)."""
+        domains = sorted({route.recipientDomain(r.address) for r in envelope.pending()})
+        d = _call(self, channel.StartAttempt, queueId=envelope.queueId, domains=domains)
+        return d.addCallback(lambda answer: answer["allowed"])
+
+    def ended(self, queueId: str, kept: bool) -> None:
+        """The first attempt has ended: gone from the spool, or (``kept``) the master's now."""
+        _send(self, channel.AttemptEnded, queueId=queueId, kept=kept)
+
+    def notice(self, envelope) -> None:
+        """A notice this worker committed (a bounce of its first attempt): the master sends it."""
+        _send(self, channel.Queued, queueId=envelope.queueId)
 
     def accepting(self) -> None:
         _send(self, channel.Accepting)
@@ -270,6 +395,125 @@ class MasterLink(channel.Quiet):
     def connectionLost(self, reason) -> None:
         super().connectionLost(reason)
         self.lost()
+
+
+# Messages a worker keeps waiting for a delivery slot, at most: beyond, the
+# master takes them (their bodies are read back from the spool there).
+LINE_LIMIT = 1000
+
+
+class FirstAttempts:
+    """
+    The worker's commit and ``messageQueued``, and its scheduler's
+    ``handOff``. The commit asks the master for the slots of the message's
+    first attempt (relayd.channel's ``Committing``); once committed, an
+    allowed message goes into this worker's scheduler. One not allowed
+    (every slot taken) waits in this worker's line, as it would in a single
+    process's, and asks again (``StartAttempt``) each time one of this
+    worker's attempts ends; when none is left to end, the line goes to the
+    master. ``commitInThread(writer, envelope)`` is the spool's commit.
+    """
+
+    def __init__(self, link, scheduler, commitInThread) -> None:
+        self.link = link
+        self.scheduler = scheduler
+        # queue id -> may this worker attempt it (None: not asked), until queued.
+        self._allowed: dict[str, bool | None] = {}
+        self._commit = announcedCommit(self, commitInThread)
+        self._committing: dict[str, object] = {}
+        # Committed messages waiting for a slot, oldest first; and whether
+        # the first of them is being asked about.
+        self.line: deque = deque()
+        self._asking = False
+
+    def committing(self, queueId: str) -> defer.Deferred:
+        """announcedCommit's announcement: the master's answer kept for ``queued``."""
+        envelope = self._committing.pop(queueId)
+
+        def answered(allowed):
+            self._allowed[queueId] = allowed
+            return allowed
+
+        return self.link.committingWithSlots(envelope).addCallback(answered)
+
+    def commit(self, writer, envelope) -> defer.Deferred:
+        queueId = envelope.queueId
+        self._committing[queueId] = envelope
+        d = self._commit(writer, envelope)
+
+        def failed(failure):
+            # Nothing was committed: the slots go back, the master forgets the id.
+            if self._allowed.pop(queueId, None):
+                self.link.ended(queueId, False)
+            self.scheduler.forgetBody(queueId)
+            return failure
+
+        d.addErrback(failed)
+        return d
+
+    def queued(self, envelope) -> None:
+        queueId = envelope.queueId
+        allowed = self._allowed.pop(queueId, None)
+        if allowed and self.scheduler.running:
+            self.scheduler.add(envelope)
+            return
+        if allowed is False and self.scheduler.running and len(self.line) < LINE_LIMIT:
+            self.line.append(envelope)
+            self._next()
+            return
+        self.scheduler.forgetBody(queueId)
+        if allowed:
+            # Stopping: the slots go back and the master has the message.
+            self.link.ended(queueId, True)
+        elif allowed is None:
+            self.link.queued(envelope)  # not asked about slots: counted now
+        else:
+            # The master counted the login when it was asked about slots.
+            self.link.notice(envelope)
+
+    # The scheduler's handOff
+
+    def ended(self, queueId: str, kept: bool) -> None:
+        self.link.ended(queueId, kept)
+        self._next()
+
+    def notice(self, envelope) -> None:
+        self.link.notice(envelope)
+
+    def _next(self) -> None:
+        """Ask for a slot for the first message in the line; hand the line over if none will free."""
+        if self._asking or not self.line:
+            return
+        if not self.scheduler.running or not self.scheduler.activeIds():
+            # No attempt of this worker's will end and ask again: the master's.
+            while self.line:
+                envelope = self.line.popleft()
+                self.scheduler.forgetBody(envelope.queueId)
+                self.link.notice(envelope)
+            return
+        envelope = self.line[0]
+        self._asking = True
+
+        def answered(allowed: bool) -> None:
+            self._asking = False
+            if not self.line or self.line[0] is not envelope:
+                return
+            if allowed and self.scheduler.running:
+                self.line.popleft()
+                self.scheduler.add(envelope)
+                self._next()
+            elif allowed:
+                self.line.popleft()
+                self.link.ended(envelope.queueId, True)
+                self._next()
+            elif not self.scheduler.activeIds():
+                self._next()  # hands the line over
+
+        def failed(failure) -> None:
+            # The master is gone (this worker is stopping): the spool keeps them.
+            self._asking = False
+
+        self.link.startAttempt(envelope).addCallbacks(answered, failed)
 
 
 def announcedCommit(link, commitInThread):
@@ -309,8 +553,15 @@ class WorkerService(service.MultiService):
     """
 
     def __init__(self, config, reactor, factory, listenerFactories, listenerFds, pool,
-                 authPool, reloadable, reloadConfig) -> None:
+                 authPool, reloadable, reloadConfig, scheduler=None, courier=None,
+                 signer=None, boundListeners=None) -> None:
         super().__init__()
+        # The first attempts: started with the listeners, stopped after the sessions.
+        self.scheduler = scheduler
+        self.courier = courier
+        self.signer = signer
+        # Filled in at the start, for the courier's loop check (relayd's own addresses).
+        self.boundListeners = boundListeners if boundListeners is not None else []
         self.config = config
         self.reactor = reactor
         self.factory = factory
@@ -336,8 +587,12 @@ class WorkerService(service.MultiService):
             finally:
                 family.close()
             # adoptStreamPort duplicates the descriptor; the inherited one is closed.
-            self.ports.append(self.reactor.adoptStreamPort(fd, addressFamily, factory))
+            port = self.reactor.adoptStreamPort(fd, addressFamily, factory)
+            self.ports.append(port)
+            self.boundListeners.append(_Bound(port))
             os.close(fd)
+        if self.scheduler is not None:
+            self.scheduler.startService()
         super().startService()
 
     def reload(self, new) -> None:
@@ -362,6 +617,12 @@ class WorkerService(service.MultiService):
         yield defer.DeferredList([defer.maybeDeferred(p.stopListening) for p in ports],
                                  consumeErrors=True)
         yield self.factory.shutdown(max(0.0, deadline - self.reactor.seconds()))
+        if self.scheduler is not None:
+            # What is still being delivered after the grace is the master's
+            # once this process has exited (it may be delivered twice).
+            yield self.scheduler.stopService(max(0.0, deadline - self.reactor.seconds()))
+        if self.courier is not None:
+            yield self.courier.closeIdle()
         if self.metrics is not None:
             # The sessions' last events (disconnections) reach the master's page.
             yield self.metrics.flush().addTimeout(LAST_METRICS_TIMEOUT, self.reactor).addErrback(
@@ -369,6 +630,15 @@ class WorkerService(service.MultiService):
         self.pool.stop()
         if self.authPool is not None:
             self.authPool.stop()
+        if self.signer is not None:
+            self.signer.stop()
+
+
+class _Bound:
+    """An adopted listening port, as the courier's loop check reads listeners."""
+
+    def __init__(self, port) -> None:
+        self.port = port
 
 
 def _dieWithMaster(masterPid: int) -> None:

@@ -481,6 +481,256 @@ def test_workers_forward_their_log_only_for_twistds_logfile():
     assert "--log-events" in argv and "--logfile" not in argv
 
 
+# The master does not answer: sessions end in bounded time with a 4xx.
+
+
+def test_a_session_gets_a_4xx_and_ends_when_the_master_does_not_answer_admit(tmp_path):
+    from relayd.worker import ANSWER_TIMEOUT
+
+    split = Split(tmp_path)
+    hs = split.harnesses[0]
+    assert connect(hs) == []
+    hs.clock.advance(ANSWER_TIMEOUT - 0.5)
+    assert hs.take() == []
+    hs.clock.advance(0.5)
+    assert hs.take() == ["421 4.3.0 relay.test Error: temporary failure, try again later"]
+    hs.clock.advance(60)
+    assert hs.transport.disconnecting
+    # The late answer counted a session the worker refused: it is given back.
+    split.deliver()
+    assert split.owner.sessions.total == 0
+    assert hs.factory.sessions == set()
+
+
+def test_an_auth_check_gets_a_4xx_and_ends_when_the_master_does_not_answer(tmp_path):
+    from relayd.worker import ANSWER_TIMEOUT
+
+    split = Split(tmp_path)
+    hs = split.harnesses[0]
+    connect(hs)
+    split.deliver()
+    hs.take()
+    hs.send(b"EHLO client.test\r\n")
+    assert hs.send(b"AUTH PLAIN " + plain("alice@example.com", "alice-secret") + b"\r\n") == []
+    hs.clock.advance(ANSWER_TIMEOUT)
+    assert hs.take() == ["421 4.3.0 relay.test Error: temporary failure, try again later"]
+    hs.clock.advance(60)
+    assert hs.transport.disconnecting
+    # The check the master counted in flight (answered too late) is ended.
+    split.deliver()
+    assert not split.workers[0].checks
+    assert split.owner.throttle.startCheck("192.0.2.50")
+
+
+def test_a_master_that_answers_in_time_is_waited_for(tmp_path):
+    from relayd.worker import ANSWER_TIMEOUT
+
+    split = Split(tmp_path)
+    hs = split.harnesses[0]
+    connect(hs)
+    hs.clock.advance(ANSWER_TIMEOUT - 1)
+    split.deliver()
+    hs.clock.advance(ANSWER_TIMEOUT)
+    assert hs.take() == ["220 relay.test ESMTP relayd"]
+    assert split.owner.sessions.total == 1
+
+
+# Who owns a message: the worker that commits it makes its first attempt.
+
+
+class SlotScheduler(FakeScheduler):
+    """The master's scheduler as the channel uses it: slots per destination, limit ``free``."""
+
+    def __init__(self, free):
+        super().__init__()
+        self.free = free
+        self.taken = []
+
+    def takeSlots(self, domains):
+        if self.free <= 0:
+            return None
+        self.free -= 1
+        self.taken.append(tuple(domains))
+        return tuple(domains)
+
+    def freeSlots(self, destinations):
+        self.free += 1
+
+
+def envelopeFor(queueId, login=None):
+    return Envelope(queueId=queueId, sender="a@example.com", authIdentity=login,
+                    recipients=[Recipient(address="b@example.org")], arrival=0.0)
+
+
+def test_a_worker_that_dies_between_commit_and_delivery_leaves_it_to_the_master(tmp_path):
+    split = Split(tmp_path)
+    split.pool.scheduler = SlotScheduler(free=5)
+    worker = split.workers[0]
+    envelope = envelopeFor("K1JT6AX430N2XCS8")
+    assert worker.link.committing(queueId=envelope.queueId, domains=["example.org"]) == {
+        "allowed": True}
+    split.spool.stored[envelope.queueId] = envelope  # committed; its attempt not ended
+    worker.process = type("P", (), {"signalProcess": lambda self, s: None})()
+    split.pool.release(worker)  # the channel closed: the process may still be exiting
+    assert split.pool.scheduler.envelopes == {}
+    assert split.pool.scheduler.free == 5 - 1
+    split.pool.exited(worker, Failure(Exception("killed")).value)
+    assert list(split.pool.scheduler.envelopes) == [envelope.queueId]
+    assert split.pool.scheduler.free == 5  # its slot given back
+
+
+def test_a_deferred_first_attempt_ends_up_in_the_masters_schedule(tmp_path):
+    split = Split(tmp_path)
+    split.pool.scheduler = SlotScheduler(free=5)
+    link = split.workers[1].link
+    envelope = envelopeFor("K1JT6AY8Y4J9ZVR8", login="alice@example.com")
+    assert link.committing(queueId=envelope.queueId, login="alice@example.com",
+                           domains=["example.org"]) == {"allowed": True}
+    split.spool.stored[envelope.queueId] = envelope
+    assert split.pool.scheduler.envelopes == {}  # the worker's, for now
+    link.attemptEnded(queueId=envelope.queueId, kept=True)
+    assert list(split.pool.scheduler.envelopes) == [envelope.queueId]
+    assert split.pool.scheduler.free == 5
+    assert len(split.owner.messageRate._recent("alice@example.com")) == 1
+    # A delivered one is forgotten: nothing to schedule, even if the worker dies later.
+    delivered = envelopeFor("K1JT6AZ8TFHT9N14")
+    link.committing(queueId=delivered.queueId, domains=["example.org"])
+    link.attemptEnded(queueId=delivered.queueId, kept=False)
+    split.pool.release(split.workers[1])
+    assert list(split.pool.scheduler.envelopes) == [envelope.queueId]
+
+
+def test_without_a_free_slot_the_worker_hands_the_message_to_the_master(tmp_path):
+    split = Split(tmp_path)
+    split.pool.scheduler = SlotScheduler(free=1)
+    link = split.workers[0].link
+    first, second = envelopeFor("K1JT6AX430N2XCS8"), envelopeFor("K1JT6AXKM7N3763A")
+    assert link.committing(queueId=first.queueId, domains=["example.org"])["allowed"] is True
+    assert split.workers[1].link.committing(
+        queueId=second.queueId, domains=["example.org"])["allowed"] is False
+    split.spool.stored[second.queueId] = second
+    split.workers[1].link.queued(queueId=second.queueId)
+    assert list(split.pool.scheduler.envelopes) == [second.queueId]
+
+
+def test_the_worker_attempts_what_it_was_allowed_and_keeps_the_rest_waiting_for_a_slot():
+    from relayd.worker import FirstAttempts
+
+    sent = []
+    refusedIds = {"K1JT6AXKM7N3763A"}
+    slotsLater = []
+
+    class Link:
+        def committingWithSlots(self, envelope):
+            sent.append(("committing", envelope.queueId))
+            return defer.succeed(envelope.queueId not in refusedIds)
+
+        def startAttempt(self, envelope):
+            sent.append(("start-attempt", envelope.queueId))
+            return defer.succeed(bool(slotsLater))
+
+        def ended(self, queueId, kept):
+            sent.append(("ended", queueId, kept))
+
+        def notice(self, envelope):
+            sent.append(("queued", envelope.queueId))
+
+    class Sched:
+        running = True
+
+        def __init__(self):
+            self.added, self.forgotten, self.active = [], [], []
+
+        def add(self, envelope):
+            self.added.append(envelope.queueId)
+            self.active.append(envelope.queueId)
+
+        def activeIds(self):
+            return list(self.active)
+
+        def forgetBody(self, queueId):
+            self.forgotten.append(queueId)
+
+    sched = Sched()
+    written = {}
+    attempts = FirstAttempts(Link(), sched, lambda w, e: written.setdefault(e.queueId, defer.Deferred()))
+    allowed, refused, broken = (envelopeFor(q) for q in
+                                ("K1JT6AX430N2XCS8", "K1JT6AXKM7N3763A", "K1JT6AY8Y4J9ZVR8"))
+    for envelope in (allowed, refused, broken):
+        attempts.commit(None, envelope).addCallbacks(lambda _, e=envelope: attempts.queued(e),
+                                                     lambda f: None)
+    written[allowed.queueId].callback(None)
+    written[refused.queueId].callback(None)
+    written[broken.queueId].errback(OSError(28, "No space left on device"))
+    assert sched.added == [allowed.queueId]
+    # Nothing committed: the slots go back and the master forgets the id.
+    assert ("ended", broken.queueId, False) in sent
+    # Every slot taken: the refused one waits in the worker's line (asked once, refused).
+    assert list(attempts.line) == [refused]
+    assert ("queued", refused.queueId) not in sent
+    # The worker's own attempt ends: the waiting one asks again and gets the slot.
+    # (The scheduler says so from inside the attempt, while it still counts as active.)
+    slotsLater.append(True)
+    attempts.ended(allowed.queueId, False)
+    sched.active.remove(allowed.queueId)
+    assert sent[-2:] == [("ended", allowed.queueId, False), ("start-attempt", refused.queueId)]
+    assert sched.added == [allowed.queueId, refused.queueId]
+    assert not attempts.line
+
+
+def test_a_waiting_message_goes_to_the_master_when_no_attempt_of_the_worker_will_end():
+    from relayd.worker import FirstAttempts
+
+    sent = []
+
+    class Link:
+        def committingWithSlots(self, envelope):
+            return defer.succeed(False)
+
+        def notice(self, envelope):
+            sent.append(("queued", envelope.queueId))
+
+    class Sched:
+        running = True
+
+        def activeIds(self):
+            return []
+
+        def forgetBody(self, queueId):
+            sent.append(("forgot", queueId))
+
+    attempts = FirstAttempts(Link(), Sched(), lambda w, e: defer.succeed(None))
+    envelope = envelopeFor("K1JT6AX430N2XCS8")
+    attempts.commit(None, envelope).addCallback(lambda _: attempts.queued(envelope))
+    assert sent == [("forgot", envelope.queueId), ("queued", envelope.queueId)]
+    assert not attempts.line
+
+
+def test_a_commit_and_the_end_of_a_check_wait_for_the_master_in_bounded_time():
+    """The 250 of a committed message, and the answer to AUTH, come even from a stuck master."""
+    from relayd.worker import ANSWER_TIMEOUT
+
+    clock = task.Clock()
+    link = MasterLink(clock, lost=lambda: None, parse=config.parse)
+    link.transport = object()
+    asked = []
+    link.callRemote = lambda command, **kw: asked.append(command) or defer.Deferred()
+    written = defer.Deferred()
+    outcomes = []
+    announcedCommit(link, lambda w, e: written)(
+        None, Envelope(queueId="K1JT6AZ8TFHT9N14", sender="", recipients=[], arrival=0.0)
+    ).addBoth(outcomes.append)
+    cfg = config.parse('hostname: relay.test.example\nlisteners: [{endpoint: "tcp:25", '
+                       'tls: none, auth: none}]\nqueue: {directory: /s}\n', "x.yaml")
+    link.limits = RemoteLimits(link, clock, cfg, server._throttleSettings)
+    link.limits.throttle.checkEnded("192.0.2.1", failed=True).addBoth(outcomes.append)
+    written.callback(None)
+    clock.advance(ANSWER_TIMEOUT - 1)
+    assert outcomes == [] and asked == [channel.Committing, channel.CheckEnded]
+    clock.advance(1)
+    assert outcomes == [None, None]
+
+
 def test_heartbeats_come_often_enough_for_the_watchdog():
     from relayd.master import HEARTBEAT, heartbeatInterval
 

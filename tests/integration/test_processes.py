@@ -113,6 +113,25 @@ def onlyWorker(daemon: Relayd, number: int):
             os.kill(pid, signal.SIGCONT)
 
 
+def connectedTo(pid: int, port: int) -> bool:
+    """Whether process ``pid`` has a TCP connection to ``port`` (from /proc)."""
+    inodes = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            inodes.add(target[len("socket:["):-1])
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with open(table) as f:
+            for line in f.readlines()[1:]:
+                fields = line.split()
+                if int(fields[2].rsplit(":", 1)[1], 16) == port and fields[9] in inodes:
+                    return True
+    return False
+
+
 def servingPids(daemon: Relayd, since: int) -> Counter:
     """How many "connect from" lines each process wrote after ``since``."""
     return Counter(re.findall(r"pid (\d+)\] connect from", daemon.log(since)))
@@ -279,7 +298,8 @@ def test_workers_log_through_the_masters_logger_with_their_pid(tmp_path, process
     since = daemon.logOffset()
     with onlyWorker(daemon, 2) as pid:
         daemon.submit(makeMessage("syslog", ["one"]))
-    daemon.waitForLog(rf"relayd/smtp\[{daemon.process.pid}\]: \w+: to=<bob@remote\.test>",
+    # The worker that accepted the message makes its first attempt too.
+    daemon.waitForLog(rf"relayd/smtp\[{pid}\]: \w+: to=<bob@remote\.test>.*status=sent",
                       since=since)
     log = daemon.log(since)
     assert re.search(rf"relayd/smtpd\[{pid}\]: connect from unknown\[127\.0\.0\.1\]", log), log
@@ -417,3 +437,34 @@ def test_with_logfile_every_workers_lines_land_whole_in_the_file_twistd_rotates(
     for text in (old, new):
         lines = text.splitlines()
         assert lines and all(TWISTD_LINE.match(line) for line in lines), text
+
+
+    assert pids[2] == pid != daemon.process.pid
+
+
+def test_a_worker_killed_during_its_first_attempt_leaves_the_message_to_the_master(
+        tmp_path, processes, twistd, sink):
+    daemon = SyslogSplitRelayd(tmp_path / "relayd", sink.port, trustedNetworks=["127.0.0.0/8"])
+    processes.append(daemon)
+    daemon.start()
+    waitForWorkers(daemon)
+    # The next hop stops answering: the worker's first attempt hangs.
+    os.kill(sink.process.pid, signal.SIGSTOP)
+    try:
+        since = daemon.logOffset()
+        with onlyWorker(daemon, 1) as pid:
+            queueId = daemon.submit(makeMessage("orphan", ["mid-delivery"]))
+        daemon.waitForLog(rf"relayd/qmgr\[{pid}\]: {queueId}: from=<", since=since)
+        # The worker that accepted it is delivering it (connected to the next hop).
+        waitUntil(lambda: connectedTo(pid, sink.port) or None, 20,
+                  "the worker did not start the first attempt", daemon.describe)
+        os.kill(pid, signal.SIGKILL)
+        daemon.waitForLog(rf"worker 1 \(pid {pid}\) killed by SIGKILL; starting it again",
+                          deadline=20)
+    finally:
+        os.kill(sink.process.pid, signal.SIGCONT)
+    [delivered] = sink.waitForMessages(1, daemon.describe)
+    assert b"mid-delivery" in delivered.content
+    # Delivered by the master, which took the dead worker's message over.
+    daemon.waitForLog(rf"relayd/smtp\[{daemon.process.pid}\]: {queueId}: to=<bob@remote\.test>"
+                      r".*status=sent", since=since)
