@@ -542,13 +542,7 @@ def makeService(options, reactor=None) -> RelayService:
     scheduler = Scheduler(spool, transport, config, reactor, runInThread=runInThread,
                           lanes=lanes, signer=signer)
 
-    def commit(writer, envelope):
-        # fsync never runs on the reactor thread; after the body's last piece.
-        d = lanes.run(writer.queueId, writer.commit, envelope)
-        if metrics is not None:
-            started = reactor.seconds()
-            d.addCallback(_passing(lambda: metrics.timedCommit(reactor.seconds() - started)))
-        return d
+    commit = _committer(lanes, metrics, reactor)
 
     tls, passwords, verifier, authPool, credPortal = _security(config, reactor)
     # RELAYD_HOSTS_FILE: another hosts file (the tests' own).
@@ -588,6 +582,23 @@ def makeService(options, reactor=None) -> RelayService:
     if reactor is _globalReactor():
         relay.stopSignals = stopSignals
     return relay
+
+
+def _committer(lanes, metrics, reactor):
+    """
+    A message's commit, in its lane of the spool's threads (fsync never runs
+    on the reactor thread; it follows the body's last piece), timed for the
+    metrics page when there is one.
+    """
+
+    def commit(writer, envelope):
+        d = lanes.run(writer.queueId, writer.commit, envelope)
+        if metrics is not None:
+            started = reactor.seconds()
+            d.addCallback(_passing(lambda: metrics.timedCommit(reactor.seconds() - started)))
+        return d
+
+    return commit
 
 
 def _spoolThreads(reactor):
@@ -780,12 +791,7 @@ def makeWorker(config, reactor, link, listenerFds: list[int], number: int = 1):
         from relayd.metrics import TimedTransport, UpdateBatch
         metrics = UpdateBatch(link.sendMetrics, reactor)
 
-    def commitInThread(writer, envelope):
-        d = lanes.run(writer.queueId, writer.commit, envelope)
-        if metrics is not None:
-            started = reactor.seconds()
-            d.addCallback(_passing(lambda: metrics.timedCommit(reactor.seconds() - started)))
-        return d
+    commitInThread = _committer(lanes, metrics, reactor)
 
     # The first attempt of what this worker commits, in slots the master
     # grants; the rest is handed to the master (relayd.worker).
