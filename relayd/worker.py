@@ -45,6 +45,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from relayd import channel, maillog, replies, route
+from relayd.tcp import sendAtOnceOnAccept
 
 log = Logger()
 
@@ -588,6 +589,8 @@ class WorkerService(service.MultiService):
                 family.close()
             # adoptStreamPort duplicates the descriptor; the inherited one is closed.
             port = self.reactor.adoptStreamPort(fd, addressFamily, factory)
+            # Before the reactor's next turn, so before its first accept.
+            sendAtOnceOnAccept(port)
             self.ports.append(port)
             self.boundListeners.append(_Bound(port))
             os.close(fd)

@@ -3,7 +3,7 @@ TCP_NODELAY on every TCP connection relayd accepts or makes, read back with
 getsockopt on real loopback sockets: the daemon's own listeners as tap.py
 wires them (plain, implicit TLS, PROXY protocol), and the courier's connections (plain
 and implicit TLS); and that each of them has relayd.tcp's transport,
-which sends a write at once. The real reactor runs in a subprocess, so
+which sends a write at once, also in an intake worker's adopted listener. The real reactor runs in a subprocess, so
 the test process never runs the global reactor.
 """
 
@@ -166,3 +166,54 @@ def test_every_connection_accepted_and_made_sets_tcp_nodelay(tmp_path):
     assert made == [("implicit", True), ("none", True)]
     # And each is relayd.tcp's transport, which sends a write at once.
     assert all(c["atOnce"] for c in result["accepted"] + result["made"]), result
+
+
+def workerScenarioMain() -> None:
+    """
+    An intake worker's service adopting a listening socket it inherited:
+    print whether the connection it accepts is relayd.tcp's transport.
+    """
+    from twisted.internet import defer, protocol, task
+    from twisted.python import threadpool
+
+    from relayd.worker import WorkerService
+
+    accepted = []
+
+    class Recording(protocol.Protocol):
+        def connectionMade(self):
+            accepted.append(sendsAtOnce(self.transport))
+
+    async def main(reactor):
+        reactor.callLater(DEADLINE / 2, reactor.stop)
+        listening = socket.socket()
+        listening.bind(("127.0.0.1", 0))
+        listening.listen(5)
+        listening.setblocking(False)  # as the master hands them over
+        port = listening.getsockname()[1]
+        fd = listening.detach()  # the worker closes the inherited descriptor
+        worker = WorkerService(None, reactor, None, [protocol.Factory.forProtocol(Recording)],
+                               [fd], threadpool.ThreadPool(0, 1), None, [], None)
+        worker.startService()
+        client = socket.create_connection(("127.0.0.1", port))
+        for _ in range(200):
+            if accepted:
+                break
+            await task.deferLater(reactor, 0.05, lambda: None)
+        client.close()
+        print(json.dumps({"accepted": accepted}))
+        for adopted in worker.ports:
+            await adopted.stopListening()
+        worker.pool.stop()
+
+    task.react(lambda reactor: defer.ensureDeferred(main(reactor)))
+
+
+def test_an_intake_workers_adopted_listener_accepts_with_the_send_at_once_transport():
+    """Intake workers adopt the master's sockets; what they accept sends at once too."""
+    code = "from tests.test_nodelay import workerScenarioMain; workerScenarioMain()"
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
+                          timeout=DEADLINE)
+    assert proc.returncode == 0, proc.stderr.decode()
+    result = json.loads(proc.stdout.decode().strip().splitlines()[-1])
+    assert result == {"accepted": [True]}
