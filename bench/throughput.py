@@ -13,7 +13,13 @@ and measures
   * end-to-end rate: messages per second until the sink has them all;
   * peak memory: the proportional set size (PSS) summed over all
     processes of each instance (relayd's master and intake workers;
-    Postfix's master, smtpd, cleanup, qmgr, smtp, ...), sampled every 0.1 s.
+    Postfix's master, smtpd, cleanup, qmgr, smtp, ...), sampled every 0.1 s;
+  * CPU per message: the CPU time (user and system) of the same processes
+    from the first message to the last delivered, per message, in ms (a
+    process that exits between two samples loses its last 0.1 s); and the
+    whole machine's busy time per message (the relay, smtp-source,
+    smtp-sink, the bench itself and the kernel's interrupt work). Unlike
+    rates, these change little with what else the machine runs.
 It prints medians per relay and the ratios relayd/Postfix.
 
 Needs root (Postfix), Debian's postfix package (smtp-source, smtp-sink)
@@ -108,6 +114,26 @@ def pss(pid: int) -> int:
     return 0
 
 
+def cpuTicks(pid: int) -> int:
+    """User and system CPU time of ``pid`` so far, in clock ticks (0 once it is gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return int(fields[11]) + int(fields[12])
+    except (OSError, IndexError, ValueError):
+        return 0
+
+
+def machineBusyTicks() -> int:
+    """Clock ticks every CPU spent busy (not idle, not waiting for I/O) since boot."""
+    with open("/proc/stat") as f:
+        fields = [int(x) for x in f.readline().split()[1:]]
+    return sum(fields) - fields[3] - fields[4]
+
+
+TICK = os.sysconf("SC_CLK_TCK")
+
+
 def children(pid: int) -> list[int]:
     """The child processes of ``pid`` (relayd's intake workers)."""
     try:
@@ -139,20 +165,39 @@ def postfixPids(queueDir: Path) -> list[int]:
 
 
 class PeakSampler:
-    def __init__(self, measure):
-        self.measure = measure
+    """Every 0.1 s: the relay's memory (its peak kept) and each of its processes' CPU time."""
+
+    def __init__(self, relay):
+        self.relay = relay
         self.peak = 0
+        # pid -> CPU ticks when first seen (before the run for processes
+        # that were there), and when last seen.
+        self.first: dict[int, int] = {pid: cpuTicks(pid) for pid in relay.pids()}
+        self.last: dict[int, int] = dict(self.first)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            try:
-                self.peak = max(self.peak, self.measure())
-            except OSError:
-                pass
+            self.sample()
             time.sleep(0.1)
+
+    def sample(self) -> None:
+        try:
+            pids = self.relay.pids()
+            self.peak = max(self.peak, sum(pss(p) for p in pids))
+        except OSError:
+            return
+        for pid in pids:
+            ticks = cpuTicks(pid)
+            self.first.setdefault(pid, 0)  # started during the run
+            self.last[pid] = max(self.last.get(pid, 0), ticks)
+
+    def cpuSeconds(self) -> float:
+        """CPU time of the relay's processes since this sampler started."""
+        self.sample()
+        return sum(self.last[p] - self.first[p] for p in self.last) / TICK
 
     def stop(self) -> int:
         self._stop.set()
@@ -192,8 +237,8 @@ class Relayd:
             cwd=self.dir, stdout=self.log, stderr=subprocess.STDOUT)
         waitListening(self.port)
 
-    def memory(self) -> int:
-        return sum(pss(p) for p in [self.proc.pid, *children(self.proc.pid)])
+    def pids(self) -> list[int]:
+        return [self.proc.pid, *children(self.proc.pid)]
 
     def stop(self) -> None:
         self.proc.terminate()
@@ -263,8 +308,8 @@ class Postfix:
             raise SystemExit(f"bench: postfix did not start: {result.stdout}{result.stderr}")
         waitListening(self.port)
 
-    def memory(self) -> int:
-        return sum(pss(p) for p in postfixPids(self.dir / "spool"))
+    def pids(self) -> list[int]:
+        return postfixPids(self.dir / "spool")
 
     def stop(self) -> None:
         subprocess.run(["postfix", "-c", str(self.dir / "etc"), "stop"], capture_output=True)
@@ -278,9 +323,10 @@ def runOnce(relayClass, args) -> dict:
     except BaseException:
         sink.stop()
         raise
-    sampler = PeakSampler(relay.memory)
+    sampler = PeakSampler(relay)
     try:
         start = time.monotonic()
+        machineBefore = machineBusyTicks()
         source = subprocess.run(
             ["smtp-source", "-s", str(args.sessions), "-m", str(args.messages), "-l", str(args.size),
              "-f", "sender@example.com", "-t", "rcpt@example.org", "-M", "bench.localdomain",
@@ -292,6 +338,8 @@ def runOnce(relayClass, args) -> dict:
         delivered = sink.waitFor(args.messages, args.deadline)
         if delivered is None:
             raise SystemExit(f"bench: {relay.name}: sink has {sink.count}/{args.messages} after {args.deadline} s")
+        machine = (machineBusyTicks() - machineBefore) / TICK
+        relayCpu = sampler.cpuSeconds()
     finally:
         peak = sampler.stop()
         relay.stop()
@@ -300,6 +348,8 @@ def runOnce(relayClass, args) -> dict:
         "accept": args.messages / (accepted - start),
         "endToEnd": args.messages / (delivered - start),
         "peak": peak,
+        "cpu": 1000 * relayCpu / args.messages,
+        "machineCpu": 1000 * machine / args.messages,
     }
 
 
@@ -339,6 +389,7 @@ def main() -> None:
             results[relayClass.name].append(r)
             print(f"round {round_ + 1} {relayClass.name:10s} accept {r['accept']:8.1f} msg/s  "
                   f"end-to-end {r['endToEnd']:8.1f} msg/s  peak memory {r['peak'] / 1e6:7.1f} MB  "
+                  f"CPU {r['cpu']:5.2f} ms/msg (machine {r['machineCpu']:5.2f})  "
                   f"load {os.getloadavg()[0]:.2f}", flush=True)
 
     def med(name, key):
@@ -355,9 +406,10 @@ def main() -> None:
     versusOne = f"{relays[-1].name + '/' + relays[0].name:>20s}" if len(relays) > 1 else ""
     print(f"{'':22s}{header}{ratios}{versusOne}")
     for key, label, unit in (("accept", "accept rate", "msg/s"), ("endToEnd", "end-to-end rate", "msg/s"),
-                             ("peak", "peak memory", "MB")):
+                             ("peak", "peak memory", "MB"), ("cpu", "relay CPU", "ms/msg"),
+                             ("machineCpu", "machine CPU", "ms/msg")):
         scale = 1e6 if key == "peak" else 1
-        values = "".join(f"{med(n, key) / scale:12.1f}" for n in names)
+        values = "".join(f"{med(n, key) / scale:12.{2 if 'pu' in key else 1}f}" for n in names)
         line = "".join(f"{med(r.name, key) / med(Postfix.name, key):18.2f}" for r in relays)
         if len(relays) > 1:
             line += f"{med(relays[-1].name, key) / med(relays[0].name, key):20.2f}"
