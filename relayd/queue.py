@@ -30,8 +30,9 @@ are atomic renames without fsync: a crash may bring back an older state and
 repeat a delivery, but never loses a message.
 
 Commits that are ready at the same moment share one directory fsync
-(``DirectorySync``, group commit): each still returns only after an fsync
-of the directory that started after its own renames.
+(``DirectorySync``, group commit): each is still answered only after an
+fsync of the directory that started after its own renames. The daemon's
+commits (``commitInLane``) do not hold a thread while they wait for it.
 
 Everything here is synchronous and blocking; the caller decides which thread
 runs it. relayd runs whatever touches the file system (begin, writing the
@@ -117,51 +118,95 @@ def _fsyncDirectory(path: str) -> None:
 
 class DirectorySync:
     """
-    Group commit: ``sync()`` returns once an fsync of ``path`` that started
-    after the call has succeeded (and raises its error if it failed). One
-    fsync runs at a time; every caller that arrives meanwhile waits for the
-    next one, which then covers them all.
+    Group commit: every request is answered once an fsync of ``path`` that
+    started after it has ended, with that fsync's outcome (None, or the
+    exception it raised). One fsync runs at a time; the requests that
+    arrive meanwhile are all covered by the next one.
+
+    ``syncLater(done)`` does not wait for that: when an fsync is under way
+    it only adds ``done`` to the next one's list and returns, so the thread
+    is free at once; otherwise the calling thread runs the fsync itself,
+    and then the next ones for as long as requests keep arriving during
+    them. Every ``done`` one fsync covers is called together through
+    ``deliver`` (``reactor.callFromThread`` in the daemon: one wake-up of
+    the reactor for the whole group, and no thread parked waiting for it).
+    ``sync()`` is the blocking form, for callers that hold their thread
+    anyway.
     """
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, deliver: Callable[..., object] | None = None) -> None:
         self.path = path
-        self._changed = threading.Condition()
-        self._started = 0  # fsyncs started so far (their generation numbers)
+        self._deliver = deliver or (lambda f, *args: f(*args))
+        self._lock = threading.Lock()
         self._running = False
-        # Generation -> its outcome, kept until every caller it covers has read it.
-        self._outcomes: dict[int, BaseException | None] = {}
-        self._waiting: dict[int, int] = {}
+        # (done, delivered) of the requests made since the running fsync started.
+        self._next: list[tuple[Callable[[BaseException | None], object], bool]] = []
 
     def sync(self) -> None:
-        with self._changed:
-            # The first fsync to start from now on covers this caller.
-            generation = self._started + 1
-            self._waiting[generation] = self._waiting.get(generation, 0) + 1
-            while generation not in self._outcomes:
-                if self._running:
-                    self._changed.wait()
-                    continue
-                self._running = True
-                self._started += 1  # == generation: none started since the call
-                self._changed.release()
+        finished = threading.Event()
+        outcomes: list[BaseException | None] = []
+
+        def done(outcome: BaseException | None) -> None:
+            outcomes.append(outcome)
+            finished.set()
+
+        self._request(done, delivered=False)
+        finished.wait()
+        if outcomes[0] is not None:
+            raise outcomes[0]
+
+    def syncLater(self, done: Callable[[BaseException | None], object]) -> None:
+        self._request(done, delivered=True)
+
+    def _request(self, done, delivered: bool) -> None:
+        with self._lock:
+            self._next.append((done, delivered))
+            if self._running:
+                return  # the thread running the current fsync runs the next
+            # This thread runs the fsyncs until nobody waits: a blocking
+            # caller returns only then, a lane's call (commitInLane) ends
+            # only then; both are answered after their own fsync.
+            self._running = True
+        try:
+            while True:
+                with self._lock:
+                    # Taken before the fsync starts: it covers exactly these.
+                    covered, self._next = self._next, []
+                    if not covered:
+                        self._running = False
+                        return
                 try:
                     _fsyncDirectory(self.path)
                     outcome = None
                 except Exception as e:
                     outcome = e
-                finally:
-                    self._changed.acquire()
-                    self._running = False
-                self._outcomes[generation] = outcome
-                self._changed.notify_all()
-            outcome = self._outcomes[generation]
-            self._waiting[generation] -= 1
-            if not self._waiting[generation]:
-                del self._waiting[generation], self._outcomes[generation]
-        if outcome is not None:
-            if isinstance(outcome, OSError):  # each caller its own exception (tracebacks)
-                raise OSError(outcome.errno, outcome.strerror, outcome.filename)
-            raise outcome
+                self._answer(covered, outcome)
+        except BaseException:
+            with self._lock:
+                self._running = False  # the next request runs what is left
+            raise
+
+    def _answer(self, covered, outcome: BaseException | None) -> None:
+        delivered = []
+        for done, viaDeliver in covered:
+            if viaDeliver:
+                delivered.append(done)
+            else:
+                done(_ownCopy(outcome))
+        if delivered:
+            self._deliver(_answerAll, delivered, outcome)
+
+
+def _ownCopy(outcome: BaseException | None) -> BaseException | None:
+    # Each caller its own exception (tracebacks).
+    if isinstance(outcome, OSError):
+        return OSError(outcome.errno, outcome.strerror, outcome.filename)
+    return outcome
+
+
+def _answerAll(callbacks, outcome: BaseException | None) -> None:
+    for done in callbacks:
+        done(_ownCopy(outcome))
 
 
 class MessageLanes:
@@ -204,6 +249,34 @@ class MessageLanes:
     def busy(self, queueId: str) -> bool:
         """Whether calls for ``queueId`` are queued or running."""
         return queueId in self._tails
+
+
+def commitInLane(lanes: MessageLanes, writer: SpoolWriter, envelope: Envelope) -> defer.Deferred:
+    """
+    ``writer.commit(envelope)`` in the message's lane of the spool's
+    threads, without holding a thread while it waits for the fsync of
+    queue/ (``DirectorySync.syncLater``). The Deferred fires once the
+    message is committed, through the spool's ``deliver``; on failure
+    nothing of the message is left and it fails with the error.
+    """
+    finished: defer.Deferred = defer.Deferred()
+
+    def synced(outcome: BaseException | None) -> None:
+        if outcome is None:
+            writer.committed()
+            finished.callback(None)
+            return
+        # Removing the files named in queue/ waits for the disk too.
+        lanes.run(writer.queueId, writer.abort).addErrback(
+            lambda f: maillog.queueWarning(writer.queueId, f"cannot remove an uncommitted message: {f.value}"))
+        finished.errback(outcome)
+
+    def place() -> None:
+        writer.place(envelope)
+        writer._spool.queueDirectorySync.syncLater(synced)
+
+    lanes.run(writer.queueId, place).addErrback(finished.errback)
+    return finished
 
 
 def _parseEnvelope(queueId: str, raw: bytes) -> Envelope:
@@ -334,6 +407,7 @@ class SpoolWriter:
         self._created: list[str] = []
         self._error: OSError | None = None
         self._finished = False
+        self._placedBody: bytes | None = None  # ``body`` once ``committed``
         self._fd: int | None = None
         if create:
             self._file()
@@ -377,6 +451,22 @@ class SpoolWriter:
         On any failure nothing of this message is left behind and the error
         is raised again (an OSError from the filesystem, as is).
         """
+        self.place(envelope)
+        try:
+            self._spool.queueDirectorySync.sync()
+        except BaseException:
+            self._finish()
+            raise
+        self.committed()
+
+    def place(self, envelope: Envelope) -> None:
+        """
+        ``commit`` up to the fsync of queue/ (blocking): both files are
+        fsynced and named in queue/, and the message is committed once an
+        fsync of queue/ that started afterwards has succeeded; then call
+        ``committed``, or ``abort`` (which removes them) if it failed. On
+        failure here nothing is left behind, as with ``commit``.
+        """
         if self._finished:
             raise ValueError(f"{self.queueId}: writer is already committed or aborted")
         try:
@@ -416,14 +506,16 @@ class SpoolWriter:
             # else a failing clean-up leaves.
             self._created.insert(0, self._envelope)
 
-            self._spool.queueDirectorySync.sync()
         except BaseException:
             self._finish()
             raise
+        self._placedBody = rest if whole else None
+
+    def committed(self) -> None:
+        """The fsync of queue/ after ``place`` succeeded: the message is committed (memory only)."""
         self._created = []
         self._finished = True
-        if whole:
-            self.body = rest
+        self.body, self._placedBody = self._placedBody, None
 
     def abort(self) -> None:
         """Forget the message: remove whatever was written. Safe to call twice."""
@@ -459,10 +551,12 @@ class Spool:
     once at start-up before anything else.
     """
 
-    def __init__(self, directory: str) -> None:
+    def __init__(self, directory: str, deliver: Callable[..., object] | None = None) -> None:
         self.directory = directory
-        # Commits ready at the same moment share one fsync of queue/.
-        self.queueDirectorySync = DirectorySync(self._path(QUEUE))
+        # Commits ready at the same moment share one fsync of queue/;
+        # ``deliver`` (the daemon's reactor.callFromThread) runs what
+        # ``commitInLane`` does once it has ended.
+        self.queueDirectorySync = DirectorySync(self._path(QUEUE), deliver)
         # Where a commit fsyncs its body while it fsyncs the envelope itself
         # (``fsyncTogether``); started at the first commit.
         self._fsyncThreads: ThreadPoolExecutor | None = None

@@ -45,8 +45,8 @@ from relayd.auth import (
 from relayd.courier import Courier
 from relayd.dkim import KeyProblem, Signer, keyProblems
 from relayd.proxy import ProxyFactory
-from relayd.queue import (SPOOL_THREADS, MessageLanes, Spool, ownershipProblem, permissionFix,
-                          spoolProblems)
+from relayd.queue import (SPOOL_THREADS, MessageLanes, Spool, commitInLane, ownershipProblem,
+                          permissionFix, spoolProblems)
 from relayd.resolve import HOSTS_FILE, ClientNames, ConfiguredResolver
 from relayd.scheduler import Scheduler
 from relayd.tcp import sendAtOnceOnAccept
@@ -523,7 +523,7 @@ def makeService(options, reactor=None) -> RelayService:
     count = configModule.processCount(config.processes, os.cpu_count())
     if count > 1:
         return _makeMaster(options, config, reactor, count)
-    spool = Spool(config.queue.directory)
+    spool = Spool(config.queue.directory, deliver=reactor.callFromThread)
     pool, runInThread = _spoolThreads(reactor)
     listenerServices: list = []
     # One resolver for MX delivery and client names.
@@ -587,12 +587,13 @@ def makeService(options, reactor=None) -> RelayService:
 def _committer(lanes, metrics, reactor):
     """
     A message's commit, in its lane of the spool's threads (fsync never runs
-    on the reactor thread; it follows the body's last piece), timed for the
-    metrics page when there is one.
+    on the reactor thread; it follows the body's last piece), answered on
+    the reactor thread by the fsync of queue/ that covers it (the spool's
+    ``deliver``), timed for the metrics page when there is one.
     """
 
     def commit(writer, envelope):
-        d = lanes.run(writer.queueId, writer.commit, envelope)
+        d = commitInLane(lanes, writer, envelope)
         if metrics is not None:
             started = reactor.seconds()
             d.addCallback(_passing(lambda: metrics.timedCommit(reactor.seconds() - started)))
@@ -706,7 +707,7 @@ def _makeMaster(options, config, reactor, count: int) -> RelayService:
     from relayd.metrics import TimedTransport
     from relayd.server import _throttleSettings
 
-    spool = Spool(config.queue.directory)
+    spool = Spool(config.queue.directory, deliver=reactor.callFromThread)
     pool, runInThread = _spoolThreads(reactor)
     listenerServices: list = []
     resolver = ConfiguredResolver(reactor, config)
@@ -776,7 +777,7 @@ def makeWorker(config, reactor, link, listenerFds: list[int], number: int = 1):
     raiseFileLimit(config)
     link.limits = RemoteLimits(link, reactor, config, _throttleSettings)
 
-    spool = Spool(config.queue.directory)
+    spool = Spool(config.queue.directory, deliver=reactor.callFromThread)
     pool, runInThread = _spoolThreads(reactor)
     resolver = ConfiguredResolver(reactor, config)
     boundListeners: list = []

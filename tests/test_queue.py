@@ -732,29 +732,44 @@ def test_commits_waiting_during_a_directory_fsync_share_the_next_one(tmp_path, m
 
     monkeypatch.setattr(queue, "_fsyncDirectory", fsyncDirectory)
     directory = queue.DirectorySync(str(tmp_path))
-    returned = []
+    answered = []
+    lateReturned = []
 
     def sync(name):
         directory.sync()
-        returned.append((name, len(syncs)))
+        answered.append((name, len(syncs)))
 
-    first = threading.Thread(target=sync, args=("first",))
+    def syncLater(name):
+        directory.syncLater(lambda outcome: answered.append((name, len(syncs), outcome)))
+        lateReturned.append(name)
+
+    # The first runs the fsync (and the next one) in its thread.
+    first = threading.Thread(target=syncLater, args=("first",))
     first.start()
     assert firstStarted.wait(10)
-    later = [threading.Thread(target=sync, args=(f"later{i}",)) for i in range(3)]
+    later = [threading.Thread(target=syncLater, args=(f"later{i}",)) for i in range(2)]
     for t in later:
         t.start()
-    deadline = time.monotonic() + 10
-    while directory._waiting.get(2, 0) < 3 and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert returned == [] and syncs == ["start"]  # nobody returns on the fsync under way
-    releaseFirst.set()
-    for t in [first, *later]:
+    for t in later:
         t.join(10)
-    # Two fsyncs for four commits; the three late ones only after the second ended.
+    # A blocking caller waits in its thread for its fsync.
+    blocking = threading.Thread(target=sync, args=("blocking",))
+    blocking.start()
+    deadline = time.monotonic() + 10
+    while len(directory._next) < 3 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    # Nobody is answered on the fsync under way, and the late ones that do
+    # not block did not wait for theirs: their threads are free.
+    assert sorted(lateReturned) == ["later0", "later1"]
+    assert answered == [] and syncs == ["start"] and blocking.is_alive()
+    releaseFirst.set()
+    for t in (first, blocking):
+        t.join(10)
+    # Two fsyncs for four commits; the three late ones only after the second
+    # ended, answered together.
     assert syncs == ["start", "end", "start", "end"]
-    assert returned[0] == ("first", 2)
-    assert sorted(n for _, n in returned[1:]) == [4, 4, 4]
+    assert answered[0] == ("first", 2, None)
+    assert sorted(answered[1:]) == [("blocking", 4), ("later0", 4, None), ("later1", 4, None)]
 
 
 def test_a_failed_directory_fsync_fails_every_commit_it_covers(tmp_path, monkeypatch):
@@ -765,7 +780,89 @@ def test_a_failed_directory_fsync_fails_every_commit_it_covers(tmp_path, monkeyp
         with pytest.raises(OSError) as info:
             directory.sync()
         assert info.value.errno == errno.EIO
-    assert directory._outcomes == {} and directory._waiting == {}  # nothing kept
+    outcomes = []
+    directory.syncLater(outcomes.append)
+    assert [o.errno for o in outcomes] == [errno.EIO]
+    assert directory._next == [] and not directory._running  # nothing kept
+
+
+def test_a_commit_waiting_for_the_directory_fsync_holds_no_spool_thread(spool, tmp_path, monkeypatch):
+    """
+    commitInLane: a commit whose files are in place frees its thread while
+    it waits for the fsync of queue/ that covers it, and is answered, through
+    the spool's ``deliver``, only once that fsync has ended; those that
+    arrive during an fsync are answered together, in one ``deliver``.
+    """
+    import threading
+
+    from twisted.internet import defer
+
+    syncs: list[str] = []
+    firstStarted, releaseFirst = threading.Event(), threading.Event()
+
+    def fsyncDirectory(path):
+        syncs.append("start")
+        if len(syncs) == 1:
+            firstStarted.set()
+            assert releaseFirst.wait(10)
+        syncs.append("end")
+
+    monkeypatch.setattr(queue, "_fsyncDirectory", fsyncDirectory)
+    delivered = []
+    spool.queueDirectorySync._deliver = lambda f, *args: (delivered.append(len(syncs)), f(*args))
+    threadsHeld = []  # one entry per call running in a thread
+
+    def runInThread(f, *args):
+        d = defer.Deferred()
+
+        def run():
+            threadsHeld.append(f)
+            try:
+                d.callback(f(*args))  # the test's Deferreds have no reactor to return to
+            except BaseException as e:
+                d.errback(e)
+            finally:
+                threadsHeld.remove(f)
+
+        threading.Thread(target=run).start()
+        return d
+
+    lanes = queue.MessageLanes(runInThread)
+    writers = [spool.receive(newQueueId()) for _ in range(4)]
+    for writer in writers:
+        writer.write(b"Subject: x\r\n\r\nbody\r\n")
+    answered = []
+    first = queue.commitInLane(lanes, writers[0], makeEnvelope(writers[0].queueId))
+    first.addCallback(lambda _: answered.append(("first", len(syncs))))
+    assert firstStarted.wait(10)
+    for i, writer in enumerate(writers[1:]):
+        queue.commitInLane(lanes, writer, makeEnvelope(writer.queueId)).addCallback(
+            lambda _, i=i: answered.append((f"later{i}", len(syncs))))
+    deadline = time.monotonic() + 10
+    while len(spool.queueDirectorySync._next) < 3 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    while len(threadsHeld) > 1 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    # Only the thread running the fsync is held; nobody is answered yet.
+    assert len(threadsHeld) == 1 and answered == [] and len(spool.queueDirectorySync._next) == 3
+    releaseFirst.set()
+    while len(answered) < 4 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert answered[0] == ("first", 2)
+    assert sorted(answered[1:]) == [("later0", 4), ("later1", 4), ("later2", 4)]
+    assert delivered == [2, 4]  # one hand-over per fsync of queue/
+    assert sorted(spool.ids()) == sorted(w.queueId for w in writers)
+
+
+def test_a_failed_directory_fsync_in_a_lane_removes_the_message(spool, monkeypatch):
+    monkeypatch.setattr(queue, "_fsyncDirectory",
+                        lambda path: (_ for _ in ()).throw(OSError(errno.EIO, "I/O error")))
+    writer = spool.receive(newQueueId())
+    writer.write(b"Subject: x\r\n\r\nbody\r\n")
+    failures = []
+    queue.commitInLane(queue.MessageLanes(), writer, makeEnvelope(writer.queueId)).addErrback(failures.append)
+    assert [f.value.errno for f in failures] == [errno.EIO]
+    assert spool.ids() == [] and os.listdir(os.path.join(spool.directory, queue.QUEUE)) == []
 
 
 def test_message_lanes_run_one_call_at_a_time_per_message_in_order():
