@@ -57,6 +57,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import BinaryIO
 
 from twisted.internet import defer
+from twisted.python.failure import Failure
 
 from relayd import maillog
 from relayd.envelope import Envelope, isQueueId
@@ -136,7 +137,8 @@ class DirectorySync:
 
     def __init__(self, path: str, deliver: Callable[..., object] | None = None) -> None:
         self.path = path
-        self._deliver = deliver or (lambda f, *args: f(*args))
+        # Runs the answers of the requests made through ``syncLater``.
+        self.deliver = deliver or _callNow
         self._lock = threading.Lock()
         self._running = False
         # (done, delivered) of the requests made since the running fsync started.
@@ -194,7 +196,7 @@ class DirectorySync:
             else:
                 done(_ownCopy(outcome))
         if delivered:
-            self._deliver(_answerAll, delivered, outcome)
+            self.deliver(_answerAll, delivered, outcome)
 
 
 def _ownCopy(outcome: BaseException | None) -> BaseException | None:
@@ -225,6 +227,14 @@ class MessageLanes:
         self._tails: dict[str, defer.Deferred] = {}
 
     def run(self, queueId: str, f: Callable, *args) -> defer.Deferred:
+        return self.runStep(queueId, lambda: self._runInThread(f, *args))
+
+    def runStep(self, queueId: str, start: Callable[[], defer.Deferred]) -> defer.Deferred:
+        """
+        ``run`` for a step that starts its own work: ``start()`` is called
+        once the lane is free and returns a Deferred that fires when the
+        step has ended; the lane stays busy until then.
+        """
         previous = self._tails.get(queueId)
         ended: defer.Deferred = defer.Deferred()
         self._tails[queueId] = ended
@@ -236,14 +246,10 @@ class MessageLanes:
             return outcome
 
         if previous is None:
-            d = defer.maybeDeferred(self._runInThread, f, *args)
+            d = defer.maybeDeferred(start)
         else:
             d = defer.Deferred()
-
-            def start(_):
-                defer.maybeDeferred(self._runInThread, f, *args).chainDeferred(d)
-
-            previous.addCallback(start)
+            previous.addCallback(lambda _: defer.maybeDeferred(start).chainDeferred(d))
         return d.addBoth(release)
 
     def busy(self, queueId: str) -> bool:
@@ -251,32 +257,51 @@ class MessageLanes:
         return queueId in self._tails
 
 
-def commitInLane(lanes: MessageLanes, writer: SpoolWriter, envelope: Envelope) -> defer.Deferred:
+def commitInLane(lanes: MessageLanes, writer: SpoolWriter, envelope: Envelope,
+                 callInThread: Callable[..., object] | None = None) -> defer.Deferred:
     """
-    ``writer.commit(envelope)`` in the message's lane of the spool's
-    threads, without holding a thread while it waits for the fsync of
-    queue/ (``DirectorySync.syncLater``). The Deferred fires once the
-    message is committed, through the spool's ``deliver``; on failure
-    nothing of the message is left and it fails with the error.
+    ``writer.commit(envelope)`` as a step of the message's lane, its files
+    written in a spool thread (``callInThread``; default: at once, in the
+    calling thread). The thread is not held while the commit waits for
+    its fsync of queue/ (``DirectorySync.syncLater``), and the outcome
+    comes back through the spool's ``deliver`` alone: one hand-over for
+    every commit that fsync covers. The Deferred fires once the message is
+    committed; on failure nothing of it is left and it fails with the
+    error. The lane is busy until then.
     """
-    finished: defer.Deferred = defer.Deferred()
+    directory = writer._spool.queueDirectorySync
 
-    def synced(outcome: BaseException | None) -> None:
-        if outcome is None:
-            writer.committed()
-            finished.callback(None)
-            return
-        # Removing the files named in queue/ waits for the disk too.
-        lanes.run(writer.queueId, writer.abort).addErrback(
-            lambda f: maillog.queueWarning(writer.queueId, f"cannot remove an uncommitted message: {f.value}"))
-        finished.errback(outcome)
+    def start() -> defer.Deferred:
+        finished: defer.Deferred = defer.Deferred()
 
-    def place() -> None:
-        writer.place(envelope)
-        writer._spool.queueDirectorySync.syncLater(synced)
+        def synced(outcome: BaseException | None) -> None:
+            if outcome is None:
+                writer.committed()
+                finished.callback(None)
+                return
+            # The files named in queue/ go (in a thread: unlink waits for the
+            # disk too) before anything else of this message's lane.
+            lanes.run(writer.queueId, writer.abort).addErrback(
+                lambda f: maillog.queueWarning(
+                    writer.queueId, f"cannot remove an uncommitted message: {f.value}"))
+            finished.errback(outcome)
 
-    lanes.run(writer.queueId, place).addErrback(finished.errback)
-    return finished
+        def place() -> None:
+            try:
+                writer.place(envelope)
+            except BaseException:
+                directory.deliver(finished.errback, Failure())
+                return
+            directory.syncLater(synced)
+
+        (callInThread or _callNow)(place)
+        return finished
+
+    return lanes.runStep(writer.queueId, start)
+
+
+def _callNow(f: Callable, *args) -> None:
+    f(*args)
 
 
 def _parseEnvelope(queueId: str, raw: bytes) -> Envelope:

@@ -542,7 +542,7 @@ def makeService(options, reactor=None) -> RelayService:
     scheduler = Scheduler(spool, transport, config, reactor, runInThread=runInThread,
                           lanes=lanes, signer=signer)
 
-    commit = _committer(lanes, metrics, reactor)
+    commit = _committer(lanes, metrics, reactor, pool)
 
     tls, passwords, verifier, authPool, credPortal = _security(config, reactor)
     # RELAYD_HOSTS_FILE: another hosts file (the tests' own).
@@ -584,7 +584,7 @@ def makeService(options, reactor=None) -> RelayService:
     return relay
 
 
-def _committer(lanes, metrics, reactor):
+def _committer(lanes, metrics, reactor, pool):
     """
     A message's commit, in its lane of the spool's threads (fsync never runs
     on the reactor thread; it follows the body's last piece), answered on
@@ -593,7 +593,7 @@ def _committer(lanes, metrics, reactor):
     """
 
     def commit(writer, envelope):
-        d = commitInLane(lanes, writer, envelope)
+        d = commitInLane(lanes, writer, envelope, pool.callInThread)
         if metrics is not None:
             started = reactor.seconds()
             d.addCallback(_passing(lambda: metrics.timedCommit(reactor.seconds() - started)))
@@ -792,7 +792,7 @@ def makeWorker(config, reactor, link, listenerFds: list[int], number: int = 1):
         from relayd.metrics import TimedTransport, UpdateBatch
         metrics = UpdateBatch(link.sendMetrics, reactor)
 
-    commitInThread = _committer(lanes, metrics, reactor)
+    commitInThread = _committer(lanes, metrics, reactor, pool)
 
     # The first attempt of what this worker commits, in slots the master
     # grants; the rest is handed to the master (relayd.worker).

@@ -809,48 +809,46 @@ def test_a_commit_waiting_for_the_directory_fsync_holds_no_spool_thread(spool, t
 
     monkeypatch.setattr(queue, "_fsyncDirectory", fsyncDirectory)
     delivered = []
-    spool.queueDirectorySync._deliver = lambda f, *args: (delivered.append(len(syncs)), f(*args))
+    spool.queueDirectorySync.deliver = lambda f, *args: (delivered.append(len(syncs)), f(*args))
     threadsHeld = []  # one entry per call running in a thread
 
-    def runInThread(f, *args):
-        d = defer.Deferred()
-
+    def callInThread(f, *args):
         def run():
             threadsHeld.append(f)
             try:
-                d.callback(f(*args))  # the test's Deferreds have no reactor to return to
-            except BaseException as e:
-                d.errback(e)
+                f(*args)
             finally:
                 threadsHeld.remove(f)
 
         threading.Thread(target=run).start()
-        return d
 
-    lanes = queue.MessageLanes(runInThread)
+    lanes = queue.MessageLanes()
     writers = [spool.receive(newQueueId()) for _ in range(4)]
     for writer in writers:
         writer.write(b"Subject: x\r\n\r\nbody\r\n")
     answered = []
-    first = queue.commitInLane(lanes, writers[0], makeEnvelope(writers[0].queueId))
+    first = queue.commitInLane(lanes, writers[0], makeEnvelope(writers[0].queueId), callInThread)
     first.addCallback(lambda _: answered.append(("first", len(syncs))))
     assert firstStarted.wait(10)
     for i, writer in enumerate(writers[1:]):
-        queue.commitInLane(lanes, writer, makeEnvelope(writer.queueId)).addCallback(
+        queue.commitInLane(lanes, writer, makeEnvelope(writer.queueId), callInThread).addCallback(
             lambda _, i=i: answered.append((f"later{i}", len(syncs))))
     deadline = time.monotonic() + 10
     while len(spool.queueDirectorySync._next) < 3 and time.monotonic() < deadline:
         time.sleep(0.01)
     while len(threadsHeld) > 1 and time.monotonic() < deadline:
         time.sleep(0.01)
-    # Only the thread running the fsync is held; nobody is answered yet.
+    # Only the thread running the fsync is held; nobody is answered yet,
+    # and each message's lane stays busy until its commit is.
     assert len(threadsHeld) == 1 and answered == [] and len(spool.queueDirectorySync._next) == 3
+    assert all(lanes.busy(w.queueId) for w in writers)
     releaseFirst.set()
     while len(answered) < 4 and time.monotonic() < deadline:
         time.sleep(0.01)
     assert answered[0] == ("first", 2)
     assert sorted(answered[1:]) == [("later0", 4), ("later1", 4), ("later2", 4)]
     assert delivered == [2, 4]  # one hand-over per fsync of queue/
+    assert not any(lanes.busy(w.queueId) for w in writers)
     assert sorted(spool.ids()) == sorted(w.queueId for w in writers)
 
 
@@ -863,6 +861,22 @@ def test_a_failed_directory_fsync_in_a_lane_removes_the_message(spool, monkeypat
     queue.commitInLane(queue.MessageLanes(), writer, makeEnvelope(writer.queueId)).addErrback(failures.append)
     assert [f.value.errno for f in failures] == [errno.EIO]
     assert spool.ids() == [] and os.listdir(os.path.join(spool.directory, queue.QUEUE)) == []
+
+
+def test_a_failed_write_in_a_lane_fails_the_commit_and_leaves_nothing(spool, tmp_path, monkeypatch):
+    def full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", full)
+    writer = spool.receive(newQueueId())
+    writer.write(b"Subject: x\r\n\r\nbody\r\n")
+    lanes = queue.MessageLanes()
+    failures = []
+    queue.commitInLane(lanes, writer, makeEnvelope(writer.queueId)).addErrback(failures.append)
+    monkeypatch.undo()
+    assert [f.value.errno for f in failures] == [errno.ENOSPC]
+    assert not lanes.busy(writer.queueId)
+    assert listing(tmp_path / "spool") == {"tmp": [], "queue": [], "quarantine": []}
 
 
 def test_message_lanes_run_one_call_at_a_time_per_message_in_order():
