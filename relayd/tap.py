@@ -23,6 +23,7 @@ stopped the reactor, so a clean stop would exit -15.
 
 from __future__ import annotations
 
+import gc
 import os
 import dataclasses
 import resource
@@ -319,6 +320,12 @@ class RelayService(service.MultiService):
             self.scheduler.add(envelope)
         self.scheduler.reportQuarantine(getattr(self.spool, "quarantined", []))
         super().startService()
+        # What start-up loaded (the recovered queue above all) lives until it
+        # is delivered, yet every full pass of the cyclic garbage collector
+        # would scan it again, the reactor stopped meanwhile (0.6-0.9 s with
+        # 100,000 queued messages): it leaves those objects alone from now
+        # on. Reference counting still frees each one when it goes.
+        gc.freeze()
         unreadable = len(getattr(self.spool, "unreadable", []))
         maillog.daemonEvent(
             f"daemon started -- version {__import__('relayd').__version__}, "
