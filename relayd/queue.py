@@ -166,8 +166,8 @@ class DirectorySync:
             if self._running:
                 return  # the thread running the current fsync runs the next
             # This thread runs the fsyncs until nobody waits: a blocking
-            # caller returns only then, a lane's call (commitInLane) ends
-            # only then; both are answered after their own fsync.
+            # caller returns, and commitInLane's thread is free, only then;
+            # both are answered right after their own fsync.
             self._running = True
         try:
             while True:
