@@ -530,7 +530,7 @@ def makeService(options, reactor=None) -> RelayService:
     count = configModule.processCount(config.processes, os.cpu_count())
     if count > 1:
         return _makeMaster(options, config, reactor, count)
-    spool = Spool(config.queue.directory, deliver=reactor.callFromThread)
+    spool = Spool(config.queue.directory, deliver=_fromThreads(reactor))
     pool, runInThread = _spoolThreads(reactor)
     listenerServices: list = []
     # One resolver for MX delivery and client names.
@@ -607,6 +607,11 @@ def _committer(lanes, metrics, reactor, pool):
         return d
 
     return commit
+
+
+def _fromThreads(reactor):
+    """``reactor.callFromThread``, looked up when called (a test's reactor may have none)."""
+    return lambda f, *args: reactor.callFromThread(f, *args)
 
 
 def _spoolThreads(reactor):
@@ -714,7 +719,7 @@ def _makeMaster(options, config, reactor, count: int) -> RelayService:
     from relayd.metrics import TimedTransport
     from relayd.server import _throttleSettings
 
-    spool = Spool(config.queue.directory, deliver=reactor.callFromThread)
+    spool = Spool(config.queue.directory, deliver=_fromThreads(reactor))
     pool, runInThread = _spoolThreads(reactor)
     listenerServices: list = []
     resolver = ConfiguredResolver(reactor, config)
@@ -784,7 +789,7 @@ def makeWorker(config, reactor, link, listenerFds: list[int], number: int = 1):
     raiseFileLimit(config)
     link.limits = RemoteLimits(link, reactor, config, _throttleSettings)
 
-    spool = Spool(config.queue.directory, deliver=reactor.callFromThread)
+    spool = Spool(config.queue.directory, deliver=_fromThreads(reactor))
     pool, runInThread = _spoolThreads(reactor)
     resolver = ConfiguredResolver(reactor, config)
     boundListeners: list = []
