@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import binascii
 import errno
+import functools
 import os
 import ipaddress
 import re
@@ -439,7 +440,7 @@ class SubmissionServer(smtp.ESMTP):
 
     def _greet(self) -> None:
         self._greeting = None
-        self.reply(replies.GREETING.format(hostname=self.factory.hostname))
+        self.reply(_greetingReply(self.factory.hostname))
 
     def handshakeCompleted(self) -> None:
         self._handshaking = False
@@ -800,13 +801,8 @@ class SubmissionServer(smtp.ESMTP):
         hostname = self.factory.hostname
         if not esmtp:
             return self.reply(replies.HELO_OK.format(hostname=hostname))
-        lines = [hostname, "PIPELINING", f"SIZE {self.factory.config.limits.messageSize}"]
-        if self._offersSTARTTLS():
-            lines.append("STARTTLS")
-        if self._offersAUTH():
-            lines.append("AUTH " + " ".join(SASL_MECHANISMS))
-        lines += ["8BITMIME", "ENHANCEDSTATUSCODES", "SMTPUTF8", "DSN"]
-        self.reply(Reply(250, None, "\n".join(lines)))
+        self.reply(_ehloReply(hostname, self.factory.config.limits.messageSize,
+                              self._offersSTARTTLS(), self._offersAUTH()))
 
     def _offersSTARTTLS(self) -> bool:
         return self.listener.tls == "starttls" and not self.secure and self.factory.tls is not None
@@ -1372,6 +1368,24 @@ def unsentBytes(transport) -> int:
             continue
         return max(0, len(transport.dataBuffer) - getattr(transport, "offset", 0))
     return 0
+
+
+@functools.lru_cache(maxsize=16)
+def _greetingReply(hostname: str) -> Reply:
+    # The same for every session: made (and its bytes built) once.
+    return replies.GREETING.format(hostname=hostname)
+
+
+@functools.lru_cache(maxsize=16)
+def _ehloReply(hostname: str, messageSize: int, starttls: bool, auth: bool) -> Reply:
+    """The EHLO reply: the same for every session that is offered the same things."""
+    lines = [hostname, "PIPELINING", f"SIZE {messageSize}"]
+    if starttls:
+        lines.append("STARTTLS")
+    if auth:
+        lines.append("AUTH " + " ".join(SASL_MECHANISMS))
+    lines += ["8BITMIME", "ENHANCEDSTATUSCODES", "SMTPUTF8", "DSN"]
+    return Reply(250, None, "\n".join(lines))
 
 
 def _isNonSmtpVerb(verb: bytes) -> bool:
