@@ -473,10 +473,10 @@ class Courier:
             )
 
         transactionStarted = seconds()
-        outcome = await session.sendMessage(message.sender, message.mailParams, recipients,
-                                            message.openBody, message.size,
-                                            recipientParams=message.recipientParams,
-                                            smtputf8=message.smtputf8)
+        outcome = await session.messageOutcome(message.sender, message.mailParams, recipients,
+                                               message.openBody, message.size,
+                                               recipientParams=message.recipientParams,
+                                               smtputf8=message.smtputf8)
         if reused and not outcome.mailAccepted:
             # The idle connection may have been closed (or timed out) by the
             # peer meanwhile: the answer counts only from a fresh one.

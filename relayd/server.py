@@ -160,6 +160,9 @@ class CommandSyntaxError(Exception):
         self.reply = reply
 
 
+# Both parse the address (ipaddress is pure Python): remembered for the
+# addresses seen most recently, as most connections come from a few clients.
+@functools.lru_cache(maxsize=1024)
 def normalizeAddress(host: str) -> str:
     """The client's IP as relayd logs and judges it: ``::ffff:a.b.c.d`` is ``a.b.c.d``."""
     try:
@@ -171,6 +174,7 @@ def normalizeAddress(host: str) -> str:
     return str(ip)
 
 
+@functools.lru_cache(maxsize=1024)
 def isTrusted(address: str, networks) -> bool:
     try:
         ip = ipaddress.ip_address(address)

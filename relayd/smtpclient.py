@@ -27,7 +27,7 @@ from __future__ import annotations
 import base64
 import re
 from dataclasses import dataclass
-from typing import BinaryIO, Callable, Mapping, Sequence
+from typing import Any, BinaryIO, Callable, Coroutine, Mapping, Sequence
 
 from twisted.internet import defer, error
 from twisted.internet.address import IPv4Address, IPv6Address
@@ -891,11 +891,24 @@ class OutboundSession(LineReceiver):
         section 4.5.3.1.10 asks, for as long as each transaction makes
         progress.
         """
-        utf8 = smtputf8 and "SMTPUTF8" in self.capabilities
         return defer.ensureDeferred(
-            self._transactions(sender, mailParams, list(recipients), openBody, size,
-                               recipientParams or {}, utf8)
-        )
+            self.messageOutcome(sender, mailParams, recipients, openBody, size,
+                                recipientParams, smtputf8))
+
+    def messageOutcome(
+        self,
+        sender: str,
+        mailParams: dict,
+        recipients: Sequence[str],
+        openBody: Callable[[], BinaryIO],
+        size: int,
+        recipientParams: Mapping[str, Mapping[str, str]] | None = None,
+        smtputf8: bool = False,
+    ) -> Coroutine[Any, Any, MessageOutcome]:
+        """``sendMessage`` as a coroutine, for a caller that awaits it: no Deferred in between."""
+        utf8 = smtputf8 and "SMTPUTF8" in self.capabilities
+        return self._transactions(sender, mailParams, list(recipients), openBody, size,
+                                  recipientParams or {}, utf8)
 
     async def _transactions(self, sender, mailParams, recipients, openBody, size, recipientParams,
                             utf8):
