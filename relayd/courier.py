@@ -131,6 +131,8 @@ class _Message:
     localErrors: list[Failure] = field(default_factory=list)
 
     def withLog(self, result: AttemptResult) -> AttemptResult:
+        if not (self.tlsSessions or self.localErrors or result.tlsSessions or result.localErrors):
+            return result  # nothing to add, nor to take away: no copy
         return replace(result, tlsSessions=tuple(self.tlsSessions),
                        localErrors=tuple(self.localErrors))
 

@@ -368,7 +368,8 @@ class SubmissionServer(smtp.ESMTP):
     def connectionMade(self) -> None:
         setNoDelay(self.transport)
         peer = self.transport.getPeer()
-        self.clientAddress = normalizeAddress(getattr(peer, "host", str(peer)))
+        host = getattr(peer, "host", None)
+        self.clientAddress = normalizeAddress(str(peer) if host is None else host)
         # Until the name is confirmed, and for good when it is not: Postfix's "unknown".
         self.clientName = "unknown"
         # Trust is the address's alone, never the name's.
@@ -734,8 +735,9 @@ class SubmissionServer(smtp.ESMTP):
         if words and words[0].upper() not in self._commands and _isNonSmtpVerb(words[0]):
             return self._nonSmtpCommand(raw, words[0])
         # An AUTH initial response may be longer than a command.
-        isAuth = raw[:5].upper() == b"AUTH "
-        limit = MAX_AUTH_LINE if isAuth else MAX_COMMAND_LINE + EXTENDED_LINE.get(raw[:5].upper(), 0)
+        head = raw[:5].upper()
+        isAuth = head == b"AUTH "
+        limit = MAX_AUTH_LINE if isAuth else MAX_COMMAND_LINE + EXTENDED_LINE.get(head, 0)
         if len(raw) > limit:
             return self._error(replies.AUTH_LINE_TOO_LONG if isAuth else replies.LINE_TOO_LONG)
         line = self._withoutLineEnding(raw)
@@ -744,11 +746,12 @@ class SubmissionServer(smtp.ESMTP):
         if _CONTROL_BYTES.search(line):
             return self._error(replies.BAD_CHARACTERS)
         verb, _, rest = line.strip().partition(b" ")
-        handler = self._commands.get(verb.upper())
+        verb = verb.upper()
+        handler = self._commands.get(verb)
         if handler is None:
             self.lastVerb = "UNKNOWN"
             return self._error(replies.COMMAND_UNRECOGNIZED)
-        self.lastVerb = verb.upper().decode("ascii")
+        self.lastVerb = verb.decode("ascii")
         try:
             text = rest.strip().decode("utf-8")
         except UnicodeDecodeError:
