@@ -221,12 +221,14 @@ def test_ready_only_once_the_port_accepts_and_the_queue_is_loaded(tmp_path, proc
         time.sleep(0.01)
     [ready] = notifySocket.waitFor("READY", "1", describe=daemon.describe)
     assert all(probe < ready for probe in refused), (refused, ready)
-    log = daemon.log(since)
     if processCount > 1:
-        # Each worker had said it accepts before READY=1 (it writes the
-        # line, then tells the master).
+        # Each worker of this start says it accepts. It logs the line, then
+        # tells the master, which sends READY=1 once every worker has told
+        # it (tests/test_processes.py, test_the_daemon_is_ready_once_every_
+        # worker_accepts); but a worker's log thread writes the line when
+        # it gets to it, which may be a moment after READY=1 arrived here.
         for number in range(1, processCount + 1):
-            assert f"worker {number} accepting connections" in log, log
+            daemon.waitForLog(rf"worker {number} accepting connections", since=since)
     assert greets(daemon.port)
     statuses = [m["STATUS"] for t, m in notifySocket.messages if "READY" in m]
     assert statuses and statuses[0].startswith("2 messages in queue"), notifySocket.messages
