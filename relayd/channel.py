@@ -53,11 +53,38 @@ Master to worker:
 
 Addresses are normalized client IP addresses; times are the master's clock
 seconds (every process reads the same wall clock).
+
+What the channel costs is mostly system calls, and above all the sends
+that wake the other process (on a VM, tens of microseconds of system time
+on both sides, per wake-up). So:
+
+- ``ChannelTransport`` sends a write at once when nothing is queued
+  before it (as relayd.tcp does for TCP), instead of Twisted's register
+  for writing, send on the next turn, unregister;
+- the boxes a side writes while it handles what one read brought (the
+  answers to several commands, say) go out together, in one send;
+- a worker lets the one-way notices that only give back what the master
+  counted, or hand it a message (``WAITING_NOTICES``), wait up to
+  ``NOTICE_DELAY`` (and at most ``NOTICE_LIMIT`` of them): they go with
+  the next box that must go at once (an ``Admit``, a ``Committing``, an
+  answer), in the same send, or when the delay is up. The order of boxes
+  on the wire is always the order they were written in; a notice is only
+  late. A late ``Left`` or ``AttemptEnded`` makes the master count a
+  session or a slot a few milliseconds longer: its limits are stricter
+  for that time, never looser. A late ``Queued`` schedules the message a
+  few milliseconds later. A worker that dies with notices waiting is as
+  one that died a few milliseconds earlier: the master releases its
+  sessions and slots and takes over its messages as always.
 """
 
 from __future__ import annotations
 
+import socket
+
+from twisted.internet import posixbase, unix
 from twisted.protocols import amp
+
+from relayd.tcp import SendAtOnce
 
 # Admit's answers: admitted, or which limit refused the session.
 ADMITTED = ""
@@ -194,12 +221,108 @@ class RateLimited(amp.Command):
     requiresAnswer = False
 
 
+# How long a worker's one-way notice may wait for the next box that goes at
+# once, and how many may wait.
+NOTICE_DELAY = 0.005
+NOTICE_LIMIT = 64
+
+# The notices that may wait (relayd.worker's): each gives back a session or
+# slots, or hands over a committed message. A ``Queued`` that counts a
+# login (``messages_per_user_per_hour``) goes at once.
+WAITING_NOTICES = frozenset({Left.commandName, AttemptEnded.commandName, Queued.commandName})
+
+
+def mayWait(box) -> bool:
+    """Whether ``box`` (as AMP sends it) is a notice that may wait (WAITING_NOTICES)."""
+    name = box.get(amp.COMMAND)
+    if name not in WAITING_NOTICES or amp.ASK in box:
+        return False
+    return name != Queued.commandName or b"login" not in box
+
+
 class Quiet(amp.AMP):
-    """AMP without its log lines for every connection made and lost."""
+    """
+    AMP without its log lines for every connection made and lost, and
+    with the channel's way of writing (the module's docstring): the boxes
+    written while one read is handled go out in one send; with
+    ``noticeDelay`` (and ``clock``), notices that may wait do.
+    """
+
+    noticeDelay = 0.0
+    noticeLimit = NOTICE_LIMIT
+    clock = None
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._unsent: list[bytes] = []  # serialized boxes, in the order written
+        self._urgent = False  # one of them must go now (not a waiting notice)
+        self._reading = False
+        self._timer = None
 
     def makeConnection(self, transport) -> None:
         amp.BinaryBoxProtocol.makeConnection(self, transport)
 
+    def sendBox(self, box) -> None:
+        if self._locked or self.transport is None or self._startingTLSBuffer is not None:
+            amp.BinaryBoxProtocol.sendBox(self, box)  # raises, or TLS's own buffering
+            return
+        self._unsent.append(box.serialize())
+        if not (self.noticeDelay and mayWait(box)):
+            self._urgent = True
+        if not self._reading:
+            self._settle()
+
+    def dataReceived(self, data: bytes) -> None:
+        self._reading = True
+        try:
+            amp.BinaryBoxProtocol.dataReceived(self, data)
+        finally:
+            self._reading = False
+            self._settle()
+
+    def _settle(self) -> None:
+        if self._urgent or len(self._unsent) >= self.noticeLimit:
+            self.flush()
+        elif self._unsent and self._timer is None:
+            self._timer = self.clock.callLater(self.noticeDelay, self._delayUp)
+
+    def _delayUp(self) -> None:
+        self._timer = None
+        self.flush()
+
+    def flush(self) -> None:
+        """Write every box not yet written, in one write."""
+        if self._timer is not None:
+            if self._timer.active():
+                self._timer.cancel()
+            self._timer = None
+        unsent, self._unsent, self._urgent = self._unsent, [], False
+        if unsent and self.transport is not None:
+            self.transport.write(unsent[0] if len(unsent) == 1 else b"".join(unsent))
+
     def connectionLost(self, reason) -> None:
         amp.BinaryBoxProtocol.connectionLost(self, reason)
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+        self._unsent = []
         self.transport = None
+
+
+class ChannelTransport(SendAtOnce, unix.Server):
+    """
+    A channel's end: Twisted's UNIX connection (descriptors can still be
+    passed: while one waits to be sent, Twisted's buffer holds every write
+    behind it), sending a write at once when nothing waits before it.
+    """
+
+
+def adopt(reactor, fd: int, factory):
+    """
+    ``reactor.adoptStreamConnection(fd, AF_UNIX, factory)`` for a channel's
+    end, as a ChannelTransport (on a reactor that is not a real one, as is).
+    """
+    if isinstance(reactor, posixbase.PosixReactorBase):
+        # What adoptStreamConnection does for AF_UNIX, with this class.
+        return ChannelTransport._fromConnectedSocket(fd, factory, reactor)
+    return reactor.adoptStreamConnection(fd, socket.AF_UNIX, factory)

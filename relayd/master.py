@@ -404,7 +404,7 @@ class WorkerPool(service.Service):
         factory = protocol.Factory()
         factory.noisy = False
         factory.buildProtocol = lambda addr: link
-        self.reactor.adoptStreamConnection(ours.fileno(), socket.AF_UNIX, factory)
+        channel.adopt(self.reactor, ours.fileno(), factory)
         ours.close()
         maillog.daemonEvent(f"{worker.describe()} started")
         # What the new worker must know already: the blocks and rate limits in force.
