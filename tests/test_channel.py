@@ -1,0 +1,279 @@
+"""
+relayd.channel's way of writing between the master and its workers: a
+worker's notices that only give back what the master counted wait briefly
+for the next box that must go at once and go in the same send, in the
+order written; the boxes written while one read is handled go in one
+send; the channel's transport sends at once and still passes descriptors.
+
+The master's side (relayd.master.WorkerLink) and the worker's
+(relayd.worker.MasterLink) talk through AMP's real encoding over
+StringTransports that count writes (a write to a sleeping peer wakes it),
+with a Clock; the transport runs on a real socketpair.
+"""
+
+from __future__ import annotations
+
+import os
+import select
+import socket
+
+import pytest
+from twisted.internet import defer, task
+from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.protocols import amp
+from twisted.python.failure import Failure
+
+from relayd import channel, server
+from relayd.master import LimitsOwner, Worker, WorkerLink, WorkerPool
+from relayd.worker import MasterLink
+from tests.test_processes import FakeScheduler, FakeSpool
+from tests.test_server_security import Harness as SecurityHarness
+
+
+class Writes(StringTransport):
+    """A StringTransport that keeps each write apart (one write: one send on the socket)."""
+
+    def __init__(self):
+        super().__init__()
+        self.writes: list[bytes] = []
+
+    def write(self, data):
+        self.writes.append(data)
+        super().write(data)
+
+
+def boxes(data: bytes) -> list[dict]:
+    return [dict(box) for box in amp.parseString(data)]
+
+
+def names(data: bytes) -> list[bytes]:
+    return [box.get(b"_command", b"answer") for box in boxes(data)]
+
+
+def workerSide(clock=None):
+    clock = clock or task.Clock()
+    link = MasterLink(clock, lost=lambda: None, parse=None)
+    transport = Writes()
+    link.makeConnection(transport)
+    return link, transport, clock
+
+
+class Wire:
+    """A worker's MasterLink and the master's WorkerLink, each write delivered by ``pump``."""
+
+    def __init__(self, tmp_path, limits=", connections_per_client: 1"):
+        self.clock = task.Clock()
+        cfg = SecurityHarness(tmp_path, limits=limits).config
+        self.owner = LimitsOwner(cfg, self.clock, server._throttleSettings)
+        self.pool = WorkerPool(1, None, self.clock, [], lambda: None, self.owner,
+                               FakeScheduler(), FakeSpool(), defer.maybeDeferred)
+        self.worker = Worker(1, 0.0)
+        self.master = WorkerLink(self.pool, self.worker)
+        self.masterTransport = Writes()
+        self.master.makeConnection(self.masterTransport)
+        self.link, self.linkTransport, _ = workerSide(self.clock)
+
+    def pump(self):
+        moved = True
+        while moved:
+            moved = False
+            for source, sink in ((self.linkTransport, self.master),
+                                 (self.masterTransport, self.link)):
+                data = source.value()
+                if data:
+                    source.clear()
+                    sink.dataReceived(data)
+                    moved = True
+
+
+def test_a_notice_that_may_wait_goes_out_after_the_delay():
+    link, transport, clock = workerSide()
+    link.callRemote(channel.Left, address="192.0.2.1")
+    assert transport.writes == []
+    clock.advance(channel.NOTICE_DELAY / 2)
+    link.callRemote(channel.AttemptEnded, queueId="4F2A9C31B7", kept=False)
+    assert transport.writes == []
+    # The delay counts from the first notice that waits.
+    clock.advance(channel.NOTICE_DELAY / 2)
+    assert len(transport.writes) == 1
+    assert names(transport.writes[0]) == [b"left", b"attempt-ended"]
+    assert clock.getDelayedCalls() == []
+
+
+def test_waiting_notices_go_with_the_next_question_in_one_send_in_the_order_written():
+    link, transport, clock = workerSide()
+    link.callRemote(channel.Left, address="192.0.2.1")
+    link.callRemote(channel.Queued, queueId="4F2A9C31B7")
+    link.callRemote(channel.Admit, address="192.0.2.2")
+    assert len(transport.writes) == 1
+    assert names(transport.writes[0]) == [b"left", b"queued", b"admit"]
+    # Nothing left to go when the delay is up.
+    assert clock.getDelayedCalls() == []
+    clock.advance(1)
+    assert len(transport.writes) == 1
+
+
+@pytest.mark.parametrize("command, arguments, waits", [
+    (channel.Left, {"address": "192.0.2.1"}, True),
+    (channel.AttemptEnded, {"queueId": "4F2A9C31B7", "kept": True}, True),
+    (channel.Queued, {"queueId": "4F2A9C31B7"}, True),
+    # Counts against messages_per_user_per_hour: a late one would count too late.
+    (channel.Queued, {"queueId": "4F2A9C31B7", "login": "alice"}, False),
+    (channel.Accepting, {}, False),
+    (channel.Admit, {"address": "192.0.2.1"}, False),
+    (channel.StartCheck, {"address": "192.0.2.1"}, False),
+    (channel.CheckEnded, {"address": "192.0.2.1", "failed": True}, False),
+    (channel.Failed, {"address": "192.0.2.1"}, False),
+    (channel.Committing, {"queueId": "4F2A9C31B7", "domains": ["example.org"]}, False),
+    (channel.StartAttempt, {"queueId": "4F2A9C31B7", "domains": ["example.org"]}, False),
+])
+def test_which_of_a_workers_boxes_wait(command, arguments, waits):
+    link, transport, clock = workerSide()
+    link.callRemote(command, **arguments)
+    assert (transport.writes == []) is waits
+
+
+def test_the_master_sends_its_notices_at_once(tmp_path):
+    wire = Wire(tmp_path)
+    wire.master.callRemote(channel.BlockStarted, address="192.0.2.1", until=5.0)
+    assert names(wire.masterTransport.value()) == [b"blocked"]
+
+
+def test_no_more_than_the_limit_of_notices_wait():
+    link, transport, clock = workerSide()
+    for n in range(channel.NOTICE_LIMIT - 1):
+        link.callRemote(channel.Left, address=f"192.0.2.{n % 250}")
+    assert transport.writes == []
+    link.callRemote(channel.Left, address="192.0.2.251")
+    assert len(transport.writes) == 1
+    assert len(boxes(transport.writes[0])) == channel.NOTICE_LIMIT
+
+
+def test_the_answers_to_one_read_go_in_one_send(tmp_path):
+    wire = Wire(tmp_path, limits="")
+    wire.link.callRemote(channel.Admit, address="192.0.2.1")
+    wire.link.callRemote(channel.Admit, address="192.0.2.2")
+    wire.link.callRemote(channel.Committing, queueId="4F2A9C31B7")
+    assert len(wire.linkTransport.writes) == 3
+    # The master reads the three at once: its three answers go in one send.
+    wire.master.dataReceived(wire.linkTransport.value())
+    assert len(wire.masterTransport.writes) == 1
+    assert len(boxes(wire.masterTransport.writes[0])) == 3
+
+
+def test_a_workers_next_admit_carries_its_waiting_left_before_it(tmp_path):
+    """connections_per_client 1: this worker's next session from the address is admitted as before."""
+    wire = Wire(tmp_path)
+    answers = []
+    wire.link.callRemote(channel.Admit, address="192.0.2.1").addCallback(answers.append)
+    wire.pump()
+    wire.link.callRemote(channel.Left, address="192.0.2.1")
+    wire.pump()
+    # Another process's session from the address meanwhile: still counted, refused.
+    assert wire.owner.sessions.admit(object(), "192.0.2.1") == "connections_per_client"
+    wire.link.callRemote(channel.Admit, address="192.0.2.1").addCallback(answers.append)
+    wire.pump()
+    assert [a["refusal"] for a in answers] == ["", ""]
+
+
+def test_a_late_left_arrives_within_the_delay(tmp_path):
+    wire = Wire(tmp_path)
+    wire.link.callRemote(channel.Admit, address="192.0.2.1")
+    wire.pump()
+    wire.link.callRemote(channel.Left, address="192.0.2.1")
+    wire.pump()
+    assert wire.owner.sessions.admit(object(), "192.0.2.1") == "connections_per_client"
+    wire.clock.advance(channel.NOTICE_DELAY)
+    wire.pump()
+    assert wire.owner.sessions.admit(object(), "192.0.2.1") == ""
+
+
+def test_waiting_notices_go_before_the_process_ends_and_not_after_the_connection():
+    link, transport, clock = workerSide()
+    link.callRemote(channel.AttemptEnded, queueId="4F2A9C31B7", kept=True)
+    link.flush()
+    assert names(transport.value()) == [b"attempt-ended"]
+    link.callRemote(channel.Left, address="192.0.2.1")
+    link.connectionLost(Failure(ConnectionError()))
+    assert clock.getDelayedCalls() == []
+    link.flush()
+    assert len(transport.writes) == 1
+
+
+def test_a_worker_answers_the_heartbeat_at_once_and_takes_waiting_notices_along():
+    link, transport, clock = workerSide()
+    link.callRemote(channel.Left, address="192.0.2.1")
+    ping = channel.Ping.makeArguments({}, None)
+    ping[b"_command"], ping[b"_ask"] = channel.Ping.commandName, b"1"
+    link.dataReceived(ping.serialize())
+    assert len(transport.writes) == 1
+    assert names(transport.writes[0]) == [b"left", b"answer"]
+
+
+# The channel's transport, on a real socketpair
+
+class Recorder(amp.AMP):
+    pass
+
+
+def channelPair():
+    reactor = MemoryReactorClock()
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    ours.setblocking(False)
+    proto = channel.Quiet()
+    transport = channel.ChannelTransport(ours, proto, None, None, 0, reactor)
+    proto.makeConnection(transport)
+    return reactor, transport, proto, theirs
+
+
+def test_the_channel_sends_a_box_during_the_write_without_registering_for_writing():
+    reactor, transport, proto, peer = channelPair()
+    proto.callRemote(channel.Accepting)
+    assert transport not in reactor.getWriters()
+    assert names(peer.recv(65536)) == [b"accepting"]
+
+
+def test_a_descriptor_is_still_passed_in_order_with_the_bytes():
+    reactor, transport, proto, peer = channelPair()
+    readEnd, writeEnd = os.pipe()
+    try:
+        transport.sendFileDescriptor(readEnd)
+        proto.callRemote(channel.Accepting)
+        # Waits behind the descriptor, in Twisted's buffer, for the next turn.
+        assert transport in reactor.getWriters()
+        assert select.select([peer], [], [], 0)[0] == []
+        transport.doWrite()
+        transport.doWrite()
+        # The descriptor comes with the box's first byte.
+        first, fds, _, _ = socket.recv_fds(peer, 65536, 4)
+        assert len(fds) == 1
+        assert names(first + peer.recv(65536)) == [b"accepting"]
+        os.write(writeEnd, b"x")
+        assert os.read(fds[0], 1) == b"x"
+        os.close(fds[0])
+        assert transport not in reactor.getWriters()
+        # Nothing waits now: the next box goes at once again.
+        proto.callRemote(channel.Accepting)
+        assert names(peer.recv(65536)) == [b"accepting"]
+    finally:
+        os.close(readEnd)
+        os.close(writeEnd)
+
+
+def test_adopt_makes_a_channel_transport_on_a_real_reactor():
+    from twisted.internet import reactor as globalReactor
+    from twisted.internet.protocol import Factory
+
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    ours.setblocking(False)
+    factory = Factory.forProtocol(channel.Quiet)
+    transport = channel.adopt(globalReactor, ours.fileno(), factory)
+    try:
+        assert isinstance(transport, channel.ChannelTransport)
+        transport.protocol.callRemote(channel.Accepting)
+        assert names(theirs.recv(65536)) == [b"accepting"]
+    finally:
+        transport.stopReading()
+        transport.socket.close()
+        ours.close()
+        theirs.close()
