@@ -65,7 +65,7 @@ on both sides, per wake-up). So:
   answers to several commands, say) go out together, in one send;
 - a worker lets the one-way notices that only give back what the master
   counted, or hand it a message (``WAITING_NOTICES``), wait up to
-  ``NOTICE_DELAY`` (and at most ``NOTICE_LIMIT`` of them): they go with
+  ``NOTICE_WAIT`` (and at most ``NOTICE_WAIT_LIMIT`` of them): they go with
   the next box that must go at once (an ``Admit``, a ``Committing``, an
   answer), in the same send, or when the delay is up. The order of boxes
   on the wire is always the order they were written in; a notice is only
@@ -81,7 +81,7 @@ from __future__ import annotations
 
 import socket
 
-from twisted.internet import posixbase, unix
+from twisted.internet import address, posixbase, unix
 from twisted.protocols import amp
 
 from relayd.tcp import SendAtOnce
@@ -223,8 +223,8 @@ class RateLimited(amp.Command):
 
 # How long a worker's one-way notice may wait for the next box that goes at
 # once, and how many may wait.
-NOTICE_DELAY = 0.005
-NOTICE_LIMIT = 64
+NOTICE_WAIT = 0.005
+NOTICE_WAIT_LIMIT = 64
 
 # The notices that may wait (relayd.worker's): each gives back a session or
 # slots, or hands over a committed message. A ``Queued`` that counts a
@@ -249,7 +249,7 @@ class Quiet(amp.AMP):
     """
 
     noticeDelay = 0.0
-    noticeLimit = NOTICE_LIMIT
+    noticeLimit = NOTICE_WAIT_LIMIT
     clock = None
 
     def __init__(self, *args, **kwargs) -> None:
@@ -263,9 +263,10 @@ class Quiet(amp.AMP):
         amp.BinaryBoxProtocol.makeConnection(self, transport)
 
     def sendBox(self, box) -> None:
-        if self._locked or self.transport is None or self._startingTLSBuffer is not None:
-            amp.BinaryBoxProtocol.sendBox(self, box)  # raises, or TLS's own buffering
-            return
+        # (The channel never switches protocols nor starts TLS, which
+        # BinaryBoxProtocol.sendBox also looks after.)
+        if self.transport is None:
+            raise amp.ConnectionLost()
         self._unsent.append(box.serialize())
         if not (self.noticeDelay and mayWait(box)):
             self._urgent = True
@@ -320,9 +321,15 @@ class ChannelTransport(SendAtOnce, unix.Server):
 def adopt(reactor, fd: int, factory):
     """
     ``reactor.adoptStreamConnection(fd, AF_UNIX, factory)`` for a channel's
-    end, as a ChannelTransport (on a reactor that is not a real one, as is).
+    end (a connected socket; ``fd`` is duplicated, and stays the caller's
+    to close), as a ChannelTransport; on a reactor that is not a real one
+    (a test's), as is.
     """
-    if isinstance(reactor, posixbase.PosixReactorBase):
-        # What adoptStreamConnection does for AF_UNIX, with this class.
-        return ChannelTransport._fromConnectedSocket(fd, factory, reactor)
-    return reactor.adoptStreamConnection(fd, socket.AF_UNIX, factory)
+    if not isinstance(reactor, posixbase.PosixReactorBase):
+        return reactor.adoptStreamConnection(fd, socket.AF_UNIX, factory)
+    sock = socket.fromfd(fd, socket.AF_UNIX, socket.SOCK_STREAM)
+    proto = factory.buildProtocol(address.UNIXAddress(sock.getsockname()))
+    transport = ChannelTransport(sock, proto, sock.getpeername(), None, 0, reactor)
+    transport.repstr = transport.logstr = f"<{type(proto).__name__} channel>"
+    proto.makeConnection(transport)
+    return transport

@@ -280,10 +280,10 @@ class RemoteLimits:
 class MasterLink(channel.Quiet):
     """
     A worker's side of its channel. ``lost()`` is called when the master
-    has gone. Its notices that may wait do (relayd.channel.NOTICE_DELAY).
+    has gone. Its notices that may wait do (relayd.channel.NOTICE_WAIT).
     """
 
-    noticeDelay = channel.NOTICE_DELAY
+    noticeDelay = channel.NOTICE_WAIT
 
     def __init__(self, clock, lost, parse) -> None:
         super().__init__()

@@ -90,11 +90,11 @@ def test_a_notice_that_may_wait_goes_out_after_the_delay():
     link, transport, clock = workerSide()
     link.callRemote(channel.Left, address="192.0.2.1")
     assert transport.writes == []
-    clock.advance(channel.NOTICE_DELAY / 2)
+    clock.advance(channel.NOTICE_WAIT / 2)
     link.callRemote(channel.AttemptEnded, queueId="4F2A9C31B7", kept=False)
     assert transport.writes == []
     # The delay counts from the first notice that waits.
-    clock.advance(channel.NOTICE_DELAY / 2)
+    clock.advance(channel.NOTICE_WAIT / 2)
     assert len(transport.writes) == 1
     assert names(transport.writes[0]) == [b"left", b"attempt-ended"]
     assert clock.getDelayedCalls() == []
@@ -141,12 +141,12 @@ def test_the_master_sends_its_notices_at_once(tmp_path):
 
 def test_no_more_than_the_limit_of_notices_wait():
     link, transport, clock = workerSide()
-    for n in range(channel.NOTICE_LIMIT - 1):
+    for n in range(channel.NOTICE_WAIT_LIMIT - 1):
         link.callRemote(channel.Left, address=f"192.0.2.{n % 250}")
     assert transport.writes == []
     link.callRemote(channel.Left, address="192.0.2.251")
     assert len(transport.writes) == 1
-    assert len(boxes(transport.writes[0])) == channel.NOTICE_LIMIT
+    assert len(boxes(transport.writes[0])) == channel.NOTICE_WAIT_LIMIT
 
 
 def test_the_answers_to_one_read_go_in_one_send(tmp_path):
@@ -183,7 +183,7 @@ def test_a_late_left_arrives_within_the_delay(tmp_path):
     wire.link.callRemote(channel.Left, address="192.0.2.1")
     wire.pump()
     assert wire.owner.sessions.admit(object(), "192.0.2.1") == "connections_per_client"
-    wire.clock.advance(channel.NOTICE_DELAY)
+    wire.clock.advance(channel.NOTICE_WAIT)
     wire.pump()
     assert wire.owner.sessions.admit(object(), "192.0.2.1") == ""
 
