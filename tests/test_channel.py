@@ -277,3 +277,113 @@ def test_adopt_makes_a_channel_transport_on_a_real_reactor():
         transport.socket.close()
         ours.close()
         theirs.close()
+
+
+# The commands' conversions: Lean converts as AMP's Command does
+
+def _stock(command, method):
+    return getattr(amp.Command, method).__func__.__get__(command)
+
+
+SAMPLES = [
+    (channel.Admit, {"address": "192.0.2.1"}, {"refusal": "connections_per_client"}),
+    (channel.Left, {"address": "2001:db8::1"}, {}),
+    (channel.CheckEnded, {"address": "192.0.2.1", "failed": True}, {"blockedUntil": 1.8e9}),
+    (channel.CheckEnded, {"address": "192.0.2.1", "failed": False}, {}),
+    (channel.Committing, {"queueId": "4F2A9C31B7", "login": "älice",
+                          "domains": ["example.org", "bücher.example"]}, {"allowed": True}),
+    (channel.Committing, {"queueId": "4F2A9C31B7"}, {}),
+    (channel.Queued, {"queueId": "4F2A9C31B7", "login": None}, {}),
+    (channel.AttemptEnded, {"queueId": "4F2A9C31B7", "kept": False}, {}),
+    (channel.MetricUpdates, {"updates": [{"name": "relayd_auth_total", "labels": ["failure"],
+                                          "amount": 1.0}]}, {}),
+    (channel.RunningConfig, {"offset": 16000}, {"text": "hostname: x\n", "total": 12,
+                                                "path": "/etc/relayd/relayd.yaml"}),
+    (channel.Ping, {}, {"sessions": 3}),
+]
+
+
+@pytest.mark.parametrize("command, arguments, answer", SAMPLES)
+def test_lean_commands_convert_as_amp_does(command, arguments, answer):
+    assert issubclass(command, channel.Lean)
+    box = command.makeArguments(arguments, None)
+    stock = _stock(command, "makeArguments")(arguments, None)
+    assert type(box) is type(stock) and dict(box) == dict(stock)
+    assert command.parseArguments(box, None) == _stock(command, "parseArguments")(box, None)
+    answerBox = command.makeResponse(answer, None)
+    assert dict(answerBox) == dict(_stock(command, "makeResponse")(answer, None))
+    answerBox[b"_answer"] = b"7"
+    assert command.parseResponse(answerBox, None) == _stock(command, "parseResponse")(
+        answerBox, None)
+
+
+def test_lean_commands_refuse_what_amp_refuses():
+    with pytest.raises(amp.InvalidSignature, match="forgot queueId for b'committing'"):
+        channel.Committing(login="alice")
+    with pytest.raises(amp.InvalidSignature, match="queue is not a valid argument"):
+        channel.Committing.makeArguments({"queue": "4F2A9C31B7", "queueId": "X"}, None)
+    with pytest.raises(KeyError):
+        channel.Admit.parseArguments(amp.AmpBox(), None)
+    with pytest.raises(KeyError):
+        channel.Admit.makeResponse({}, None)
+
+
+def test_an_argument_that_converts_itself_is_left_to_amp():
+    class Custom(amp.Unicode):
+        def fromBox(self, name, strings, objects, proto):
+            objects["custom"] = "from the box itself"
+
+    class WithCustom(channel.Lean):
+        commandName = b"with-custom"
+        arguments = [(b"custom", Custom()), (b"note", amp.Unicode())]
+
+    assert WithCustom._table("arguments") is None
+    box = WithCustom.makeArguments({"custom": "x", "note": "y"}, None)
+    assert WithCustom.parseArguments(box, None) == {"custom": "from the box itself", "note": "y"}
+
+
+# Reading: AMP's boxes off the buffer
+
+class Collect(channel.Quiet):
+    def __init__(self):
+        super().__init__()
+        self.received = []
+
+    def ampBoxReceived(self, box):
+        self.received.append(dict(box))
+
+
+def _wire():
+    first = channel.Committing.makeArguments(
+        {"queueId": "4F2A9C31B7", "domains": ["example.org"]}, None)
+    first[b"_command"], first[b"_ask"] = b"committing", b"1"
+    second = amp.AmpBox({b"_answer": b"2", b"refusal": b""})
+    third = amp.AmpBox({b"_command": b"left", b"address": "é".encode() * 30000})
+    return [dict(first), dict(second), dict(third)], b"".join(
+        box.serialize() for box in (first, second, third))
+
+
+@pytest.mark.parametrize("piece", [1, 2, 3, 7, 1000, 1 << 20])
+def test_boxes_are_read_whole_however_the_bytes_arrive(piece):
+    expected, wire = _wire()
+    proto = Collect()
+    proto.makeConnection(StringTransport())
+    for at in range(0, len(wire), piece):
+        proto.dataReceived(wire[at:at + piece])
+    assert proto.received == expected
+    # As AMP's own parser reads them.
+    assert [dict(box) for box in amp.parseString(wire)] == expected
+
+
+def test_a_key_over_amps_limit_ends_the_channel_with_too_long():
+    proto = channel.Quiet()
+    transport = StringTransport()
+    proto.makeConnection(transport)
+    asked = proto.callRemote(channel.Ping)
+    failures = []
+    asked.addErrback(failures.append)
+    proto.dataReceived(b"\x01\x00" + b"k" * 256)
+    assert transport.disconnecting
+    proto.dataReceived(b"\x00\x01k\x00\x01v\x00\x00")  # nothing more is read
+    proto.connectionLost(Failure(ConnectionError()))
+    assert failures and failures[0].check(amp.TooLong)
