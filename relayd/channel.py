@@ -61,8 +61,10 @@ on both sides, per wake-up). So:
 - ``ChannelTransport`` sends a write at once when nothing is queued
   before it (as relayd.tcp does for TCP), instead of Twisted's register
   for writing, send on the next turn, unregister;
-- the boxes a side writes while it handles what one read brought (the
-  answers to several commands, say) go out together, in one send;
+- the boxes a side writes during one turn of its reactor (the answers
+  to several commands, the questions of several sessions) go out
+  together at the end of the turn, in one send (as Twisted's buffer
+  sends them, without registering for writing and unregistering);
 - a worker lets the one-way notices that only give back what the master
   counted, or hand it a message (``WAITING_NOTICES``), wait up to
   ``NOTICE_WAIT`` (and at most ``NOTICE_WAIT_LIMIT`` of them): they go with
@@ -88,6 +90,7 @@ from twisted.protocols import amp
 
 from relayd.tcp import SendAtOnce
 
+
 def _pythonName(wireName: bytes) -> str:
     """The keyword AMP gives an argument named ``wireName`` on the wire."""
     name = wireName.replace(b"-", b"_").decode("ascii")
@@ -101,8 +104,8 @@ class _Table:
         self.entries = [(wire, _pythonName(wire), argument) for wire, argument in arglist]
         self.names = frozenset(name for _, name, _ in self.entries)
         self.required = [name for _, name, argument in self.entries if not argument.optional]
-        # Arguments that convert themselves from and to a box (as AmpList
-        # does not, but Descriptor does) are left to AMP.
+        # Arguments that convert themselves from and to a whole box (not
+        # only their own value, as every type relayd uses does) are left to AMP.
         self.plain = all(type(argument).fromBox is amp.Argument.fromBox
                          and type(argument).toBox is amp.Argument.toBox
                          for _, _, argument in self.entries)
@@ -347,9 +350,10 @@ def mayWait(box) -> bool:
 class Quiet(amp.AMP):
     """
     AMP without its log lines for every connection made and lost, and
-    with the channel's way of writing (the module's docstring): the boxes
-    written while one read is handled go out in one send; with
-    ``noticeDelay`` (and ``clock``), notices that may wait do.
+    with the channel's way of writing (the module's docstring). With a
+    ``clock`` (the reactor), the boxes written during one turn of the
+    reactor go out together at its end, in one send; with ``noticeDelay``
+    too, notices that may wait do. Without one, each box goes at once.
     """
 
     noticeDelay = 0.0
@@ -359,9 +363,8 @@ class Quiet(amp.AMP):
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self._unsent: list[bytes] = []  # serialized boxes, in the order written
-        self._urgent = False  # one of them must go now (not a waiting notice)
-        self._reading = False
-        self._timer = None
+        self._turnEnd = None  # the call at the end of this turn that sends them
+        self._noticeTimer = None  # the call that sends waiting notices
         self._partial = b""  # the start of a box not yet whole
         self._tooLong = False  # a key over AMP's limit came: the rest is not read
 
@@ -374,20 +377,26 @@ class Quiet(amp.AMP):
         if self.transport is None:
             raise amp.ConnectionLost()
         self._unsent.append(box.serialize())
-        if not (self.noticeDelay and mayWait(box)):
-            self._urgent = True
-        if not self._reading:
-            self._settle()
+        if self.clock is None:
+            self.flush()
+        elif self.noticeDelay and mayWait(box) and len(self._unsent) < self.noticeLimit:
+            if self._noticeTimer is None and self._turnEnd is None:
+                self._noticeTimer = self.clock.callLater(self.noticeDelay, self.flush)
+        elif self._turnEnd is None:
+            # A call due now runs once the reactor has handled this turn's events.
+            self._turnEnd = self.clock.callLater(0, self.flush)
+
+    def flush(self) -> None:
+        """Write every box not yet written, in one write."""
+        for call in (self._turnEnd, self._noticeTimer):
+            if call is not None and call.active():
+                call.cancel()
+        self._turnEnd = self._noticeTimer = None
+        unsent, self._unsent = self._unsent, []
+        if unsent and self.transport is not None:
+            self.transport.write(unsent[0] if len(unsent) == 1 else b"".join(unsent))
 
     def dataReceived(self, data: bytes) -> None:
-        self._reading = True
-        try:
-            self._boxesIn(data)
-        finally:
-            self._reading = False
-            self._settle()
-
-    def _boxesIn(self, data: bytes) -> None:
         """
         AMP's parsing, read straight off the buffer (AMP's own parser
         handles each key and value as a string received, by a state machine
@@ -435,31 +444,12 @@ class Quiet(amp.AMP):
                 self._partial = b""
                 return
 
-    def _settle(self) -> None:
-        if self._urgent or len(self._unsent) >= self.noticeLimit:
-            self.flush()
-        elif self._unsent and self._timer is None:
-            self._timer = self.clock.callLater(self.noticeDelay, self._delayUp)
-
-    def _delayUp(self) -> None:
-        self._timer = None
-        self.flush()
-
-    def flush(self) -> None:
-        """Write every box not yet written, in one write."""
-        if self._timer is not None:
-            if self._timer.active():
-                self._timer.cancel()
-            self._timer = None
-        unsent, self._unsent, self._urgent = self._unsent, [], False
-        if unsent and self.transport is not None:
-            self.transport.write(unsent[0] if len(unsent) == 1 else b"".join(unsent))
-
     def connectionLost(self, reason) -> None:
         amp.BinaryBoxProtocol.connectionLost(self, reason)
-        if self._timer is not None and self._timer.active():
-            self._timer.cancel()
-        self._timer = None
+        for call in (self._turnEnd, self._noticeTimer):
+            if call is not None and call.active():
+                call.cancel()
+        self._turnEnd = self._noticeTimer = None
         self._unsent = []
         self.transport = None
 

@@ -401,6 +401,8 @@ class WorkerPool(service.Service):
         worker.pid = process.pid
         self.workers[number] = worker
         worker.link = link = WorkerLink(self, worker)
+        # What the link writes in one turn of the reactor goes in one send.
+        link.clock = self.reactor
         factory = protocol.Factory()
         factory.noisy = False
         factory.buildProtocol = lambda addr: link

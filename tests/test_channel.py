@@ -1,14 +1,17 @@
 """
 relayd.channel's way of writing between the master and its workers: a
 worker's notices that only give back what the master counted wait briefly
-for the next box that must go at once and go in the same send, in the
-order written; the boxes written while one read is handled go in one
-send; the channel's transport sends at once and still passes descriptors.
+for the next box that must go and go in the same send, in the order
+written; the boxes written during one turn of the reactor go in one send
+at its end; the channel's transport sends at once and still passes
+descriptors; boxes are read as AMP reads them; the commands convert as
+AMP converts them.
 
 The master's side (relayd.master.WorkerLink) and the worker's
 (relayd.worker.MasterLink) talk through AMP's real encoding over
 StringTransports that count writes (a write to a sleeping peer wakes it),
-with a Clock; the transport runs on a real socketpair.
+with a Clock (``advance(0)``: the end of a turn of the reactor); the
+transport runs on a real socketpair.
 """
 
 from __future__ import annotations
@@ -59,7 +62,7 @@ def workerSide(clock=None):
 
 
 class Wire:
-    """A worker's MasterLink and the master's WorkerLink, each write delivered by ``pump``."""
+    """A worker's MasterLink and the master's WorkerLink; ``pump`` turns the reactor and delivers."""
 
     def __init__(self, tmp_path, limits=", connections_per_client: 1"):
         self.clock = task.Clock()
@@ -69,6 +72,7 @@ class Wire:
                                FakeScheduler(), FakeSpool(), defer.maybeDeferred)
         self.worker = Worker(1, 0.0)
         self.master = WorkerLink(self.pool, self.worker)
+        self.master.clock = self.clock  # as WorkerPool.spawn sets it
         self.masterTransport = Writes()
         self.master.makeConnection(self.masterTransport)
         self.link, self.linkTransport, _ = workerSide(self.clock)
@@ -77,6 +81,7 @@ class Wire:
         moved = True
         while moved:
             moved = False
+            self.clock.advance(0)  # the end of the turn: what was written goes
             for source, sink in ((self.linkTransport, self.master),
                                  (self.masterTransport, self.link)):
                 data = source.value()
@@ -86,9 +91,21 @@ class Wire:
                     moved = True
 
 
+def test_a_question_goes_at_the_end_of_the_turn_with_the_turns_other_boxes():
+    link, transport, clock = workerSide()
+    link.callRemote(channel.Admit, address="192.0.2.1")
+    link.callRemote(channel.Committing, queueId="4F2A9C31B7")
+    assert transport.writes == []
+    clock.advance(0)
+    assert len(transport.writes) == 1
+    assert names(transport.writes[0]) == [b"admit", b"committing"]
+    assert clock.getDelayedCalls() == []
+
+
 def test_a_notice_that_may_wait_goes_out_after_the_delay():
     link, transport, clock = workerSide()
     link.callRemote(channel.Left, address="192.0.2.1")
+    clock.advance(0)
     assert transport.writes == []
     clock.advance(channel.NOTICE_WAIT / 2)
     link.callRemote(channel.AttemptEnded, queueId="4F2A9C31B7", kept=False)
@@ -104,9 +121,12 @@ def test_waiting_notices_go_with_the_next_question_in_one_send_in_the_order_writ
     link, transport, clock = workerSide()
     link.callRemote(channel.Left, address="192.0.2.1")
     link.callRemote(channel.Queued, queueId="4F2A9C31B7")
+    clock.advance(channel.NOTICE_WAIT / 2)
     link.callRemote(channel.Admit, address="192.0.2.2")
+    link.callRemote(channel.AttemptEnded, queueId="4F2A9C31B8", kept=True)
+    clock.advance(0)
     assert len(transport.writes) == 1
-    assert names(transport.writes[0]) == [b"left", b"queued", b"admit"]
+    assert names(transport.writes[0]) == [b"left", b"queued", b"admit", b"attempt-ended"]
     # Nothing left to go when the delay is up.
     assert clock.getDelayedCalls() == []
     clock.advance(1)
@@ -130,33 +150,48 @@ def test_waiting_notices_go_with_the_next_question_in_one_send_in_the_order_writ
 def test_which_of_a_workers_boxes_wait(command, arguments, waits):
     link, transport, clock = workerSide()
     link.callRemote(command, **arguments)
+    clock.advance(0)
     assert (transport.writes == []) is waits
 
 
-def test_the_master_sends_its_notices_at_once(tmp_path):
+def test_the_master_sends_its_notices_at_the_end_of_the_turn(tmp_path):
     wire = Wire(tmp_path)
     wire.master.callRemote(channel.BlockStarted, address="192.0.2.1", until=5.0)
+    wire.clock.advance(0)
     assert names(wire.masterTransport.value()) == [b"blocked"]
+
+
+def test_without_a_clock_each_box_goes_at_once():
+    proto = channel.Quiet()
+    transport = Writes()
+    proto.makeConnection(transport)
+    proto.callRemote(channel.Left, address="192.0.2.1")
+    proto.callRemote(channel.Admit, address="192.0.2.1")
+    assert [names(w) for w in transport.writes] == [[b"left"], [b"admit"]]
 
 
 def test_no_more_than_the_limit_of_notices_wait():
     link, transport, clock = workerSide()
     for n in range(channel.NOTICE_WAIT_LIMIT - 1):
         link.callRemote(channel.Left, address=f"192.0.2.{n % 250}")
+    clock.advance(0)
     assert transport.writes == []
     link.callRemote(channel.Left, address="192.0.2.251")
+    clock.advance(0)
     assert len(transport.writes) == 1
     assert len(boxes(transport.writes[0])) == channel.NOTICE_WAIT_LIMIT
 
 
-def test_the_answers_to_one_read_go_in_one_send(tmp_path):
+def test_the_answers_to_one_turn_go_in_one_send(tmp_path):
     wire = Wire(tmp_path, limits="")
     wire.link.callRemote(channel.Admit, address="192.0.2.1")
     wire.link.callRemote(channel.Admit, address="192.0.2.2")
     wire.link.callRemote(channel.Committing, queueId="4F2A9C31B7")
-    assert len(wire.linkTransport.writes) == 3
-    # The master reads the three at once: its three answers go in one send.
+    wire.clock.advance(0)
+    assert len(wire.linkTransport.writes) == 1
     wire.master.dataReceived(wire.linkTransport.value())
+    assert wire.masterTransport.writes == []
+    wire.clock.advance(0)
     assert len(wire.masterTransport.writes) == 1
     assert len(boxes(wire.masterTransport.writes[0])) == 3
 
@@ -194,18 +229,20 @@ def test_waiting_notices_go_before_the_process_ends_and_not_after_the_connection
     link.flush()
     assert names(transport.value()) == [b"attempt-ended"]
     link.callRemote(channel.Left, address="192.0.2.1")
+    link.callRemote(channel.Admit, address="192.0.2.1").addErrback(lambda f: None)
     link.connectionLost(Failure(ConnectionError()))
     assert clock.getDelayedCalls() == []
     link.flush()
     assert len(transport.writes) == 1
 
 
-def test_a_worker_answers_the_heartbeat_at_once_and_takes_waiting_notices_along():
+def test_a_worker_answers_the_heartbeat_and_takes_waiting_notices_along():
     link, transport, clock = workerSide()
     link.callRemote(channel.Left, address="192.0.2.1")
     ping = channel.Ping.makeArguments({}, None)
     ping[b"_command"], ping[b"_ask"] = channel.Ping.commandName, b"1"
     link.dataReceived(ping.serialize())
+    clock.advance(0)
     assert len(transport.writes) == 1
     assert names(transport.writes[0]) == [b"left", b"answer"]
 
