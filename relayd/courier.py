@@ -197,7 +197,8 @@ class Courier:
         self.reuseTimeLimit = reuseTimeLimit
         self.addressLimit = addressLimit or resolve.ADDRESS_LIMIT
         self._shuffle = shuffle or _random.shuffle
-        self._tlsOptions = tlsOptions or self._cachedTLSOptions
+        # Tests give the connection creators; else they are made once per hop (_tlsCreator).
+        self._tlsOptions = tlsOptions
         self._creators: dict[tuple, IOpenSSLClientConnectionCreator] = {}
         self._idle: dict[NextHop, list[tuple[OutboundSession, IDelayedCall]]] = {}
         # Next hop -> until when it is tried after the others.
@@ -356,12 +357,18 @@ class Courier:
 
     # -- one target ----------------------------------------------------------------
 
-    def _cachedTLSOptions(self, target: NextHop) -> IOpenSSLClientConnectionCreator:
+    async def _tlsCreator(self, target: NextHop) -> IOpenSSLClientConnectionCreator:
+        """The TLS connection creator for ``target``, made at its first connection and kept."""
+        if self._tlsOptions is not None:
+            return self._tlsOptions(target)
         key = (target.host, target.tls, target.verify, target.caFile)
         creator = self._creators.get(key)
         if creator is None:
-            creator = self._creators[key] = clientTLSOptions(
-                target.host, target.tls, target.verify, target.caFile)
+            # Making one reads the hop's CA file, or the system's CA store
+            # (a few hundred certificates): in a thread, not on the reactor.
+            creator = await self._runInThread(clientTLSOptions, target.host, target.tls,
+                                              target.verify, target.caFile)
+            creator = self._creators.setdefault(key, creator)
         return creator
 
     async def _open(self, target: NextHop, message: _Message, started: float):
@@ -380,7 +387,7 @@ class Courier:
         creator = None
         try:
             if target.tls != "none":
-                creator = self._tlsOptions(target)
+                creator = await self._tlsCreator(target)
         except (OSError, ValueError) as e:
             return _HopOutcome(AttemptResult("none", self._everyone(
                 recipients, 0, "4.7.5", f"cannot set up TLS for {target.host}: {e}", Status.DEFERRED),

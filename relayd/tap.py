@@ -815,7 +815,8 @@ def makeWorker(config, reactor, link, listenerFds: list[int], number: int = 1):
                   credPortal.realm if credPortal is not None else None,
                   resolver, clientNames, courier, signer, link.limits]
     service = WorkerService(config, reactor, factory, listenerFactories, listenerFds, pool,
-                            authPool, [c for c in reloadable if c is not None], reloadConfig,
+                            authPool, [c for c in reloadable if c is not None], readReload,
+                            reloadConfig,
                             scheduler=scheduler, courier=courier, signer=signer,
                             boundListeners=boundListeners)
     link.sessionCount = lambda: len(factory.sessions)

@@ -40,7 +40,7 @@ import sys
 from collections import deque
 
 from twisted.application import service
-from twisted.internet import defer
+from twisted.internet import defer, threads
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -323,7 +323,7 @@ class MasterLink(channel.Quiet):
     def reloadNow(self):
         d = self.runningConfig()
         d.addCallback(self.reload)
-        d.addErrback(lambda f: log.failure("fetching the master's configuration", f))
+        d.addErrback(lambda f: log.failure("reloading the master's configuration", f))
         return {}
 
     @channel.BlockStarted.responder
@@ -559,7 +559,7 @@ class WorkerService(service.MultiService):
     """
 
     def __init__(self, config, reactor, factory, listenerFactories, listenerFds, pool,
-                 authPool, reloadable, reloadConfig, scheduler=None, courier=None,
+                 authPool, reloadable, readReload, reloadConfig, scheduler=None, courier=None,
                  signer=None, boundListeners=None) -> None:
         super().__init__()
         # The first attempts: started with the listeners, stopped after the sessions.
@@ -576,7 +576,9 @@ class WorkerService(service.MultiService):
         self.pool = pool
         self.authPool = authPool
         self.reloadable = list(reloadable)
+        self._readReload = readReload
         self._reloadConfig = reloadConfig
+        self._reloading = defer.DeferredLock()
         self.ports: list = []
         self._stopping = False
         # The metric updates waiting for the master (relayd.metrics.UpdateBatch), if counted.
@@ -603,11 +605,25 @@ class WorkerService(service.MultiService):
             self.scheduler.startService()
         super().startService()
 
-    def reload(self, new) -> None:
-        """The master's running configuration ``new``, through the daemon's one reload path."""
-        applied, _ = self._reloadConfig(self.config, self.reloadable, new)
-        if applied is not None:
-            self.config = applied
+    def reload(self, new) -> defer.Deferred:
+        """
+        The master's running configuration ``new``, through the daemon's one
+        reload path: what it reads (certificates, password files) is read
+        in a spool thread, then applied on the reactor thread; one reload
+        at a time, in the order they came.
+        """
+        return self._reloading.run(self._reload, new)
+
+    def _reload(self, new) -> defer.Deferred:
+        d = threads.deferToThreadPool(self.reactor, self.pool, self._readReload, self.config,
+                                      self.reloadable, new)
+
+        def apply(reading) -> None:
+            applied, _ = self._reloadConfig(self.config, self.reloadable, reading=reading)
+            if applied is not None:
+                self.config = applied
+
+        return d.addCallback(apply)
 
     def stopNow(self, why: str) -> None:
         if self._stopping:

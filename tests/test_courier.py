@@ -1513,14 +1513,38 @@ def test_reconfigure_keeps_tls_settings_of_unreadable_ca_files():
     courier = Network().courier()
     kept = NextHop("a.example", 25, "may", caFile="/nonexistent/broken.pem")
     dropped = NextHop("b.example", 25, "may", caFile="/fine.pem")
-    keptCreator = courier._cachedTLSOptions(kept)
-    droppedCreator = courier._cachedTLSOptions(dropped)
-    assert courier._cachedTLSOptions(kept) is keptCreator  # cached
+
+    def creator(target):
+        return result(defer.ensureDeferred(courier._tlsCreator(target)))
+
+    keptCreator = creator(kept)
+    droppedCreator = creator(dropped)
+    assert creator(kept) is keptCreator  # cached
     # The new config names broken.pem, which cannot be read: its settings stay.
     courier.reconfigure(testConfig(delivery={"smarthosts": [
         {"host": "a.example", "tls": "starttls", "ca_file": "/nonexistent/broken.pem"}]}))
-    assert courier._cachedTLSOptions(kept) is keptCreator
-    assert courier._cachedTLSOptions(dropped) is not droppedCreator
+    assert creator(kept) is keptCreator
+    assert creator(dropped) is not droppedCreator
+
+
+def test_the_first_connection_to_a_hop_makes_its_tls_settings_in_a_thread(tmp_path):
+    """Making them reads the CA file: never on the reactor thread; once per hop."""
+    trustme = pytest.importorskip("trustme")
+    caFile = tmp_path / "ca.pem"
+    trustme.CA().cert_pem.write_to_path(str(caFile))
+    threads = []
+
+    def runInThread(f, *args):
+        threads.append(f.__name__)
+        return defer.maybeDeferred(f, *args)
+
+    net = Network(a_example="192.0.2.7")
+    courier = net.courier(runInThread=runInThread)
+    hop = NextHop("a.example", 25, "starttls", caFile=str(caFile))
+    first = result(defer.ensureDeferred(courier._tlsCreator(hop)))
+    assert threads == ["clientTLSOptions"]
+    assert result(defer.ensureDeferred(courier._tlsCreator(hop))) is first
+    assert threads == ["clientTLSOptions"]
 
 
 # -- reply and address corner cases -----------------------------------------------------

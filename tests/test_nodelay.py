@@ -193,7 +193,7 @@ def workerScenarioMain() -> None:
         port = listening.getsockname()[1]
         fd = listening.detach()  # the worker closes the inherited descriptor
         worker = WorkerService(None, reactor, None, [protocol.Factory.forProtocol(Recording)],
-                               [fd], threadpool.ThreadPool(0, 1), None, [], None)
+                               [fd], threadpool.ThreadPool(0, 1), None, [], None, None)
         worker.startService()
         client = socket.create_connection(("127.0.0.1", port))
         for _ in range(200):

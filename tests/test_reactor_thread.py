@@ -437,9 +437,10 @@ def test_no_file_system_call_on_the_reactor_thread_while_a_message_is_accepted_a
     assert [c for c in calls if c[1]] == []
 
 
-def reloadScenarioMain(configPath: str, watchedDir: str) -> None:
+def reloadScenarioMain(configPath: str, watchedDir: str, process: str = "daemon") -> None:
     """
-    Start the daemon's service from ``configPath``, then reload it with
+    Start the daemon's service from ``configPath`` (``process`` "worker":
+    an intake worker's, as its master would start it), then reload it with
     every file system call watched; print each as [function, thread is the
     reactor's, path], and the reload's outcome.
     """
@@ -465,6 +466,29 @@ def reloadScenarioMain(configPath: str, watchedDir: str) -> None:
         setattr(os, name, watched(name, getattr(os, name)))
     builtins.open = io.open = watched("builtins.open", builtins.open)
 
+    async def worker(reactor):
+        import socket
+
+        from relayd.worker import MasterLink
+
+        reactor.callLater(DEADLINE / 2, reactor.stop)  # a hang ends with no output
+        link = MasterLink(reactor, lost=lambda: None, parse=config.parse)
+        listening = socket.socket()
+        listening.bind(("127.0.0.1", 0))
+        listening.listen(5)
+        listening.setblocking(False)
+        old = config.load(configPath)
+        relay = tap.makeWorker(old, reactor, link, [listening.detach()], 1)
+        relay.startService()
+        # A worker is given the master's configuration, already read.
+        new = config.load(configPath)
+        watching.set()
+        await defer.maybeDeferred(relay.reload, new)
+        watching.clear()
+        applied = relay.config is not old and relay.config == new
+        print(json.dumps({"calls": calls, "outcome": [applied, "worker"]}))
+        await relay.stopService()
+
     async def main(reactor):
         reactor.callLater(DEADLINE / 2, reactor.stop)  # a hang ends with no output
         relay = tap.makeService({"loaded": config.load(configPath)}, reactor)
@@ -475,7 +499,8 @@ def reloadScenarioMain(configPath: str, watchedDir: str) -> None:
         print(json.dumps({"calls": calls, "outcome": list(outcome)}))
         await relay.stopService()
 
-    task.react(lambda reactor: defer.ensureDeferred(main(reactor)))
+    scenario = worker if process == "worker" else main
+    task.react(lambda reactor: defer.ensureDeferred(scenario(reactor)))
 
 
 RELOAD_CONFIG = """\
@@ -492,7 +517,9 @@ delivery:
 """
 
 
-def test_a_reload_reads_its_files_in_a_thread_not_on_the_reactor_thread(tmp_path):
+@pytest.mark.parametrize("process", ["daemon", "worker"])
+def test_a_reload_reads_its_files_in_a_thread_not_on_the_reactor_thread(tmp_path, process):
+    """The daemon's reload, and an intake worker's (given the master's configuration)."""
     trustme = pytest.importorskip("trustme")
     from passlib.hash import bcrypt
 
@@ -507,18 +534,22 @@ def test_a_reload_reads_its_files_in_a_thread_not_on_the_reactor_thread(tmp_path
     configPath = tmp_path / "relayd.yaml"
     configPath.write_text(RELOAD_CONFIG.format(dir=tmp_path))
     code = ("import sys; from tests.test_reactor_thread import reloadScenarioMain; "
-            "reloadScenarioMain(sys.argv[1], sys.argv[2])")
-    proc = subprocess.run([sys.executable, "-c", code, str(configPath), str(tmp_path)],
+            "reloadScenarioMain(*sys.argv[1:])")
+    proc = subprocess.run([sys.executable, "-c", code, str(configPath), str(tmp_path), process],
                           cwd=ROOT, capture_output=True, timeout=DEADLINE,
                           env={**os.environ, "RELAYD_HOSTS_FILE": str(tmp_path / "hosts")})
     assert proc.returncode == 0, proc.stderr.decode()
     result = json.loads(proc.stdout.decode().strip().splitlines()[-1])
-    assert result["outcome"] == [True, f"reload: configuration {configPath} applied"]
     calls = result["calls"]
-    # The test watches what it should: the reload read the config, the
-    # certificate and its key, the password file, the delivery secret and
-    # CA file, and the hosts file...
     read = {Path(path).name for name, onReactor, path in calls if name == "builtins.open"}
-    assert read >= {"relayd.yaml", "cert.pem", "key.pem", "passwd", "secret", "ca.pem", "hosts"}
+    # The test watches what it should: the reload read the config (a
+    # worker's is read by its master), the certificate and its key, the
+    # password file, the delivery secret and CA file, and the hosts file...
+    if process == "worker":
+        assert result["outcome"] == [True, "worker"]
+        assert read >= {"cert.pem", "key.pem", "passwd", "secret", "ca.pem", "hosts"}
+    else:
+        assert result["outcome"] == [True, f"reload: configuration {configPath} applied"]
+        assert read >= {"relayd.yaml", "cert.pem", "key.pem", "passwd", "secret", "ca.pem", "hosts"}
     # ...and none of it on the reactor thread.
     assert [c for c in calls if c[1]] == []
