@@ -973,13 +973,18 @@ class OutboundSession(LineReceiver):
             rcpts = [b" ".join([b"RCPT TO:<" + wireRecipients[i] + b">",
                                 *self.rcptParameters(recipientParams.get(recipients[i]))])
                      for i in wanted]
+            dataD = None
             if "PIPELINING" in self.capabilities:
-                self._send(mail, *rcpts)
+                # DATA goes in the same group as MAIL and RCPT (RFC 2920
+                # allows it last): one round trip per message fewer.
+                self._send(mail, *rcpts, b"DATA")
                 mailD = self._expect("mail", self.timeouts.mail)
                 rcptDs = [self._expect("rcpt", self.timeouts.rcpt) for _ in rcpts]
+                dataD = self._expect("data", self.timeouts.dataInit)
                 # Claim every pipelined reply, even after MAIL failed; any
                 # left unread when the session breaks are silenced below.
                 unclaimed.extend(rcptDs)
+                unclaimed.append(dataD)
                 mailReply = await mailD
                 mailAccepted = mailReply.code // 100 == 2
                 self._needsReset = mailAccepted
@@ -987,6 +992,13 @@ class OutboundSession(LineReceiver):
                     reply = await d
                     if mailAccepted:
                         self._recordRcpt(i, recipients, reply, outcomes, accepted, overflow)
+                dataReply = await dataD
+                if dataReply.code == 354 and not (mailAccepted and accepted):
+                    # DATA accepted with no one to send to: RFC 2920 3.1
+                    # says to end it with a lone dot (an empty message).
+                    self._send(b".")
+                    await self._expect("dot", self.timeouts.dataDone)
+                    self._needsReset = False
             else:
                 self._send(mail)
                 mailReply = await self._expect("mail", self.timeouts.mail)
@@ -1004,8 +1016,9 @@ class OutboundSession(LineReceiver):
                 return MessageOutcome(self._ordered(outcomes, recipients), True, False,
                                       tuple(overflow))
 
-            self._send(b"DATA")
-            dataReply = await self._expect("data", self.timeouts.dataInit)
+            if dataD is None:
+                self._send(b"DATA")
+                dataReply = await self._expect("data", self.timeouts.dataInit)
             if dataReply.code != 354:
                 if dataReply.code // 100 == 2:
                     # Not a valid answer to DATA: nothing was sent, try again later.

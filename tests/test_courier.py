@@ -312,15 +312,15 @@ def test_full_dialogue_exact_bytes_with_pipelining():
     }
     body = b"Subject: t\r\n\r\n.hello\r\n"
     d = send(peer, ["a@x.org", "b@y.org"], body, {"BODY": "8BITMIME"})
+    # DATA goes in the same group as MAIL and RCPT.
     assert peer.sent() == (
         b"MAIL FROM:<s@example.com> SIZE=%d BODY=8BITMIME\r\n"
         b"RCPT TO:<a@x.org>\r\n"
-        b"RCPT TO:<b@y.org>\r\n" % len(body)
+        b"RCPT TO:<b@y.org>\r\n"
+        b"DATA\r\n" % len(body)
     )
-    peer.feed(b"250 2.1.0 Ok\r\n250 2.1.5 Ok\r\n")
-    assert peer.sent() == b""  # DATA waits for every RCPT reply
-    peer.feed(b"250 2.1.5 Ok\r\n")
-    assert peer.sent() == b"DATA\r\n"
+    peer.feed(b"250 2.1.0 Ok\r\n250 2.1.5 Ok\r\n250 2.1.5 Ok\r\n")
+    assert peer.sent() == b""  # the body waits for the reply to DATA
     peer.feed(b"354 End data with <CR><LF>.<CR><LF>\r\n")
     assert peer.sent() == b"Subject: t\r\n\r\n..hello\r\n.\r\n"
     assert not d.called
@@ -420,7 +420,7 @@ def test_mixed_recipient_results():
         b"550 5.1.1 User unknown\r\n"
         b"550 no such user\r\n"
     )
-    assert peer.sent() == b"DATA\r\n"
+    assert peer.sent() == b""
     peer.feed(b"354 go\r\n")
     peer.sent()
     peer.feed(b"250 2.0.0 Ok: queued as Q1\r\n")
@@ -471,7 +471,7 @@ def test_data_command_refused():
     d = send(peer, ["a@x.org"])
     peer.sent()
     peer.feed(b"250 Ok\r\n250 Ok\r\n")
-    assert peer.sent() == b"DATA\r\n"
+    assert peer.sent() == b""
     peer.feed(b"451 4.3.0 try later\r\n")
     assert peer.sent() == b""  # no body
     [r] = result(d).results
@@ -480,14 +480,16 @@ def test_data_command_refused():
 
 
 @pytest.mark.parametrize("code, status", [(b"550 5.7.1", Status.BOUNCED), (b"451 4.3.0", Status.DEFERRED)])
-def test_mail_refused_applies_to_all_and_sends_no_data(code, status):
+def test_mail_refused_applies_to_all_and_sends_no_body(code, status):
     peer = Peer()
     peer.ready()
     d = send(peer, ["a@x.org", "b@x.org"])
     peer.sent()
     peer.feed(code + b" sender rejected\r\n503 5.5.1 Error: need MAIL command\r\n")
-    assert not d.called  # the pipelined RCPT replies are still owed
+    assert not d.called  # the pipelined RCPT and DATA replies are still owed
     peer.feed(b"503 5.5.1 Error: need MAIL command\r\n")
+    assert not d.called
+    peer.feed(b"554 5.5.1 Error: no valid recipients\r\n")
     outcome = result(d)
     assert not outcome.mailAccepted
     assert {(r.status, r.dsn) for r in outcome.results} == {(status, code[4:].decode())}
@@ -495,18 +497,43 @@ def test_mail_refused_applies_to_all_and_sends_no_data(code, status):
     assert peer.sent() == b""
 
 
-def test_no_data_when_every_recipient_refused():
+def test_no_body_when_every_recipient_refused():
     peer = Peer()
     peer.ready()
     d = send(peer, ["a@x.org", "b@x.org"])
     peer.sent()
     peer.feed(b"250 Ok\r\n550 5.1.1 no\r\n450 4.2.1 later\r\n")
+    assert not d.called  # the reply to the pipelined DATA is still owed
+    peer.feed(b"554 5.5.1 Error: no valid recipients\r\n")
     assert [r.status for r in result(d).results] == [Status.BOUNCED, Status.DEFERRED]
     assert peer.sent() == b""
     # The open transaction is reset before the next message on this session.
     send(peer, ["c@x.org"])
     assert peer.sent() == b"RSET\r\n"
     peer.feed(b"250 Ok\r\n")
+    assert peer.sent().startswith(b"MAIL FROM:<s@example.com>")
+
+
+@pytest.mark.parametrize("mailReply, rcptReply", [
+    (b"250 Ok", b"550 5.1.1 no"),  # every recipient refused
+    (b"451 4.3.0 later", b"503 5.5.1 need MAIL"),  # the sender refused
+], ids=["recipients refused", "sender refused"])
+def test_data_accepted_with_no_one_to_send_to_gets_a_lone_dot(mailReply, rcptReply):
+    """RFC 2920 3.1: a server may answer the pipelined DATA with 354 anyway."""
+    peer = Peer()
+    peer.ready()
+    d = send(peer, ["a@x.org"], b"secret body\r\n")
+    peer.sent()
+    peer.feed(mailReply + b"\r\n" + rcptReply + b"\r\n354 go ahead\r\n")
+    assert peer.sent() == b".\r\n"  # an empty message: never the body
+    assert not d.called
+    peer.feed(b"554 5.5.1 no valid recipients\r\n")
+    [r] = result(d).results
+    assert r.status in (Status.BOUNCED, Status.DEFERRED)
+    assert r.text.endswith("(in reply to RCPT TO command)" if mailReply.startswith(b"250")
+                           else "(in reply to MAIL FROM command)")
+    # The transaction ended with the dot: the next message needs no RSET.
+    send(peer, ["c@x.org"])
     assert peer.sent().startswith(b"MAIL FROM:<s@example.com>")
 
 
@@ -521,7 +548,7 @@ def test_second_message_on_same_session_after_success_needs_no_rset():
     d = send(peer, ["b@x.org"], body=b"two\r\n")
     assert peer.sent().startswith(b"MAIL FROM:")
     peer.feed(b"250 Ok\r\n250 Ok\r\n354 go\r\n")
-    assert peer.sent() == b"DATA\r\ntwo\r\n.\r\n"
+    assert peer.sent() == b"two\r\n.\r\n"
     peer.feed(b"250 Ok: queued as 2\r\n")
     assert result(d).results[0].text == "250 Ok: queued as 2"
 
@@ -530,7 +557,7 @@ def test_address_with_line_break_is_never_written():
     peer = Peer()
     peer.ready()
     d = send(peer, ["a@x.org\r\nRCPT TO:<evil@x.org>", "b@x.org"])
-    assert peer.sent() == b"MAIL FROM:<s@example.com> SIZE=21\r\nRCPT TO:<b@x.org>\r\n"
+    assert peer.sent() == b"MAIL FROM:<s@example.com> SIZE=21\r\nRCPT TO:<b@x.org>\r\nDATA\r\n"
     peer.feed(b"250 Ok\r\n250 Ok\r\n354 go\r\n")
     peer.feed(b"250 Ok\r\n")
     assert [(r.status, r.dsn) for r in result(d).results] == [(Status.BOUNCED, "5.1.3"), (Status.SENT, "2.0.0")]
@@ -1101,19 +1128,19 @@ def test_too_many_recipients_sends_the_rest_in_another_transaction():
     d = send(peer, ["a@x", "b@x", "c@x"])
     assert peer.sent().count(b"RCPT TO") == 3
     peer.feed(b"250 Ok\r\n250 Ok\r\n452 4.5.3 Too many recipients\r\n452 4.5.3 Too many recipients\r\n")
-    assert peer.sent() == b"DATA\r\n"
+    assert peer.sent() == b""
     peer.feed(b"354 go\r\n")
     peer.sent()
     peer.feed(b"250 2.0.0 first\r\n")
     assert peer.sent() == (b"MAIL FROM:<s@example.com> SIZE=21\r\n"
-                           b"RCPT TO:<b@x>\r\nRCPT TO:<c@x>\r\n")
+                           b"RCPT TO:<b@x>\r\nRCPT TO:<c@x>\r\nDATA\r\n")
     peer.feed(b"250 Ok\r\n250 Ok\r\n452 4.5.3 Too many recipients\r\n")
     peer.feed(b"354 go\r\n")
     peer.sent()
     peer.feed(b"250 2.0.0 second\r\n")
     # c@x alone: refused again, no progress, so it stays deferred.
-    assert peer.sent() == b"MAIL FROM:<s@example.com> SIZE=21\r\nRCPT TO:<c@x>\r\n"
-    peer.feed(b"250 Ok\r\n452 4.5.3 Too many recipients\r\n")
+    assert peer.sent() == b"MAIL FROM:<s@example.com> SIZE=21\r\nRCPT TO:<c@x>\r\nDATA\r\n"
+    peer.feed(b"250 Ok\r\n452 4.5.3 Too many recipients\r\n554 5.5.1 no valid recipients\r\n")
     outcome = result(d)
     assert [(r.address, r.status, r.text) for r in outcome.results] == [
         ("a@x", Status.SENT, "250 2.0.0 first"), ("b@x", Status.SENT, "250 2.0.0 second"),
@@ -1124,10 +1151,11 @@ def test_too_many_recipients_without_progress_stops():
     peer = Peer()
     peer.ready()
     d = send(peer, ["a@x", "b@x"])
-    peer.feed(b"250 Ok\r\n452 4.5.3 Too many\r\n452 4.5.3 Too many\r\n")
+    peer.feed(b"250 Ok\r\n452 4.5.3 Too many\r\n452 4.5.3 Too many\r\n"
+              b"554 5.5.1 no valid recipients\r\n")
     outcome = result(d)
     assert [r.status for r in outcome.results] == [Status.DEFERRED, Status.DEFERRED]
-    assert b"DATA" not in peer.sent()
+    assert peer.sent().endswith(b"DATA\r\n")  # one transaction, no body
 
 
 def test_line_over_998_octets_is_never_written():
@@ -1188,7 +1216,7 @@ def test_reused_connection_that_died_is_replaced():
     converse(first, [GREETING, EHLO_FULL, b"250 Ok\r\n250 Ok\r\n", b"354 go\r\n", b"250 Ok\r\n"])
     result(d1)
     d2 = deliver(courier, [Hop("a.example")], recipients=["b@x"])
-    first.feed(b"421 4.4.2 idle too long\r\n250 Ok\r\n")
+    first.feed(b"421 4.4.2 idle too long\r\n250 Ok\r\n503 5.5.1 need MAIL\r\n")
     second = net.peers["a.example"]
     assert second is not first and net.attempts == ["a.example", "a.example"]
     converse(second, [GREETING, EHLO_FULL, b"250 Ok\r\n250 Ok\r\n", b"354 go\r\n", b"250 Ok\r\n"])
@@ -1556,7 +1584,7 @@ def test_2xx_reply_to_data_is_taken_as_451():
     d = send(peer, ["a@x.org"])
     peer.sent()
     peer.feed(b"250 Ok\r\n250 Ok\r\n")
-    assert peer.sent() == b"DATA\r\n"
+    assert peer.sent() == b""
     peer.feed(b"250 2.0.0 Ok\r\n")
     assert peer.sent() == b""  # no body
     [r] = result(d).results
@@ -1569,10 +1597,10 @@ def test_3xx_reply_to_rcpt_is_taken_as_451():
     peer.ready()
     d = send(peer, ["a@x.org"])
     peer.sent()
-    peer.feed(b"250 Ok\r\n354 what\r\n")
+    peer.feed(b"250 Ok\r\n354 what\r\n554 5.5.1 no valid recipients\r\n")
     [r] = result(d).results
     assert (r.code, r.dsn, r.status) == (451, "4.0.0", Status.DEFERRED)
-    assert peer.sent() == b""  # nobody accepted: no DATA
+    assert peer.sent() == b""  # nobody accepted: no body
 
 
 def test_552_too_many_recipients_is_taken_as_452():
@@ -1581,12 +1609,13 @@ def test_552_too_many_recipients_is_taken_as_452():
     d = send(peer, ["a@x.org", "b@x.org"])
     peer.sent()
     peer.feed(b"250 Ok\r\n250 Ok\r\n552 5.5.3 Too many recipients\r\n")
-    assert peer.sent() == b"DATA\r\n"
+    assert peer.sent() == b""
     peer.feed(b"354 go\r\n")
     peer.sent()
     peer.feed(b"250 Ok: first\r\n")
-    assert peer.sent() == b"MAIL FROM:<s@example.com> SIZE=21\r\nRCPT TO:<b@x.org>\r\n"
-    peer.feed(b"250 Ok\r\n552 Too many recipients\r\n")  # no progress: stays deferred
+    assert peer.sent() == b"MAIL FROM:<s@example.com> SIZE=21\r\nRCPT TO:<b@x.org>\r\nDATA\r\n"
+    # No progress: stays deferred.
+    peer.feed(b"250 Ok\r\n552 Too many recipients\r\n554 5.5.1 no valid recipients\r\n")
     outcome = result(d)
     assert [(r.code, r.status) for r in outcome.results] == [(250, Status.SENT), (452, Status.DEFERRED)]
 

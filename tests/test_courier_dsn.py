@@ -40,7 +40,8 @@ def test_next_hop_with_dsn_gets_the_parameters_unchanged():
         b"MAIL FROM:<s@example.com> SIZE=%d BODY=8BITMIME RET=HDRS ENVID=QQ+2B314\r\n"
         b"RCPT TO:<a@x.org> NOTIFY=SUCCESS,FAILURE ORCPT=rfc822;A+2Bfilter@x.org\r\n"
         b"RCPT TO:<b@x.org> NOTIFY=NEVER\r\n"
-        b"RCPT TO:<c@x.org>\r\n" % len(BODY)
+        b"RCPT TO:<c@x.org>\r\n"
+        b"DATA\r\n" % len(BODY)
     )
     converse(peer, [b"250 Ok\r\n250 Ok\r\n250 Ok\r\n250 Ok\r\n", b"354 go\r\n"])
     peer.sent()
@@ -56,7 +57,8 @@ def test_next_hop_without_dsn_gets_none_of_them():
         b"MAIL FROM:<s@example.com> SIZE=%d BODY=8BITMIME\r\n"
         b"RCPT TO:<a@x.org>\r\n"
         b"RCPT TO:<b@x.org>\r\n"
-        b"RCPT TO:<c@x.org>\r\n" % len(BODY)
+        b"RCPT TO:<c@x.org>\r\n"
+        b"DATA\r\n" % len(BODY)
     )
     converse(peer, [b"250 Ok\r\n250 Ok\r\n550 5.1.1 no\r\n250 Ok\r\n", b"354 go\r\n"])
     peer.sent()
