@@ -53,11 +53,142 @@ Master to worker:
 
 Addresses are normalized client IP addresses; times are the master's clock
 seconds (every process reads the same wall clock).
+
+What the channel costs is mostly system calls, and above all the sends
+that wake the other process (on a VM, tens of microseconds of system time
+on both sides, per wake-up). So:
+
+- ``ChannelTransport`` sends a write at once when nothing is queued
+  before it (as relayd.tcp does for TCP), instead of Twisted's register
+  for writing, send on the next turn, unregister;
+- the boxes a side writes during one turn of its reactor (the answers
+  to several commands, the questions of several sessions) go out
+  together at the end of the turn, in one send (as Twisted's buffer
+  sends them, without registering for writing and unregistering);
+- a worker lets the one-way notices that only give back what the master
+  counted, or hand it a message (``WAITING_NOTICES``), wait up to
+  ``NOTICE_WAIT`` (and at most ``NOTICE_WAIT_LIMIT`` of them): they go with
+  the next box that must go at once (an ``Admit``, a ``Committing``, an
+  answer), in the same send, or when the delay is up. The order of boxes
+  on the wire is always the order they were written in; a notice is only
+  late. A late ``Left`` or ``AttemptEnded`` makes the master count a
+  session or a slot a few milliseconds longer: its limits are stricter
+  for that time, never looser. A late ``Queued`` schedules the message a
+  few milliseconds later. A worker that dies with notices waiting is as
+  one that died a few milliseconds earlier: the master releases its
+  sessions and slots and takes over its messages as always.
 """
 
 from __future__ import annotations
 
+import keyword
+import socket
+import struct
+
+from twisted.internet import address, posixbase, unix
 from twisted.protocols import amp
+
+from relayd.tcp import SendAtOnce
+
+
+def _pythonName(wireName: bytes) -> str:
+    """The keyword AMP gives an argument named ``wireName`` on the wire."""
+    name = wireName.replace(b"-", b"_").decode("ascii")
+    return name.title() if keyword.iskeyword(name) else name
+
+
+class _Table:
+    """A command's arguments or answer: (wire name, keyword, Argument) each."""
+
+    def __init__(self, arglist) -> None:
+        self.entries = [(wire, _pythonName(wire), argument) for wire, argument in arglist]
+        self.names = frozenset(name for _, name, _ in self.entries)
+        self.required = [name for _, name, argument in self.entries if not argument.optional]
+        # Arguments that convert themselves from and to a whole box (not
+        # only their own value, as every type relayd uses does) are left to AMP.
+        self.plain = all(type(argument).fromBox is amp.Argument.fromBox
+                         and type(argument).toBox is amp.Argument.toBox
+                         for _, _, argument in self.entries)
+
+    def toBox(self, objects: dict, box, proto):
+        for wire, name, argument in self.entries:
+            value = objects.get(name) if argument.optional else objects[name]
+            if value is not None or not argument.optional:
+                box[wire] = argument.toStringProto(value, proto)
+        return box
+
+    def fromBox(self, box, proto) -> dict:
+        objects = {}
+        for wire, name, argument in self.entries:
+            value = box.get(wire)
+            if value is None:
+                if not argument.optional:
+                    raise KeyError(wire)
+                objects[name] = None
+            else:
+                objects[name] = argument.fromStringProto(value, proto)
+        return objects
+
+
+class Lean(amp.Command):
+    """
+    An AMP command, converted as AMP converts it, with each argument's
+    keyword worked out once per command instead of in every box (which was
+    most of the cost of converting the boxes of the intake path).
+    """
+
+    _tables: dict = {}
+
+    @classmethod
+    def _table(cls, which: str) -> _Table | None:
+        key = (cls, which)
+        table = Lean._tables.get(key)
+        if table is None:
+            table = Lean._tables[key] = _Table(getattr(cls, which))
+        return table if table.plain else None
+
+    def __init__(self, **kw) -> None:
+        table = self._table("arguments")
+        if table is None:
+            super().__init__(**kw)
+            return
+        self.structured = kw
+        forgotten = [name for name in table.required if name not in kw]
+        if forgotten:
+            raise amp.InvalidSignature(
+                "forgot {} for {}".format(", ".join(forgotten), self.commandName))
+
+    @classmethod
+    def makeArguments(cls, objects, proto):
+        table = cls._table("arguments")
+        if table is None:
+            return super().makeArguments(objects, proto)
+        for name in objects:
+            if name not in table.names:
+                raise amp.InvalidSignature(f"{name} is not a valid argument")
+        return table.toBox(objects, cls.commandType(), proto)
+
+    @classmethod
+    def parseArguments(cls, box, protocol):
+        table = cls._table("arguments")
+        if table is None:
+            return super().parseArguments(box, protocol)
+        return table.fromBox(box, protocol)
+
+    @classmethod
+    def makeResponse(cls, objects, proto):
+        table = cls._table("response")
+        if table is None:
+            return super().makeResponse(objects, proto)
+        return table.toBox(objects, cls.responseType(), proto)
+
+    @classmethod
+    def parseResponse(cls, box, protocol):
+        table = cls._table("response")
+        if table is None:
+            return super().parseResponse(box, protocol)
+        return table.fromBox(box, protocol)
+
 
 # Admit's answers: admitted, or which limit refused the session.
 ADMITTED = ""
@@ -65,25 +196,25 @@ REFUSED_CONNECTIONS = "connections"
 REFUSED_PER_CLIENT = "connections_per_client"
 
 
-class Admit(amp.Command):
+class Admit(Lean):
     commandName = b"admit"
     arguments = [(b"address", amp.Unicode())]
     response = [(b"refusal", amp.Unicode())]
 
 
-class Left(amp.Command):
+class Left(Lean):
     commandName = b"left"
     arguments = [(b"address", amp.Unicode())]
     requiresAnswer = False
 
 
-class StartCheck(amp.Command):
+class StartCheck(Lean):
     commandName = b"start-check"
     arguments = [(b"address", amp.Unicode())]
     response = [(b"allowed", amp.Boolean())]
 
 
-class CheckEnded(amp.Command):
+class CheckEnded(Lean):
     """The answer: when the block this failure started ends (absent: no new block)."""
 
     commandName = b"check-ended"
@@ -91,13 +222,13 @@ class CheckEnded(amp.Command):
     response = [(b"blockedUntil", amp.Float(optional=True))]
 
 
-class Failed(amp.Command):
+class Failed(Lean):
     commandName = b"failed"
     arguments = [(b"address", amp.Unicode())]
     response = [(b"blockedUntil", amp.Float(optional=True))]
 
 
-class Committing(amp.Command):
+class Committing(Lean):
     commandName = b"committing"
     arguments = [(b"queueId", amp.Unicode()), (b"login", amp.Unicode(optional=True)),
                  (b"domains", amp.ListOf(amp.Unicode(), optional=True))]
@@ -110,25 +241,25 @@ DOMAINS_BYTES = 60_000
 assert DOMAINS_BYTES < amp.MAX_VALUE_LENGTH
 
 
-class Queued(amp.Command):
+class Queued(Lean):
     commandName = b"queued"
     arguments = [(b"queueId", amp.Unicode()), (b"login", amp.Unicode(optional=True))]
     requiresAnswer = False
 
 
-class StartAttempt(amp.Command):
+class StartAttempt(Lean):
     commandName = b"start-attempt"
     arguments = [(b"queueId", amp.Unicode()), (b"domains", amp.ListOf(amp.Unicode()))]
     response = [(b"allowed", amp.Boolean())]
 
 
-class AttemptEnded(amp.Command):
+class AttemptEnded(Lean):
     commandName = b"attempt-ended"
     arguments = [(b"queueId", amp.Unicode()), (b"kept", amp.Boolean())]
     requiresAnswer = False
 
 
-class MetricUpdates(amp.Command):
+class MetricUpdates(Lean):
     """relayd.metrics updates (metric, label values, amount), one batch (bounded by UpdateBatch)."""
 
     commandName = b"metric-updates"
@@ -138,7 +269,7 @@ class MetricUpdates(amp.Command):
     response = []
 
 
-class Accepting(amp.Command):
+class Accepting(Lean):
     commandName = b"accepting"
     arguments = []
     requiresAnswer = False
@@ -149,19 +280,19 @@ CONFIG_PAGE = 16_000
 assert CONFIG_PAGE * 4 < amp.MAX_VALUE_LENGTH
 
 
-class RunningConfig(amp.Command):
+class RunningConfig(Lean):
     commandName = b"running-config"
     arguments = [(b"offset", amp.Integer())]
     response = [(b"text", amp.Unicode()), (b"total", amp.Integer()), (b"path", amp.Unicode())]
 
 
-class Ping(amp.Command):
+class Ping(Lean):
     commandName = b"ping"
     arguments = []
     response = [(b"sessions", amp.Integer())]
 
 
-class StallWorker(amp.Command):
+class StallWorker(Lean):
     """For tests only: the worker's reactor thread sleeps ``seconds`` (refused unless enabled)."""
 
     commandName = b"test-stall"
@@ -170,36 +301,179 @@ class StallWorker(amp.Command):
     errors = {ValueError: b"NOT_ENABLED"}
 
 
-class ConfigChanged(amp.Command):
+class ConfigChanged(Lean):
     commandName = b"config-changed"
     arguments = []
     response = []
 
 
-class BlockStarted(amp.Command):
+class BlockStarted(Lean):
     commandName = b"blocked"
     arguments = [(b"address", amp.Unicode()), (b"until", amp.Float())]
     requiresAnswer = False
 
 
-class BlockLifted(amp.Command):
+class BlockLifted(Lean):
     commandName = b"unblocked"
     arguments = [(b"address", amp.Unicode())]
     requiresAnswer = False
 
 
-class RateLimited(amp.Command):
+class RateLimited(Lean):
     commandName = b"rate-limited"
     arguments = [(b"login", amp.Unicode()), (b"until", amp.Float())]
     requiresAnswer = False
 
 
+# AMP's length prefix of a key or value.
+_LENGTH = struct.Struct("!H")
+
+# How long a worker's one-way notice may wait for the next box that goes at
+# once, and how many may wait.
+NOTICE_WAIT = 0.005
+NOTICE_WAIT_LIMIT = 64
+
+# The notices that may wait (relayd.worker's): each gives back a session or
+# slots, or hands over a committed message. A ``Queued`` that counts a
+# login (``messages_per_user_per_hour``) goes at once.
+WAITING_NOTICES = frozenset({Left.commandName, AttemptEnded.commandName, Queued.commandName})
+
+
+def mayWait(box) -> bool:
+    """Whether ``box`` (as AMP sends it) is a notice that may wait (WAITING_NOTICES)."""
+    name = box.get(amp.COMMAND)
+    if name not in WAITING_NOTICES or amp.ASK in box:
+        return False
+    return name != Queued.commandName or b"login" not in box
+
+
 class Quiet(amp.AMP):
-    """AMP without its log lines for every connection made and lost."""
+    """
+    AMP without its log lines for every connection made and lost, and
+    with the channel's way of writing (the module's docstring). With a
+    ``clock`` (the reactor), the boxes written during one turn of the
+    reactor go out together at its end, in one send; with ``noticeDelay``
+    too, notices that may wait do. Without one, each box goes at once.
+    """
+
+    noticeDelay = 0.0
+    noticeLimit = NOTICE_WAIT_LIMIT
+    clock = None
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._unsent: list[bytes] = []  # serialized boxes, in the order written
+        self._turnEnd = None  # the call at the end of this turn that sends them
+        self._noticeTimer = None  # the call that sends waiting notices
+        self._partial = b""  # the start of a box not yet whole
+        self._tooLong = False  # a key over AMP's limit came: the rest is not read
 
     def makeConnection(self, transport) -> None:
         amp.BinaryBoxProtocol.makeConnection(self, transport)
 
+    def sendBox(self, box) -> None:
+        # (The channel never switches protocols nor starts TLS, which
+        # BinaryBoxProtocol.sendBox also looks after.)
+        if self.transport is None:
+            raise amp.ConnectionLost()
+        self._unsent.append(box.serialize())
+        if self.clock is None:
+            self.flush()
+        elif self.noticeDelay and mayWait(box) and len(self._unsent) < self.noticeLimit:
+            if self._noticeTimer is None and self._turnEnd is None:
+                self._noticeTimer = self.clock.callLater(self.noticeDelay, self.flush)
+        elif self._turnEnd is None:
+            # A call due now runs once the reactor has handled this turn's events.
+            self._turnEnd = self.clock.callLater(0, self.flush)
+
+    def flush(self) -> None:
+        """Write every box not yet written, in one write."""
+        for call in (self._turnEnd, self._noticeTimer):
+            if call is not None and call.active():
+                call.cancel()
+        self._turnEnd = self._noticeTimer = None
+        unsent, self._unsent = self._unsent, []
+        if unsent and self.transport is not None:
+            self.transport.write(unsent[0] if len(unsent) == 1 else b"".join(unsent))
+
+    def dataReceived(self, data: bytes) -> None:
+        """
+        AMP's parsing, read straight off the buffer (AMP's own parser
+        handles each key and value as a string received, by a state machine
+        of method calls, which cost more than the boxes' handling): each
+        whole box to ``ampBoxReceived``; a partial one waits for the rest.
+        """
+        if self._tooLong:
+            return
+        buffer = self._partial + data if self._partial else data
+        end = len(buffer)
+        done = 0
+        unpack = _LENGTH.unpack_from
+        while True:
+            box = amp.AmpBox()
+            at = done
+            while at + 2 <= end:
+                (keyLength,) = unpack(buffer, at)
+                if keyLength == 0:
+                    at += 2
+                    break
+                if keyLength > amp.MAX_KEY_LENGTH:
+                    self._tooLong = True
+                    self._partial = b""
+                    self.lengthLimitExceeded(keyLength)  # disconnects, with TooLong
+                    return
+                keyEnd = at + 2 + keyLength
+                if keyEnd + 2 > end:
+                    at = end + 1
+                    break
+                (valueLength,) = unpack(buffer, keyEnd)
+                valueEnd = keyEnd + 2 + valueLength
+                if valueEnd > end:
+                    at = end + 1
+                    break
+                box[buffer[at + 2:keyEnd]] = buffer[keyEnd + 2:valueEnd]
+                at = valueEnd
+            else:
+                at = end + 1
+            if at > end:  # not whole yet
+                self._partial = buffer[done:]
+                return
+            done = at
+            self.boxReceiver.ampBoxReceived(box)
+            if done == end:
+                self._partial = b""
+                return
+
     def connectionLost(self, reason) -> None:
         amp.BinaryBoxProtocol.connectionLost(self, reason)
+        for call in (self._turnEnd, self._noticeTimer):
+            if call is not None and call.active():
+                call.cancel()
+        self._turnEnd = self._noticeTimer = None
+        self._unsent = []
         self.transport = None
+
+
+class ChannelTransport(SendAtOnce, unix.Server):
+    """
+    A channel's end: Twisted's UNIX connection (descriptors can still be
+    passed: while one waits to be sent, Twisted's buffer holds every write
+    behind it), sending a write at once when nothing waits before it.
+    """
+
+
+def adopt(reactor, fd: int, factory):
+    """
+    ``reactor.adoptStreamConnection(fd, AF_UNIX, factory)`` for a channel's
+    end (a connected socket; ``fd`` is duplicated, and stays the caller's
+    to close), as a ChannelTransport; on a reactor that is not a real one
+    (a test's), as is.
+    """
+    if not isinstance(reactor, posixbase.PosixReactorBase):
+        return reactor.adoptStreamConnection(fd, socket.AF_UNIX, factory)
+    sock = socket.fromfd(fd, socket.AF_UNIX, socket.SOCK_STREAM)
+    proto = factory.buildProtocol(address.UNIXAddress(sock.getsockname()))
+    transport = ChannelTransport(sock, proto, sock.getpeername(), None, 0, reactor)
+    transport.repstr = transport.logstr = f"<{type(proto).__name__} channel>"
+    proto.makeConnection(transport)
+    return transport

@@ -131,6 +131,8 @@ class _Message:
     localErrors: list[Failure] = field(default_factory=list)
 
     def withLog(self, result: AttemptResult) -> AttemptResult:
+        if not (self.tlsSessions or self.localErrors or result.tlsSessions or result.localErrors):
+            return result  # nothing to add, nor to take away: no copy
         return replace(result, tlsSessions=tuple(self.tlsSessions),
                        localErrors=tuple(self.localErrors))
 
@@ -480,10 +482,10 @@ class Courier:
             )
 
         transactionStarted = seconds()
-        outcome = await session.sendMessage(message.sender, message.mailParams, recipients,
-                                            message.openBody, message.size,
-                                            recipientParams=message.recipientParams,
-                                            smtputf8=message.smtputf8)
+        outcome = await session.messageOutcome(message.sender, message.mailParams, recipients,
+                                               message.openBody, message.size,
+                                               recipientParams=message.recipientParams,
+                                               smtputf8=message.smtputf8)
         if reused and not outcome.mailAccepted:
             # The idle connection may have been closed (or timed out) by the
             # peer meanwhile: the answer counts only from a fresh one.

@@ -91,21 +91,24 @@ def syslogObserver(out: IO[str], hostname: str | None = None, pid: int | None = 
     processId = os.getpid() if pid is None else pid
     stamps = _SecondStamp("%b %e %H:%M:%S", localtime)
 
-    @provider(ILogObserver)
-    def observe(event: dict) -> None:
+    def lines(event: dict) -> str:
         stamp = stamps(event.get("log_time", time.time()))
         prefix = f"{stamp} {host} relayd/{_service(event)}[{processId}]: "
-        out.write("".join(prefix + line + "\n" for line in _text(event).split("\n")))
+        return "".join(prefix + line + "\n" for line in _text(event).split("\n"))
+
+    @provider(ILogObserver)
+    def observe(event: dict) -> None:
+        out.write(lines(event))
         out.flush()
 
+    observe.format = lines
     return observe
 
 
 def jsonObserver(out: IO[str]) -> ILogObserver:
     """One JSON object per event and line; fields that are not JSON become strings."""
 
-    @provider(ILogObserver)
-    def observe(event: dict) -> None:
+    def line(event: dict) -> str:
         level = event.get("log_level", LogLevel.info)
         record = {
             "time": event.get("log_time"),
@@ -116,9 +119,14 @@ def jsonObserver(out: IO[str]) -> ILogObserver:
         for key, value in event.items():
             if not key.startswith("log_") and key not in ("service", "format") and key not in record:
                 record[key] = value
-        out.write(json.dumps(record, default=str, separators=(",", ":")) + "\n")
+        return json.dumps(record, default=str, separators=(",", ":")) + "\n"
+
+    @provider(ILogObserver)
+    def observe(event: dict) -> None:
+        out.write(line(event))
         out.flush()
 
+    observe.format = line
     return observe
 
 
@@ -350,14 +358,18 @@ def threadedObserver(makeObserver: Callable[[IO[str]], ILogObserver], out: IO[st
                      name: str = "relayd-log") -> ILogObserver:
     """
     ``makeObserver(stream)``'s lines, formatted on the thread that logs and
-    written to ``out`` by a LineWriter's thread (``observe.writer``).
+    written to ``out`` by a LineWriter's thread (``observe.writer``). An
+    observer with a ``format(event)`` (syslogObserver's, jsonObserver's)
+    is asked for its text directly; any other writes it into a per-thread
+    buffer, taken from there.
     """
     buffer = _PerThreadBuffer()
     inner = makeObserver(buffer)
-
-    def formatted(event: dict) -> str:
-        inner(event)
-        return buffer.take()
+    formatted = getattr(inner, "format", None)
+    if formatted is None:
+        def formatted(event: dict) -> str:
+            inner(event)
+            return buffer.take()
 
     writer = LineWriter(_StreamWrites(out), lambda count: formatted(_droppedEvent(count)),
                         name=name)

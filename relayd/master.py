@@ -401,10 +401,12 @@ class WorkerPool(service.Service):
         worker.pid = process.pid
         self.workers[number] = worker
         worker.link = link = WorkerLink(self, worker)
+        # What the link writes in one turn of the reactor goes in one send.
+        link.clock = self.reactor
         factory = protocol.Factory()
         factory.noisy = False
         factory.buildProtocol = lambda addr: link
-        self.reactor.adoptStreamConnection(ours.fileno(), socket.AF_UNIX, factory)
+        channel.adopt(self.reactor, ours.fileno(), factory)
         ours.close()
         maillog.daemonEvent(f"{worker.describe()} started")
         # What the new worker must know already: the blocks and rate limits in force.

@@ -23,13 +23,18 @@ class Reply:
 
     def toBytes(self) -> bytes:
         """The reply on the wire; a multi-line text becomes NNN- continuation lines."""
-        lines = self.text.split("\n")
-        out = []
-        for i, line in enumerate(lines):
-            sep = "-" if i < len(lines) - 1 else " "
-            prefix = f"{self.enhanced} " if self.enhanced else ""
-            out.append(f"{self.code}{sep}{prefix}{line}\r\n")
-        return "".join(out).encode("ascii", "replace")
+        # Built once per reply: the named replies go out several times per message.
+        wire = self.__dict__.get("_wire")
+        if wire is None:
+            lines = self.text.split("\n")
+            out = []
+            for i, line in enumerate(lines):
+                sep = "-" if i < len(lines) - 1 else " "
+                prefix = f"{self.enhanced} " if self.enhanced else ""
+                out.append(f"{self.code}{sep}{prefix}{line}\r\n")
+            wire = "".join(out).encode("ascii", "replace")
+            object.__setattr__(self, "_wire", wire)  # frozen: the fields, not this cache
+        return wire
 
     def __str__(self) -> str:
         if self.enhanced:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import binascii
 import errno
+import functools
 import os
 import ipaddress
 import re
@@ -159,6 +160,9 @@ class CommandSyntaxError(Exception):
         self.reply = reply
 
 
+# Both parse the address (ipaddress is pure Python): remembered for the
+# addresses seen most recently, as most connections come from a few clients.
+@functools.lru_cache(maxsize=1024)
 def normalizeAddress(host: str) -> str:
     """The client's IP as relayd logs and judges it: ``::ffff:a.b.c.d`` is ``a.b.c.d``."""
     try:
@@ -170,6 +174,7 @@ def normalizeAddress(host: str) -> str:
     return str(ip)
 
 
+@functools.lru_cache(maxsize=1024)
 def isTrusted(address: str, networks) -> bool:
     try:
         ip = ipaddress.ip_address(address)
@@ -363,7 +368,8 @@ class SubmissionServer(smtp.ESMTP):
     def connectionMade(self) -> None:
         setNoDelay(self.transport)
         peer = self.transport.getPeer()
-        self.clientAddress = normalizeAddress(getattr(peer, "host", str(peer)))
+        host = getattr(peer, "host", None)
+        self.clientAddress = normalizeAddress(str(peer) if host is None else host)
         # Until the name is confirmed, and for good when it is not: Postfix's "unknown".
         self.clientName = "unknown"
         # Trust is the address's alone, never the name's.
@@ -439,7 +445,7 @@ class SubmissionServer(smtp.ESMTP):
 
     def _greet(self) -> None:
         self._greeting = None
-        self.reply(replies.GREETING.format(hostname=self.factory.hostname))
+        self.reply(_greetingReply(self.factory.hostname))
 
     def handshakeCompleted(self) -> None:
         self._handshaking = False
@@ -729,8 +735,9 @@ class SubmissionServer(smtp.ESMTP):
         if words and words[0].upper() not in self._commands and _isNonSmtpVerb(words[0]):
             return self._nonSmtpCommand(raw, words[0])
         # An AUTH initial response may be longer than a command.
-        isAuth = raw[:5].upper() == b"AUTH "
-        limit = MAX_AUTH_LINE if isAuth else MAX_COMMAND_LINE + EXTENDED_LINE.get(raw[:5].upper(), 0)
+        head = raw[:5].upper()
+        isAuth = head == b"AUTH "
+        limit = MAX_AUTH_LINE if isAuth else MAX_COMMAND_LINE + EXTENDED_LINE.get(head, 0)
         if len(raw) > limit:
             return self._error(replies.AUTH_LINE_TOO_LONG if isAuth else replies.LINE_TOO_LONG)
         line = self._withoutLineEnding(raw)
@@ -739,11 +746,12 @@ class SubmissionServer(smtp.ESMTP):
         if _CONTROL_BYTES.search(line):
             return self._error(replies.BAD_CHARACTERS)
         verb, _, rest = line.strip().partition(b" ")
-        handler = self._commands.get(verb.upper())
+        verb = verb.upper()
+        handler = self._commands.get(verb)
         if handler is None:
             self.lastVerb = "UNKNOWN"
             return self._error(replies.COMMAND_UNRECOGNIZED)
-        self.lastVerb = verb.upper().decode("ascii")
+        self.lastVerb = verb.decode("ascii")
         try:
             text = rest.strip().decode("utf-8")
         except UnicodeDecodeError:
@@ -800,13 +808,8 @@ class SubmissionServer(smtp.ESMTP):
         hostname = self.factory.hostname
         if not esmtp:
             return self.reply(replies.HELO_OK.format(hostname=hostname))
-        lines = [hostname, "PIPELINING", f"SIZE {self.factory.config.limits.messageSize}"]
-        if self._offersSTARTTLS():
-            lines.append("STARTTLS")
-        if self._offersAUTH():
-            lines.append("AUTH " + " ".join(SASL_MECHANISMS))
-        lines += ["8BITMIME", "ENHANCEDSTATUSCODES", "SMTPUTF8", "DSN"]
-        self.reply(Reply(250, None, "\n".join(lines)))
+        self.reply(_ehloReply(hostname, self.factory.config.limits.messageSize,
+                              self._offersSTARTTLS(), self._offersAUTH()))
 
     def _offersSTARTTLS(self) -> bool:
         return self.listener.tls == "starttls" and not self.secure and self.factory.tls is not None
@@ -1372,6 +1375,24 @@ def unsentBytes(transport) -> int:
             continue
         return max(0, len(transport.dataBuffer) - getattr(transport, "offset", 0))
     return 0
+
+
+@functools.lru_cache(maxsize=16)
+def _greetingReply(hostname: str) -> Reply:
+    # The same for every session: made (and its bytes built) once.
+    return replies.GREETING.format(hostname=hostname)
+
+
+@functools.lru_cache(maxsize=16)
+def _ehloReply(hostname: str, messageSize: int, starttls: bool, auth: bool) -> Reply:
+    """The EHLO reply: the same for every session that is offered the same things."""
+    lines = [hostname, "PIPELINING", f"SIZE {messageSize}"]
+    if starttls:
+        lines.append("STARTTLS")
+    if auth:
+        lines.append("AUTH " + " ".join(SASL_MECHANISMS))
+    lines += ["8BITMIME", "ENHANCEDSTATUSCODES", "SMTPUTF8", "DSN"]
+    return Reply(250, None, "\n".join(lines))
 
 
 def _isNonSmtpVerb(verb: bytes) -> bool:

@@ -27,7 +27,7 @@ from __future__ import annotations
 import base64
 import re
 from dataclasses import dataclass
-from typing import BinaryIO, Callable, Mapping, Sequence
+from typing import Any, BinaryIO, Callable, Coroutine, Mapping, Sequence
 
 from twisted.internet import defer, error
 from twisted.internet.address import IPv4Address, IPv6Address
@@ -485,6 +485,7 @@ class OutboundSession(LineReceiver):
         self._replyBytes = 0
         self._replyCode: int | None = None
         self._timer: IDelayedCall | None = None
+        self._timerStage = "greeting"  # what _timer's deadline is for
         self._broken: SessionBroken | None = None
         # Bugs met in a reply handler (the session was then aborted).
         self.localErrors: list[Failure] = []
@@ -618,17 +619,28 @@ class OutboundSession(LineReceiver):
         return d
 
     def _armForHead(self) -> None:
-        self._cancelTimer()
         if self._waiters:
             head = self._waiters[0]
-            self._timer = self._reactor.callLater(
-                head.timeout, self._timedOut, head.stage
-            )
+            self._setTimer(head.timeout, head.stage)
+        else:
+            self._cancelTimer()
+
+    def _setTimer(self, timeout: float, stage: str) -> None:
+        """The one deadline: ``timeout`` seconds from now, for ``stage``."""
+        self._timerStage = stage
+        if self._timer is not None and self._timer.active():
+            # Moved, not cancelled and made anew: a deadline per reply.
+            self._timer.reset(timeout)
+        else:
+            self._timer = self._reactor.callLater(timeout, self._deadlinePassed)
 
     def _cancelTimer(self) -> None:
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
         self._timer = None
+
+    def _deadlinePassed(self) -> None:
+        self._timedOut(self._timerStage)
 
     def _timedOut(self, stage: str) -> None:
         self._timer = None
@@ -879,11 +891,24 @@ class OutboundSession(LineReceiver):
         section 4.5.3.1.10 asks, for as long as each transaction makes
         progress.
         """
-        utf8 = smtputf8 and "SMTPUTF8" in self.capabilities
         return defer.ensureDeferred(
-            self._transactions(sender, mailParams, list(recipients), openBody, size,
-                               recipientParams or {}, utf8)
-        )
+            self.messageOutcome(sender, mailParams, recipients, openBody, size,
+                                recipientParams, smtputf8))
+
+    def messageOutcome(
+        self,
+        sender: str,
+        mailParams: dict,
+        recipients: Sequence[str],
+        openBody: Callable[[], BinaryIO],
+        size: int,
+        recipientParams: Mapping[str, Mapping[str, str]] | None = None,
+        smtputf8: bool = False,
+    ) -> Coroutine[Any, Any, MessageOutcome]:
+        """``sendMessage`` as a coroutine, for a caller that awaits it: no Deferred in between."""
+        utf8 = smtputf8 and "SMTPUTF8" in self.capabilities
+        return self._transactions(sender, mailParams, list(recipients), openBody, size,
+                                  recipientParams or {}, utf8)
 
     async def _transactions(self, sender, mailParams, recipients, openBody, size, recipientParams,
                             utf8):
@@ -1100,10 +1125,7 @@ class OutboundSession(LineReceiver):
 
     def _bodyProgress(self) -> None:
         """The transport took the last chunk: restart the data-block clock."""
-        self._cancelTimer()
-        self._timer = self._reactor.callLater(
-            self.timeouts.dataBlock, self._timedOut, "body"
-        )
+        self._setTimer(self.timeouts.dataBlock, "body")
 
     # -- the end ---------------------------------------------------------------
 

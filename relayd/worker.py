@@ -278,7 +278,12 @@ class RemoteLimits:
 
 
 class MasterLink(channel.Quiet):
-    """A worker's side of its channel. ``lost()`` is called when the master has gone."""
+    """
+    A worker's side of its channel. ``lost()`` is called when the master
+    has gone. Its notices that may wait do (relayd.channel.NOTICE_WAIT).
+    """
+
+    noticeDelay = channel.NOTICE_WAIT
 
     def __init__(self, clock, lost, parse) -> None:
         super().__init__()
@@ -754,7 +759,7 @@ def main(argv: list[str] | None = None) -> None:
     linkFactory = protocol.Factory()
     linkFactory.noisy = False
     linkFactory.buildProtocol = lambda addr: link
-    reactor.adoptStreamConnection(arguments.channel, socket.AF_UNIX, linkFactory)
+    channel.adopt(reactor, arguments.channel, linkFactory)
     os.close(arguments.channel)
 
     def start(config) -> None:
@@ -765,7 +770,10 @@ def main(argv: list[str] | None = None) -> None:
         maillog.daemonEvent(f"worker {arguments.number} accepting connections")
         link.accepting()
         link.reload = worker.reload
-        reactor.addSystemEventTrigger("before", "shutdown", worker.stopService)
+        # The notices still waiting go to the master before the process ends.
+        reactor.addSystemEventTrigger(
+            "before", "shutdown", lambda: worker.stopService().addBoth(
+                lambda result: (link.flush(), result)[1]))
 
         def onSignal(signum, frame) -> None:
             worker.stopNow(f"received {signal.Signals(signum).name}")

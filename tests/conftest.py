@@ -23,10 +23,20 @@ def pytest_configure(config) -> None:
     )
 
 
+# UDP ports freeUDPPort() has handed out: two bind(0) picks, each closed at
+# once, can return the same port (two DNS servers of one test, say).
+_handedOutUDP: set[int] = set()
+
+
 def freeUDPPort() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    for _ in range(1000):
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port not in _handedOutUDP:
+            _handedOutUDP.add(port)
+            return port
+    raise AssertionError(f"no free UDP port not handed out before ({len(_handedOutUDP)} were)")
 
 
 @pytest.fixture

@@ -1799,9 +1799,10 @@ def runScenario(tmp_path, hops, recipients=("rcpt@example.org",), body=b"Subject
 
 
 def freePort() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """The integration harness's: a port never handed out twice in a run (two picks can collide)."""
+    from tests.integration.harness import freePort
+
+    return freePort()
 
 
 def waitForPort(port: int, proc=None, deadline: float = 10.0) -> None:

@@ -27,12 +27,21 @@ def processes():
     """
     started: list = []
     yield started
+    # Each one is stopped even when stopping another failed (a sink whose
+    # port stays open, a daemon that had to be killed): no process outlives
+    # its test. The first such failure is reported once all are stopped.
+    failures: list[BaseException] = []
     for thing in reversed(started):
-        if isinstance(thing, Relayd):
-            print(thing.describe())
-            thing.kill()
-        else:
-            thing.stop()
+        try:
+            if isinstance(thing, Relayd):
+                print(thing.describe())
+                thing.kill()
+            else:
+                thing.stop()
+        except Exception as e:
+            failures.append(e)
+    if failures:
+        raise failures[0]
 
 
 @pytest.fixture

@@ -85,11 +85,23 @@ def childEnvironment() -> dict[str, str]:
     return env
 
 
+# Every port freePort() has handed out in this process. The kernel picks a
+# bind(0) port at random among the free ones, and a port is free again as
+# soon as the socket that found it is closed: two calls (a daemon's port and
+# its sink's, say) return the same port about once in a few thousand pairs.
+_handedOut: set[int] = set()
+
+
 def freePort() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((HOST, 0))
-        return s.getsockname()[1]
+    """A TCP port on 127.0.0.1 that nothing listens on right now, never the same one twice."""
+    for _ in range(1000):
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.bind((HOST, 0))
+            port = s.getsockname()[1]
+        if port not in _handedOut:
+            _handedOut.add(port)
+            return port
+    raise AssertionError(f"no free port not handed out before ({len(_handedOut)} were)")
 
 
 def waitUntil(check: Callable[[], T | None], deadline: float, what: str,

@@ -94,10 +94,12 @@ def batch(tmp_path_factory):
         pytest.fail(f"{twistdPath()} does not exist: run the tests with `make test`")
     base = tmp_path_factory.mktemp("acceptance")
     sink = Sink(base / "sink")
-    daemon: Relayd | None = None
+    daemon = Relayd(base / "relayd", sink.port)
     try:
         sink.start()
-        daemon = Relayd(base / "relayd", sink.port).start()
+        # Started inside the try: a daemon that fails its start-up checks
+        # (after its process was spawned) is still stopped below.
+        daemon.start()
         subs = submissions()
         for sub in subs:
             sub.queueId = daemon.submit(sub.message, sender=sub.sender, recipients=(sub.recipient,))
@@ -108,9 +110,8 @@ def batch(tmp_path_factory):
             daemon.waitForLog(rf"\b{sub.queueId}: removed\b")
         yield Batch(daemon, sink, {s.name: s for s in subs}, sink.messages())
     finally:
-        if daemon is not None:
-            print(daemon.describe())
-            daemon.kill()
+        print(daemon.describe())
+        daemon.kill()
         sink.stop()
 
 

@@ -234,8 +234,9 @@ def installation():
     leaf.private_key_pem.write_to_path(str(inst.source / "privkey.pem"))
     (inst.source / "privkey.pem").chmod(0o600)  # as a CA's tooling leaves it: root's alone
     inst.ca = ca
-    inst.sink = Sink(base / "sink").start()
+    inst.sink = Sink(base / "sink")
     try:
+        inst.sink.start()  # inside the try: stopped below even if its start-up check fails
         inst.install()
         yield inst
     finally:

@@ -43,6 +43,16 @@ WATCHDOG_SECONDS = 1.0
 STALL_SECONDS = 4.0
 
 
+# A field only the test sends to its own notify socket (NotifySocket.caughtUp).
+MARK = "X_RELAYD_TEST_MARK"
+
+
+def sent(messages: list[tuple[float, dict[str, str]]], key: str,
+         value: str | None = None) -> list[float]:
+    """When each of ``messages`` with ``key`` (equal to ``value``, if given) arrived."""
+    return [t for t, m in messages if key in m and (value is None or m[key] == value)]
+
+
 class NotifySocket:
     """The datagram socket systemd listens on, with every message and when it arrived."""
 
@@ -55,6 +65,7 @@ class NotifySocket:
         self.sock.settimeout(0.2)
         self.messages: list[tuple[float, dict[str, str]]] = []
         self._lock = threading.Lock()
+        self._marks: dict[str, int] = {}  # marker sent by caughtUp() -> len(messages) when read
         self._done = threading.Event()
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
@@ -69,17 +80,46 @@ class NotifySocket:
                 return
             fields = dict(line.split("=", 1) for line in data.decode().splitlines() if "=" in line)
             with self._lock:
-                self.messages.append((time.monotonic(), fields))
+                if MARK in fields:
+                    self._marks[fields[MARK]] = len(self.messages)
+                else:
+                    self.messages.append((time.monotonic(), fields))
 
     def received(self, key: str, value: str | None = None) -> list[float]:
         """When each message with ``key`` (equal to ``value``, if given) arrived."""
         with self._lock:
-            return [t for t, m in self.messages if key in m and (value is None or m[key] == value)]
+            return sent(self.messages, key, value)
 
     def waitFor(self, key: str, value: str | None = None, count: int = 1, describe=lambda: "") -> list[float]:
         return waitUntil(lambda: (lambda found: found if len(found) >= count else None)(
             self.received(key, value)), DELIVERY_DEADLINE,
             f"{count} notification(s) {key}={value or '...'}; got {self.messages}", describe)
+
+    def caughtUp(self) -> list[tuple[float, dict[str, str]]]:
+        """
+        Every message sent before this call, once the reader has them.
+        A datagram the daemon sent is queued on the socket when its send
+        returns, but the reader thread may not have taken it yet: a marker
+        sent now is queued behind it, so when the reader has the marker it
+        has everything before it (and what is returned stops there).
+        """
+        mark = f"{id(self)}-{time.monotonic_ns()}"
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sender:
+            sender.sendto(f"{MARK}={mark}\n".encode(), self.path)
+
+        def read() -> list | None:
+            with self._lock:
+                count = self._marks.get(mark)
+                return None if count is None else self.messages[:count]
+
+        return waitUntil(read, DELIVERY_DEADLINE, "the notify socket's reader read the marker")
+
+    def clear(self) -> None:
+        """Forget every message sent so far (read or not yet)."""
+        count = len(self.caughtUp())
+        with self._lock:
+            del self.messages[:count]
+            self._marks.clear()  # counts of the list before this cut
 
     def close(self) -> None:
         self._done.set()
@@ -161,18 +201,18 @@ def test_ready_only_once_the_port_accepts_and_the_queue_is_loaded(tmp_path, proc
     for i in range(2):
         daemon.submit(makeMessage(f"queued {i}", ["body"]))
     assert daemon.terminate() == 0
-    notifySocket.messages.clear()
+    notifySocket.clear()
 
     # Started by hand, probing the port from the first instant on. Each
     # refused probe's start time is kept: a probe that starts after READY=1
     # and is refused means READY=1 came before the port accepted.
     refused: list[float] = []
+    since = daemon.logOffset()  # before the spawn: none of the new run's lines is left out
     with open(daemon.logPath, "ab") as log:
         daemon.process = subprocess.Popen(daemon.command(), cwd=daemon.directory, stdout=log,
                                           stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                           env=daemon.environment())
     deadline = time.monotonic() + START_DEADLINE
-    since = daemon.logOffset()
     while not notifySocket.received("READY") and time.monotonic() < deadline:
         assert daemon.process.poll() is None, daemon.describe()
         started = time.monotonic()
@@ -181,12 +221,14 @@ def test_ready_only_once_the_port_accepts_and_the_queue_is_loaded(tmp_path, proc
         time.sleep(0.01)
     [ready] = notifySocket.waitFor("READY", "1", describe=daemon.describe)
     assert all(probe < ready for probe in refused), (refused, ready)
-    log = daemon.log(since)
     if processCount > 1:
-        # Each worker had said it accepts before READY=1 (it writes the
-        # line, then tells the master).
+        # Each worker of this start says it accepts. It logs the line, then
+        # tells the master, which sends READY=1 once every worker has told
+        # it (tests/test_processes.py, test_the_daemon_is_ready_once_every_
+        # worker_accepts); but a worker's log thread writes the line when
+        # it gets to it, which may be a moment after READY=1 arrived here.
         for number in range(1, processCount + 1):
-            assert f"worker {number} accepting connections" in log, log
+            daemon.waitForLog(rf"worker {number} accepting connections", since=since)
     assert greets(daemon.port)
     statuses = [m["STATUS"] for t, m in notifySocket.messages if "READY" in m]
     assert statuses and statuses[0].startswith("2 messages in queue"), notifySocket.messages
@@ -230,14 +272,16 @@ def test_relayctl_reload_waits_and_reports_the_outcome(tmp_path, processes, twis
     notifySocket.waitFor("READY", "1", describe=daemon.describe)
     good = daemon.configPath.read_text()
 
-    # Applied: RELOADING=1 then READY=1 were sent before relayctl returned.
+    # Applied: RELOADING=1 then READY=1 were sent before relayctl returned
+    # (those sent by then, whether or not the reader thread had read them).
     daemon.writeConfig(good + "limits: {recipients: 7}\n")
     result = relayctl(daemon, "reload")
     assert result.returncode == 0, result.stderr
     assert result.stdout == f"reload: configuration {daemon.configPath} applied\n"
-    [reloading] = notifySocket.received("RELOADING", "1")
-    assert [t for t in notifySocket.received("READY", "1") if t > reloading]
-    assert "MONOTONIC_USEC" in [m for t, m in notifySocket.messages if "RELOADING" in m][0]
+    before = notifySocket.caughtUp()
+    [reloading] = sent(before, "RELOADING", "1")
+    assert [t for t in sent(before, "READY", "1") if t > reloading], before
+    assert "MONOTONIC_USEC" in [m for t, m in before if "RELOADING" in m][0]
 
     # A file that does not load: refused with the key and why, the old config runs on.
     daemon.writeConfig(good + "limits: {recipients: many}\n")
@@ -256,5 +300,5 @@ def test_relayctl_reload_waits_and_reports_the_outcome(tmp_path, processes, twis
     assert result.stderr.startswith("relayctl: reload failed, keeping the running configuration: ")
     assert "raise LimitNOFILE=" in result.stderr and result.stderr.count("\n") == 1
     daemon.waitForLog(r"reload failed, keeping the running configuration: .*limits\.connections")
-    assert len(notifySocket.received("RELOADING", "1")) == 2
+    assert len(sent(notifySocket.caughtUp(), "RELOADING", "1")) == 2, notifySocket.messages
     daemon.submit(makeMessage("still running", ["body"]))

@@ -280,6 +280,11 @@ class HAProxy(LoggingPeer):
             "    timeout connect 5s",
             "    timeout client 60s",
             "    timeout server 60s",
+            # A check's connect is bounded by inter (1s); its exchange (the
+            # LOCAL header, the banner, EHLO) by this. Without it inter
+            # bounds the whole check, and with fall 1 one check slower than
+            # a second on a busy machine takes a running instance out.
+            "    timeout check 20s",
             "    retries 3",
             "    option redispatch",
             "frontend submission",

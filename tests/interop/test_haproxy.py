@@ -19,7 +19,9 @@ import time
 
 import pytest
 
-from tests.integration.harness import HOST, HOSTNAME, SMTP_TIMEOUT, makeMessage, waitUntil
+from tests.integration.harness import (
+    DELIVERY_DEADLINE, HOST, HOSTNAME, SMTP_TIMEOUT, makeMessage, waitUntil,
+)
 from tests.interop.peers import HAPROXY, PASSWORD, USER, HAProxy, SubmissionRelayd, missing
 
 pytestmark = pytest.mark.integration
@@ -86,7 +88,14 @@ def failedAuth(balancer, relays, source: str) -> tuple[int, bytes]:
 
 
 def whichRelay(relays, qid: str):
-    [relay] = [r for r in relays if re.search(rf"\b{qid}: client=", r.log())]
+    """
+    The one instance that logged taking message ``qid``. Its log thread
+    writes the line a moment after the event, which may be after the 250.
+    """
+    def logged():
+        return [r for r in relays if re.search(rf"\b{qid}: client=", r.log())] or None
+
+    [relay] = waitUntil(logged, DELIVERY_DEADLINE, f"an instance logging {qid}: client=")
     return relay
 
 

@@ -16,7 +16,9 @@ import ssl
 
 import pytest
 
-from tests.integration.harness import HOST, HOSTNAME, SMTP_TIMEOUT, makeMessage
+from tests.integration.harness import (
+    DELIVERY_DEADLINE, HOST, HOSTNAME, SMTP_TIMEOUT, makeMessage, waitUntil,
+)
 from tests.integration.test_relayctl import relayctl
 from tests.interop.peers import (
     PASSWORD,
@@ -195,7 +197,16 @@ def test_postfix_smarthost_requires_tls_and_sasl_and_a_wrong_password_defers(
     relay.waitForLog(rf"\b{qid2}: to=<bob@remote\.test>, .*status=deferred", since=refused.end())
     # Postfix's disconnect line counts each session's commands: every
     # session relayd held started TLS, and none sent mail after a failed AUTH.
-    sessions = re.findall(r"smtpd\[\d+\]: disconnect from .* ehlo=.*$", smarthost.log(), re.MULTILINE)
+    # Postfix writes that line once the session has closed, through its log
+    # daemon: it may come after relayd's own line about the attempt.
+    def sessionLines() -> list[str]:
+        return re.findall(r"smtpd\[\d+\]: disconnect from .* ehlo=.*$", smarthost.log(), re.MULTILINE)
+
+    sessions = waitUntil(
+        lambda: (lambda found: found if sum("auth=0/1 " in s for s in found) >= 2 else None)(
+            sessionLines()),
+        DELIVERY_DEADLINE, "Postfix's disconnect lines of the two sessions with a failed AUTH",
+        smarthost.describe)
     assert len(sessions) >= 3, smarthost.describe()
     for session in sessions:
         assert "starttls=1 " in session, session
