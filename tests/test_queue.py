@@ -712,11 +712,11 @@ def test_spool_written_before_the_status_enum_loads_and_is_written_back_alike(sp
 # -- group commit and per-message order -----------------------------------------
 
 
-def test_commits_waiting_during_a_directory_fsync_share_the_next_one(tmp_path, monkeypatch):
+def holdFirstDirectoryFsync(monkeypatch):
     """
-    A commit never counts on an fsync of queue/ that started before its
-    renames; those that arrive during one all wait for the next, which
-    covers them together.
+    queue/'s fsyncs recorded ("start", "end") in a list; the first one
+    waits, once it has started (``firstStarted``), until the test sets
+    ``releaseFirst``. Returns (syncs, firstStarted, releaseFirst).
     """
     import threading
 
@@ -731,6 +731,18 @@ def test_commits_waiting_during_a_directory_fsync_share_the_next_one(tmp_path, m
         syncs.append("end")
 
     monkeypatch.setattr(queue, "_fsyncDirectory", fsyncDirectory)
+    return syncs, firstStarted, releaseFirst
+
+
+def test_commits_waiting_during_a_directory_fsync_share_the_next_one(tmp_path, monkeypatch):
+    """
+    A commit never counts on an fsync of queue/ that started before its
+    renames; those that arrive during one all wait for the next, which
+    covers them together.
+    """
+    import threading
+
+    syncs, firstStarted, releaseFirst = holdFirstDirectoryFsync(monkeypatch)
     directory = queue.DirectorySync(str(tmp_path))
     answered = []
     lateReturned = []
@@ -797,17 +809,7 @@ def test_a_commit_waiting_for_the_directory_fsync_holds_no_spool_thread(spool, t
 
     from twisted.internet import defer
 
-    syncs: list[str] = []
-    firstStarted, releaseFirst = threading.Event(), threading.Event()
-
-    def fsyncDirectory(path):
-        syncs.append("start")
-        if len(syncs) == 1:
-            firstStarted.set()
-            assert releaseFirst.wait(10)
-        syncs.append("end")
-
-    monkeypatch.setattr(queue, "_fsyncDirectory", fsyncDirectory)
+    syncs, firstStarted, releaseFirst = holdFirstDirectoryFsync(monkeypatch)
     delivered = []
     spool.queueDirectorySync.deliver = lambda f, *args: (delivered.append(len(syncs)), f(*args))
     threadsHeld = []  # one entry per call running in a thread
