@@ -945,7 +945,10 @@ def schedulerCost(count: int) -> dict:
         def update(self, envelope):
             pass
 
-        def remove(self, queueId):
+        def removeEnvelope(self, queueId):
+            pass
+
+        def removeBody(self, queueId):
             pass
 
     delivered = [0]

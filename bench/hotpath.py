@@ -79,8 +79,11 @@ class MemorySpool:
     def receive(self, queueId: str) -> MemoryWriter:
         return MemoryWriter(queueId)
 
-    def remove(self, queueId: str) -> None:
+    def removeEnvelope(self, queueId: str) -> None:
         self.removed += 1
+
+    def removeBody(self, queueId: str) -> None:
+        pass
 
     def writeEnvelope(self, queueId: str, raw) -> None:
         pass

@@ -183,10 +183,13 @@ class Courier:
         shuffle: Callable[[list], None] | None = None,
         tlsOptions: Callable[[NextHop], IOpenSSLClientConnectionCreator] | None = None,
         runInThread: Callable[..., defer.Deferred] | None = None,
+        readInThread: Callable[..., defer.Deferred] | None = None,
     ):
         self._reactor = reactor
-        # Reads the spooled body off the reactor thread (tests: inline).
+        # Blocking work off the reactor thread (tests: inline); the spooled
+        # bodies are read through ``readInThread`` (default: the same).
         self._runInThread = runInThread or defer.maybeDeferred
+        self._readInThread = readInThread or self._runInThread
         self.heloName = heloName
         self.timeouts = timeouts
         self._endpointFactory = endpointFactory or _endpointFor
@@ -397,7 +400,7 @@ class Courier:
         session = OutboundSession(
             self._reactor, self.heloName, self.timeouts, target.host, self._chunkSize,
             tls=target.tls, tlsOptions=lambda: creator, credentials=credentials,
-            runInThread=self._runInThread,
+            runInThread=self._readInThread,
         )
         try:
             endpoint = self._endpointFactory(self._reactor, target, self.timeouts)
@@ -516,7 +519,7 @@ class Courier:
         if "8BITMIME" not in session.capabilities:
             body = paramValue(message.mailParams, "BODY")
             declared = body is not None and body.upper() == "8BITMIME"
-            if declared or await message.hasEightBit(self._chunkSize, self._runInThread):
+            if declared or await message.hasEightBit(self._chunkSize, self._readInThread):
                 what = "BODY=8BITMIME" if declared else "8-bit bytes in the body"
                 return (554, "5.6.3",
                         f"message has 8-bit content ({what}), but host {session.peerName} does "

@@ -870,8 +870,21 @@ class Spool:
 
     def remove(self, queueId: str) -> None:
         """Take a message out of the queue: envelope first, so a crash half-way leaves no message."""
+        self.removeEnvelope(queueId)
+        self.removeBody(queueId)
+
+    def removeEnvelope(self, queueId: str) -> None:
+        """
+        ``remove``'s first half, the one that counts: once it returns the
+        message is out of the queue, and its body, until ``removeBody``,
+        is what recovery deletes as an unfinished write.
+        """
         _checkId(queueId)
         _unlinkQuietly(self._path(QUEUE, queueId + ENVELOPE_SUFFIX))
+
+    def removeBody(self, queueId: str) -> None:
+        """``remove``'s second half: only after ``removeEnvelope``."""
+        _checkId(queueId)
         _unlinkQuietly(self._path(QUEUE, queueId + BODY_SUFFIX))
 
     def load(self, queueId: str) -> Envelope:
@@ -899,3 +912,61 @@ class Spool:
                 found.append(stem)
         found.sort()
         return found
+
+
+class ThreadBatches:
+    """
+    Short blocking calls (removing a delivered message, reading a small
+    body) run in batches: ``run(f, *args)`` answers like ``runInThread``,
+    but a call asked for while ``jobs`` batches are running waits for one
+    of them to end, then runs with every other call that waited, one after
+    the other in one thread job, and their outcomes come back to the
+    reactor thread in one hand-over. Waking a sleeping thread and waking
+    the reactor again cost more than the unlink or the read itself; under
+    load one job covers many messages, and a lone call still starts at
+    once. Each call gets its own outcome: one that fails leaves the others
+    alone.
+    """
+
+    def __init__(self, runInThread: Callable[..., defer.Deferred] | None = None, jobs: int = 1) -> None:
+        self._runInThread = runInThread or defer.maybeDeferred
+        self._jobs = jobs
+        self._running = 0
+        self._waiting: list[tuple[defer.Deferred, Callable, tuple]] = []
+
+    def run(self, f: Callable, *args) -> defer.Deferred:
+        d: defer.Deferred = defer.Deferred()
+        self._waiting.append((d, f, args))
+        if self._running < self._jobs:
+            self._startBatch()
+        return d
+
+    def _startBatch(self) -> None:
+        batch, self._waiting = self._waiting, []
+        self._running += 1
+        calls = [(f, args) for _, f, args in batch]
+        self._runInThread(_runEach, calls).addBoth(self._ended, [d for d, _, _ in batch])
+
+    def _ended(self, outcomes, deferreds: list[defer.Deferred]) -> None:
+        self._running -= 1
+        if isinstance(outcomes, Failure):  # the job itself could not run (a stopped pool)
+            outcomes = [(False, outcomes)] * len(deferreds)
+        for d, (ok, value) in zip(deferreds, outcomes):
+            if ok:
+                d.callback(value)
+            else:
+                d.errback(value)
+        # Calls asked for by those callbacks join the ones that waited.
+        if self._waiting and self._running < self._jobs:
+            self._startBatch()
+
+
+def _runEach(calls: list[tuple[Callable, tuple]]) -> list[tuple[bool, object]]:
+    """Blocking, in a thread: each call's result, or its Failure."""
+    outcomes: list[tuple[bool, object]] = []
+    for f, args in calls:
+        try:
+            outcomes.append((True, f(*args)))
+        except BaseException:
+            outcomes.append((False, Failure()))
+    return outcomes

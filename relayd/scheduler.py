@@ -47,7 +47,7 @@ from twisted.logger import Logger
 
 from relayd import bounce, dsn, maillog, route
 from relayd.dkim import withSignature
-from relayd.queue import MessageLanes, encodeEnvelope
+from relayd.queue import MessageLanes, ThreadBatches, encodeEnvelope
 from relayd.delivery import AttemptResult, Destination, Transport
 from relayd.envelope import (
     NOTICE_BOUNCE,
@@ -97,6 +97,13 @@ REQUEUED = "requeued"
 ON_HOLD = "on hold (release it first)"
 BEING_DELIVERED = "being delivered now"
 WAITING_FOR_SLOT = "waiting for a free slot at its destination"
+
+
+# Thread jobs removing delivered messages at once (queue.ThreadBatches):
+# the envelopes' (each unlink waits for the disk, and parallel ones overlap
+# their waits), and the bodies' (off the delivery's path).
+REMOVAL_JOBS = 4
+BODY_REMOVAL_JOBS = 2
 
 
 # Bodies of new messages kept in memory for their first attempt, in all
@@ -158,6 +165,11 @@ class Scheduler(service.Service):
         self.random = random
         self.runInThread = runInThread or defer.maybeDeferred
         self.lanes = lanes or MessageLanes(self.runInThread)
+        # Removals of delivered messages, many to a thread job under load:
+        # the envelope (the message leaves the queue) while the attempt
+        # still holds its slot, the body afterwards, off that path.
+        self._removals = ThreadBatches(self.runInThread, jobs=REMOVAL_JOBS)
+        self._bodyRemovals = ThreadBatches(self.runInThread, jobs=BODY_REMOVAL_JOBS)
         self.envelopes: dict[str, Envelope] = {}
         self._heap: list[tuple[float, int, str]] = []
         self._sequence = 0
@@ -454,7 +466,8 @@ class Scheduler(service.Service):
             try:
                 # Unlinking waits for the file system journal: in a thread,
                 # after the envelope writes still under way.
-                yield self.lanes.run(queueId, self.spool.remove, queueId)
+                yield self.lanes.runStep(
+                    queueId, lambda: self._removals.run(self.spool.removeEnvelope, queueId))
             except OSError as e:
                 # Still queued on disk: kept in memory too, and the removal is
                 # tried again at the next attempt (which finds nobody to send to).
@@ -473,6 +486,8 @@ class Scheduler(service.Service):
             maillog.removed(queueId)
             if self.handOff is not None:
                 self.handOff.ended(queueId, False)
+            self._bodyRemovals.run(self.spool.removeBody, queueId).addErrback(
+                self._bodyNotRemoved, queueId)
             return
         envelope.nextAttempt = nextAttemptTime(
             now, envelope.arrival, envelope.attempts, queue.retry,
@@ -490,6 +505,12 @@ class Scheduler(service.Service):
 
         self._writeEnvelope(envelope).addErrback(failed)
         self._push(envelope)
+
+    def _bodyNotRemoved(self, failure, queueId: str) -> None:
+        # Out of the queue already: recovery deletes the body at the next start.
+        e = failure.value
+        maillog.queueWarning(queueId, "cannot remove the message body: "
+                             f"{getattr(e, 'strerror', None) or e}; removed at the next start")
 
     def _record(self, envelope: Envelope, byAddress, result: AttemptResult,
                 started: float, relayed: list, destination: Destination | None = None,

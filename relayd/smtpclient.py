@@ -325,7 +325,9 @@ class _BodyProducer:
     """
     Sends the spooled body piece by piece: each piece is read through
     ``runInThread`` (the file system never on the reactor thread), the next
-    one only while the transport wants more.
+    one only while the transport wants more. ``prefetch`` reads the first
+    piece before ``start``, while DATA waits for its 354; ``discard`` closes
+    the body of a transaction that ended before its body went out.
     """
 
     def __init__(self, session: "OutboundSession", openBody: Callable[[], BinaryIO], chunkSize: int,
@@ -344,9 +346,28 @@ class _BodyProducer:
         self._reading = False
         self._started = False
         self._pumping = False
+        # Prefetched: the first read's outcome waits here until ``start``.
+        self._held = False
+        self._early: tuple | None = None
+
+    def prefetch(self) -> None:
+        self._held = True
+        self._pump()
 
     def start(self) -> None:
-        self._pump()
+        self._held = False
+        early, self._early = self._early, None
+        if early is None:
+            self._pump()
+        elif isinstance(early[0], Failure):
+            self._readFailed(early[0])
+        else:
+            self._read(early[0])
+
+    def discard(self) -> None:
+        """The transaction ended before the body was sent: close what was opened."""
+        self._early = None
+        self.stopProducing()
 
     def _pump(self) -> None:
         # A read that completes at once (tests) loops here instead of nesting.
@@ -354,7 +375,7 @@ class _BodyProducer:
             return
         self._pumping = True
         try:
-            while not (self._reading or self._paused or self._finished):
+            while not (self._reading or self._paused or self._finished or self._early is not None):
                 self._reading = True
                 if self._started:
                     d = self._runInThread(_readNext, self._body, self._chunkSize)
@@ -371,6 +392,9 @@ class _BodyProducer:
         self._body = body
         if self._finished:  # stopped meanwhile
             self._close()
+            return
+        if self._held:
+            self._early = (result,)
             return
         self._session._bodyProgress()
         transport = self._session.transport
@@ -394,6 +418,9 @@ class _BodyProducer:
 
     def _readFailed(self, failure: Failure) -> None:
         self._reading = False
+        if self._held and not self._finished:
+            self._early = (failure,)
+            return
         if not self._finished:
             self._fail(failure.value)
 
@@ -938,6 +965,7 @@ class OutboundSession(LineReceiver):
         overflow: list[int] = []
         mailAccepted = False
         unclaimed: list[defer.Deferred] = []
+        producer: _BodyProducer | None = None
 
         def remaining(broken: SessionBroken) -> MessageOutcome:
             for i, address in enumerate(recipients):
@@ -1003,6 +1031,8 @@ class OutboundSession(LineReceiver):
                 # DATA goes in the same group as MAIL and RCPT (RFC 2920
                 # allows it last): one round trip per message fewer.
                 self._send(mail, *rcpts, b"DATA")
+                # The body is read meanwhile, ready when 354 comes.
+                producer = self._prefetchBody(openBody)
                 mailD = self._expect("mail", self.timeouts.mail)
                 rcptDs = [self._expect("rcpt", self.timeouts.rcpt) for _ in rcpts]
                 dataD = self._expect("data", self.timeouts.dataInit)
@@ -1043,6 +1073,7 @@ class OutboundSession(LineReceiver):
 
             if dataD is None:
                 self._send(b"DATA")
+                producer = self._prefetchBody(openBody)
                 dataReply = await self._expect("data", self.timeouts.dataInit)
             if dataReply.code != 354:
                 if dataReply.code // 100 == 2:
@@ -1052,7 +1083,8 @@ class OutboundSession(LineReceiver):
                 return MessageOutcome(self._ordered(outcomes, recipients), True, False,
                                       tuple(overflow))
 
-            await self._sendBody(openBody)
+            sending, producer = producer, None
+            await self._sendBody(sending)
             final = await self._expect("dot", self.timeouts.dataDone)
             self._needsReset = False
             everyone(final, "dot", accepted)
@@ -1082,6 +1114,8 @@ class OutboundSession(LineReceiver):
         finally:
             for d in unclaimed:
                 d.addErrback(lambda f: None)
+            if producer is not None:
+                producer.discard()
 
     def _recordRcpt(self, i, recipients, reply, outcomes, accepted, overflow) -> None:
         if reply.code // 100 == 2:
@@ -1109,8 +1143,12 @@ class OutboundSession(LineReceiver):
         return RecipientResult(address, reply.code, reply.enhancedCode(), text, status,
                                notifyPassedOn=status is Status.SENT and "DSN" in self.capabilities)
 
-    def _sendBody(self, openBody: Callable[[], BinaryIO]) -> defer.Deferred:
+    def _prefetchBody(self, openBody: Callable[[], BinaryIO]) -> _BodyProducer:
         producer = _BodyProducer(self, openBody, self.chunkSize, self._runInThread)
+        producer.prefetch()
+        return producer
+
+    def _sendBody(self, producer: _BodyProducer) -> defer.Deferred:
         self._producer = producer
 
         def finished(result):

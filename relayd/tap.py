@@ -46,8 +46,8 @@ from relayd.auth import (
 from relayd.courier import Courier
 from relayd.dkim import KeyProblem, Signer, keyProblems
 from relayd.proxy import ProxyFactory
-from relayd.queue import (SPOOL_THREADS, MessageLanes, Spool, commitInLane, ownershipProblem,
-                          permissionFix, spoolProblems)
+from relayd.queue import (SPOOL_THREADS, MessageLanes, Spool, ThreadBatches, commitInLane,
+                          ownershipProblem, permissionFix, spoolProblems)
 from relayd.resolve import HOSTS_FILE, ClientNames, ConfiguredResolver
 from relayd.scheduler import Scheduler
 from relayd.tcp import sendAtOnceOnAccept
@@ -120,6 +120,10 @@ FILES_BASE = 64
 # Processes that sign DKIM (started at the first message to sign): each
 # holds one signature at a time, one per core up to four.
 DKIM_WORKERS = max(1, min(4, os.cpu_count() or 1))
+
+# Thread jobs reading bodies for delivery at once; the reads asked for
+# meanwhile wait and then go together in the next job (queue.ThreadBatches).
+BODY_READ_JOBS = 2
 FILES_PER_CONNECTION = 3
 FILES_PER_DELIVERY = 6
 
@@ -899,9 +903,11 @@ def _courier(config, reactor, listeners, resolver, runInThread):
                 found.append((host.host, host.port))
         return found
 
+    # Bodies are read many to a thread job when several deliveries want one.
     return Courier(reactor, config.hostname, config.delivery.timeouts,
                    resolver=resolver, passwords=passwords,
-                   localAddresses=localAddresses, runInThread=runInThread)
+                   localAddresses=localAddresses, runInThread=runInThread,
+                   readInThread=ThreadBatches(runInThread, jobs=BODY_READ_JOBS).run)
 
 
 def _security(config, reactor, warn: bool = True):

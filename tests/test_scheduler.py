@@ -62,6 +62,7 @@ class FakeSpool:
         self.commitError = None
         self.updateError = None  # raised by update, e.g. OSError(ENOSPC)
         self.removeError = None  # raised by remove, e.g. OSError(EROFS)
+        self.removeBodyError = None  # raised by removeBody
 
     def openBody(self, queueId):
         return io.BytesIO(self.bodies.get(queueId, ORIGINAL))
@@ -79,10 +80,19 @@ class FakeSpool:
         self.update(Envelope.fromJSON(json.loads(raw)))
 
     def remove(self, queueId):
+        self.removeEnvelope(queueId)
+        self.removeBody(queueId)
+
+    def removeEnvelope(self, queueId):
         if self.removeError is not None:
             raise self.removeError
         self.removed.append(queueId)
         self.events.append(("remove", queueId))
+
+    def removeBody(self, queueId):
+        if self.removeBodyError is not None:
+            raise self.removeBodyError
+        self.events.append(("removeBody", queueId))
 
 
 class FakeWriter:
