@@ -2033,3 +2033,85 @@ def test_integration_aiosmtpd_large_dotted_body_arrives_identical(tmp_path):
     assert envelope.mail_from == "sender@example.com"
     assert envelope.rcpt_tos == ["a@example.org"]
     assert envelope.original_content == body
+
+
+class HeldReads:
+    """A runInThread whose calls wait until the test runs them."""
+
+    def __init__(self):
+        self.calls = []
+
+    def __call__(self, f, *args):
+        d = defer.Deferred()
+        self.calls.append((f, args, d))
+        return d
+
+    def runAll(self):
+        calls, self.calls = self.calls, []
+        for f, args, d in calls:
+            try:
+                d.callback(f(*args))
+            except Exception:
+                d.errback(Failure())
+
+
+def test_the_body_is_read_while_data_waits_for_its_354():
+    # The read of a spooled body (a thread job) overlaps the round trip of
+    # MAIL, RCPT and DATA instead of following the 354.
+    reads = HeldReads()
+    peer = Peer(runInThread=reads)
+    peer.ready()
+    d = send(peer, ["a@x.org"], body=b"Subject: hi\r\n\r\nhello\r\n")
+    assert peer.sent().endswith(b"RCPT TO:<a@x.org>\r\nDATA\r\n")
+    assert len(reads.calls) == 1  # asked for before any reply
+    reads.runAll()
+    peer.feed(b"250 Ok\r\n250 Ok\r\n354 go\r\n")
+    assert peer.sent() == b"Subject: hi\r\n\r\nhello\r\n.\r\n"
+    peer.feed(b"250 Ok\r\n")
+    assert result(d).results[0].status == Status.SENT
+
+
+@pytest.mark.parametrize("readFirst", [True, False], ids=["read before the replies", "read after them"])
+def test_a_body_read_ahead_is_closed_when_no_body_is_sent(readFirst):
+    reads = HeldReads()
+    opened = []
+
+    class Body(io.BytesIO):
+        def close(self):
+            opened.append("closed")
+            super().close()
+
+    def openBody():
+        opened.append("opened")
+        return Body(b"a" * 100 + b"\r\n")
+
+    peer = Peer(runInThread=reads, chunkSize=16)  # longer than a chunk: stays open after the read
+    peer.ready()
+    d = peer.session.sendMessage("s@example.com", {}, ["a@x.org"], openBody, 102)
+    peer.sent()
+    if readFirst:
+        reads.runAll()
+    peer.feed(b"550 5.7.1 no\r\n503 5.5.1 need MAIL\r\n554 5.5.1 no valid recipients\r\n")
+    reads.runAll()
+    reads.runAll()
+    assert not result(d).mailAccepted
+    assert opened in ([], ["opened", "closed"])  # whatever was opened is closed
+    assert peer.sent() == b""
+
+
+def test_a_body_that_cannot_be_read_ahead_defers_after_the_354():
+    reads = HeldReads()
+    peer = Peer(runInThread=reads)
+    peer.ready()
+
+    def openBody():
+        raise FileNotFoundError(2, "No such file or directory")
+
+    d = peer.session.sendMessage("s@x", {}, ["a@x.org"], openBody, 10)
+    reads.runAll()
+    assert not d.called and not peer.transport.disconnected  # nothing happens before the 354
+    peer.feed(b"250 Ok\r\n250 Ok\r\n354 go\r\n")
+    reads.runAll()
+    [r] = result(d).results
+    assert (r.status, r.dsn) == (Status.DEFERRED, "4.3.0")
+    assert peer.transport.disconnected

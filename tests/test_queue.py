@@ -992,3 +992,85 @@ def test_dsn_requests_survive_the_spool(spool):
 def test_mistyped_dsn_field_quarantined_with_reason(spool, tmp_path, logged, path, value, reason):
     test_corruptEnvelopeQuarantined(spool, tmp_path, logged, _withField(path, value),
                                     f"quarantined: invalid envelope: {reason}")
+
+
+# -- short calls batched into thread jobs
+
+
+class HeldJobs:
+    """A runInThread whose jobs wait until the test ends them, in order."""
+
+    def __init__(self):
+        from twisted.internet import defer
+        self.defer = defer
+        self.jobs = []
+
+    def __call__(self, f, *args):
+        d = self.defer.Deferred()
+        self.jobs.append((f, args, d))
+        return d
+
+    def finishFirst(self):
+        f, args, d = self.jobs.pop(0)
+        d.callback(f(*args))
+
+
+def test_calls_asked_for_while_a_job_runs_go_together_in_the_next_job():
+    held = HeldJobs()
+    batches = queue.ThreadBatches(held, jobs=1)
+    ran, answers = [], []
+    first = batches.run(ran.append, "a")
+    assert len(held.jobs) == 1  # a lone call starts at once
+    rest = [batches.run(ran.append, name) for name in "bcd"]
+    assert len(held.jobs) == 1  # the others wait for it
+    held.finishFirst()
+    first.addCallback(answers.append)
+    assert ran == ["a"] and len(held.jobs) == 1  # then all three in one job
+    held.finishFirst()
+    assert ran == ["a", "b", "c", "d"] and held.jobs == []
+    for d in rest:
+        d.addCallback(answers.append)
+    assert answers == [None] * 4
+
+
+def test_a_call_that_fails_in_a_batch_leaves_the_others_alone():
+    held = HeldJobs()
+    batches = queue.ThreadBatches(held, jobs=1)
+    batches.run(lambda: None)
+    outcomes = []
+
+    def broken():
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    for d in (batches.run(lambda: "one"), batches.run(broken), batches.run(lambda: "three")):
+        d.addCallbacks(outcomes.append, lambda f: outcomes.append(f.value.strerror))
+    held.finishFirst()
+    held.finishFirst()
+    assert outcomes == ["one", "Read-only file system", "three"]
+
+
+def test_batches_run_side_by_side_up_to_their_jobs():
+    held = HeldJobs()
+    batches = queue.ThreadBatches(held, jobs=2)
+    for name in "abcde":
+        batches.run(lambda: name)
+    assert len(held.jobs) == 2
+    held.finishFirst()
+    assert len(held.jobs) == 2
+    _, (calls,), _ = held.jobs[-1]
+    assert len(calls) == 3  # c, d and e in one job
+
+
+def test_removing_the_envelope_takes_the_message_out_and_leaves_the_body_to_recovery(tmp_path):
+    spool = Spool(str(tmp_path))
+    spool.recover()
+    queueId = newQueueId()
+    writer = spool.begin(queueId)
+    writer.write(b"Subject: x\r\n\r\nbody\r\n")
+    writer.commit(Envelope(queueId=queueId, sender="a@example.com",
+                           recipients=[Recipient("b@example.org")], arrival=time.time(), size=20))
+    spool.removeEnvelope(queueId)
+    assert spool.ids() == []
+    assert spool.recover() == []
+    assert not (tmp_path / "queue" / (queueId + queue.BODY_SUFFIX)).exists()
+    spool.removeBody(queueId)  # already gone: nothing to do

@@ -762,3 +762,52 @@ def test_kept_bodies_are_bounded_and_freed_when_their_message_goes(rig, monkeypa
     rig.sched.add(a)
     answer(rig.sched.delete(a.queueId))
     assert rig.sched._keptBodies == {} and rig.sched._keptBytes == 0
+
+
+def test_delivered_message_leaves_with_its_envelope_and_the_body_goes_after(rig):
+    # The unlink of the envelope takes the message out of the queue; the
+    # body's unlink comes after "removed" (recovery deletes a body left
+    # without envelope), and one that fails is only a warning.
+    rig.courier.script = [[250]]
+    rig.spool.removeBodyError = OSError(errno.EIO, "Input/output error")
+    env = envelope(rig.clock, "b@example.org")
+    rig.sched.add(env)
+    assert rig.spool.events == [("remove", env.queueId)]
+    assert rig.sched.queueLength() == 0
+    assert [l for l in rig.lines if l.startswith(env.queueId)][-2:] == [
+        f"{env.queueId}: removed",
+        f"{env.queueId}: warning: cannot remove the message body: Input/output error; "
+        "removed at the next start"]
+    rig.spool.removeBodyError = None
+    rig.courier.script = [[250]]
+    other = envelope(rig.clock, "c@example.org")
+    rig.sched.add(other)
+    assert rig.spool.events[-2:] == [("remove", other.queueId), ("removeBody", other.queueId)]
+
+
+def test_removals_asked_for_while_one_runs_share_the_next_thread_job(rigFactory):
+    jobs = []
+
+    def runInThread(f, *args):
+        d = defer.Deferred()
+        jobs.append((f, args, d))
+        return d
+
+    clock = task.Clock()
+    spool = FakeSpool()
+    courier = FakeCourier(clock)
+    sched = Scheduler(spool, courier, settings(), clock, random=lambda: 0.5, runInThread=runInThread)
+    sched.startService()
+    envs = [envelope(clock, f"r{i}@example.org") for i in range(5)]
+    for e in envs:
+        sched.add(e)
+    for d, rcpts in courier.pending:
+        d.callback(result(rcpts, [250]))
+    # Envelope removals: REMOVAL_JOBS jobs at once, the rest in one more.
+    from relayd.scheduler import REMOVAL_JOBS
+    assert len(jobs) == REMOVAL_JOBS
+    while jobs:
+        f, args, d = jobs.pop(0)
+        d.callback(f(*args))
+    assert sorted(spool.removed) == sorted(e.queueId for e in envs)
+    assert sched.queueLength() == 0
