@@ -945,6 +945,9 @@ def schedulerCost(count: int) -> dict:
         def update(self, envelope):
             pass
 
+        def remove(self, queueId):  # relayd before removeEnvelope
+            pass
+
         def removeEnvelope(self, queueId):
             pass
 

@@ -79,6 +79,9 @@ class MemorySpool:
     def receive(self, queueId: str) -> MemoryWriter:
         return MemoryWriter(queueId)
 
+    def remove(self, queueId: str) -> None:  # relayd before removeEnvelope
+        self.removed += 1
+
     def removeEnvelope(self, queueId: str) -> None:
         self.removed += 1
 

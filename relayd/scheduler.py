@@ -309,7 +309,7 @@ class Scheduler(service.Service):
         for destination in destinations:
             self._perDestination[destination] = self._perDestination.get(destination, 0) + 1
         attemptsBefore = envelope.attempts
-        d = work(envelope, started, groups)
+        d = defer.Deferred.fromCoroutine(work(envelope, started, groups))
         self._active[envelope.queueId] = (d, destinations)
         d.addErrback(self._attemptBroke, envelope, attemptsBefore)
         d.addBoth(self._finished, envelope.queueId)
@@ -376,8 +376,7 @@ class Scheduler(service.Service):
         d.addErrback(failed)
         d.addBoth(lambda _: self.handOff.ended(queueId, True))
 
-    @defer.inlineCallbacks
-    def _attempt(self, envelope: Envelope, started: float, groups: dict[Destination, list[str]]):
+    async def _attempt(self, envelope: Envelope, started: float, groups: dict[Destination, list[str]]):
         pending = envelope.pending()
         byAddress: dict[str, list[Recipient]] = {}
         for r in pending:
@@ -400,26 +399,25 @@ class Scheduler(service.Service):
         if envelope.dkim is None and self.signer is not None:
             # Signed once; stored before the first byte goes out, so every
             # attempt sends the same signature, whatever keys come later.
-            signed = yield self.signer.sign(envelope, openBody)
+            signed = await self.signer.sign(envelope, openBody)
             if signed:
                 try:
-                    yield self._writeEnvelope(envelope)
+                    await self._writeEnvelope(envelope)
                 except OSError as e:
                     maillog.queueFileFailed(envelope.queueId, "update", e.strerror or str(e))
         openMessage = withSignature(envelope.dkim, openBody)
         size = envelope.size + len(envelope.dkim or "")
         for destination, addresses in groups.items():
-            result: AttemptResult = yield self.transport.deliver(
+            result: AttemptResult = await self.transport.deliver(
                 destination, envelope.sender, mailParams, addresses, openMessage, size,
                 smtputf8=envelope.smtputf8,
                 recipientParams=recipientParams,
             )
             failed += self._record(envelope, byAddress, result, started, relayed, destination)
         envelope.attempts += 1
-        yield self._conclude(envelope, failed, relayed)
+        await self._conclude(envelope, failed, relayed)
 
-    @defer.inlineCallbacks
-    def _conclude(self, envelope: Envelope, failed: list, relayed: Sequence = ()):
+    async def _conclude(self, envelope: Envelope, failed: list, relayed: Sequence = ()):
         """
         After an attempt: return the failures to the sender, expire the
         message at the end of its lifetime, warn about the delay, tell of
@@ -441,7 +439,7 @@ class Scheduler(service.Service):
         noticeFailed = False
         if failed:
             wanted = [s for r, s in failed if dsn.wantsFailure(r.notify)]
-            queued = (yield self._notify(envelope, NOTICE_BOUNCE, wanted)) if wanted else True
+            queued = (await self._notify(envelope, NOTICE_BOUNCE, wanted)) if wanted else True
             if not queued:
                 # Nothing is marked done before its notice is safe on disk.
                 for r, _ in failed:
@@ -451,12 +449,12 @@ class Scheduler(service.Service):
         elif (queue.delayWarning is not None and not envelope.warned and envelope.pending()
               and now - envelope.arrival >= queue.delayWarning):
             wanted = [bounce.statusFor(r) for r in envelope.pending() if dsn.wantsDelay(r.notify)]
-            queued = (yield self._notify(envelope, NOTICE_DELAY, wanted)) if wanted else True
+            queued = (await self._notify(envelope, NOTICE_DELAY, wanted)) if wanted else True
             envelope.warned = queued
         if relayed:
             # The recipients are delivered whatever happens to this notice:
             # one that cannot be written is logged, not retried.
-            yield self._notify(envelope, NOTICE_RELAYED, relayed, retried=False)
+            await self._notify(envelope, NOTICE_RELAYED, relayed, retried=False)
         if self.envelopes.get(queueId) is not envelope:
             return
         if expiring:
@@ -466,7 +464,7 @@ class Scheduler(service.Service):
             try:
                 # Unlinking waits for the file system journal: in a thread,
                 # after the envelope writes still under way.
-                yield self.lanes.runStep(
+                await self.lanes.runStep(
                     queueId, lambda: self._removals.run(self.spool.removeEnvelope, queueId))
             except OSError as e:
                 # Still queued on disk: kept in memory too, and the removal is
@@ -833,8 +831,7 @@ class Scheduler(service.Service):
 
         return self.runInThread(self.spool.restore, queueId).addCallback(restored)
 
-    @defer.inlineCallbacks
-    def _cancel(self, envelope: Envelope, started: float, groups: dict):
+    async def _cancel(self, envelope: Envelope, started: float, groups: dict):
         self._takeBody(envelope.queueId)
         failed = []
         for r in envelope.pending():
@@ -842,7 +839,7 @@ class Scheduler(service.Service):
             r.dsn = bounce.ADMIN_BOUNCE_STATUS
             r.reply = bounce.ADMIN_BOUNCE_TEXT
             failed.append((r, bounce.statusFor(r)))
-        yield self._conclude(envelope, failed)
+        await self._conclude(envelope, failed)
 
     # Service
 
