@@ -14,6 +14,7 @@ hosts files it reads).
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import subprocess
@@ -224,7 +225,7 @@ def test_every_250_follows_the_fsyncs_of_its_body_envelope_and_directory(tmp_pat
 
     events: list[tuple] = []
     lock = threading.Lock()
-    realFsync, realRename = os.fsync, os.rename
+    realFsync, realRename, realWrite = os.fsync, os.rename, os.write
     realSyncDirectory = queue._fsyncDirectory
     sessions: list[Session] = []
     directoryFsyncs = 0
@@ -237,6 +238,14 @@ def test_every_250_follows_the_fsyncs_of_its_body_envelope_and_directory(tmp_pat
     def fsync(fd):
         realFsync(fd)
         record("fsync", os.path.basename(os.readlink(f"/proc/self/fd/{fd}")))
+
+    def write(fd, data):
+        written = realWrite(fd, data)
+        # A write to a file opened O_SYNC returns once it is on disk, as an
+        # fsync after it would (a small message's files are written so).
+        if fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_SYNC:
+            record("fsync", os.path.basename(os.readlink(f"/proc/self/fd/{fd}")))
+        return written
 
     def rename(source, target):
         realRename(source, target)
@@ -268,6 +277,7 @@ def test_every_250_follows_the_fsyncs_of_its_body_envelope_and_directory(tmp_pat
         s.proto.dataReceived(b"Subject: %d\r\n\r\nhello\r\n.\r\n" % i)
     assert threads.names() == ["commit"] * 3
     monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "write", write)
     monkeypatch.setattr(os, "rename", rename)
     monkeypatch.setattr(queue, "_fsyncDirectory", syncDirectory)
     for s in sessions:
