@@ -57,6 +57,7 @@ import os
 import pwd
 import secrets
 import threading
+import weakref
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import BinaryIO
@@ -114,8 +115,11 @@ def _unlinkQuietly(path: str) -> None:
         pass
 
 
+_DIRECTORY_FLAGS = os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | getattr(os, "O_CLOEXEC", 0)
+
+
 def _fsyncDirectory(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    fd = os.open(path, _DIRECTORY_FLAGS)
     try:
         os.fsync(fd)
     finally:
@@ -148,6 +152,9 @@ class DirectorySync:
         self._running = False
         # (done, delivered) of the requests made since the running fsync started.
         self._next: list[tuple[Callable[[BaseException | None], object], bool]] = []
+        # The directory's descriptor, opened by the first fsync (``_fsync``).
+        self._fd: int | None = None
+        self._closer: weakref.finalize | None = None
 
     def sync(self) -> None:
         finished = threading.Event()
@@ -183,7 +190,7 @@ class DirectorySync:
                         self._running = False
                         return
                 try:
-                    _fsyncDirectory(self.path)
+                    self._fsync()
                     outcome = None
                 except Exception as e:
                     outcome = e
@@ -191,6 +198,23 @@ class DirectorySync:
         except BaseException:
             with self._lock:
                 self._running = False  # the next request runs what is left
+            raise
+
+    def _fsync(self) -> None:
+        """
+        One fsync of the directory. Its descriptor stays open from the
+        first on: an open and a close fewer per fsync, each a wait for the
+        GIL in a busy daemon. After a failure the next fsync opens it anew.
+        """
+        if self._fd is None:
+            fd = os.open(self.path, _DIRECTORY_FLAGS)
+            self._closer = weakref.finalize(self, os.close, fd)
+            self._fd = fd
+        try:
+            os.fsync(self._fd)
+        except BaseException:
+            self._fd = None
+            self._closer()
             raise
 
     def _answer(self, covered, outcome: BaseException | None) -> None:

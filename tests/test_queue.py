@@ -430,7 +430,7 @@ def test_directoryFsyncFailureRemovesCommittedFiles(spool, tmp_path, monkeypatch
     envelope = makeEnvelope()
     writer = spool.begin(envelope.queueId)
     writer.write(BODY)
-    monkeypatch.setattr(queue, "_fsyncDirectory", lambda path: (_ for _ in ()).throw(OSError(errno.EIO, "I/O error")))
+    monkeypatch.setattr(queue.DirectorySync, "_fsync", lambda self: (_ for _ in ()).throw(OSError(errno.EIO, "I/O error")))
     with pytest.raises(OSError) as info:
         writer.commit(envelope)
     assert info.value.errno == errno.EIO
@@ -590,6 +590,40 @@ def test_a_body_all_in_memory_and_its_envelope_each_take_one_synchronous_write_i
     assert [e.queueId for e in Spool(str(root)).recover()] == [envelope.queueId]
 
 
+def test_queue_directory_is_opened_once_for_its_fsyncs_and_again_after_a_failed_one(
+        spool, tmp_path, monkeypatch):
+    queueDirectory = str(tmp_path / "spool" / "queue")
+    real = {name: getattr(os, name) for name in ("open", "fsync")}
+    opened, synced = [], []
+    failNext = []
+
+    def open_(path, flags, *args, **kwargs):
+        if str(path) == queueDirectory:
+            opened.append(path)
+        return real["open"](path, flags, *args, **kwargs)
+
+    def fsync(fd):
+        if os.readlink(f"/proc/self/fd/{fd}") == queueDirectory:
+            synced.append(fd)
+            if failNext:
+                failNext.pop()
+                raise OSError(errno.EIO, os.strerror(errno.EIO))
+        real["fsync"](fd)
+
+    monkeypatch.setattr(os, "open", open_)
+    monkeypatch.setattr(os, "fsync", fsync)
+    for _ in range(3):
+        store(spool, makeEnvelope())
+    assert len(opened) == 1 and len(synced) == 3
+    failNext.append(True)
+    with pytest.raises(OSError):
+        store(spool, makeEnvelope())
+    store(spool, makeEnvelope())
+    monkeypatch.undo()
+    assert len(opened) == 2 and len(synced) == 5
+    assert len(spool.ids()) == 4
+
+
 def test_a_failed_synchronous_body_write_fails_the_commit_and_leaves_nothing(spool, tmp_path, monkeypatch):
     envelope = makeEnvelope()
     writer = spool.receive(envelope.queueId)
@@ -647,7 +681,7 @@ def test_commit_fsyncs_body_and_envelope_at_once_and_names_them_only_then(spool,
 
     for call, f in (("write", write), ("fsync", fsync), ("rename", rename)):
         monkeypatch.setattr(os, call, f)
-    monkeypatch.setattr(queue, "_fsyncDirectory", lambda path: events.append(("fsync directory", os.path.basename(path))))
+    monkeypatch.setattr(queue.DirectorySync, "_fsync", lambda self: events.append(("fsync directory", os.path.basename(self.path))))
     writer.commit(envelope)
     monkeypatch.undo()
 
@@ -851,7 +885,7 @@ def holdFirstDirectoryFsync(monkeypatch):
             assert releaseFirst.wait(10)
         syncs.append("end")
 
-    monkeypatch.setattr(queue, "_fsyncDirectory", fsyncDirectory)
+    monkeypatch.setattr(queue.DirectorySync, "_fsync", lambda self: fsyncDirectory(self.path))
     return syncs, firstStarted, releaseFirst
 
 
@@ -906,8 +940,8 @@ def test_commits_waiting_during_a_directory_fsync_share_the_next_one(tmp_path, m
 
 
 def test_a_failed_directory_fsync_fails_every_commit_it_covers(tmp_path, monkeypatch):
-    monkeypatch.setattr(queue, "_fsyncDirectory",
-                        lambda path: (_ for _ in ()).throw(OSError(errno.EIO, "I/O error")))
+    monkeypatch.setattr(queue.DirectorySync, "_fsync",
+                        lambda self: (_ for _ in ()).throw(OSError(errno.EIO, "I/O error")))
     directory = queue.DirectorySync(str(tmp_path))
     for _ in range(2):
         with pytest.raises(OSError) as info:
@@ -976,8 +1010,8 @@ def test_a_commit_waiting_for_the_directory_fsync_holds_no_spool_thread(spool, t
 
 
 def test_a_failed_directory_fsync_in_a_lane_removes_the_message(spool, monkeypatch):
-    monkeypatch.setattr(queue, "_fsyncDirectory",
-                        lambda path: (_ for _ in ()).throw(OSError(errno.EIO, "I/O error")))
+    monkeypatch.setattr(queue.DirectorySync, "_fsync",
+                        lambda self: (_ for _ in ()).throw(OSError(errno.EIO, "I/O error")))
     writer = spool.receive(newQueueId())
     writer.write(b"Subject: x\r\n\r\nbody\r\n")
     failures = []

@@ -226,7 +226,7 @@ def test_every_250_follows_the_fsyncs_of_its_body_envelope_and_directory(tmp_pat
     events: list[tuple] = []
     lock = threading.Lock()
     realFsync, realRename, realWrite = os.fsync, os.rename, os.write
-    realSyncDirectory = queue._fsyncDirectory
+    realSyncDirectory = queue.DirectorySync._fsync
     sessions: list[Session] = []
     directoryFsyncs = 0
     everyoneRenamed = threading.Event()
@@ -253,7 +253,7 @@ def test_every_250_follows_the_fsyncs_of_its_body_envelope_and_directory(tmp_pat
         if sum(1 for e in events if e[0] == "rename" and e[1].endswith(".env")) == 3:
             everyoneRenamed.set()
 
-    def syncDirectory(path):
+    def syncDirectory(directory):
         nonlocal directoryFsyncs
         directoryFsyncs += 1
         if directoryFsyncs == 1:
@@ -261,7 +261,7 @@ def test_every_250_follows_the_fsyncs_of_its_body_envelope_and_directory(tmp_pat
             # renamed their envelopes: they must wait for another fsync.
             assert everyoneRenamed.wait(DEADLINE)
         record("directory fsync start", directoryFsyncs)
-        realSyncDirectory(path)
+        realSyncDirectory(directory)
         record("directory fsync end", directoryFsyncs)
 
     threads = RealThreads()
@@ -279,7 +279,7 @@ def test_every_250_follows_the_fsyncs_of_its_body_envelope_and_directory(tmp_pat
     monkeypatch.setattr(os, "fsync", fsync)
     monkeypatch.setattr(os, "write", write)
     monkeypatch.setattr(os, "rename", rename)
-    monkeypatch.setattr(queue, "_fsyncDirectory", syncDirectory)
+    monkeypatch.setattr(queue.DirectorySync, "_fsync", syncDirectory)
     for s in sessions:
         s.transport.write = (lambda s: lambda data: (record("reply", s.proto, bytes(data)),
                                                      StringTransport.write(s.transport, data)))(s)
