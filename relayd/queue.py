@@ -141,7 +141,8 @@ class DirectorySync:
     ``deliver`` (``reactor.callFromThread`` in the daemon: one wake-up of
     the reactor for the whole group, and no thread parked waiting for it).
     ``sync()`` is the blocking form, for callers that hold their thread
-    anyway.
+    anyway. Only the thread running the fsyncs uses the directory's
+    descriptor, which stays open (``_fsync``).
     """
 
     def __init__(self, path: str, deliver: Callable[..., object] | None = None) -> None:
@@ -214,7 +215,10 @@ class DirectorySync:
             os.fsync(self._fd)
         except BaseException:
             self._fd = None
-            self._closer()
+            try:
+                self._closer()
+            except OSError:
+                pass  # the fsync's error is the one to report
             raise
 
     def _answer(self, covered, outcome: BaseException | None) -> None:
