@@ -26,9 +26,7 @@ The envelope file's presence in ``queue/`` is the commit point: a body
 without an envelope is an unfinished write and is deleted at recovery. A
 commit is durable before it returns, so the server may answer 250
 afterwards: the body is written in ``queue/`` and the envelope in ``tmp/``,
-both are made durable (a body still all in memory and its envelope each by
-one write to a file opened O_SYNC; a body written out in pieces by an fsync
-beside the envelope's, two at once, which one journal commit can cover),
+both are fsynced (two fsyncs at once, which one journal commit can cover),
 then the envelope is renamed into ``queue/``, then the directory is
 fsynced. Updates
 are atomic renames without fsync: a crash may bring back an older state and
@@ -470,14 +468,14 @@ class SpoolWriter:
         if create:
             self._file()
 
-    def _file(self, flags: int = 0) -> int:
+    def _file(self) -> int:
         """The body file's descriptor, creating the file first if need be (blocking)."""
         if self._fd is None:
             self._spool._prepareOnce()
             # Straight under its final name: without its envelope a body is
             # no message (recovery removes it), and O_EXCL refuses an id in
             # use, as every queued message has its body in queue/.
-            self._fd = os.open(self._body, _CREATE_FLAGS | flags, _FILE_MODE)
+            self._fd = os.open(self._body, _CREATE_FLAGS, _FILE_MODE)
             self._created.append(self._body)
         return self._fd
 
@@ -522,8 +520,8 @@ class SpoolWriter:
 
     def place(self, envelope: Envelope) -> None:
         """
-        ``commit`` up to the fsync of queue/ (blocking): both files are on
-        disk and named in queue/, and the message is committed once an
+        ``commit`` up to the fsync of queue/ (blocking): both files are
+        fsynced and named in queue/, and the message is committed once an
         fsync of queue/ that started afterwards has succeeded; then call
         ``committed``, or ``abort`` (which removes them) if it failed. On
         failure here nothing is left behind, as with ``commit``.
@@ -537,31 +535,20 @@ class SpoolWriter:
                 )
             whole = not self._wroteOut
             rest = self.takeBuffered()
-            # A body still all in memory (most are) is written by one write
-            # to a file opened O_SYNC, as is the envelope: each write returns
-            # once its data and the file's metadata are on disk, as if
-            # fsync followed it, one system call fewer per file and no
-            # second thread (each a wait for the GIL on a busy daemon).
-            syncWrites = whole and bool(rest) and self._fd is None
-            if syncWrites:
-                _writeAll(self._file(os.O_SYNC), rest)
-            else:
-                self.writeOut(rest)
-                if self._error is not None:
-                    raise self._error
-                self._file()
+            self.writeOut(rest)
+            if self._error is not None:
+                raise self._error
+            self._file()
             bodyFd, self._fd = self._fd, None
             try:
-                envelopeFd = os.open(self._tmpEnvelope,
-                                     _CREATE_FLAGS | (os.O_SYNC if syncWrites else 0), _FILE_MODE)
+                envelopeFd = os.open(self._tmpEnvelope, _CREATE_FLAGS, _FILE_MODE)
                 self._created.append(self._tmpEnvelope)
                 try:
                     _writeAll(envelopeFd, encodeEnvelope(envelope))
-                    if not syncWrites:
-                        # Both files are written before either fsync starts,
-                        # and the two run at once: one journal commit can
-                        # cover both, where one after the other costs two.
-                        self._spool.fsyncTogether(bodyFd, envelopeFd)
+                    # Both files are written before either fsync starts, and
+                    # the two run at once: one journal commit can cover both,
+                    # where one after the other costs two.
+                    self._spool.fsyncTogether(bodyFd, envelopeFd)
                 finally:
                     os.close(envelopeFd)
             finally:

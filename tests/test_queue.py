@@ -529,67 +529,6 @@ def test_commitFsyncsBodyEnvelopeAndDirectory(spool, tmp_path, monkeypatch):
     assert synced[2:] == [(str(root / "queue"), None)]
 
 
-def test_a_body_all_in_memory_and_its_envelope_each_take_one_synchronous_write_in_one_thread(
-        spool, tmp_path, monkeypatch):
-    """
-    A message that was never written out in pieces (``receive``: no file
-    until the commit) is made durable without fsync calls and without a
-    second thread: each file by one write to a descriptor opened O_SYNC
-    (which returns once data and metadata are on disk), both before the
-    envelope's rename, and queue/ is fsynced after the rename.
-    """
-    import threading
-
-    envelope = makeEnvelope()
-    writer = spool.receive(envelope.queueId)
-    for start in range(0, len(BODY), 1000):
-        writer.write(BODY[start:start + 1000])
-    events: list[tuple] = []
-    threads = set()
-    real = {name: getattr(os, name) for name in ("open", "write", "fsync", "rename")}
-    root = tmp_path / "spool"
-
-    def where(path):
-        return os.path.relpath(path, root)
-
-    def open_(path, flags, *args, **kwargs):
-        fd = real["open"](path, flags, *args, **kwargs)
-        events.append(("open", where(path), bool(flags & os.O_SYNC)))
-        return fd
-
-    def write(fd, data):
-        threads.add(threading.get_ident())
-        written = real["write"](fd, data)
-        events.append(("write", where(os.readlink(f"/proc/self/fd/{fd}")), written))
-        return written
-
-    def fsync(fd):
-        threads.add(threading.get_ident())
-        events.append(("fsync", where(os.readlink(f"/proc/self/fd/{fd}"))))
-        real["fsync"](fd)
-
-    def rename(source, target):
-        events.append(("rename", where(source), where(target)))
-        real["rename"](source, target)
-
-    for call, f in (("open", open_), ("write", write), ("fsync", fsync), ("rename", rename)):
-        monkeypatch.setattr(os, call, f)
-    writer.commit(envelope)
-    monkeypatch.undo()
-
-    body = os.path.join("queue", envelope.queueId + ".eml")
-    env = os.path.join("tmp", envelope.queueId + ".env")
-    encoded = len(queue.encodeEnvelope(envelope))
-    assert events == [
-        ("open", body, True), ("write", body, len(BODY)),
-        ("open", env, True), ("write", env, encoded),
-        ("rename", env, os.path.join("queue", envelope.queueId + ".env")),
-        ("open", "queue", False), ("fsync", "queue"),
-    ]
-    assert threads == {threading.get_ident()} and spool._fsyncThreads is None
-    assert [e.queueId for e in Spool(str(root)).recover()] == [envelope.queueId]
-
-
 def test_queue_directory_is_opened_once_for_its_fsyncs_and_again_after_a_failed_one(
         spool, tmp_path, monkeypatch):
     queueDirectory = str(tmp_path / "spool" / "queue")
@@ -624,38 +563,16 @@ def test_queue_directory_is_opened_once_for_its_fsyncs_and_again_after_a_failed_
     assert len(spool.ids()) == 4
 
 
-def test_a_failed_synchronous_body_write_fails_the_commit_and_leaves_nothing(spool, tmp_path, monkeypatch):
-    envelope = makeEnvelope()
-    writer = spool.receive(envelope.queueId)
-    writer.write(BODY)
-    realWrite = os.write
-
-    def write(fd, data):
-        if os.readlink(f"/proc/self/fd/{fd}").endswith(".eml"):
-            raise OSError(errno.EIO, os.strerror(errno.EIO))
-        return realWrite(fd, data)
-
-    monkeypatch.setattr(os, "write", write)
-    with pytest.raises(OSError) as info:
-        writer.commit(envelope)
-    monkeypatch.undo()
-    assert info.value.errno == errno.EIO
-    assert listing(tmp_path / "spool") == {"tmp": [], "queue": [], "quarantine": []}
-
-
 def test_commit_fsyncs_body_and_envelope_at_once_and_names_them_only_then(spool, tmp_path, monkeypatch):
     """
-    A body written out in pieces: both files are written before either
-    fsync, the two fsyncs run at the same time (one journal commit can cover
-    both), nothing is renamed into queue/ before both have ended, and
-    queue/ is fsynced after the rename.
+    Both files are written before either fsync, the two fsyncs run at the
+    same time (one journal commit can cover both), nothing is renamed into
+    queue/ before both have ended, and queue/ is fsynced after the rename.
     """
     import threading
 
     envelope = makeEnvelope()
-    writer = spool.receive(envelope.queueId)
-    writer.write(BODY)
-    writer.writeOut(writer.takeBuffered())
+    writer = spool.begin(envelope.queueId)
     writer.write(BODY)
     events: list[tuple[str, str]] = []
     # Each file fsync waits here for the other: one after the other never meet.

@@ -14,7 +14,6 @@ hosts files it reads).
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import subprocess
@@ -225,7 +224,7 @@ def test_every_250_follows_the_fsyncs_of_its_body_envelope_and_directory(tmp_pat
 
     events: list[tuple] = []
     lock = threading.Lock()
-    realFsync, realRename, realWrite = os.fsync, os.rename, os.write
+    realFsync, realRename = os.fsync, os.rename
     realSyncDirectory = queue.DirectorySync._fsync
     sessions: list[Session] = []
     directoryFsyncs = 0
@@ -238,14 +237,6 @@ def test_every_250_follows_the_fsyncs_of_its_body_envelope_and_directory(tmp_pat
     def fsync(fd):
         realFsync(fd)
         record("fsync", os.path.basename(os.readlink(f"/proc/self/fd/{fd}")))
-
-    def write(fd, data):
-        written = realWrite(fd, data)
-        # A write to a file opened O_SYNC returns once it is on disk, as an
-        # fsync after it would (a small message's files are written so).
-        if fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_SYNC:
-            record("fsync", os.path.basename(os.readlink(f"/proc/self/fd/{fd}")))
-        return written
 
     def rename(source, target):
         realRename(source, target)
@@ -277,7 +268,6 @@ def test_every_250_follows_the_fsyncs_of_its_body_envelope_and_directory(tmp_pat
         s.proto.dataReceived(b"Subject: %d\r\n\r\nhello\r\n.\r\n" % i)
     assert threads.names() == ["commit"] * 3
     monkeypatch.setattr(os, "fsync", fsync)
-    monkeypatch.setattr(os, "write", write)
     monkeypatch.setattr(os, "rename", rename)
     monkeypatch.setattr(queue.DirectorySync, "_fsync", syncDirectory)
     for s in sessions:
