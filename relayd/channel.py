@@ -58,6 +58,10 @@ What the channel costs is mostly system calls, and above all the sends
 that wake the other process (on a VM, tens of microseconds of system time
 on both sides, per wake-up). So:
 
+- a command whose responder answers at once (every responder of the
+  intake path does) is answered in the same call, without the chain of
+  Deferreds AMP builds for each command (most of the master's work per
+  box); anything else takes AMP's own way;
 - ``ChannelTransport`` sends a write at once when nothing is queued
   before it (as relayd.tcp does for TCP), instead of Twisted's register
   for writing, send on the next turn, unregister;
@@ -86,9 +90,13 @@ import socket
 import struct
 
 from twisted.internet import address, defer, posixbase, unix
+from twisted.logger import Logger
 from twisted.protocols import amp
+from twisted.python.failure import Failure
 
 from relayd.tcp import SendAtOnce
+
+log = Logger()
 
 
 def _pythonName(wireName: bytes) -> str:
@@ -157,6 +165,12 @@ class Lean(amp.Command):
         if forgotten:
             raise amp.InvalidSignature(
                 "forgot {} for {}".format(", ".join(forgotten), self.commandName))
+
+    @classmethod
+    def responder(cls, methodfunc):
+        """AMP's decorator; the method is also marked as this command's, for Quiet."""
+        methodfunc.leanCommand = cls
+        return super().responder(methodfunc)
 
     @classmethod
     def makeArguments(cls, objects, proto):
@@ -347,6 +361,23 @@ def mayWait(box) -> bool:
     return name != Queued.commandName or b"login" not in box
 
 
+_respondersByClass: dict = {}
+
+
+def _responders(protocolClass) -> dict:
+    """A protocol class's Lean responders: command name -> (command, function), looked up once."""
+    table = _respondersByClass.get(protocolClass)
+    if table is None:
+        table = {}
+        for klass in reversed(protocolClass.__mro__):
+            for function in vars(klass).values():
+                command = getattr(function, "leanCommand", None)
+                if command is not None and command._table("response") is not None:
+                    table[command.commandName] = (command, function)
+        _respondersByClass[protocolClass] = table
+    return table
+
+
 class Quiet(amp.AMP):
     """
     AMP without its log lines for every connection made and lost, and
@@ -367,26 +398,24 @@ class Quiet(amp.AMP):
         self._noticeTimer = None  # the call that sends waiting notices
         self._partial = b""  # the start of a box not yet whole
         self._tooLong = False  # a key over AMP's limit came: the rest is not read
-        self._outcome = None  # a responder's outcome, for dispatchCommand
 
     def makeConnection(self, transport) -> None:
         amp.BinaryBoxProtocol.makeConnection(self, transport)
 
     def ampBoxReceived(self, box) -> None:
         """
-        AMP's dispatch of a box, with a shorter way for the usual command:
-        a Lean command whose responder answers at once, with a dict. AMP
-        runs every command through a chain of Deferreds (the responder's
-        result, its conversion, the answer's key, its sending), which cost
-        more than the responders of the channel's commands themselves. The
-        answer is the box AMP would send, in the same turn; a responder
-        that raises or returns a Deferred is answered by AMP's own chain
-        (``dispatchCommand``), as is every box that is not a command.
+        AMP's dispatch of a box, with a shorter way for a Lean command: its
+        responder is called and its answer sent in this call, without the
+        chain of Deferreds AMP builds for each command (the responder's
+        result, its conversion, the answer's key, its sending), which
+        costs more than the channel's responders themselves. The boxes
+        sent, answers and errors, are those AMP sends; a box that is not a
+        Lean command, or whose arguments do not convert, takes AMP's way.
         """
         name = box.get(amp.COMMAND)
         entry = None if name is None or amp.ANSWER in box or amp.ERROR in box else (
-            self._commandDispatch.get(name))
-        if entry is None or not issubclass(entry[0], Lean) or entry[0]._table("response") is None:
+            _responders(type(self)).get(name))
+        if entry is None:
             super().ampBoxReceived(box)
             return
         command, responder = entry
@@ -398,37 +427,56 @@ class Quiet(amp.AMP):
         try:
             objects = responder(self, **arguments)
         except Exception:
-            self._outcome = defer.fail()
-        else:
-            if type(objects) is dict:
-                self._answer(box, command, objects)
-                return
-            self._outcome = defer.maybeDeferred(lambda: objects)
-        amp.BoxDispatcher.ampBoxReceived(self, box)
-
-    def _answer(self, box, command, objects: dict) -> None:
-        """Send the answer to ``box`` (when it asks for one), as AMP's chain makes it."""
-        ask = box.get(amp.ASK)
-        if ask is None:
+            self._failed(box, command, Failure())
             return
+        if type(objects) is dict:
+            self._answer(box, command, objects)
+            return
+        d = objects if isinstance(objects, defer.Deferred) else defer.succeed(objects)
+        d.addCallbacks(lambda result: self._answer(box, command, result),
+                       lambda failure: self._failed(box, command, failure))
+
+    def _answer(self, box, command, objects) -> None:
+        """Send the answer to ``box``, when it asks for one."""
         try:
             answer = command.makeResponse(objects, self)
         except Exception:
-            # AMP's BadLocalReturn, logged and answered as AMP does.
-            self._outcome = defer.succeed(objects)
-            amp.BoxDispatcher.ampBoxReceived(self, box)
+            self._failed(box, command, Failure())  # AMP's BadLocalReturn
             return
-        answer[amp.ANSWER] = ask
-        self._safeEmit(answer)
+        ask = box.get(amp.ASK)
+        if ask is not None:
+            answer[amp.ANSWER] = ask
+            self._send(answer)
 
-    def dispatchCommand(self, box):
-        """AMP's, or the outcome ``ampBoxReceived`` already has, through AMP's conversion."""
-        outcome, self._outcome = self._outcome, None
-        if outcome is None:
-            return super().dispatchCommand(box)
-        command = self._commandDispatch[box[amp.COMMAND]][0]
-        return defer.maybeDeferred(
-            self._wrapWithSerialization(lambda **arguments: outcome, command), box)
+    def _failed(self, box, command, failure: Failure) -> None:
+        """A responder failed: AMP's error box (or its end of the connection), as AMP sends it."""
+        known = failure.check(*command.allErrors)
+        ask = box.get(amp.ASK)
+        if ask is None:
+            if known:
+                failure = Failure(amp.RemoteAmpError(command.allErrors[known], str(failure.value),
+                                                     known in command.fatalErrors, local=failure))
+            self.unhandledError(failure)
+            return
+        if known:
+            code = command.allErrors[known]
+            description = str(failure.value).encode("utf-8", "replace")
+            error = amp.QuitBox() if known in command.fatalErrors else amp.AmpBox()
+        else:
+            log.failure("while receiving response to command", failure)
+            code, description, error = amp.UNKNOWN_ERROR_CODE, b"Unknown Error", amp.QuitBox()
+        error[amp.ERROR] = ask
+        error[amp.ERROR_DESCRIPTION] = description
+        error[amp.ERROR_CODE] = code
+        self._send(error)
+        if isinstance(error, amp.QuitBox) and self.transport is not None:
+            self.transport.loseConnection()
+
+    def _send(self, box) -> None:
+        try:
+            self.sendBox(box)
+        except (amp.ProtocolSwitched, amp.ConnectionLost):
+            pass
 
     def sendBox(self, box) -> None:
         # (The channel never switches protocols nor starts TLS, which

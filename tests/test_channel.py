@@ -445,14 +445,22 @@ class Responders(channel.Quiet):
             return self.later
         if address == "unconvertible":
             return {"refusal": 5}
+        if address == "fails later":
+            return defer.fail(RuntimeError("a bug, later"))
+        if address == "refused later":
+            return defer.fail(ValueError("a known error, later"))
         return {"refusal": address.upper()}
 
     @channel.StallWorker.responder
     def stall(self, seconds):
+        if seconds == 2.0:
+            return defer.fail(ValueError("not enabled, later"))
         raise ValueError("test hooks are not enabled")
 
     @channel.Left.responder
     def left(self, address):
+        if address == "raises":
+            raise RuntimeError("a bug in a notice")
         self.gone.append(address)
         return {}
 
@@ -487,6 +495,10 @@ def _answered(protoClass, data):
     _asked(channel.Admit, address="raises"),
     _asked(channel.Admit, address="unconvertible"),
     _asked(channel.StallWorker, seconds=1.0),
+    _asked(channel.StallWorker, seconds=2.0),
+    _asked(channel.Admit, address="fails later"),
+    _asked(channel.Admit, address="refused later"),
+    _asked(channel.Left, ask=None, address="raises"),
     _asked(channel.Left, ask=None, address="192.0.2.1"),
     _asked(channel.Admit, address="192.0.2.1") + _asked(channel.Left, ask=None, address="x")
     + _asked(channel.Admit, ask=b"8", address="192.0.2.2"),
