@@ -3,8 +3,10 @@ The durable spool: every accepted message lives here until it leaves the queue.
 
 Layout under the spool directory (all directories 0700, all files 0600)::
 
-    tmp/                 writes in progress; emptied at start-up
+    tmp/                 envelopes being written; emptied at start-up
     queue/<id>.eml       the canonical CRLF body, immutable once committed
+                         (written here directly: a message only once its
+                         envelope is beside it)
     queue/<id>.env       the envelope as compact JSON (Envelope.toJSON())
     quarantine/          committed entries that could not be read back
                          (``restore`` puts one back after a re-check)
@@ -23,9 +25,10 @@ delivery, never damage the body (bench/spool_format.py measures the cost).
 The envelope file's presence in ``queue/`` is the commit point: a body
 without an envelope is an unfinished write and is deleted at recovery. A
 commit is durable before it returns, so the server may answer 250
-afterwards: body and envelope are written in ``tmp/`` and fsynced together
-(two fsyncs at once, which one journal commit can cover), then renamed into
-``queue/``, body first, then the directory is fsynced. Updates
+afterwards: the body is written in ``queue/`` and the envelope in ``tmp/``,
+both are fsynced (two fsyncs at once, which one journal commit can cover),
+then the envelope is renamed into ``queue/``, then the directory is
+fsynced. Updates
 are atomic renames without fsync: a crash may bring back an older state and
 repeat a delivery, but never loses a message.
 
@@ -52,6 +55,7 @@ import os
 import pwd
 import secrets
 import threading
+import weakref
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import BinaryIO
@@ -109,8 +113,11 @@ def _unlinkQuietly(path: str) -> None:
         pass
 
 
+_DIRECTORY_FLAGS = os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | getattr(os, "O_CLOEXEC", 0)
+
+
 def _fsyncDirectory(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    fd = os.open(path, _DIRECTORY_FLAGS)
     try:
         os.fsync(fd)
     finally:
@@ -132,7 +139,8 @@ class DirectorySync:
     ``deliver`` (``reactor.callFromThread`` in the daemon: one wake-up of
     the reactor for the whole group, and no thread parked waiting for it).
     ``sync()`` is the blocking form, for callers that hold their thread
-    anyway.
+    anyway. Only the thread running the fsyncs uses the directory's
+    descriptor, which stays open (``_fsync``).
     """
 
     def __init__(self, path: str, deliver: Callable[..., object] | None = None) -> None:
@@ -143,6 +151,9 @@ class DirectorySync:
         self._running = False
         # (done, delivered) of the requests made since the running fsync started.
         self._next: list[tuple[Callable[[BaseException | None], object], bool]] = []
+        # The directory's descriptor, opened by the first fsync (``_fsync``).
+        self._fd: int | None = None
+        self._closer: weakref.finalize | None = None
 
     def sync(self) -> None:
         finished = threading.Event()
@@ -178,7 +189,7 @@ class DirectorySync:
                         self._running = False
                         return
                 try:
-                    _fsyncDirectory(self.path)
+                    self._fsync()
                     outcome = None
                 except Exception as e:
                     outcome = e
@@ -186,6 +197,26 @@ class DirectorySync:
         except BaseException:
             with self._lock:
                 self._running = False  # the next request runs what is left
+            raise
+
+    def _fsync(self) -> None:
+        """
+        One fsync of the directory. Its descriptor stays open from the
+        first on: an open and a close fewer per fsync, each a wait for the
+        GIL in a busy daemon. After a failure the next fsync opens it anew.
+        """
+        if self._fd is None:
+            fd = os.open(self.path, _DIRECTORY_FLAGS)
+            self._closer = weakref.finalize(self, os.close, fd)
+            self._fd = fd
+        try:
+            os.fsync(self._fd)
+        except BaseException:
+            self._fd = None
+            try:
+                self._closer()
+            except OSError:
+                pass  # the fsync's error is the one to report
             raise
 
     def _answer(self, covered, outcome: BaseException | None) -> None:
@@ -402,8 +433,9 @@ def spoolProblems(directory: str) -> list[str]:
 
 class SpoolWriter:
     """
-    One message being received: the body goes to ``tmp/<id>.eml`` and
-    becomes part of the queue only through ``commit``.
+    One message being received: the body goes to ``queue/<id>.eml`` and
+    becomes part of the queue only through ``commit``, which puts its
+    envelope beside it.
 
     ``write`` only adds to a buffer in memory (``buffered`` bytes), so the
     reactor thread may call it; ``takeBuffered`` hands the buffer's bytes
@@ -424,7 +456,6 @@ class SpoolWriter:
         self.body: bytes | None = None
         self._wroteOut = False
         self._spool = spool
-        self._tmpBody = spool._path(TMP, queueId + BODY_SUFFIX)
         self._tmpEnvelope = spool._path(TMP, queueId + ENVELOPE_SUFFIX)
         self._body = spool._path(QUEUE, queueId + BODY_SUFFIX)
         self._envelope = spool._path(QUEUE, queueId + ENVELOPE_SUFFIX)
@@ -440,9 +471,12 @@ class SpoolWriter:
     def _file(self) -> int:
         """The body file's descriptor, creating the file first if need be (blocking)."""
         if self._fd is None:
-            self._spool._checkUnused(self.queueId)
-            self._fd = os.open(self._tmpBody, _CREATE_FLAGS, _FILE_MODE)
-            self._created.append(self._tmpBody)
+            self._spool._prepareOnce()
+            # Straight under its final name: without its envelope a body is
+            # no message (recovery removes it), and O_EXCL refuses an id in
+            # use, as every queued message has its body in queue/.
+            self._fd = os.open(self._body, _CREATE_FLAGS, _FILE_MODE)
+            self._created.append(self._body)
         return self._fd
 
     def write(self, data: bytes) -> None:
@@ -520,11 +554,8 @@ class SpoolWriter:
             finally:
                 os.close(bodyFd)
 
-            # Only now, both on disk, are they named in queue/: the body,
-            # then the envelope, the commit point.
-            os.rename(self._tmpBody, self._body)
-            self._created.remove(self._tmpBody)
-            self._created.append(self._body)
+            # Only now, both on disk, is the envelope named in queue/: the
+            # commit point.
             os.rename(self._tmpEnvelope, self._envelope)
             self._created.remove(self._tmpEnvelope)
             # Envelope first: once it is gone the message is gone, whatever
@@ -683,6 +714,9 @@ class Spool:
                     None, f"ignoring foreign file {self._path(QUEUE, name)}"
                 )
 
+        # Bodies are written straight into queue/: one without its envelope
+        # was still being received (or refused) when the daemon stopped, as
+        # routine as a file in tmp/, and goes as quietly.
         for queueId in sorted(bodies - envelopes):
             try:
                 os.unlink(self._path(QUEUE, queueId + BODY_SUFFIX))
@@ -690,8 +724,6 @@ class Spool:
                 maillog.queueWarning(
                     queueId, f"cannot remove uncommitted message body: {e.strerror or e}"
                 )
-            else:
-                maillog.queueWarning(queueId, "removed uncommitted message body")
 
         recovered = []
         for queueId in sorted(envelopes):
@@ -829,13 +861,9 @@ class Spool:
         _checkId(queueId)
         return SpoolWriter(self, queueId, create=False)
 
-    def _checkUnused(self, queueId: str) -> None:
+    def _prepareOnce(self) -> None:
         if not self._prepared:
             self._prepare()
-        for suffix in (ENVELOPE_SUFFIX, BODY_SUFFIX):
-            path = self._path(QUEUE, queueId + suffix)
-            if os.path.lexists(path):
-                raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), path)
 
     # -- delivery
 

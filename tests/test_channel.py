@@ -424,3 +424,103 @@ def test_a_key_over_amps_limit_ends_the_channel_with_too_long():
     proto.dataReceived(b"\x00\x01k\x00\x01v\x00\x00")  # nothing more is read
     proto.connectionLost(Failure(ConnectionError()))
     assert failures and failures[0].check(amp.TooLong)
+
+
+# Answering: a responder that answers at once, without AMP's chain of Deferreds
+
+class Responders(channel.Quiet):
+    """The channel's responders, in each way a responder can answer."""
+
+    def __init__(self):
+        super().__init__()
+        self.later = None
+        self.gone = []
+
+    @channel.Admit.responder
+    def admit(self, address):
+        if address == "raises":
+            raise RuntimeError("a bug")
+        if address == "later":
+            self.later = defer.Deferred()
+            return self.later
+        if address == "unconvertible":
+            return {"refusal": 5}
+        if address == "fails later":
+            return defer.fail(RuntimeError("a bug, later"))
+        if address == "refused later":
+            return defer.fail(ValueError("a known error, later"))
+        return {"refusal": address.upper()}
+
+    @channel.StallWorker.responder
+    def stall(self, seconds):
+        if seconds == 2.0:
+            return defer.fail(ValueError("not enabled, later"))
+        raise ValueError("test hooks are not enabled")
+
+    @channel.Left.responder
+    def left(self, address):
+        if address == "raises":
+            raise RuntimeError("a bug in a notice")
+        self.gone.append(address)
+        return {}
+
+
+class StockResponders(Responders):
+    """The same, dispatched by AMP's own code."""
+
+    ampBoxReceived = amp.AMP.ampBoxReceived
+
+
+def _asked(command, ask=b"7", **arguments):
+    box = command.makeArguments(arguments, None)
+    box[b"_command"] = command.commandName
+    if ask is not None:
+        box[b"_ask"] = ask
+    return box.serialize()
+
+
+def _answered(protoClass, data):
+    proto = protoClass()
+    transport = StringTransport()
+    proto.makeConnection(transport)
+    proto.dataReceived(data)
+    if proto.later is not None:
+        proto.later.callback({"refusal": "LATE"})
+    return transport.value(), transport.disconnecting, proto.gone
+
+
+@pytest.mark.parametrize("data", [
+    _asked(channel.Admit, address="192.0.2.1"),
+    _asked(channel.Admit, address="later"),
+    _asked(channel.Admit, address="raises"),
+    _asked(channel.Admit, address="unconvertible"),
+    _asked(channel.StallWorker, seconds=1.0),
+    _asked(channel.StallWorker, seconds=2.0),
+    _asked(channel.Admit, address="fails later"),
+    _asked(channel.Admit, address="refused later"),
+    _asked(channel.Left, ask=None, address="raises"),
+    _asked(channel.Left, ask=None, address="192.0.2.1"),
+    _asked(channel.Admit, address="192.0.2.1") + _asked(channel.Left, ask=None, address="x")
+    + _asked(channel.Admit, ask=b"8", address="192.0.2.2"),
+    b"\x00\x08_command\x00\x05admit\x00\x04_ask\x00\x019\x00\x00",  # no address
+    _asked(channel.Ping),  # no responder here
+])
+def test_every_command_is_answered_as_amp_answers_it(data):
+    assert _answered(Responders, data) == _answered(StockResponders, data)
+
+
+def test_an_answer_at_once_takes_no_deferred(monkeypatch):
+    made = []
+    original = defer.maybeDeferred
+
+    def maybeDeferred(*args, **kwargs):
+        made.append(args)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(amp, "maybeDeferred", maybeDeferred)
+    monkeypatch.setattr(defer, "maybeDeferred", maybeDeferred)
+    answer, _, gone = _answered(Responders, _asked(channel.Admit, address="192.0.2.1")
+                                + _asked(channel.Left, ask=None, address="192.0.2.1"))
+    assert boxes(answer) == [{b"_answer": b"7", b"refusal": b"192.0.2.1"}]
+    assert gone == ["192.0.2.1"]
+    assert made == []

@@ -119,14 +119,48 @@ def test_abortLeavesNothing(spool, tmp_path):
     assert spool.recover() == []
 
 
-def test_uncommittedWriteRemovedAtRecovery(spool, tmp_path):
-    """A writer that neither committed nor aborted (the process died) leaves nothing after recovery."""
+def test_uncommittedWriteRemovedAtRecovery(spool, tmp_path, logged):
+    """
+    A writer that neither committed nor aborted (the process died) leaves
+    nothing after recovery, and that is no news worth a warning.
+    """
     writer = spool.begin(newQueueId())
     writer.write(BODY)
     writer.writeOut(writer.takeBuffered())
-    assert listing(tmp_path / "spool")["tmp"] != []
     assert Spool(str(tmp_path / "spool")).recover() == []
     assert listing(tmp_path / "spool") == {"tmp": [], "queue": [], "quarantine": []}
+    assert logged == []
+
+
+def test_a_body_is_written_under_its_final_name_and_the_envelope_alone_is_renamed(
+        spool, tmp_path, monkeypatch):
+    """
+    The body goes straight to queue/ (a rename fewer per message); it is no
+    message there until its envelope is renamed in beside it.
+    """
+    envelope = makeEnvelope()
+    writer = spool.begin(envelope.queueId)
+    writer.write(BODY)
+    writer.writeOut(writer.takeBuffered())
+    assert listing(tmp_path / "spool") == {
+        "tmp": [], "queue": [envelope.queueId + ".eml"], "quarantine": []}
+    assert spool.ids() == []
+    renamed = []
+    realRename = os.rename
+
+    def rename(source, target):
+        renamed.append((os.path.relpath(source, tmp_path / "spool"),
+                        os.path.relpath(target, tmp_path / "spool")))
+        realRename(source, target)
+
+    monkeypatch.setattr(os, "rename", rename)
+    writer.commit(envelope)
+    monkeypatch.undo()
+    env = envelope.queueId + ".env"
+    assert renamed == [(os.path.join("tmp", env), os.path.join("queue", env))]
+    assert spool.ids() == [envelope.queueId]
+    with spool.openBody(envelope.queueId) as f:
+        assert f.read() == BODY
 
 
 def test_leftoverTmpFilesRemoved(spool, tmp_path):
@@ -139,7 +173,11 @@ def test_leftoverTmpFilesRemoved(spool, tmp_path):
 
 
 def test_bodyWithoutEnvelopeRemoved(spool, tmp_path, logged):
-    """A crash between the two renames of a commit: the body alone is not a message."""
+    """
+    A crash before a commit's rename: the body alone is not a message, and
+    every message being received when the daemon stopped leaves one, so
+    it goes without a warning.
+    """
     committed = makeEnvelope()
     store(spool, committed)
     orphan = newQueueId()
@@ -149,7 +187,7 @@ def test_bodyWithoutEnvelopeRemoved(spool, tmp_path, logged):
     assert listing(tmp_path / "spool")["queue"] == sorted(
         [committed.queueId + ".eml", committed.queueId + ".env"]
     )
-    assert f"{orphan}: warning: removed uncommitted message body" in logged
+    assert logged == []
 
 
 @pytest.mark.parametrize(
@@ -392,7 +430,7 @@ def test_directoryFsyncFailureRemovesCommittedFiles(spool, tmp_path, monkeypatch
     envelope = makeEnvelope()
     writer = spool.begin(envelope.queueId)
     writer.write(BODY)
-    monkeypatch.setattr(queue, "_fsyncDirectory", lambda path: (_ for _ in ()).throw(OSError(errno.EIO, "I/O error")))
+    monkeypatch.setattr(queue.DirectorySync, "_fsync", lambda self: (_ for _ in ()).throw(OSError(errno.EIO, "I/O error")))
     with pytest.raises(OSError) as info:
         writer.commit(envelope)
     assert info.value.errno == errno.EIO
@@ -485,17 +523,51 @@ def test_commitFsyncsBodyEnvelopeAndDirectory(spool, tmp_path, monkeypatch):
     root = tmp_path / "spool"
     # Body and envelope at once (either may come first), then the directory.
     assert sorted(synced[:2]) == [
-        (str(root / "tmp" / (envelope.queueId + ".eml")), len(BODY)),
+        (str(root / "queue" / (envelope.queueId + ".eml")), len(BODY)),
         (str(root / "tmp" / (envelope.queueId + ".env")), len(json.dumps(envelope.toJSON(), separators=(",", ":")))),
     ]
     assert synced[2:] == [(str(root / "queue"), None)]
+
+
+def test_queue_directory_is_opened_once_for_its_fsyncs_and_again_after_a_failed_one(
+        spool, tmp_path, monkeypatch):
+    queueDirectory = str(tmp_path / "spool" / "queue")
+    real = {name: getattr(os, name) for name in ("open", "fsync")}
+    opened, synced = [], []
+    failNext = []
+
+    def open_(path, flags, *args, **kwargs):
+        if str(path) == queueDirectory:
+            opened.append(path)
+        return real["open"](path, flags, *args, **kwargs)
+
+    def fsync(fd):
+        if os.readlink(f"/proc/self/fd/{fd}") == queueDirectory:
+            synced.append(fd)
+            if failNext:
+                failNext.pop()
+                raise OSError(errno.EIO, os.strerror(errno.EIO))
+        real["fsync"](fd)
+
+    monkeypatch.setattr(os, "open", open_)
+    monkeypatch.setattr(os, "fsync", fsync)
+    for _ in range(3):
+        store(spool, makeEnvelope())
+    assert len(opened) == 1 and len(synced) == 3
+    failNext.append(True)
+    with pytest.raises(OSError):
+        store(spool, makeEnvelope())
+    store(spool, makeEnvelope())
+    monkeypatch.undo()
+    assert len(opened) == 2 and len(synced) == 5
+    assert len(spool.ids()) == 4
 
 
 def test_commit_fsyncs_body_and_envelope_at_once_and_names_them_only_then(spool, tmp_path, monkeypatch):
     """
     Both files are written before either fsync, the two fsyncs run at the
     same time (one journal commit can cover both), nothing is renamed into
-    queue/ before both have ended, and queue/ is fsynced after the renames.
+    queue/ before both have ended, and queue/ is fsynced after the rename.
     """
     import threading
 
@@ -526,7 +598,7 @@ def test_commit_fsyncs_body_and_envelope_at_once_and_names_them_only_then(spool,
 
     for call, f in (("write", write), ("fsync", fsync), ("rename", rename)):
         monkeypatch.setattr(os, call, f)
-    monkeypatch.setattr(queue, "_fsyncDirectory", lambda path: events.append(("fsync directory", os.path.basename(path))))
+    monkeypatch.setattr(queue.DirectorySync, "_fsync", lambda self: events.append(("fsync directory", os.path.basename(self.path))))
     writer.commit(envelope)
     monkeypatch.undo()
 
@@ -535,7 +607,7 @@ def test_commit_fsyncs_body_and_envelope_at_once_and_names_them_only_then(spool,
     firstFsync = min(position[("fsync", body)], position[("fsync", env)])
     assert position[("write", body)] < firstFsync and position[("write", env)] < firstFsync
     lastSynced = max(position[("synced", body)], position[("synced", env)])
-    assert events[lastSynced + 1:] == [("rename", body), ("rename", env), ("fsync directory", "queue")]
+    assert events[lastSynced + 1:] == [("rename", env), ("fsync directory", "queue")]
     assert [e.queueId for e in Spool(str(tmp_path / "spool")).recover()] == [envelope.queueId]
 
 
@@ -730,7 +802,7 @@ def holdFirstDirectoryFsync(monkeypatch):
             assert releaseFirst.wait(10)
         syncs.append("end")
 
-    monkeypatch.setattr(queue, "_fsyncDirectory", fsyncDirectory)
+    monkeypatch.setattr(queue.DirectorySync, "_fsync", lambda self: fsyncDirectory(self.path))
     return syncs, firstStarted, releaseFirst
 
 
@@ -785,8 +857,8 @@ def test_commits_waiting_during_a_directory_fsync_share_the_next_one(tmp_path, m
 
 
 def test_a_failed_directory_fsync_fails_every_commit_it_covers(tmp_path, monkeypatch):
-    monkeypatch.setattr(queue, "_fsyncDirectory",
-                        lambda path: (_ for _ in ()).throw(OSError(errno.EIO, "I/O error")))
+    monkeypatch.setattr(queue.DirectorySync, "_fsync",
+                        lambda self: (_ for _ in ()).throw(OSError(errno.EIO, "I/O error")))
     directory = queue.DirectorySync(str(tmp_path))
     for _ in range(2):
         with pytest.raises(OSError) as info:
@@ -855,8 +927,8 @@ def test_a_commit_waiting_for_the_directory_fsync_holds_no_spool_thread(spool, t
 
 
 def test_a_failed_directory_fsync_in_a_lane_removes_the_message(spool, monkeypatch):
-    monkeypatch.setattr(queue, "_fsyncDirectory",
-                        lambda path: (_ for _ in ()).throw(OSError(errno.EIO, "I/O error")))
+    monkeypatch.setattr(queue.DirectorySync, "_fsync",
+                        lambda self: (_ for _ in ()).throw(OSError(errno.EIO, "I/O error")))
     writer = spool.receive(newQueueId())
     writer.write(b"Subject: x\r\n\r\nbody\r\n")
     failures = []

@@ -86,7 +86,11 @@ class Session(Dialogue):
         assert self.send(b"EHLO client.test\r\n")[-1].startswith("250 ")
 
     def tmpFiles(self) -> list[str]:
-        return os.listdir(os.path.join(self.spool.directory, "tmp"))
+        """Files of messages not committed: in tmp/, and bodies in queue/ without an envelope."""
+        queued = os.listdir(os.path.join(self.spool.directory, "queue"))
+        envelopes = {name.split(".")[0] for name in queued if name.endswith(".env")}
+        return (os.listdir(os.path.join(self.spool.directory, "tmp"))
+                + [name for name in queued if name.split(".")[0] not in envelopes])
 
 
 def test_a_small_body_stays_in_memory_until_its_commit_makes_the_file_in_a_thread(tmp_path):
@@ -221,7 +225,7 @@ def test_every_250_follows_the_fsyncs_of_its_body_envelope_and_directory(tmp_pat
     events: list[tuple] = []
     lock = threading.Lock()
     realFsync, realRename = os.fsync, os.rename
-    realSyncDirectory = queue._fsyncDirectory
+    realSyncDirectory = queue.DirectorySync._fsync
     sessions: list[Session] = []
     directoryFsyncs = 0
     everyoneRenamed = threading.Event()
@@ -240,7 +244,7 @@ def test_every_250_follows_the_fsyncs_of_its_body_envelope_and_directory(tmp_pat
         if sum(1 for e in events if e[0] == "rename" and e[1].endswith(".env")) == 3:
             everyoneRenamed.set()
 
-    def syncDirectory(path):
+    def syncDirectory(directory):
         nonlocal directoryFsyncs
         directoryFsyncs += 1
         if directoryFsyncs == 1:
@@ -248,7 +252,7 @@ def test_every_250_follows_the_fsyncs_of_its_body_envelope_and_directory(tmp_pat
             # renamed their envelopes: they must wait for another fsync.
             assert everyoneRenamed.wait(DEADLINE)
         record("directory fsync start", directoryFsyncs)
-        realSyncDirectory(path)
+        realSyncDirectory(directory)
         record("directory fsync end", directoryFsyncs)
 
     threads = RealThreads()
@@ -265,7 +269,7 @@ def test_every_250_follows_the_fsyncs_of_its_body_envelope_and_directory(tmp_pat
     assert threads.names() == ["commit"] * 3
     monkeypatch.setattr(os, "fsync", fsync)
     monkeypatch.setattr(os, "rename", rename)
-    monkeypatch.setattr(queue, "_fsyncDirectory", syncDirectory)
+    monkeypatch.setattr(queue.DirectorySync, "_fsync", syncDirectory)
     for s in sessions:
         s.transport.write = (lambda s: lambda data: (record("reply", s.proto, bytes(data)),
                                                      StringTransport.write(s.transport, data)))(s)
@@ -279,11 +283,13 @@ def test_every_250_follows_the_fsyncs_of_its_body_envelope_and_directory(tmp_pat
         position = {e: i for i, e in enumerate(events)}
         [reply] = [e for e in events if e[0] == "reply" and e[1] is s.proto]
         assert reply[2].startswith(b"250 ") and queueId.encode() in reply[2]
-        # Body and envelope fsynced (at once, either first) before either is
-        # named in queue/; the envelope, which makes the message, renamed last.
+        # Body and envelope fsynced (at once, either first) before the
+        # envelope, which makes the message, is named in queue/; the body
+        # was written there under its name and is never renamed.
         synced = max(position[("fsync", queueId + ".eml")], position[("fsync", queueId + ".env")])
-        order = [synced, position[("rename", queueId + ".eml")], position[("rename", queueId + ".env")]]
+        order = [synced, position[("rename", queueId + ".env")]]
         assert order == sorted(order)
+        assert ("rename", queueId + ".eml") not in position
         covering = [e for e in events[order[-1]:position[reply]] if e[0] == "directory fsync start"]
         assert covering, f"{queueId}: 250 without a directory fsync after its rename"
         assert ("directory fsync end", covering[0][1]) in events[order[-1]:position[reply]]
@@ -427,7 +433,7 @@ def test_no_file_system_call_on_the_reactor_thread_while_a_message_is_accepted_a
     # (after its attempt, hold, release) and removed by the admin...
     inThreads = {name for name, onReactor, path in calls
                  if not onReactor and (path.startswith(spool) or name in ("fsync", "read", "write"))}
-    assert inThreads >= {"fsync", "lstat", "open", "rename", "statvfs", "unlink", "write",
+    assert inThreads >= {"fsync", "open", "rename", "statvfs", "unlink", "write",
                          "replace", "builtins.open"}
     bodyWrites = [c for c in calls if c[0] == "write"]
     assert len(bodyWrites) > 4  # the large body went out in pieces, not only at its commit
