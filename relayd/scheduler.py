@@ -23,6 +23,11 @@ pending when ``queue.lifetime`` has run out, get one notice (relayd.bounce)
 which is committed to the spool, fsynced, *before* they are marked done: a
 crash in between sends the notice twice at worst, never not at all.
 
+A delivered message's attempt gives back its slot (and its connection
+goes on to the next message) before the envelope's removal has run;
+attempts in flight plus such removals stay within twice
+``delivery.concurrency``, the deliveries a crash can repeat.
+
 With intake workers (relayd.worker) there are two kinds of scheduler. A
 worker's makes only the first attempt of the messages that worker
 committed, from memory, in slots the master's scheduler granted
@@ -96,6 +101,7 @@ FLUSHED = "scheduled for delivery now"
 REQUEUED = "requeued"
 ON_HOLD = "on hold (release it first)"
 BEING_DELIVERED = "being delivered now"
+BEING_REMOVED = "delivered, being removed from the queue"
 WAITING_FOR_SLOT = "waiting for a free slot at its destination"
 
 
@@ -166,8 +172,8 @@ class Scheduler(service.Service):
         self.runInThread = runInThread or defer.maybeDeferred
         self.lanes = lanes or MessageLanes(self.runInThread)
         # Removals of delivered messages, many to a thread job under load:
-        # the envelope (the message leaves the queue) while the attempt
-        # still holds its slot, the body afterwards, off that path.
+        # the envelope (the message leaves the queue) after the attempt
+        # gave back its slot (_letGo), the body afterwards.
         self._removals = ThreadBatches(self.runInThread, jobs=REMOVAL_JOBS)
         self._bodyRemovals = ThreadBatches(self.runInThread, jobs=BODY_REMOVAL_JOBS)
         self.envelopes: dict[str, Envelope] = {}
@@ -178,6 +184,10 @@ class Scheduler(service.Service):
         self._wakeAgain = False
         # queue id -> (attempt Deferred, destinations it occupies)
         self._active: dict[str, tuple[defer.Deferred, tuple[Destination, ...]]] = {}
+        # queue id -> attempt Deferred, for the delivered messages whose
+        # envelope removal is under way (_letGo): out of their slots, not
+        # yet out of the queue.
+        self._removing: dict[str, defer.Deferred] = {}
         self._perDestination: dict[Destination, int] = {}
         # Attempts other processes make in slots taken here (takeSlots).
         self._remote = 0
@@ -243,12 +253,11 @@ class Scheduler(service.Service):
             self._timer.cancel()
         self._timer = None
         now = self.clock.seconds()
-        limit = self.settings.delivery.concurrency
-        while self._heap and len(self._active) + self._remote < limit:
+        while self._heap and self._mayStart():
             due, _, queueId = self._heap[0]
             envelope = self.envelopes.get(queueId)
             if (envelope is None or envelope.nextAttempt != due or queueId in self._active
-                    or queueId in self._waiting):
+                    or queueId in self._waiting or queueId in self._removing):
                 heapq.heappop(self._heap)  # stale entry: removed, rescheduled or waiting
                 continue
             if due > now:
@@ -264,8 +273,19 @@ class Scheduler(service.Service):
                 self._blocked.setdefault(full, deque()).append(queueId)
                 continue
             self._start(envelope, groups, self._attempt)
-        if self._heap and len(self._active) + self._remote < limit:
+        if self._heap and self._mayStart():
             self._timer = self.clock.callLater(max(0.0, self._heap[0][0] - now), self._wake)
+
+    def _mayStart(self) -> bool:
+        """
+        Whether a slot is free for one more attempt: at most
+        ``delivery.concurrency`` in flight, and, with the delivered messages
+        whose envelope removal is still under way, at most twice that. A
+        crash repeats a delivery only for those two kinds of message.
+        """
+        limit = self.settings.delivery.concurrency
+        inFlight = len(self._active) + self._remote
+        return inFlight < limit and inFlight + len(self._removing) < limit * 2
 
     def _fullDestination(self, destinations: Iterable[Destination]) -> Destination | None:
         limit = self.settings.delivery.destinationConcurrency
@@ -286,8 +306,7 @@ class Scheduler(service.Service):
             return None
         delivery = self.settings.delivery
         groups = dict.fromkeys(route.destinationOf(domain, delivery) for domain in domains)
-        if (len(self._active) + self._remote >= delivery.concurrency
-                or self._fullDestination(groups) is not None):
+        if not self._mayStart() or self._fullDestination(groups) is not None:
             return None
         for destination in groups:
             self._perDestination[destination] = self._perDestination.get(destination, 0) + 1
@@ -461,6 +480,7 @@ class Scheduler(service.Service):
             maillog.expired(queueId, envelope.sender)
         now = self.clock.seconds()
         if envelope.isFinished():
+            self._letGo(queueId)
             try:
                 # Unlinking waits for the file system journal: in a thread,
                 # after the envelope writes still under way.
@@ -556,7 +576,30 @@ class Scheduler(service.Service):
                              route=destination.name if destination is not None else None)
         return failed
 
+    def _letGo(self, queueId: str) -> None:
+        """
+        The message is delivered (or returned) and only its envelope's
+        removal is left: the attempt gives back its slots now, so the
+        connection it used carries the next message while the unlink waits
+        for the disk. The message stays in the queue (and is reported as
+        being removed) until the removal has run; ``_mayStart`` bounds how
+        many wait so. An intake worker's first attempt keeps its slots:
+        the master hears it has ended only once the message is gone.
+        """
+        if self.handOff is not None:
+            return
+        entry = self._active.pop(queueId, None)
+        if entry is None:
+            return
+        attempt, destinations = entry
+        self._removing[queueId] = attempt
+        self._freeDestinations(destinations)
+        self._wake()
+
     def _finished(self, _: object, queueId: str) -> None:
+        if self._removing.pop(queueId, None) is not None:
+            self._wake()  # a start may have waited for the removals to catch up
+            return
         _, destinations = self._active.pop(queueId, (None, ()))
         self._freeDestinations(destinations)
         self._wake()
@@ -677,10 +720,17 @@ class Scheduler(service.Service):
         return queueId in self._active
 
     def activeIds(self) -> list[str]:
-        return sorted(self._active)
+        """Being delivered, or delivered and being removed: the active queue."""
+        return sorted([*self._active, *self._removing])
+
+    def _refuseRemoving(self, queueId: str) -> None:
+        """A delivered message on its way out of the queue is left alone."""
+        if queueId in self._removing:
+            raise AdminRefusal(BEING_REMOVED)
 
     def hold(self, queueId: str) -> defer.Deferred:
         envelope = self._known(queueId)
+        self._refuseRemoving(queueId)
         if envelope.hold:
             return defer.succeed("already on hold")
         envelope.hold = True
@@ -697,6 +747,7 @@ class Scheduler(service.Service):
 
     def release(self, queueId: str) -> defer.Deferred:
         envelope = self._known(queueId)
+        self._refuseRemoving(queueId)
         if not envelope.hold:
             return defer.succeed("not on hold")
         nextAttempt = envelope.nextAttempt
@@ -719,6 +770,7 @@ class Scheduler(service.Service):
 
     def delete(self, queueId: str) -> defer.Deferred:
         self._known(queueId)
+        self._refuseRemoving(queueId)
         active = self.isActive(queueId)
         self.envelopes.pop(queueId)
         self._waiting.discard(queueId)
@@ -741,7 +793,9 @@ class Scheduler(service.Service):
         outcomes = {}
         now = self.clock.seconds()
         for queueId, envelope in self._selected(queueIds):
-            if envelope.hold:
+            if queueId in self._removing:
+                outcomes[queueId] = BEING_REMOVED
+            elif envelope.hold:
                 outcomes[queueId] = ON_HOLD
             elif self.isActive(queueId):
                 outcomes[queueId] = BEING_DELIVERED
@@ -766,6 +820,9 @@ class Scheduler(service.Service):
         writes = []
         now = self.clock.seconds()
         for queueId, envelope in self._selected(queueIds):
+            if queueId in self._removing:
+                outcomes[queueId] = BEING_REMOVED
+                continue
             if self.isActive(queueId):
                 outcomes[queueId] = BEING_DELIVERED
                 continue
@@ -806,6 +863,7 @@ class Scheduler(service.Service):
     def bounce(self, queueId: str) -> str:
         """Give up on the pending recipients: return the message to its sender now."""
         envelope = self._known(queueId)
+        self._refuseRemoving(queueId)
         if self.isActive(queueId):
             raise AdminRefusal("it is being delivered now; try again when the attempt ends")
         if not envelope.pending():
@@ -848,14 +906,21 @@ class Scheduler(service.Service):
         self._wake()
 
     def stopService(self, grace: float | None = None) -> defer.Deferred:
-        """Start nothing new; wait for the attempts in flight, at most ``grace`` seconds."""
+        """
+        Start nothing new; wait for the attempts in flight and the removals
+        of the messages they delivered, at most ``grace`` seconds (a
+        delivered message still queued when the daemon exits is delivered
+        again after the restart).
+        """
         super().stopService()
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
         self._timer = None
-        if not self._active:
+        if not self._active and not self._removing:
             return defer.succeed(None)
-        inFlight = defer.DeferredList([d for d, _ in self._active.values()], consumeErrors=True)
+        # An attempt's Deferred fires once its removal has run, too.
+        inFlight = defer.DeferredList([d for d, _ in self._active.values()]
+                                      + list(self._removing.values()), consumeErrors=True)
         if grace is None:
             grace = self.settings.shutdownGrace
         done = defer.Deferred()

@@ -9,7 +9,8 @@ Afterwards:
   message per session per kill;
 - nothing arrived that no client sent;
 - duplicates (a delivery whose "sent" state was lost) are bounded by the
-  deliveries that can be in flight at a kill.
+  deliveries that can be in flight at a kill, plus the delivered messages
+  whose envelope removal had not run yet.
 
 The numbers are printed (pytest -s shows them) for the issue's note.
 """
@@ -41,6 +42,11 @@ CLIENTS = 4
 KILLS = 5
 # delivery.concurrency's default: attempts that can be in flight at a kill.
 CONCURRENCY = 20
+# Deliveries a kill can make the daemon repeat: an attempt gives back its
+# slot at the sink's 250, before its envelope's unlink has run, and the
+# scheduler starts no attempt while those in flight and those removals
+# together reach twice the concurrency (relayd.scheduler's _mayStart).
+REPEATABLE_PER_KILL = 2 * CONCURRENCY
 CLIENT_TIMEOUT = 10.0
 
 SUBJECT = re.compile(rb"^Subject: crash (\S+)\r$", re.M)
@@ -144,5 +150,5 @@ def test_sigkill_loses_nothing_that_got_250(tmp_path, processes, twistd):
     assert all(o == "in-flight" for o in without250.values()), (
         f"arrived without a 250 although the session never finished sending the body: {without250}")
     assert len(without250) <= CLIENTS * kills
-    assert duplicates <= CONCURRENCY * kills
+    assert duplicates <= REPEATABLE_PER_KILL * kills
     assert len(got250) > 0
