@@ -14,8 +14,9 @@ courier only returns what happened, TLS sessions opened included.
 Several messages per connection: after a clean transaction the session is
 kept idle for ``reuseTime`` seconds; the next ``deliver`` to the same next
 hop takes it (RSET is not needed after a completed transaction). After
-``REUSE_COUNT_LIMIT`` transactions or ``REUSE_TIME_LIMIT`` seconds since it
-connected, a session is closed instead (as Postfix does).
+``REUSE_TIME_LIMIT`` seconds since it connected (or ``reuseCountLimit``
+transactions, when one is given), a session is closed instead (as Postfix
+does).
 """
 
 from __future__ import annotations
@@ -62,11 +63,13 @@ from relayd.tls import clientTLSOptions, isAddressLiteral
 # message to the same next hop (Postfix's smtp_connection_cache_time_limit).
 REUSE_TIME = 2.0
 
-# A session is not kept after this many transactions or this many seconds
-# since it connected (Postfix's smtp_connection_reuse_count_limit and
-# smtp_connection_reuse_time_limit): one connection does not carry a busy
-# queue for ever, and a hop's DNS or load-balancer changes get noticed.
-REUSE_COUNT_LIMIT = 100
+# A session is not kept this many seconds after it connected (Postfix's
+# smtp_connection_reuse_time_limit, 300s by default): one connection does
+# not carry a busy queue for ever, and a hop's DNS or load-balancer changes
+# get noticed. Nor after this many transactions, 0 meaning no limit (as
+# Postfix's smtp_connection_reuse_count_limit, 0 by default): a count
+# would close a connection every few milliseconds while a backlog drains.
+REUSE_COUNT_LIMIT = 0
 REUSE_TIME_LIMIT = 300.0
 
 # How long a next hop that failed (before accepting MAIL) is tried last:
@@ -543,7 +546,7 @@ class Courier:
         Keep a usable session for the next message to the same hop, briefly,
         unless it reached a reuse limit.
         """
-        worn = (session.transactions >= self.reuseCountLimit
+        worn = ((self.reuseCountLimit > 0 and session.transactions >= self.reuseCountLimit)
                 or self._reactor.seconds() - session.connectedAt >= self.reuseTimeLimit)
         if self.reuseTime <= 0 or worn or not session.usable():
             session.quit()

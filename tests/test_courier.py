@@ -1362,6 +1362,31 @@ def test_session_is_not_reused_past_the_transaction_limit():
     assert net.peers["a.example"] is not first
 
 
+def test_by_default_only_the_time_limit_ends_reuse_as_in_postfix():
+    # Postfix's defaults: smtp_connection_reuse_count_limit = 0 (none),
+    # smtp_connection_reuse_time_limit = 300s.
+    net = Network(a_example="192.0.2.7")
+    courier = net.courier()
+    d = deliver(courier, [Hop("a.example")], recipients=["a@x"])
+    peer = net.peers["a.example"]
+    converse(peer, [GREETING, EHLO_FULL])
+    _oneMessage(peer)
+    result(d)
+    for _ in range(299):  # one connection carries them all, each a second apart
+        net.clock.advance(1)
+        d = deliver(courier, [Hop("a.example")], recipients=["a@x"])
+        _oneMessage(peer)
+        assert result(d).results[0].status == Status.SENT
+    assert net.attempts == ["a.example"]
+    assert b"QUIT" not in peer.sent()
+    d = deliver(courier, [Hop("a.example")], recipients=["a@x"])
+    net.clock.advance(1)  # 300s since it connected: the last transaction
+    _oneMessage(peer)
+    assert result(d).results[0].status == Status.SENT
+    assert peer.sent().endswith(b".\r\nQUIT\r\n")
+    assert net.attempts == ["a.example"]
+
+
 def test_session_is_not_reused_past_the_time_limit():
     net = Network(a_example="192.0.2.7")
     courier = net.courier(reuseTime=1000, reuseTimeLimit=300)
