@@ -208,7 +208,12 @@ class Courier:
         # Tests give the connection creators; else they are made once per hop (_tlsCreator).
         self._tlsOptions = tlsOptions
         self._creators: dict[tuple, IOpenSSLClientConnectionCreator] = {}
-        self._idle: dict[NextHop, list[tuple[OutboundSession, IDelayedCall]]] = {}
+        self._idle: dict[NextHop, list[OutboundSession]] = {}
+        # An open session's idle deadline, armed at its first release and
+        # moved at each later one; it runs on while the session carries a
+        # message (``_expire`` then leaves it alone): moving a timer costs
+        # less than a new one per message and cancelling it.
+        self._idleTimers: dict[OutboundSession, IDelayedCall] = {}
         # Next hop -> until when it is tried after the others.
         self._failedUntil: dict[NextHop, float] = {}
 
@@ -296,6 +301,8 @@ class Courier:
 
     def _order(self, hops: list[NextHop]) -> list[NextHop]:
         """Hops that failed recently go last (kept in their order), never dropped."""
+        if not self._failedUntil:
+            return hops  # nothing failed lately: as configured
         now = self._reactor.seconds()
         for key, until in list(self._failedUntil.items()):
             if until <= now:
@@ -308,7 +315,8 @@ class Courier:
             # (MX order comes from DNS at each attempt).
             return
         if outcome.final:
-            self._failedUntil.pop(target, None)
+            if self._failedUntil:
+                self._failedUntil.pop(target, None)
         else:
             self._failedUntil[target] = self._reactor.seconds() + FAILED_HOP_TIME
 
@@ -534,11 +542,10 @@ class Courier:
     def _takeIdle(self, key: NextHop) -> OutboundSession | None:
         sessions = self._idle.get(key)
         while sessions:
-            session, timer = sessions.pop()
-            if timer.active():
-                timer.cancel()
+            session = sessions.pop()
             if session.usable():
                 return session
+            self._cancelIdleTimer(session)
         return None
 
     def _release(self, key: NextHop, session: OutboundSession) -> None:
@@ -549,32 +556,43 @@ class Courier:
         worn = ((self.reuseCountLimit > 0 and session.transactions >= self.reuseCountLimit)
                 or self._reactor.seconds() - session.connectedAt >= self.reuseTimeLimit)
         if self.reuseTime <= 0 or worn or not session.usable():
+            self._cancelIdleTimer(session)
             session.quit()
             return
-        timer = self._reactor.callLater(self.reuseTime, self._expire, key, session)
-        self._idle.setdefault(key, []).append((session, timer))
+        timer = self._idleTimers.get(session)
+        if timer is not None and timer.active():
+            timer.reset(self.reuseTime)
+        else:
+            self._idleTimers[session] = self._reactor.callLater(
+                self.reuseTime, self._expire, key, session)
+        self._idle.setdefault(key, []).append(session)
+
+    def _cancelIdleTimer(self, session: OutboundSession) -> None:
+        timer = self._idleTimers.pop(session, None)
+        if timer is not None and timer.active():
+            timer.cancel()
 
     def _forget(self, key: NextHop, session: OutboundSession) -> None:
+        self._cancelIdleTimer(session)
         sessions = self._idle.get(key, [])
-        for entry in list(sessions):
-            if entry[0] is session:
-                sessions.remove(entry)
-                if entry[1].active():
-                    entry[1].cancel()
+        if session in sessions:
+            sessions.remove(session)
         if not sessions:
             self._idle.pop(key, None)
 
     def _expire(self, key: NextHop, session: OutboundSession) -> None:
-        self._forget(key, session)
-        session.quit()
+        del self._idleTimers[session]
+        if session in self._idle.get(key, ()):
+            self._forget(key, session)
+            session.quit()
+        # else it carries a message now: its next release arms a new deadline.
 
     def closeIdle(self) -> defer.Deferred:
         """QUIT every idle session; fires when all are closed (at shutdown)."""
         closing = []
         for key in list(self._idle):
-            for session, timer in list(self._idle.get(key, [])):
-                if timer.active():
-                    timer.cancel()
+            for session in list(self._idle.get(key, [])):
+                self._cancelIdleTimer(session)
                 closing.append(session.quit())
             self._idle.pop(key, None)
         return defer.DeferredList(closing, consumeErrors=True)

@@ -1208,6 +1208,54 @@ def test_next_message_to_the_same_hop_reuses_the_connection():
     assert peer.sent() == b"QUIT\r\n"
 
 
+def test_an_idle_connection_closes_reuse_time_after_its_last_release():
+    net = Network(a_example="192.0.2.7")
+    courier = net.courier()  # reuseTime 2s
+    d = deliver(courier, [Hop("a.example")], recipients=["a@x"])
+    peer = net.peers["a.example"]
+    converse(peer, [GREETING, EHLO_FULL])
+    _oneMessage(peer)
+    result(d)  # idle from t=0
+    net.clock.advance(1)
+    d = deliver(courier, [Hop("a.example")], recipients=["b@x"])
+    net.clock.advance(0.5)
+    _oneMessage(peer)
+    result(d)  # idle again from t=1.5
+    peer.sent()
+    net.clock.advance(1.9)
+    assert peer.sent() == b""
+    net.clock.advance(0.1)
+    assert peer.sent() == b"QUIT\r\n"
+
+
+def test_an_idle_deadline_that_passes_during_a_transaction_leaves_it_alone():
+    net = Network(a_example="192.0.2.7")
+    courier = net.courier()  # reuseTime 2s
+    d = deliver(courier, [Hop("a.example")], recipients=["a@x"])
+    peer = net.peers["a.example"]
+    converse(peer, [GREETING, EHLO_FULL])
+    _oneMessage(peer)
+    result(d)  # idle from t=0
+    net.clock.advance(1)
+    d = deliver(courier, [Hop("a.example")], recipients=["b@x"])
+    peer.sent()
+    net.clock.advance(2)  # t=3: the first idle deadline is long past
+    assert b"QUIT" not in peer.sent() and not d.called
+    _oneMessage(peer)
+    assert result(d).results[0].status == Status.SENT  # idle again from t=3
+    peer.sent()
+    net.clock.advance(1.9)
+    assert peer.sent() == b""
+    d = deliver(courier, [Hop("a.example")], recipients=["c@x"])
+    _oneMessage(peer)
+    assert result(d).results[0].status == Status.SENT
+    assert net.attempts == ["a.example"]
+    assert len(net.clock.getDelayedCalls()) <= 2  # its idle deadline and the reply deadline at most
+    peer.sent()
+    net.clock.advance(2)
+    assert peer.sent() == b"QUIT\r\n"
+
+
 def test_reused_connection_that_died_is_replaced():
     net = Network(a_example="192.0.2.7")
     courier = net.courier()
