@@ -223,3 +223,21 @@ def test_the_connection_carries_the_next_message_while_the_removal_waits(rig):
     assert [r_.state for r_ in second.recipients] == [Status.SENT]
     r.threads.runAll()
     assert sorted(r.spool.removed) == sorted([first.queueId, second.queueId])
+
+
+def test_a_destination_slot_is_given_back_once(rig):
+    # destination_concurrency 1: the slot goes to the next message at the
+    # first one's 250, and the end of its removal frees nothing more.
+    r = rig(concurrency=5)
+    r.sched.reconfigure(settings(concurrency=5, destinationConcurrency=1))
+    envs = [envelope(r.clock, f"r{i}@example.org") for i in range(3)]
+    for e in envs:
+        r.sched.add(e)
+    assert len(r.courier.calls) == 1
+    deliverPending(r.courier)
+    assert len(r.courier.calls) == 2
+    r.threads.runAll()  # the first removal ends while the second attempt runs
+    assert r.spool.removed == [envs[0].queueId]
+    assert len(r.courier.calls) == 2
+    deliverPending(r.courier)
+    assert len(r.courier.calls) == 3
