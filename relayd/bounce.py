@@ -399,6 +399,9 @@ def writeNotice(spool, kind: str, to: str, hostname: str, content: bytes,
         except BaseException:
             writer.abort()
             raise
-        writer.commit(envelope)
+        try:
+            writer.commit(envelope)
+        except FileExistsError:
+            continue  # the id is queued already
         return envelope
     raise FileExistsError("no free queue id for a notice")

@@ -166,8 +166,9 @@ class Scheduler(service.Service):
         self.runInThread = runInThread or defer.maybeDeferred
         self.lanes = lanes or MessageLanes(self.runInThread)
         # Removals of delivered messages, many to a thread job under load:
-        # the envelope (the message leaves the queue) while the attempt
-        # still holds its slot, the body afterwards, off that path.
+        # the message file (the message leaves the queue) while the attempt
+        # still holds its slot; for the older two-file layout, the envelope
+        # so, and the body afterwards, off that path.
         self._removals = ThreadBatches(self.runInThread, jobs=REMOVAL_JOBS)
         self._bodyRemovals = ThreadBatches(self.runInThread, jobs=BODY_REMOVAL_JOBS)
         self.envelopes: dict[str, Envelope] = {}
@@ -372,9 +373,13 @@ class Scheduler(service.Service):
             e = failure.value
             maillog.queueFileFailed(queueId, "update", getattr(e, "strerror", None) or str(e))
 
+        def handedOver(_) -> None:
+            self.spool.forget(queueId)  # the master removes it in the end
+            self.handOff.ended(queueId, True)
+
         d = self._writeEnvelope(envelope)
         d.addErrback(failed)
-        d.addBoth(lambda _: self.handOff.ended(queueId, True))
+        d.addBoth(handedOver)
 
     async def _attempt(self, envelope: Envelope, started: float, groups: dict[Destination, list[str]]):
         pending = envelope.pending()
@@ -464,7 +469,7 @@ class Scheduler(service.Service):
             try:
                 # Unlinking waits for the file system journal: in a thread,
                 # after the envelope writes still under way.
-                await self.lanes.runStep(
+                bodyLeft = await self.lanes.runStep(
                     queueId, lambda: self._removals.run(self.spool.removeEnvelope, queueId))
             except OSError as e:
                 # Still queued on disk: kept in memory too, and the removal is
@@ -484,8 +489,9 @@ class Scheduler(service.Service):
             maillog.removed(queueId)
             if self.handOff is not None:
                 self.handOff.ended(queueId, False)
-            self._bodyRemovals.run(self.spool.removeBody, queueId).addErrback(
-                self._bodyNotRemoved, queueId)
+            if bodyLeft:  # a message in the older two-file layout
+                self._bodyRemovals.run(self.spool.removeBody, queueId).addErrback(
+                    self._bodyNotRemoved, queueId)
             return
         envelope.nextAttempt = nextAttemptTime(
             now, envelope.arrival, envelope.attempts, queue.retry,
