@@ -399,9 +399,6 @@ def writeNotice(spool, kind: str, to: str, hostname: str, content: bytes,
         except BaseException:
             writer.abort()
             raise
-        try:
-            writer.commit(envelope)
-        except FileExistsError:
-            continue  # the id is queued already
+        writer.commit(envelope)
         return envelope
     raise FileExistsError("no free queue id for a notice")

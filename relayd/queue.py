@@ -540,16 +540,29 @@ class SpoolWriter:
         self._placedBody: bytes | None = None  # ``body`` once ``committed``
         self._fd: int | None = None
         if create:
-            self._file()
+            try:
+                self._file()
+            except BaseException:
+                self._finish()
+                raise
 
     def _file(self) -> int:
-        """The message file's descriptor, creating the file first if need be (blocking)."""
+        """
+        The message file's descriptor, creating the file first if need be
+        (blocking). FileExistsError if the id is in use: being received
+        (O_EXCL in tmp/) or queued.
+        """
         if self._fd is None:
             self._spool._prepareOnce()
-            # In tmp/ until committed; O_EXCL refuses an id another message
-            # is being received under (a queued one is refused by ``place``).
             self._fd = os.open(self._temporary, _CREATE_FLAGS, _FILE_MODE)
             self._created.append(self._temporary)
+            # Never renamed over a queued message: as long as this file is
+            # in tmp/, no other writer can take the id (O_EXCL), so one
+            # queued under it now is the last that can be.
+            for suffix in (MESSAGE_SUFFIX, BODY_SUFFIX):
+                path = self._spool._path(QUEUE, self.queueId + suffix)
+                if os.path.lexists(path):
+                    raise FileExistsError(errno.EEXIST, "queue id in use", path)
         return self._fd
 
     def write(self, data: bytes) -> None:
@@ -599,7 +612,7 @@ class SpoolWriter:
         committed once an fsync of queue/ that started afterwards has
         succeeded; then call ``committed``, or ``abort`` (which removes it)
         if it failed. On failure here nothing is left behind, as with
-        ``commit``. FileExistsError if the id is queued already.
+        ``commit``.
         """
         if self._finished:
             raise ValueError(f"{self.queueId}: writer is already committed or aborted")
@@ -620,13 +633,6 @@ class SpoolWriter:
                 os.fsync(fd)
             finally:
                 os.close(fd)
-            # Never over a queued message: no other writer can hold this id
-            # in tmp/ meanwhile (O_EXCL), so nothing comes between the check
-            # and the rename.
-            for suffix in (MESSAGE_SUFFIX, BODY_SUFFIX):
-                path = self._spool._path(QUEUE, self.queueId + suffix)
-                if os.path.lexists(path):
-                    raise FileExistsError(errno.EEXIST, "queue id in use", path)
             # Only now, all of it on disk, is the message named in queue/:
             # the commit point.
             os.rename(self._temporary, self._message)
