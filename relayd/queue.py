@@ -3,11 +3,18 @@ The durable spool: every accepted message lives here until it leaves the queue.
 
 Layout under the spool directory (all directories 0700, all files 0600)::
 
-    tmp/                 envelopes being written; emptied at start-up
-    queue/<id>.eml       the canonical CRLF body, immutable once committed
-                         (written here directly: a message only once its
-                         envelope is beside it)
-    queue/<id>.env       the envelope as compact JSON (Envelope.toJSON())
+    tmp/                 messages and updates being written; emptied at start-up
+    queue/<id>.msg       a message: the canonical CRLF body, then its envelope
+                         as compact JSON (Envelope.toJSON()), then a trailer
+                         of fixed size (TRAILER: tag and format version, the
+                         body's and the envelope's length, the envelope's
+                         CRC-32), so a reader finds the envelope from the end;
+                         never changed once committed
+    queue/<id>.upd       the envelope as updated after the commit (JSON),
+                         superseding the one in the message file
+    queue/<id>.eml       the older layout (before one file per message): the
+    queue/<id>.env       body, and the envelope; still recovered, delivered,
+                         updated and removed, never written for a new message
     quarantine/          committed entries that could not be read back
                          (``restore`` puts one back after a re-check)
 
@@ -17,20 +24,26 @@ belongs to someone else (``ownershipProblem``), and an entry the daemon is
 not allowed to read is an error naming the fix, left where it is, never
 quarantined: it is intact, only its owner is wrong.
 
-Two files per message, not one, because the envelope changes after every
-delivery attempt while the body never does: an update rewrites a few hundred
-bytes instead of the whole message, and a lost update can only repeat a
-delivery, never damage the body (bench/spool_format.py measures the cost).
+One file per message, because creating and unlinking a directory entry is
+most of what a message costs the file system: a commit is one file, one
+fsync and one rename, a delivered message one unlink. The envelope changes
+after delivery attempts while the body never does, so an update goes to an
+update file beside the message (a few hundred bytes, an atomic rename)
+instead of rewriting the message, and a lost update can only repeat a
+delivery, never damage the body (bench/spool_format.py measures the
+layouts).
 
-The envelope file's presence in ``queue/`` is the commit point: a body
-without an envelope is an unfinished write and is deleted at recovery. A
-commit is durable before it returns, so the server may answer 250
-afterwards: the body is written in ``queue/`` and the envelope in ``tmp/``,
-both are fsynced (two fsyncs at once, which one journal commit can cover),
-then the envelope is renamed into ``queue/``, then the directory is
-fsynced. Updates
-are atomic renames without fsync: a crash may bring back an older state and
-repeat a delivery, but never loses a message.
+A message file's presence in ``queue/`` is the commit point. A commit is
+durable before it returns, so the server may answer 250 afterwards: the
+body is written to ``tmp/<id>.msg`` as it arrives, the commit appends the
+envelope and the trailer, fsyncs the file, renames it into ``queue/``, then
+the directory is fsynced. Updates are atomic renames without fsync: a crash
+may bring back an older state and repeat a delivery, but never loses a
+message. A removal unlinks the message file first (the message is gone),
+then its update file if it has one; recovery deletes an update file without
+its message as routine. In the older layout the envelope was the commit
+point: an ``.env`` without its ``.eml`` is damage and quarantined, an
+``.eml`` without its ``.env`` an unfinished write, deleted.
 
 Commits that are ready at the same moment share one directory fsync
 (``DirectorySync``, group commit): each is still answered only after an
@@ -480,7 +493,7 @@ class _BodyReader(io.RawIOBase):
     def __init__(self, fd: int, length: int) -> None:
         self._fd = fd
         self._position = 0
-        self._length = length
+        self.length = length
 
     def readable(self) -> bool:
         return True
@@ -489,7 +502,7 @@ class _BodyReader(io.RawIOBase):
         return self._fd
 
     def readinto(self, buffer) -> int:
-        count = min(len(buffer), self._length - self._position)
+        count = min(len(buffer), self.length - self._position)
         if count <= 0:
             return 0
         with memoryview(buffer) as view:
@@ -1107,9 +1120,8 @@ class Spool:
     def bodySize(self, queueId: str) -> int:
         _checkId(queueId)
         with self.openBody(queueId) as body:
-            raw = body.raw
-            if isinstance(raw, _BodyReader):
-                return raw._length
+            if isinstance(body.raw, _BodyReader):
+                return body.raw.length
             return os.fstat(body.fileno()).st_size
 
     def ids(self) -> list[str]:

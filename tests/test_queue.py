@@ -1238,15 +1238,158 @@ def test_batches_run_side_by_side_up_to_their_jobs():
 
 
 def test_removing_the_envelope_takes_the_message_out_and_leaves_the_body_to_recovery(tmp_path):
+    """The older layout: its envelope is the commit point, the body goes afterwards (or at recovery)."""
     spool = Spool(str(tmp_path))
     spool.recover()
     queueId = newQueueId()
-    writer = spool.begin(queueId)
-    writer.write(b"Subject: x\r\n\r\nbody\r\n")
-    writer.commit(Envelope(queueId=queueId, sender="a@example.com",
-                           recipients=[Recipient("b@example.org")], arrival=time.time(), size=20))
-    spool.removeEnvelope(queueId)
+    storePair(spool, Envelope(queueId=queueId, sender="a@example.com",
+                              recipients=[Recipient("b@example.org")], arrival=time.time(), size=20))
+    assert spool.removeEnvelope(queueId) is True
     assert spool.ids() == []
+    assert (tmp_path / "queue" / (queueId + queue.BODY_SUFFIX)).exists()
     assert spool.recover() == []
     assert not (tmp_path / "queue" / (queueId + queue.BODY_SUFFIX)).exists()
     spool.removeBody(queueId)  # already gone: nothing to do
+
+
+# -- one file per message, and the older two-file layout beside it
+
+
+def test_an_update_file_supersedes_the_trailer_which_stays_as_committed(spool, tmp_path):
+    envelope = makeEnvelope()
+    store(spool, envelope)
+    path = tmp_path / "spool" / "queue" / (envelope.queueId + ".msg")
+    committed = path.read_bytes()
+    envelope.attempts, envelope.lastError = 1, "451 4.3.0 later"
+    spool.update(envelope)
+    assert path.read_bytes() == committed  # never rewritten: the body is not copied again
+    assert (path.parent / (envelope.queueId + ".upd")).read_bytes() == queue.encodeEnvelope(envelope)
+    assert spool.load(envelope.queueId).attempts == 1
+    assert Spool(str(tmp_path / "spool")).load(envelope.queueId) == envelope
+    assert Spool(str(tmp_path / "spool")).recover() == [envelope]
+    envelope.attempts = 2
+    spool.update(envelope)
+    assert Spool(str(tmp_path / "spool")).recover()[0].attempts == 2
+
+
+def test_the_body_reader_stops_where_the_envelope_begins(spool, tmp_path):
+    body = b"Subject: x\r\n\r\n" + b"0123456789\r\n" * 1000
+    envelope = makeEnvelope()
+    store(spool, envelope, body)
+    path = tmp_path / "spool" / "queue" / (envelope.queueId + ".msg")
+    assert path.stat().st_size > len(body)
+    assert spool.bodySize(envelope.queueId) == len(body)
+    with spool.openBody(envelope.queueId) as f:
+        pieces = []
+        while True:
+            piece = f.read(777)
+            if not piece:
+                break
+            pieces.append(piece)
+        assert b"".join(pieces) == body
+        assert f.read() == b"" and f.read(10) == b""
+    with spool.openBody(envelope.queueId) as f:
+        assert f.readline() == b"Subject: x\r\n"
+        assert f.read() == body[len(b"Subject: x\r\n"):]
+    buffer = bytearray(len(body) + 100)
+    with spool.openBody(envelope.queueId) as f:
+        assert f.readinto(buffer) == len(body)
+    with spool.openBody(envelope.queueId) as f:
+        assert list(f)[-1] == b"0123456789\r\n"
+    # What a delivery reads, a notice returns and relayctl shows: the body alone.
+    from relayd import bounce
+    assert bounce.readOriginal(lambda: spool.openBody(envelope.queueId), 10 ** 6) == (body, True)
+
+
+def test_an_empty_body_reads_as_empty(spool):
+    envelope = makeEnvelope()
+    store(spool, envelope, b"")
+    assert spool.bodySize(envelope.queueId) == 0
+    with spool.openBody(envelope.queueId) as f:
+        assert f.read() == b""
+    assert spool.recover() == [envelope]
+
+
+@pytest.mark.parametrize("damage, reason", [
+    (lambda content: content[:-1], "no trailer"),
+    (lambda content: content[:100], "no trailer"),
+    (lambda content: b"", "truncated (0 bytes, no trailer)"),
+    (lambda content: content[:1000] + content[-queue.TRAILER.size:], "truncated or damaged: its trailer describes"),
+    (lambda content: content[:-queue.TRAILER.size - 3] + b"XYZ" + content[-queue.TRAILER.size:],
+     "envelope is damaged (checksum mismatch)"),
+    (lambda content: content[:-queue.TRAILER.size] + queue.TRAILER.pack(
+        b"relayd\x00\x09", *queue.TRAILER.unpack(content[-queue.TRAILER.size:])[1:]),
+     "format version 9, this relayd reads 1"),
+])
+def test_a_message_file_with_a_damaged_trailer_is_quarantined(spool, tmp_path, logged, damage, reason):
+    good, bad = makeEnvelope(), makeEnvelope()
+    store(spool, good)
+    store(spool, bad)
+    bad.attempts = 1
+    spool.update(bad)  # a good update file does not save a damaged message file
+    path = tmp_path / "spool" / "queue" / (bad.queueId + ".msg")
+    path.write_bytes(damage(path.read_bytes()))
+
+    assert Spool(str(tmp_path / "spool")).recover() == [good]
+    assert listing(tmp_path / "spool")["quarantine"] == [bad.queueId + ".msg", bad.queueId + ".upd"]
+    [line] = [line for line in logged if line.startswith(f"{bad.queueId}: quarantined: ")]
+    assert reason in line
+    assert spool.quarantineFiles(bad.queueId) == [bad.queueId + ".msg", bad.queueId + ".upd"]
+
+
+def test_a_mixed_spool_is_recovered_updated_read_and_removed(tmp_path):
+    """
+    A spool an older relayd left (``.eml`` + ``.env``) beside new messages:
+    everything comes back, each is updated and read in its own layout, and
+    removal leaves nothing.
+    """
+    spool = Spool(str(tmp_path / "spool"))
+    spool.recover()
+    old, new = makeEnvelope(arrival=1_000.0), makeEnvelope(arrival=2_000.0)
+    storePair(spool, old, b"Subject: old\r\n\r\nold body\r\n")
+    store(spool, new, b"Subject: new\r\n\r\nnew body\r\n")
+
+    daemon = Spool(str(tmp_path / "spool"))
+    assert daemon.recover() == [old, new]
+    assert daemon.ids() == sorted([old.queueId, new.queueId])
+    for envelope in (old, new):
+        envelope.attempts = 3
+        daemon.update(envelope)
+    queueDir = tmp_path / "spool" / "queue"
+    assert sorted(os.listdir(queueDir)) == sorted(
+        [old.queueId + ".eml", old.queueId + ".env", new.queueId + ".msg", new.queueId + ".upd"])
+    assert [e.attempts for e in Spool(str(tmp_path / "spool")).recover()] == [3, 3]
+    with daemon.openBody(old.queueId) as f:
+        assert f.read() == b"Subject: old\r\n\r\nold body\r\n"
+    with daemon.openBody(new.queueId) as f:
+        assert f.read() == b"Subject: new\r\n\r\nnew body\r\n"
+    assert daemon.bodySize(old.queueId) == len(b"Subject: old\r\n\r\nold body\r\n")
+
+    assert daemon.removeEnvelope(old.queueId) is True  # its body is left for removeBody
+    assert daemon.removeEnvelope(new.queueId) is False  # gone whole
+    assert sorted(os.listdir(queueDir)) == [old.queueId + ".eml"]
+    daemon.removeBody(old.queueId)
+    assert os.listdir(queueDir) == []
+
+
+def test_a_message_file_beside_an_older_envelope_of_the_same_id_is_quarantined(spool, tmp_path, logged):
+    twin = makeEnvelope()
+    store(spool, twin)
+    (tmp_path / "spool" / "queue" / (twin.queueId + ".env")).write_bytes(queue.encodeEnvelope(twin))
+    assert spool.recover() == []
+    assert listing(tmp_path / "spool")["quarantine"] == [twin.queueId + ".env", twin.queueId + ".msg"]
+    assert any("both a message file and an older envelope" in line for line in logged)
+
+
+def test_a_writer_refuses_an_id_queued_in_either_layout(spool, tmp_path):
+    for layout in (store, storePair):
+        envelope = makeEnvelope()
+        layout(spool, envelope)
+        with pytest.raises(FileExistsError):
+            spool.begin(envelope.queueId)
+        writer = spool.receive(envelope.queueId)  # the file made lazily: refused at the commit
+        writer.write(b"x")
+        with pytest.raises(FileExistsError):
+            writer.commit(envelope)
+        assert listing(tmp_path / "spool")["tmp"] == []
+        assert spool.openBody(envelope.queueId).read() == BODY

@@ -247,7 +247,7 @@ def test_quarantine_list_show_and_restore_put_a_message_back_into_delivery(tmp_p
     daemon.waitForLog(rf"{qid}: to=<bob@remote\.test>.*status=deferred")
     assert daemon.terminate() == 0
 
-    envelopePath = daemon.spool / "queue" / f"{qid}.env"
+    envelopePath = daemon.spool / "queue" / f"{qid}.upd"  # written after the deferral
     good = envelopePath.read_bytes()
     envelopePath.write_bytes(b"{broken")
     before = daemon.logOffset()
@@ -260,13 +260,13 @@ def test_quarantine_list_show_and_restore_put_a_message_back_into_delivery(tmp_p
     assert "1 quarantined entry" in listing
     shown = ok(daemon, "quarantine", "show", qid)
     assert shown.startswith("Quarantine:   broken: envelope is not JSON"), shown
-    assert f"{qid}.env" in shown and f"{qid}.eml" in shown
+    assert f"{qid}.msg" in shown and f"{qid}.upd" in shown
     refused = relayctl(daemon, "quarantine", "restore", qid)
     assert refused.returncode == 1 and refused.stderr.startswith(
         f"relayctl: {qid}: not restored: envelope is not JSON"), refused
 
     # Repaired by hand: the check passes, the daemon takes it back and delivers it.
-    (daemon.spool / "quarantine" / f"{qid}.env").write_bytes(good)
+    (daemon.spool / "quarantine" / f"{qid}.upd").write_bytes(good)
     listing = ok(daemon, "quarantine", "list")
     assert re.match(rf"{qid}  .*  alice@client\.test  \(1 pending\)\n    restorable", listing), listing
     assert "Subject: quarantine" in ok(daemon, "quarantine", "show", qid, "--body")
