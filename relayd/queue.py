@@ -459,11 +459,11 @@ def encodeMessageEnd(bodyLength: int, envelope: bytes) -> bytes:
     return envelope + TRAILER.pack(TRAILER_TAG, bodyLength, len(envelope), zlib.crc32(envelope))
 
 
-def _readMessageEnd(fd: int) -> tuple[int, bytes]:
+def _readTrailer(fd: int) -> tuple[int, int, int]:
     """
-    ``(body length, encoded envelope)`` of the message file open as ``fd``,
-    found from its trailer; ValueError saying what is wrong (a quarantine
-    reason) when the trailer does not describe the file.
+    ``(body length, envelope length, envelope CRC-32)`` from the trailer of
+    the message file open as ``fd``; ValueError saying what is wrong (a
+    quarantine reason) when the trailer does not describe the file.
     """
     size = os.fstat(fd).st_size
     if size < TRAILER.size:
@@ -478,6 +478,12 @@ def _readMessageEnd(fd: int) -> tuple[int, bytes]:
     if bodyLength + envelopeLength + TRAILER.size != size:
         raise ValueError(f"message file is truncated or damaged: its trailer describes "
                          f"{bodyLength + envelopeLength + TRAILER.size} bytes, it has {size}")
+    return bodyLength, envelopeLength, checksum
+
+
+def _readMessageEnd(fd: int) -> tuple[int, bytes]:
+    """``(body length, encoded envelope)`` of the message file open as ``fd``; ValueError as ``_readTrailer``."""
+    bodyLength, envelopeLength, checksum = _readTrailer(fd)
     raw = os.pread(fd, envelopeLength, bodyLength)
     if len(raw) != envelopeLength or zlib.crc32(raw) != checksum:
         raise ValueError("message file's envelope is damaged (checksum mismatch)")
@@ -1110,7 +1116,7 @@ class Spool:
                 pass
             else:
                 try:
-                    length, _ = _readMessageEnd(fd)
+                    length, _, _ = _readTrailer(fd)
                 except BaseException:
                     os.close(fd)
                     raise
