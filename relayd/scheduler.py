@@ -100,8 +100,9 @@ WAITING_FOR_SLOT = "waiting for a free slot at its destination"
 
 
 # Thread jobs removing delivered messages at once (queue.ThreadBatches):
-# the envelopes' (each unlink waits for the disk, and parallel ones overlap
-# their waits), and the bodies' (off the delivery's path).
+# the message files' (each unlink waits for the disk, and parallel ones
+# overlap their waits), and the bodies' of messages in the older two-file
+# layout (off the delivery's path).
 REMOVAL_JOBS = 4
 BODY_REMOVAL_JOBS = 2
 
@@ -166,9 +167,9 @@ class Scheduler(service.Service):
         self.runInThread = runInThread or defer.maybeDeferred
         self.lanes = lanes or MessageLanes(self.runInThread)
         # Removals of delivered messages, many to a thread job under load:
-        # the message file (the message leaves the queue) while the attempt
-        # still holds its slot; for the older two-file layout, the envelope
-        # so, and the body afterwards, off that path.
+        # the message file (or an older message's envelope: the message
+        # leaves the queue) while the attempt still holds its slot; an older
+        # message's body afterwards, off that path.
         self._removals = ThreadBatches(self.runInThread, jobs=REMOVAL_JOBS)
         self._bodyRemovals = ThreadBatches(self.runInThread, jobs=BODY_REMOVAL_JOBS)
         self.envelopes: dict[str, Envelope] = {}
