@@ -860,8 +860,10 @@ class Spool:
         self.quarantined.append((queueId, reason))
         self._updated.discard(queueId)
         self._pairs.discard(queueId)
-        # Each layout's commit point first.
-        for suffix in (MESSAGE_SUFFIX, UPDATE_SUFFIX, ENVELOPE_SUFFIX, BODY_SUFFIX):
+        # Each layout's commit point last: cut short by a crash, the entry
+        # is still queued and quarantined again at the next start, where a
+        # file left without its commit point would be deleted as a leftover.
+        for suffix in (UPDATE_SUFFIX, BODY_SUFFIX, MESSAGE_SUFFIX, ENVELOPE_SUFFIX):
             source = self._path(QUEUE, queueId + suffix)
             if not os.path.lexists(source):
                 continue
@@ -983,11 +985,10 @@ class Spool:
     def writeEnvelope(self, queueId: str, raw: bytes) -> None:
         """``update`` with the envelope already encoded (``encodeEnvelope``): a snapshot taken earlier."""
         _checkId(queueId)
-        if queueId in self._pairs:
-            suffix = ENVELOPE_SUFFIX
-        elif os.path.exists(self._path(QUEUE, queueId + MESSAGE_SUFFIX)):
-            # Beside the message file, which stays as committed.
-            suffix = UPDATE_SUFFIX
+        # Only beside a message still queued: an update racing a removal
+        # must not leave an envelope behind.
+        if queueId not in self._pairs and os.path.exists(self._path(QUEUE, queueId + MESSAGE_SUFFIX)):
+            suffix = UPDATE_SUFFIX  # the message file stays as committed
         elif os.path.exists(self._path(QUEUE, queueId + ENVELOPE_SUFFIX)):
             self._pairs.add(queueId)
             suffix = ENVELOPE_SUFFIX

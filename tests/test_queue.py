@@ -1393,3 +1393,36 @@ def test_a_writer_refuses_an_id_queued_in_either_layout(spool, tmp_path):
             writer.commit(envelope)
         assert listing(tmp_path / "spool")["tmp"] == []
         assert spool.openBody(envelope.queueId).read() == BODY
+
+
+def test_an_update_between_an_older_messages_two_removals_is_refused(spool, tmp_path):
+    """Its envelope is gone, its body not yet: the update must not bring the envelope back."""
+    envelope = makeEnvelope()
+    storePair(spool, envelope)
+    assert spool.recover() == [envelope]
+    assert spool.removeEnvelope(envelope.queueId) is True
+    with pytest.raises(FileNotFoundError):
+        spool.update(envelope)
+    spool.removeBody(envelope.queueId)
+    assert listing(tmp_path / "spool") == {"tmp": [], "queue": [], "quarantine": []}
+
+
+@pytest.mark.parametrize("layout, expected", [
+    ("one file", [".upd", ".msg"]),
+    ("pair", [".eml", ".env"]),
+])
+def test_quarantine_moves_the_commit_point_last(spool, tmp_path, monkeypatch, layout, expected):
+    envelope = makeEnvelope()
+    if layout == "one file":
+        store(spool, envelope)
+        spool.update(envelope)
+        setStoredEnvelope(tmp_path / "spool" / "queue", envelope.queueId, b"{", "update")
+    else:
+        storePair(spool, envelope)
+        setStoredEnvelope(tmp_path / "spool" / "queue", envelope.queueId, b"{", "pair")
+    moved = []
+    realRename = os.rename
+    monkeypatch.setattr(os, "rename", lambda source, target: (
+        moved.append(os.path.basename(source)), realRename(source, target)))
+    assert spool.recover() == []
+    assert moved == [envelope.queueId + suffix for suffix in expected]
