@@ -403,14 +403,13 @@ class Scheduler(service.Service):
                 return self.spool.openBody(envelope.queueId)
 
         if envelope.dkim is None and self.signer is not None:
-            # Signed once; stored before the first byte goes out, so every
-            # attempt sends the same signature, whatever keys come later.
-            signed = await self.signer.sign(envelope, openBody)
-            if signed:
-                try:
-                    await self._writeEnvelope(envelope)
-                except OSError as e:
-                    maillog.queueFileFailed(envelope.queueId, "update", e.strerror or str(e))
+            # Signed once, kept in the envelope: an attempt that leaves the
+            # message queued writes it with the rest (_conclude, _handOver),
+            # so every retry sends the same signature, whatever keys come
+            # later. Not written before the first attempt: most messages
+            # leave at it, and their removal stays one unlink. A crash during
+            # that attempt signs again after the restart.
+            await self.signer.sign(envelope, openBody)
         openMessage = withSignature(envelope.dkim, openBody)
         size = envelope.size + len(envelope.dkim or "")
         for destination, addresses in groups.items():

@@ -65,6 +65,7 @@ class FakeSpool:
         self.removeBodyError = None  # raised by removeBody
         self.pairs = set()  # ids stored in the older two-file layout
         self.forgotten = []
+        self.stored = {}  # queue id -> the envelope as last written
 
     def openBody(self, queueId):
         return io.BytesIO(self.bodies.get(queueId, ORIGINAL))
@@ -76,6 +77,7 @@ class FakeSpool:
         if self.updateError is not None:
             raise self.updateError
         self.updated.append((envelope.queueId, envelope.nextAttempt, [r.state for r in envelope.recipients]))
+        self.stored[envelope.queueId] = envelope  # what a load would read back
         self.events.append(("update", envelope.queueId))
 
     def writeEnvelope(self, queueId, raw):
