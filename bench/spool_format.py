@@ -1,18 +1,27 @@
 """
-Two files or one per queued message? Measure it on the disk the spool lives on.
+One file or two per queued message? Measure it on the disk the spool lives on.
 
-Compares relayd's layout (relayd.queue: ``<id>.eml`` body + ``<id>.env``
-JSON envelope) with a one-file layout (an envelope header line followed by
-the body, the whole file rewritten on each state update) for:
+Compares three layouts:
+
+- relayd's (relayd.queue itself): one ``<id>.msg`` file per message (body,
+  envelope, trailer), updates in an ``<id>.upd`` file beside it;
+- the two-file layout relayd used before (``<id>.eml`` body written in
+  queue/ + ``<id>.env`` JSON envelope renamed in from tmp/, both fsynced
+  at once), which a spool may still hold;
+- one file rewritten on each update (a JSON header line followed by the
+  body: every update copies the body).
+
+for:
 
 - commit, durable as before a 250 reply (fsync data, rename, fsync directory);
 - a state update after a delivery attempt (atomic rename, no fsync, as
-  relayd does; plus the one-file update with fsync, which that layout needs
-  to be sure a crash cannot take the body with it).
+  relayd does; plus the rewriting layout's update with fsync, which it
+  needs to be sure a crash cannot take the body with it);
+- the removal of a delivered message (every unlink it takes).
 
-Prints per-operation medians in milliseconds and the one-file / two-file
-ratio (> 1: two files are faster). Standalone, stdlib only apart from
-relayd itself; the default run takes well under a minute:
+Prints per-operation medians in milliseconds and each layout's ratio to
+relayd's (> 1: relayd's layout is faster). Standalone, stdlib only apart
+from relayd itself; the default run takes about a minute:
 
     .venv/bin/python bench/spool_format.py [--directory /var/spool] [--seconds 2]
 """
@@ -28,6 +37,7 @@ import statistics
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -60,8 +70,8 @@ def makeEnvelope(size: int) -> Envelope:
     )
 
 
-class TwoFiles:
-    """relayd.queue itself."""
+class Relayd:
+    """relayd.queue itself: one file per message, update files beside it."""
 
     def __init__(self, directory: str) -> None:
         self.spool = Spool(directory)
@@ -71,6 +81,7 @@ class TwoFiles:
         writer = self.spool.begin(envelope.queueId)
         for start in range(0, len(body), CHUNK):
             writer.write(body[start:start + CHUNK])
+            writer.writeOut(writer.takeBuffered())
         writer.commit(envelope)
 
     def update(self, envelope: Envelope, fsync: bool) -> None:
@@ -80,12 +91,57 @@ class TwoFiles:
         self.spool.remove(queueId)
 
 
-class OneFile:
+class TwoFiles:
+    """
+    relayd's older layout: the body written straight into ``queue/<id>.eml``,
+    the envelope into ``tmp/<id>.env``, both fsynced at once (two threads),
+    the envelope renamed into queue/, the directory fsynced. Updates replace
+    the envelope; a removal unlinks the envelope, then the body.
+    """
+
+    def __init__(self, directory: str) -> None:
+        self.tmp = os.path.join(directory, "tmp")
+        self.queue = os.path.join(directory, "queue")
+        os.makedirs(self.tmp, 0o700, exist_ok=True)
+        os.makedirs(self.queue, 0o700, exist_ok=True)
+        self.fsyncs = ThreadPoolExecutor(max_workers=1)
+
+    def commit(self, envelope: Envelope, body: bytes) -> None:
+        bodyFd = os.open(os.path.join(self.queue, envelope.queueId + ".eml"),
+                         os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        temporary = os.path.join(self.tmp, envelope.queueId + ".env")
+        try:
+            for start in range(0, len(body), CHUNK):
+                os.write(bodyFd, body[start:start + CHUNK])
+            envelopeFd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            try:
+                os.write(envelopeFd, json.dumps(envelope.toJSON(), separators=(",", ":")).encode("ascii"))
+                bodySynced = self.fsyncs.submit(os.fsync, bodyFd)
+                os.fsync(envelopeFd)
+                bodySynced.result()
+            finally:
+                os.close(envelopeFd)
+        finally:
+            os.close(bodyFd)
+        os.rename(temporary, os.path.join(self.queue, envelope.queueId + ".env"))
+        fsyncDirectory(self.queue)
+
+    def update(self, envelope: Envelope, fsync: bool) -> None:
+        temporary = os.path.join(self.tmp, f"{envelope.queueId}.env.{os.urandom(4).hex()}")
+        with open(temporary, "wb") as f:
+            f.write(json.dumps(envelope.toJSON(), separators=(",", ":")).encode("ascii"))
+        os.replace(temporary, os.path.join(self.queue, envelope.queueId + ".env"))
+
+    def remove(self, queueId: str) -> None:
+        os.unlink(os.path.join(self.queue, queueId + ".env"))
+        os.unlink(os.path.join(self.queue, queueId + ".eml"))
+
+
+class Rewritten:
     """
     ``queue/<id>``: one JSON header line, then the body. Every update copies
     the body into a new file and renames it over the old one.
     """
-
     def __init__(self, directory: str) -> None:
         self.tmp = os.path.join(directory, "tmp")
         self.queue = os.path.join(directory, "queue")
@@ -135,26 +191,26 @@ def fsyncDirectory(path: str) -> None:
         os.close(fd)
 
 
-def measurePair(first, second, seconds: float, minimum: int, maximum: int) -> tuple[float, float]:
+def measureEach(operations, seconds: float, minimum: int, maximum: int) -> list[float]:
     """
-    Median duration in ms of ``first()`` and ``second()``, run alternately
-    (so neither profits from running later, on a warmer cache or a quieter
-    disk) after one discarded warm-up each; at least ``minimum`` runs each,
-    more while ``seconds`` allows.
+    Median duration in ms of each of ``operations``, run in turn (so none
+    profits from running later, on a warmer cache or a quieter disk) after
+    one discarded warm-up each; at least ``minimum`` runs each, more while
+    ``seconds`` allows.
     """
-    first()
-    second()
-    samples: tuple[list[float], list[float]] = ([], [])
+    for operation in operations:
+        operation()
+    samples: list[list[float]] = [[] for _ in operations]
     deadline = time.perf_counter() + seconds
     while len(samples[0]) < maximum and (len(samples[0]) < minimum or time.perf_counter() < deadline):
-        for operation, found in ((first, samples[0]), (second, samples[1])):
+        for operation, found in zip(operations, samples):
             start = time.perf_counter()
             operation()
             found.append(time.perf_counter() - start)
-    return statistics.median(samples[0]) * 1000, statistics.median(samples[1]) * 1000
+    return [statistics.median(found) * 1000 for found in samples]
 
 
-def benchCommit(two, one, body: bytes, args) -> tuple[float, float]:
+def benchCommit(layouts, body: bytes, args) -> list[float]:
     committed = []
 
     def committing(layout):
@@ -168,16 +224,17 @@ def benchCommit(two, one, body: bytes, args) -> tuple[float, float]:
         return once
 
     try:
-        return measurePair(committing(two), committing(one), args.seconds, args.min_repeat, args.max_repeat)
+        return measureEach([committing(layout) for layout in layouts],
+                           args.seconds, args.min_repeat, args.max_repeat)
     finally:
         for layout, queueId in committed:
             layout.remove(queueId)
 
 
-def benchUpdate(two, one, body: bytes, fsyncOneFile: bool, args) -> tuple[float, float]:
+def benchUpdate(layouts, body: bytes, fsyncRewritten: bool, args) -> list[float]:
     envelopes = []
 
-    def updating(layout, fsync):
+    def updating(layout):
         envelope = makeEnvelope(len(body))
         layout.commit(envelope, body)
         envelopes.append((layout, envelope))
@@ -188,15 +245,30 @@ def benchUpdate(two, one, body: bytes, fsyncOneFile: bool, args) -> tuple[float,
             envelope.recipients[envelope.attempts % 3].state = "sent"
             envelope.lastError = f"451 4.3.0 try {envelope.attempts}"
             envelope.nextAttempt = time.time() + 300
-            layout.update(envelope, fsync)
+            layout.update(envelope, fsyncRewritten)
         return once
 
     try:
-        return measurePair(updating(two, False), updating(one, fsyncOneFile),
+        return measureEach([updating(layout) for layout in layouts],
                            args.seconds, args.min_repeat, args.max_repeat)
     finally:
         for layout, envelope in envelopes:
             layout.remove(envelope.queueId)
+
+
+def benchRemove(layouts, body: bytes, args) -> list[float]:
+    """The removal of a delivered message, committed (untimed) just before."""
+    durations: list[list[float]] = [[] for _ in layouts]
+    deadline = time.perf_counter() + args.seconds
+    while len(durations[0]) < args.max_repeat and (
+            len(durations[0]) < args.min_repeat or time.perf_counter() < deadline):
+        for layout, found in zip(layouts, durations):
+            envelope = makeEnvelope(len(body))
+            layout.commit(envelope, body)
+            start = time.perf_counter()
+            layout.remove(envelope.queueId)
+            found.append(time.perf_counter() - start)
+    return [statistics.median(found) * 1000 for found in durations]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -211,24 +283,28 @@ def main(argv: list[str] | None = None) -> int:
 
     scratch = tempfile.mkdtemp(prefix="relayd-bench-", dir=args.directory)
     try:
-        two = TwoFiles(os.path.join(scratch, "two"))
-        one = OneFile(os.path.join(scratch, "one"))
+        layouts = [Relayd(os.path.join(scratch, "relayd")), TwoFiles(os.path.join(scratch, "two")),
+                   Rewritten(os.path.join(scratch, "rewritten"))]
         rows = []
         for label, size in SIZES:
             body = makeBody(size)
-            rows.append((label, "commit (fsync)", *benchCommit(two, one, body, args)))
-            rows.append((label, "update (no fsync)", *benchUpdate(two, one, body, False, args)))
-            rows.append((label, "update (one-file fsynced)", *benchUpdate(two, one, body, True, args)))
+            rows.append((label, "commit (fsync)", *benchCommit(layouts, body, args)))
+            rows.append((label, "update (no fsync)", *benchUpdate(layouts, body, False, args)))
+            rows.append((label, "update (rewrite fsynced)", *benchUpdate(layouts, body, True, args)))
+            rows.append((label, "remove", *benchRemove(layouts, body, args)))
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
 
     print(f"spool format benchmark in {args.directory} (medians, ms per operation)")
-    header = f"{'size':>7}  {'operation':<26} {'two files':>10} {'one file':>10} {'one/two':>8}"
+    header = (f"{'size':>7}  {'operation':<26} {'relayd':>9} {'two files':>10} {'rewritten':>10}"
+              f" {'two/relayd':>11} {'rewr/relayd':>12}")
     print(header)
     print("-" * len(header))
-    for label, operation, twoMs, oneMs in rows:
-        print(f"{label:>7}  {operation:<26} {twoMs:>10.3f} {oneMs:>10.3f} {oneMs / twoMs:>8.2f}")
-    print("one/two > 1: the two-file layout (relayd's) is faster for that operation.")
+    for label, operation, relaydMs, twoMs, rewrittenMs in rows:
+        print(f"{label:>7}  {operation:<26} {relaydMs:>9.3f} {twoMs:>10.3f} {rewrittenMs:>10.3f}"
+              f" {twoMs / relaydMs:>11.2f} {rewrittenMs / relaydMs:>12.2f}")
+    print("relayd: one file per message plus update files (relayd.queue); two files: the older "
+          "layout; rewritten: one file rewritten on each update. A ratio > 1: relayd's is faster.")
     return 0
 
 

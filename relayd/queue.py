@@ -3,11 +3,18 @@ The durable spool: every accepted message lives here until it leaves the queue.
 
 Layout under the spool directory (all directories 0700, all files 0600)::
 
-    tmp/                 envelopes being written; emptied at start-up
-    queue/<id>.eml       the canonical CRLF body, immutable once committed
-                         (written here directly: a message only once its
-                         envelope is beside it)
-    queue/<id>.env       the envelope as compact JSON (Envelope.toJSON())
+    tmp/                 messages and updates being written; emptied at start-up
+    queue/<id>.msg       a message: the canonical CRLF body, then its envelope
+                         as compact JSON (Envelope.toJSON()), then a trailer
+                         of fixed size (TRAILER: tag and format version, the
+                         body's and the envelope's length, the envelope's
+                         CRC-32), so a reader finds the envelope from the end;
+                         never changed once committed
+    queue/<id>.upd       the envelope as updated after the commit (JSON),
+                         superseding the one in the message file
+    queue/<id>.eml       the older layout (before one file per message): the
+    queue/<id>.env       body, and the envelope; still recovered, delivered,
+                         updated and removed, never written for a new message
     quarantine/          committed entries that could not be read back
                          (``restore`` puts one back after a re-check)
 
@@ -17,20 +24,26 @@ belongs to someone else (``ownershipProblem``), and an entry the daemon is
 not allowed to read is an error naming the fix, left where it is, never
 quarantined: it is intact, only its owner is wrong.
 
-Two files per message, not one, because the envelope changes after every
-delivery attempt while the body never does: an update rewrites a few hundred
-bytes instead of the whole message, and a lost update can only repeat a
-delivery, never damage the body (bench/spool_format.py measures the cost).
+One file per message, because creating and unlinking a directory entry is
+most of what a message costs the file system: a commit is one file, one
+fsync and one rename, a delivered message one unlink. The envelope changes
+after delivery attempts while the body never does, so an update goes to an
+update file beside the message (a few hundred bytes, an atomic rename)
+instead of rewriting the message, and a lost update can only repeat a
+delivery, never damage the body (bench/spool_format.py measures the
+layouts).
 
-The envelope file's presence in ``queue/`` is the commit point: a body
-without an envelope is an unfinished write and is deleted at recovery. A
-commit is durable before it returns, so the server may answer 250
-afterwards: the body is written in ``queue/`` and the envelope in ``tmp/``,
-both are fsynced (two fsyncs at once, which one journal commit can cover),
-then the envelope is renamed into ``queue/``, then the directory is
-fsynced. Updates
-are atomic renames without fsync: a crash may bring back an older state and
-repeat a delivery, but never loses a message.
+A message file's presence in ``queue/`` is the commit point. A commit is
+durable before it returns, so the server may answer 250 afterwards: the
+body is written to ``tmp/<id>.msg`` as it arrives, the commit appends the
+envelope and the trailer, fsyncs the file, renames it into ``queue/``, then
+the directory is fsynced. Updates are atomic renames without fsync: a crash
+may bring back an older state and repeat a delivery, but never loses a
+message. A removal unlinks the message file first (the message is gone),
+then its update file if it has one; recovery deletes an update file without
+its message as routine. In the older layout the envelope was the commit
+point: an ``.env`` without its ``.eml`` is damage and quarantined, an
+``.eml`` without its ``.env`` an unfinished write, deleted.
 
 Commits that are ready at the same moment share one directory fsync
 (``DirectorySync``, group commit): each is still answered only after an
@@ -50,14 +63,16 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import io
 import json
 import os
 import pwd
 import secrets
+import struct
 import threading
 import weakref
+import zlib
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from typing import BinaryIO
 
 from twisted.internet import defer
@@ -66,21 +81,29 @@ from twisted.python.failure import Failure
 from relayd import maillog
 from relayd.envelope import Envelope, isQueueId
 
+# A message: the body, its envelope and a trailer in one file (the layout
+# since 2026; see the module docstring).
+MESSAGE_SUFFIX = ".msg"
+# A message's envelope as updated after its commit; supersedes the trailer's.
+UPDATE_SUFFIX = ".upd"
+# The older layout, still read, delivered and removed: body and envelope
+# in two files.
 BODY_SUFFIX = ".eml"
 ENVELOPE_SUFFIX = ".env"
+
+# The last bytes of a message file: a tag (name and format version), the
+# body's length, the envelope's length and the envelope's CRC-32.
+TRAILER = struct.Struct(">8sQII")
+TRAILER_TAG = b"relayd\x00\x01"
 
 TMP = "tmp"
 QUEUE = "queue"
 QUARANTINE = "quarantine"
 
-# The daemon's spool threads: calls that may wait for the disk at once. A
-# commit holds its thread through two waits for the disk; with 4, commits
-# at 200 msg/s on a busy machine queued for a free thread longer than they
-# took to run.
+# The daemon's spool threads: calls that may wait for the disk at once.
+# With 4, commits at 200 msg/s on a busy machine queued for a free thread
+# longer than they took to run.
 SPOOL_THREADS = 8
-# Body fsyncs running beside their envelope's at most: one for each commit
-# the spool threads can run at once.
-FSYNC_THREADS = SPOOL_THREADS
 
 _DIRECTORY_MODE = 0o700
 _FILE_MODE = 0o600
@@ -431,11 +454,81 @@ def spoolProblems(directory: str) -> list[str]:
     return []
 
 
+def encodeMessageEnd(bodyLength: int, envelope: bytes) -> bytes:
+    """What follows a body of ``bodyLength`` bytes in its message file: the encoded envelope, then the trailer."""
+    return envelope + TRAILER.pack(TRAILER_TAG, bodyLength, len(envelope), zlib.crc32(envelope))
+
+
+def _readTrailer(fd: int) -> tuple[int, int, int]:
+    """
+    ``(body length, envelope length, envelope CRC-32)`` from the trailer of
+    the message file open as ``fd``; ValueError saying what is wrong (a
+    quarantine reason) when the trailer does not describe the file.
+    """
+    size = os.fstat(fd).st_size
+    if size < TRAILER.size:
+        raise ValueError(f"message file is truncated ({size} bytes, no trailer)")
+    tag, bodyLength, envelopeLength, checksum = TRAILER.unpack(
+        os.pread(fd, TRAILER.size, size - TRAILER.size))
+    if tag != TRAILER_TAG:
+        if tag[:-1] == TRAILER_TAG[:-1]:
+            raise ValueError(f"message file has format version {tag[-1]}, "
+                             f"this relayd reads {TRAILER_TAG[-1]}")
+        raise ValueError("message file has no trailer (truncated or damaged)")
+    if bodyLength + envelopeLength + TRAILER.size != size:
+        raise ValueError(f"message file is truncated or damaged: its trailer describes "
+                         f"{bodyLength + envelopeLength + TRAILER.size} bytes, it has {size}")
+    return bodyLength, envelopeLength, checksum
+
+
+def _readMessageEnd(fd: int) -> tuple[int, bytes]:
+    """``(body length, encoded envelope)`` of the message file open as ``fd``; ValueError as ``_readTrailer``."""
+    bodyLength, envelopeLength, checksum = _readTrailer(fd)
+    raw = os.pread(fd, envelopeLength, bodyLength)
+    if len(raw) != envelopeLength or zlib.crc32(raw) != checksum:
+        raise ValueError("message file's envelope is damaged (checksum mismatch)")
+    return bodyLength, raw
+
+
+_READ_FLAGS = os.O_RDONLY | getattr(os, "O_CLOEXEC", 0)
+
+
+class _BodyReader(io.RawIOBase):
+    """The first ``length`` bytes of the file open as ``fd``: a message file's body. Owns ``fd``."""
+
+    def __init__(self, fd: int, length: int) -> None:
+        self._fd = fd
+        self._position = 0
+        self.length = length
+
+    def readable(self) -> bool:
+        return True
+
+    def fileno(self) -> int:
+        return self._fd
+
+    def readinto(self, buffer) -> int:
+        count = min(len(buffer), self.length - self._position)
+        if count <= 0:
+            return 0
+        with memoryview(buffer) as view:
+            read = os.preadv(self._fd, [view[:count]], self._position)
+        self._position += read
+        return read
+
+    def close(self) -> None:
+        if not self.closed:
+            try:
+                os.close(self._fd)
+            finally:
+                super().close()
+
+
 class SpoolWriter:
     """
-    One message being received: the body goes to ``queue/<id>.eml`` and
-    becomes part of the queue only through ``commit``, which puts its
-    envelope beside it.
+    One message being received: the body goes to ``tmp/<id>.msg`` and
+    becomes part of the queue only through ``commit``, which appends its
+    envelope and trailer and renames the file into ``queue/``.
 
     ``write`` only adds to a buffer in memory (``buffered`` bytes), so the
     reactor thread may call it; ``takeBuffered`` hands the buffer's bytes
@@ -455,10 +548,10 @@ class SpoolWriter:
         # from there instead of reading the file back.
         self.body: bytes | None = None
         self._wroteOut = False
+        self._written = 0  # body bytes in the file
         self._spool = spool
-        self._tmpEnvelope = spool._path(TMP, queueId + ENVELOPE_SUFFIX)
-        self._body = spool._path(QUEUE, queueId + BODY_SUFFIX)
-        self._envelope = spool._path(QUEUE, queueId + ENVELOPE_SUFFIX)
+        self._temporary = spool._path(TMP, queueId + MESSAGE_SUFFIX)
+        self._message = spool._path(QUEUE, queueId + MESSAGE_SUFFIX)
         # Paths this writer created and has to remove if it does not commit.
         self._created: list[str] = []
         self._error: OSError | None = None
@@ -466,17 +559,29 @@ class SpoolWriter:
         self._placedBody: bytes | None = None  # ``body`` once ``committed``
         self._fd: int | None = None
         if create:
-            self._file()
+            try:
+                self._file()
+            except BaseException:
+                self._finish()
+                raise
 
     def _file(self) -> int:
-        """The body file's descriptor, creating the file first if need be (blocking)."""
+        """
+        The message file's descriptor, creating the file first if need be
+        (blocking). FileExistsError if the id is in use: being received
+        (O_EXCL in tmp/) or queued.
+        """
         if self._fd is None:
             self._spool._prepareOnce()
-            # Straight under its final name: without its envelope a body is
-            # no message (recovery removes it), and O_EXCL refuses an id in
-            # use, as every queued message has its body in queue/.
-            self._fd = os.open(self._body, _CREATE_FLAGS, _FILE_MODE)
-            self._created.append(self._body)
+            self._fd = os.open(self._temporary, _CREATE_FLAGS, _FILE_MODE)
+            self._created.append(self._temporary)
+            # Never renamed over a queued message: as long as this file is
+            # in tmp/, no other writer can take the id (O_EXCL), so one
+            # queued under it now is the last that can be.
+            for suffix in (MESSAGE_SUFFIX, BODY_SUFFIX):
+                path = self._spool._path(QUEUE, self.queueId + suffix)
+                if os.path.lexists(path):
+                    raise FileExistsError(errno.EEXIST, "queue id in use", path)
         return self._fd
 
     def write(self, data: bytes) -> None:
@@ -495,12 +600,13 @@ class SpoolWriter:
         return buffer[0] if len(buffer) == 1 else b"".join(buffer)
 
     def writeOut(self, data: bytes) -> None:
-        """Write ``data`` (from ``takeBuffered``) to the body file; blocking."""
+        """Write ``data`` (from ``takeBuffered``) to the message file; blocking."""
         if self._error is not None or self._finished or not data:
             return
         self._wroteOut = True
         try:
             _writeAll(self._file(), data)
+            self._written += len(data)
         except OSError as e:
             self._error = e  # write() stops buffering; commit raises it
 
@@ -520,11 +626,12 @@ class SpoolWriter:
 
     def place(self, envelope: Envelope) -> None:
         """
-        ``commit`` up to the fsync of queue/ (blocking): both files are
-        fsynced and named in queue/, and the message is committed once an
-        fsync of queue/ that started afterwards has succeeded; then call
-        ``committed``, or ``abort`` (which removes them) if it failed. On
-        failure here nothing is left behind, as with ``commit``.
+        ``commit`` up to the fsync of queue/ (blocking): the message file,
+        complete and fsynced, is named in queue/, and the message is
+        committed once an fsync of queue/ that started afterwards has
+        succeeded; then call ``committed``, or ``abort`` (which removes it)
+        if it failed. On failure here nothing is left behind, as with
+        ``commit``.
         """
         if self._finished:
             raise ValueError(f"{self.queueId}: writer is already committed or aborted")
@@ -538,30 +645,17 @@ class SpoolWriter:
             self.writeOut(rest)
             if self._error is not None:
                 raise self._error
-            self._file()
-            bodyFd, self._fd = self._fd, None
+            fd = self._file()
+            self._fd = None
             try:
-                envelopeFd = os.open(self._tmpEnvelope, _CREATE_FLAGS, _FILE_MODE)
-                self._created.append(self._tmpEnvelope)
-                try:
-                    _writeAll(envelopeFd, encodeEnvelope(envelope))
-                    # Both files are written before either fsync starts, and
-                    # the two run at once: one journal commit can cover both,
-                    # where one after the other costs two.
-                    self._spool.fsyncTogether(bodyFd, envelopeFd)
-                finally:
-                    os.close(envelopeFd)
+                _writeAll(fd, encodeMessageEnd(self._written, encodeEnvelope(envelope)))
+                os.fsync(fd)
             finally:
-                os.close(bodyFd)
-
-            # Only now, both on disk, is the envelope named in queue/: the
-            # commit point.
-            os.rename(self._tmpEnvelope, self._envelope)
-            self._created.remove(self._tmpEnvelope)
-            # Envelope first: once it is gone the message is gone, whatever
-            # else a failing clean-up leaves.
-            self._created.insert(0, self._envelope)
-
+                os.close(fd)
+            # Only now, all of it on disk, is the message named in queue/:
+            # the commit point.
+            os.rename(self._temporary, self._message)
+            self._created = [self._message]
         except BaseException:
             self._finish()
             raise
@@ -613,10 +707,6 @@ class Spool:
         # ``deliver`` (the daemon's reactor.callFromThread) runs what
         # ``commitInLane`` does once it has ended.
         self.queueDirectorySync = DirectorySync(self._path(QUEUE), deliver)
-        # Where a commit fsyncs its body while it fsyncs the envelope itself
-        # (``fsyncTogether``); started at the first commit.
-        self._fsyncThreads: ThreadPoolExecutor | None = None
-        self._fsyncThreadsLock = threading.Lock()
         self._prepared = False
         self._lockFile = None
         # (queue id, reason) of every entry recover() moved to quarantine/,
@@ -624,25 +714,11 @@ class Spool:
         self.quarantined: list[tuple[str, str]] = []
         # Queue ids recover() was not allowed to read (left in queue/).
         self.unreadable: list[str] = []
-
-    def fsyncTogether(self, first: int, second: int) -> None:
-        """
-        fsync two files at the same time: ``first`` in one of the spool's
-        fsync threads, ``second`` in the calling thread. Returns once both
-        have succeeded; raises the first's error if it failed, else the
-        second's.
-        """
-        with self._fsyncThreadsLock:
-            if self._fsyncThreads is None:
-                self._fsyncThreads = ThreadPoolExecutor(
-                    max_workers=FSYNC_THREADS, thread_name_prefix="relayd-fsync")
-        firstSynced = self._fsyncThreads.submit(os.fsync, first)
-        try:
-            os.fsync(second)
-        finally:
-            # Never return (and let the caller close ``first``) while its
-            # fsync may still be running.
-            firstSynced.result()
+        # Messages this Spool has seen with an update file (written or
+        # loaded), and messages in the older two-file layout: what their
+        # removal has to unlink besides the message file.
+        self._updated: set[str] = set()
+        self._pairs: set[str] = set()
 
     def lock(self) -> None:
         """
@@ -693,46 +769,57 @@ class Spool:
         Bring the directory to a clean state after a stop or a crash and
         return the committed envelopes, oldest arrival first.
 
-        Unfinished writes (everything in ``tmp/``, a body without envelope)
-        are deleted; a committed entry that cannot be read back is moved to
-        ``quarantine/`` and logged. Files that are not ours are left alone.
-        Never raises for the contents of the queue.
+        Unfinished writes (everything in ``tmp/``, a body without envelope,
+        an update file left by a removal cut short) are deleted; a committed
+        entry that cannot be read back is moved to ``quarantine/`` and
+        logged. Files that are not ours are left alone. Never raises for
+        the contents of the queue.
         """
         self._prepare()
         self._emptyTmp()
 
-        bodies: set[str] = set()
-        envelopes: set[str] = set()
+        found: dict[str, set[str]] = {
+            suffix: set() for suffix in (MESSAGE_SUFFIX, UPDATE_SUFFIX, BODY_SUFFIX, ENVELOPE_SUFFIX)}
         for name in sorted(os.listdir(self._path(QUEUE))):
             stem, dot, suffix = name.rpartition(".")
-            if dot and isQueueId(stem) and "." + suffix == BODY_SUFFIX:
-                bodies.add(stem)
-            elif dot and isQueueId(stem) and "." + suffix == ENVELOPE_SUFFIX:
-                envelopes.add(stem)
+            if dot and isQueueId(stem) and "." + suffix in found:
+                found["." + suffix].add(stem)
             else:
                 maillog.queueWarning(
                     None, f"ignoring foreign file {self._path(QUEUE, name)}"
                 )
+        messages, updates = found[MESSAGE_SUFFIX], found[UPDATE_SUFFIX]
+        bodies, envelopes = found[BODY_SUFFIX], found[ENVELOPE_SUFFIX]
 
-        # Bodies are written straight into queue/: one without its envelope
-        # was still being received (or refused) when the daemon stopped, as
-        # routine as a file in tmp/, and goes as quietly.
-        for queueId in sorted(bodies - envelopes):
+        # Routine leftovers, removed as quietly as a file in tmp/: an update
+        # file whose message is gone (a removal unlinks the message first),
+        # and an older layout's body without envelope (written straight into
+        # queue/, still being received when the daemon stopped).
+        leftovers = [(queueId, UPDATE_SUFFIX, "update file") for queueId in updates - messages]
+        leftovers += [(queueId, BODY_SUFFIX, "message body")
+                      for queueId in bodies - envelopes - messages]
+        for queueId, suffix, what in sorted(leftovers):
             try:
-                os.unlink(self._path(QUEUE, queueId + BODY_SUFFIX))
+                os.unlink(self._path(QUEUE, queueId + suffix))
             except OSError as e:
                 maillog.queueWarning(
-                    queueId, f"cannot remove uncommitted message body: {e.strerror or e}"
+                    queueId, f"cannot remove uncommitted {what}: {e.strerror or e}"
                 )
 
         recovered = []
-        for queueId in sorted(envelopes):
-            if queueId not in bodies:
+        for queueId in sorted(messages | envelopes):
+            if queueId in messages and (queueId in envelopes or queueId in bodies):
+                self._quarantine(queueId, "both a message file and an older envelope or body")
+                continue
+            if queueId not in messages and queueId not in bodies:
                 self._quarantine(queueId, "message body is missing")
                 continue
             try:
-                envelope = self.load(queueId)
-                self.openBody(queueId).close()  # delivery must be able to read it too
+                if queueId in messages:
+                    envelope = self._loadMessage(queueId, updated=queueId in updates)
+                else:
+                    envelope = self._loadPair(queueId)
+                    self.openBody(queueId).close()  # delivery must be able to read it too
             except PermissionError as e:
                 self._unreadableEntry(queueId, e)
             except OSError as e:
@@ -759,7 +846,7 @@ class Spool:
     def _unreadableEntry(self, queueId: str, error: PermissionError) -> None:
         """An entry the daemon may not read: intact, so left in place, with the fix."""
         self.unreadable.append(queueId)
-        path = error.filename or self._path(QUEUE, queueId + ENVELOPE_SUFFIX)
+        path = error.filename or self._path(QUEUE, queueId)
         try:
             owner = f" (owned by {userName(os.stat(path).st_uid)})"
         except OSError:
@@ -768,10 +855,15 @@ class Spool:
                                     f"not queued, left in place: {permissionFix(self.directory)}")
 
     def _quarantine(self, queueId: str, reason: str) -> None:
-        """Move both files of an unreadable entry aside, keeping them for a human."""
+        """Move the files of an unreadable entry aside, keeping them for a human."""
         maillog.quarantined(queueId, reason)
         self.quarantined.append((queueId, reason))
-        for suffix in (ENVELOPE_SUFFIX, BODY_SUFFIX):
+        self._updated.discard(queueId)
+        self._pairs.discard(queueId)
+        # Each layout's commit point last: cut short by a crash, the entry
+        # is still queued and quarantined again at the next start, where a
+        # file left without its commit point would be deleted as a leftover.
+        for suffix in (UPDATE_SUFFIX, BODY_SUFFIX, MESSAGE_SUFFIX, ENVELOPE_SUFFIX):
             source = self._path(QUEUE, queueId + suffix)
             if not os.path.lexists(source):
                 continue
@@ -811,32 +903,47 @@ class Spool:
         PermissionError if this user may not read it.
         """
         _checkId(queueId)
-        envelopePath = self._path(QUARANTINE, queueId + ENVELOPE_SUFFIX)
-        bodyPath = self._path(QUARANTINE, queueId + BODY_SUFFIX)
-        if not os.path.lexists(envelopePath) and not os.path.lexists(bodyPath):
-            raise FileNotFoundError(errno.ENOENT, "not in quarantine", envelopePath)
-        if not os.path.lexists(envelopePath):
+        paths = {suffix: self._path(QUARANTINE, queueId + suffix)
+                 for suffix in (MESSAGE_SUFFIX, UPDATE_SUFFIX, ENVELOPE_SUFFIX, BODY_SUFFIX)}
+        present = {suffix for suffix, path in paths.items() if os.path.lexists(path)}
+        if not present:
+            raise FileNotFoundError(errno.ENOENT, "not in quarantine", paths[MESSAGE_SUFFIX])
+        if MESSAGE_SUFFIX in present:
+            if present & {ENVELOPE_SUFFIX, BODY_SUFFIX}:
+                raise ValueError("both a message file and an older envelope or body")
+            return self._loadMessage(queueId, UPDATE_SUFFIX in present, QUARANTINE)
+        if UPDATE_SUFFIX in present:
+            raise ValueError("the message file is missing")
+        if ENVELOPE_SUFFIX not in present:
             raise ValueError("the envelope is missing")
-        if not os.path.lexists(bodyPath):
+        if BODY_SUFFIX not in present:
             raise ValueError("the message body is missing")
-        with open(envelopePath, "rb") as f:
+        with open(paths[ENVELOPE_SUFFIX], "rb") as f:
             envelope = _parseEnvelope(queueId, f.read())
-        open(bodyPath, "rb").close()
+        open(paths[BODY_SUFFIX], "rb").close()
         return envelope
 
     def restore(self, queueId: str) -> Envelope:
         """
         Put a quarantined entry back into the queue after checking it again
         (the errors of ``examineQuarantined``; FileExistsError if the id is
-        queued). Body first, then the envelope, the commit point, durably.
+        queued). The commit point (the message file, or the older layout's
+        envelope) last, durably.
         """
         envelope = self.examineQuarantined(queueId)
-        for suffix in (ENVELOPE_SUFFIX, BODY_SUFFIX):
+        for suffix in (MESSAGE_SUFFIX, UPDATE_SUFFIX, ENVELOPE_SUFFIX, BODY_SUFFIX):
             path = self._path(QUEUE, queueId + suffix)
             if os.path.lexists(path):
                 raise FileExistsError(errno.EEXIST, "already in the queue", path)
-        for suffix in (BODY_SUFFIX, ENVELOPE_SUFFIX):
-            os.rename(self._path(QUARANTINE, queueId + suffix), self._path(QUEUE, queueId + suffix))
+        for suffix in (UPDATE_SUFFIX, BODY_SUFFIX, MESSAGE_SUFFIX, ENVELOPE_SUFFIX):
+            source = self._path(QUARANTINE, queueId + suffix)
+            if not os.path.lexists(source):
+                continue
+            os.rename(source, self._path(QUEUE, queueId + suffix))
+            if suffix == UPDATE_SUFFIX:
+                self._updated.add(queueId)
+            elif suffix == BODY_SUFFIX:
+                self._pairs.add(queueId)
         _fsyncDirectory(self._path(QUEUE))
         _fsyncDirectory(self._path(QUARANTINE))
         return envelope
@@ -878,16 +985,26 @@ class Spool:
     def writeEnvelope(self, queueId: str, raw: bytes) -> None:
         """``update`` with the envelope already encoded (``encodeEnvelope``): a snapshot taken earlier."""
         _checkId(queueId)
-        target = self._path(QUEUE, queueId + ENVELOPE_SUFFIX)
-        if not os.path.exists(target):
-            raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), target)
-        temporary = self._path(TMP, f"{queueId}{ENVELOPE_SUFFIX}.{secrets.token_hex(4)}")
+        # Only beside a message still queued: an update racing a removal
+        # must not leave an envelope behind.
+        if queueId not in self._pairs and os.path.exists(self._path(QUEUE, queueId + MESSAGE_SUFFIX)):
+            suffix = UPDATE_SUFFIX  # the message file stays as committed
+        elif os.path.exists(self._path(QUEUE, queueId + ENVELOPE_SUFFIX)):
+            self._pairs.add(queueId)
+            suffix = ENVELOPE_SUFFIX
+        else:
+            path = self._path(QUEUE, queueId + MESSAGE_SUFFIX)
+            raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), path)
+        target = self._path(QUEUE, queueId + suffix)
+        temporary = self._path(TMP, f"{queueId}{suffix}.{secrets.token_hex(4)}")
         fd = os.open(temporary, _CREATE_FLAGS, _FILE_MODE)
         try:
             try:
                 _writeAll(fd, raw)
             finally:
                 os.close(fd)
+            if suffix == UPDATE_SUFFIX:
+                self._updated.add(queueId)  # before it may exist: a removal then unlinks it
             os.replace(temporary, target)
         except BaseException:
             try:
@@ -897,49 +1014,131 @@ class Spool:
             raise
 
     def remove(self, queueId: str) -> None:
-        """Take a message out of the queue: envelope first, so a crash half-way leaves no message."""
-        self.removeEnvelope(queueId)
-        self.removeBody(queueId)
+        """Take a message out of the queue: its commit point first, so a crash half-way leaves no message."""
+        if self.removeEnvelope(queueId):
+            self.removeBody(queueId)
 
-    def removeEnvelope(self, queueId: str) -> None:
+    def removeEnvelope(self, queueId: str) -> bool:
         """
-        ``remove``'s first half, the one that counts: once it returns the
-        message is out of the queue, and its body, until ``removeBody``,
-        is what recovery deletes as an unfinished write.
+        ``remove``'s step that counts: once it returns the message is out of
+        the queue. For a message file that is all (with its update file, if
+        it has one). True for a message in the older layout: its body is
+        left, for ``removeBody`` (or recovery, which deletes it as an
+        unfinished write).
         """
         _checkId(queueId)
+        if queueId not in self._pairs:
+            try:
+                os.unlink(self._path(QUEUE, queueId + MESSAGE_SUFFIX))
+            except FileNotFoundError:
+                # Not a message file: the older layout, if anything.
+                if not os.path.lexists(self._path(QUEUE, queueId + BODY_SUFFIX)):
+                    _unlinkQuietly(self._path(QUEUE, queueId + ENVELOPE_SUFFIX))
+                    self._unlinkUpdate(queueId)
+                    return False
+                self._pairs.add(queueId)
+            else:
+                self._unlinkUpdate(queueId)
+                return False
         _unlinkQuietly(self._path(QUEUE, queueId + ENVELOPE_SUFFIX))
+        return True
+
+    def _unlinkUpdate(self, queueId: str) -> None:
+        if queueId in self._updated:
+            _unlinkQuietly(self._path(QUEUE, queueId + UPDATE_SUFFIX))
+            self._updated.discard(queueId)
+
+    def forget(self, queueId: str) -> None:
+        """What this Spool knows of a message another process removes in the end (memory only)."""
+        self._updated.discard(queueId)
+        self._pairs.discard(queueId)
 
     def removeBody(self, queueId: str) -> None:
-        """``remove``'s second half: only after ``removeEnvelope``."""
+        """The older layout's body: only after ``removeEnvelope`` returned True."""
         _checkId(queueId)
         _unlinkQuietly(self._path(QUEUE, queueId + BODY_SUFFIX))
+        self._pairs.discard(queueId)
 
     def load(self, queueId: str) -> Envelope:
         """The committed envelope; FileNotFoundError if absent, ValueError if unreadable."""
         _checkId(queueId)
+        if queueId not in self._pairs:
+            try:
+                return self._loadMessage(queueId)
+            except FileNotFoundError:
+                pass
+        return self._loadPair(queueId)
+
+    def _loadMessage(self, queueId: str, updated: bool | None = None, where: str = QUEUE) -> Envelope:
+        """
+        A message file's envelope: its update file's if there is one (None:
+        look for it), else its trailer's, which is checked in any case.
+        FileNotFoundError if there is no message file.
+        """
+        fd = os.open(self._path(where, queueId + MESSAGE_SUFFIX), _READ_FLAGS)
+        try:
+            _, raw = _readMessageEnd(fd)
+        finally:
+            os.close(fd)
+        if updated is not False:
+            try:
+                with open(self._path(where, queueId + UPDATE_SUFFIX), "rb") as f:
+                    raw = f.read()
+            except FileNotFoundError:
+                updated = False
+            else:
+                updated = True
+        envelope = _parseEnvelope(queueId, raw)
+        if where == QUEUE:
+            if updated:
+                self._updated.add(queueId)
+            else:
+                self._updated.discard(queueId)
+        return envelope
+
+    def _loadPair(self, queueId: str) -> Envelope:
+        """The older layout's envelope."""
         with open(self._path(QUEUE, queueId + ENVELOPE_SUFFIX), "rb") as f:
             raw = f.read()
-        return _parseEnvelope(queueId, raw)
+        envelope = _parseEnvelope(queueId, raw)
+        self._pairs.add(queueId)
+        return envelope
 
-    def openBody(self, queueId: str) -> BinaryIO:
-        """The canonical CRLF body (not dot-stuffed), opened for binary reading."""
+    def openBody(self, queueId: str, where: str = QUEUE) -> BinaryIO:
+        """
+        The canonical CRLF body (not dot-stuffed), opened for binary
+        reading: of a queued message, or of a quarantined one (``where``).
+        """
         _checkId(queueId)
-        return open(self._path(QUEUE, queueId + BODY_SUFFIX), "rb")
+        if queueId not in self._pairs:
+            try:
+                fd = os.open(self._path(where, queueId + MESSAGE_SUFFIX), _READ_FLAGS)
+            except FileNotFoundError:
+                pass
+            else:
+                try:
+                    length, _, _ = _readTrailer(fd)
+                except BaseException:
+                    os.close(fd)
+                    raise
+                return io.BufferedReader(_BodyReader(fd, length))
+        return open(self._path(where, queueId + BODY_SUFFIX), "rb")
 
     def bodySize(self, queueId: str) -> int:
         _checkId(queueId)
-        return os.stat(self._path(QUEUE, queueId + BODY_SUFFIX)).st_size
+        with self.openBody(queueId) as body:
+            if isinstance(body.raw, _BodyReader):
+                return body.raw.length
+            return os.fstat(body.fileno()).st_size
 
     def ids(self) -> list[str]:
-        """The committed queue ids (those with an envelope), sorted."""
-        found = []
+        """The committed queue ids (those with a message file or an envelope), sorted."""
+        found = set()
         for name in os.listdir(self._path(QUEUE)):
             stem, dot, suffix = name.rpartition(".")
-            if dot and "." + suffix == ENVELOPE_SUFFIX and isQueueId(stem):
-                found.append(stem)
-        found.sort()
-        return found
+            if dot and "." + suffix in (MESSAGE_SUFFIX, ENVELOPE_SUFFIX) and isQueueId(stem):
+                found.add(stem)
+        return sorted(found)
 
 
 class ThreadBatches:

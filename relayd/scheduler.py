@@ -24,7 +24,7 @@ which is committed to the spool, fsynced, *before* they are marked done: a
 crash in between sends the notice twice at worst, never not at all.
 
 A delivered message's attempt gives back its slot (and its connection
-goes on to the next message) before the envelope's removal has run;
+goes on to the next message) before its queue file's removal has run;
 attempts in flight plus such removals stay within twice
 ``delivery.concurrency``, the deliveries a crash can repeat.
 
@@ -106,8 +106,9 @@ WAITING_FOR_SLOT = "waiting for a free slot at its destination"
 
 
 # Thread jobs removing delivered messages at once (queue.ThreadBatches):
-# the envelopes' (each unlink waits for the disk, and parallel ones overlap
-# their waits), and the bodies' (off the delivery's path).
+# the message files' (each unlink waits for the disk, and parallel ones
+# overlap their waits), and the bodies' of messages in the older two-file
+# layout (off the delivery's path).
 REMOVAL_JOBS = 4
 BODY_REMOVAL_JOBS = 2
 
@@ -172,8 +173,9 @@ class Scheduler(service.Service):
         self.runInThread = runInThread or defer.maybeDeferred
         self.lanes = lanes or MessageLanes(self.runInThread)
         # Removals of delivered messages, many to a thread job under load:
-        # the envelope (the message leaves the queue) after the attempt
-        # gave back its slot (_letGo), the body afterwards.
+        # the message file (or an older message's envelope: the message
+        # leaves the queue) after the attempt gave back its slot (_letGo);
+        # an older message's body afterwards.
         self._removals = ThreadBatches(self.runInThread, jobs=REMOVAL_JOBS)
         self._bodyRemovals = ThreadBatches(self.runInThread, jobs=BODY_REMOVAL_JOBS)
         self.envelopes: dict[str, Envelope] = {}
@@ -185,7 +187,7 @@ class Scheduler(service.Service):
         # queue id -> (attempt Deferred, destinations it occupies)
         self._active: dict[str, tuple[defer.Deferred, tuple[Destination, ...]]] = {}
         # queue id -> attempt Deferred, for the delivered messages whose
-        # envelope removal is under way (_letGo): out of their slots, not
+        # removal is under way (_letGo): out of their slots, not
         # yet out of the queue.
         self._removing: dict[str, defer.Deferred] = {}
         self._perDestination: dict[Destination, int] = {}
@@ -280,7 +282,7 @@ class Scheduler(service.Service):
         """
         Whether a slot is free for one more attempt: at most
         ``delivery.concurrency`` in flight, and, with the delivered messages
-        whose envelope removal is still under way, at most twice that. A
+        whose removal is still under way, at most twice that. A
         crash repeats a delivery only for those two kinds of message.
         """
         limit = self.settings.delivery.concurrency
@@ -391,9 +393,13 @@ class Scheduler(service.Service):
             e = failure.value
             maillog.queueFileFailed(queueId, "update", getattr(e, "strerror", None) or str(e))
 
+        def handedOver(_) -> None:
+            self.spool.forget(queueId)  # the master removes it in the end
+            self.handOff.ended(queueId, True)
+
         d = self._writeEnvelope(envelope)
         d.addErrback(failed)
-        d.addBoth(lambda _: self.handOff.ended(queueId, True))
+        d.addBoth(handedOver)
 
     async def _attempt(self, envelope: Envelope, started: float, groups: dict[Destination, list[str]]):
         pending = envelope.pending()
@@ -416,14 +422,13 @@ class Scheduler(service.Service):
                 return self.spool.openBody(envelope.queueId)
 
         if envelope.dkim is None and self.signer is not None:
-            # Signed once; stored before the first byte goes out, so every
-            # attempt sends the same signature, whatever keys come later.
-            signed = await self.signer.sign(envelope, openBody)
-            if signed:
-                try:
-                    await self._writeEnvelope(envelope)
-                except OSError as e:
-                    maillog.queueFileFailed(envelope.queueId, "update", e.strerror or str(e))
+            # Signed once, kept in the envelope: an attempt that leaves the
+            # message queued writes it with the rest (_conclude, _handOver),
+            # so every retry sends the same signature, whatever keys come
+            # later. Not written before the first attempt: most messages
+            # leave at it, and their removal stays one unlink. A crash during
+            # that attempt signs again after the restart.
+            await self.signer.sign(envelope, openBody)
         openMessage = withSignature(envelope.dkim, openBody)
         size = envelope.size + len(envelope.dkim or "")
         for destination, addresses in groups.items():
@@ -484,7 +489,7 @@ class Scheduler(service.Service):
             try:
                 # Unlinking waits for the file system journal: in a thread,
                 # after the envelope writes still under way.
-                await self.lanes.runStep(
+                bodyLeft = await self.lanes.runStep(
                     queueId, lambda: self._removals.run(self.spool.removeEnvelope, queueId))
             except OSError as e:
                 # Still queued on disk: kept in memory too, and the removal is
@@ -504,8 +509,9 @@ class Scheduler(service.Service):
             maillog.removed(queueId)
             if self.handOff is not None:
                 self.handOff.ended(queueId, False)
-            self._bodyRemovals.run(self.spool.removeBody, queueId).addErrback(
-                self._bodyNotRemoved, queueId)
+            if bodyLeft:  # a message in the older two-file layout
+                self._bodyRemovals.run(self.spool.removeBody, queueId).addErrback(
+                    self._bodyNotRemoved, queueId)
             return
         envelope.nextAttempt = nextAttemptTime(
             now, envelope.arrival, envelope.attempts, queue.retry,
@@ -578,8 +584,8 @@ class Scheduler(service.Service):
 
     def _letGo(self, queueId: str) -> None:
         """
-        The message is delivered (or returned) and only its envelope's
-        removal is left: the attempt gives back its slots now, so the
+        The message is delivered (or returned) and only its removal from
+        the spool is left: the attempt gives back its slots now, so the
         connection it used carries the next message while the unlink waits
         for the disk. The message stays in the queue (and is reported as
         being removed) until the removal has run; ``_mayStart`` bounds how

@@ -368,8 +368,9 @@ def test_signed_once_before_the_first_attempt_and_kept_after_a_key_rotation(tmp_
     try:
         s = schedulerWith(loaded, spool, courier, clock, signer)
         s.add(envelope)
-        # stored before the attempt: an update precedes the attempt's own
-        assert spool.events[0] == ("update", envelope.queueId)
+        # the deferred attempt's update stores the signature it sent
+        assert spool.events == [("update", envelope.queueId)]
+        assert spool.stored[envelope.queueId].dkim == envelope.dkim
         first, size = courier.sent[0]
         assert first == envelope.dkim.encode() + MESSAGE and size == len(first)
         assert verifyAll(first, records(keys)) == [True, True]
@@ -395,6 +396,23 @@ def test_signed_once_before_the_first_attempt_and_kept_after_a_key_rotation(tmp_
         assert "s=n1;" in fresh.dkim and "s=r1;" not in fresh.dkim
     finally:
         stop()
+
+
+def test_a_message_delivered_at_its_first_attempt_is_signed_without_an_envelope_write(tmp_path):
+    # Its removal stays one unlink: no update file is written for the signature.
+    loaded = dkimConfig(tmp_path)
+    signer = dkim.Signer(loaded, inline)
+    clock = task.Clock()
+    spool, courier = FakeSpool(), BodyCourier(clock)
+    envelope = Envelope(queueId="0123456789ABCDEF", sender="alice@example.com",
+                        recipients=[Recipient("bob@remote.test")], arrival=0.0, size=len(MESSAGE))
+    spool.bodies[envelope.queueId] = MESSAGE
+    courier.script = [[250]]
+    schedulerWith(loaded, spool, courier, clock, signer).add(envelope)
+    sent, size = courier.sent[0]
+    assert sent == envelope.dkim.encode() + MESSAGE and size == len(sent)
+    assert verifyAll(sent, records(signer.keys)) == [True, True]
+    assert spool.events == [("remove", envelope.queueId)]
 
 
 def test_unsigned_mail_is_sent_as_it_is_and_the_refusal_is_logged(tmp_path):

@@ -7,6 +7,7 @@ import json
 import os
 import stat
 import time
+import zlib
 
 import pytest
 from twisted.logger import formatEvent, globalLogPublisher
@@ -37,6 +38,32 @@ def store(spool: Spool, envelope: Envelope, body: bytes = BODY) -> None:
     for start in range(0, len(body), 1000):
         writer.write(body[start:start + 1000])
     writer.commit(envelope)
+
+
+def storePair(spool: Spool, envelope: Envelope, body: bytes = BODY) -> None:
+    """A message as relayd queued it before one file per message: ``<id>.eml`` and ``<id>.env``."""
+    queueDir = os.path.join(spool.directory, "queue")
+    with open(os.path.join(queueDir, envelope.queueId + ".eml"), "wb") as f:
+        f.write(body)
+    with open(os.path.join(queueDir, envelope.queueId + ".env"), "wb") as f:
+        f.write(queue.encodeEnvelope(envelope))
+
+
+def setStoredEnvelope(queueDir, queueId: str, raw: bytes, where: str) -> None:
+    """
+    Store ``raw`` as the envelope of a queued message: in its message file's
+    trailer (the file rewritten around it, the trailer itself valid), in
+    its update file, or in the older layout's envelope file.
+    """
+    if where == "update":
+        (queueDir / (queueId + ".upd")).write_bytes(raw)
+    elif where == "pair":
+        (queueDir / (queueId + ".env")).write_bytes(raw)
+    else:
+        path = queueDir / (queueId + ".msg")
+        content = path.read_bytes()
+        _, bodyLength, _, _ = queue.TRAILER.unpack(content[-queue.TRAILER.size:])
+        path.write_bytes(content[:bodyLength] + queue.encodeMessageEnd(bodyLength, raw))
 
 
 def listing(directory) -> dict[str, list[str]]:
@@ -97,7 +124,7 @@ def test_permissions(tmp_path):
     for directory in (root, root / "tmp", root / "queue", root / "quarantine"):
         assert stat.S_IMODE(os.stat(directory).st_mode) == 0o700, directory
     names = os.listdir(root / "queue")
-    assert sorted(names) == sorted([envelope.queueId + ".eml", envelope.queueId + ".env"])
+    assert sorted(names) == sorted([envelope.queueId + ".msg", envelope.queueId + ".upd"])
     for name in names:
         assert stat.S_IMODE(os.stat(root / "queue" / name).st_mode) == 0o600, name
 
@@ -132,18 +159,18 @@ def test_uncommittedWriteRemovedAtRecovery(spool, tmp_path, logged):
     assert logged == []
 
 
-def test_a_body_is_written_under_its_final_name_and_the_envelope_alone_is_renamed(
+def test_a_message_is_written_in_tmp_and_renamed_into_the_queue_as_one_file(
         spool, tmp_path, monkeypatch):
     """
-    The body goes straight to queue/ (a rename fewer per message); it is no
-    message there until its envelope is renamed in beside it.
+    The body goes to tmp/<id>.msg; the commit appends the envelope and the
+    trailer and renames that one file into queue/: one rename per message.
     """
     envelope = makeEnvelope()
     writer = spool.begin(envelope.queueId)
     writer.write(BODY)
     writer.writeOut(writer.takeBuffered())
     assert listing(tmp_path / "spool") == {
-        "tmp": [], "queue": [envelope.queueId + ".eml"], "quarantine": []}
+        "tmp": [envelope.queueId + ".msg"], "queue": [], "quarantine": []}
     assert spool.ids() == []
     renamed = []
     realRename = os.rename
@@ -156,16 +183,24 @@ def test_a_body_is_written_under_its_final_name_and_the_envelope_alone_is_rename
     monkeypatch.setattr(os, "rename", rename)
     writer.commit(envelope)
     monkeypatch.undo()
-    env = envelope.queueId + ".env"
-    assert renamed == [(os.path.join("tmp", env), os.path.join("queue", env))]
+    msg = envelope.queueId + ".msg"
+    assert renamed == [(os.path.join("tmp", msg), os.path.join("queue", msg))]
+    assert listing(tmp_path / "spool") == {"tmp": [], "queue": [msg], "quarantine": []}
     assert spool.ids() == [envelope.queueId]
     with spool.openBody(envelope.queueId) as f:
         assert f.read() == BODY
+    # The file: the body, the envelope, then the trailer giving both lengths.
+    content = (tmp_path / "spool" / "queue" / msg).read_bytes()
+    encoded = queue.encodeEnvelope(envelope)
+    assert content == BODY + encoded + queue.TRAILER.pack(
+        queue.TRAILER_TAG, len(BODY), len(encoded), zlib.crc32(encoded))
 
 
 def test_leftoverTmpFilesRemoved(spool, tmp_path):
     tmp = tmp_path / "spool" / "tmp"
     (tmp / (newQueueId() + ".eml")).write_bytes(b"partial")
+    (tmp / (newQueueId() + ".msg")).write_bytes(b"partial")
+    (tmp / (newQueueId() + ".upd.1a2b3c4d")).write_bytes(b"{}")
     (tmp / (newQueueId() + ".env.1a2b3c4d")).write_bytes(b"{}")
     (tmp / "whatever").write_bytes(b"x")
     assert spool.recover() == []
@@ -174,9 +209,10 @@ def test_leftoverTmpFilesRemoved(spool, tmp_path):
 
 def test_bodyWithoutEnvelopeRemoved(spool, tmp_path, logged):
     """
-    A crash before a commit's rename: the body alone is not a message, and
-    every message being received when the daemon stopped leaves one, so
-    it goes without a warning.
+    The older layout wrote bodies straight into queue/: a crash before a
+    commit's rename left a body alone, which is not a message, and every
+    message being received when the daemon stopped leaves one, so it goes
+    without a warning.
     """
     committed = makeEnvelope()
     store(spool, committed)
@@ -184,9 +220,25 @@ def test_bodyWithoutEnvelopeRemoved(spool, tmp_path, logged):
     (tmp_path / "spool" / "queue" / (orphan + ".eml")).write_bytes(BODY)
 
     assert spool.recover() == [committed]
-    assert listing(tmp_path / "spool")["queue"] == sorted(
-        [committed.queueId + ".eml", committed.queueId + ".env"]
-    )
+    assert listing(tmp_path / "spool")["queue"] == [committed.queueId + ".msg"]
+    assert logged == []
+
+
+def test_an_update_file_without_its_message_is_removed_quietly(spool, tmp_path, logged):
+    """
+    A removal unlinks the message file, then its update file: a crash in
+    between leaves the update file alone, which recovery removes as
+    routine, where an older layout's envelope without body is quarantined.
+    """
+    kept, removed = makeEnvelope(), makeEnvelope()
+    store(spool, kept)
+    store(spool, removed)
+    removed.attempts = 1
+    spool.update(removed)
+    os.unlink(tmp_path / "spool" / "queue" / (removed.queueId + ".msg"))
+
+    assert Spool(str(tmp_path / "spool")).recover() == [kept]
+    assert listing(tmp_path / "spool") == {"tmp": [], "queue": [kept.queueId + ".msg"], "quarantine": []}
     assert logged == []
 
 
@@ -202,18 +254,18 @@ def test_bodyWithoutEnvelopeRemoved(spool, tmp_path, logged):
         (lambda env: b"[]", "envelope is not a JSON object"),
     ],
 )
-def test_corruptEnvelopeQuarantined(spool, tmp_path, logged, corrupt, reason):
+@pytest.mark.parametrize("where", ["trailer", "update", "pair"])
+def test_corruptEnvelopeQuarantined(spool, tmp_path, logged, corrupt, reason, where):
     good = makeEnvelope()
     store(spool, good)
     bad = makeEnvelope()
-    store(spool, bad)
-    (tmp_path / "spool" / "queue" / (bad.queueId + ".env")).write_bytes(corrupt(bad))
+    (storePair if where == "pair" else store)(spool, bad)
+    setStoredEnvelope(tmp_path / "spool" / "queue", bad.queueId, corrupt(bad), where)
 
     assert spool.recover() == [good]
-    assert listing(tmp_path / "spool")["quarantine"] == sorted(
-        [bad.queueId + ".eml", bad.queueId + ".env"]
-    )
-    assert bad.queueId + ".env" not in listing(tmp_path / "spool")["queue"]
+    files = {"trailer": [".msg"], "update": [".msg", ".upd"], "pair": [".eml", ".env"]}[where]
+    assert listing(tmp_path / "spool")["quarantine"] == [bad.queueId + suffix for suffix in files]
+    assert listing(tmp_path / "spool")["queue"] == [good.queueId + ".msg"]
     quarantined = [line for line in logged if line.startswith(f"{bad.queueId}: quarantined: ")]
     assert len(quarantined) == 1
     assert reason in quarantined[0]
@@ -279,14 +331,15 @@ def test_mistypedFieldQuarantinedWithReason(spool, tmp_path, logged, path, value
     naming the field, in one log line, and the rest of the queue loads.
     """
     test_corruptEnvelopeQuarantined(spool, tmp_path, logged, _withField(path, value),
-                                    f"quarantined: invalid envelope: {reason}")
+                                    f"quarantined: invalid envelope: {reason}", "trailer")
 
 
 def test_envelopeWithoutBodyQuarantined(spool, tmp_path, logged):
+    """The older layout: an envelope was committed beside its body, so one alone is damage."""
     good = makeEnvelope()
     store(spool, good)
     bad = makeEnvelope()
-    store(spool, bad)
+    storePair(spool, bad)
     os.unlink(tmp_path / "spool" / "queue" / (bad.queueId + ".eml"))
 
     assert spool.recover() == [good]
@@ -300,14 +353,16 @@ def test_quarantineKeepsEarlierEntry(spool, tmp_path):
     queueDir = tmp_path / "spool" / "queue"
     for content in (b"first", b"second"):
         store(spool, bad)
-        (queueDir / (bad.queueId + ".env")).write_bytes(content)
+        bad.attempts += 1
+        spool.update(bad)
+        (queueDir / (bad.queueId + ".upd")).write_bytes(content)
         assert spool.recover() == []
     quarantine = tmp_path / "spool" / "quarantine"
     assert sorted(os.listdir(quarantine)) == sorted(
-        [bad.queueId + ".eml", bad.queueId + ".env", bad.queueId + ".eml.1", bad.queueId + ".env.1"]
+        [bad.queueId + ".msg", bad.queueId + ".upd", bad.queueId + ".msg.1", bad.queueId + ".upd.1"]
     )
-    assert (quarantine / (bad.queueId + ".env")).read_bytes() == b"first"
-    assert (quarantine / (bad.queueId + ".env.1")).read_bytes() == b"second"
+    assert (quarantine / (bad.queueId + ".upd")).read_bytes() == b"first"
+    assert (quarantine / (bad.queueId + ".upd.1")).read_bytes() == b"second"
 
 
 def test_foreignFilesLeftAlone(spool, tmp_path, logged):
@@ -390,14 +445,38 @@ def test_remove(spool, tmp_path):
     assert Spool(str(tmp_path / "spool")).recover() == [kept]
 
 
-def test_removeDeletesEnvelopeFirst(spool, monkeypatch):
+@pytest.mark.parametrize("layout, updated, expected", [
+    ("one file", False, [".msg"]),  # the common case: one unlink
+    ("one file", True, [".msg", ".upd"]),
+    ("pair", False, [".env", ".eml"]),
+    ("pair", True, [".env", ".eml"]),
+])
+def test_removeDeletesTheCommitPointFirst(spool, tmp_path, monkeypatch, layout, updated, expected):
     envelope = makeEnvelope()
-    store(spool, envelope)
+    (store if layout == "one file" else storePair)(spool, envelope)
+    assert spool.recover() == [envelope]
+    if updated:
+        envelope.attempts = 1
+        spool.update(envelope)
     unlinked = []
     realUnlink = os.unlink
     monkeypatch.setattr(os, "unlink", lambda path: (unlinked.append(os.path.basename(path)), realUnlink(path)))
     spool.remove(envelope.queueId)
-    assert unlinked == [envelope.queueId + ".env", envelope.queueId + ".eml"]
+    assert unlinked == [envelope.queueId + suffix for suffix in expected]
+    monkeypatch.undo()
+    assert listing(tmp_path / "spool") == {"tmp": [], "queue": [], "quarantine": []}
+
+
+def test_an_update_file_written_by_another_process_is_removed_too(spool, tmp_path):
+    """The master removes what an intake worker updated: it learnt of the update file by loading it."""
+    envelope = makeEnvelope()
+    store(spool, envelope)
+    envelope.attempts = 1
+    spool.update(envelope)
+    master = Spool(str(tmp_path / "spool"))
+    assert master.load(envelope.queueId) == envelope
+    master.remove(envelope.queueId)
+    assert listing(tmp_path / "spool") == {"tmp": [], "queue": [], "quarantine": []}
 
 
 @pytest.mark.parametrize("failing", ["fsync", "write"])
@@ -504,7 +583,10 @@ def test_badIdsRefused(spool, bad):
 
 
 def test_commitFsyncsBodyEnvelopeAndDirectory(spool, tmp_path, monkeypatch):
-    """Durable before 250: the body, the envelope and the queue directory entry are each fsynced."""
+    """
+    Durable before 250: the message file (body and envelope, complete) is
+    fsynced once, then the queue directory entry.
+    """
     envelope = makeEnvelope()
     writer = spool.begin(envelope.queueId)
     writer.write(BODY)
@@ -521,12 +603,11 @@ def test_commitFsyncsBodyEnvelopeAndDirectory(spool, tmp_path, monkeypatch):
     writer.commit(envelope)
 
     root = tmp_path / "spool"
-    # Body and envelope at once (either may come first), then the directory.
-    assert sorted(synced[:2]) == [
-        (str(root / "queue" / (envelope.queueId + ".eml")), len(BODY)),
-        (str(root / "tmp" / (envelope.queueId + ".env")), len(json.dumps(envelope.toJSON(), separators=(",", ":")))),
+    encoded = json.dumps(envelope.toJSON(), separators=(",", ":"))
+    assert synced == [
+        (str(root / "tmp" / (envelope.queueId + ".msg")), len(BODY) + len(encoded) + queue.TRAILER.size),
+        (str(root / "queue"), None),
     ]
-    assert synced[2:] == [(str(root / "queue"), None)]
 
 
 def test_queue_directory_is_opened_once_for_its_fsyncs_and_again_after_a_failed_one(
@@ -563,11 +644,11 @@ def test_queue_directory_is_opened_once_for_its_fsyncs_and_again_after_a_failed_
     assert len(spool.ids()) == 4
 
 
-def test_commit_fsyncs_body_and_envelope_at_once_and_names_them_only_then(spool, tmp_path, monkeypatch):
+def test_commit_writes_the_whole_file_fsyncs_it_once_and_names_it_only_then(spool, tmp_path, monkeypatch):
     """
-    Both files are written before either fsync, the two fsyncs run at the
-    same time (one journal commit can cover both), nothing is renamed into
-    queue/ before both have ended, and queue/ is fsynced after the rename.
+    The envelope and trailer are written before the one fsync (no thread
+    beside it), nothing is renamed into queue/ before it has ended, and
+    queue/ is fsynced after the rename.
     """
     import threading
 
@@ -575,8 +656,7 @@ def test_commit_fsyncs_body_and_envelope_at_once_and_names_them_only_then(spool,
     writer = spool.begin(envelope.queueId)
     writer.write(BODY)
     events: list[tuple[str, str]] = []
-    # Each file fsync waits here for the other: one after the other never meet.
-    bothSyncing = threading.Barrier(2, timeout=10)
+    threads = set()
     real = {name: getattr(os, name) for name in ("write", "fsync", "rename")}
 
     def name(fd):
@@ -587,8 +667,8 @@ def test_commit_fsyncs_body_and_envelope_at_once_and_names_them_only_then(spool,
         return real["write"](fd, data)
 
     def fsync(fd):
+        threads.add(threading.get_ident())
         events.append(("fsync", name(fd)))
-        bothSyncing.wait()
         real["fsync"](fd)
         events.append(("synced", name(fd)))
 
@@ -602,24 +682,21 @@ def test_commit_fsyncs_body_and_envelope_at_once_and_names_them_only_then(spool,
     writer.commit(envelope)
     monkeypatch.undo()
 
-    body, env = envelope.queueId + ".eml", envelope.queueId + ".env"
-    position = {event: index for index, event in enumerate(events)}
-    firstFsync = min(position[("fsync", body)], position[("fsync", env)])
-    assert position[("write", body)] < firstFsync and position[("write", env)] < firstFsync
-    lastSynced = max(position[("synced", body)], position[("synced", env)])
-    assert events[lastSynced + 1:] == [("rename", env), ("fsync directory", "queue")]
+    msg = envelope.queueId + ".msg"
+    assert events == [("write", msg), ("write", msg), ("fsync", msg), ("synced", msg),
+                      ("rename", msg), ("fsync directory", "queue")]
+    assert threads == {threading.get_ident()}
     assert [e.queueId for e in Spool(str(tmp_path / "spool")).recover()] == [envelope.queueId]
 
 
-def test_a_failed_body_fsync_beside_the_envelope_fails_the_commit_and_leaves_nothing(spool, tmp_path, monkeypatch):
-    """The body's fsync runs in another thread: its error still reaches the committer."""
+def test_a_failed_fsync_fails_the_commit_and_leaves_nothing(spool, tmp_path, monkeypatch):
     envelope = makeEnvelope()
     writer = spool.begin(envelope.queueId)
     writer.write(BODY)
     realFsync = os.fsync
 
     def fsync(fd):
-        if os.readlink(f"/proc/self/fd/{fd}").endswith(".eml"):
+        if os.readlink(f"/proc/self/fd/{fd}").endswith(".msg"):
             raise OSError(errno.EIO, os.strerror(errno.EIO))
         realFsync(fd)
 
@@ -645,7 +722,7 @@ def test_updateDoesNotFsync(spool, monkeypatch):
 def test_loadRejectsCorruptEnvelope(spool, tmp_path):
     envelope = makeEnvelope()
     store(spool, envelope)
-    (tmp_path / "spool" / "queue" / (envelope.queueId + ".env")).write_bytes(b"{}")
+    setStoredEnvelope(tmp_path / "spool" / "queue", envelope.queueId, b"{}", "update")
     with pytest.raises(ValueError):
         spool.load(envelope.queueId)
 
@@ -665,29 +742,30 @@ def test_an_unreadable_entry_is_an_error_with_the_fix_and_stays_queued(spool, tm
     good, unreadable = makeEnvelope(), makeEnvelope()
     store(spool, good)
     store(spool, unreadable)
-    blocked = str(tmp_path / "spool" / "queue" / (unreadable.queueId + ".env"))
-    realOpen = open
+    blocked = str(tmp_path / "spool" / "queue" / (unreadable.queueId + ".msg"))
+    realOpen = os.open
 
     def openAsAnotherUser(path, *args, **kwargs):  # what 0600 root files give the relayd user
         if str(path) == blocked:
             raise PermissionError(errno.EACCES, "Permission denied", str(path))
         return realOpen(path, *args, **kwargs)
 
-    monkeypatch.setattr(queue, "open", openAsAnotherUser, raising=False)
+    monkeypatch.setattr(os, "open", openAsAnotherUser)
     assert spool.recover() == [good]
     assert spool.unreadable == [unreadable.queueId]
     assert spool.quarantined == []
     files = listing(tmp_path / "spool")
     assert files["quarantine"] == []
-    assert unreadable.queueId + ".env" in files["queue"] and unreadable.queueId + ".eml" in files["queue"]
+    assert unreadable.queueId + ".msg" in files["queue"]
     [line] = [l for l in logged if l.startswith(unreadable.queueId)]
     assert line.startswith(f"{unreadable.queueId}: error: cannot read {blocked}")
     assert "Permission denied" in line and f"chown -R " in line and str(tmp_path / "spool") in line
 
 
 def test_an_unreadable_body_is_found_at_start_up_too(spool, tmp_path, logged, monkeypatch):
+    """The older layout: the body is a file of its own, checked at recovery too."""
     entry = makeEnvelope()
-    store(spool, entry)
+    storePair(spool, entry)
     monkeypatch.setattr(spool, "openBody", lambda queueId: (_ for _ in ()).throw(
         PermissionError(errno.EACCES, "Permission denied", "the body")))
     assert spool.recover() == []
@@ -720,10 +798,18 @@ def test_a_root_daemon_may_use_roots_spool(tmp_path):
 # The quarantine, put back
 
 
-def test_a_repaired_quarantined_entry_is_restored_after_a_second_check(spool, tmp_path):
+@pytest.mark.parametrize("layout, envelopeFile, files", [
+    ("one file", ".upd", [".msg", ".upd"]),
+    ("pair", ".env", [".eml", ".env"]),
+])
+def test_a_repaired_quarantined_entry_is_restored_after_a_second_check(spool, tmp_path, layout, envelopeFile, files):
     entry = makeEnvelope()
-    store(spool, entry)
-    envelopePath = tmp_path / "spool" / "queue" / (entry.queueId + ".env")
+    if layout == "one file":
+        store(spool, entry)
+        spool.update(entry)
+    else:
+        storePair(spool, entry)
+    envelopePath = tmp_path / "spool" / "queue" / (entry.queueId + envelopeFile)
     good = envelopePath.read_bytes()
     envelopePath.write_bytes(b"{not json")
     assert spool.recover() == []
@@ -731,34 +817,52 @@ def test_a_repaired_quarantined_entry_is_restored_after_a_second_check(spool, tm
 
     with pytest.raises(ValueError, match="envelope is not JSON"):
         spool.restore(entry.queueId)
-    assert spool.quarantineFiles(entry.queueId) == [entry.queueId + ".eml", entry.queueId + ".env"]
+    assert spool.quarantineFiles(entry.queueId) == [entry.queueId + suffix for suffix in files]
 
-    (tmp_path / "spool" / "quarantine" / (entry.queueId + ".env")).write_bytes(good)
+    (tmp_path / "spool" / "quarantine" / (entry.queueId + envelopeFile)).write_bytes(good)
     assert spool.examineQuarantined(entry.queueId) == entry
     assert spool.restore(entry.queueId) == entry
     assert spool.quarantinedIds() == []
+    assert sorted(os.listdir(tmp_path / "spool" / "queue")) == [entry.queueId + suffix for suffix in files]
     assert spool.load(entry.queueId) == entry
     assert spool.openBody(entry.queueId).read() == BODY
     with pytest.raises(FileNotFoundError):
         spool.restore(entry.queueId)
+    spool.remove(entry.queueId)
+    assert listing(tmp_path / "spool") == {"tmp": [], "queue": [], "quarantine": []}
+
+
+def test_a_quarantined_message_file_with_a_damaged_trailer_is_not_restored(spool, tmp_path):
+    entry = makeEnvelope()
+    store(spool, entry)
+    path = tmp_path / "spool" / "queue" / (entry.queueId + ".msg")
+    whole = path.read_bytes()
+    path.write_bytes(whole[:-1])
+    assert spool.recover() == []
+    with pytest.raises(ValueError, match="no trailer"):
+        spool.restore(entry.queueId)
+    (tmp_path / "spool" / "quarantine" / (entry.queueId + ".msg")).write_bytes(whole)
+    assert spool.restore(entry.queueId) == entry
+    assert spool.openBody(entry.queueId).read() == BODY
 
 
 def test_restore_refuses_an_entry_without_body_or_an_id_in_the_queue(spool, tmp_path):
     entry = makeEnvelope()
-    store(spool, entry)
+    storePair(spool, entry)
     os.unlink(tmp_path / "spool" / "queue" / (entry.queueId + ".eml"))
     spool.recover()
     with pytest.raises(ValueError, match="message body is missing"):
         spool.restore(entry.queueId)
 
-    twin = makeEnvelope()
-    store(spool, twin)
-    quarantine = tmp_path / "spool" / "quarantine"
-    for suffix in (".env", ".eml"):
-        (quarantine / (twin.queueId + suffix)).write_bytes(
-            (tmp_path / "spool" / "queue" / (twin.queueId + suffix)).read_bytes())
-    with pytest.raises(FileExistsError):
-        spool.restore(twin.queueId)
+    for layout, suffixes in ((store, (".msg",)), (storePair, (".env", ".eml"))):
+        twin = makeEnvelope()
+        layout(spool, twin)
+        quarantine = tmp_path / "spool" / "quarantine"
+        for suffix in suffixes:
+            (quarantine / (twin.queueId + suffix)).write_bytes(
+                (tmp_path / "spool" / "queue" / (twin.queueId + suffix)).read_bytes())
+        with pytest.raises(FileExistsError):
+            spool.restore(twin.queueId)
 
 
 def test_spool_written_before_the_status_enum_loads_and_is_written_back_alike(spool, tmp_path):
@@ -1063,7 +1167,7 @@ def test_dsn_requests_survive_the_spool(spool):
 ])
 def test_mistyped_dsn_field_quarantined_with_reason(spool, tmp_path, logged, path, value, reason):
     test_corruptEnvelopeQuarantined(spool, tmp_path, logged, _withField(path, value),
-                                    f"quarantined: invalid envelope: {reason}")
+                                    f"quarantined: invalid envelope: {reason}", "trailer")
 
 
 # -- short calls batched into thread jobs
@@ -1134,15 +1238,191 @@ def test_batches_run_side_by_side_up_to_their_jobs():
 
 
 def test_removing_the_envelope_takes_the_message_out_and_leaves_the_body_to_recovery(tmp_path):
+    """The older layout: its envelope is the commit point, the body goes afterwards (or at recovery)."""
     spool = Spool(str(tmp_path))
     spool.recover()
     queueId = newQueueId()
-    writer = spool.begin(queueId)
-    writer.write(b"Subject: x\r\n\r\nbody\r\n")
-    writer.commit(Envelope(queueId=queueId, sender="a@example.com",
-                           recipients=[Recipient("b@example.org")], arrival=time.time(), size=20))
-    spool.removeEnvelope(queueId)
+    storePair(spool, Envelope(queueId=queueId, sender="a@example.com",
+                              recipients=[Recipient("b@example.org")], arrival=time.time(), size=20))
+    assert spool.removeEnvelope(queueId) is True
     assert spool.ids() == []
+    assert (tmp_path / "queue" / (queueId + queue.BODY_SUFFIX)).exists()
     assert spool.recover() == []
     assert not (tmp_path / "queue" / (queueId + queue.BODY_SUFFIX)).exists()
     spool.removeBody(queueId)  # already gone: nothing to do
+
+
+# -- one file per message, and the older two-file layout beside it
+
+
+def test_an_update_file_supersedes_the_trailer_which_stays_as_committed(spool, tmp_path):
+    envelope = makeEnvelope()
+    store(spool, envelope)
+    path = tmp_path / "spool" / "queue" / (envelope.queueId + ".msg")
+    committed = path.read_bytes()
+    envelope.attempts, envelope.lastError = 1, "451 4.3.0 later"
+    spool.update(envelope)
+    assert path.read_bytes() == committed  # never rewritten: the body is not copied again
+    assert (path.parent / (envelope.queueId + ".upd")).read_bytes() == queue.encodeEnvelope(envelope)
+    assert spool.load(envelope.queueId).attempts == 1
+    assert Spool(str(tmp_path / "spool")).load(envelope.queueId) == envelope
+    assert Spool(str(tmp_path / "spool")).recover() == [envelope]
+    envelope.attempts = 2
+    spool.update(envelope)
+    assert Spool(str(tmp_path / "spool")).recover()[0].attempts == 2
+
+
+def test_the_body_reader_stops_where_the_envelope_begins(spool, tmp_path):
+    body = b"Subject: x\r\n\r\n" + b"0123456789\r\n" * 1000
+    envelope = makeEnvelope()
+    store(spool, envelope, body)
+    path = tmp_path / "spool" / "queue" / (envelope.queueId + ".msg")
+    assert path.stat().st_size > len(body)
+    assert spool.bodySize(envelope.queueId) == len(body)
+    with spool.openBody(envelope.queueId) as f:
+        pieces = []
+        while True:
+            piece = f.read(777)
+            if not piece:
+                break
+            pieces.append(piece)
+        assert b"".join(pieces) == body
+        assert f.read() == b"" and f.read(10) == b""
+    with spool.openBody(envelope.queueId) as f:
+        assert f.readline() == b"Subject: x\r\n"
+        assert f.read() == body[len(b"Subject: x\r\n"):]
+    buffer = bytearray(len(body) + 100)
+    with spool.openBody(envelope.queueId) as f:
+        assert f.readinto(buffer) == len(body)
+    with spool.openBody(envelope.queueId) as f:
+        assert list(f)[-1] == b"0123456789\r\n"
+    # What a delivery reads, a notice returns and relayctl shows: the body alone.
+    from relayd import bounce
+    assert bounce.readOriginal(lambda: spool.openBody(envelope.queueId), 10 ** 6) == (body, True)
+
+
+def test_an_empty_body_reads_as_empty(spool):
+    envelope = makeEnvelope()
+    store(spool, envelope, b"")
+    assert spool.bodySize(envelope.queueId) == 0
+    with spool.openBody(envelope.queueId) as f:
+        assert f.read() == b""
+    assert spool.recover() == [envelope]
+
+
+@pytest.mark.parametrize("damage, reason", [
+    (lambda content: content[:-1], "no trailer"),
+    (lambda content: content[:100], "no trailer"),
+    (lambda content: b"", "truncated (0 bytes, no trailer)"),
+    (lambda content: content[:1000] + content[-queue.TRAILER.size:], "truncated or damaged: its trailer describes"),
+    (lambda content: content[:-queue.TRAILER.size - 3] + b"XYZ" + content[-queue.TRAILER.size:],
+     "envelope is damaged (checksum mismatch)"),
+    (lambda content: content[:-queue.TRAILER.size] + queue.TRAILER.pack(
+        b"relayd\x00\x09", *queue.TRAILER.unpack(content[-queue.TRAILER.size:])[1:]),
+     "format version 9, this relayd reads 1"),
+])
+def test_a_message_file_with_a_damaged_trailer_is_quarantined(spool, tmp_path, logged, damage, reason):
+    good, bad = makeEnvelope(), makeEnvelope()
+    store(spool, good)
+    store(spool, bad)
+    bad.attempts = 1
+    spool.update(bad)  # a good update file does not save a damaged message file
+    path = tmp_path / "spool" / "queue" / (bad.queueId + ".msg")
+    path.write_bytes(damage(path.read_bytes()))
+
+    assert Spool(str(tmp_path / "spool")).recover() == [good]
+    assert listing(tmp_path / "spool")["quarantine"] == [bad.queueId + ".msg", bad.queueId + ".upd"]
+    [line] = [line for line in logged if line.startswith(f"{bad.queueId}: quarantined: ")]
+    assert reason in line
+    assert spool.quarantineFiles(bad.queueId) == [bad.queueId + ".msg", bad.queueId + ".upd"]
+
+
+def test_a_mixed_spool_is_recovered_updated_read_and_removed(tmp_path):
+    """
+    A spool an older relayd left (``.eml`` + ``.env``) beside new messages:
+    everything comes back, each is updated and read in its own layout, and
+    removal leaves nothing.
+    """
+    spool = Spool(str(tmp_path / "spool"))
+    spool.recover()
+    old, new = makeEnvelope(arrival=1_000.0), makeEnvelope(arrival=2_000.0)
+    storePair(spool, old, b"Subject: old\r\n\r\nold body\r\n")
+    store(spool, new, b"Subject: new\r\n\r\nnew body\r\n")
+
+    daemon = Spool(str(tmp_path / "spool"))
+    assert daemon.recover() == [old, new]
+    assert daemon.ids() == sorted([old.queueId, new.queueId])
+    for envelope in (old, new):
+        envelope.attempts = 3
+        daemon.update(envelope)
+    queueDir = tmp_path / "spool" / "queue"
+    assert sorted(os.listdir(queueDir)) == sorted(
+        [old.queueId + ".eml", old.queueId + ".env", new.queueId + ".msg", new.queueId + ".upd"])
+    assert [e.attempts for e in Spool(str(tmp_path / "spool")).recover()] == [3, 3]
+    with daemon.openBody(old.queueId) as f:
+        assert f.read() == b"Subject: old\r\n\r\nold body\r\n"
+    with daemon.openBody(new.queueId) as f:
+        assert f.read() == b"Subject: new\r\n\r\nnew body\r\n"
+    assert daemon.bodySize(old.queueId) == len(b"Subject: old\r\n\r\nold body\r\n")
+
+    assert daemon.removeEnvelope(old.queueId) is True  # its body is left for removeBody
+    assert daemon.removeEnvelope(new.queueId) is False  # gone whole
+    assert sorted(os.listdir(queueDir)) == [old.queueId + ".eml"]
+    daemon.removeBody(old.queueId)
+    assert os.listdir(queueDir) == []
+
+
+def test_a_message_file_beside_an_older_envelope_of_the_same_id_is_quarantined(spool, tmp_path, logged):
+    twin = makeEnvelope()
+    store(spool, twin)
+    (tmp_path / "spool" / "queue" / (twin.queueId + ".env")).write_bytes(queue.encodeEnvelope(twin))
+    assert spool.recover() == []
+    assert listing(tmp_path / "spool")["quarantine"] == [twin.queueId + ".env", twin.queueId + ".msg"]
+    assert any("both a message file and an older envelope" in line for line in logged)
+
+
+def test_a_writer_refuses_an_id_queued_in_either_layout(spool, tmp_path):
+    for layout in (store, storePair):
+        envelope = makeEnvelope()
+        layout(spool, envelope)
+        with pytest.raises(FileExistsError):
+            spool.begin(envelope.queueId)
+        writer = spool.receive(envelope.queueId)  # the file made lazily: refused at the commit
+        writer.write(b"x")
+        with pytest.raises(FileExistsError):
+            writer.commit(envelope)
+        assert listing(tmp_path / "spool")["tmp"] == []
+        assert spool.openBody(envelope.queueId).read() == BODY
+
+
+def test_an_update_between_an_older_messages_two_removals_is_refused(spool, tmp_path):
+    """Its envelope is gone, its body not yet: the update must not bring the envelope back."""
+    envelope = makeEnvelope()
+    storePair(spool, envelope)
+    assert spool.recover() == [envelope]
+    assert spool.removeEnvelope(envelope.queueId) is True
+    with pytest.raises(FileNotFoundError):
+        spool.update(envelope)
+    spool.removeBody(envelope.queueId)
+    assert listing(tmp_path / "spool") == {"tmp": [], "queue": [], "quarantine": []}
+
+
+@pytest.mark.parametrize("layout, expected", [
+    ("one file", [".upd", ".msg"]),
+    ("pair", [".eml", ".env"]),
+])
+def test_quarantine_moves_the_commit_point_last(spool, tmp_path, monkeypatch, layout, expected):
+    envelope = makeEnvelope()
+    if layout == "one file":
+        store(spool, envelope)
+        spool.update(envelope)
+        setStoredEnvelope(tmp_path / "spool" / "queue", envelope.queueId, b"{", "update")
+    else:
+        storePair(spool, envelope)
+        setStoredEnvelope(tmp_path / "spool" / "queue", envelope.queueId, b"{", "pair")
+    moved = []
+    realRename = os.rename
+    monkeypatch.setattr(os, "rename", lambda source, target: (
+        moved.append(os.path.basename(source)), realRename(source, target)))
+    assert spool.recover() == []
+    assert moved == [envelope.queueId + suffix for suffix in expected]

@@ -86,11 +86,8 @@ class Session(Dialogue):
         assert self.send(b"EHLO client.test\r\n")[-1].startswith("250 ")
 
     def tmpFiles(self) -> list[str]:
-        """Files of messages not committed: in tmp/, and bodies in queue/ without an envelope."""
-        queued = os.listdir(os.path.join(self.spool.directory, "queue"))
-        envelopes = {name.split(".")[0] for name in queued if name.endswith(".env")}
-        return (os.listdir(os.path.join(self.spool.directory, "tmp"))
-                + [name for name in queued if name.split(".")[0] not in envelopes])
+        """Files of messages not committed: in tmp/ (the queue holds committed messages alone)."""
+        return os.listdir(os.path.join(self.spool.directory, "tmp"))
 
 
 def test_a_small_body_stays_in_memory_until_its_commit_makes_the_file_in_a_thread(tmp_path):
@@ -241,7 +238,7 @@ def test_every_250_follows_the_fsyncs_of_its_body_envelope_and_directory(tmp_pat
     def rename(source, target):
         realRename(source, target)
         record("rename", os.path.basename(str(target)))
-        if sum(1 for e in events if e[0] == "rename" and e[1].endswith(".env")) == 3:
+        if sum(1 for e in events if e[0] == "rename" and e[1].endswith(".msg")) == 3:
             everyoneRenamed.set()
 
     def syncDirectory(directory):
@@ -249,7 +246,7 @@ def test_every_250_follows_the_fsyncs_of_its_body_envelope_and_directory(tmp_pat
         directoryFsyncs += 1
         if directoryFsyncs == 1:
             # The first commit's fsync of queue/ waits until the other two
-            # renamed their envelopes: they must wait for another fsync.
+            # renamed their messages: they must wait for another fsync.
             assert everyoneRenamed.wait(DEADLINE)
         record("directory fsync start", directoryFsyncs)
         realSyncDirectory(directory)
@@ -283,13 +280,12 @@ def test_every_250_follows_the_fsyncs_of_its_body_envelope_and_directory(tmp_pat
         position = {e: i for i, e in enumerate(events)}
         [reply] = [e for e in events if e[0] == "reply" and e[1] is s.proto]
         assert reply[2].startswith(b"250 ") and queueId.encode() in reply[2]
-        # Body and envelope fsynced (at once, either first) before the
-        # envelope, which makes the message, is named in queue/; the body
-        # was written there under its name and is never renamed.
-        synced = max(position[("fsync", queueId + ".eml")], position[("fsync", queueId + ".env")])
-        order = [synced, position[("rename", queueId + ".env")]]
+        # The message file (body, envelope, trailer) fsynced, once, before
+        # it is named in queue/, which makes the message.
+        assert [e for e in events if e[0] == "fsync" and e[1].startswith(queueId)] == [
+            ("fsync", queueId + ".msg")]
+        order = [position[("fsync", queueId + ".msg")], position[("rename", queueId + ".msg")]]
         assert order == sorted(order)
-        assert ("rename", queueId + ".eml") not in position
         covering = [e for e in events[order[-1]:position[reply]] if e[0] == "directory fsync start"]
         assert covering, f"{queueId}: 250 without a directory fsync after its rename"
         assert ("directory fsync end", covering[0][1]) in events[order[-1]:position[reply]]
@@ -300,7 +296,7 @@ def test_every_250_follows_the_fsyncs_of_its_body_envelope_and_directory(tmp_pat
 # Every os function relayd's file system work goes through; read and write
 # count on regular files only (the reactor's own waker is a pipe).
 WATCHED = ("open", "unlink", "rename", "replace", "fsync", "stat", "lstat", "statvfs", "mkdir",
-           "scandir", "listdir", "read", "write")
+           "scandir", "listdir", "read", "write", "pread", "preadv", "fstat")
 LATER = "later@example.org"  # the sink defers this recipient
 
 
@@ -337,7 +333,7 @@ def scenarioMain(configPath: str, sinkPort: int) -> None:
 
     def watched(name, original):
         def call(*args, **kwargs):
-            if watching.is_set() and (name not in ("read", "write") or regular(args[0])):
+            if watching.is_set() and (name not in ("read", "write", "fstat") or regular(args[0])):
                 calls.append([name, threading.current_thread() is reactorThread,
                               str(args[0]) if args else ""])
             return original(*args, **kwargs)
@@ -428,13 +424,14 @@ def test_no_file_system_call_on_the_reactor_thread_while_a_message_is_accepted_a
     calls = json.loads(proc.stdout.decode().strip().splitlines()[-1])
     spool = str(tmp_path / "spool")
     # The test watches what it should: the bodies created, written during
-    # DATA and committed (fsync, read and write take a descriptor), the
-    # delivered ones read and removed, the deferred one's envelope rewritten
-    # (after its attempt, hold, release) and removed by the admin...
+    # DATA and committed (fsync, pread and write take a descriptor), the
+    # delivered ones read (the large one from its file) and removed, the
+    # deferred one's envelope rewritten (after its attempt, hold, release)
+    # and removed by the admin...
     inThreads = {name for name, onReactor, path in calls
-                 if not onReactor and (path.startswith(spool) or name in ("fsync", "read", "write"))}
+                 if not onReactor and (path.startswith(spool) or name in ("fsync", "pread", "preadv", "write"))}
     assert inThreads >= {"fsync", "open", "rename", "statvfs", "unlink", "write",
-                         "replace", "builtins.open"}
+                         "replace", "pread", "preadv"}
     bodyWrites = [c for c in calls if c[0] == "write"]
     assert len(bodyWrites) > 4  # the large body went out in pieces, not only at its commit
     replaced = [c for c in calls if c[0] == "replace"]

@@ -201,6 +201,40 @@ def test_size_falls_back_to_the_body_file(setup):
     assert json.loads(out)["message_size"] == len(b"Subject: hello\r\n\r\nbody\r\n")
 
 
+def test_list_and_show_read_both_spool_layouts(setup):
+    """
+    A spool an older relayd left (``.eml`` + ``.env``) beside messages in
+    one file: both listed, sized and shown with exactly their bodies.
+    """
+    import os
+
+    from relayd.queue import encodeEnvelope
+    spool, configPath = setup
+    new = put(spool, "0000000000000001")
+    new.size = 0  # the size listed is then the body's, as read from the spool
+    spool.update(new)
+    old = Envelope(queueId="0000000000000002", sender="old@example.com",
+                   recipients=[Recipient("bob@example.org")], arrival=1_700_000_000.0, size=0)
+    oldBody = b"Subject: old layout\r\n\r\nold\r\n"
+    queueDir = os.path.join(spool.directory, "queue")
+    with open(os.path.join(queueDir, "0000000000000002.eml"), "wb") as f:
+        f.write(oldBody)
+    with open(os.path.join(queueDir, "0000000000000002.env"), "wb") as f:
+        f.write(encodeEnvelope(old))
+    status, out, _ = run(configPath, "list", "--json")
+    sizes = {entry["queue_id"]: entry["message_size"] for entry in map(json.loads, out.splitlines())}
+    assert status == 0 and sizes == {
+        new.queueId: len(b"Subject: hello\r\n\r\nbody\r\n"), old.queueId: len(oldBody)}
+    for queueId, body in ((new.queueId, b"Subject: hello\r\n\r\nbody\r\n"), (old.queueId, oldBody)):
+        out = io.BytesIO()
+
+        class Out(io.StringIO):
+            buffer = out
+
+        status = relayctl.run(["-c", configPath, "show", queueId, "--body"], Out(), io.StringIO())
+        assert status == 0 and out.getvalue() == body
+
+
 # blocked / unblock: the daemon's answers come from a ControlProtocol over memory
 
 
@@ -371,7 +405,7 @@ def test_list_and_show_survive_a_mistyped_envelope(setup, field, value, listing)
     spool, configPath = setup
     put(spool, "0000000000000001")
     bad = put(spool, "0000000000000002")
-    path = f"{spool.directory}/queue/0000000000000002.env"
+    path = f"{spool.directory}/queue/0000000000000002.upd"  # supersedes the committed envelope
     data = {**bad.toJSON(), field: value}
     with open(path, "w") as f:
         json.dump(data, f)

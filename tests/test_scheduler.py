@@ -63,6 +63,9 @@ class FakeSpool:
         self.updateError = None  # raised by update, e.g. OSError(ENOSPC)
         self.removeError = None  # raised by remove, e.g. OSError(EROFS)
         self.removeBodyError = None  # raised by removeBody
+        self.pairs = set()  # ids stored in the older two-file layout
+        self.forgotten = []
+        self.stored = {}  # queue id -> the envelope as last written
 
     def openBody(self, queueId):
         return io.BytesIO(self.bodies.get(queueId, ORIGINAL))
@@ -74,20 +77,25 @@ class FakeSpool:
         if self.updateError is not None:
             raise self.updateError
         self.updated.append((envelope.queueId, envelope.nextAttempt, [r.state for r in envelope.recipients]))
+        self.stored[envelope.queueId] = envelope  # what a load would read back
         self.events.append(("update", envelope.queueId))
 
     def writeEnvelope(self, queueId, raw):
         self.update(Envelope.fromJSON(json.loads(raw)))
 
     def remove(self, queueId):
-        self.removeEnvelope(queueId)
-        self.removeBody(queueId)
+        if self.removeEnvelope(queueId):
+            self.removeBody(queueId)
 
     def removeEnvelope(self, queueId):
         if self.removeError is not None:
             raise self.removeError
         self.removed.append(queueId)
         self.events.append(("remove", queueId))
+        return queueId in self.pairs
+
+    def forget(self, queueId):
+        self.forgotten.append(queueId)
 
     def removeBody(self, queueId):
         if self.removeBodyError is not None:
@@ -764,13 +772,24 @@ def test_kept_bodies_are_bounded_and_freed_when_their_message_goes(rig, monkeypa
     assert rig.sched._keptBodies == {} and rig.sched._keptBytes == 0
 
 
+def test_a_delivered_message_in_one_file_leaves_with_one_removal(rig):
+    rig.courier.script = [[250]]
+    env = envelope(rig.clock, "b@example.org")
+    rig.sched.add(env)
+    assert rig.spool.events == [("remove", env.queueId)]
+    assert rig.sched.queueLength() == 0
+    assert [l for l in rig.lines if l.startswith(env.queueId)][-1] == f"{env.queueId}: removed"
+
+
 def test_delivered_message_leaves_with_its_envelope_and_the_body_goes_after(rig):
-    # The unlink of the envelope takes the message out of the queue; the
-    # body's unlink comes after "removed" (recovery deletes a body left
-    # without envelope), and one that fails is only a warning.
+    # The older two-file layout: the unlink of the envelope takes the
+    # message out of the queue; the body's unlink comes after "removed"
+    # (recovery deletes a body left without envelope), and one that fails
+    # is only a warning.
     rig.courier.script = [[250]]
     rig.spool.removeBodyError = OSError(errno.EIO, "Input/output error")
     env = envelope(rig.clock, "b@example.org")
+    rig.spool.pairs.add(env.queueId)
     rig.sched.add(env)
     assert rig.spool.events == [("remove", env.queueId)]
     assert rig.sched.queueLength() == 0
@@ -781,6 +800,7 @@ def test_delivered_message_leaves_with_its_envelope_and_the_body_goes_after(rig)
     rig.spool.removeBodyError = None
     rig.courier.script = [[250]]
     other = envelope(rig.clock, "c@example.org")
+    rig.spool.pairs.add(other.queueId)
     rig.sched.add(other)
     assert rig.spool.events[-2:] == [("remove", other.queueId), ("removeBody", other.queueId)]
 

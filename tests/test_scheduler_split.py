@@ -50,6 +50,8 @@ def test_a_deferred_first_attempt_is_written_then_handed_to_the_master(rigFactor
     assert rig.spool.updated == [(env.queueId, start + 300, [Status.DEFERRED])]
     assert rig.handOff.calls == [("ended", env.queueId, True, [("update", env.queueId)])]
     assert rig.sched.queueLength() == 0
+    # The worker's spool lets go of it too (the master removes its update file).
+    assert rig.spool.forgotten == [env.queueId]
     rig.clock.advance(3600)
     assert len(rig.courier.calls) == 1  # never retried by the worker
 

@@ -56,7 +56,7 @@ from relayd.cli.common import (
     DEFAULT_CONFIG, FAILED, OK, USAGE, OneLineParser, Refusal, UsageError,
 )
 from relayd.envelope import STORED_STATES, Envelope, Status, isQueueId
-from relayd.queue import BODY_SUFFIX, QUARANTINE, QUEUE, Spool, permissionFix
+from relayd.queue import QUARANTINE, QUEUE, Spool, permissionFix
 
 PROG = "relayctl"
 # How long to wait for the daemon: connect and answer (a local socket).
@@ -267,10 +267,12 @@ def _writeBody(spool: Spool, where: str, queueId: str, out: TextIO) -> None:
     out.write("\n")
     out.flush()
     try:
-        with open(os.path.join(spool.directory, where, queueId + BODY_SUFFIX), "rb") as f:
+        with spool.openBody(queueId, where) as f:
             data = f.read()
     except OSError as error:
         raise Refusal(f"{queueId}: cannot read the body: {error.strerror or error}") from None
+    except ValueError as error:
+        raise Refusal(f"{queueId}: cannot read the body: {error}") from None
     buffer = getattr(out, "buffer", None)
     if buffer is not None:
         buffer.write(data)

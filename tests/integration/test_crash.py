@@ -121,7 +121,8 @@ def test_sigkill_loses_nothing_that_got_250(tmp_path, processes, twistd):
 
     # Drain: the queue empties (retries come every few seconds in the harness config).
     queueDir = daemon.spool / "queue"
-    waitUntil(lambda: not list(queueDir.glob("*.env")), DELIVERY_DEADLINE,
+    waitUntil(lambda: not list(queueDir.glob("*.msg")) and not list(queueDir.glob("*.env")),
+              DELIVERY_DEADLINE,
               "the queue did not drain after the last restart", daemon.describe)
 
     outcomes: dict[str, str] = {}

@@ -190,7 +190,7 @@ def test_sigkill_of_one_worker_loses_nothing_acknowledged_and_it_comes_back(spli
             c.join(30)
     assert split.running, "the master died with a worker"
     queueDir = split.spool / "queue"
-    waitUntil(lambda: not list(queueDir.glob("*.env")) or None, DELIVERY_DEADLINE,
+    waitUntil(lambda: not list(queueDir.glob("*.msg")) or None, DELIVERY_DEADLINE,
               "the queue did not drain", split.describe)
     outcomes: dict[str, str] = {}
     for c in clients:

@@ -363,9 +363,9 @@ def test_root_is_refused_on_relayds_spool_and_unreadable_mail_is_named_not_hidde
         daemon.waitForLog("status=deferred", deadline=60)
     finally:
         assert daemon.stop() == 0, daemon.describe()
-    [envelope] = list((inst.spool / "queue").glob("*.env"))
+    [envelope] = list((inst.spool / "queue").glob("*.msg"))
     queueId = envelope.stem
-    for path in (envelope, envelope.with_suffix(".eml")):
+    for path in (inst.spool / "queue").glob(f"{queueId}.*"):  # the message and its update file
         os.chown(path, 0, 0)
     daemon = Daemon(inst)
     try:

@@ -11,6 +11,7 @@ import json
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -247,7 +248,7 @@ def test_quarantine_list_show_and_restore_put_a_message_back_into_delivery(tmp_p
     daemon.waitForLog(rf"{qid}: to=<bob@remote\.test>.*status=deferred")
     assert daemon.terminate() == 0
 
-    envelopePath = daemon.spool / "queue" / f"{qid}.env"
+    envelopePath = daemon.spool / "queue" / f"{qid}.upd"  # written after the deferral
     good = envelopePath.read_bytes()
     envelopePath.write_bytes(b"{broken")
     before = daemon.logOffset()
@@ -260,13 +261,13 @@ def test_quarantine_list_show_and_restore_put_a_message_back_into_delivery(tmp_p
     assert "1 quarantined entry" in listing
     shown = ok(daemon, "quarantine", "show", qid)
     assert shown.startswith("Quarantine:   broken: envelope is not JSON"), shown
-    assert f"{qid}.env" in shown and f"{qid}.eml" in shown
+    assert f"{qid}.msg" in shown and f"{qid}.upd" in shown
     refused = relayctl(daemon, "quarantine", "restore", qid)
     assert refused.returncode == 1 and refused.stderr.startswith(
         f"relayctl: {qid}: not restored: envelope is not JSON"), refused
 
     # Repaired by hand: the check passes, the daemon takes it back and delivers it.
-    (daemon.spool / "quarantine" / f"{qid}.env").write_bytes(good)
+    (daemon.spool / "quarantine" / f"{qid}.upd").write_bytes(good)
     listing = ok(daemon, "quarantine", "list")
     assert re.match(rf"{qid}  .*  alice@client\.test  \(1 pending\)\n    restorable", listing), listing
     assert "Subject: quarantine" in ok(daemon, "quarantine", "show", qid, "--body")
@@ -278,3 +279,56 @@ def test_quarantine_list_show_and_restore_put_a_message_back_into_delivery(tmp_p
     assert ok(daemon, "quarantine", "list") == "Quarantine is empty\n"
     again = relayctl(daemon, "quarantine", "restore", qid)
     assert again.returncode == 1 and "not in quarantine" in again.stderr
+
+
+def test_a_spool_an_older_relayd_left_is_listed_and_delivered_beside_new_messages(tmp_path, processes, twistd):
+    """
+    An upgrade: messages queued as ``.eml`` + ``.env`` pairs stay in the
+    queue beside the daemon's one-file messages (``.msg``, ``.upd`` once
+    deferred); relayctl lists both, the next start recovers both, and both
+    are delivered and leave the queue, with no quarantine. Leftovers of
+    crashes in either layout (an update file or an older body alone) go
+    quietly.
+    """
+    from relayd.envelope import Envelope, Recipient, newQueueId
+    from relayd.queue import encodeEnvelope
+
+    sink = Sink(tmp_path / "sink")  # down at first: the new message stays queued
+    processes.append(sink)
+    daemon = Relayd(tmp_path / "relayd", sink.port)
+    processes.append(daemon)
+    daemon.start()
+    new = daemon.submit(makeMessage("new layout", ["one file"]))
+    daemon.waitForLog(rf"{new}: to=<bob@remote\.test>.*status=deferred")
+    assert daemon.terminate() == 0
+    queueDir = daemon.spool / "queue"
+    assert sorted(p.name for p in queueDir.iterdir()) == [f"{new}.msg", f"{new}.upd"]
+
+    body = makeMessage("old layout", ["two files"]).replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
+    now = time.time()
+    old = Envelope(queueId=newQueueId(now), sender="old@client.test", recipients=[Recipient("bob@remote.test")],
+                   arrival=now, size=len(body), clientAddress="127.0.0.1",
+                   clientName="localhost", helo="client.test", nextAttempt=now)
+    (queueDir / f"{old.queueId}.eml").write_bytes(body)
+    (queueDir / f"{old.queueId}.env").write_bytes(encodeEnvelope(old))
+    leftovers = [queueDir / f"{newQueueId()}.upd", queueDir / f"{newQueueId()}.eml"]
+    for path in leftovers:
+        path.write_bytes(b"left by a crash")
+    for path in queueDir.iterdir():
+        path.chmod(0o600)
+
+    listing = ok(daemon, "list")
+    assert old.queueId in listing and new in listing and "2 Requests" in listing, listing
+    assert b"two files" in relayctl(daemon, "show", old.queueId, "--body").stdout.encode()
+    assert "one file" in ok(daemon, "show", new, "--body")
+
+    sink.start()
+    before = daemon.logOffset()
+    daemon.start()
+    delivered = sink.waitForMessages(2, daemon.describe)
+    assert sorted(b"two files" in d.content for d in delivered) == [False, True]
+    assert sorted(d.envelope["mail_from"] for d in delivered) == ["alice@client.test", "old@client.test"]
+    for queueId in (old.queueId, new):
+        daemon.waitForLog(rf"{queueId}: removed", since=before)
+    assert sorted(p.name for p in queueDir.iterdir()) == [], daemon.describe()
+    assert "quarantined" not in daemon.log(before) and "warning" not in daemon.log(before), daemon.describe()
