@@ -129,6 +129,13 @@ def _writeAll(fd: int, data: bytes) -> None:
         view = view[written:]
 
 
+def _writeAllOf(fd: int, parts: list[bytes]) -> None:
+    """``_writeAll`` of the parts one after the other, in one system call when the kernel takes them all."""
+    written = os.writev(fd, parts)
+    if written < sum(map(len, parts)):
+        _writeAll(fd, b"".join(parts)[written:])
+
+
 def _unlinkQuietly(path: str) -> None:
     try:
         os.unlink(path)
@@ -577,8 +584,11 @@ class SpoolWriter:
             self._created.append(self._temporary)
             # Never renamed over a queued message: as long as this file is
             # in tmp/, no other writer can take the id (O_EXCL), so one
-            # queued under it now is the last that can be.
-            for suffix in (MESSAGE_SUFFIX, BODY_SUFFIX):
+            # queued under it now is the last that can be. The older
+            # layout's body is looked for only while the spool may hold
+            # that layout: new messages never use it.
+            suffixes = (MESSAGE_SUFFIX, BODY_SUFFIX) if self._spool.mayHoldPairs else (MESSAGE_SUFFIX,)
+            for suffix in suffixes:
                 path = self._spool._path(QUEUE, self.queueId + suffix)
                 if os.path.lexists(path):
                     raise FileExistsError(errno.EEXIST, "queue id in use", path)
@@ -642,13 +652,15 @@ class SpoolWriter:
                 )
             whole = not self._wroteOut
             rest = self.takeBuffered()
-            self.writeOut(rest)
             if self._error is not None:
                 raise self._error
             fd = self._file()
             self._fd = None
             try:
-                _writeAll(fd, encodeMessageEnd(self._written, encodeEnvelope(envelope)))
+                # The body's rest and the message's end in one write: each
+                # system call here is one more wait for the GIL afterwards.
+                self._written += len(rest)
+                _writeAllOf(fd, [rest, encodeMessageEnd(self._written, encodeEnvelope(envelope))])
                 os.fsync(fd)
             finally:
                 os.close(fd)
@@ -719,6 +731,9 @@ class Spool:
         # removal has to unlink besides the message file.
         self._updated: set[str] = set()
         self._pairs: set[str] = set()
+        # Whether queue/ may hold a message in the older layout, whose id a
+        # new message must not take: until ``recover`` has listed none.
+        self.mayHoldPairs = True
 
     def lock(self) -> None:
         """
@@ -828,6 +843,10 @@ class Spool:
                 self._quarantine(queueId, str(e))
             else:
                 recovered.append(envelope)
+        # Nothing writes the older layout any more but ``restore``: unless a
+        # body of it is still queued, new ids need not be looked for there.
+        self.mayHoldPairs = any(os.path.lexists(self._path(QUEUE, queueId + BODY_SUFFIX))
+                                for queueId in bodies)
         recovered.sort(key=lambda envelope: (envelope.arrival, envelope.queueId))
         return recovered
 
@@ -939,6 +958,8 @@ class Spool:
             source = self._path(QUARANTINE, queueId + suffix)
             if not os.path.lexists(source):
                 continue
+            if suffix == BODY_SUFFIX:
+                self.mayHoldPairs = True  # before the id is taken in queue/
             os.rename(source, self._path(QUEUE, queueId + suffix))
             if suffix == UPDATE_SUFFIX:
                 self._updated.add(queueId)

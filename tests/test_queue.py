@@ -492,8 +492,9 @@ def test_commitOutOfSpace(spool, tmp_path, monkeypatch, failing):
     if failing == "fsync":
         monkeypatch.setattr(os, "fsync", full)
     else:
-        # The envelope write, after the body is written out.
+        # The write of the body with the envelope.
         monkeypatch.setattr(os, "write", full)
+        monkeypatch.setattr(os, "writev", full)
     with pytest.raises(OSError) as info:
         writer.commit(envelope)
     monkeypatch.undo()
@@ -657,7 +658,7 @@ def test_commit_writes_the_whole_file_fsyncs_it_once_and_names_it_only_then(spoo
     writer.write(BODY)
     events: list[tuple[str, str]] = []
     threads = set()
-    real = {name: getattr(os, name) for name in ("write", "fsync", "rename")}
+    real = {name: getattr(os, name) for name in ("write", "writev", "fsync", "rename")}
 
     def name(fd):
         return os.path.basename(os.readlink(f"/proc/self/fd/{fd}"))
@@ -665,6 +666,10 @@ def test_commit_writes_the_whole_file_fsyncs_it_once_and_names_it_only_then(spoo
     def write(fd, data):
         events.append(("write", name(fd)))
         return real["write"](fd, data)
+
+    def writev(fd, buffers):
+        events.append(("write", name(fd)))
+        return real["writev"](fd, buffers)
 
     def fsync(fd):
         threads.add(threading.get_ident())
@@ -676,14 +681,15 @@ def test_commit_writes_the_whole_file_fsyncs_it_once_and_names_it_only_then(spoo
         events.append(("rename", os.path.basename(target)))
         real["rename"](source, target)
 
-    for call, f in (("write", write), ("fsync", fsync), ("rename", rename)):
+    for call, f in (("write", write), ("writev", writev), ("fsync", fsync), ("rename", rename)):
         monkeypatch.setattr(os, call, f)
     monkeypatch.setattr(queue.DirectorySync, "_fsync", lambda self: events.append(("fsync directory", os.path.basename(self.path))))
     writer.commit(envelope)
     monkeypatch.undo()
 
     msg = envelope.queueId + ".msg"
-    assert events == [("write", msg), ("write", msg), ("fsync", msg), ("synced", msg),
+    # The body still in memory and the envelope with its trailer: one write.
+    assert events == [("write", msg), ("fsync", msg), ("synced", msg),
                       ("rename", msg), ("fsync directory", "queue")]
     assert threads == {threading.get_ident()}
     assert [e.queueId for e in Spool(str(tmp_path / "spool")).recover()] == [envelope.queueId]
@@ -1385,6 +1391,7 @@ def test_a_writer_refuses_an_id_queued_in_either_layout(spool, tmp_path):
     for layout in (store, storePair):
         envelope = makeEnvelope()
         layout(spool, envelope)
+        assert [e.queueId for e in spool.recover()][-1] == envelope.queueId  # as a daemon starts
         with pytest.raises(FileExistsError):
             spool.begin(envelope.queueId)
         writer = spool.receive(envelope.queueId)  # the file made lazily: refused at the commit
@@ -1393,6 +1400,54 @@ def test_a_writer_refuses_an_id_queued_in_either_layout(spool, tmp_path):
             writer.commit(envelope)
         assert listing(tmp_path / "spool")["tmp"] == []
         assert spool.openBody(envelope.queueId).read() == BODY
+
+
+def test_a_commit_looks_for_the_older_layout_only_while_the_spool_may_hold_it(tmp_path, monkeypatch):
+    """
+    Nothing writes ``.eml`` files any more: once recovery has found none,
+    a commit no longer checks that its id is free in that layout; a spool
+    with older messages, or one that got one back from quarantine, still does.
+    """
+    looked: list[str] = []
+    realLexists = os.path.lexists
+
+    def lexists(path):
+        looked.append(os.path.basename(path))
+        return realLexists(path)
+
+    def commitLooksFor() -> list[str]:
+        envelope = makeEnvelope()
+        looked.clear()
+        monkeypatch.setattr(os.path, "lexists", lexists)
+        try:
+            store(spool, envelope)
+        finally:
+            monkeypatch.undo()
+        return sorted(name.rpartition(".")[2] for name in looked)
+
+    spool = Spool(str(tmp_path / "spool"))
+    assert commitLooksFor() == ["eml", "msg"]  # not recovered yet: anything may be there
+    assert len(spool.recover()) == 1
+    assert commitLooksFor() == ["msg"]
+
+    older = makeEnvelope()
+    storePair(spool, older)
+    assert len(Spool(str(tmp_path / "spool")).recover()) == 3
+    withPairs = Spool(str(tmp_path / "spool"))
+    assert len(withPairs.recover()) == 3
+    spool = withPairs
+    assert commitLooksFor() == ["eml", "msg"]
+
+    # An older message put back from quarantine brings the check back.
+    damaged = tmp_path / "spool" / "queue" / (older.queueId + ".env")
+    good = damaged.read_bytes()
+    damaged.write_bytes(b"{not json")
+    spool = Spool(str(tmp_path / "spool"))
+    assert len(spool.recover()) == 3
+    assert commitLooksFor() == ["msg"]
+    (tmp_path / "spool" / "quarantine" / (older.queueId + ".env")).write_bytes(good)
+    spool.restore(older.queueId)
+    assert commitLooksFor() == ["eml", "msg"]
 
 
 def test_an_update_between_an_older_messages_two_removals_is_refused(spool, tmp_path):
