@@ -1208,14 +1208,20 @@ def test_next_message_to_the_same_hop_reuses_the_connection():
     assert peer.sent() == b"QUIT\r\n"
 
 
-def test_an_idle_connection_closes_reuse_time_after_its_last_release():
+def _idleAfterOneMessage():
+    """A courier whose one connection has carried a message and is idle from t=0."""
     net = Network(a_example="192.0.2.7")
-    courier = net.courier()  # reuseTime 2s
+    courier = net.courier()
     d = deliver(courier, [Hop("a.example")], recipients=["a@x"])
     peer = net.peers["a.example"]
     converse(peer, [GREETING, EHLO_FULL])
     _oneMessage(peer)
-    result(d)  # idle from t=0
+    result(d)
+    return net, courier, peer
+
+
+def test_an_idle_connection_closes_reuse_time_after_its_last_release():
+    net, courier, peer = _idleAfterOneMessage()
     net.clock.advance(1)
     d = deliver(courier, [Hop("a.example")], recipients=["b@x"])
     net.clock.advance(0.5)
@@ -1229,13 +1235,7 @@ def test_an_idle_connection_closes_reuse_time_after_its_last_release():
 
 
 def test_an_idle_deadline_that_passes_during_a_transaction_leaves_it_alone():
-    net = Network(a_example="192.0.2.7")
-    courier = net.courier()  # reuseTime 2s
-    d = deliver(courier, [Hop("a.example")], recipients=["a@x"])
-    peer = net.peers["a.example"]
-    converse(peer, [GREETING, EHLO_FULL])
-    _oneMessage(peer)
-    result(d)  # idle from t=0
+    net, courier, peer = _idleAfterOneMessage()
     net.clock.advance(1)
     d = deliver(courier, [Hop("a.example")], recipients=["b@x"])
     peer.sent()
@@ -1413,13 +1413,7 @@ def test_session_is_not_reused_past_the_transaction_limit():
 def test_by_default_only_the_time_limit_ends_reuse_as_in_postfix():
     # Postfix's defaults: smtp_connection_reuse_count_limit = 0 (none),
     # smtp_connection_reuse_time_limit = 300s.
-    net = Network(a_example="192.0.2.7")
-    courier = net.courier()
-    d = deliver(courier, [Hop("a.example")], recipients=["a@x"])
-    peer = net.peers["a.example"]
-    converse(peer, [GREETING, EHLO_FULL])
-    _oneMessage(peer)
-    result(d)
+    net, courier, peer = _idleAfterOneMessage()
     for _ in range(299):  # one connection carries them all, each a second apart
         net.clock.advance(1)
         d = deliver(courier, [Hop("a.example")], recipients=["a@x"])
